@@ -1,0 +1,128 @@
+"""Per-dataset retrieval artifacts, built from the store once and saved under the workspace.
+
+``<workspace>/indexes/<dataset>/``: ``items/`` and ``users/`` (FAISS + manifest),
+``covisit.json``, ``popularity.json``, ``user_items.json``. Loading checks every index manifest
+against the embedder and the current catalogue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from agent.candidates import CandidateGenerator, user_vector
+from agent.schemas import CatalogItem
+from agent.store import EventStore
+from retrieval.covisit import CoVisitation
+from retrieval.embedder import Embedder
+from retrieval.index import VectorIndex, catalogue_hash
+from retrieval.popularity import Popularity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetArtifacts:
+    dataset: str
+    catalog: dict[str, CatalogItem]
+    item_index: VectorIndex
+    user_index: VectorIndex
+    user_items: dict[str, list[str]]
+    covisit: CoVisitation
+    popularity: Popularity
+
+    def generator(self, weights: dict[str, float] | None = None) -> CandidateGenerator:
+        return CandidateGenerator(
+            self.item_index, self.user_index, self.user_items, self.covisit, self.popularity, weights
+        )
+
+    def title(self, item_id: str) -> str:
+        it = self.catalog.get(item_id)
+        return it.title if it else f"item {item_id}"
+
+
+def _catalog_hash(catalog: dict[str, CatalogItem]) -> str:
+    return catalogue_hash((i, it.text()) for i, it in catalog.items())
+
+
+def build_artifacts(
+    store: EventStore, dataset: str, embedder: Embedder, folder: Path, *, show_progress: bool = True
+) -> DatasetArtifacts:
+    """Embed the catalogue, fit co-visitation and popularity, build both FAISS indexes, save.
+
+    Sequences for co-visitation are each user's item ids in time order (consecutive repeats
+    of the same item collapsed).
+
+    Raises:
+        ValueError: the dataset has no items in the store.
+    """
+    catalog = store.items(dataset)
+    if not catalog:
+        raise ValueError(f"dataset {dataset!r} has no items in the store: run `shoplens ingest {dataset}`")
+    ids = sorted(catalog)
+    chash = _catalog_hash(catalog)
+    texts = [catalog[i].text() for i in ids]
+    log.info("embedding %d items with %s", len(ids), embedder.name)
+    vecs = _embed_batched(embedder, texts, show_progress)
+    item_index = VectorIndex.build(ids, vecs, name="items", embedder=embedder.name, content_hash=chash)
+
+    user_items: dict[str, list[str]] = defaultdict(list)
+    for e in store.iter_events(dataset):
+        seq = user_items[e.user_id]
+        if not seq or seq[-1] != e.item_id:
+            seq.append(e.item_id)
+    covisit = CoVisitation().fit(user_items.values())
+    popularity = Popularity().fit(user_items.values())
+
+    uids, uvecs = [], []
+    for uid, items in user_items.items():
+        v = user_vector(items[-50:], item_index)
+        if v is not None:
+            uids.append(uid)
+            uvecs.append(v)
+    uarr = np.stack(uvecs) if uvecs else np.zeros((0, item_index.manifest.dim), np.float32)
+    user_index = VectorIndex.build(uids, uarr, name="users", embedder=embedder.name, content_hash=chash)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    item_index.save(folder / "items")
+    user_index.save(folder / "users")
+    covisit.save(folder / "covisit.json")
+    popularity.save(folder / "popularity.json")
+    (folder / "user_items.json").write_text(json.dumps(user_items))
+    return DatasetArtifacts(dataset, catalog, item_index, user_index, dict(user_items), covisit, popularity)
+
+
+def load_artifacts(store: EventStore, dataset: str, embedder_name: str, dim: int, folder: Path) -> DatasetArtifacts:
+    """Load saved artifacts, checking manifests against the embedder and current catalogue.
+
+    Raises:
+        FileNotFoundError: never built (run `shoplens ingest`).
+        IndexMismatchError: built with another embedder or an older catalogue.
+    """
+    catalog = store.items(dataset)
+    chash = _catalog_hash(catalog)
+    item_index = VectorIndex.load(folder / "items", embedder=embedder_name, dim=dim, content_hash=chash)
+    user_index = VectorIndex.load(folder / "users", embedder=embedder_name, dim=dim, content_hash=chash)
+    return DatasetArtifacts(
+        dataset,
+        catalog,
+        item_index,
+        user_index,
+        json.loads((folder / "user_items.json").read_text()),
+        CoVisitation.load(folder / "covisit.json"),
+        Popularity.load(folder / "popularity.json"),
+    )
+
+
+def _embed_batched(embedder: Embedder, texts: list[str], show_progress: bool, batch: int = 256) -> np.ndarray:
+    out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), batch), desc="embedding items", unit="batch",
+                      disable=not show_progress or len(texts) <= batch):
+        out[start : start + batch] = embedder.embed(texts[start : start + batch])
+    return out

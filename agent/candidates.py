@@ -1,0 +1,161 @@
+"""Candidate generation: the union of four retrieval sources, each score kept.
+
+Sources (all built from the store by `agent.artifacts`):
+
+* ``embedding``: item-index neighbours of the user's recent items (MiniLM over title +
+  category + brand), recency-weighted.
+* ``covisit``: what other users took after/with the same items (`retrieval.covisit`).
+* ``similar_users``: items of the nearest users in the user index (user vector = recency-
+  weighted mean of their item vectors).
+* ``popularity``: the cold-start fallback and a prior.
+
+Each source's scores are scaled to [0, 1] by its maximum for this user, then fused by a
+weighted sum. Already-bought items are excluded unless repurchase is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retrieval.covisit import CoVisitation
+from retrieval.index import VectorIndex
+from retrieval.popularity import Popularity
+
+SOURCES = ("embedding", "covisit", "similar_users", "popularity")
+
+# Fusion weights: co-visitation carries the behavioural signal, similar users the taste,
+# embedding the content match, popularity only breaks ties (tuned on Online Retail
+# leave-last-basket validation users; see docs/results.md).
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "covisit": 0.45,
+    "similar_users": 0.25,
+    "embedding": 0.2,
+    "popularity": 0.1,
+}
+
+
+@dataclass
+class Candidate:
+    item_id: str
+    source_scores: dict[str, float] = field(default_factory=dict)  # each in [0, 1]
+    fused: float = 0.0
+
+
+def recency_weights(n: int, decay: float = 0.8) -> np.ndarray:
+    """Weights for n items ordered oldest -> newest: newest 1, then decay, decay**2, ... ."""
+    return decay ** np.arange(n - 1, -1, -1, dtype=np.float32)
+
+
+def user_vector(item_ids: Sequence[str], item_index: VectorIndex, decay: float = 0.9) -> np.ndarray | None:
+    """Recency-weighted mean of the item vectors of `item_ids` (oldest first), unit-normalised.
+
+    Returns None when no item is in the index (cold start)."""
+    vecs, ws = [], []
+    weights = recency_weights(len(item_ids), decay)
+    for w, i in zip(weights, item_ids, strict=True):
+        v = item_index.vector(i)
+        if v is not None:
+            vecs.append(v)
+            ws.append(w)
+    if not vecs:
+        return None
+    u = np.average(np.stack(vecs), axis=0, weights=np.asarray(ws))
+    n = float(np.linalg.norm(u))
+    return (u / n).astype(np.float32) if n > 0 else None
+
+
+def _scale(scores: Mapping[str, float]) -> dict[str, float]:
+    top = max(scores.values(), default=0.0)
+    if top <= 0:
+        return {}
+    return {k: max(0.0, v) / top for k, v in scores.items() if v > 0}
+
+
+class CandidateGenerator:
+    """Builds a fused candidate list for one user from prebuilt artifacts.
+
+    Args:
+        item_index: FAISS index over catalogue items.
+        user_index: FAISS index over users (may be empty).
+        user_items: user id -> that user's item ids, oldest first (for similar users).
+        covisit: fitted co-visitation counts.
+        popularity: fitted popularity counts.
+        weights: fusion weight per source (missing sources count 0).
+    """
+
+    def __init__(
+        self,
+        item_index: VectorIndex,
+        user_index: VectorIndex,
+        user_items: Mapping[str, Sequence[str]],
+        covisit: CoVisitation,
+        popularity: Popularity,
+        weights: Mapping[str, float] | None = None,
+    ):
+        self.item_index = item_index
+        self.user_index = user_index
+        self.user_items = user_items
+        self.covisit = covisit
+        self.popularity = popularity
+        self.weights = dict(weights or DEFAULT_WEIGHTS)
+
+    def source_scores(
+        self, history: Sequence[str], *, user_id: str | None = None, per_source: int = 100
+    ) -> dict[str, dict[str, float]]:
+        """Raw per-source scores for a history (item ids, oldest first)."""
+        recent = list(dict.fromkeys(reversed(history)))[:10]  # distinct, newest first
+        out: dict[str, dict[str, float]] = {s: {} for s in SOURCES}
+        # embedding neighbours of the recent items
+        vecs = [(i, self.item_index.vector(i)) for i in recent]
+        vecs = [(i, v) for i, v in vecs if v is not None]
+        if vecs:
+            hits = self.item_index.search(np.stack([v for _, v in vecs]), 30)
+            for age, row in enumerate(hits):
+                w = 0.85**age
+                for item, sim in row:
+                    if sim > 0:
+                        out["embedding"][item] = max(out["embedding"].get(item, 0.0), w * sim)
+        out["covisit"] = self.covisit.score(list(history), top_n=per_source)
+        # similar users
+        if len(self.user_index):
+            u = user_vector(list(history)[-50:], self.item_index)
+            if u is not None:
+                for other, sim in self.user_index.search(u[None, :], 21)[0]:
+                    if other == user_id or sim <= 0:
+                        continue
+                    items = self.user_items.get(other, ())
+                    for rank, item in enumerate(reversed(list(dict.fromkeys(items))[-30:])):
+                        out["similar_users"][item] = out["similar_users"].get(item, 0.0) + sim * 0.97**rank
+        pop = self.popularity.top(per_source)
+        out["popularity"] = self.popularity.score(pop, log=True)
+        return out
+
+    def generate(
+        self,
+        history: Sequence[str],
+        *,
+        n: int = 20,
+        user_id: str | None = None,
+        exclude: set[str] | frozenset[str] = frozenset(),
+    ) -> list[Candidate]:
+        """The `n` best candidates by fused score, best first; `exclude` is never returned.
+
+        With an empty history only popularity contributes (cold start).
+        """
+        raw = self.source_scores(history, user_id=user_id)
+        scaled = {s: _scale(v) for s, v in raw.items()}
+        pool: dict[str, Candidate] = {}
+        for source, scores in scaled.items():
+            for item, sc in scores.items():
+                if item in exclude:
+                    continue
+                cand = pool.setdefault(item, Candidate(item))
+                cand.source_scores[source] = round(sc, 6)
+        wsum = sum(self.weights.values()) or 1.0
+        for cand in pool.values():
+            cand.fused = sum(self.weights.get(s, 0.0) * v for s, v in cand.source_scores.items()) / wsum
+        ranked = sorted(pool.values(), key=lambda c: (-c.fused, c.item_id))
+        return ranked[:n]

@@ -1,0 +1,164 @@
+"""Pieces shared by the dataset loaders: the result type, file lookup and row validation.
+
+Every loader funnels its rows through `RowSink`, so a row is either kept as a validated
+`BehaviorEvent` / `CatalogItem` or counted in the `LoadReport` with a reason and a row number.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from agent.ingest.report import LoadReport
+from agent.schemas import BehaviorEvent, CatalogItem
+
+DATA_HINT = (
+    "the real datasets live in ../shared/data beside the project checkout "
+    "(Settings().data_dir, env SHOPLENS_DATA_DIR)"
+)
+# How many full row-error messages are copied into report.notes (all of them stay in
+# LoadResult.errors); keeps the persisted ingest report small for a badly broken file.
+MAX_ERROR_NOTES = 10
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One row that failed validation: 1-based row number, field path, pydantic message, and
+    what the row was meant to be ("event" or "catalogue item")."""
+
+    row: int
+    field: str
+    message: str
+    what: str = "event"
+
+    def __str__(self) -> str:
+        return f"{self.what} row {self.row}: {self.field}: {self.message}"
+
+
+@dataclass
+class LoadResult:
+    """What a loader produced.
+
+    Attributes:
+        events: validated events, unique by `event_id`, sorted stably by (user_id, timestamp).
+        items: validated catalogue items, unique by `item_id`.
+        report: rows read, kept, dropped per reason, exact duplicates collapsed, notes.
+        errors: every validation failure with row number and field (the report counts them).
+    """
+
+    events: list[BehaviorEvent]
+    items: list[CatalogItem]
+    report: LoadReport
+    errors: list[RowError] = field(default_factory=list)
+
+
+def resolve_file(data_dir: Path | str, subdir: str, name: str) -> Path:
+    """Find `name` under `data_dir/subdir` (the shared layout) or directly under `data_dir`.
+
+    Raises:
+        FileNotFoundError: neither exists; the message names the expected path.
+    """
+    data_dir = Path(data_dir)
+    for candidate in (data_dir / subdir / name, data_dir / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{data_dir / subdir / name} not found; {DATA_HINT}")
+
+
+def open_text(path: Path) -> TextIO:
+    """Open a text file for reading, transparently gunzipping `*.gz`.
+
+    UTF-8, with a leading byte-order mark (Excel's CSV export) removed; `newline=""` as the csv
+    module wants.
+    """
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def drop_rows(report: LoadReport, reason: str, rows: Iterable[int]) -> None:
+    """Count every row in `rows` as dropped for `reason` (examples: the first 5 row numbers)."""
+    for row in rows:
+        report.drop(reason, row)
+
+
+class RowSink:
+    """Validates rows into events and items; counts every rejected row and exact duplicate.
+
+    Events are keyed by `event_id` (the content hash when the source has none): a second event
+    with the same id is an exact duplicate, counted in `report.duplicates_collapsed`.
+    """
+
+    def __init__(self, report: LoadReport):
+        self.report = report
+        self.errors: list[RowError] = []
+        self._events: dict[str, BehaviorEvent] = {}
+        self._items: dict[str, CatalogItem] = {}
+
+    def event(self, row: int, **fields: Any) -> BehaviorEvent | None:
+        """Validate one event; returns it, or None when rejected or an exact duplicate."""
+        try:
+            ev = BehaviorEvent(**fields)
+        except ValidationError as e:
+            self.reject(row, e, "event")
+            return None
+        if ev.event_id in self._events:
+            self.report.duplicates_collapsed += 1
+            return None
+        self._events[ev.event_id] = ev
+        return ev
+
+    def item(self, row: int, **fields: Any) -> CatalogItem | None:
+        """Validate one catalogue item; a repeated `item_id` is dropped and counted."""
+        try:
+            it = CatalogItem(**fields)
+        except ValidationError as e:
+            self.reject(row, e, "catalogue item")
+            return None
+        if it.item_id in self._items:
+            self.report.drop("duplicate item_id in catalogue (first kept)", row)
+            return None
+        self._items[it.item_id] = it
+        return it
+
+    def reject(self, row: int, exc: ValidationError, what: str) -> None:
+        """Count a row that failed validation under its first error's field and type."""
+        errs = exc.errors(include_url=False)
+        for err in errs:
+            loc = ".".join(str(p) for p in err["loc"]) or "row"
+            self.errors.append(RowError(row, loc, err["msg"], what))
+        first = errs[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "row"
+        self.report.drop(f"invalid {what}: {loc} ({first['type']})", row)
+
+    def has_item(self, item_id: str) -> bool:
+        return item_id in self._items
+
+    def event_item_ids(self) -> set[str]:
+        """The distinct item ids of the events kept so far."""
+        return {e.item_id for e in self._events.values()}
+
+    @property
+    def n_events(self) -> int:
+        return len(self._events)
+
+    def result(self) -> LoadResult:
+        """Freeze into a LoadResult: events sorted stably by (user_id, timestamp)."""
+        events = sorted(self._events.values(), key=lambda e: (e.user_id, e.timestamp))
+        items = list(self._items.values())
+        self.report.events_kept = len(events)
+        self.report.items_kept = len(items)
+        for err in self.errors[:MAX_ERROR_NOTES]:
+            self.report.notes.append(f"rejected {err}")
+        if len(self.errors) > MAX_ERROR_NOTES:
+            self.report.notes.append(
+                f"... and {len(self.errors) - MAX_ERROR_NOTES} more validation errors "
+                "(all listed in LoadResult.errors)"
+            )
+        return LoadResult(events=events, items=items, report=self.report, errors=self.errors)

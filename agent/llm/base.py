@@ -1,0 +1,93 @@
+"""The one seam to the model: a small protocol, its result types and its errors.
+
+Everything that talks to a language model goes through `ChatModel`. Adapters live beside it
+(`openai_compat.py` for any OpenAI-compatible server: vLLM, llama-cpp-python, OpenAI) and so do
+the fakes used by unit tests (`fake.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other: Usage) -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+
+@dataclass
+class Completion:
+    """One model answer.
+
+    `top_logprobs` holds, per generated token position, the top alternatives as
+    {token_text: natural-log probability}; empty when not requested or not supported.
+    """
+
+    text: str
+    usage: Usage = field(default_factory=Usage)
+    latency_s: float = 0.0
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    model: str = ""
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    """Messages (+ optional JSON schema) in, a Completion out."""
+
+    model_id: str
+
+    async def complete(
+        self,
+        messages: list[Message],
+        *,
+        schema: dict[str, Any] | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        top_logprobs: int = 0,
+    ) -> Completion:
+        """Run one completion.
+
+        Args:
+            messages: chat messages, oldest first.
+            schema: a JSON schema the answer must follow (constrained decoding where the
+                server supports it); None for free text.
+            max_tokens: generation cap.
+            temperature: 0 for deterministic answers.
+            top_logprobs: if > 0, ask for that many alternatives per generated token.
+
+        Raises:
+            ModelUnavailableError: the server cannot be reached, timed out or answered 5xx.
+        """
+        ...
+
+
+class ShopLensError(Exception):
+    """Base of ShopLens's runtime failures (not caller mistakes)."""
+
+
+class ModelUnavailableError(ShopLensError):
+    """The model server could not answer (down, loading, timed out, 5xx)."""
+
+    def __init__(self, message: str, *, attempts: int = 1, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.attempts = attempts
+        self.retry_after_s = retry_after_s
+
+
+class OutputValidationError(ShopLensError):
+    """The model's answer failed schema validation after every allowed attempt."""
+
+    def __init__(self, message: str, *, attempts: int, last_output: str, errors: list[str]):
+        super().__init__(message)
+        self.attempts = attempts
+        self.last_output = last_output
+        self.errors = errors

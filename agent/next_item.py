@@ -1,0 +1,300 @@
+"""Next-item prediction: events in, a validated and explained top-k out.
+
+Pipeline (everything before the model call is deterministic):
+history view -> fused retrieval candidates -> verbalizer scoring over permutations (LLM) ->
+fusion -> top-k -> one schema-constrained explanation call -> pydantic validation with the
+labels and event refs as context -> one repair with the errors fed back -> labelled fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pydantic import ValidationError
+
+from agent.artifacts import DatasetArtifacts
+from agent.candidates import Candidate
+from agent.history import HistoryView, build_history
+from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError, Usage
+from agent.predictions import (
+    Evidence,
+    Explanation,
+    Meta,
+    NextItemPrediction,
+    RankedItem,
+    explanation_json_schema,
+)
+from agent.prompting import load_prompt, render
+from agent.schemas import BehaviorEvent
+from agent.verbalizer import LABELS, verbalizer_scores
+
+
+@dataclass
+class NextItemConfig:
+    k: int = 5
+    n_candidates: int = 20  # LLMRank / LlamaRec rank 20
+    permutations: int = 2  # forward + reverse order cancels first/last position bias
+    llm_weight: float = 0.5  # final = w * llm + (1 - w) * retrieval fusion
+    use_llm_ranking: bool = True
+    explain: bool = True
+    repurchase: bool = False
+    max_attempts: int = 2  # explanation: one call + one repair
+    window: int = 20  # events shown to the model
+    rank_prompt: str = "next_item_rank.v1"
+    explain_prompt: str = "next_item_explain.v1"
+    source_weights: dict[str, float] | None = None
+    seed: int = 0
+
+
+@dataclass
+class _Trace:
+    usage: Usage = field(default_factory=Usage)
+    attempts: int = 0
+    model_latency_s: float = 0.0
+    degraded: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class NextItemService:
+    """Runs the next-item pipeline against one `ChatModel` (or none: retrieval only).
+
+    Args:
+        model: the model seam; None answers from retrieval fusion with `meta.degraded`.
+        model_sha256: recorded in every answer's meta (the GGUF's hash for the embedded model).
+    """
+
+    def __init__(self, model: ChatModel | None, *, model_sha256: str | None = None):
+        self.model = model
+        self.model_sha256 = model_sha256
+
+    async def predict(
+        self,
+        user_id: str,
+        events: Sequence[BehaviorEvent],
+        artifacts: DatasetArtifacts,
+        config: NextItemConfig | None = None,
+        *,
+        as_of: datetime | None = None,
+    ) -> NextItemPrediction:
+        """Predict the user's next k items.
+
+        Args:
+            events: the user's events, oldest first (validated `BehaviorEvent`s).
+            artifacts: the dataset's catalogue and retrieval indexes.
+            as_of: reference time for relative times in the prompt (default: last event).
+
+        Returns:
+            A `NextItemPrediction` with exactly k distinct candidate items (fewer only when fewer
+            candidates exist, noted in `meta.notes`).
+        """
+        cfg = config or NextItemConfig()
+        t0 = time.perf_counter()
+        trace = _Trace()
+        hist = build_history(user_id, events, artifacts.catalog, window=cfg.window, as_of=as_of)
+        item_seq = [e.item_id for e in events]
+        exclude = set() if cfg.repurchase else set(hist.purchased_items)
+        cands = artifacts.generator(cfg.source_weights).generate(
+            item_seq, n=cfg.n_candidates, user_id=user_id, exclude=exclude
+        )
+        cold = not events
+        prompts: list[str] = []
+        if len(cands) < cfg.k:
+            trace.notes.append(f"only {len(cands)} candidates exist for k={cfg.k}")
+
+        # --- LLM verbalizer scores, fused with retrieval --------------------------------
+        llm_scores: dict[str, float] = {}
+        if cfg.use_llm_ranking and not cold and len(cands) > 1:
+            if self.model is None:
+                trace.degraded.append("no model configured: ranked by retrieval fusion only")
+            else:
+                tpl = load_prompt(cfg.rank_prompt)
+                prompts.append(tpl.ref)
+                try:
+                    res = await verbalizer_scores(
+                        self.model, tpl, hist.prompt_vars(), [c.item_id for c in cands][: len(LABELS)],
+                        {c.item_id: artifacts.title(c.item_id) for c in cands},
+                        permutations=cfg.permutations, seed=cfg.seed,
+                    )
+                    llm_scores = res.scores
+                    trace.usage.add(res.usage)
+                    trace.attempts += res.calls
+                    trace.model_latency_s += res.model_latency_s
+                    if res.label_mass < 0.5:
+                        trace.notes.append(f"model put only {res.label_mass:.0%} probability on labels")
+                except ModelUnavailableError as e:
+                    trace.degraded.append(f"model unavailable for ranking ({e}); retrieval fusion only")
+        ranked = _fuse(cands, llm_scores, cfg.llm_weight)[: cfg.k]
+
+        # --- explanations ---------------------------------------------------------------
+        reasons: dict[str, tuple[str, list[str]]] = {}
+        summary, summary_source = "", "fallback"
+        if cfg.explain and ranked and not cold and self.model is not None:
+            tpl = load_prompt(cfg.explain_prompt)
+            prompts.append(tpl.ref)
+            try:
+                expl = await self._explain(tpl, hist, ranked, artifacts, cfg, trace)
+                labels = LABELS[: len(ranked)]
+                for lab, (cand, _) in zip(labels, ranked, strict=True):
+                    r = next(x for x in expl.reasons if x.item == lab)
+                    reasons[cand.item_id] = (r.reason, r.evidence)
+                summary, summary_source = expl.intent_summary, "model"
+            except ModelUnavailableError as e:
+                trace.degraded.append(f"model unavailable for explanations ({e})")
+            except OutputValidationError as e:
+                trace.degraded.append(f"explanation invalid after {e.attempts} attempts: {e.errors[:2]}")
+        elif cfg.explain and self.model is None and not cold and not trace.degraded:
+            trace.degraded.append("no model configured: generic retrieval reasons")
+
+        items = []
+        for rank, (cand, score) in enumerate(ranked, start=1):
+            src = dict(cand.source_scores)
+            if cand.item_id in llm_scores:
+                src["llm"] = round(llm_scores[cand.item_id], 6)
+            if cand.item_id in reasons:
+                text, refs = reasons[cand.item_id]
+                ev = [_evidence(hist, r) for r in refs]
+                items.append(RankedItem(rank=rank, item_id=cand.item_id, title=artifacts.title(cand.item_id),
+                                        score=score, source_scores=src, reason=text, reason_source="model",
+                                        evidence=[x for x in ev if x]))
+            else:
+                text, refs = fallback_reason(cand, hist, artifacts, cold)
+                items.append(RankedItem(rank=rank, item_id=cand.item_id, title=artifacts.title(cand.item_id),
+                                        score=score, source_scores=src, reason=text, reason_source="fallback",
+                                        evidence=[x for x in (_evidence(hist, r) for r in refs) if x]))
+        if summary_source == "fallback":
+            summary = fallback_summary(hist, cold)
+        meta = Meta(
+            task="next_item",
+            prompt_versions=prompts,
+            model_id=getattr(self.model, "model_id", None),
+            model_sha256=self.model_sha256,
+            attempts=trace.attempts,
+            prompt_tokens=trace.usage.prompt_tokens,
+            completion_tokens=trace.usage.completion_tokens,
+            latency_s=round(time.perf_counter() - t0, 4),
+            model_latency_s=round(trace.model_latency_s, 4),
+            degraded=bool(trace.degraded),
+            degraded_reason="; ".join(trace.degraded) or None,
+            notes=trace.notes + (["cold start: no history, popularity ranking"] if cold else []),
+        )
+        return NextItemPrediction(
+            user_id=user_id, dataset=artifacts.dataset, k=cfg.k, items=items, intent_summary=summary,
+            summary_source=summary_source, cold_start=cold, meta=meta,
+        )
+
+    async def _explain(
+        self, tpl, hist: HistoryView, ranked: list[tuple[Candidate, float]],
+        artifacts: DatasetArtifacts, cfg: NextItemConfig, trace: _Trace,
+    ) -> Explanation:
+        """One constrained call, then up to `max_attempts - 1` repairs with the errors fed back.
+
+        Raises:
+            OutputValidationError: still invalid after the last attempt.
+            ModelUnavailableError: from the model.
+        """
+        assert self.model is not None
+        labels = LABELS[: len(ranked)]
+        items = [{"label": lab, "title": artifacts.title(c.item_id), "hint": _hint(c)}
+                 for lab, (c, _) in zip(labels, ranked, strict=True)]
+        messages: list[Message] = render(tpl, items=items, **hist.prompt_vars())
+        schema = explanation_json_schema(labels, hist.refs)
+        context = {"labels": labels, "refs": set(hist.refs)}
+        errors: list[str] = []
+        text = ""
+        for attempt in range(1, cfg.max_attempts + 1):
+            comp = await self.model.complete(messages, schema=schema, max_tokens=90 * len(labels) + 150)
+            trace.attempts += 1
+            trace.usage.add(comp.usage)
+            trace.model_latency_s += comp.latency_s
+            text = comp.text
+            try:
+                return Explanation.model_validate_json(text, context=context)
+            except ValidationError as e:
+                errors = [f"{'.'.join(map(str, err['loc'])) or 'answer'}: {err['msg']}" for err in e.errors()]
+            if attempt < cfg.max_attempts:
+                messages = [*messages, {"role": "assistant", "content": text},
+                            {"role": "user", "content": "Your JSON answer was invalid:\n- " + "\n- ".join(errors)
+                             + "\nReply again with the corrected JSON only."}]
+        raise OutputValidationError("explanation failed validation", attempts=cfg.max_attempts,
+                                    last_output=text, errors=errors)
+
+
+def _fuse(cands: list[Candidate], llm: dict[str, float], w: float) -> list[tuple[Candidate, float]]:
+    """Final score in [0, 1]: w * llm (scaled by its max) + (1 - w) * retrieval fusion (scaled)."""
+    top_f = max((c.fused for c in cands), default=0.0) or 1.0
+    top_l = max(llm.values(), default=0.0) or 1.0
+    out = []
+    for c in cands:
+        f = c.fused / top_f
+        s = w * (llm[c.item_id] / top_l) + (1 - w) * f if llm else f
+        out.append((c, round(min(1.0, max(0.0, s)), 6)))
+    return sorted(out, key=lambda x: (-x[1], x[0].item_id))
+
+
+def _hint(c: Candidate) -> str:
+    best = max(c.source_scores.items(), key=lambda kv: kv[1], default=(None, 0))[0]
+    return {
+        "covisit": "often bought after items in this history",
+        "embedding": "similar to items in this history",
+        "similar_users": "bought by similar customers",
+        "popularity": "a best-seller",
+    }.get(best or "", "")
+
+
+def _evidence(hist: HistoryView, ref: str) -> Evidence | None:
+    line = hist.resolve(ref)
+    if line is None:
+        return None
+    e = line.event
+    return Evidence(ref=ref, event_id=e.event_id, item_id=e.item_id, event_type=e.event_type,
+                    timestamp=e.timestamp.isoformat(), summary=line.text)
+
+
+def _anchor(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> str | None:
+    """The shown event whose item best explains the candidate (co-visitation, then similarity)."""
+    best_ref, best = None, 0.0
+    cv = artifacts.covisit
+    cvec = artifacts.item_index.vector(cand.item_id)
+    for line in reversed(hist.lines):
+        s = cv.score([line.event.item_id], [cand.item_id]).get(cand.item_id, 0.0)
+        v = artifacts.item_index.vector(line.event.item_id)
+        if cvec is not None and v is not None:
+            s += 0.1 * float(cvec @ v)
+        if s > best:
+            best_ref, best = line.ref, s
+    return best_ref
+
+
+def fallback_reason(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifacts, cold: bool) -> tuple[str, list[str]]:
+    """A generic, truthful reason from the retrieval sources, marked as such."""
+    if cold:
+        return "[retrieval fallback] A best-seller; this customer has no history yet (cold start).", []
+    ref = _anchor(cand, hist, artifacts)
+    line = hist.resolve(ref) if ref else None
+    src = max(cand.source_scores.items(), key=lambda kv: kv[1], default=("popularity", 0))[0]
+    anchor = artifacts.title(line.event.item_id) if line else None
+    if src == "covisit" and anchor:
+        text = f"Customers who bought {anchor} ({ref}) often bought this too."
+    elif src == "embedding" and anchor:
+        text = f"Similar to {anchor} ({ref}) in this customer's history."
+    elif src == "similar_users":
+        text = "Bought by customers with similar purchase histories" + (f"; related to {anchor} ({ref})." if anchor else ".")
+    else:
+        text = "A best-seller in this shop" + (f"; related to {anchor} ({ref})." if anchor else ".")
+    return "[retrieval fallback] " + text, [ref] if ref else []
+
+
+def fallback_summary(hist: HistoryView, cold: bool) -> str:
+    if cold:
+        return "[retrieval fallback] No history for this customer: showing best-sellers (cold start)."
+    themes = hist.profile.get("top_themes") or []
+    return ("[retrieval fallback] " + f"{hist.profile['n_events']} events, {hist.profile['span']}"
+            + (f"; frequent themes: {', '.join(themes)}." if themes else "."))
+
+
+def prediction_json(p: NextItemPrediction) -> str:
+    return json.dumps(p.model_dump(mode="json"), ensure_ascii=False, indent=2)

@@ -1,0 +1,172 @@
+"""Output schemas: what ShopLens returns, and what the model is allowed to say.
+
+`NextItemPrediction` is the public contract (CLI JSON, API body). `Explanation` is the model's
+answer for the explanation call; its rules that depend on the request (which labels and event
+references exist) come through pydantic validation context, and its error messages are written
+so the model can fix its answer on the repair attempt.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+
+class Meta(BaseModel):
+    """How an answer was made: enough to reproduce it and to judge it."""
+
+    task: str
+    prompt_versions: list[str] = Field(default_factory=list)
+    model_id: str | None = None
+    model_sha256: str | None = None
+    attempts: int = Field(default=0, ge=0, description="model calls made, repairs included")
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    latency_s: float = Field(default=0.0, ge=0, description="wall time of the whole request")
+    model_latency_s: float = Field(default=0.0, ge=0, description="time spent waiting on the model")
+    degraded: bool = False
+    degraded_reason: str | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class Evidence(BaseModel):
+    """A reference to one of this user's real events."""
+
+    ref: str = Field(description="the reference shown to the model, e.g. E3")
+    event_id: str
+    item_id: str
+    event_type: str
+    timestamp: str
+    summary: str
+
+
+class RankedItem(BaseModel):
+    rank: int = Field(ge=1)
+    item_id: str
+    title: str
+    score: float = Field(ge=0, le=1, description="fused score, higher is better")
+    source_scores: dict[str, float] = Field(
+        description="per-source scores in [0, 1] (embedding, covisit, similar_users, popularity, llm)"
+    )
+    reason: str
+    reason_source: Literal["model", "fallback"]
+    evidence: list[Evidence] = Field(default_factory=list)
+
+
+class NextItemPrediction(BaseModel):
+    """Top-k next items for one user, each with a reason citing the user's own events."""
+
+    user_id: str
+    dataset: str | None = None
+    k: int = Field(ge=1)
+    items: list[RankedItem]
+    intent_summary: str
+    summary_source: Literal["model", "fallback"]
+    cold_start: bool = False
+    meta: Meta
+
+    @model_validator(mode="after")
+    def _distinct_ranked(self) -> NextItemPrediction:
+        ids = [i.item_id for i in self.items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("items must be distinct")
+        if [i.rank for i in self.items] != list(range(1, len(ids) + 1)):
+            raise ValueError("ranks must be 1..n in order")
+        return self
+
+
+# ---- the model's answer for the explanation call -------------------------------------------
+
+
+class ItemReason(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item: str = Field(description="the product's letter label")
+    reason: str = Field(min_length=3, max_length=300)
+    evidence: list[str] = Field(min_length=1, max_length=3, description="event refs like E3")
+
+    @field_validator("item", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.strip().upper() if isinstance(v, str) else v
+
+    @field_validator("evidence", mode="before")
+    @classmethod
+    def _refs_upper(cls, v: object) -> object:
+        if isinstance(v, list):
+            return [x.strip().upper() if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("evidence")
+    @classmethod
+    def _known_refs(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        refs = (info.context or {}).get("refs")
+        if refs is not None:
+            bad = [r for r in v if r not in refs]
+            if bad:
+                raise ValueError(
+                    f"evidence {bad} are not event references in the history; use only "
+                    f"{', '.join(sorted(refs, key=lambda r: int(r[1:])))}"
+                )
+        return list(dict.fromkeys(v))
+
+
+class Explanation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reasons: list[ItemReason]
+    intent_summary: str = Field(min_length=10, max_length=1200)
+
+    @model_validator(mode="after")
+    def _one_reason_per_label(self, info: ValidationInfo) -> Explanation:
+        labels = (info.context or {}).get("labels")
+        if labels is None:
+            return self
+        got = [r.item for r in self.reasons]
+        unknown = [x for x in got if x not in labels]
+        if unknown:
+            raise ValueError(f"items {unknown} are not recommended products; use only {labels}")
+        missing = [x for x in labels if x not in got]
+        dupes = sorted({x for x in got if got.count(x) > 1})
+        if missing or dupes:
+            raise ValueError(
+                f"give exactly one reason for each of {labels}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; repeated {dupes}" if dupes else "")
+            )
+        return self
+
+
+def explanation_json_schema(labels: list[str], refs: list[str], max_words: int = 25) -> dict[str, Any]:
+    """JSON schema for constrained decoding: labels and refs as enums, so the grammar itself
+    prevents invented items and events. Kept to the subset llama.cpp and vLLM both enforce."""
+    return {
+        "title": "Explanation",
+        "type": "object",
+        "properties": {
+            "reasons": {
+                "type": "array",
+                "minItems": len(labels),
+                "maxItems": len(labels),
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "item": {"type": "string", "enum": labels},
+                        "reason": {"type": "string", "maxLength": max_words * 9},
+                        "evidence": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": 3,
+                            "items": {"type": "string", "enum": refs},
+                        },
+                    },
+                    "required": ["item", "reason", "evidence"],
+                    "additionalProperties": False,
+                },
+            },
+            "intent_summary": {"type": "string", "maxLength": 600},
+        },
+        "required": ["reasons", "intent_summary"],
+        "additionalProperties": False,
+    }

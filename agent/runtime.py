@@ -1,0 +1,117 @@
+"""The composition root: build every dependency once from `Settings`, close them at exit.
+
+The CLI, the API and the eval harness all get their store, embedder, artifacts and model from
+a `Runtime`; nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import cached_property
+from pathlib import Path
+
+from agent.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
+from agent.ingest import ingest, load_dataset
+from agent.ingest.report import LoadReport
+from agent.llm.base import ChatModel
+from agent.llm.embedded import PROFILES, EmbeddedServer, assemble_model
+from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
+from agent.settings import Settings
+from agent.store import EventStore
+from retrieval.embedder import Embedder, make_embedder
+from retrieval.index import IndexMismatchError
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Lazily built, shared dependencies for one ShopLens process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._artifacts: dict[str, DatasetArtifacts] = {}
+        self._server: EmbeddedServer | None = None
+        self._model: OpenAICompatModel | None = None
+        self.model_sha256: str | None = None
+
+    @cached_property
+    def store(self) -> EventStore:
+        return EventStore(self.settings.db_path)
+
+    @cached_property
+    def embedder(self) -> Embedder:
+        return make_embedder(self.settings.embedder)
+
+    # ---- data ---------------------------------------------------------------------------
+    def ingest(self, dataset: str, *, rebuild_index: bool = True, show_progress: bool = True) -> LoadReport:
+        """Load a dataset from `settings.data_dir`, store it, and (re)build its indexes."""
+        result = load_dataset(dataset, self.settings.data_dir)
+        report = ingest(self.store, dataset, result)
+        if rebuild_index:
+            self._artifacts[dataset] = build_artifacts(
+                self.store, dataset, self.embedder, self.settings.index_dir(dataset), show_progress=show_progress
+            )
+        return report
+
+    def artifacts(self, dataset: str) -> DatasetArtifacts:
+        """Artifacts for an ingested dataset; rebuilt when missing or stale.
+
+        Raises:
+            ValueError: the dataset was never ingested.
+        """
+        if dataset not in self._artifacts:
+            folder = self.settings.index_dir(dataset)
+            try:
+                self._artifacts[dataset] = load_artifacts(
+                    self.store, dataset, self.embedder.name, self.embedder.dim, folder
+                )
+            except (FileNotFoundError, IndexMismatchError) as e:
+                log.warning("rebuilding indexes for %s: %s", dataset, e)
+                self._artifacts[dataset] = build_artifacts(self.store, dataset, self.embedder, folder)
+        return self._artifacts[dataset]
+
+    def ensure_ingested(self, dataset: str) -> None:
+        if not self.store.counts(dataset)["items"]:
+            print(self.ingest(dataset).summary())
+
+    # ---- model --------------------------------------------------------------------------
+    async def model(self) -> ChatModel:
+        """The configured model: a remote OpenAI-compatible server, or the embedded one.
+
+        Raises:
+            ModelUnavailableError: the server cannot be started or reached.
+            ModelIntegrityError: the packaged GGUF fails its sha256 check.
+        """
+        if self._model is not None:
+            return self._model
+        s = self.settings
+        if s.llm_base_url:
+            dialect = s.llm_dialect
+            if dialect == "auto":
+                dialect = await detect_dialect(s.llm_base_url, s.llm_api_key)
+            self._model = OpenAICompatModel(s.llm_base_url, s.llm_model, dialect, api_key=s.llm_api_key,
+                                            timeout_s=s.llm_timeout_s)
+            return self._model
+        profile = PROFILES[s.llm_profile]
+        path = await asyncio.to_thread(assemble_model, profile, s.workspace / "models")
+        self.model_sha256 = profile.sha256
+        s.workspace.mkdir(parents=True, exist_ok=True)
+        self._server = EmbeddedServer(path, model_alias=profile.name, n_threads=s.llm_threads,
+                                      n_ctx=s.llm_ctx, log_path=s.workspace / "llm-server.log")
+        await asyncio.to_thread(self._server.start, s.llm_startup_timeout_s)
+        self._model = OpenAICompatModel(self._server.base_url, profile.name, "llamacpp",
+                                        timeout_s=s.llm_timeout_s, model_id=profile.name)
+        return self._model
+
+    async def aclose(self) -> None:
+        if self._model is not None:
+            await self._model.aclose()
+            self._model = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    @property
+    def workspace(self) -> Path:
+        return self.settings.workspace

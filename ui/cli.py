@@ -1,0 +1,224 @@
+"""`shoplens` command line: ingest, recommend, demo (and eval/serve as they land).
+
+Thin: parse flags, build the Runtime, call the service, print. JSON goes to stdout, progress
+and human notes to stderr, so `shoplens recommend ... | jq` works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agent.ingest import LOADERS, ingest
+from agent.ingest.generic import load_generic
+from agent.llm.base import ModelUnavailableError
+from agent.next_item import NextItemConfig, NextItemService, prediction_json
+from agent.predictions import NextItemPrediction
+from agent.runtime import Runtime
+from agent.settings import load_settings
+from agent.store import UnknownUserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+out = Console()
+
+# Real Online Retail customers with long, varied histories (the demo default).
+DEMO_USERS = ("17850", "12347", "13047")
+
+Workspace = Annotated[Path | None, typer.Option(help="workspace folder (default ./var; env SHOPLENS_WORKSPACE)")]
+DataDir = Annotated[Path | None, typer.Option(help="shared data folder (default ../shared/data)")]
+Profile = Annotated[str | None, typer.Option(help="embedded model profile: 1.5b (default) or 0.5b")]
+
+
+def _runtime(workspace: Path | None, data_dir: Path | None = None, profile: str | None = None) -> Runtime:
+    return Runtime(load_settings(workspace=workspace, data_dir=data_dir, llm_profile=profile))
+
+
+def _fail(msg: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {msg}")
+    return typer.Exit(code)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command("ingest")
+def ingest_cmd(
+    dataset: Annotated[str, typer.Argument(help=f"one of: {', '.join(LOADERS)}")],
+    workspace: Workspace = None,
+    data_dir: DataDir = None,
+    no_index: Annotated[bool, typer.Option("--no-index", help="skip building FAISS indexes")] = False,
+) -> None:
+    """Load a real dataset into the SQLite store and build its FAISS indexes."""
+    rt = _runtime(workspace, data_dir)
+    try:
+        report = rt.ingest(dataset, rebuild_index=not no_index)
+    except (ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from e
+    err.print(report.summary())
+    err.print(f"store: {rt.store.counts(dataset)} at {rt.settings.db_path}")
+
+
+@app.command("datasets")
+def datasets_cmd(workspace: Workspace = None) -> None:
+    """List ingested datasets with event, user and item counts."""
+    rt = _runtime(workspace)
+    for d in rt.store.datasets():
+        out.print(f"{d}: {rt.store.counts(d)}")
+
+
+@app.command("recommend")
+def recommend_cmd(
+    dataset: Annotated[str | None, typer.Option(help="an ingested dataset")] = None,
+    user: Annotated[str | None, typer.Option(help="user id (in the dataset, or in --events)")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=20, help="how many items")] = 5,
+    events: Annotated[Path | None, typer.Option(help="your own events file (.jsonl/.csv)")] = None,
+    catalog: Annotated[Path | None, typer.Option(help="your own catalogue (.csv/.jsonl), with --events")] = None,
+    no_llm: Annotated[bool, typer.Option("--no-llm", help="retrieval fusion only, no model")] = False,
+    repurchase: Annotated[bool, typer.Option(help="allow items the user already bought")] = False,
+    permutations: Annotated[int, typer.Option(min=1, max=10, help="verbalizer passes")] = 2,
+    workspace: Workspace = None,
+    data_dir: DataDir = None,
+    profile: Profile = None,
+) -> None:
+    """Predict a user's next k items as JSON on stdout."""
+    if (dataset is None) == (events is None):
+        raise _fail("give either --dataset (with --user) or --events (with optional --catalog)")
+    rt = _runtime(workspace, data_dir, profile)
+    if events is not None:
+        try:
+            dataset, user = _ingest_file(rt, events, catalog, user)
+        except (ValueError, FileNotFoundError) as e:
+            raise _fail(str(e)) from e
+    elif user is None:
+        raise _fail("--user is required with --dataset")
+    assert dataset is not None and user is not None
+    cfg = NextItemConfig(k=k, repurchase=repurchase, permutations=permutations, use_llm_ranking=not no_llm,
+                         explain=not no_llm)
+    try:
+        pred = asyncio.run(_predict(rt, dataset, user, cfg, use_model=not no_llm))
+    except UnknownUserError as e:
+        raise _fail(str(e)) from e
+    print(prediction_json(pred))
+
+
+def _ingest_file(rt: Runtime, events: Path, catalog: Path | None, user: str | None) -> tuple[str, str]:
+    """Store a user's own files under a content-addressed dataset name; return (dataset, user)."""
+    h = hashlib.sha256(events.read_bytes() + (catalog.read_bytes() if catalog else b"")).hexdigest()[:10]
+    name = f"file-{h}"
+    result = load_generic(events, {}, catalog_path=catalog, dataset=name)
+    err.print(result.report.summary())
+    if not result.events:
+        raise ValueError(f"{events}: no valid events (see the report above)")
+    ingest(rt.store, name, result, progress=False)
+    users = sorted({e.user_id for e in result.events})
+    if user is None:
+        if len(users) > 1:
+            raise ValueError(f"{events} holds {len(users)} users; pick one with --user (e.g. {users[0]})")
+        user = users[0]
+    return name, user
+
+
+async def _predict(rt: Runtime, dataset: str, user: str, cfg: NextItemConfig, *, use_model: bool) -> NextItemPrediction:
+    try:
+        history = rt.store.user_events(dataset, user)
+        arts = rt.artifacts(dataset)
+        model = None
+        if use_model:
+            try:
+                model = await rt.model()
+            except ModelUnavailableError as e:
+                err.print(f"[yellow]model unavailable, answering from retrieval only:[/] {e}")
+        service = NextItemService(model, model_sha256=rt.model_sha256)
+        return await service.predict(user, history, arts, cfg)
+    finally:
+        await rt.aclose()
+
+
+@app.command("demo")
+def demo_cmd(
+    users: Annotated[list[str] | None, typer.Option("--user", help="customer ids (default: 3 real ones)")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=10)] = 5,
+    workspace: Workspace = None,
+    data_dir: DataDir = None,
+    profile: Profile = None,
+) -> None:
+    """Predict and explain next items for real UCI Online Retail customers."""
+    rt = _runtime(workspace, data_dir, profile)
+    dataset = "online-retail"
+    try:
+        rt.ensure_ingested(dataset)
+    except (ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from e
+    asyncio.run(_demo(rt, dataset, list(users or DEMO_USERS[:2]), k))
+
+
+async def _demo(rt: Runtime, dataset: str, users: list[str], k: int) -> None:
+    try:
+        arts = rt.artifacts(dataset)
+        t0 = time.perf_counter()
+        err.print("starting the model ...")
+        try:
+            model = await rt.model()
+            err.print(f"model {model.model_id} ready in {time.perf_counter() - t0:.1f} s")
+        except ModelUnavailableError as e:
+            model = None
+            err.print(f"[yellow]model unavailable ({e}); showing retrieval-only answers[/]")
+        service = NextItemService(model, model_sha256=rt.model_sha256)
+        for uid in users:
+            try:
+                history = rt.store.user_events(dataset, uid)
+            except UnknownUserError as e:
+                err.print(f"[red]{e}[/]")
+                continue
+            pred = await service.predict(uid, history, arts, NextItemConfig(k=k))
+            render_prediction(pred, len(history))
+    finally:
+        await rt.aclose()
+
+
+def render_prediction(pred: NextItemPrediction, n_events: int) -> None:
+    """Print one prediction as a rich table plus the intent summary and meta line."""
+    m = pred.meta
+    table = Table(title=f"Customer {pred.user_id}: next {pred.k} items ({n_events} past events)",
+                  show_lines=True, title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("item")
+    table.add_column("score", justify="right")
+    table.add_column("reason (cited events)")
+    for it in pred.items:
+        cites = "; ".join(f"{e.ref}: {e.summary}" for e in it.evidence)
+        src = "" if it.reason_source == "model" else " [dim](fallback)[/]"
+        table.add_row(str(it.rank), f"{it.title}\n[dim]{it.item_id}[/]", f"{it.score:.3f}",
+                      f"{it.reason}{src}\n[dim]{cites}[/]")
+    out.print(table)
+    out.print(f"[bold]Intent:[/] {pred.intent_summary}")
+    out.print(
+        f"[dim]model {m.model_id or 'none'} · prompts {', '.join(m.prompt_versions) or '-'} · "
+        f"{m.attempts} model calls · {m.prompt_tokens}+{m.completion_tokens} tokens · "
+        f"{m.latency_s:.1f} s total ({m.model_latency_s:.1f} s in the model)"
+        + (f" · [yellow]degraded: {m.degraded_reason}[/]" if m.degraded else "") + "[/]\n"
+    )
+
+
+@app.command("schema")
+def schema_cmd() -> None:
+    """Print the JSON schema of a next-item answer."""
+    print(json.dumps(NextItemPrediction.model_json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    app()
