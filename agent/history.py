@@ -114,7 +114,9 @@ def themes(titles: Sequence[str], n: int = 5) -> list[str]:
     """Most frequent content words across titles (a cheap, explainable interest summary)."""
     c: Counter[str] = Counter()
     for t in titles:
-        words = {w.strip(",.()'\"").lower() for w in t.split()}
+        # dict, not set: ties in most_common keep first-seen order, stable across processes
+        # (set order of str depends on PYTHONHASHSEED and made prompts non-deterministic).
+        words = dict.fromkeys(w.strip(",.()'\"").lower() for w in t.split())
         c.update(w for w in words if len(w) > 2 and w not in _STOP and not w.isdigit())
     return [w for w, _ in c.most_common(n)]
 

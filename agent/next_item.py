@@ -198,7 +198,7 @@ class NextItemService:
         """
         assert self.model is not None
         labels = LABELS[: len(ranked)]
-        items = [{"label": lab, "title": artifacts.title(c.item_id), "hint": _hint(c)}
+        items = [{"label": lab, "title": artifacts.title(c.item_id), "hint": _hint(c, hist, artifacts)}
                  for lab, (c, _) in zip(labels, ranked, strict=True)]
         messages: list[Message] = render(tpl, items=items, **hist.prompt_vars())
         schema = explanation_json_schema(labels, hist.refs)
@@ -206,7 +206,7 @@ class NextItemService:
         errors: list[str] = []
         text = ""
         for attempt in range(1, cfg.max_attempts + 1):
-            comp = await self.model.complete(messages, schema=schema, max_tokens=90 * len(labels) + 150)
+            comp = await self.model.complete(messages, schema=schema, max_tokens=70 * len(labels) + 120)
             trace.attempts += 1
             trace.usage.add(comp.usage)
             trace.model_latency_s += comp.latency_s
@@ -230,19 +230,26 @@ def _fuse(cands: list[Candidate], llm: dict[str, float], w: float) -> list[tuple
     out = []
     for c in cands:
         f = c.fused / top_f
-        s = w * (llm[c.item_id] / top_l) + (1 - w) * f if llm else f
+        # only the first len(LABELS) candidates get an llm score; the rest count it as 0
+        s = w * (llm.get(c.item_id, 0.0) / top_l) + (1 - w) * f if llm else f
         out.append((c, round(min(1.0, max(0.0, s)), 6)))
     return sorted(out, key=lambda x: (-x[1], x[0].item_id))
 
 
-def _hint(c: Candidate) -> str:
+def _hint(c: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> str:
+    """What retrieval knows about a recommended item, with the event that anchors it, so the
+    model's reason can cite the right event instead of guessing."""
     best = max(c.source_scores.items(), key=lambda kv: kv[1], default=(None, 0))[0]
-    return {
-        "covisit": "often bought after items in this history",
-        "embedding": "similar to items in this history",
-        "similar_users": "bought by similar customers",
-        "popularity": "a best-seller",
-    }.get(best or "", "")
+    ref = _anchor(c, hist, artifacts)
+    line = hist.resolve(ref) if ref else None
+    anchor = f"{ref}: {artifacts.title(line.event.item_id)}" if line else None
+    if best == "covisit" and anchor:
+        return f"often bought with {anchor}"
+    if best == "embedding" and anchor:
+        return f"similar to {anchor}"
+    if best == "similar_users":
+        return "bought by similar customers" + (f"; closest to {anchor}" if anchor else "")
+    return "a best-seller" + (f"; closest to {anchor}" if anchor else "")
 
 
 def _evidence(hist: HistoryView, ref: str) -> Evidence | None:

@@ -153,7 +153,7 @@ def explanation_json_schema(labels: list[str], refs: list[str], max_words: int =
                     "type": "object",
                     "properties": {
                         "item": {"type": "string", "enum": labels},
-                        "reason": {"type": "string", "maxLength": max_words * 9},
+                        "reason": {"type": "string", "maxLength": max_words * 8},
                         "evidence": {
                             "type": "array",
                             "minItems": 1,
@@ -165,7 +165,7 @@ def explanation_json_schema(labels: list[str], refs: list[str], max_words: int =
                     "additionalProperties": False,
                 },
             },
-            "intent_summary": {"type": "string", "maxLength": 600},
+            "intent_summary": {"type": "string", "maxLength": 400},
         },
         "required": ["reasons", "intent_summary"],
         "additionalProperties": False,

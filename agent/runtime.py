@@ -94,7 +94,7 @@ class Runtime:
                                             timeout_s=s.llm_timeout_s)
             return self._model
         profile = PROFILES[s.llm_profile]
-        path = await asyncio.to_thread(assemble_model, profile, s.workspace / "models")
+        path = await asyncio.to_thread(assemble_model, profile, s.models_dir)
         self.model_sha256 = profile.sha256
         s.workspace.mkdir(parents=True, exist_ok=True)
         self._server = EmbeddedServer(path, model_alias=profile.name, n_threads=s.llm_threads,

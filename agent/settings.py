@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     # Where the SQLite store, FAISS indexes, the assembled GGUF and caches live. Under the
     # project by default so a clone is self-contained; gitignored.
     workspace: Path = PROJECT_ROOT / "var"
+    # Where the assembled, sha256-verified GGUF lives (1.1 GB): shared by workspaces so tests
+    # with a temporary workspace do not copy it again. Default: <project>/var/models.
+    models_dir: Path = PROJECT_ROOT / "var" / "models"
     # The shared real datasets (read-only), laid beside the project checkout.
     data_dir: Path = PROJECT_ROOT.parent / "shared" / "data"
 

@@ -195,8 +195,8 @@ class EventStore:
         for k in range(len(user_id), 0, -1):
             rows = self._conn().execute(
                 "SELECT DISTINCT user_id FROM events WHERE dataset = ? AND user_id LIKE ? "
-                "ORDER BY user_id LIMIT ?",
-                (dataset, user_id[:k].replace("%", "").replace("_", "") + "%", n),
+                "ESCAPE '\\' ORDER BY user_id LIMIT ?",
+                (dataset, _like_escape(user_id[:k]) + "%", n),
             ).fetchall()
             if rows:
                 return [r[0] for r in rows]
@@ -230,6 +230,11 @@ class EventStore:
             "SELECT report FROM ingests WHERE dataset = ? ORDER BY rowid DESC LIMIT 1", (dataset,)
         ).fetchone()
         return json.loads(row[0]) if row else None
+
+
+def _like_escape(s: str) -> str:
+    """Escape LIKE wildcards so a prefix matches literally (ids like ``user_12`` are common)."""
+    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _row_to_event(r: sqlite3.Row) -> BehaviorEvent:

