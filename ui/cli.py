@@ -25,6 +25,7 @@ from agent.llm.base import ModelUnavailableError
 from agent.next_item import NextItemConfig, NextItemService, prediction_json
 from agent.predictions import NextItemPrediction
 from agent.runtime import Runtime
+from agent.service import RequestError, ShopLensService
 from agent.settings import load_settings
 from agent.store import UnknownUserError
 
@@ -110,7 +111,7 @@ def recommend_cmd(
                          explain=not no_llm)
     try:
         pred = asyncio.run(_predict(rt, dataset, user, cfg, use_model=not no_llm))
-    except UnknownUserError as e:
+    except (UnknownUserError, RequestError) as e:
         raise _fail(str(e)) from e
     print(prediction_json(pred))
 
@@ -134,16 +135,7 @@ def _ingest_file(rt: Runtime, events: Path, catalog: Path | None, user: str | No
 
 async def _predict(rt: Runtime, dataset: str, user: str, cfg: NextItemConfig, *, use_model: bool) -> NextItemPrediction:
     try:
-        history = rt.store.user_events(dataset, user)
-        arts = rt.artifacts(dataset)
-        model = None
-        if use_model:
-            try:
-                model = await rt.model()
-            except ModelUnavailableError as e:
-                err.print(f"[yellow]model unavailable, answering from retrieval only:[/] {e}")
-        service = NextItemService(model, model_sha256=rt.model_sha256)
-        return await service.predict(user, history, arts, cfg)
+        return await ShopLensService(rt, use_model=use_model).next_item(dataset, user, config=cfg)
     finally:
         await rt.aclose()
 

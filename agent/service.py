@@ -1,0 +1,100 @@
+"""The service the delivery layers call: CLI, JSON API and chat share these functions.
+
+It resolves a request (a stored user, or inline events) to a history, picks the dataset's
+artifacts and the model, and runs the task pipeline. Caller mistakes raise `UnknownUserError`
+or `RequestError`; runtime failures come back as degraded answers (`meta.degraded`), never as
+invented ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+
+from agent.llm.base import ChatModel, ModelUnavailableError
+from agent.next_item import NextItemConfig, NextItemService
+from agent.predictions import NextItemPrediction
+from agent.runtime import Runtime
+from agent.schemas import BehaviorEvent
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A caller mistake with the field at fault (`param`, e.g. ``events[3].timestamp``)."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ShopLensService:
+    """Task entry points over one `Runtime`.
+
+    Args:
+        runtime: the composition root (store, embedder, artifacts, model).
+        use_model: False answers from retrieval only (e.g. `--no-llm`).
+    """
+
+    def __init__(self, runtime: Runtime, *, use_model: bool = True):
+        self.runtime = runtime
+        self.use_model = use_model
+
+    async def model_or_none(self) -> tuple[ChatModel | None, str | None]:
+        """The model, or (None, reason) when it cannot be had right now."""
+        if not self.use_model:
+            return None, "model disabled by the caller"
+        try:
+            return await self.runtime.model(), None
+        except ModelUnavailableError as e:
+            log.warning("model unavailable: %s", e)
+            return None, str(e)
+
+    def history(
+        self, dataset: str, user_id: str, events: Sequence[BehaviorEvent] | None = None,
+        *, before: datetime | None = None,
+    ) -> list[BehaviorEvent]:
+        """Inline events (sorted oldest first) if given, else the stored user's events.
+
+        Raises:
+            UnknownUserError: no inline events and the store has no such user.
+            RequestError: inline events name other users.
+        """
+        if events:
+            others = sorted({e.user_id for e in events} - {user_id})
+            if others:
+                raise RequestError(f"inline events belong to other users {others[:3]}; "
+                                   f"all must have user_id {user_id!r}", param="events")
+            ordered = sorted(events, key=lambda e: e.timestamp)
+            return [e for e in ordered if before is None or e.timestamp < before]
+        return self.runtime.store.user_events(dataset, user_id, before=before)
+
+    async def next_item(
+        self,
+        dataset: str,
+        user_id: str,
+        *,
+        events: Sequence[BehaviorEvent] | None = None,
+        config: NextItemConfig | None = None,
+        as_of: datetime | None = None,
+    ) -> NextItemPrediction:
+        """Top-k next items for a stored user or for inline events.
+
+        Raises:
+            UnknownUserError / RequestError: caller mistakes.
+            ValueError: the dataset was never ingested.
+        """
+        if dataset not in self.runtime.store.datasets():
+            raise RequestError(f"unknown dataset {dataset!r}; ingested: {self.runtime.store.datasets()}",
+                               param="dataset")
+        hist = self.history(dataset, user_id, events, before=as_of)
+        arts = self.runtime.artifacts(dataset)
+        model, why = await self.model_or_none()
+        pred = await NextItemService(model, model_sha256=self.runtime.model_sha256).predict(
+            user_id, hist, arts, config, as_of=as_of
+        )
+        if model is None and why and self.use_model:
+            pred.meta.degraded = True
+            pred.meta.degraded_reason = f"model unavailable ({why}); " + (pred.meta.degraded_reason or "")
+        return pred

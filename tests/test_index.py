@@ -1,0 +1,145 @@
+"""VectorIndex: save/load round trip, manifest checks, known neighbours, flat vs HNSW."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.embedder import HashingEmbedder
+from retrieval.index import IndexMismatchError, VectorIndex, catalogue_hash
+
+TEXTS = {
+    "mug": "white ceramic coffee mug",
+    "cup": "ceramic tea cup and saucer",
+    "candle": "vanilla scented candle",
+    "lantern": "metal garden lantern for candle",
+    "spade": "garden spade with wooden handle",
+    "teapot": "ceramic teapot for tea",
+}
+
+
+def unit(rows: list[list[float]]) -> np.ndarray:
+    a = np.asarray(rows, dtype=np.float32)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def built() -> tuple[VectorIndex, HashingEmbedder, str]:
+    emb = HashingEmbedder(32)
+    ids = sorted(TEXTS)
+    chash = catalogue_hash(TEXTS.items())
+    idx = VectorIndex.build(ids, emb.embed([TEXTS[i] for i in ids]), name="items",
+                            embedder=emb.name, content_hash=chash)
+    return idx, emb, chash
+
+
+def test_round_trip_gives_identical_results(built, tmp_path: Path) -> None:
+    idx, emb, chash = built
+    idx.save(tmp_path / "items")
+    back = VectorIndex.load(tmp_path / "items", embedder=emb.name, dim=emb.dim, content_hash=chash)
+    queries = emb.embed(["ceramic tea", "garden candle", "nothing in common xyz"])
+    assert back.search(queries, 4) == idx.search(queries, 4)
+    assert back.ids == idx.ids
+    assert back.manifest == idx.manifest
+    for i in idx.ids:
+        np.testing.assert_array_equal(back.vector(i), idx.vector(i))
+    manifest = json.loads((tmp_path / "items" / "manifest.json").read_text())
+    assert manifest == {
+        "name": "items", "embedder": "hashing-32", "dim": 32, "metric": "inner_product",
+        "normalised": True, "catalogue_hash": chash, "kind": "flat", "count": 6,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"embedder": "all-MiniLM-L6-v2"}, "embedder 'hashing-32' != 'all-MiniLM-L6-v2'"),
+        ({"dim": 384}, "dimension 32 != 384"),
+        ({"content_hash": "0" * 64}, "catalogue changed since the index was built"),
+    ],
+)
+def test_manifest_mismatch_says_how_to_rebuild(built, tmp_path: Path, kwargs, problem) -> None:
+    idx, emb, chash = built
+    idx.save(tmp_path / "items")
+    args = {"embedder": emb.name, "dim": emb.dim, "content_hash": chash, **kwargs}
+    with pytest.raises(IndexMismatchError) as exc:
+        VectorIndex.load(tmp_path / "items", **args)
+    msg = str(exc.value)
+    assert problem in msg
+    assert "Rebuild it with `shoplens ingest <dataset> --rebuild-index`" in msg
+
+
+def test_catalogue_change_changes_the_hash() -> None:
+    base = catalogue_hash(TEXTS.items())
+    assert catalogue_hash(reversed(list(TEXTS.items()))) == base  # order-free
+    assert catalogue_hash({**TEXTS, "mug": "white ceramic coffee mug!"}.items()) != base
+    assert catalogue_hash({**TEXTS, "new": "x"}.items()) != base
+
+
+def test_missing_index_is_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="shoplens ingest"):
+        VectorIndex.load(tmp_path / "nope", embedder="hashing-32", dim=32)
+
+
+def test_corrupt_ids_detected(built, tmp_path: Path) -> None:
+    idx, emb, _ = built
+    idx.save(tmp_path / "items")
+    (tmp_path / "items" / "ids.json").write_text(json.dumps(idx.ids[:-1]))
+    with pytest.raises(IndexMismatchError, match="corrupt"):
+        VectorIndex.load(tmp_path / "items", embedder=emb.name, dim=emb.dim)
+
+
+def test_known_nearest_neighbour_on_hand_made_vectors() -> None:
+    vecs = unit([[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0, 1]])
+    idx = VectorIndex.build(["x", "xy", "y", "z"], vecs, name="t", embedder="hand", content_hash="h")
+    (row,) = idx.search(np.array([1.0, 0.0, 0.0], dtype=np.float32), 3)
+    assert [i for i, _ in row] == ["x", "xy", "y"]
+    assert [s for _, s in row] == pytest.approx([1.0, 0.8, 0.0])
+    rows = idx.search(unit([[0, 0.6, 0.8], [0, 1, 0]]), 2)
+    assert [i for i, _ in rows[0]] == ["z", "y"]
+    assert [s for _, s in rows[0]] == pytest.approx([0.8, 0.6])
+    assert rows[1][0] == ("y", pytest.approx(1.0))
+    # k larger than the index returns everything; an empty index returns nothing
+    assert len(idx.search(vecs[:1], 10)[0]) == 4
+    empty = VectorIndex.build([], np.zeros((0, 3), np.float32), name="t", embedder="hand",
+                              content_hash="h")
+    assert empty.search(vecs, 3) == [[], [], [], []]
+    assert idx.vector("nope") is None
+    np.testing.assert_allclose(idx.vector("xy"), vecs[1])
+
+
+def test_empty_index_round_trip(tmp_path: Path) -> None:
+    empty = VectorIndex.build([], np.zeros((0, 8), np.float32), name="users", embedder="hashing-8",
+                              content_hash="h")
+    empty.save(tmp_path / "users")
+    back = VectorIndex.load(tmp_path / "users", embedder="hashing-8", dim=8, content_hash="h")
+    assert len(back) == 0
+
+
+def test_build_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        VectorIndex.build(["a", "b"], unit([[1, 0]]), name="t", embedder="e", content_hash="h")
+    with pytest.raises(ValueError, match="duplicate"):
+        VectorIndex.build(["a", "a"], unit([[1, 0], [0, 1]]), name="t", embedder="e",
+                          content_hash="h")
+
+
+def test_hnsw_and_flat_agree_on_a_small_set(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((300, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = [f"i{n}" for n in range(300)]
+    flat = VectorIndex.build(ids, vecs, name="t", embedder="e", content_hash="h")
+    hnsw = VectorIndex.build(ids, vecs, name="t", embedder="e", content_hash="h", kind="hnsw")
+    hnsw.save(tmp_path / "hnsw")
+    hnsw = VectorIndex.load(tmp_path / "hnsw", embedder="e", dim=16, content_hash="h")
+    assert hnsw.manifest.kind == "hnsw"
+    queries = vecs[:20] + 0.05 * rng.standard_normal((20, 16)).astype(np.float32)
+    a, b = flat.search(queries, 5), hnsw.search(queries, 5)
+    for ra, rb in zip(a, b, strict=True):
+        assert [i for i, _ in rb] == [i for i, _ in ra]
+        assert [s for _, s in rb] == pytest.approx([s for _, s in ra], abs=1e-5)
+    np.testing.assert_allclose(hnsw.vector("i7"), vecs[7])

@@ -1,0 +1,347 @@
+"""NextItemService end to end on a tiny catalogue: FakeModel for the LLM, HashingEmbedder for
+retrieval, a real EventStore and real artifacts in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
+from agent.llm.base import Completion, ModelUnavailableError, Usage
+from agent.llm.fake import FakeCall, FakeModel, Reply
+from agent.next_item import NextItemConfig, NextItemService
+from agent.schemas import BehaviorEvent, CatalogItem
+from agent.store import EventStore
+from agent.verbalizer import LABELS
+from retrieval.embedder import HashingEmbedder
+
+DS = "shop"
+CATALOG = {
+    "m1": "White ceramic mug",
+    "m2": "Blue ceramic mug",
+    "t1": "Ceramic teapot",
+    "t2": "Green tea tin",
+    "c1": "Vanilla scented candle",
+    "c2": "Rose scented candle",
+    "l1": "Garden candle lantern",
+    "g1": "Garden spade",
+    "g2": "Garden gloves",
+    "g3": "Watering can",
+    "b1": "Cotton tote bag",
+    "b2": "Jute shopping bag",
+}
+# user -> [(item, event type, day of December 2011)]
+EVENTS = {
+    "u1": [("m1", "view", 1), ("m1", "purchase", 1), ("t1", "view", 2), ("t1", "cart", 3),
+           ("c1", "view", 4)],
+    "u2": [("m1", "purchase", 1), ("t1", "purchase", 2), ("t2", "purchase", 3),
+           ("c1", "purchase", 4)],
+    "u3": [("g1", "purchase", 1), ("g2", "purchase", 2), ("g3", "purchase", 3),
+           ("l1", "purchase", 4)],
+    "u4": [("c1", "purchase", 1), ("c2", "purchase", 2), ("l1", "purchase", 3),
+           ("m2", "purchase", 4)],
+    "u5": [("b1", "purchase", 1), ("b2", "purchase", 2), ("m1", "purchase", 3),
+           ("m2", "purchase", 4)],
+}
+N_U1_EVENTS = len(EVENTS["u1"])
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[EventStore]:
+    s = EventStore(tmp_path / "events.sqlite")
+    s.add_items(DS, [CatalogItem(item_id=i, title=t) for i, t in CATALOG.items()])
+    s.add_events(DS, [
+        BehaviorEvent(user_id=u, item_id=i, event_type=kind,
+                      timestamp=f"2011-12-{day:02d}T{10 + n:02d}:00:00Z",
+                      basket_id=f"{u}-{day}" if kind == "purchase" else None)
+        for u, rows in EVENTS.items() for n, (i, kind, day) in enumerate(rows)
+    ])
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def artifacts(store: EventStore, tmp_path: Path) -> DatasetArtifacts:
+    return build_artifacts(store, DS, HashingEmbedder(64), tmp_path / "indexes" / DS,
+                           show_progress=False)
+
+
+@pytest.fixture
+def u1_events(store: EventStore) -> list[BehaviorEvent]:
+    return store.user_events(DS, "u1")
+
+
+def label_reply(call: FakeCall) -> Completion:
+    """A verbalizer answer that prefers earlier labels: A 0.5, B 0.25, C 0.125, ..."""
+    n = len(re.findall(r"^[A-Z]\. ", call.messages[1]["content"], flags=re.M))
+    top = {LABELS[i]: math.log(0.5 ** (i + 1)) for i in range(n)}
+    return Completion(text="A", usage=Usage(120, 1), latency_s=0.01, top_logprobs=[top])
+
+
+def explanation(labels: list[str], refs: list[list[str]] | None = None, summary: str | None = None,
+                ) -> str:
+    refs = refs or [["E5"]] * len(labels)
+    return json.dumps({
+        "reasons": [{"item": lab, "reason": f"Fits what E5 shows, reason {lab}.", "evidence": r}
+                    for lab, r in zip(labels, refs, strict=True)],
+        "intent_summary": summary or "Setting up a cosy tea corner with candles.",
+    })
+
+
+def scripted_model(explanations: list[Reply], verbalizer=label_reply) -> FakeModel:
+    """Verbalizer calls (no schema) get `verbalizer`; explanation calls pop `explanations`."""
+    queue = deque(explanations)
+
+    def respond(call: FakeCall) -> Reply:
+        if call.schema is None:
+            return verbalizer(call)
+        if not queue:
+            return ModelUnavailableError("test: no explanation reply left")
+        return queue.popleft()
+
+    return FakeModel(responder=respond)
+
+
+def candidate_ids(artifacts: DatasetArtifacts, events: list[BehaviorEvent], *, n: int = 20,
+                  exclude: set[str] | None = None) -> list[str]:
+    purchased = {e.item_id for e in events if e.event_type == "purchase"}
+    cands = artifacts.generator().generate([e.item_id for e in events], n=n, user_id="u1",
+                                           exclude=purchased if exclude is None else exclude)
+    return [c.item_id for c in cands]
+
+
+def explain_calls(model: FakeModel) -> list[FakeCall]:
+    return [c for c in model.calls if c.schema is not None]
+
+
+async def test_happy_path(artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]) -> None:
+    model = scripted_model([explanation(["A", "B", "C", "D", "E"],
+                                        [["E5"], ["E3", "E4"], ["E1"], ["e2"], ["E5", "E5"]])])
+    svc = NextItemService(model, model_sha256="abc123")
+    pred = await svc.predict("u1", u1_events, artifacts, NextItemConfig(k=5))
+
+    ids = [i.item_id for i in pred.items]
+    assert len(ids) == 5 == len(set(ids))
+    assert set(ids) <= set(candidate_ids(artifacts, u1_events))
+    assert "m1" not in ids  # bought already
+    assert [i.rank for i in pred.items] == [1, 2, 3, 4, 5]
+    assert [i.score for i in pred.items] == sorted((i.score for i in pred.items), reverse=True)
+    assert all(i.reason_source == "model" for i in pred.items)
+    assert pred.items[0].reason == "Fits what E5 shows, reason A."
+    assert pred.summary_source == "model"
+    assert pred.intent_summary == "Setting up a cosy tea corner with candles."
+    assert not pred.cold_start and pred.dataset == DS and pred.k == 5
+
+    user_event_ids = {e.event_id: e for e in u1_events}
+    for item in pred.items:
+        assert item.evidence
+        for ev in item.evidence:
+            assert ev.event_id in user_event_ids
+            assert user_event_ids[ev.event_id].item_id == ev.item_id
+        assert "llm" in item.source_scores
+    # refs resolve to the right events (E3, E4: the view and cart of t1); case and repeats normalised
+    assert [(e.ref, e.item_id, e.event_type) for e in pred.items[1].evidence] == [
+        ("E3", "t1", "view"), ("E4", "t1", "cart")]
+    assert [e.ref for e in pred.items[3].evidence] == ["E2"]
+    assert [e.ref for e in pred.items[4].evidence] == ["E5"]
+
+    meta = pred.meta
+    assert meta.attempts == 3 == len(model.calls)  # 2 verbalizer passes + 1 explanation
+    assert meta.prompt_versions == ["next_item_rank.v1", "next_item_explain.v1"]
+    assert meta.model_id == "fake-model" and meta.model_sha256 == "abc123"
+    assert meta.prompt_tokens == 2 * 120 + 10 and meta.completion_tokens == 2 * 1 + 5
+    assert not meta.degraded and meta.degraded_reason is None
+    assert meta.model_latency_s == pytest.approx(0.02)
+    # the explanation call is schema-constrained to the 5 labels and the 5 event refs
+    (call,) = explain_calls(model)
+    props = call.schema["properties"]["reasons"]["items"]["properties"]
+    assert props["item"]["enum"] == ["A", "B", "C", "D", "E"]
+    assert props["evidence"]["items"]["enum"] == ["E1", "E2", "E3", "E4", "E5"]
+    assert call.top_logprobs == 0
+
+
+async def test_model_preference_moves_an_item_to_the_top(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    def loves_gloves(call: FakeCall) -> Completion:
+        m = re.search(r"^([A-Z])\. Garden gloves$", call.messages[1]["content"], flags=re.M)
+        assert m, "g2 should be a candidate"
+        top = {m.group(1): math.log(0.97), "A" if m.group(1) != "A" else "B": math.log(0.01)}
+        return Completion(text=m.group(1), top_logprobs=[top])
+
+    cands = candidate_ids(artifacts, u1_events)
+    assert "g2" in cands and cands[0] != "g2"
+    model = scripted_model([], verbalizer=loves_gloves)
+    pred = await NextItemService(model).predict(
+        "u1", u1_events, artifacts, NextItemConfig(k=3, explain=False))
+    assert pred.items[0].item_id == "g2"
+    assert pred.items[0].source_scores["llm"] == pytest.approx(0.97 / 0.98, abs=1e-5)
+    assert explain_calls(model) == []
+    assert pred.meta.prompt_versions == ["next_item_rank.v1"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "error_text"),
+    [
+        (explanation(["A", "B", "C"], [["E1"], ["E9"], ["E2"]]),
+         "evidence ['E9'] are not event references in the history; use only E1, E2, E3, E4, E5"),
+        (explanation(["A", "B", "Z"]),
+         "items ['Z'] are not recommended products; use only ['A', 'B', 'C']"),
+        (explanation(["A", "B"]), "give exactly one reason for each of ['A', 'B', 'C']; missing ['C']"),
+        ('{"reasons": [', "answer: Invalid JSON"),
+    ],
+)
+async def test_invalid_explanation_is_repaired_once(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent], bad: str, error_text: str
+) -> None:
+    good = explanation(["A", "B", "C"])
+    model = scripted_model([bad, good])
+    pred = await NextItemService(model).predict("u1", u1_events, artifacts, NextItemConfig(k=3))
+
+    assert pred.meta.attempts == 2 + 2  # verbalizer passes + explanation + repair
+    assert all(i.reason_source == "model" for i in pred.items)
+    assert not pred.meta.degraded
+    first, repair = explain_calls(model)
+    assert repair.messages[: len(first.messages)] == first.messages
+    assert repair.messages[-2] == {"role": "assistant", "content": bad}
+    assert repair.messages[-1]["role"] == "user"
+    assert error_text in repair.messages[-1]["content"]
+    assert repair.messages[-1]["content"].startswith("Your JSON answer was invalid:")
+    assert repair.schema == first.schema
+
+
+async def test_invalid_twice_falls_back_with_labels(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    bad = explanation(["A", "B", "C"], [["E1"], ["E9"], ["E2"]])
+    model = scripted_model([bad, bad])
+    pred = await NextItemService(model).predict("u1", u1_events, artifacts, NextItemConfig(k=3))
+
+    assert len(pred.items) == 3
+    for item in pred.items:
+        assert item.reason_source == "fallback"
+        assert item.reason.startswith("[retrieval fallback] ")
+        assert all(ev.event_id in {e.event_id for e in u1_events} for ev in item.evidence)
+    assert pred.summary_source == "fallback"
+    assert pred.intent_summary.startswith("[retrieval fallback] 5 events")
+    assert pred.meta.degraded
+    assert pred.meta.degraded_reason.startswith("explanation invalid after 2 attempts")
+    assert "E9" in pred.meta.degraded_reason
+    assert pred.meta.attempts == 4
+    assert len(explain_calls(model)) == 2  # exactly one repair, no more
+
+
+async def test_model_unavailable_degrades_to_retrieval(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    model = FakeModel.with_replies([ModelUnavailableError("connection refused")])
+    pred = await NextItemService(model).predict("u1", u1_events, artifacts, NextItemConfig(k=4))
+
+    assert [i.item_id for i in pred.items] == candidate_ids(artifacts, u1_events)[:4]
+    assert all(i.reason_source == "fallback" and "llm" not in i.source_scores for i in pred.items)
+    assert pred.meta.degraded
+    assert "model unavailable for ranking (connection refused)" in pred.meta.degraded_reason
+    assert "model unavailable for explanations" in pred.meta.degraded_reason
+    assert pred.meta.attempts == 0
+    assert len(model.calls) == 2  # one verbalizer pass, one explanation try
+
+
+async def test_no_model_is_retrieval_only(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    pred = await NextItemService(None).predict("u1", u1_events, artifacts, NextItemConfig(k=5))
+
+    assert [i.item_id for i in pred.items] == candidate_ids(artifacts, u1_events)[:5]
+    assert all(i.reason.startswith("[retrieval fallback] ") for i in pred.items)
+    assert pred.meta.degraded
+    assert pred.meta.degraded_reason == "no model configured: ranked by retrieval fusion only"
+    assert pred.meta.prompt_versions == [] and pred.meta.attempts == 0
+    assert pred.meta.model_id is None
+    assert pred.items[0].score == 1.0  # the best fused candidate scales to 1
+
+
+async def test_cold_start_uses_popularity_without_calling_the_model(
+    artifacts: DatasetArtifacts,
+) -> None:
+    model = FakeModel()
+    pred = await NextItemService(model).predict("newcomer", [], artifacts, NextItemConfig(k=4))
+
+    assert model.calls == []
+    assert pred.cold_start
+    # c1 and m1 occur in 3 users' sequences, l1, m2 and t1 in 2: ties broken by id
+    assert [i.item_id for i in pred.items] == artifacts.popularity.top(4) == ["c1", "m1", "l1", "m2"]
+    assert all(set(i.source_scores) == {"popularity"} for i in pred.items)
+    assert all("cold start" in i.reason and i.evidence == [] for i in pred.items)
+    assert pred.summary_source == "fallback" and "cold start" in pred.intent_summary
+    assert "cold start: no history, popularity ranking" in pred.meta.notes
+    assert not pred.meta.degraded and pred.meta.attempts == 0
+
+
+async def test_purchased_items_excluded_unless_repurchase(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    svc = NextItemService(None)
+    cfg = NextItemConfig(k=11)
+    plain = await svc.predict("u1", u1_events, artifacts, cfg)
+    assert "m1" not in {i.item_id for i in plain.items}
+    # viewed and carted items are not excluded, only bought ones
+    assert {"t1", "c1"} <= {i.item_id for i in plain.items}
+    again = await svc.predict("u1", u1_events, artifacts, NextItemConfig(k=11, repurchase=True))
+    assert "m1" in {i.item_id for i in again.items}
+
+
+async def test_fewer_candidates_than_k_is_noted(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    n = len(candidate_ids(artifacts, u1_events, n=100))
+    assert n == len(CATALOG) - 1  # every item but the bought m1
+    pred = await NextItemService(None).predict("u1", u1_events, artifacts, NextItemConfig(k=50))
+    assert len(pred.items) == n
+    assert f"only {n} candidates exist for k=50" in pred.meta.notes
+
+
+async def test_window_limits_refs(artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]) -> None:
+    model = scripted_model([explanation(["A", "B"], [["E1"], ["E2"]])])
+    pred = await NextItemService(model).predict(
+        "u1", u1_events, artifacts, NextItemConfig(k=2, window=2))
+    (call,) = explain_calls(model)
+    assert call.schema["properties"]["reasons"]["items"]["properties"]["evidence"]["items"][
+        "enum"] == ["E1", "E2"]
+    # E1 is the oldest *shown* event: the cart of t1 (4th of 5 events)
+    assert (pred.items[0].evidence[0].item_id, pred.items[0].evidence[0].event_type) == ("t1", "cart")
+
+
+def test_saved_artifacts_load_back(store: EventStore, artifacts: DatasetArtifacts,
+                                   tmp_path: Path, u1_events: list[BehaviorEvent]) -> None:
+    back = load_artifacts(store, DS, "hashing-64", 64, tmp_path / "indexes" / DS)
+    assert back.user_items == artifacts.user_items
+    assert back.user_items["u1"] == ["m1", "t1", "c1"]  # consecutive repeats collapsed
+    assert candidate_ids(back, u1_events) == candidate_ids(artifacts, u1_events)
+
+
+async def test_more_candidates_than_labels(tmp_path: Path) -> None:
+    """Only 26 candidates can carry a letter; the rest are still ranked, without an llm score."""
+    s = EventStore(tmp_path / "big.sqlite")
+    s.add_items(DS, [CatalogItem(item_id=f"x{n:02d}", title=f"ceramic mug model {n}")
+                     for n in range(40)])
+    s.add_events(DS, [
+        BehaviorEvent(user_id=f"v{n % 8}", item_id=f"x{n:02d}", event_type="purchase",
+                      timestamp=f"2011-12-{1 + n % 20:02d}T10:{n:02d}:00Z")
+        for n in range(40)
+    ])
+    arts = build_artifacts(s, DS, HashingEmbedder(64), tmp_path / "big", show_progress=False)
+    events = s.user_events(DS, "v0")
+    model = scripted_model([], verbalizer=label_reply)
+    pred = await NextItemService(model).predict(
+        "v0", events, arts, NextItemConfig(k=30, n_candidates=35, explain=False))
+    s.close()
+    assert len(pred.items) == 30
+    assert sum("llm" in i.source_scores for i in pred.items) <= 26
+    assert all(len(re.findall(r"^[A-Z]\. ", c.messages[1]["content"], flags=re.M)) == 26
+               for c in model.calls)

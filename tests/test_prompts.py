@@ -1,0 +1,175 @@
+"""Prompt templates: loading, strict rendering, and snapshots of the rendered prompts.
+
+Snapshots live in tests/snapshots/<prompt ref>.txt. After an intended prompt change, regenerate
+them with ``UPDATE_SNAPSHOTS=1 pytest tests/test_prompts.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jinja2
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from agent.history import build_history, themes
+from agent.llm.base import Message
+from agent.prompting import PromptTemplate, available_prompts, load_prompt, render
+from agent.schemas import BehaviorEvent, CatalogItem
+
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
+
+CATALOG = {
+    "85123A": CatalogItem(item_id="85123A", title="WHITE HANGING HEART T-LIGHT HOLDER"),
+    "71053": CatalogItem(item_id="71053", title="WHITE METAL LANTERN"),
+    "84406B": CatalogItem(item_id="84406B", title="CREAM CUPID HEARTS COAT HANGER"),
+    "22752": CatalogItem(item_id="22752", title="SET 7 BABUSHKA NESTING BOXES"),
+}
+
+
+def fixed_history():
+    rows = [
+        ("85123A", "view", "2011-11-20T09:00:00Z", {}),
+        ("85123A", "purchase", "2011-11-20T09:05:00Z",
+         {"quantity": 6, "unit_price": 2.55, "basket_id": "536365"}),
+        ("71053", "purchase", "2011-11-20T09:05:00Z",
+         {"quantity": 6, "unit_price": 3.39, "basket_id": "536365"}),
+        ("84406B", "cart", "2011-12-01T17:30:00Z", {}),
+        ("22752", "review", "2011-12-08T12:00:00Z",
+         {"rating": 4.0, "review_text": "Lovely  boxes,\nbut one\tlid was loose."}),
+    ]
+    events = [
+        BehaviorEvent(user_id="17850", item_id=i, event_type=k, timestamp=ts, **kw)
+        for i, k, ts, kw in rows
+    ]
+    return build_history("17850", events, CATALOG, as_of=datetime(2011, 12, 9, tzinfo=UTC))
+
+
+def as_text(messages: list[Message]) -> str:
+    return "".join(f"=== {m['role']} ===\n{m['content']}\n" for m in messages)
+
+
+def check_snapshot(name: str, text: str) -> None:
+    path = SNAPSHOTS / f"{name}.txt"
+    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return
+    if not path.exists():
+        pytest.fail(
+            f"snapshot {path} is missing: create it with "
+            "`UPDATE_SNAPSHOTS=1 pytest tests/test_prompts.py`, review it and commit it"
+        )
+    expected = path.read_text(encoding="utf-8")
+    assert text == expected, (
+        f"rendered prompt differs from {path}; if the change is intended, add a new prompt "
+        "version or rerun with UPDATE_SNAPSHOTS=1 and review the diff"
+    )
+
+
+def test_every_prompt_file_loads_and_its_ref_matches_the_file_name() -> None:
+    files = sorted(p.name.removesuffix(".yaml") for p in PROMPTS_DIR.glob("*.yaml"))
+    assert files, "no prompts found"
+    assert available_prompts() == files
+    for ref in files:
+        tpl = load_prompt(ref)
+        assert tpl.ref == ref
+        raw = yaml.safe_load((PROMPTS_DIR / f"{ref}.yaml").read_text(encoding="utf-8"))
+        assert f"{raw['name']}.v{raw['version']}" == ref
+        assert len(tpl.sha256) == 16
+
+
+def test_required_prompts_exist() -> None:
+    assert {"next_item_rank.v1", "next_item_explain.v1"} <= set(available_prompts())
+
+
+def test_bad_refs() -> None:
+    with pytest.raises(ValueError, match="must look like 'next_item_rank.v1'"):
+        load_prompt("next_item_rank")
+    with pytest.raises(FileNotFoundError) as exc:
+        load_prompt("next_item_rank.v99")
+    assert "next_item_rank.v1" in str(exc.value)  # lists what exists
+
+
+def test_template_schema_forbids_unknown_keys() -> None:
+    base = {"name": "x", "version": 1, "description": "d", "system": "s", "user": "u"}
+    assert PromptTemplate.model_validate(base).ref == "x.v1"
+    with pytest.raises(ValidationError, match="extra"):
+        PromptTemplate.model_validate({**base, "temperature": 0.2})
+    with pytest.raises(ValidationError):
+        PromptTemplate.model_validate({**base, "version": 0})
+
+
+def test_missing_variable_raises() -> None:
+    hist = fixed_history()
+    rank = load_prompt("next_item_rank.v1")
+    with pytest.raises(jinja2.UndefinedError, match="verb"):
+        render(rank, candidates=[{"label": "A", "title": "MUG"}], **hist.prompt_vars())
+    with pytest.raises(jinja2.UndefinedError):
+        render(rank, verb="buy", **hist.prompt_vars())
+    with pytest.raises(jinja2.UndefinedError):
+        render(load_prompt("next_item_explain.v1"), **hist.prompt_vars())
+    # a missing attribute of a given variable is an error too
+    vars_ = hist.prompt_vars()
+    vars_["user"] = {k: v for k, v in vars_["user"].items() if k != "span"}
+    with pytest.raises(jinja2.UndefinedError, match="span"):
+        render(rank, verb="buy", candidates=[], **vars_)
+
+
+def test_history_view_refs_and_times() -> None:
+    hist = fixed_history()
+    assert hist.refs == ["E1", "E2", "E3", "E4", "E5"]
+    assert [line.when for line in hist.lines] == [
+        "2 weeks before", "2 weeks before", "2 weeks before", "7 days before", "same day"]
+    assert hist.purchased_items == {"85123A", "71053"}
+
+
+def test_snapshot_next_item_rank_v1() -> None:
+    hist = fixed_history()
+    candidates = [
+        {"label": "A", "title": "RED HANGING HEART T-LIGHT HOLDER"},
+        {"label": "B", "title": "JUMBO BAG RED RETROSPOT"},
+        {"label": "C", "title": "WHITE METAL LANTERN"},
+    ]
+    messages = render(load_prompt("next_item_rank.v1"), candidates=candidates, verb="buy",
+                      **hist.prompt_vars())
+    check_snapshot("next_item_rank.v1", as_text(messages))
+
+
+def test_snapshot_next_item_explain_v1() -> None:
+    hist = fixed_history()
+    items = [
+        {"label": "A", "title": "RED HANGING HEART T-LIGHT HOLDER",
+         "hint": "similar to E2: WHITE HANGING HEART T-LIGHT HOLDER"},
+        {"label": "B", "title": "JUMBO BAG RED RETROSPOT", "hint": ""},
+    ]
+    messages = render(load_prompt("next_item_explain.v1"), items=items, **hist.prompt_vars())
+    check_snapshot("next_item_explain.v1", as_text(messages))
+
+
+def test_themes_are_ordered_by_count_then_first_appearance() -> None:
+    titles = ["WHITE HANGING HEART HOLDER", "RED HEART HOLDER", "Set of 3 red boxes"]
+    assert themes(titles) == ["heart", "holder", "red", "white", "hanging"]
+
+
+def test_rendered_history_does_not_depend_on_the_hash_seed() -> None:
+    code = (
+        "from agent.history import themes;"
+        "print(themes(['WHITE HANGING HEART T-LIGHT HOLDER', 'WHITE METAL LANTERN',"
+        " 'CREAM CUPID HEARTS COAT HANGER', 'SET 7 BABUSHKA NESTING BOXES']))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("0", "1", "2", "3")
+    }
+    assert len(outs) == 1, outs

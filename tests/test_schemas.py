@@ -1,0 +1,159 @@
+"""Input schemas: event type aliases, timestamp parsing, content hashes, id normalisation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import ValidationError
+
+from agent.schemas import EVENT_TYPES, BehaviorEvent, CatalogItem, parse_timestamp
+
+BASE = {
+    "user_id": "u1",
+    "item_id": "i1",
+    "event_type": "purchase",
+    "timestamp": "2011-12-09T12:50:00Z",
+}
+
+
+def event(**changes: object) -> BehaviorEvent:
+    return BehaviorEvent(**{**BASE, **changes})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("pv", "view"),
+        ("fav", "favourite"),
+        ("buy", "purchase"),
+        ("favorite", "favourite"),
+        ("  PV ", "view"),
+        ("Purchase", "purchase"),
+        ("cart", "cart"),
+    ],
+)
+def test_event_type_aliases(raw: str, expected: str) -> None:
+    assert event(event_type=raw).event_type == expected
+
+
+def test_unknown_event_type_names_the_valid_types() -> None:
+    with pytest.raises(ValidationError) as exc:
+        event(event_type="teleport")
+    msg = str(exc.value)
+    assert "unknown event_type 'teleport'" in msg
+    for t in EVENT_TYPES:
+        assert t in msg
+
+
+def test_seconds_and_milliseconds_are_the_same_instant() -> None:
+    s = parse_timestamp(1323435000)
+    ms = parse_timestamp(1323435000000)
+    assert s == ms == datetime(2011, 12, 9, 12, 50, tzinfo=UTC)
+    assert parse_timestamp("1323435000") == s
+    assert parse_timestamp(1323435000.5) == s + timedelta(milliseconds=500)
+    assert parse_timestamp(1323435000500) == s + timedelta(milliseconds=500)
+
+
+def test_iso_naive_is_utc_and_offsets_are_converted() -> None:
+    naive = parse_timestamp("2011-12-09T12:50:00")
+    assert naive == datetime(2011, 12, 9, 12, 50, tzinfo=UTC)
+    assert naive.utcoffset() == timedelta(0)
+    assert parse_timestamp("2011-12-09T12:50:00Z") == naive
+    # 14:50 at +02:00 is 12:50 UTC
+    shifted = parse_timestamp("2011-12-09T14:50:00+02:00")
+    assert shifted == naive and shifted.utcoffset() == timedelta(0)
+    assert parse_timestamp(datetime(2011, 12, 9, 12, 50)) == naive
+
+
+@pytest.mark.parametrize("value", ["1994-12-31T23:59:59Z", 0, 788_918_399, -5])
+def test_before_1995_rejected(value: object) -> None:
+    with pytest.raises(ValueError, match="before 1995"):
+        parse_timestamp(value)
+
+
+def test_1995_itself_accepted() -> None:
+    assert parse_timestamp("1995-01-01T00:00:00Z") == datetime(1995, 1, 1, tzinfo=UTC)
+
+
+def test_future_rejected_but_an_hour_ahead_is_tolerated() -> None:
+    future = datetime.now(UTC) + timedelta(days=3)
+    with pytest.raises(ValueError, match="in the future"):
+        parse_timestamp(future.isoformat())
+    with pytest.raises(ValueError, match="in the future"):
+        parse_timestamp(future.timestamp() * 1000)
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    assert parse_timestamp(soon) == soon
+
+
+@pytest.mark.parametrize("value", ["yesterday", None, True, float("nan"), ""])
+def test_unparseable_timestamps_rejected(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_timestamp(value)
+
+
+def test_event_timestamp_goes_through_the_parser() -> None:
+    with pytest.raises(ValidationError, match="before 1995"):
+        event(timestamp=12)
+    assert event(timestamp=1323435000000).timestamp == event().timestamp
+
+
+def test_content_hash_equal_for_equal_events() -> None:
+    a = event(quantity=2, unit_price=1.25, basket_id="536365")
+    # same content written differently: alias, ms timestamp, numeric ids
+    b = BehaviorEvent(
+        user_id="u1", item_id="i1", event_type="buy", timestamp=1323435000000,
+        quantity=2, unit_price=1.25, basket_id="536365",
+    )
+    assert a.content_hash() == b.content_hash()
+    assert a.event_id == b.event_id == a.content_hash()
+    assert len(a.event_id) == 40
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"user_id": "u2"},
+        {"item_id": "i2"},
+        {"event_type": "view"},
+        {"timestamp": "2011-12-09T12:50:01Z"},
+        {"quantity": 3},
+        {"unit_price": 1.5},
+        {"rating": 4.0},
+        {"review_text": "great"},
+        {"session_id": "s1"},
+        {"basket_id": "536366"},
+    ],
+)
+def test_content_hash_differs_when_any_field_differs(change: dict[str, object]) -> None:
+    base = event(quantity=2, unit_price=1.25, basket_id="536365")
+    changed = event(**{"quantity": 2, "unit_price": 1.25, "basket_id": "536365", **change})
+    assert base.content_hash() != changed.content_hash()
+    assert base.event_id != changed.event_id
+
+
+def test_client_event_id_is_kept_and_not_hashed() -> None:
+    e = event(event_id="client-42")
+    assert e.event_id == "client-42"
+    assert e.content_hash() == event().content_hash()
+
+
+def test_float_ids_become_integer_strings() -> None:
+    e = event(user_id=17850.0, item_id=85123)
+    assert e.user_id == "17850"
+    assert e.item_id == "85123"
+    assert event(user_id=12.5).user_id == "12.5"
+    assert event(user_id="  17850 ").user_id == "17850"
+
+
+def test_catalog_item_ids_and_text() -> None:
+    item = CatalogItem(item_id=85123, title="WHITE HANGING HEART T-LIGHT HOLDER",
+                       category="home", brand="acme", description="long text")
+    assert item.item_id == "85123"
+    assert item.text() == "WHITE HANGING HEART T-LIGHT HOLDER | category: home | brand: acme"
+    assert CatalogItem(item_id="x", title="Mug").text() == "Mug"
+
+
+def test_unknown_fields_rejected() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        event(colour="red")

@@ -1,0 +1,90 @@
+"""`shoplens eval`: the offline harness from the command line (thin: flags in, eval/ called).
+
+    shoplens eval next-item --dataset amazon-games --protocol llmrank --candidates random \\
+        --users 200 --ranker hybrid
+    shoplens eval compare runs/<a> runs/<b>
+    shoplens eval rescore runs/<a>
+
+Also runnable alone: ``python -m ui.eval_cli next-item ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from eval.runner import RANKERS, RunConfig, rescore, run_next_item
+
+eval_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@eval_app.command("next-item")
+def next_item_cmd(
+    dataset: Annotated[str, typer.Option(help="amazon-games | amazon-industrial | online-retail")] = "amazon-games",
+    protocol: Annotated[str, typer.Option(help="llmrank | full | leave-last-basket")] = "llmrank",
+    candidates: Annotated[str, typer.Option(help="llmrank candidate file: random, bm25, pop, bpr, "
+                                            "gru4rec, sasrec, bert (Games-200) or 6k-random, 6k-pop")] = "random",
+    split: Annotated[str, typer.Option(help="amazon-industrial split: test or valid")] = "test",
+    users: Annotated[int, typer.Option(help="evaluate the first N users (0: all)")] = 200,
+    ranker: Annotated[str, typer.Option(help=" | ".join(RANKERS))] = "fused",
+    prompt: Annotated[str | None, typer.Option(help="prompt ref, e.g. next_item_rank_titles.v1")] = None,
+    seed: Annotated[int, typer.Option(help="case shuffle + tie-break seed (LLMRank: 2023)")] = 2023,
+    position: Annotated[str, typer.Option(help="shuffle | first | last (position-bias check)")] = "shuffle",
+    permutations: Annotated[int, typer.Option(help="verbalizer passes for llm-perm / hybrid")] = 2,
+    hybrid_val_users: Annotated[int, typer.Option(help="validation users for the hybrid weight")] = 40,
+    hybrid_w: Annotated[float | None, typer.Option(help="fix the hybrid LLM weight (skip the search)")] = None,
+    fewshot_k: Annotated[int, typer.Option(help="demonstrations for llm-fewshot")] = 1,
+    profile: Annotated[str | None, typer.Option(help="embedded model profile: 1.5b or 0.5b")] = None,
+    name: Annotated[str | None, typer.Option(help="run name (folder suffix)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder; an existing one with the same config resumes")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Rank next items for N users under one protocol and write a run folder."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    if ranker not in RANKERS:
+        typer.echo(f"error: unknown ranker {ranker!r}; known: {', '.join(RANKERS)}", err=True)
+        raise typer.Exit(2)
+    cfg = RunConfig(dataset=dataset, protocol=protocol, candidates=candidates, split=split,
+                    users=users or None, ranker=ranker, prompt=prompt, seed=seed, position=position,
+                    permutations=permutations, hybrid_val_users=hybrid_val_users, hybrid_w=hybrid_w,
+                    fewshot_k=fewshot_k, model_profile=profile, name=name, out=out)
+    try:
+        run_dir = run_next_item(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo((run_dir / "metrics.json").read_text())
+    typer.echo(f"run folder: {run_dir}", err=True)
+
+
+@eval_app.command("rescore")
+def rescore_cmd(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> None:
+    """Recompute metrics.json from the recorded cases (no model)."""
+    if not (run_dir / "cases.jsonl").exists():
+        typer.echo(f"error: {run_dir}/cases.jsonl not found", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(rescore(run_dir), indent=2, sort_keys=True))
+
+
+@eval_app.command("compare")
+def compare_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders")],
+    out: Annotated[Path | None, typer.Option(help="where compare.png goes (default: first run)")] = None,
+) -> None:
+    """Side-by-side metrics of several runs, plus a plot."""
+    from eval.report import compare
+
+    try:
+        typer.echo(compare(run_dirs, out))
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
+if __name__ == "__main__":
+    eval_app()
