@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-
-from pydantic import ValidationError
 
 from agent.artifacts import DatasetArtifacts
 from agent.candidates import Candidate
 from agent.history import HistoryView, build_history
-from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError, Usage
+from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
 from agent.predictions import (
     Evidence,
     Explanation,
@@ -30,6 +28,7 @@ from agent.predictions import (
 )
 from agent.prompting import load_prompt, render
 from agent.schemas import BehaviorEvent
+from agent.structured import CallTrace, structured_call
 from agent.verbalizer import LABELS, verbalizer_scores
 
 
@@ -48,15 +47,6 @@ class NextItemConfig:
     explain_prompt: str = "next_item_explain.v1"
     source_weights: dict[str, float] | None = None
     seed: int = 0
-
-
-@dataclass
-class _Trace:
-    usage: Usage = field(default_factory=Usage)
-    attempts: int = 0
-    model_latency_s: float = 0.0
-    degraded: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 class NextItemService:
@@ -93,7 +83,7 @@ class NextItemService:
         """
         cfg = config or NextItemConfig()
         t0 = time.perf_counter()
-        trace = _Trace()
+        trace = CallTrace()
         hist = build_history(user_id, events, artifacts.catalog, window=cfg.window, as_of=as_of)
         item_seq = [e.item_id for e in events]
         exclude = set() if cfg.repurchase else set(hist.purchased_items)
@@ -188,7 +178,7 @@ class NextItemService:
 
     async def _explain(
         self, tpl, hist: HistoryView, ranked: list[tuple[Candidate, float]],
-        artifacts: DatasetArtifacts, cfg: NextItemConfig, trace: _Trace,
+        artifacts: DatasetArtifacts, cfg: NextItemConfig, trace: CallTrace,
     ) -> Explanation:
         """One constrained call, then up to `max_attempts - 1` repairs with the errors fed back.
 
@@ -200,27 +190,13 @@ class NextItemService:
         labels = LABELS[: len(ranked)]
         items = [{"label": lab, "title": artifacts.title(c.item_id), "hint": _hint(c, hist, artifacts)}
                  for lab, (c, _) in zip(labels, ranked, strict=True)]
-        messages: list[Message] = render(tpl, items=items, **hist.prompt_vars())
-        schema = explanation_json_schema(labels, hist.refs)
-        context = {"labels": labels, "refs": set(hist.refs)}
-        errors: list[str] = []
-        text = ""
-        for attempt in range(1, cfg.max_attempts + 1):
-            comp = await self.model.complete(messages, schema=schema, max_tokens=70 * len(labels) + 120)
-            trace.attempts += 1
-            trace.usage.add(comp.usage)
-            trace.model_latency_s += comp.latency_s
-            text = comp.text
-            try:
-                return Explanation.model_validate_json(text, context=context)
-            except ValidationError as e:
-                errors = [f"{'.'.join(map(str, err['loc'])) or 'answer'}: {err['msg']}" for err in e.errors()]
-            if attempt < cfg.max_attempts:
-                messages = [*messages, {"role": "assistant", "content": text},
-                            {"role": "user", "content": "Your JSON answer was invalid:\n- " + "\n- ".join(errors)
-                             + "\nReply again with the corrected JSON only."}]
-        raise OutputValidationError("explanation failed validation", attempts=cfg.max_attempts,
-                                    last_output=text, errors=errors)
+        messages = render(tpl, items=items, **hist.prompt_vars())
+        return await structured_call(
+            self.model, messages, Explanation,
+            json_schema=explanation_json_schema(labels, hist.refs),
+            context={"labels": labels, "refs": set(hist.refs)},
+            max_attempts=cfg.max_attempts, max_tokens=70 * len(labels) + 120, trace=trace,
+        )
 
 
 def _fuse(cands: list[Candidate], llm: dict[str, float], w: float) -> list[tuple[Candidate, float]]:
