@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from retrieval.index import IndexMismatchError
 
 log = logging.getLogger(__name__)
 
+ENGLISH_EMBEDDER = "all-MiniLM-L6-v2"
+MULTILINGUAL_EMBEDDER = "multilingual-e5-small"
+CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+
 
 class Runtime:
     """Lazily built, shared dependencies for one ShopLens process."""
@@ -33,6 +38,7 @@ class Runtime:
         self._artifacts: dict[str, DatasetArtifacts] = {}
         self._server: EmbeddedServer | None = None
         self._model: OpenAICompatModel | None = None
+        self._embedders: dict[str, Embedder] = {}
         self.model_sha256: str | None = None
 
     @cached_property
@@ -41,7 +47,23 @@ class Runtime:
 
     @cached_property
     def embedder(self) -> Embedder:
-        return make_embedder(self.settings.embedder)
+        """The default embedder (English catalogues); see `embedder_for` for per-dataset choice."""
+        name = self.settings.embedder
+        return self._embedder(ENGLISH_EMBEDDER if name == "auto" else name)
+
+    def _embedder(self, name: str) -> Embedder:
+        if name not in self._embedders:
+            self._embedders[name] = make_embedder(name)
+        return self._embedders[name]
+
+    def embedder_for(self, dataset: str) -> Embedder:
+        """The embedder for a dataset: the configured one, or with "auto" the multilingual
+        model when >= 20% of a sample of its titles contain CJK characters."""
+        if self.settings.embedder != "auto":
+            return self._embedder(self.settings.embedder)
+        titles = [it.title for it in list(self.store.items(dataset).values())[:500]]
+        cjk = sum(1 for t in titles if CJK.search(t))
+        return self._embedder(MULTILINGUAL_EMBEDDER if titles and cjk / len(titles) >= 0.2 else ENGLISH_EMBEDDER)
 
     # ---- data ---------------------------------------------------------------------------
     def ingest(self, dataset: str, *, rebuild_index: bool = True, show_progress: bool = True) -> LoadReport:
@@ -50,7 +72,8 @@ class Runtime:
         report = ingest(self.store, dataset, result)
         if rebuild_index:
             self._artifacts[dataset] = build_artifacts(
-                self.store, dataset, self.embedder, self.settings.index_dir(dataset), show_progress=show_progress
+                self.store, dataset, self.embedder_for(dataset), self.settings.index_dir(dataset),
+                show_progress=show_progress,
             )
         return report
 
@@ -62,13 +85,12 @@ class Runtime:
         """
         if dataset not in self._artifacts:
             folder = self.settings.index_dir(dataset)
+            emb = self.embedder_for(dataset)
             try:
-                self._artifacts[dataset] = load_artifacts(
-                    self.store, dataset, self.embedder.name, self.embedder.dim, folder
-                )
+                self._artifacts[dataset] = load_artifacts(self.store, dataset, emb.name, emb.dim, folder)
             except (FileNotFoundError, IndexMismatchError) as e:
                 log.warning("rebuilding indexes for %s: %s", dataset, e)
-                self._artifacts[dataset] = build_artifacts(self.store, dataset, self.embedder, folder)
+                self._artifacts[dataset] = build_artifacts(self.store, dataset, emb, folder)
         return self._artifacts[dataset]
 
     def ensure_ingested(self, dataset: str) -> None:

