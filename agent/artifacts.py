@@ -126,3 +126,29 @@ def _embed_batched(embedder: Embedder, texts: list[str], show_progress: bool, ba
                       disable=not show_progress or len(texts) <= batch):
         out[start : start + batch] = embedder.embed(texts[start : start + batch])
     return out
+
+
+def drop_user_from_artifacts(arts: DatasetArtifacts, user_id: str, folder: Path) -> bool:
+    """Remove `user_id` from `arts` in place (user index, user_items, refitted co-visitation and
+    popularity) and save the changed files under `folder`. Returns False if the user was absent.
+    """
+    if user_id not in arts.user_items and arts.user_index.vector(user_id) is None:
+        return False
+    user_items = {u: seq for u, seq in arts.user_items.items() if u != user_id}
+    keep = [u for u in arts.user_index.ids if u != user_id]
+    old = arts.user_index
+    dim = old.manifest.dim
+    vecs = np.stack([old.vector(u) for u in keep]) if keep else np.zeros((0, dim), np.float32)
+    user_index = VectorIndex.build(keep, vecs, name=old.manifest.name, embedder=old.manifest.embedder,
+                                   content_hash=old.manifest.catalogue_hash, kind=old.manifest.kind)
+    covisit = CoVisitation(arts.covisit.config).fit(user_items.values())
+    popularity = Popularity().fit(user_items.values())
+    folder.mkdir(parents=True, exist_ok=True)
+    user_index.save(folder / "users")
+    covisit.save(folder / "covisit.json")
+    popularity.save(folder / "popularity.json")
+    (folder / "user_items.json").write_text(json.dumps(user_items))
+    arts.user_index, arts.user_items, arts.covisit, arts.popularity = (
+        user_index, user_items, covisit, popularity
+    )
+    return True

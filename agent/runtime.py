@@ -39,6 +39,7 @@ class Runtime:
         self._server: EmbeddedServer | None = None
         self._model: OpenAICompatModel | None = None
         self._embedders: dict[str, Embedder] = {}
+        self._model_lock = asyncio.Lock()  # two first callers must not start two servers
         self.model_sha256: str | None = None
 
     @cached_property
@@ -105,16 +106,19 @@ class Runtime:
             ModelUnavailableError: the server cannot be started or reached.
             ModelIntegrityError: the packaged GGUF fails its sha256 check.
         """
-        if self._model is not None:
+        async with self._model_lock:
+            if self._model is None:
+                self._model = await self._start_model()
             return self._model
+
+    async def _start_model(self) -> OpenAICompatModel:
         s = self.settings
         if s.llm_base_url:
             dialect = s.llm_dialect
             if dialect == "auto":
                 dialect = await detect_dialect(s.llm_base_url, s.llm_api_key)
-            self._model = OpenAICompatModel(s.llm_base_url, s.llm_model, dialect, api_key=s.llm_api_key,
-                                            timeout_s=s.llm_timeout_s)
-            return self._model
+            return OpenAICompatModel(s.llm_base_url, s.llm_model, dialect, api_key=s.llm_api_key,
+                                     timeout_s=s.llm_timeout_s)
         profile = PROFILES[s.llm_profile]
         path = await asyncio.to_thread(assemble_model, profile, s.models_dir)
         self.model_sha256 = profile.sha256
@@ -122,9 +126,8 @@ class Runtime:
         self._server = EmbeddedServer(path, model_alias=profile.name, n_threads=s.llm_threads,
                                       n_ctx=s.llm_ctx, log_path=s.workspace / "llm-server.log")
         await asyncio.to_thread(self._server.start, s.llm_startup_timeout_s)
-        self._model = OpenAICompatModel(self._server.base_url, profile.name, "llamacpp",
-                                        timeout_s=s.llm_timeout_s, model_id=profile.name)
-        return self._model
+        return OpenAICompatModel(self._server.base_url, profile.name, "llamacpp",
+                                 timeout_s=s.llm_timeout_s, model_id=profile.name)
 
     async def aclose(self) -> None:
         if self._model is not None:

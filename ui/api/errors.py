@@ -1,0 +1,149 @@
+"""One error envelope for every error: ``{"error": {"message", "type", "param", "code"}}``.
+
+The shape OpenAI and vLLM use. `param` is the exact field at fault, written as a path
+(``events[3].timestamp``); `type` is the family, `code` the specific reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agent.service import RequestError
+from agent.store import UnknownUserError
+
+log = logging.getLogger("shoplens.api")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+class ApiError(Exception):
+    """An error the API answers with its envelope (and optional headers, e.g. Retry-After)."""
+
+    def __init__(self, status: int, message: str, *, code: str, param: str | None = None,
+                 headers: dict[str, str] | None = None, type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+        self.type = type_ or _TYPES.get(status, "invalid_request_error")
+
+
+def envelope(status: int, message: str, *, code: str | None, param: str | None = None,
+             type_: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_ or _TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def loc_to_param(loc: Sequence[Any]) -> str | None:
+    """A pydantic error location as a field path: ('body', 'events', 3, 'timestamp') ->
+    ``events[3].timestamp``; the leading 'body'/'query'/'path'/'header' is dropped."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out or None
+
+
+def describe_errors(errors: Iterable[dict[str, Any]], prefix: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Pydantic errors as [{param, message, code}], with `prefix` put before each location."""
+    out = []
+    for err in errors:
+        loc = [*prefix, *err.get("loc", ())]
+        msg = str(err.get("msg", "invalid"))
+        out.append({"param": loc_to_param(loc), "message": msg, "code": str(err.get("type", "invalid"))})
+    return out
+
+
+async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        first = next(e for e in errs if e.get("type") == "json_invalid")
+        where = (first.get("ctx") or {}).get("error", "")
+        return envelope(400, f"request body is not valid JSON ({where})".replace(" ()", ""),
+                        code="invalid_json")
+    items = describe_errors(errs)
+    if any(tuple(e.get("loc", ())) == ("body",) for e in errs):
+        missing = any(e.get("type") == "missing" for e in errs)
+        return envelope(422, "request body is required" if missing else "request body must be a JSON object",
+                        code="missing_body" if missing else "invalid_body")
+    first = items[0]
+    more = "" if len(items) == 1 else f" (and {len(items) - 1} more: " + "; ".join(
+        f"{i['param']}: {i['message']}" for i in items[1:4]) + ")"
+    msg = f"{first['param'] or 'body'}: {first['message']}{more}"
+    return envelope(422, msg, code=first["code"], param=first["param"])
+
+
+async def _api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
+    return envelope(exc.status, exc.message, code=exc.code, param=exc.param, type_=exc.type,
+                    headers=exc.headers)
+
+
+async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return envelope(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
+
+
+async def _unknown_user_handler(request: Request, exc: UnknownUserError) -> JSONResponse:
+    return envelope(404, str(exc), code="unknown_user", param="user_id")
+
+
+async def _request_error_handler(request: Request, exc: RequestError) -> JSONResponse:
+    return envelope(422, str(exc), code="invalid_value", param=exc.param)
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error: %s", type(exc).__name__)
+    return envelope(500, "internal error; the request id identifies it in the logs", code="internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, _api_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(UnknownUserError, _unknown_user_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestError, _request_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unhandled)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorEnvelope, "description": d}
+    for s, d in [(400, "malformed JSON"), (401, "missing API key"), (403, "wrong API key"),
+                 (413, "body, batch or text too large"), (422, "invalid input"),
+                 (429, "rate limited (see Retry-After)")]
+}

@@ -1,0 +1,27 @@
+"""Prometheus metrics, one registry per app (so tests can run several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("shoplens_http_requests_total", "HTTP requests by route template and status",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram("shoplens_http_request_duration_seconds", "HTTP request latency (s)",
+                                 ["method", "route", "status"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.model_latency = Histogram("shoplens_model_call_duration_seconds",
+                                       "one model call, retries included (s)", ["outcome"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.model_tokens = Counter("shoplens_model_tokens_total", "model tokens", ["kind"], registry=r)
+        self.degraded = Counter("shoplens_degraded_answers_total",
+                                "answers made without (part of) the model", ["route"], registry=r)
+        self.model_in_flight = Gauge("shoplens_model_calls_in_flight", "model calls running or waiting",
+                                     registry=r)
+        self.events_ingested = Counter("shoplens_events_ingested_total", "events by ingest outcome",
+                                       ["outcome"], registry=r)

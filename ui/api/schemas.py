@@ -1,0 +1,112 @@
+"""Request and response bodies of the HTTP API (the event and prediction schemas are agent's)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from agent.schemas import BehaviorEvent
+
+# Used as a folder name under the workspace: no path separators, no dot-dot.
+DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
+                                   examples=["online-retail"], description="an ingested dataset")]
+UserId = Annotated[str, Field(min_length=1, max_length=256, examples=["17850"])]
+
+
+# Unix times whose magnitude no datetime can hold. agent.schemas.parse_timestamp lets
+# datetime's OverflowError/OSError escape for them (pydantic only converts ValueError), so they
+# are turned into an unparseable value here and come back as a 422 at events[i].timestamp.
+_MAX_UNIX = 1e14
+
+
+def out_of_range_timestamp(value: object) -> bool:
+    try:
+        num = float(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else None
+    except ValueError:
+        return False
+    return num is not None and abs(num) >= _MAX_UNIX
+
+
+def guard_timestamp(value: object) -> object:
+    if isinstance(value, dict) and out_of_range_timestamp(value.get("timestamp")):
+        return value | {"timestamp": f"{value['timestamp']} (out of range)"}
+    return value
+
+
+ApiEvent = Annotated[BehaviorEvent, BeforeValidator(guard_timestamp)]
+
+
+class NextItemRequest(BaseModel):
+    """Top-k next items for a stored user, or for a user whose events are given inline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    user_id: UserId
+    k: int = Field(default=5, ge=1, le=20, description="how many items")
+    events: list[ApiEvent] | None = Field(
+        default=None, description="the user's events, for users the store has not seen (all with this "
+        "user_id); when given, the store is not read")
+    as_of: Annotated[
+        str | int | float | None,
+        WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}],
+                        "description": "only events strictly before this time (ISO-8601 or unix s/ms)"}),
+    ] = None
+    repurchase: bool = Field(default=False, description="allow items the user already bought")
+    use_llm: bool = Field(default=True, description="false: retrieval fusion only, no model")
+
+
+# The raw events are validated one by one in the route, so one bad event does not reject the
+# batch; the documented schema is BehaviorEvent's.
+RawEvent = Annotated[dict[str, Any], WithJsonSchema(BehaviorEvent.model_json_schema())]
+
+
+class IngestRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    events: list[RawEvent] = Field(min_length=1, description="events; each is validated on its own")
+
+
+class EventError(BaseModel):
+    index: int = Field(description="position of the event in the request")
+    param: str | None = Field(description="the field at fault, e.g. events[3].timestamp")
+    message: str
+    code: str
+
+
+class IngestResponse(BaseModel):
+    dataset: str
+    received: int
+    stored: int = Field(description="events new to the store (committed before this response)")
+    duplicates: int = Field(description="valid events already stored (same event_id)")
+    rejected: int
+    event_ids: list[str] = Field(description="ids of the valid events, in request order")
+    errors: list[EventError]
+
+
+class UserEvents(BaseModel):
+    dataset: str
+    user_id: str
+    total: int
+    offset: int
+    events: list[BehaviorEvent]
+
+
+class DeleteResponse(BaseModel):
+    dataset: str
+    user_id: str
+    deleted_events: int
+    removed_from_indexes: Literal[True] = True
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model: dict[str, Any]
+    indexes: dict[str, str]
+    reason: str | None = None
