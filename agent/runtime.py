@@ -125,7 +125,8 @@ class Runtime:
         s.workspace.mkdir(parents=True, exist_ok=True)
         self._server = EmbeddedServer(path, model_alias=profile.name, n_threads=s.llm_threads,
                                       n_ctx=s.llm_ctx, log_path=s.workspace / "llm-server.log")
-        await asyncio.to_thread(self._server.start, s.llm_startup_timeout_s)
+        self._server.spawn()  # from the event-loop thread, which lives as long as the process
+        await asyncio.to_thread(self._server.wait_ready, s.llm_startup_timeout_s)
         return OpenAICompatModel(self._server.base_url, profile.name, "llamacpp",
                                  timeout_s=s.llm_timeout_s, model_id=profile.name)
 

@@ -117,6 +117,23 @@ class InHistoryScorer:
         return {c: float(c in seen) for c in case.candidates}
 
 
+class SequenceModel(Protocol):
+    """A trained next-item model, e.g. ``retrieval.sasrec.SASRecModel``."""
+
+    def score(self, history: Sequence[str], candidates: Sequence[str]) -> dict[str, float]: ...
+
+
+@dataclass
+class SequenceModelScorer:
+    """A trained sequential recommender's next-item score (e.g. SASRec's logit) as a source."""
+
+    model: SequenceModel
+    name: str = "sasrec"
+
+    def score(self, case: RankingCase) -> dict[str, float]:
+        return self.model.score(case.history, case.candidates)
+
+
 class BM25Scorer:
     """BM25 (Robertson & Zaragoza 2009) over item titles; the query is the user's recent titles.
 

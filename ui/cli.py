@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,10 @@ from agent.runtime import Runtime
 from agent.service import RequestError, ShopLensService
 from agent.settings import load_settings
 from agent.store import UnknownUserError
+from ui.eval_cli import eval_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.add_typer(eval_app, name="eval", help="Offline evaluation: next-item protocols, rescore, compare.")
 err = Console(stderr=True)
 out = Console()
 
@@ -52,6 +55,8 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    # SIGTERM -> SystemExit, so atexit handlers run and the embedded model server is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

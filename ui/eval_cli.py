@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from agent.llm.base import ModelUnavailableError
 from eval.runner import RANKERS, RunConfig, rescore, run_next_item
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -58,6 +59,10 @@ def next_item_cmd(
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
+    except ModelUnavailableError as e:
+        typer.echo(f"error: {e}\nthe cases done so far are kept: re-run with the same flags and "
+                   "--out <run folder> to resume", err=True)
+        raise typer.Exit(3) from e
     typer.echo((run_dir / "metrics.json").read_text())
     typer.echo(f"run folder: {run_dir}", err=True)
 

@@ -187,11 +187,21 @@ class EmbeddedServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout_s: float = 180.0) -> EmbeddedServer:
-        """Start the server and wait until ``/v1/models`` answers.
+        """Spawn the server and wait until ``/v1/models`` answers (`spawn` + `wait_ready`).
 
         Raises:
-            ModelUnavailableError: llama-cpp-python is not installed, the process exited, or it
-                did not become healthy within `timeout_s` seconds (the log tail is included).
+            ModelUnavailableError: see `spawn` and `wait_ready`.
+        """
+        self.spawn()
+        return self.wait_ready(timeout_s)
+
+    def spawn(self) -> None:
+        """Start the server process. Call it from a long-lived thread: Linux's parent-death
+        signal fires when the *thread* that forked exits, so spawning from a worker thread
+        (e.g. ``asyncio.to_thread``) could kill the server when that thread is reaped.
+
+        Raises:
+            ModelUnavailableError: llama-cpp-python is not installed.
         """
         try:
             importlib.import_module("llama_cpp.server")
@@ -220,6 +230,16 @@ class EmbeddedServer:
             env={**os.environ, "OMP_NUM_THREADS": str(self.n_threads)},
         )
         atexit.register(self.stop)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> EmbeddedServer:
+        """Poll ``/v1/models`` until it answers 200 (blocking; run it in a thread from async code).
+
+        Raises:
+            ModelUnavailableError: the process exited, or it did not become healthy within
+                `timeout_s` seconds (the log tail is included).
+        """
+        if self._proc is None:
+            raise RuntimeError("spawn() the server first")
         deadline = time.monotonic() + timeout_s
         url = self.base_url + "/models"
         while time.monotonic() < deadline:

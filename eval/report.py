@@ -1,0 +1,156 @@
+"""Metrics from recorded cases, the run report (markdown + matplotlib PNG), and run comparison.
+
+Everything here reads ``cases.jsonl`` records only, so a run can be re-scored without a model.
+Conventions: NDCG@K / HR@K / MRR x100 as in LLMRank's trainer; every case counts (an invalid or
+unretrieved answer is a miss, never dropped); timing in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.metrics import evaluate_rankings, mrr
+
+KS = (1, 5, 10, 20)
+
+# Published NDCG@10 x100 on Games, 20 random candidates (Hou et al., ECIR 2024, Table 2).
+PUBLISHED_NDCG10 = {
+    "Pop": 52.96, "BPRMF": 66.27, "SASRec": 75.92, "BM25 (zs)": 34.61, "UniSRec (zs)": 40.71,
+    "ChatGPT": 53.50, "GPT-4": 62.88, "Llama-2-70B": 37.83, "Vicuna-13B": 24.30,
+}
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 4) if values else 0.0
+
+
+def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """All metrics of a run from its case records (see ``eval/runner.py`` for the fields).
+
+    Returns:
+        ``ndcg@K``, ``hr@K`` (K in 1, 5, 10, 20), ``mrr`` (x100, over all cases);
+        ``valid_rate`` (x100, over cases the ranker answered); ``hit@K_valid_all_users``
+        (x100: hits from valid answers only, divided by ALL cases); ``retrieval_recall@20``;
+        mean prompt/completion tokens and model calls per ranked case; model latency p50/p95
+        per case; summed case wall time (seconds).
+
+    Raises:
+        ValueError: no records.
+    """
+    if not records:
+        raise ValueError("no case records to score")
+    rankings = [r["ranking"] for r in records]
+    relevant = [set(r["relevant"]) for r in records]
+    m: dict[str, Any] = {k: round(v, 4) for k, v in evaluate_rankings(rankings, relevant, KS).items()}
+    m["mrr"] = round(100.0 * sum(mrr(r, rel) for r, rel in zip(rankings, relevant, strict=True))
+                     / len(records), 4)
+    ranked = [r for r in records if r["valid"] is not None]
+    n = len(records)
+    m["n_cases"] = n
+    m["n_ranked"] = len(ranked)
+    m["valid_rate"] = round(100.0 * sum(bool(r["valid"]) for r in ranked) / max(len(ranked), 1), 4)
+    for k in (1, 10):
+        hits = sum(1 for r in records if r["valid"] and set(r["ranking"][:k]) & set(r["relevant"]))
+        m[f"hit@{k}_valid_all_users"] = round(100.0 * hits / n, 4)
+    m["retrieval_recall@20"] = round(100.0 * sum(bool(r["retrieved"]) for r in records) / n, 4)
+    lat = [r["latency_s"] for r in ranked]
+    m["mean_prompt_tokens"] = round(sum(r["prompt_tokens"] for r in ranked) / max(len(ranked), 1), 2)
+    m["mean_completion_tokens"] = round(
+        sum(r["completion_tokens"] for r in ranked) / max(len(ranked), 1), 2)
+    m["mean_model_calls"] = round(sum(len(r["responses"]) for r in ranked) / max(len(ranked), 1), 3)
+    m["cached_calls"] = sum(bool(x.get("cached")) for r in records for x in r["responses"])
+    m["latency_p50_s"] = _pct(lat, 50)
+    m["latency_p95_s"] = _pct(lat, 95)
+    m["wall_s"] = round(sum(r["wall_s"] for r in records), 3)
+    m["wall_s_per_case"] = round(m["wall_s"] / n, 4)
+    return m
+
+
+def _plot(path: Path, series: dict[str, dict[str, Any]], published: bool = True) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, m in series.items():
+        ax1.plot(KS, [m[f"ndcg@{k}"] for k in KS], marker="o", label=name)
+    ax1.set_xlabel("K")
+    ax1.set_ylabel("NDCG@K x100")
+    ax1.set_xticks(KS)
+    ax1.legend(fontsize=7)
+    ax1.grid(alpha=0.3)
+    bars = {name: m["ndcg@10"] for name, m in series.items()}
+    if published:
+        bars.update({f"{k} (pub.)": v for k, v in PUBLISHED_NDCG10.items()})
+    names = list(bars)
+    colours = ["tab:blue" if "(pub.)" not in x else "tab:gray" for x in names]
+    ax2.barh(names, [bars[x] for x in names], color=colours)
+    ax2.set_xlabel("NDCG@10 x100")
+    ax2.invert_yaxis()
+    ax2.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: one row per run, the headline metrics as columns."""
+    cols = [f"ndcg@{k}" for k in KS] + [f"hr@{k}" for k in KS] + [
+        "mrr", "valid_rate", "hit@1_valid_all_users", "retrieval_recall@20", "mean_prompt_tokens",
+        "mean_completion_tokens", "latency_p50_s", "latency_p95_s", "wall_s_per_case", "n_cases"]
+    lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in rows.items():
+        cells = [f"{m[c]:.2f}" if isinstance(m.get(c), float) else str(m.get(c, "")) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, meta: dict[str, Any], metrics: dict[str, Any]) -> Path:
+    """``report.md`` + ``ndcg_at_k.png`` for one run."""
+    run_dir = Path(run_dir)
+    games_random = meta.get("dataset") == "amazon-games" and meta.get("protocol") == "llmrank" \
+        and meta.get("candidates_source") == "Games.random"
+    _plot(run_dir / "ndcg_at_k.png", {meta.get("ranker", "run"): metrics}, published=games_random)
+    cfg = {k: meta.get(k) for k in ("protocol", "dataset", "candidates_source", "n_cases", "seed",
+                                    "position", "ranker", "prompt", "prompt_sha256", "model_id",
+                                    "model_sha256", "hybrid_w", "permutations", "git_commit")}
+    text = [
+        f"# {run_dir.name}", "",
+        "```json", json.dumps(cfg, indent=2), "```", "",
+        metrics_table({meta.get("ranker", "run"): metrics}), "",
+        "Metrics x100 over ALL cases (invalid or unretrieved answers are misses); latency is the "
+        "model time per case in seconds (cached calls report the original latency).", "",
+        "![NDCG@K](ndcg_at_k.png)", "",
+        "What was fitted on what:", "", "```json",
+        json.dumps(meta.get("fitted_on", {}), indent=2, default=str)[:4000], "```",
+    ]
+    if games_random:
+        text += ["", "Published NDCG@10 (Hou et al., ECIR 2024, Games, 20 random candidates): "
+                 + ", ".join(f"{k} {v}" for k, v in PUBLISHED_NDCG10.items())]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def compare(run_dirs: Sequence[Path], out: Path | None = None) -> str:
+    """Side-by-side markdown table of runs, plus ``compare.png`` (in ``out`` or the first run).
+
+    Raises:
+        FileNotFoundError: a run folder has no metrics.json.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for d in map(Path, run_dirs):
+        mp = d / "metrics.json"
+        if not mp.exists():
+            raise FileNotFoundError(f"{mp} not found (run `shoplens eval rescore {d}`)")
+        rows[d.name] = json.loads(mp.read_text())
+    target = Path(out) if out else Path(run_dirs[0])
+    target.mkdir(parents=True, exist_ok=True)
+    _plot(target / "compare.png", rows, published=True)
+    return metrics_table(rows) + f"\n\nplot: {target / 'compare.png'}"

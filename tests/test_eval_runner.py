@@ -1,0 +1,157 @@
+"""The eval harness end to end on a tiny synthetic LLMRank setup, with FakeModel (no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.llm.base import ModelUnavailableError
+from agent.llm.fake import FakeCall, FakeModel
+from eval.baselines import FusedRanker, PopularityScorer
+from eval.llm_rankers import parse_generated
+from eval.protocols import UserSequence, llmrank_cases
+from eval.runner import RunConfig, Suite, arun_next_item, read_cases, rescore
+from retrieval.popularity import Popularity
+from ui.eval_cli import eval_app
+
+QUALITY = ("ndcg@1", "ndcg@5", "ndcg@10", "ndcg@20", "hr@1", "hr@5", "hr@10", "hr@20", "mrr",
+           "valid_rate", "hit@1_valid_all_users", "n_cases")
+FILES = ("config.json", "prompt_sample.txt", "cases.jsonl", "metrics.json", "report.md",
+         "ndcg_at_k.png")
+
+
+def _suite(n_users: int = 8) -> Suite:
+    items = [f"i{j}" for j in range(60)]
+    titles = {i: f"Game number {i[1:]}" for i in items}
+    interactions = {
+        f"u{u}": UserSequence(f"u{u}", tuple(items[(u + k) % 60] for k in range(6)),
+                              items[(u * 7 + 30) % 60])
+        for u in range(n_users)
+    }
+    cand = {u: [i for i in items if i not in s.history][::-1] for u, s in interactions.items()}
+    cases = llmrank_cases(interactions, cand, seed=1, source="synthetic")
+    train = [list(s.history) for s in interactions.values()]
+    pop = PopularityScorer(Popularity().fit(train))
+    fused = FusedRanker([pop], [1.0])
+    return Suite([(c, [c.target], True) for c in cases], "synthetic", titles, {"pop": pop}, fused,
+                 {"counts": "histories"}, validation=cases[:3])
+
+
+def _letter(call: FakeCall) -> str:
+    """A deterministic answer that depends on the prompt."""
+    digest = hashlib.sha256(call.messages[-1]["content"].encode()).digest()
+    return "ABCDEFGHIJKLMNOPQRST"[digest[0] % 20]
+
+
+def _config(tmp: Path, ranker: str = "llm-perm", out: str = "run", **kw: object) -> RunConfig:
+    kw.setdefault("workspace", tmp / "ws")
+    return RunConfig(ranker=ranker, users=None, seed=1, out=tmp / out, hybrid_val_users=3,
+                     **kw)  # type: ignore[arg-type]
+
+
+def _quality(m: dict[str, object]) -> dict[str, object]:
+    return {k: m[k] for k in QUALITY}
+
+
+async def test_run_writes_all_files_and_rescore_reproduces(tmp_path: Path) -> None:
+    model = FakeModel(responder=_letter)
+    run_dir = await arun_next_item(_config(tmp_path), model=model, suite=_suite(), progress=False)
+    for f in FILES:
+        assert (run_dir / f).exists(), f
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["prompt"] == "next_item_rank_titles.v1" and cfg["prompt_sha256"]
+    assert cfg["model_id"] == "fake-model" and cfg["model_sha256"]
+    records = read_cases(run_dir)
+    assert len(records) == 8 and all(len(r["responses"]) == 2 for r in records)  # 2 permutations
+    before = (run_dir / "metrics.json").read_text()
+    assert json.dumps(rescore(run_dir), indent=2, sort_keys=True) == before
+
+
+async def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None:
+    full = await arun_next_item(_config(tmp_path, out="full", workspace=tmp_path / "ws_full"), suite=_suite(),
+                                model=FakeModel(responder=_letter), progress=False)
+    calls = {"n": 0}
+
+    def flaky(call: FakeCall) -> str:
+        calls["n"] += 1
+        if calls["n"] > 6:  # 3 cases x 2 permutations, then the server "dies"
+            raise ModelUnavailableError("server gone")
+        return _letter(call)
+
+    cfg = _config(tmp_path, out="resumed", workspace=tmp_path / "ws2")
+    with pytest.raises(ModelUnavailableError):
+        await arun_next_item(cfg, model=FakeModel(responder=flaky), suite=_suite(), progress=False)
+    assert len(read_cases(tmp_path / "resumed")) == 3
+    second = FakeModel(responder=_letter)
+    await arun_next_item(cfg, model=second, suite=_suite(), progress=False)
+    assert len(second.calls) == 5 * 2  # only the 5 remaining cases
+    m_full = json.loads((full / "metrics.json").read_text())
+    m_res = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert _quality(m_res) == _quality(m_full)
+
+
+async def test_cache_makes_identical_rerun_free(tmp_path: Path) -> None:
+    first = FakeModel(responder=_letter)
+    a = await arun_next_item(_config(tmp_path, out="a"), model=first, suite=_suite(), progress=False)
+    assert len(first.calls) == 16
+    second = FakeModel(responder=_letter)
+    b = await arun_next_item(_config(tmp_path, out="b"), model=second, suite=_suite(), progress=False)
+    assert second.calls == []
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert _quality(ma) == _quality(mb) and mb["cached_calls"] == 16
+
+
+async def test_generate_bad_answer_is_invalid_but_counts_for_all_users(tmp_path: Path) -> None:
+    replies = ['{"ranking": ["A", "B"]}', "I think the answer is B", '{"ranking": ["Z", "A"]}']
+
+    def responder(call: FakeCall) -> str:
+        return replies[len(model.calls) - 1] if len(model.calls) <= 3 else '{"ranking": ["C"]}'
+
+    model = FakeModel(responder=responder)
+    cfg = _config(tmp_path, ranker="llm-generate")
+    run_dir = await arun_next_item(cfg, model=model, suite=_suite(), progress=False)
+    records = read_cases(run_dir)
+    assert [r["valid"] for r in records[:3]] == [True, False, False]
+    assert all(len(r["ranking"]) == 20 for r in records)  # missing labels go last, nobody dropped
+    assert records[1]["extra"]["parsed"] is False and records[2]["extra"]["n_invalid"] == 1
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["n_cases"] == 8 and m["valid_rate"] == pytest.approx(100 * 6 / 8)
+    valid_hits = sum(1 for r in records if r["valid"] and r["ranking"][0] == r["target"])
+    assert m["hit@1_valid_all_users"] == pytest.approx(100 * valid_hits / 8)
+
+
+def test_parse_generated() -> None:
+    labels = list("ABCD")
+    assert parse_generated('{"ranking": ["B", "A"]}', labels)[0] == ["B", "A"]
+    order, rep = parse_generated('["B", "B", "x", "d"]', labels)
+    assert order == ["B", "D"] and rep["n_duplicate"] == 1 and rep["n_invalid"] == 1
+    assert rep["valid"] is False and rep["n_missing"] == 2
+    assert parse_generated("nope", labels)[1]["parsed"] is False
+
+
+async def test_hybrid_records_weight_and_cli_rescore(tmp_path: Path) -> None:
+    run_dir = await arun_next_item(_config(tmp_path, ranker="hybrid"), suite=_suite(),
+                                   model=FakeModel(responder=_letter), progress=False)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert "hybrid_w" in cfg and cfg["hybrid_weight_search"]["users"] == ["u0", "u1", "u2"]
+    result = CliRunner().invoke(eval_app, ["rescore", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == json.loads((run_dir / "metrics.json").read_text())
+    result = CliRunner().invoke(eval_app, ["compare", str(run_dir), str(run_dir)])
+    assert result.exit_code == 0 and "ndcg@10" in result.output
+
+
+async def test_baseline_ranker_through_runner(tmp_path: Path) -> None:
+    run_dir = await arun_next_item(_config(tmp_path, ranker="pop"), suite=_suite(), progress=False)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["valid_rate"] == 100.0 and m["mean_model_calls"] == 0
+
+
+async def test_other_configuration_in_out_folder_is_refused(tmp_path: Path) -> None:
+    await arun_next_item(_config(tmp_path, ranker="pop"), suite=_suite(), progress=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        await arun_next_item(_config(tmp_path, ranker="random"), suite=_suite(), progress=False)
