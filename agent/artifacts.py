@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,9 @@ class DatasetArtifacts:
     user_items: dict[str, list[str]]
     covisit: CoVisitation
     popularity: Popularity
+    # item id -> {"n", "negative", "share_negative", "penalty"} from recent reviews
+    # (agent.opinion.penalties_from_events); next-item ranking down-weights these items.
+    review_penalties: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def generator(self, weights: dict[str, float] | None = None) -> CandidateGenerator:
         return CandidateGenerator(

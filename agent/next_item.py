@@ -117,7 +117,7 @@ class NextItemService:
                         trace.notes.append(f"model put only {res.label_mass:.0%} probability on labels")
                 except ModelUnavailableError as e:
                     trace.degraded.append(f"model unavailable for ranking ({e}); retrieval fusion only")
-        ranked = _fuse(cands, llm_scores, cfg.llm_weight)[: cfg.k]
+        ranked = _fuse(cands, llm_scores, cfg.llm_weight, artifacts.review_penalties)[: cfg.k]
 
         # --- explanations ---------------------------------------------------------------
         reasons: dict[str, tuple[str, list[str]]] = {}
@@ -146,12 +146,14 @@ class NextItemService:
                 src["llm"] = round(llm_scores[cand.item_id], 6)
             if cand.item_id in reasons:
                 text, refs = reasons[cand.item_id]
+                text += review_note(cand.item_id, artifacts.review_penalties)
                 ev = [_evidence(hist, r) for r in refs]
                 items.append(RankedItem(rank=rank, item_id=cand.item_id, title=artifacts.title(cand.item_id),
                                         score=score, source_scores=src, reason=text, reason_source="model",
                                         evidence=[x for x in ev if x]))
             else:
                 text, refs = fallback_reason(cand, hist, artifacts, cold)
+                text += review_note(cand.item_id, artifacts.review_penalties)
                 items.append(RankedItem(rank=rank, item_id=cand.item_id, title=artifacts.title(cand.item_id),
                                         score=score, source_scores=src, reason=text, reason_source="fallback",
                                         evidence=[x for x in (_evidence(hist, r) for r in refs) if x]))
@@ -199,17 +201,31 @@ class NextItemService:
         )
 
 
-def _fuse(cands: list[Candidate], llm: dict[str, float], w: float) -> list[tuple[Candidate, float]]:
-    """Final score in [0, 1]: w * llm (scaled by its max) + (1 - w) * retrieval fusion (scaled)."""
+def _fuse(
+    cands: list[Candidate], llm: dict[str, float], w: float,
+    penalties: dict[str, dict[str, float]] | None = None,
+) -> list[tuple[Candidate, float]]:
+    """Final score in [0, 1]: w * llm (scaled by its max) + (1 - w) * retrieval fusion (scaled),
+    times (1 - penalty) for items whose recent reviews are mostly negative."""
     top_f = max((c.fused for c in cands), default=0.0) or 1.0
     top_l = max(llm.values(), default=0.0) or 1.0
+    penalties = penalties or {}
     out = []
     for c in cands:
         f = c.fused / top_f
-        # only the first len(LABELS) candidates get an llm score; the rest count it as 0
         s = w * (llm.get(c.item_id, 0.0) / top_l) + (1 - w) * f if llm else f
+        if c.item_id in penalties:
+            s *= 1.0 - penalties[c.item_id]["penalty"]
         out.append((c, round(min(1.0, max(0.0, s)), 6)))
     return sorted(out, key=lambda x: (-x[1], x[0].item_id))
+
+
+def review_note(item_id: str, penalties: dict[str, dict[str, float]]) -> str:
+    """' Down-ranked: 4 of 6 recent reviews are negative.' or '' (said in every reason)."""
+    d = penalties.get(item_id)
+    if not d:
+        return ""
+    return f" Down-ranked: {int(d['negative'])} of {int(d['n'])} recent reviews are negative."
 
 
 def _hint(c: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> str:

@@ -18,6 +18,7 @@ from agent.ingest.report import LoadReport
 from agent.llm.base import ChatModel
 from agent.llm.embedded import PROFILES, EmbeddedServer, assemble_model
 from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
+from agent.opinion import penalties_from_events
 from agent.settings import Settings
 from agent.store import EventStore
 from retrieval.embedder import Embedder, make_embedder
@@ -92,6 +93,9 @@ class Runtime:
             except (FileNotFoundError, IndexMismatchError) as e:
                 log.warning("rebuilding indexes for %s: %s", dataset, e)
                 self._artifacts[dataset] = build_artifacts(self.store, dataset, emb, folder)
+            self._artifacts[dataset].review_penalties = penalties_from_events(
+                self.store.iter_events(dataset, event_types=("review",))
+            )
         return self._artifacts[dataset]
 
     def ensure_ingested(self, dataset: str) -> None:

@@ -202,10 +202,15 @@ class EventStore:
                 return [r[0] for r in rows]
         return []
 
-    def iter_events(self, dataset: str, *, before: datetime | None = None) -> Iterator[BehaviorEvent]:
-        """All events of a dataset ordered by (user, time, ingest order)."""
+    def iter_events(
+        self, dataset: str, *, before: datetime | None = None, event_types: tuple[str, ...] | None = None
+    ) -> Iterator[BehaviorEvent]:
+        """All events of a dataset (optionally only some types) ordered by (user, time, ingest order)."""
         sql = f"SELECT {_EVENT_COLS} FROM events WHERE dataset = ?"
         args: list[object] = [dataset]
+        if event_types:
+            sql += f" AND event_type IN ({','.join('?' * len(event_types))})"
+            args.extend(event_types)
         if before is not None:
             sql += " AND ts < ?"
             args.append(before.timestamp())

@@ -345,3 +345,17 @@ async def test_more_candidates_than_labels(tmp_path: Path) -> None:
     assert sum("llm" in i.source_scores for i in pred.items) <= 26
     assert all(len(re.findall(r"^[A-Z]\. ", c.messages[1]["content"], flags=re.M)) == 26
                for c in model.calls)
+
+
+def test_items_with_mostly_negative_recent_reviews_are_down_ranked() -> None:
+    """Sentiment feeds recommendation: a penalised item loses its place and its reason says why."""
+    from agent.candidates import Candidate
+    from agent.next_item import _fuse, review_note
+
+    a, b = Candidate("A", fused=1.0), Candidate("B", fused=0.8)
+    penalties = {"A": {"n": 6, "negative": 5, "share_negative": 0.625, "penalty": 0.25}}
+    assert [c.item_id for c, _ in _fuse([a, b], {}, 0.5)] == ["A", "B"]
+    ranked = _fuse([a, b], {}, 0.5, penalties)
+    assert [(c.item_id, s) for c, s in ranked] == [("B", 0.8), ("A", 0.75)]
+    assert review_note("A", penalties) == " Down-ranked: 5 of 6 recent reviews are negative."
+    assert review_note("B", penalties) == ""
