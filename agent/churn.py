@@ -1,0 +1,224 @@
+"""Churn risk: P(no purchase in the next N days after an as-of date), a risk band, drivers and a
+suggested retention action.
+
+Drivers (recency, frequency, monetary trend, category drift, rhythm) are computed in code
+(`agent.profile.user_features`); the probability is an RFM logistic-regression baseline blended
+in logit space with the model's verbalizer probability of "no further order"; a second,
+schema-constrained call picks a retention action from a closed set and writes a reason that
+cites the customer's events.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from agent.history import HistoryView, build_history
+from agent.intent import (
+    Blend,
+    Cited,
+    LogisticBaseline,
+    Probability,
+    ask_yes_no,
+    evidence_from_refs,
+    make_meta,
+    normalise_label,
+)
+from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
+from agent.predictions import Evidence, Meta
+from agent.profile import UserFeatures, user_features
+from agent.prompting import load_prompt, render
+from agent.schemas import BehaviorEvent, CatalogItem
+from agent.structured import CallTrace, structured_call
+
+RiskBand = Literal["low", "medium", "high"]
+Action = Literal["no_action_needed", "loyalty_reward", "new_arrivals_in_interests",
+                 "reminder_of_past_favourites", "win_back_offer"]
+BAND_EDGES = (0.35, 0.65)  # probability < 0.35 low, < 0.65 medium, else high
+RFM_FEATURES = ["log_recency", "log_frequency", "log_monetary"]
+
+
+def rfm_vector(f: UserFeatures) -> dict[str, float]:
+    """The baseline's inputs: log1p of recency (days), frequency (orders), monetary (spend)."""
+    return {"log_recency": math.log1p(f.recency_days or 0.0), "log_frequency": math.log1p(f.n_orders),
+            "log_monetary": math.log1p(max(0.0, f.monetary))}
+
+
+def risk_band(p: float) -> RiskBand:
+    return "low" if p < BAND_EDGES[0] else "medium" if p < BAND_EDGES[1] else "high"
+
+
+class Driver(BaseModel):
+    name: Literal["recency", "frequency", "monetary_trend", "category_drift", "rhythm"]
+    value: float | None
+    effect: Literal["raises_risk", "lowers_risk", "neutral"]
+    detail: str
+
+
+def churn_drivers(f: UserFeatures) -> list[Driver]:
+    """Plain rules over the features; each says which way it pushes the risk and why."""
+    rec, gap = f.recency_days or 0.0, f.median_gap_days
+    due = max(30.0, 2 * gap) if gap else 60.0
+    out = [Driver(name="recency", value=rec, effect="raises_risk" if rec > due else "lowers_risk",
+                  detail=f"{rec:.0f} days since the last order (usual gap x2 = {due:.0f} days)")]
+    eff = "raises_risk" if f.orders_last_90d == 0 else "lowers_risk" if f.orders_last_90d >= 2 else "neutral"
+    out.append(Driver(name="frequency", value=float(f.n_orders), effect=eff,
+                      detail=f"{f.n_orders} orders in total, {f.orders_last_90d} in the last 90 days"))
+    t = f.monetary_trend
+    out.append(Driver(name="monetary_trend", value=t,
+                      effect="raises_risk" if t < -0.3 else "lowers_risk" if t > 0.3 else "neutral",
+                      detail=f"spend last 90 days {f.spend_last_90d:.2f} vs {f.spend_prev_90d:.2f} the 90 days before"))
+    if f.category_drift is not None:
+        out.append(Driver(name="category_drift", value=f.category_drift,
+                          effect="raises_risk" if f.category_drift > 0.8 else "neutral",
+                          detail=f"{f.category_drift:.0%} of recent themes differ from earlier ones"))
+    if gap is not None:
+        out.append(Driver(name="rhythm", value=gap, effect="neutral",
+                          detail=f"median {gap:.1f} days between orders"))
+    return out
+
+
+def default_action(band: RiskBand, drivers: Sequence[Driver]) -> Action:
+    falling = any(d.name == "monetary_trend" and d.effect == "raises_risk" for d in drivers)
+    if band == "high":
+        return "win_back_offer"
+    if band == "medium":
+        return "reminder_of_past_favourites" if falling else "new_arrivals_in_interests"
+    return "loyalty_reward" if falling else "no_action_needed"
+
+
+class ChurnAnswer(Cited):
+    """The model's part: a retention action from the closed set and a reason citing events."""
+
+    action: Action
+    reason: str = Field(min_length=5, max_length=300)
+    evidence: list[str] = Field(min_length=1, max_length=4, description="event refs like E3")
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _action(cls, v: object) -> object:
+        return normalise_label(v)
+
+
+class ChurnPrediction(BaseModel):
+    user_id: str
+    dataset: str | None = None
+    as_of: str
+    horizon_days: int = Field(ge=1, le=730)
+    probability: Probability = Field(description="P(no purchase within horizon_days after as_of)")
+    probability_source: Literal["blend", "baseline", "cold_start_base_rate"]
+    baseline_probability: Probability
+    model_probability: Probability | None = None
+    risk_band: RiskBand
+    drivers: list[Driver]
+    features: dict[str, Any]
+    action: Action
+    reason: str
+    reason_source: Literal["model", "fallback", "cold_start"]
+    evidence: list[Evidence] = Field(default_factory=list)
+    cold_start: bool = False
+    meta: Meta
+
+    @field_validator("risk_band", mode="before")
+    @classmethod
+    def _band(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
+
+def default_churn_baseline() -> LogisticBaseline:
+    """Hand-set prior used only when no fitted baseline exists."""
+    return LogisticBaseline(RFM_FEATURES, [0.9, -0.8, -0.1], -2.5, 0.45, "hand-set prior")
+
+
+def driver_lines(drivers: Sequence[Driver]) -> list[str]:
+    return [f"{d.name}: {d.detail} ({d.effect.replace('_', ' ')})" for d in drivers]
+
+
+class ChurnService:
+    def __init__(self, model: ChatModel | None, baseline: LogisticBaseline | None = None, *,
+                 model_sha256: str | None = None, explain: bool = True, window: int = 15,
+                 prob_prompt: str = "churn_risk.v1", explain_prompt: str = "churn_explain.v1"):
+        self.model, self.model_sha256, self.explain, self.window = model, model_sha256, explain, window
+        self.baseline = baseline or default_churn_baseline()
+        self.prob_prompt, self.explain_prompt = prob_prompt, explain_prompt
+
+    async def predict(self, user_id: str, events: Sequence[BehaviorEvent], catalog: Mapping[str, CatalogItem],
+                      *, as_of: datetime, horizon_days: int = 90, dataset: str | None = None,
+                      prices: Sequence[float] | None = None) -> ChurnPrediction:
+        """P(no purchase in `horizon_days` after `as_of`) from events strictly before `as_of`."""
+        t0, trace = time.perf_counter(), CallTrace()
+        evs = [e for e in events if e.timestamp < as_of and e.item_id in catalog]
+        f = user_features(evs, catalog, as_of, catalogue_prices=prices)
+        drivers = churn_drivers(f) if f.n_orders else []
+        common = dict(user_id=user_id, dataset=dataset, as_of=as_of.isoformat(), horizon_days=horizon_days,
+                      features={k: v for k, v in asdict(f).items() if k != "as_of"}, drivers=drivers)
+        if horizon_days != 90:
+            trace.notes.append("the baseline was trained for a 90-day horizon")
+        if f.n_orders == 0:
+            rate = self.baseline.base_rate
+            trace.notes.append("cold start: no purchase before as_of; the population churn base rate is shown")
+            return ChurnPrediction(**common, probability=rate, probability_source="cold_start_base_rate",
+                                   baseline_probability=rate, risk_band=risk_band(rate), action="new_arrivals_in_interests",
+                                   reason=f"[cold start] No purchase before {as_of:%Y-%m-%d}: the base churn rate "
+                                   f"{rate:.0%} of known customers is shown, not a personal estimate.",
+                                   reason_source="cold_start", cold_start=True,
+                                   meta=make_meta("churn", self.model, trace, [], t0, self.model_sha256))
+        p_base = self.baseline.predict(rfm_vector(f))
+        hist = build_history(user_id, evs, catalog, window=self.window, as_of=as_of)
+        prompts: list[str] = []
+        p_model: float | None = None
+        answer: ChurnAnswer | None = None
+        if self.model is None:
+            trace.degraded.append("no model configured: baseline probability, rule-based action")
+        else:
+            variables = dict(horizon_days=horizon_days, as_of_date=f"{as_of:%Y-%m-%d}",
+                             drivers=driver_lines(drivers), **hist.prompt_vars())
+            try:
+                tpl = load_prompt(self.prob_prompt)
+                prompts.append(tpl.ref)
+                p_yes = await ask_yes_no(self.model, render(tpl, **variables), trace)
+                p_model = None if p_yes is None else 1.0 - p_yes
+                if self.explain:
+                    etpl = load_prompt(self.explain_prompt)
+                    prompts.append(etpl.ref)
+                    p_now = (self.baseline.blend or Blend())(p_base, p_model)
+                    answer = await self._explain(etpl, {**variables, "risk_band": risk_band(p_now),
+                                                        "probability": round(p_now, 2)}, hist, trace)
+            except ModelUnavailableError as e:
+                trace.degraded.append(f"model unavailable ({e}); baseline probability")
+            except OutputValidationError as e:
+                trace.degraded.append(f"explanation invalid after {e.attempts} attempts: {e.errors[:2]}")
+        p = (self.baseline.blend or Blend())(p_base, p_model)
+        band = risk_band(p)
+        if answer is not None:
+            action, reason, refs, src = answer.action, answer.reason, answer.evidence, "model"
+        else:
+            action, src = default_action(band, drivers), "fallback"
+            reason, refs = fallback_churn_reason(drivers, hist)
+        return ChurnPrediction(
+            **common, probability=round(p, 6), probability_source="blend" if p_model is not None else "baseline",
+            baseline_probability=round(p_base, 6), model_probability=None if p_model is None else round(p_model, 6),
+            risk_band=band, action=action, reason=reason, reason_source=src,
+            evidence=evidence_from_refs(hist, refs),
+            meta=make_meta("churn", self.model, trace, prompts, t0, self.model_sha256))
+
+    async def _explain(self, tpl: Any, variables: dict[str, Any], hist: HistoryView, trace: CallTrace) -> ChurnAnswer:
+        assert self.model is not None
+        schema = ChurnAnswer.model_json_schema()
+        schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
+        return await structured_call(self.model, render(tpl, **variables), ChurnAnswer, json_schema=schema,
+                                     context={"refs": set(hist.refs)}, max_tokens=160, trace=trace)
+
+
+def fallback_churn_reason(drivers: Sequence[Driver], hist: HistoryView) -> tuple[str, list[str]]:
+    """The strongest risk drivers in words, citing the last order's events."""
+    risky = [d.detail for d in drivers if d.effect == "raises_risk"] or [d.detail for d in drivers[:1]]
+    last_basket = hist.lines[-1].event.basket_id if hist.lines else None
+    refs = [x.ref for x in hist.lines if last_basket and x.event.basket_id == last_basket][-2:] or hist.refs[-1:]
+    return "[template] " + "; ".join(risky), refs

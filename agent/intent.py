@@ -1,0 +1,396 @@
+"""Purchase intent: P(user buys the item within a stated horizon), with funnel evidence cited.
+
+Funnel features (views, carts, favourites, purchases, dwell proxy, recency) are computed in
+code (`funnel_features`) from events strictly before the as-of time. The probability is a
+logistic-regression baseline on those features, blended in logit space with the model's
+verbalizer probability (the yes/no answer token's probability, not a written number). A second,
+schema-constrained call names the funnel stage and writes a reason citing event references.
+
+Shared by the other tasks: evidence helpers (`Cited`, `evidence_from_refs`, `make_meta`) and
+probability helpers (`Probability`, `yes_probability`, `LogisticBaseline`, `Blend`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+
+from agent.history import HistoryView, build_history
+from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError
+from agent.predictions import Evidence, Meta
+from agent.prompting import PromptTemplate, load_prompt, render
+from agent.schemas import BehaviorEvent, CatalogItem
+from agent.structured import CallTrace, structured_call
+
+# ---- evidence helpers (shared by every task) -----------------------------------------------
+
+
+def evidence_from_refs(hist: HistoryView, refs: Sequence[str]) -> list[Evidence]:
+    """Map event references (E3, ...) to real events; unknown refs are dropped."""
+    found = [(r, x) for r in dict.fromkeys(refs) if (x := hist.resolve(r)) is not None]
+    return [Evidence(ref=r, event_id=x.event.event_id, item_id=x.event.item_id, event_type=x.event.event_type,
+                     timestamp=x.event.timestamp.isoformat(), summary=x.text) for r, x in found]
+
+
+def normalise_refs(v: object) -> object:
+    """'e3' -> 'E3'; a single string becomes a one-element list."""
+    v = [v] if isinstance(v, str) else v
+    return [x.strip().upper() if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+
+def check_refs(v: list[str], info: ValidationInfo) -> list[str]:
+    """Reject refs that are not in the shown history (refs come via validation context)."""
+    refs = (info.context or {}).get("refs")
+    if refs is not None:
+        bad = [r for r in v if r not in refs]
+        if bad:
+            allowed = ", ".join(sorted(refs, key=lambda r: int(r[1:]) if r[1:].isdigit() else 0))
+            raise ValueError(f"evidence {bad} are not event references in the history; use only {allowed}")
+    return list(dict.fromkeys(v))
+
+
+def make_meta(task: str, model: ChatModel | None, trace: CallTrace, prompts: list[str], t0: float,
+              model_sha256: str | None = None, notes: list[str] | None = None) -> Meta:
+    return Meta(
+        task=task, prompt_versions=prompts, model_id=getattr(model, "model_id", None),
+        model_sha256=model_sha256, attempts=trace.attempts, prompt_tokens=trace.usage.prompt_tokens,
+        completion_tokens=trace.usage.completion_tokens, latency_s=round(time.perf_counter() - t0, 4),
+        model_latency_s=round(trace.model_latency_s, 4), degraded=bool(trace.degraded),
+        degraded_reason="; ".join(trace.degraded) or None, notes=trace.notes + (notes or []),
+    )
+
+
+class Cited(BaseModel):
+    """Base of every model answer with an ``evidence`` list of event refs: 'e3' -> 'E3', and
+    refs not in the shown history (validation context ``refs``) are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("evidence", mode="before", check_fields=False)
+    @classmethod
+    def _refs_norm(cls, v: object) -> object:
+        return normalise_refs(v)
+
+    @field_validator("evidence", check_fields=False)
+    @classmethod
+    def _refs_known(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        return check_refs(v, info)
+
+
+# ---- probabilities: parsing, the verbalizer, the baseline, the blend -------------------------
+
+
+def parse_probability(v: object) -> object:
+    """'87%' -> 0.87, '0.87' -> 0.87; anything outside [0, 1] is left for the bound to reject."""
+    if isinstance(v, str):
+        s = v.strip()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%", s)
+        if m:
+            return float(m.group(1)) / 100.0
+        try:
+            return float(s)
+        except ValueError as e:
+            raise ValueError(f"probability {v!r} is not a number; give a decimal in [0, 1], e.g. 0.35") from e
+    if isinstance(v, int | float) and not isinstance(v, bool) and not 0 <= v <= 1:
+        raise ValueError(f"probability {v} is outside [0, 1]; give a decimal such as 0.35, not a percentage")
+    return v
+
+
+Probability = Annotated[float, BeforeValidator(parse_probability), Field(ge=0, le=1)]
+
+
+def normalise_label(v: object) -> object:
+    """'Ready to buy' -> 'ready_to_buy', 'HIGH' -> 'high', 'At Risk' -> 'at-risk' is the caller's map."""
+    return re.sub(r"[\s\-]+", "_", v.strip().lower()) if isinstance(v, str) else v
+
+
+def yes_probability(top: Mapping[str, float]) -> tuple[float | None, float]:
+    """(P(yes) renormalised over yes/no tokens, or None when neither is among the top
+    log-probabilities; the probability mass on yes/no). "Yes", " yes" count as yes."""
+    py = sum(math.exp(lp) for t, lp in top.items() if t.strip().lower() in ("yes", "y"))
+    pn = sum(math.exp(lp) for t, lp in top.items() if t.strip().lower() in ("no", "n"))
+    if py + pn <= 0:
+        return None, 0.0
+    return py / (py + pn), py + pn
+
+
+async def ask_yes_no(model: ChatModel, messages: list[Message], trace: CallTrace) -> float | None:
+    """One 1-token call; the verbalizer probability of "yes" (None when unusable)."""
+    comp = await model.complete(messages, max_tokens=1, top_logprobs=10)
+    trace.attempts += 1
+    trace.usage.add(comp.usage)
+    trace.model_latency_s += comp.latency_s
+    trace.raw_outputs.append(json.dumps({"text": comp.text, "top": comp.top_logprobs[:1]}))
+    top = comp.top_logprobs[0] if comp.top_logprobs else {comp.text: 0.0}
+    p, mass = yes_probability(top)
+    if p is None:
+        trace.notes.append(f"verbalizer: no yes/no token in the answer ({comp.text!r})")
+    elif mass < 0.5:
+        trace.notes.append(f"verbalizer: only {mass:.0%} probability on yes/no")
+    return p
+
+
+def logit(p: float, eps: float = 1e-4) -> float:
+    p = min(1 - eps, max(eps, p))
+    return math.log(p / (1 - p))
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+@dataclass
+class Blend:
+    """final = sigmoid(a * logit(p_baseline) + b * logit(p_model) + c); default: the baseline
+    plus half the model's log-odds. Fitted by cross-fitting in eval/tasks_eval.py."""
+
+    a: float = 1.0
+    b: float = 0.5
+    c: float = 0.0
+
+    def __call__(self, p_base: float, p_model: float | None) -> float:
+        return p_base if p_model is None else sigmoid(self.a * logit(p_base) + self.b * logit(p_model) + self.c)
+
+
+@dataclass
+class LogisticBaseline:
+    """A fitted logistic regression as plain numbers: coefficients per named feature."""
+
+    features: list[str]
+    coef: list[float]
+    intercept: float
+    base_rate: float  # the positive rate it was trained on (the cold-start answer)
+    trained_on: str = ""
+    blend: Blend | None = None
+
+    def predict(self, x: Mapping[str, float]) -> float:
+        return sigmoid(self.intercept + sum(c * float(x[f]) for f, c in zip(self.features, self.coef, strict=True)))
+
+    @classmethod
+    def fit(cls, rows: Sequence[Mapping[str, float]], labels: Sequence[int], features: list[str],
+            trained_on: str = "") -> LogisticBaseline:
+        from sklearn.linear_model import LogisticRegression  # deferred: heavy import
+
+        X = [[float(r[f]) for f in features] for r in rows]
+        lr = LogisticRegression(max_iter=2000, C=1.0).fit(X, list(labels))
+        return cls(features, [round(float(c), 6) for c in lr.coef_[0]], round(float(lr.intercept_[0]), 6),
+                   round(sum(labels) / max(1, len(labels)), 6), trained_on)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> LogisticBaseline:
+        d = json.loads(path.read_text())
+        blend = d.pop("blend", None)
+        return cls(**d, blend=Blend(**blend) if blend else None)
+
+
+# ---- funnel features -------------------------------------------------------------------------
+
+INTENT_FEATURES = ["log_views", "log_carts", "log_favs", "bought_before", "log_hours_since_last",
+                   "log_dwell_min", "log_user_purchases", "user_buy_rate", "log_category_events"]
+DWELL_CAP_MIN = 30.0  # a gap longer than this after a view is not dwell
+
+
+@dataclass
+class Funnel:
+    n_views: int  # views and clicks of this item before as_of
+    n_carts: int
+    n_favs: int
+    n_removes: int
+    n_purchases: int
+    hours_since_last: float | None  # since the last event on this item
+    hours_since_first: float | None
+    dwell_min: float  # sum of gaps after events on this item, each capped at 30 min
+    user_events: int
+    user_purchases: int
+    user_buy_rate: float  # distinct items bought / distinct items touched
+    category_events: int  # the user's events in this item's category
+
+    def vector(self) -> dict[str, float]:
+        return {
+            "log_views": math.log1p(self.n_views), "log_carts": math.log1p(self.n_carts),
+            "log_favs": math.log1p(self.n_favs), "bought_before": float(self.n_purchases > 0),
+            "log_hours_since_last": math.log1p(self.hours_since_last if self.hours_since_last is not None else 24 * 30),
+            "log_dwell_min": math.log1p(self.dwell_min), "log_user_purchases": math.log1p(self.user_purchases),
+            "user_buy_rate": self.user_buy_rate, "log_category_events": math.log1p(self.category_events),
+        }
+
+
+def funnel_features(events: Sequence[BehaviorEvent], item_id: str, as_of: datetime,
+                    catalog: Mapping[str, CatalogItem] | None = None) -> Funnel:
+    """Funnel counts for (user, item) from the user's events strictly before `as_of` (oldest first)."""
+    evs = [e for e in events if e.timestamp < as_of]
+    mine = [e for e in evs if e.item_id == item_id]
+    n = {t: sum(e.event_type == t for e in mine) for t in ("view", "click", "cart", "favourite", "remove_from_cart", "purchase")}
+    dwell = 0.0
+    for a, b in zip(evs, evs[1:], strict=False):
+        if a.item_id == item_id:
+            dwell += min(DWELL_CAP_MIN, (b.timestamp - a.timestamp).total_seconds() / 60)
+    touched = {e.item_id for e in evs}
+    bought = {e.item_id for e in evs if e.event_type == "purchase"}
+    cat = (catalog or {}).get(item_id)
+    cat_events = 0
+    if cat is not None and cat.category:
+        cat_events = sum(1 for e in evs if (c := (catalog or {}).get(e.item_id)) and c.category == cat.category)
+
+    def hrs(t: datetime) -> float:
+        return round((as_of - t).total_seconds() / 3600, 3)
+
+    return Funnel(
+        n_views=n["view"] + n["click"], n_carts=n["cart"], n_favs=n["favourite"], n_removes=n["remove_from_cart"],
+        n_purchases=n["purchase"], hours_since_last=hrs(mine[-1].timestamp) if mine else None,
+        hours_since_first=hrs(mine[0].timestamp) if mine else None, dwell_min=round(dwell, 3),
+        user_events=len(evs), user_purchases=sum(e.event_type == "purchase" for e in evs),
+        user_buy_rate=round(len(bought) / len(touched), 4) if touched else 0.0, category_events=cat_events,
+    )
+
+
+# ---- schemas ---------------------------------------------------------------------------------
+
+Stage = Literal["browsing", "considering", "ready_to_buy", "already_bought"]
+
+
+class IntentAnswer(Cited):
+    """The model's explanation: the funnel stage and a reason citing event references."""
+
+    stage: Stage
+    reason: str = Field(min_length=5, max_length=300)
+    evidence: list[str] = Field(min_length=1, max_length=4, description="event refs like E3")
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage(cls, v: object) -> object:
+        return normalise_label(v)
+
+
+class IntentPrediction(BaseModel):
+    user_id: str
+    item_id: str
+    dataset: str | None = None
+    as_of: str
+    horizon_hours: float = Field(gt=0)
+    probability: Probability
+    probability_source: Literal["blend", "baseline", "cold_start_base_rate"]
+    baseline_probability: Probability
+    model_probability: Probability | None = None
+    funnel: dict[str, Any]
+    stage: Stage | None = None
+    reason: str
+    reason_source: Literal["model", "fallback", "cold_start"]
+    evidence: list[Evidence] = Field(default_factory=list)
+    cold_start: bool = False
+    meta: Meta
+
+
+def _intent_history(user_id: str, evs: Sequence[BehaviorEvent], item_id: str,
+                    catalog: Mapping[str, CatalogItem], as_of: datetime, window: int) -> HistoryView:
+    """The item's last events plus the user's most recent ones, oldest first."""
+    item_ids = {id(e) for e in [e for e in evs if e.item_id == item_id][-(window // 2):]}
+    recent = {id(e) for e in evs[-(window - len(item_ids)):]} if window > len(item_ids) else set()
+    shown = [e for e in evs if id(e) in item_ids | recent]
+    hist = build_history(user_id, shown, catalog, window=len(shown), as_of=as_of)
+    hist.profile["n_events"] = len(evs)
+    return hist
+
+
+class IntentService:
+    """Purchase-intent predictions for (user, item) pairs."""
+
+    def __init__(self, model: ChatModel | None, baseline: LogisticBaseline | None = None, *,
+                 model_sha256: str | None = None, explain: bool = True, window: int = 16,
+                 prob_prompt: str = "purchase_intent.v1", explain_prompt: str = "purchase_intent_explain.v1"):
+        self.model, self.model_sha256, self.explain, self.window = model, model_sha256, explain, window
+        # hand-set prior, used only when no fitted baseline exists: carts and past buys dominate
+        self.baseline = baseline or LogisticBaseline(
+            INTENT_FEATURES, [0.2, 1.2, 0.4, 1.0, -0.5, 0.1, 0.3, 1.0, 0.05], -3.0, 0.05, "hand-set prior")
+        self.prob_prompt, self.explain_prompt = prob_prompt, explain_prompt
+
+    async def predict(self, user_id: str, item_id: str, events: Sequence[BehaviorEvent],
+                      catalog: Mapping[str, CatalogItem], *, as_of: datetime | None = None,
+                      horizon_hours: float = 48.0, dataset: str | None = None,
+                      item_base_rate: float | None = None) -> IntentPrediction:
+        """Predict whether `user_id` buys `item_id` within `horizon_hours` after `as_of`.
+
+        Args:
+            events: the user's events, oldest first; only those before `as_of` are used.
+            as_of: the cut-off (default: just after the last event).
+            item_base_rate: the item's popularity-based purchase rate, the cold-start answer.
+        """
+        t0, trace = time.perf_counter(), CallTrace()
+        as_of = as_of or ((events[-1].timestamp + timedelta(seconds=1)) if events else datetime.now().astimezone())
+        evs = [e for e in events if e.timestamp < as_of]
+        f = funnel_features(evs, item_id, as_of, catalog)
+        common = dict(user_id=user_id, item_id=item_id, dataset=dataset, as_of=as_of.isoformat(),
+                      horizon_hours=horizon_hours, funnel=asdict(f))
+        known = [e for e in evs if e.item_id in catalog]
+        if not known or (item_id not in catalog and f.n_views + f.n_carts + f.n_favs == 0):
+            rate = item_base_rate if item_base_rate is not None else self.baseline.base_rate
+            why = "no history" if not known else "unknown item"
+            trace.notes.append(f"cold start ({why}): popularity-based base rate, not a personal prediction")
+            return IntentPrediction(**common, probability=rate, probability_source="cold_start_base_rate",
+                                    baseline_probability=rate, reason=f"[cold start] {why}: the base purchase "
+                                    f"rate {rate:.1%} is shown instead of a personal probability.",
+                                    reason_source="cold_start", cold_start=True,
+                                    meta=make_meta("purchase_intent", self.model, trace, [], t0, self.model_sha256))
+        p_base = self.baseline.predict(f.vector())
+        hist = _intent_history(user_id, evs, item_id, catalog, as_of, self.window)
+        title = catalog[item_id].title if item_id in catalog else f"item {item_id}"
+        prompts: list[str] = []
+        p_model: float | None = None
+        stage, reason, refs, source = None, "", [], "fallback"
+        if self.model is None:
+            trace.degraded.append("no model configured: baseline probability, template reason")
+        else:
+            variables = dict(item_title=title, f=asdict(f), horizon_hours=f"{horizon_hours:g}", **hist.prompt_vars())
+            try:
+                tpl = load_prompt(self.prob_prompt)
+                prompts.append(tpl.ref)
+                p_model = await ask_yes_no(self.model, render(tpl, **variables), trace)
+                if self.explain:
+                    etpl = load_prompt(self.explain_prompt)
+                    prompts.append(etpl.ref)
+                    ans = await self._explain(etpl, variables, hist, trace)
+                    stage, reason, refs, source = ans.stage, ans.reason, ans.evidence, "model"
+            except ModelUnavailableError as e:
+                trace.degraded.append(f"model unavailable ({e}); baseline probability")
+            except OutputValidationError as e:
+                trace.degraded.append(f"explanation invalid after {e.attempts} attempts: {e.errors[:2]}")
+        if source == "fallback":
+            reason, refs = fallback_intent_reason(f, hist, item_id)
+        blend = self.baseline.blend or Blend()
+        return IntentPrediction(
+            **common, probability=round(blend(p_base, p_model), 6),
+            probability_source="blend" if p_model is not None else "baseline",
+            baseline_probability=round(p_base, 6), model_probability=None if p_model is None else round(p_model, 6),
+            stage=stage, reason=reason, reason_source=source, evidence=evidence_from_refs(hist, refs),
+            meta=make_meta("purchase_intent", self.model, trace, prompts, t0, self.model_sha256))
+
+    async def _explain(self, tpl: PromptTemplate, variables: dict[str, Any], hist: HistoryView,
+                       trace: CallTrace) -> IntentAnswer:
+        assert self.model is not None
+        schema = IntentAnswer.model_json_schema()
+        schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
+        return await structured_call(self.model, render(tpl, **variables), IntentAnswer, json_schema=schema,
+                                     context={"refs": set(hist.refs)}, max_tokens=160, trace=trace)
+
+
+def fallback_intent_reason(f: Funnel, hist: HistoryView, item_id: str) -> tuple[str, list[str]]:
+    """A truthful template reason citing the item's most telling events (carts first)."""
+    order = {"purchase": 0, "cart": 1, "favourite": 2, "view": 3, "click": 3}
+    lines = sorted((x for x in hist.lines if x.event.item_id == item_id),
+                   key=lambda x: (order.get(x.event.event_type, 9), -int(x.ref[1:])))
+    refs = [x.ref for x in lines[:3]]
+    return (f"[template] {f.n_views} views, {f.n_carts} carts, {f.n_favs} favourites and "
+            f"{f.n_purchases} past purchases of this item", refs)

@@ -1,0 +1,240 @@
+"""Service entry points for purchase intent, churn, user profile and audience targeting.
+
+Beside `agent.service.ShopLensService` (next-item): resolves the dataset and user, fits or loads
+each task's baseline (cached as JSON under ``<workspace>/tasks/``), and runs the task pipeline.
+Also holds the labelled-row builders the baselines are trained on, shared with the eval harness.
+An unknown user is answered with an explicit cold-start prediction (the note names close ids).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+
+from agent.audience import AudienceIndex, AudiencePrediction, AudienceService, rank_users
+from agent.churn import RFM_FEATURES, ChurnPrediction, ChurnService, rfm_vector
+from agent.intent import (
+    INTENT_FEATURES,
+    Funnel,
+    IntentPrediction,
+    IntentService,
+    LogisticBaseline,
+    funnel_features,
+)
+from agent.profile import ProfileService, UserFeatures, UserProfile, catalogue_prices, user_features
+from agent.runtime import Runtime
+from agent.schemas import BehaviorEvent, CatalogItem
+from agent.service import RequestError, ShopLensService
+from agent.store import EventStore, UnknownUserError
+
+log = logging.getLogger(__name__)
+
+INTENT_LOOKBACK_H = 72.0  # candidate pairs: items the user touched in the 72 h before the cut-off
+
+
+def iter_user_events(store: EventStore, dataset: str) -> Iterator[tuple[str, list[BehaviorEvent]]]:
+    """(user id, events oldest first) for every user of a dataset."""
+    cur: str | None = None
+    buf: list[BehaviorEvent] = []
+    for e in store.iter_events(dataset):
+        if e.user_id != cur:
+            if cur is not None:
+                yield cur, buf
+            cur, buf = e.user_id, []
+        buf.append(e)
+    if cur is not None:
+        yield cur, buf
+
+
+@dataclass
+class IntentRow:
+    user_id: str
+    item_id: str
+    funnel: Funnel
+    label: int  # 1: bought the item within the horizon after the cut-off
+
+
+def intent_rows(store: EventStore, dataset: str, cutoff: datetime, horizon_h: float,
+                catalog: dict[str, CatalogItem], lookback_h: float = INTENT_LOOKBACK_H) -> list[IntentRow]:
+    """Labelled (user, item) pairs: items viewed/clicked/carted/favourited in the `lookback_h`
+    before `cutoff`; features from events strictly before `cutoff`, label from
+    [cutoff, cutoff + horizon_h). No event at or after the cut-off reaches the features."""
+    start, end = cutoff - timedelta(hours=lookback_h), cutoff + timedelta(hours=horizon_h)
+    rows = []
+    for uid, evs in iter_user_events(store, dataset):
+        before = [e for e in evs if e.timestamp < cutoff]
+        bought = {e.item_id for e in evs if cutoff <= e.timestamp < end and e.event_type == "purchase"}
+        touched = dict.fromkeys(e.item_id for e in before if e.timestamp >= start
+                                and e.event_type in ("view", "click", "cart", "favourite"))
+        for item in touched:
+            rows.append(IntentRow(uid, item, funnel_features(before, item, cutoff, catalog), int(item in bought)))
+    return rows
+
+
+@dataclass
+class ChurnRow:
+    user_id: str
+    features: UserFeatures
+    label: int  # 1: no purchase within the horizon after as_of (churned)
+
+
+def churn_rows(store: EventStore, dataset: str, as_of: datetime, horizon_days: int,
+               catalog: dict[str, CatalogItem]) -> list[ChurnRow]:
+    """Users with at least one purchase before `as_of`; label = no purchase in the next N days."""
+    end = as_of + timedelta(days=horizon_days)
+    prices = catalogue_prices(catalog)
+    rows = []
+    for uid, evs in iter_user_events(store, dataset):
+        before = [e for e in evs if e.timestamp < as_of and e.item_id in catalog]
+        if not any(e.event_type == "purchase" for e in before):
+            continue
+        again = any(as_of <= e.timestamp < end and e.event_type == "purchase" for e in evs)
+        rows.append(ChurnRow(uid, user_features(before, catalog, as_of, catalogue_prices=prices), int(not again)))
+    return rows
+
+
+def fit_intent_baseline(rows: list[IntentRow], trained_on: str) -> LogisticBaseline:
+    return LogisticBaseline.fit([r.funnel.vector() for r in rows], [r.label for r in rows], INTENT_FEATURES, trained_on)
+
+
+def fit_churn_baseline(rows: list[ChurnRow], trained_on: str) -> LogisticBaseline:
+    return LogisticBaseline.fit([rfm_vector(r.features) for r in rows], [r.label for r in rows], RFM_FEATURES, trained_on)
+
+
+def robust_end(store: EventStore, dataset: str) -> datetime:
+    """The dataset's last timestamp, ignoring the top 0.5% (Taobao has a few stray future rows)."""
+    ts = sorted(e.timestamp for e in store.iter_events(dataset))
+    if not ts:
+        raise RequestError(f"dataset {dataset!r} has no events", param="dataset")
+    return ts[min(len(ts) - 1, int(len(ts) * 0.995))]
+
+
+class TasksService(ShopLensService):
+    """Intent, churn, profile and audience over one `Runtime` (shares `ShopLensService`'s
+    model handling and history resolution)."""
+
+    def __init__(self, runtime: Runtime, *, use_model: bool = True, explain: bool = True):
+        super().__init__(runtime, use_model=use_model)
+        self.explain = explain
+        self._catalogs: dict[str, dict[str, CatalogItem]] = {}
+        self._audience: dict[str, AudienceIndex] = {}
+
+    def _dataset(self, dataset: str) -> dict[str, CatalogItem]:
+        if dataset not in self._catalogs:
+            if dataset not in self.runtime.store.datasets():
+                raise RequestError(f"unknown dataset {dataset!r}; ingested: {self.runtime.store.datasets()}",
+                                   param="dataset")
+            self._catalogs[dataset] = self.runtime.store.items(dataset)
+        return self._catalogs[dataset]
+
+    def _events(self, dataset: str, user_id: str, notes: list[str]) -> list[BehaviorEvent]:
+        try:
+            return self.runtime.store.user_events(dataset, user_id)
+        except UnknownUserError as e:
+            notes.append(f"user {user_id!r} is not in {dataset!r}"
+                         + (f" (did you mean {', '.join(e.suggestions)}?)" if e.suggestions else ""))
+            return []
+
+    def baseline_path(self, task: str, dataset: str) -> Path:
+        return self.runtime.workspace / "tasks" / f"{task}-{dataset}.json"
+
+    def intent_baseline(self, dataset: str, horizon_h: float = 48.0) -> LogisticBaseline:
+        """Load the cached baseline, or fit it at cut-off = dataset end - horizon and cache it."""
+        path = self.baseline_path("intent", dataset)
+        if path.exists():
+            return LogisticBaseline.load(path)
+        cutoff = robust_end(self.runtime.store, dataset) - timedelta(hours=horizon_h)
+        rows = intent_rows(self.runtime.store, dataset, cutoff, horizon_h, self._dataset(dataset))
+        bl = fit_intent_baseline(rows, f"{dataset} pairs at {cutoff:%Y-%m-%d %H:%M}, horizon {horizon_h:g} h")
+        bl.save(path)
+        return bl
+
+    def churn_baseline(self, dataset: str, horizon_days: int = 90) -> LogisticBaseline:
+        path = self.baseline_path("churn", dataset)
+        if path.exists():
+            return LogisticBaseline.load(path)
+        as_of = robust_end(self.runtime.store, dataset) - timedelta(days=2 * horizon_days)
+        rows = churn_rows(self.runtime.store, dataset, as_of, horizon_days, self._dataset(dataset))
+        bl = fit_churn_baseline(rows, f"{dataset} users at {as_of:%Y-%m-%d}, horizon {horizon_days} d")
+        bl.save(path)
+        return bl
+
+    async def intent(self, dataset: str, user_id: str, item_id: str, *, as_of: datetime | None = None,
+                     horizon_hours: float = 48.0) -> IntentPrediction:
+        catalog = self._dataset(dataset)
+        notes: list[str] = []
+        events = self._events(dataset, user_id, notes)
+        model, why = await self.model_or_none()
+        bl = self.intent_baseline(dataset, horizon_hours)
+        svc = IntentService(model, bl, model_sha256=self.runtime.model_sha256, explain=self.explain)
+        pred = await svc.predict(user_id, item_id, events, catalog, as_of=as_of, horizon_hours=horizon_hours,
+                                 dataset=dataset)
+        return _finish(pred, notes, why, self.use_model)
+
+    async def churn(self, dataset: str, user_id: str, *, as_of: datetime, horizon_days: int = 90) -> ChurnPrediction:
+        catalog = self._dataset(dataset)
+        notes: list[str] = []
+        events = self._events(dataset, user_id, notes)
+        model, why = await self.model_or_none()
+        svc = ChurnService(model, self.churn_baseline(dataset), model_sha256=self.runtime.model_sha256,
+                           explain=self.explain)
+        pred = await svc.predict(user_id, events, catalog, as_of=as_of, horizon_days=horizon_days, dataset=dataset,
+                                 prices=catalogue_prices(catalog))
+        return _finish(pred, notes, why, self.use_model)
+
+    async def profile(self, dataset: str, user_id: str, *, as_of: datetime | None = None) -> UserProfile:
+        catalog = self._dataset(dataset)
+        notes: list[str] = []
+        events = self._events(dataset, user_id, notes)
+        model, why = await self.model_or_none()
+        pred = await ProfileService(model, model_sha256=self.runtime.model_sha256).predict(
+            user_id, events, catalog, as_of=as_of, dataset=dataset)
+        return _finish(pred, notes, why, self.use_model)
+
+    def audience_index(self, dataset: str) -> AudienceIndex:
+        """Reuses the dataset's artifacts (item/user FAISS indexes, co-visitation); adds buyers."""
+        if dataset not in self._audience:
+            arts = self.runtime.artifacts(dataset)
+            buyers: dict[str, dict[str, float]] = defaultdict(dict)
+            activity: dict[str, float] = defaultdict(float)
+            purchases = [e for e in self.runtime.store.iter_events(dataset) if e.event_type == "purchase"]
+            last = max((e.timestamp for e in purchases), default=None)
+            for e in purchases:
+                w = 0.5 ** ((last - e.timestamp).total_seconds() / 86_400 / 90.0) if last else 1.0
+                buyers[e.item_id][e.user_id] = buyers[e.item_id].get(e.user_id, 0.0) + w
+                activity[e.user_id] += w
+            self._audience[dataset] = AudienceIndex(arts.catalog, arts.item_index, arts.user_index, arts.covisit,
+                                                    dict(buyers), dict(activity), None)
+        return self._audience[dataset]
+
+    async def audience(self, dataset: str, *, item_id: str | None = None, campaign_text: str | None = None,
+                       n: int = 50, score_top: int = 3) -> AudiencePrediction:
+        if not item_id and not campaign_text:
+            raise RequestError("give an item id or a campaign text", param="item")
+        self._dataset(dataset)
+        idx = self.audience_index(dataset)
+        query = self.runtime.embedder.embed([campaign_text])[0] if campaign_text and not item_id else None
+        model, why = await self.model_or_none()
+        svc = AudienceService(model, model_sha256=self.runtime.model_sha256, score_top=score_top if model else 0)
+        ranked_ids = [u for u, _, _ in rank_users(idx, item_id, query, n=score_top)] if model and score_top else []
+        user_events = {u: self.runtime.store.user_events(dataset, u) for u in ranked_ids}
+        pred = await svc.predict(idx, item_id=item_id, campaign_text=campaign_text, query=query, n=n,
+                                 dataset=dataset, user_events=user_events)
+        return _finish(pred, [], why, self.use_model)
+
+
+P = TypeVar("P", IntentPrediction, ChurnPrediction, UserProfile, AudiencePrediction)
+
+
+def _finish(pred: P, notes: list[str], why: str | None, use_model: bool) -> P:
+    """Add service notes, and mark the answer degraded when the model was wanted but missing."""
+    pred.meta.notes.extend(notes)
+    if why and use_model:
+        pred.meta.degraded = True
+        pred.meta.degraded_reason = f"model unavailable ({why}); " + (pred.meta.degraded_reason or "")
+    return pred

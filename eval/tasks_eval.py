@@ -1,0 +1,395 @@
+"""Offline evals for purchase intent (Taobao), churn (Online Retail) and audience targeting
+(Online Retail, held-out last month). Each writes ``runs/<ts>-<task>/``: config.json (prompt ref +
+sha, model id, seed), cases.jsonl (per-case raw responses; an interrupted run resumes from it),
+metrics.json and report.md with a calibration plot.
+
+Protocols (no leakage: features only from events strictly before the cut-off):
+
+* intent: (user, item) pairs the user viewed/carted/favourited in the 72 h before the cut-off;
+  label = bought within 48 h after it. Train cut-off 2017-11-30 00:00 China time (the baseline's
+  logistic regression), test cut-off 2017-12-02 00:00 (the last two days are the label period).
+* churn: users with >= 1 purchase before the as-of date; label = no purchase in the next 90
+  days. RFM baseline trained at 2011-06-01, tested at 2011-09-01.
+* audience: month 2011-11-09 .. 2011-12-09 held out; indexes built on earlier events only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.audience import AudienceIndex, category_popularity_baseline, rank_users
+from agent.churn import ChurnService, rfm_vector
+from agent.intent import Blend, IntentService, LogisticBaseline, logit
+from agent.profile import catalogue_prices
+from agent.prompting import load_prompt
+from agent.runtime import Runtime
+from agent.settings import PROJECT_ROOT, Settings
+from agent.tasks_service import churn_rows, fit_churn_baseline, fit_intent_baseline, intent_rows
+from eval.metrics import hit_rate_at_k, ndcg_at_k, recall_at_k
+
+log = logging.getLogger(__name__)
+CHINA = timezone(timedelta(hours=8))
+INTENT_TRAIN_CUTOFF = datetime(2017, 11, 30, tzinfo=CHINA)
+INTENT_TEST_CUTOFF = datetime(2017, 12, 2, tzinfo=CHINA)
+INTENT_HORIZON_H = 48.0
+CHURN_TRAIN_AS_OF = datetime(2011, 6, 1, tzinfo=UTC)
+CHURN_TEST_AS_OF = datetime(2011, 9, 1, tzinfo=UTC)
+AUDIENCE_MONTH = (datetime(2011, 11, 9, tzinfo=UTC), datetime(2011, 12, 10, tzinfo=UTC))
+
+# ---- metrics (plain functions) ---------------------------------------------------------------
+
+
+def brier_score(y: Sequence[int], p: Sequence[float]) -> float:
+    """Mean squared error of probabilities against 0/1 outcomes (Brier, 1950); lower is better."""
+    if len(y) != len(p) or not y:
+        raise ValueError("y and p must be non-empty and of equal length")
+    return float(sum((pi - yi) ** 2 for yi, pi in zip(y, p, strict=True)) / len(y))
+
+
+def roc_auc(y: Sequence[int], p: Sequence[float]) -> float | None:
+    """ROC AUC (None when only one class is present)."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if len(set(y)) == 2 else None
+
+
+def pr_auc(y: Sequence[int], p: Sequence[float]) -> float | None:
+    """Average precision (area under the precision-recall curve); None without positives."""
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(y, p)) if sum(y) else None
+
+
+def calibration_bins(y: Sequence[int], p: Sequence[float], n_bins: int = 10) -> list[dict[str, float]]:
+    """Equal-width bins over [0, 1]: mean predicted, observed rate and count per non-empty bin."""
+    bins: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for yi, pi in zip(y, p, strict=True):
+        bins[min(n_bins - 1, int(pi * n_bins))].append((yi, pi))
+    return [{"bin": b, "mean_p": sum(x[1] for x in v) / len(v), "rate": sum(x[0] for x in v) / len(v),
+             "n": len(v)} for b, v in sorted(bins.items())]
+
+
+def expected_calibration_error(y: Sequence[int], p: Sequence[float], n_bins: int = 10) -> float:
+    """Count-weighted mean |observed rate - mean predicted| over the bins."""
+    return float(sum(b["n"] * abs(b["rate"] - b["mean_p"]) for b in calibration_bins(y, p, n_bins)) / len(y))
+
+
+def binary_metrics(y: Sequence[int], p: Sequence[float]) -> dict[str, Any]:
+    return {"n": len(y), "positives": int(sum(y)), "roc_auc": roc_auc(y, p), "pr_auc": pr_auc(y, p),
+            "brier": brier_score(y, p), "ece": expected_calibration_error(y, p)}
+
+
+def cross_fit_blend(y: Sequence[int], p_base: Sequence[float], p_model: Sequence[float], seed: int = 0) -> tuple[list[float], Blend]:
+    """2-fold cross-fitted stacker: logistic regression on [logit p_base, logit p_model]; each half
+    is predicted by the fit on the other half. Returns the out-of-fold probabilities and the blend
+    fitted on all cases (what the service then uses)."""
+    from sklearn.linear_model import LogisticRegression
+
+    X = np.array([[logit(a), logit(b)] for a, b in zip(p_base, p_model, strict=True)])
+    yy = np.array(y)
+    folds = np.array([random.Random(seed + i).random() < 0.5 for i in range(len(y))])
+    out = np.zeros(len(y))
+    for f in (True, False):
+        tr, te = folds != f, folds == f
+        if te.sum() == 0 or len(set(yy[tr])) < 2:
+            out[te] = np.array(p_base)[te]
+            continue
+        out[te] = LogisticRegression(C=1.0).fit(X[tr], yy[tr]).predict_proba(X[te])[:, 1]
+    full = LogisticRegression(C=1.0).fit(X, yy) if len(set(y)) == 2 else None
+    blend = Blend(float(full.coef_[0][0]), float(full.coef_[0][1]), float(full.intercept_[0])) if full else Blend()
+    return [float(x) for x in out], blend
+
+
+# ---- run folders ---------------------------------------------------------------------------------
+
+
+def _run_dir(task: str, out: Path | None) -> Path:
+    d = out or PROJECT_ROOT / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{task}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _done_cases(d: Path) -> dict[str, dict[str, Any]]:
+    path = d / "cases.jsonl"
+    if not path.exists():
+        return {}
+    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return {r["case_id"]: r for r in recs}
+
+
+def _plot_calibration(path: Path, series: dict[str, tuple[Sequence[int], Sequence[float]]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k:", label="perfect")
+    for name, (y, p) in series.items():
+        bins = calibration_bins(y, p)
+        ax.plot([b["mean_p"] for b in bins], [b["rate"] for b in bins], "o-", label=name)
+    ax.set(xlabel="predicted probability", ylabel="observed rate", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _table(rows: dict[str, dict[str, Any]]) -> str:
+    cols = ["n", "positives", "roc_auc", "pr_auc", "brier", "ece"]
+    lines = ["| scorer | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name, m in rows.items():
+        cells = [f"{m[c]:.4f}" if isinstance(m.get(c), float) else str(m.get(c)) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _prompt_refs(refs: Sequence[str]) -> dict[str, str]:
+    return {r: load_prompt(r).sha256 for r in refs}
+
+
+def _write(d: Path, config: dict[str, Any], metrics: dict[str, Any], report: str) -> Path:
+    (d / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    (d / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    (d / "report.md").write_text(report)
+    return d
+
+
+def _sample(rows: list[Any], n: int, seed: int, pos_share: float | None) -> list[int]:
+    """Indices of a seeded sample; with `pos_share`, positives are oversampled to that share."""
+    rng = random.Random(seed)
+    idx = list(range(len(rows)))
+    if pos_share is None:
+        return rng.sample(idx, min(n, len(idx)))  # random order: a partial run is a random subset
+    pos = [i for i in idx if rows[i].label == 1]
+    neg = [i for i in idx if rows[i].label == 0]
+    k = min(len(pos), int(n * pos_share))
+    pick = rng.sample(pos, k) + rng.sample(neg, min(len(neg), n - k))
+    rng.shuffle(pick)
+    return pick
+
+
+async def _model_cases(d: Path, rt: Runtime, todo: list[tuple[str, Any]], predict: Any, n_explain: int,
+                       budget_s: float | None = None) -> None:
+    """Run `predict(model, case, explain)` for cases not yet in cases.jsonl, appending each;
+    stops starting new cases after `budget_s` seconds (a later call resumes)."""
+    done = _done_cases(d)
+    if budget_s == 0 or all(cid in done for cid, _ in todo):
+        return  # re-score from the recorded cases: no model needed
+    model = await rt.model()
+    start = time.perf_counter()
+    with (d / "cases.jsonl").open("a") as fh:
+        for k, (cid, case) in enumerate(todo):
+            if cid in done:
+                continue
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                log.warning("time budget spent: %d of %d cases left for a later resume", len(todo) - k, len(todo))
+                break
+            t0 = time.perf_counter()
+            try:
+                rec = await predict(model, case, k < n_explain)
+            except Exception as e:  # one bad case never aborts the run
+                rec = {"error": f"{type(e).__name__}: {e}"}
+            rec.update(case_id=cid, seconds=round(time.perf_counter() - t0, 3))
+            fh.write(json.dumps(rec, default=str) + "\n")
+            fh.flush()
+            log.info("case %d/%d %s %.1fs", k + 1, len(todo), cid, rec["seconds"])
+
+
+def _model_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in recs if "error" not in r]
+    expl = [r for r in ok if r.get("explained")]
+    return {"cases": len(recs), "errors": len(recs) - len(ok),
+            "verbalizer_valid_rate": sum(r.get("p_model") is not None for r in ok) / max(1, len(recs)),
+            "explained": len(expl), "explanation_valid_rate": sum(r.get("reason_source") == "model" for r in expl) / max(1, len(expl)),
+            "seconds_per_case": sum(r["seconds"] for r in ok) / max(1, len(ok))}
+
+
+async def _binary_eval(task: str, settings: Settings, rows: list[Any], base: LogisticBaseline, vec: Any,
+                       n_model: int, seed: int, out: Path | None, predict: Any, pos_share: float | None,
+                       prompts: list[str], extra_config: dict[str, Any], n_explain: int,
+                       budget_s: float | None = None) -> Path:
+    d = _run_dir(task, out)
+    y = [r.label for r in rows]
+    pb = [base.predict(vec(r)) for r in rows]
+    metrics: dict[str, Any] = {"baseline_all": binary_metrics(y, pb)}
+    series = {"baseline (all)": (y, pb)}
+    rt = Runtime(settings)
+    config = {"task": task, "seed": seed, "n_model": n_model, "baseline": base.__dict__ | {"blend": None},
+              "prompts": _prompt_refs(prompts), **extra_config}
+    try:
+        if n_model:
+            pick = _sample(rows, n_model, seed, pos_share)
+            await _model_cases(d, rt, [(f"{rows[i].user_id}|{getattr(rows[i], 'item_id', '')}", rows[i]) for i in pick],
+                               predict, n_explain, budget_s)
+            recs = list(_done_cases(d).values())
+            metas = [r["meta"] for r in recs if "meta" in r]
+            config.update(model_id=metas[0]["model_id"] if metas else None, model_sha256=rt.model_sha256)
+            metrics["partial"] = f"{len(recs)} of {len(pick)} sampled cases scored" if len(recs) < len(pick) else None
+            ok = [r for r in recs if r.get("p_model") is not None]
+            ys, bs, ms = [r["label"] for r in ok], [r["p_base"] for r in ok], [r["p_model"] for r in ok]
+            fused_default = [Blend()(a, b) for a, b in zip(bs, ms, strict=True)]
+            cross, fitted = cross_fit_blend(ys, bs, ms, seed)
+            metrics.update({"sample_baseline": binary_metrics(ys, bs), "sample_model_verbalizer": binary_metrics(ys, ms),
+                            "sample_blend_default": binary_metrics(ys, fused_default),
+                            "sample_blend_crossfit": binary_metrics(ys, cross), "fitted_blend": fitted.__dict__,
+                            "model": _model_summary(recs)})
+            series.update({"baseline (sample)": (ys, bs), "model verbalizer": (ys, ms), "blend (cross-fit)": (ys, cross)})
+            base.blend = fitted
+            base.save(d / f"baseline-{task}.json")
+    finally:
+        await rt.aclose()
+    _plot_calibration(d / "calibration.png", series, task)
+    rows_t = {k: v for k, v in metrics.items() if isinstance(v, dict) and "brier" in v}
+    report = (f"# {task} eval\n\nConfig: `{json.dumps({k: config[k] for k in config if k != 'baseline'}, default=str)}`\n\n"
+              + _table(rows_t) + "\n\n" + (f"Model: `{json.dumps(metrics.get('model'))}`\n\n" if "model" in metrics else "")
+              + "![calibration](calibration.png)\n")
+    return _write(d, config, metrics, report)
+
+
+# ---- tasks -------------------------------------------------------------------------------------
+
+
+def run_intent_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, out: Path | None = None,
+                    n_explain: int = 10, budget_s: float | None = None) -> Path:
+    rt = Runtime(settings)
+    store, ds = rt.store, "taobao"
+    catalog = store.items(ds)
+    train = intent_rows(store, ds, INTENT_TRAIN_CUTOFF, INTENT_HORIZON_H, catalog)
+    test = intent_rows(store, ds, INTENT_TEST_CUTOFF, INTENT_HORIZON_H, catalog)
+    base = fit_intent_baseline(train, f"taobao pairs at {INTENT_TRAIN_CUTOFF:%Y-%m-%d} (China time), 48 h")
+    cut = INTENT_TEST_CUTOFF
+
+    async def predict(model: Any, r: Any, explain: bool) -> dict[str, Any]:
+        evs = store.user_events(ds, r.user_id, before=cut)
+        p = await IntentService(model, base, explain=explain).predict(r.user_id, r.item_id, evs, catalog, as_of=cut,
+                                                                      horizon_hours=INTENT_HORIZON_H, dataset=ds)
+        return {"label": r.label, "p_base": p.baseline_probability, "p_model": p.model_probability,
+                "p_final": p.probability, "explained": explain, "stage": p.stage, "reason": p.reason,
+                "reason_source": p.reason_source, "evidence": [e.event_id for e in p.evidence],
+                "meta": p.meta.model_dump(mode="json")}
+
+    return asyncio.run(_binary_eval(
+        "intent", settings, test, base, lambda r: r.funnel.vector(), n_model, seed, out, predict, 1 / 3,
+        ["purchase_intent.v1", "purchase_intent_explain.v1"],
+        {"dataset": ds, "train_cutoff": INTENT_TRAIN_CUTOFF, "test_cutoff": cut, "horizon_h": INTENT_HORIZON_H,
+         "n_train": len(train), "train_positives": sum(r.label for r in train), "n_test": len(test),
+         "test_positives": sum(r.label for r in test), "sample": "positives oversampled to 1/3"}, n_explain, budget_s))
+
+
+def run_churn_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, out: Path | None = None,
+                   n_explain: int = 10, budget_s: float | None = None) -> Path:
+    rt = Runtime(settings)
+    store, ds = rt.store, "online-retail"
+    catalog = store.items(ds)
+    prices = catalogue_prices(catalog)
+    train = churn_rows(store, ds, CHURN_TRAIN_AS_OF, 90, catalog)
+    test = churn_rows(store, ds, CHURN_TEST_AS_OF, 90, catalog)
+    base = fit_churn_baseline(train, f"online-retail users at {CHURN_TRAIN_AS_OF:%Y-%m-%d}, 90 d")
+    as_of = CHURN_TEST_AS_OF
+
+    async def predict(model: Any, r: Any, explain: bool) -> dict[str, Any]:
+        evs = store.user_events(ds, r.user_id, before=as_of)
+        p = await ChurnService(model, base, explain=explain).predict(r.user_id, evs, catalog, as_of=as_of,
+                                                                     dataset=ds, prices=prices)
+        return {"label": r.label, "p_base": p.baseline_probability, "p_model": p.model_probability,
+                "p_final": p.probability, "explained": explain, "risk_band": p.risk_band, "action": p.action,
+                "reason": p.reason, "reason_source": p.reason_source, "evidence": [e.event_id for e in p.evidence],
+                "meta": p.meta.model_dump(mode="json")}
+
+    return asyncio.run(_binary_eval(
+        "churn", settings, test, base, lambda r: rfm_vector(r.features), n_model, seed, out, predict, None,
+        ["churn_risk.v1", "churn_explain.v1"],
+        {"dataset": ds, "train_as_of": CHURN_TRAIN_AS_OF, "test_as_of": as_of, "horizon_days": 90,
+         "n_train": len(train), "train_churn_rate": sum(r.label for r in train) / len(train),
+         "n_test": len(test), "test_churn_rate": sum(r.label for r in test) / len(test)}, n_explain, budget_s))
+
+
+def _month_buyers(events: Sequence[Any], start: datetime, end: datetime) -> dict[str, set[str]]:
+    month: dict[str, set[str]] = defaultdict(set)
+    for e in events:
+        if e.event_type == "purchase" and start <= e.timestamp < end:
+            month[e.item_id].add(e.user_id)
+    return month
+
+
+def _tune_weights(idx: AudienceIndex, month: dict[str, set[str]], items: list[str], n: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Grid over fusion weights (each of 0, 1, 2, 4), best mean NDCG@n on a validation month."""
+    grid = [dict(zip(("repeat", "co_purchase", "similar_users"), w, strict=True))
+            for w in itertools.product((0, 1, 2, 4), repeat=3) if any(w)]
+    scores = []
+    for w in grid:
+        vals = [ndcg_at_k([u for u, _, _ in rank_users(idx, i, n=n, weights=w)], month[i], n) for i in items]
+        scores.append((float(np.mean(vals)), w))
+    best = max(scores, key=lambda x: x[0])
+    return best[1], {"validation_items": len(items), "best_val_ndcg": round(best[0], 4), "weights": best[1]}
+
+
+def run_audience_eval(settings: Settings, *, n_items: int = 30, n: int = 50, out: Path | None = None,
+                      tune: bool = True) -> Path:
+    """Retrieval-only (the model scores only the top few in the service; not evaluated here)."""
+    d = _run_dir("audience", out)
+    rt = Runtime(settings)
+    ds = "online-retail"
+    start, end = AUDIENCE_MONTH
+    catalog = rt.store.items(ds)
+    item_index = rt.artifacts(ds).item_index  # content only (titles); behaviour comes from before `start`
+    t0 = time.perf_counter()
+    events = list(rt.store.iter_events(ds))
+    idx = AudienceIndex.build(events, catalog, item_index, cutoff=start)
+    purchases = [(e.user_id, e.item_id) for e in events if e.event_type == "purchase" and e.timestamp < start]
+    month = _month_buyers(events, start, end)
+    top = [i for i, _ in Counter({i: len(u) for i, u in month.items()}).most_common(n_items)]
+    tuned, val_info = None, {}
+    if tune:  # fusion weights picked on the month before, with an index built before that month
+        v_start = start - timedelta(days=31)
+        v_idx = AudienceIndex.build(events, catalog, item_index, cutoff=v_start)
+        v_month = _month_buyers(events, v_start, start)
+        v_top = [i for i, _ in Counter({i: len(u) for i, u in v_month.items()}).most_common(n_items)]
+        tuned, val_info = _tune_weights(v_idx, v_month, v_top, n)
+    build_s = time.perf_counter() - t0
+    scorers = {"fused (weights before tuning: 0.4/0.35/0.25)": {"repeat": 0.4, "co_purchase": 0.35, "similar_users": 0.25}, "repeat only": {"repeat": 1.0},
+               "co_purchase only": {"co_purchase": 1.0}, "similar_users only": {"similar_users": 1.0}}
+    if tuned:
+        scorers["fused (weights tuned on the previous month)"] = tuned
+    res: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    with (d / "cases.jsonl").open("w") as fh:
+        for item in top:
+            rel = month[item]
+            new = rel - set(idx.buyers.get(item, {}))
+            lists = {name: [u for u, _, _ in rank_users(idx, item, n=n, weights=w)] for name, w in scorers.items()}
+            lists["category popularity (baseline)"] = category_popularity_baseline(purchases, catalog, item, n=n)
+            for name, ranked in lists.items():
+                for tag, r in (("all", rel), ("new", new)):
+                    if not r:
+                        continue
+                    res[name][f"HR@{n} {tag}"].append(hit_rate_at_k(ranked, r, n))
+                    res[name][f"Recall@{n} {tag}"].append(recall_at_k(ranked, r, n))
+                    res[name][f"NDCG@{n} {tag}"].append(ndcg_at_k(ranked, r, n))
+            fh.write(json.dumps({"case_id": item, "title": idx.title(item), "n_buyers": len(rel), "n_new": len(new),
+                                 "ranked": lists}) + "\n")
+    metrics = {name: {k: round(float(np.mean(v)), 4) for k, v in m.items()} for name, m in res.items()}
+    metrics["_info"] = {"items": len(top), "n": n, "build_seconds": round(build_s, 1), "tuning": val_info,
+                        "seconds_per_item": round((time.perf_counter() - t0 - build_s) / max(1, len(top)), 3)}
+    config = {"task": "audience", "dataset": ds, "held_out": [start, end], "n_items": n_items, "n": n,
+              "item_index": item_index.manifest.__dict__, "note": "user index, co-visitation and buyers from events "
+              "before the month only; item vectors are title embeddings"}
+    keys = [f"HR@{n} all", f"Recall@{n} all", f"NDCG@{n} all", f"Recall@{n} new", f"NDCG@{n} new"]
+    lines = ["| ranker | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    lines += [f"| {k} | " + " | ".join(f"{v.get(c, float('nan')):.4f}" for c in keys) + " |"
+              for k, v in metrics.items() if not k.startswith("_")]
+    report = (f"# audience eval\n\nHeld-out {start:%Y-%m-%d}..{end:%Y-%m-%d}, {len(top)} most-bought items; "
+              "'new' = month buyers who had not bought the item before.\n\n" + "\n".join(lines) + "\n")
+    return _write(d, config, metrics, report)

@@ -1,0 +1,164 @@
+"""`shoplens intent | churn | profile | audience` and their evals (thin: flags in, service out).
+
+`register(app)` adds the four task commands to a Typer app; `eval_intent_cmd`,
+`eval_churn_cmd` and `eval_audience_cmd` are plain functions to mount under `shoplens eval`.
+JSON goes to stdout, notes to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+
+from agent.runtime import Runtime
+from agent.schemas import parse_timestamp
+from agent.service import RequestError
+from agent.settings import load_settings
+from agent.tasks_service import TasksService
+
+Workspace = Annotated[Path | None, typer.Option(help="workspace folder (default ./var; env SHOPLENS_WORKSPACE)")]
+NoLLM = Annotated[bool, typer.Option("--no-llm", help="answer without the model (baseline + template reasons)")]
+
+
+def _date(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def _run(workspace: Path | None, no_llm: bool, call: Any) -> None:
+    """Build the runtime, run `call(service)`, print JSON; caller mistakes exit 2."""
+    rt = Runtime(load_settings(workspace=workspace))
+    svc = TasksService(rt, use_model=not no_llm)
+
+    async def go() -> BaseModel:
+        try:
+            return await call(svc)
+        finally:
+            await rt.aclose()
+
+    try:
+        pred = asyncio.run(go())
+    except RequestError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    if pred.meta.degraded:
+        typer.echo(f"note: degraded answer: {pred.meta.degraded_reason}", err=True)
+    typer.echo(json.dumps(pred.model_dump(mode="json"), ensure_ascii=False, indent=2))
+
+
+def intent_cmd(
+    user: Annotated[str, typer.Option(help="user id")],
+    item: Annotated[str, typer.Option(help="item id")],
+    dataset: Annotated[str, typer.Option(help="ingested dataset")] = "taobao",
+    as_of: Annotated[str | None, typer.Option(help="cut-off (ISO or unix s); default: after the user's last event")] = None,
+    horizon_hours: Annotated[float, typer.Option(help="purchase horizon in hours")] = 48.0,
+    workspace: Workspace = None,
+    no_llm: NoLLM = False,
+) -> None:
+    """P(the user buys the item within the horizon), with funnel evidence."""
+    _run(workspace, no_llm, lambda s: s.intent(dataset, user, item, as_of=_date(as_of), horizon_hours=horizon_hours))
+
+
+def churn_cmd(
+    user: Annotated[str, typer.Option(help="user id")],
+    as_of: Annotated[str, typer.Option(help="as-of date, e.g. 2011-09-01")],
+    dataset: Annotated[str, typer.Option(help="ingested dataset")] = "online-retail",
+    horizon_days: Annotated[int, typer.Option(help="no purchase within this many days = churn")] = 90,
+    workspace: Workspace = None,
+    no_llm: NoLLM = False,
+) -> None:
+    """P(no purchase in the next N days), risk band, drivers and a retention action."""
+    when = _date(as_of)
+    assert when is not None
+    _run(workspace, no_llm, lambda s: s.churn(dataset, user, as_of=when, horizon_days=horizon_days))
+
+
+def profile_cmd(
+    user: Annotated[str, typer.Option(help="user id")],
+    dataset: Annotated[str, typer.Option(help="ingested dataset")] = "online-retail",
+    as_of: Annotated[str | None, typer.Option(help="profile as of this date (default: after the last event)")] = None,
+    workspace: Workspace = None,
+    no_llm: NoLLM = False,
+) -> None:
+    """Interests, price level, style, rhythm and lifecycle stage; a cited summary."""
+    _run(workspace, no_llm, lambda s: s.profile(dataset, user, as_of=_date(as_of)))
+
+
+def audience_cmd(
+    item: Annotated[str | None, typer.Option(help="item id to target")] = None,
+    text: Annotated[str | None, typer.Option(help="or a short campaign text")] = None,
+    dataset: Annotated[str, typer.Option(help="ingested dataset")] = "online-retail",
+    n: Annotated[int, typer.Option("-n", "--n", help="how many users")] = 50,
+    score_top: Annotated[int, typer.Option(help="users the model scores and explains")] = 3,
+    workspace: Workspace = None,
+    no_llm: NoLLM = False,
+) -> None:
+    """Rank the users most likely to respond to an item or campaign."""
+    _run(workspace, no_llm, lambda s: s.audience(dataset, item_id=item, campaign_text=text, n=n, score_top=score_top))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `intent`, `churn`, `profile` and `audience` to `app`."""
+    app.command("intent")(intent_cmd)
+    app.command("churn")(churn_cmd)
+    app.command("profile")(profile_cmd)
+    app.command("audience")(audience_cmd)
+
+
+# ---- evals (mount under `shoplens eval`) -------------------------------------------------------
+
+Cases = Annotated[int, typer.Option(help="cases scored by the model (the baseline scores all)")]
+UseModel = Annotated[bool, typer.Option("--model/--no-model", help="run the model-backed part")]
+Out = Annotated[Path | None, typer.Option(help="run folder; an existing one resumes")]
+
+
+Explain = Annotated[int, typer.Option(help="of the model cases, how many also get the explanation call")]
+Budget = Annotated[float | None, typer.Option(help="stop starting model cases after this many seconds "
+                                              "(resume later with the same --out; 0 re-scores recorded cases)")]
+
+
+def eval_intent_cmd(cases: Cases = 150, model: UseModel = True, seed: int = 0, out: Out = None,
+                    explain: Explain = 10, budget_s: Budget = None, workspace: Workspace = None) -> None:
+    """Taobao purchase intent: ROC AUC, PR AUC, Brier, calibration; model vs logistic baseline."""
+    from eval.tasks_eval import run_intent_eval
+
+    typer.echo(str(run_intent_eval(load_settings(workspace=workspace), n_model=cases if model else 0,
+                                   seed=seed, out=out, n_explain=explain, budget_s=budget_s)))
+
+
+def eval_churn_cmd(cases: Cases = 150, model: UseModel = True, seed: int = 0, out: Out = None,
+                   explain: Explain = 10, budget_s: Budget = None, workspace: Workspace = None) -> None:
+    """Online Retail churn at 2011-09-01 (baseline trained at 2011-06-01): model vs RFM baseline."""
+    from eval.tasks_eval import run_churn_eval
+
+    typer.echo(str(run_churn_eval(load_settings(workspace=workspace), n_model=cases if model else 0,
+                                  seed=seed, out=out, n_explain=explain, budget_s=budget_s)))
+
+
+def eval_audience_cmd(items: Annotated[int, typer.Option(help="most-bought items of the held-out month")] = 30,
+                      n: Annotated[int, typer.Option("-n", "--n", help="top-N")] = 50, out: Out = None,
+                      workspace: Workspace = None) -> None:
+    """Online Retail audience: HR@N/NDCG@N on the held-out month vs category popularity."""
+    from eval.tasks_eval import run_audience_eval
+
+    typer.echo(str(run_audience_eval(load_settings(workspace=workspace), n_items=items, n=n, out=out)))
+
+
+if __name__ == "__main__":  # python -m ui.tasks_cli <command> ...
+    _app = typer.Typer(add_completion=False, no_args_is_help=True)
+    register(_app)
+    _app.command("eval-intent")(eval_intent_cmd)
+    _app.command("eval-churn")(eval_churn_cmd)
+    _app.command("eval-audience")(eval_audience_cmd)
+    _app(prog_name="tasks", args=sys.argv[1:])
