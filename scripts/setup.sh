@@ -28,7 +28,18 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 step "installing ShopLens and its dependencies"
-$PIP install -e '.[api,dev]'
+$PIP install -e '.[api,dev,ui]'
+
+# The chat's browser test drives Debian's Chromium through Playwright (a browser download by
+# `playwright install` is not possible here). Needs root, as on CI and the dev machines.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    step "installing Debian's chromium (for the UI test)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei >/dev/null
+  else
+    echo "note: /usr/bin/chromium missing and not root: the browser test will skip" >&2
+  fi
+fi
 
 # llama-cpp-python has no CPU wheel on PyPI: compile once (~5 min on 2 cores), keep the wheel.
 if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then

@@ -232,6 +232,19 @@ def serve_cmd(
     serve(host, port, load_settings(workspace=workspace, llm_profile=profile), with_ui=ui)
 
 
+@app.command("ui")
+def ui_cmd(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 7860,
+    workspace: Workspace = None,
+    profile: Profile = None,
+) -> None:
+    """The merchandiser chat alone (Gradio); `shoplens serve` mounts it at /ui beside the API."""
+    from ui.chat import launch
+
+    launch(host, port, load_settings(workspace=workspace, llm_profile=profile))
+
+
 @app.command("schema")
 def schema_cmd() -> None:
     """Print the JSON schema of a next-item answer."""

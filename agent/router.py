@@ -1,0 +1,513 @@
+"""The merchandiser chat's agent: question -> tool call -> typed result -> streamed answer.
+
+Two paths, and which one runs is explicit (`ChatAgent(mode=...)`):
+
+* ``"route"`` (the default, and the only one the embedded model supports): a deterministic
+  pre-parser pulls ids, a month and the language out of the question; one schema-constrained
+  call (`structured_call`, prompt ``chat_route.v1``) returns a pydantic `ToolCall` whose tool
+  name is an enum and whose ids are enums of the pre-parsed ids; the tool runs; a second call
+  (``chat_answer.v1``) streams the answer in the question's language. With no model the keyword
+  router (`rule_route`) picks the tool and a template writes the answer.
+* ``"langchain"``: a LangChain tool-calling loop (`langchain_agent`) for servers with native
+  tool calling (vLLM with ``--enable-auto-tool-choice``, OpenAI). llama-cpp-python's server
+  only calls tools with ``--chat_format chatml-function-calling``, which the embedded server
+  does not set, so the embedded model always uses ``"route"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, Field, model_validator
+
+from agent.chat_tools import (
+    TOOLS,
+    Timeline,
+    ToolContext,
+    ToolName,
+    ToolResult,
+    answer_messages,
+    fallback_answer,
+    run_tool,
+)
+from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError
+from agent.prompting import load_prompt, render
+from agent.structured import CallTrace, structured_call
+
+Language = Literal["zh", "en"]
+ROUTE_PROMPT = "chat_route.v1"
+T = TypeVar("T")
+
+# ---- deterministic pre-parsing -----------------------------------------------------------
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+# ASCII look-arounds, not \b: in Chinese text the id touches ideographs, which are \w too.
+_ASIN = re.compile(r"(?<![A-Za-z0-9])(B0[0-9A-Z]{8})(?![A-Za-z0-9])")  # Amazon ASINs: B0009RF9DW
+_CODE = re.compile(r"(?<![A-Za-z0-9_-])(\d{4,6}[A-Za-z]{1,3}|\d{4,12})(?![A-Za-z0-9_-])")  # 85123A, 17850
+_CUSTOMER_WORDS = re.compile(r"customer|client|shopper|user|buyer|客户|顾客|用户|会员|买家", re.I)
+_ITEM_WORDS = re.compile(r"item|product|sku|stock ?code|article|商品|产品|货品|单品|物品", re.I)
+_TITLE = re.compile(r"[\"“'‘「《]([^\"”'’」》]{3,80})[\"”'’」》]|((?:[A-Z0-9][A-Z0-9&'.,/-]*\s+){1,}[A-Z0-9][A-Z0-9&'.,/-]*)")
+_MONTHS_EN = ["january", "february", "march", "april", "may", "june", "july", "august",
+              "september", "october", "november", "december"]
+_MONTHS_ZH = ["一", "二", "三", "四", "五", "六", "七", "八", "九", "十", "十一", "十二"]
+
+
+def detect_language(text: str) -> Language:
+    """'zh' when the text has any CJK ideograph, else 'en'."""
+    return "zh" if _CJK.search(text) else "en"
+
+
+@dataclass
+class ParsedQuestion:
+    """What pure code can read from a question before any model call."""
+
+    question: str
+    language: Language
+    customer_ids: list[str] = field(default_factory=list)
+    item_ids: list[str] = field(default_factory=list)
+    month: int | None = None
+    title: str | None = None  # a quoted or UPPER-CASE product title
+
+
+def _month(text: str) -> int | None:
+    """A calendar month named in the question (English name/abbreviation, 10月, 十月)."""
+    low = text.lower()
+    for i, name in enumerate(_MONTHS_EN, 1):
+        pat = r"\bin may\b|\bmay (19|20)\d\d\b" if name == "may" else rf"\b({name}|{name[:3]})\b"
+        if re.search(pat, low):
+            return i
+    m = re.search(r"(\d{1,2})\s*月", text)
+    if m and 1 <= int(m.group(1)) <= 12:
+        return int(m.group(1))
+    for i in range(12, 0, -1):
+        if _MONTHS_ZH[i - 1] + "月" in text:
+            return i
+    return None
+
+
+def preparse(question: str, *, has_user: Any = None, has_item: Any = None) -> ParsedQuestion:
+    """Ids, month, title and language from the question text.
+
+    A number is a customer id or an item code by the nearest preceding keyword (customer/客户
+    vs item/product/商品); without one, by what the store knows (`has_user`/`has_item`
+    callables), and otherwise a pure number of 5 digits is taken as a customer (Online Retail's
+    CustomerID) and an alphanumeric code as an item (StockCode like 85123A).
+    """
+    p = ParsedQuestion(question=question, language=detect_language(question), month=_month(question))
+    for m in _ASIN.finditer(question):
+        p.item_ids.append(m.group(1))
+    for m in _CODE.finditer(question):
+        tok = m.group(1)
+        if tok in p.item_ids or (len(tok) == 4 and tok.isdigit() and 1990 <= int(tok) <= 2100):
+            continue
+        before = question[max(0, m.start() - 24): m.start()]
+        cw = [x.end() for x in _CUSTOMER_WORDS.finditer(before)]
+        iw = [x.end() for x in _ITEM_WORDS.finditer(before)]
+        if cw or iw:
+            is_customer = (max(cw) if cw else -1) > (max(iw) if iw else -1)
+        elif has_user is not None and has_item is not None and has_user(tok) != has_item(tok.upper()):
+            is_customer = bool(has_user(tok))
+        else:
+            is_customer = tok.isdigit() and len(tok) == 5
+        (p.customer_ids if is_customer else p.item_ids).append(tok if is_customer else tok.upper())
+    for m in _TITLE.finditer(question):
+        cand = (m.group(1) or m.group(2) or "").strip(" ?.,!？。")
+        if len(cand) >= 6 and not _ASIN.fullmatch(cand) and cand.upper() not in p.item_ids:
+            p.title = cand
+            break
+    p.customer_ids = list(dict.fromkeys(p.customer_ids))
+    p.item_ids = list(dict.fromkeys(p.item_ids))
+    return p
+
+
+# ---- the tool call -----------------------------------------------------------------------
+
+
+class ToolCall(BaseModel):
+    """One tool with its arguments, validated against the tool's own args model."""
+
+    tool: ToolName
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid_args(self) -> ToolCall:
+        self.args = TOOLS[self.tool].args.model_validate(self.args).model_dump(exclude_none=True)
+        return self
+
+    def typed_args(self) -> BaseModel:
+        return TOOLS[self.tool].args.model_validate(self.args)
+
+
+class RouteDecision(BaseModel):
+    """The model's routing answer (flat, so a 1.5B model fills it reliably)."""
+
+    tool: ToolName
+    customer_id: str | None = None
+    item_id: str | None = None
+    query: str | None = Field(default=None, max_length=120)
+
+
+def route_schema(parsed: ParsedQuestion) -> dict[str, Any]:
+    """JSON schema for the routing call: ids restricted to the pre-parsed ones."""
+
+    def ids(values: list[str]) -> dict[str, Any]:
+        return {"enum": [*values, None]} if values else {"type": "null"}
+
+    return {
+        "title": "RouteDecision", "type": "object",
+        "properties": {
+            "tool": {"type": "string", "enum": list(TOOLS)},
+            "customer_id": ids(parsed.customer_ids),
+            "item_id": ids(parsed.item_ids),
+            "query": {"anyOf": [{"type": "string", "maxLength": 120}, {"type": "null"}]},
+        },
+        "required": ["tool", "customer_id", "item_id", "query"],
+        "additionalProperties": False,
+    }
+
+
+def to_call(tool: ToolName, parsed: ParsedQuestion, customer_id: str | None = None,
+            item_id: str | None = None, query: str | None = None) -> ToolCall:
+    """Assemble typed args: ids from the pre-parser win, the model only fills what code cannot."""
+    needs = TOOLS[tool].needs
+    args: dict[str, Any] = {}
+    if needs == "customer":
+        args["customer_id"] = customer_id or (parsed.customer_ids[0] if parsed.customer_ids else None)
+        if tool == "churn":
+            args["month"] = parsed.month
+        if tool == "intent":
+            args["item_id"] = item_id or (parsed.item_ids[0] if parsed.item_ids else None)
+            args["item_query"] = None if args["item_id"] else parsed.title
+    elif needs == "item":
+        args["item_id"] = item_id or (parsed.item_ids[0] if parsed.item_ids else None)
+        if not args["item_id"]:
+            args["item_query"] = parsed.title or query
+    elif needs == "query":
+        args["query"] = (query or parsed.title or parsed.question)[:120]
+    return ToolCall(tool=tool, args=args)
+
+
+_RULES: list[tuple[ToolName, re.Pattern[str]]] = [
+    ("churn", re.compile(r"churn|at risk|stop(ped)? buying|lapse|leav|流失|不再|风险", re.I)),
+    ("sentiment", re.compile(r"review|feel|complain|rating|opinion|sentiment|评价|口碑|抱怨|差评|好评|感觉|评论", re.I)),
+    ("audience", re.compile(r"target|audience|market to|promot|segment|who (would|might|will) (like|want|buy)|customers would|interested in|目标|推广|人群|受众|卖给谁", re.I)),
+    ("profile", re.compile(r"style|profile|describe|what kind of|preferen|persona|画像|风格|偏好|描述|什么样", re.I)),
+    ("intent", re.compile(r"intent|right now|currently|shopping for|looking for|意图|正在|目前想", re.I)),
+    ("next_item", re.compile(r"next|recommend|suggest|will .* buy|likely to buy|推荐|接下来|下一|可能买|会买", re.I)),
+    ("user_timeline", re.compile(r"history|timeline|past|orders?|bought|purchased|when did|记录|历史|买过|订单|时间线", re.I)),
+    ("item_search", re.compile(r"find|search|look up|do we (sell|have)|products? (like|with)|查找|搜索|找|有没有|有哪些", re.I)),
+]
+
+
+def rule_route(parsed: ParsedQuestion) -> ToolCall:
+    """Keyword routing without a model: the fallback when the model is down, and a baseline."""
+    q = parsed.question
+    for tool, pat in _RULES:
+        if pat.search(q):
+            if tool == "item_search" and parsed.item_ids and not parsed.title:
+                return to_call("item_lookup", parsed)
+            return to_call(tool, parsed)
+    if parsed.item_ids:
+        return to_call("item_lookup", parsed)
+    if parsed.customer_ids:
+        return to_call("user_timeline", parsed)
+    return to_call("item_search", parsed)
+
+
+@dataclass
+class Route:
+    call: ToolCall
+    parsed: ParsedQuestion
+    source: Literal["model", "rules"]
+    note: str | None = None
+    trace: CallTrace = field(default_factory=CallTrace)
+
+
+async def model_route(model: ChatModel, parsed: ParsedQuestion, *, max_attempts: int = 2) -> Route:
+    """The schema-constrained routing call.
+
+    Raises:
+        ModelUnavailableError / OutputValidationError: from `structured_call`.
+    """
+    tpl = load_prompt(ROUTE_PROMPT)
+    tools = [{"name": n, "description": t.description} for n, t in TOOLS.items()]
+    messages = render(tpl, tools=tools, question=parsed.question,
+                      customer_ids=parsed.customer_ids, item_ids=parsed.item_ids)
+    trace = CallTrace()
+    d = await structured_call(model, messages, RouteDecision, json_schema=route_schema(parsed),
+                              max_attempts=max_attempts, max_tokens=96, trace=trace)
+    return Route(to_call(d.tool, parsed, d.customer_id, d.item_id, d.query), parsed, "model", trace=trace)
+
+
+# ---- the conversation turn ---------------------------------------------------------------
+
+
+@dataclass
+class ChatEvent:
+    """One update of a turn, in order: status*, route, evidence*, token*, done."""
+
+    kind: Literal["status", "route", "evidence", "token", "done"]
+    text: str = ""
+    route: Route | None = None
+    result: ToolResult | None = None
+    answer_source: Literal["model", "template"] | None = None
+
+
+async def _heartbeat(aw: Awaitable[T], label: str, every_s: float) -> AsyncIterator[ChatEvent | T]:
+    """Await `aw`, yielding a status event every `every_s` seconds until it finishes.
+
+    If the consumer stops (the UI's Stop button closes the generator), the pending task, and
+    with it the HTTP request to the model server, is cancelled.
+    """
+    task = asyncio.ensure_future(aw)
+    t0 = time.monotonic()
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=every_s)
+            if done:
+                yield task.result()
+                return
+            yield ChatEvent("status", f"{label}: the model is slow, still working ({time.monotonic() - t0:.0f} s)")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _stream_heartbeat(chunks: AsyncIterator[str], label: str, every_s: float
+                            ) -> AsyncIterator[str | ChatEvent]:
+    """Relay `chunks`, yielding a status event whenever none arrives for `every_s` seconds
+    (the first token can take minutes on a busy CPU). Closing this generator cancels the
+    pending read and closes `chunks` (and so the HTTP stream)."""
+    t0 = time.monotonic()
+    it = aiter(chunks)
+    try:
+        while True:
+            nxt = asyncio.ensure_future(anext(it))
+            try:
+                while not (await asyncio.wait({nxt}, timeout=every_s))[0]:
+                    yield ChatEvent("status", f"{label}: the model is slow, still working "
+                                              f"({time.monotonic() - t0:.0f} s)")
+                chunk = nxt.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                if not nxt.done():
+                    nxt.cancel()
+            yield chunk
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def stream_text(model: ChatModel, messages: list[Message], *, max_tokens: int = 320,
+                      api_key: str = "not-needed") -> AsyncIterator[str]:
+    """Stream a free-text completion.
+
+    `ChatModel` has no streaming method yet; a model object with ``stream(messages,
+    max_tokens=...)`` is used as is, an OpenAI-compatible one (``base_url`` + ``model``) is
+    streamed through the OpenAI SDK, and anything else (the fakes) yields one chunk.
+
+    Raises:
+        ModelUnavailableError: the server could not be reached or failed.
+    """
+    own = getattr(model, "stream", None)
+    if callable(own):
+        async for chunk in own(messages, max_tokens=max_tokens):
+            yield chunk
+        return
+    base_url, name = getattr(model, "base_url", None), getattr(model, "model", None)
+    if not (isinstance(base_url, str) and isinstance(name, str)):
+        yield (await model.complete(messages, max_tokens=max_tokens, temperature=0.2)).text
+        return
+    import openai  # only here: the SDK's streaming, until the seam grows a stream method
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
+    try:
+        stream = await client.chat.completions.create(
+            model=name, messages=messages, max_tokens=max_tokens, temperature=0.2, stream=True)  # type: ignore[arg-type]
+        async for ev in stream:
+            if ev.choices and ev.choices[0].delta.content:
+                yield ev.choices[0].delta.content
+    except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError) as e:
+        raise ModelUnavailableError(f"model server failed while streaming: {e}") from e
+    finally:
+        await client.close()
+
+
+class ChatAgent:
+    """Runs one merchandiser question end to end, as a stream of `ChatEvent`s.
+
+    Args:
+        ctx: the tool context (runtime, service, dataset, next-item config).
+        use_model: False routes by keyword rules and answers from templates.
+        mode: "route" (schema-constrained routing; the default and the embedded model's only
+            path) or "langchain" (native tool calling; needs `chat_model`).
+        chat_model: a LangChain chat model that supports ``bind_tools`` (mode "langchain").
+        heartbeat_s: how often a slow model call reports that it is still working.
+    """
+
+    def __init__(self, ctx: ToolContext, *, use_model: bool = True,
+                 mode: Literal["route", "langchain"] = "route", chat_model: Any = None,
+                 heartbeat_s: float = 8.0):
+        if mode == "langchain" and chat_model is None:
+            raise ValueError("mode='langchain' needs a chat_model with bind_tools")
+        self.ctx = ctx
+        self.use_model = use_model
+        self.mode = mode
+        self.chat_model = chat_model
+        self.heartbeat_s = heartbeat_s
+
+    async def _model(self) -> tuple[ChatModel | None, str | None]:
+        if not self.use_model:
+            return None, "model disabled"
+        return await self.ctx.service.model_or_none()
+
+    async def route(self, question: str) -> Route:
+        """Pre-parse, then the model's routing call; keyword rules if the model fails."""
+        store, ds = self.ctx.runtime.store, self.ctx.dataset
+        catalog = self.ctx.runtime.artifacts(ds).catalog
+        parsed = preparse(question, has_user=lambda u: store.has_user(ds, u),
+                          has_item=lambda i: i in catalog)
+        model, why = await self._model()
+        if model is None:
+            return Route(rule_route(parsed), parsed, "rules", note=f"model unavailable ({why})")
+        try:
+            return await model_route(model, parsed)
+        except (ModelUnavailableError, OutputValidationError) as e:
+            return Route(rule_route(parsed), parsed, "rules", note=f"routing model failed ({e})")
+
+    async def ask(self, question: str) -> AsyncIterator[ChatEvent]:
+        """One turn. Always yields at least one event; never raises for model failures."""
+        question = question.strip()
+        lang = detect_language(question)
+        yield ChatEvent("status", "正在理解问题…" if lang == "zh" else "Reading the question…")
+        if self.mode == "langchain" and self.use_model:
+            async for ev in langchain_turn(self.chat_model, self.ctx, question):
+                yield ev
+            return
+        route: Route | None = None
+        async for ev in _heartbeat(self.route(question), "routing", self.heartbeat_s):
+            if isinstance(ev, Route):
+                route = ev
+            else:
+                yield ev  # type: ignore[misc]
+        assert route is not None
+        yield ChatEvent("route", route.note or "", route=route)
+        args = route.call.typed_args()
+        if TOOLS[route.call.tool].needs == "customer" and route.call.tool != "user_timeline" \
+                and getattr(args, "customer_id", None):
+            tl = await run_tool(self.ctx, "user_timeline", args)
+            if isinstance(tl, Timeline):
+                yield ChatEvent("evidence", result=tl)
+        result: ToolResult | None = None
+        async for ev in _heartbeat(run_tool(self.ctx, route.call.tool, args), route.call.tool,
+                                   self.heartbeat_s):
+            if isinstance(ev, ChatEvent):
+                yield ev
+            else:
+                result = ev  # type: ignore[assignment]
+        assert result is not None
+        yield ChatEvent("evidence", result=result)
+        async for ev in self._answer(question, lang, route, result):
+            yield ev
+
+    async def _answer(self, question: str, lang: Language, route: Route, result: ToolResult
+                      ) -> AsyncIterator[ChatEvent]:
+        template = fallback_answer(result, lang)
+        model, why = (None, route.note) if route.source == "rules" else await self._model()
+        if model is None or result.kind in {"not_found", "need_info", "unavailable"}:
+            yield ChatEvent("token", template)
+            yield ChatEvent("done", why or "", answer_source="template")
+            return
+        messages = answer_messages(question, lang, route.call.tool, result)
+        got = False
+        chunks = stream_text(model, messages, api_key=self.ctx.runtime.settings.llm_api_key)
+        try:
+            async for chunk in _stream_heartbeat(chunks, "answer", self.heartbeat_s):
+                if isinstance(chunk, ChatEvent):
+                    yield chunk
+                    continue
+                got = got or bool(chunk.strip())
+                yield ChatEvent("token", chunk)
+        except ModelUnavailableError as e:
+            yield ChatEvent("token", ("\n\n" if got else "") + template)
+            yield ChatEvent("done", f"model failed while answering ({e})", answer_source="template")
+            return
+        if not got:
+            yield ChatEvent("token", template)
+            yield ChatEvent("done", "model gave an empty answer", answer_source="template")
+            return
+        yield ChatEvent("done", answer_source="model")
+
+
+# ---- the LangChain path (servers with native tool calling) -------------------------------
+
+LANGCHAIN_SYSTEM = ("You help a shop's merchandisers. Call the ShopLens tools to get facts, then "
+                    "answer briefly in the language of the question, naming products by their "
+                    "exact titles and citing the events or dates the tools returned.")
+
+
+def langchain_tools(ctx: ToolContext) -> list[Any]:
+    """The registry as LangChain `StructuredTool`s (pydantic args in, result JSON out)."""
+    from langchain_core.tools import StructuredTool
+
+    def make(name: str) -> Any:
+        async def call(**kwargs: Any) -> str:
+            result = await run_tool(ctx, name, TOOLS[name].args.model_validate(kwargs))
+            return result.model_dump_json()
+
+        return StructuredTool.from_function(coroutine=call, name=name, description=TOOLS[name].description,
+                                            args_schema=TOOLS[name].args)
+
+    return [make(n) for n in TOOLS]
+
+
+def langchain_chat_model(runtime: Any) -> Any:
+    """A LangChain chat model for the configured remote server (needs ``llm_base_url``).
+
+    Raises:
+        ValueError: no remote server is configured (the embedded server cannot call tools).
+    """
+    s = runtime.settings
+    if not s.llm_base_url:
+        raise ValueError("the LangChain agent needs a tool-calling server (SHOPLENS_LLM_BASE_URL, "
+                         "e.g. vLLM with --enable-auto-tool-choice); the embedded model uses 'route'")
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(base_url=s.llm_base_url, model=s.llm_model, api_key=s.llm_api_key,
+                      temperature=0, timeout=s.llm_timeout_s, max_retries=0)
+
+
+async def langchain_turn(chat_model: Any, ctx: ToolContext, question: str, *, max_steps: int = 3
+                         ) -> AsyncIterator[ChatEvent]:
+    """A tool-calling loop: the model calls tools (typed args) until it answers in text."""
+    from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+
+    by_name = {t.name: t for t in langchain_tools(ctx)}
+    llm = chat_model.bind_tools(list(by_name.values()))
+    messages: list[Any] = [SystemMessage(LANGCHAIN_SYSTEM), HumanMessage(question)]
+    for _ in range(max_steps):
+        ai = await llm.ainvoke(messages)
+        messages.append(ai)
+        if not ai.tool_calls:
+            yield ChatEvent("token", str(ai.content))
+            yield ChatEvent("done", answer_source="model")
+            return
+        for tc in ai.tool_calls:
+            if tc["name"] not in TOOLS:
+                content = f"unknown tool {tc['name']}; use one of {list(TOOLS)}"
+            else:
+                call = ToolCall(tool=tc["name"], args=tc["args"])
+                yield ChatEvent("route", route=Route(call, preparse(question), "model"))
+                result = await run_tool(ctx, call.tool, call.typed_args())
+                yield ChatEvent("evidence", result=result)
+                content = result.model_dump_json()
+            messages.append(ToolMessage(content=content, tool_call_id=tc["id"]))
+    yield ChatEvent("token", "I could not finish within the tool-call budget.")
+    yield ChatEvent("done", "tool-call budget exhausted", answer_source="template")

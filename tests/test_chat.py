@@ -1,0 +1,402 @@
+"""The merchandiser chat, fast: pre-parser, language, routing with FakeModel, typed tools,
+not-found suggestions, escaping, and the streaming handler when the model fails.
+
+A tiny catalogue in a real EventStore under tmp_path, HashingEmbedder for the FAISS indexes,
+`FakeModel` for every model call. Network blocked (conftest).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.chat_tools import (
+    NeedInfo,
+    NextItems,
+    NotFound,
+    SearchHits,
+    Timeline,
+    ToolContext,
+    Unavailable,
+    fallback_answer,
+    run_tool,
+)
+from agent.llm.base import ChatModel, ModelUnavailableError
+from agent.llm.fake import FakeModel
+from agent.next_item import NextItemConfig
+from agent.router import (
+    ChatAgent,
+    ChatEvent,
+    ParsedQuestion,
+    ToolCall,
+    detect_language,
+    langchain_turn,
+    model_route,
+    preparse,
+    route_schema,
+    rule_route,
+)
+from agent.runtime import Runtime
+from agent.schemas import BehaviorEvent, CatalogItem
+from agent.service import ShopLensService
+from agent.settings import Settings
+from eval.routing_eval import args_match, load_questions
+
+DS = "shop"
+EVIL = '<img src=x onerror="window.__pwned=1">'
+CATALOG = {
+    "85123A": "WHITE HANGING HEART T-LIGHT HOLDER",
+    "22423": "REGENCY CAKESTAND 3 TIER",
+    "20725": "LUNCH BAG RED RETROSPOT",
+    "22386": "JUMBO BAG PINK POLKADOT",
+    "84879": "ASSORTED COLOUR BIRD ORNAMENT",
+    "66666X": f"{EVIL} <script>window.__pwned=1</script> [x](javascript:alert(1)) CANDLE",
+    "21212": "PACK OF 72 RETROSPOT CAKE CASES",
+}
+EVENTS = {
+    "17850": ["85123A", "22423", "66666X", "20725"],
+    "17851": ["85123A", "22423", "84879"],
+    "12347": ["20725", "22386", "21212", "85123A"],
+    "13047": ["84879", "66666X", "22386"],
+}
+
+
+class FakeRuntime(Runtime):
+    """The real Runtime (store, artifacts, embedder) with a fake model."""
+
+    def __init__(self, settings: Settings, model: ChatModel | Exception):
+        super().__init__(settings)
+        self.fake = model
+
+    async def model(self) -> ChatModel:
+        if isinstance(self.fake, Exception):
+            raise self.fake
+        return self.fake
+
+
+def make_runtime(tmp_path: Path, model: ChatModel | Exception) -> FakeRuntime:
+    rt = FakeRuntime(Settings(workspace=tmp_path, embedder="hashing-64"), model)
+    rt.store.add_items(DS, [CatalogItem(item_id=i, title=t, price=1.5) for i, t in CATALOG.items()])
+    rt.store.add_events(DS, [
+        BehaviorEvent(user_id=u, item_id=i, event_type="purchase", quantity=2,
+                      timestamp=datetime(2011, 10, d + 1, tzinfo=UTC))
+        for u, items in EVENTS.items() for d, i in enumerate(items)
+    ])
+    return rt
+
+
+def ctx_for(rt: Runtime) -> ToolContext:
+    return ToolContext(rt, ShopLensService(rt), DS, NextItemConfig(k=3, use_llm_ranking=False, explain=False))
+
+
+def route_reply(tool: str, customer_id: str | None = None, item_id: str | None = None,
+                query: str | None = None) -> str:
+    return json.dumps({"tool": tool, "customer_id": customer_id, "item_id": item_id, "query": query})
+
+
+async def collect(agen: Any) -> list[ChatEvent]:
+    return [ev async for ev in agen]
+
+
+# ---- pre-parser and language --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("question", "customers", "items"), [
+    ("What will customer 17850 buy next, and why?", ["17850"], []),
+    ("客户17850接下来可能买什么？为什么？", ["17850"], []),
+    ("How do people feel about item B0009RF9DW?", [], ["B0009RF9DW"]),
+    ("大家对商品B0009RF9DW的评价怎么样？", [], ["B0009RF9DW"]),
+    ("Which customers would be interested in item 22423?", [], ["22423"]),
+    ("Tell me about 85123a", [], ["85123A"]),
+    ("Compare customer 12347 and product 84879", ["12347"], ["84879"]),
+    ("Orders of 17850 in 2011", ["17850"], []),
+])
+def test_preparse_ids(question: str, customers: list[str], items: list[str]) -> None:
+    p = preparse(question)
+    assert (p.customer_ids, p.item_ids) == (customers, items)
+
+
+def test_preparse_uses_the_store_when_no_keyword_decides() -> None:
+    p = preparse("what about 22423?", has_user=lambda u: False, has_item=lambda i: i == "22423")
+    assert p.item_ids == ["22423"] and not p.customer_ids
+
+
+@pytest.mark.parametrize(("question", "month"), [
+    ("Which customers who bought in October are at risk?", 10),
+    ("十月份下过单的客户", 10), ("11月买过东西的顾客", 11), ("十二月的客户", 12),
+    ("customers from Dec 2010", 12), ("What may customer 1 buy?", None),
+])
+def test_preparse_month(question: str, month: int | None) -> None:
+    assert preparse(question).month == month
+
+
+def test_preparse_title() -> None:
+    assert preparse("Who should we target for the WHITE HANGING HEART T-LIGHT HOLDER?").title == \
+        "WHITE HANGING HEART T-LIGHT HOLDER"
+    assert preparse("顾客对 “REGENCY CAKESTAND 3 TIER” 有哪些差评？").title == "REGENCY CAKESTAND 3 TIER"
+
+
+def test_detect_language() -> None:
+    assert detect_language("客户17850接下来可能买什么？") == "zh"
+    assert detect_language("What will customer 17850 buy next?") == "en"
+    assert detect_language("帮我找找 tea light holder") == "zh"
+
+
+# ---- routing ---------------------------------------------------------------------------
+
+
+async def test_model_route_is_schema_constrained_to_preparsed_ids() -> None:
+    fake = FakeModel.with_replies([route_reply("next_item", customer_id="17850")])
+    parsed = preparse("What will customer 17850 buy next, and why?")
+    route = await model_route(fake, parsed)
+    assert route.call == ToolCall(tool="next_item", args={"customer_id": "17850"})
+    assert route.call.typed_args().k == 5  # type: ignore[attr-defined]
+    schema = fake.calls[0].schema
+    assert schema is not None
+    assert schema["properties"]["customer_id"] == {"enum": ["17850", None]}
+    assert schema["properties"]["item_id"] == {"type": "null"}
+    assert "next_item" in schema["properties"]["tool"]["enum"]
+    assert "chat_route" not in fake.calls[0].messages[0]["content"]  # rendered, not a ref
+
+
+async def test_model_route_repairs_an_invalid_answer() -> None:
+    fake = FakeModel.with_replies(['{"tool": "buy_next"}', route_reply("profile", customer_id="12347")])
+    route = await model_route(fake, preparse("Describe customer 12347's style"))
+    assert route.call.tool == "profile" and route.trace.attempts == 2
+    assert "invalid" in fake.calls[1].messages[-1]["content"]
+
+
+def test_preparsed_ids_and_month_win_over_the_model() -> None:
+    parsed = preparse("Which customers who bought in October are at risk of churning?")
+    call = rule_route(parsed)
+    assert call == ToolCall(tool="churn", args={"month": 10})
+    assert route_schema(parsed)["properties"]["customer_id"] == {"type": "null"}
+
+
+def test_tool_call_validates_typed_args() -> None:
+    with pytest.raises(ValueError):
+        ToolCall(tool="next_item", args={"customer_id": "1", "k": 99})
+    with pytest.raises(ValueError):
+        ToolCall(tool="no_such_tool", args={})  # type: ignore[arg-type]
+
+
+async def test_route_falls_back_to_rules_when_the_model_is_down(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path, ModelUnavailableError("connection refused"))
+    route = await ChatAgent(ctx_for(rt)).route("客户17850接下来可能买什么？")
+    assert route.source == "rules" and "connection refused" in (route.note or "")
+    assert route.call == ToolCall(tool="next_item", args={"customer_id": "17850"})
+
+
+def test_rules_baseline_on_the_eval_set_is_what_docs_report() -> None:
+    qs = load_questions()
+    assert len(qs) >= 40 and {q["lang"] for q in qs} == {"en", "zh"}
+    ok = sum(q["tool"] == (c := rule_route(preparse(q["question"]))).tool and args_match(q["args"], c.args)
+             for q in qs)
+    assert ok / len(qs) >= 0.85
+
+
+def test_args_match_rules() -> None:
+    assert args_match({"customer_id": "17850"}, {"customer_id": "17850", "k": 5})
+    assert not args_match({"customer_id": "17850"}, {"customer_id": "17851"})
+    assert args_match({"query": "vintage doily cake stand"}, {"query": "Vintage doily cake stands"})
+    assert args_match({"item_query": "PARTY BUNTING"}, {"query": "party bunting"})
+    assert not args_match({"month": 10}, {"month": 10, "customer_id": "17850"})
+
+
+# ---- tools -------------------------------------------------------------------------------
+
+
+async def test_unknown_customer_is_a_typed_not_found_with_suggestions(tmp_path: Path) -> None:
+    ctx = ctx_for(make_runtime(tmp_path, FakeModel()))
+    res = await run_tool(ctx, "next_item", ToolCall(tool="next_item", args={"customer_id": "17859"}).typed_args())
+    assert isinstance(res, NotFound) and res.entity == "customer"
+    assert "17850" in res.suggestions
+    assert res.message.startswith("no customer 17859 in shop; did you mean 17850")
+    assert "did you mean" in fallback_answer(res, "en") and "您是不是要找" in fallback_answer(res, "zh")
+
+
+async def test_unknown_item_and_missing_args(tmp_path: Path) -> None:
+    ctx = ctx_for(make_runtime(tmp_path, FakeModel()))
+    res = await run_tool(ctx, "item_lookup", ToolCall(tool="item_lookup", args={"item_id": "85123B"}).typed_args())
+    assert isinstance(res, NotFound) and res.suggestions[0].startswith("85123A")
+    need = await run_tool(ctx, "next_item", ToolCall(tool="next_item", args={}).typed_args())
+    assert isinstance(need, NeedInfo)
+
+
+async def test_tools_return_typed_results(tmp_path: Path) -> None:
+    ctx = ctx_for(make_runtime(tmp_path, FakeModel()))
+    tl = await run_tool(ctx, "user_timeline", ToolCall(tool="user_timeline", args={"customer_id": "17850"}).typed_args())
+    assert isinstance(tl, Timeline) and tl.n_events == 4 and tl.events[0].item_id == "85123A"
+    hits = await run_tool(ctx, "item_search", ToolCall(tool="item_search", args={"query": "lunch bag retrospot"}).typed_args())
+    assert isinstance(hits, SearchHits) and hits.hits[0].item_id == "20725"
+    title = await run_tool(ctx, "audience", ToolCall(tool="audience", args={"item_query": "regency cakestand 3 tier"}).typed_args())
+    assert isinstance(title, Unavailable | NotFound) or title.kind == "task"
+    pred = await run_tool(ctx, "next_item", ToolCall(tool="next_item", args={"customer_id": "17850", "k": 2}).typed_args())
+    assert isinstance(pred, NextItems) and len(pred.prediction.items) == 2
+
+
+# ---- the turn and the UI handler ---------------------------------------------------------
+
+
+async def test_turn_streams_evidence_then_model_answer(tmp_path: Path) -> None:
+    fake = FakeModel.with_replies([route_reply("next_item", customer_id="17850"),
+                                   "Customer 17850 will likely buy ASSORTED COLOUR BIRD ORNAMENT."])
+    rt = make_runtime(tmp_path, fake)
+    events = await collect(ChatAgent(ctx_for(rt)).ask("What will customer 17850 buy next, and why?"))
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "status" and kinds[-1] == "done" and events[-1].answer_source == "model"
+    evidence = [e.result for e in events if e.kind == "evidence"]
+    assert isinstance(evidence[0], Timeline) and isinstance(evidence[1], NextItems)
+    answer_prompt = fake.calls[-1].messages[-1]["content"]
+    assert "E" in answer_prompt and "Answer in English" in answer_prompt
+
+
+async def test_chinese_question_gets_a_chinese_answer_prompt(tmp_path: Path) -> None:
+    fake = FakeModel.with_replies([route_reply("user_timeline", customer_id="12347"), "客户12347买过……"])
+    events = await collect(ChatAgent(ctx_for(make_runtime(tmp_path, fake))).ask("客户12347都买过什么？"))
+    assert "Chinese" in fake.calls[-1].messages[0]["content"]
+    assert "".join(e.text for e in events if e.kind == "token") == "客户12347买过……"
+
+
+def _ui():  # noqa: ANN202 - imported lazily: gradio is the `ui` extra
+    return pytest.importorskip("ui.chat.app", reason="gradio not installed (pip install -e '.[ui]')")
+
+
+async def test_handler_yields_and_shows_evidence_when_the_model_is_down(tmp_path: Path) -> None:
+    app = _ui()
+    ctl = app.ChatController(make_runtime(tmp_path, ModelUnavailableError("server down")),
+                             next_item_config=NextItemConfig(k=3, use_llm_ranking=False, explain=False))
+    outs = [o async for o in ctl.respond("What will customer 17850 buy next, and why?", [], DS)]
+    assert len(outs) >= 3
+    chat, status = outs[-1][:2]
+    assert "unavailable" in status and "retrieval" in status
+    figs = [o[2] for o in outs if hasattr(o[2], "axes")]
+    tables = [o[3] for o in outs if hasattr(o[3], "columns")]
+    assert sum(len(c.get_offsets()) for c in figs[-1].axes[0].collections) == 4  # all 4 events drawn
+    assert list(tables[-1]["item_id"]) and "covisit" in tables[-1].columns  # evidence shown anyway
+    assert "most likely to buy next" in chat[-1]["content"]
+
+
+async def test_handler_always_yields_even_when_a_tool_crashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = _ui()
+    rt = make_runtime(tmp_path, FakeModel.with_replies([route_reply("item_search", query="bag")]))
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("index exploded")
+
+    monkeypatch.setattr("agent.chat_tools.search_items", boom)
+    outs = [o async for o in app.ChatController(rt).respond("find bags", [], DS)]
+    assert "index exploded" in outs[-1][1]
+    empty = [o async for o in app.ChatController(rt).respond("   ", [], DS)]
+    assert len(empty) == 1 and "Type a question" in empty[0][1]
+
+
+async def test_titles_and_questions_are_escaped(tmp_path: Path) -> None:
+    app = _ui()
+    from ui.chat.render import safe_md
+
+    assert "<" not in safe_md(EVIL) and "&lt;img" in safe_md(EVIL)
+    assert "](" not in safe_md("[x](javascript:alert(1))")
+    rt = make_runtime(tmp_path, ModelUnavailableError("down"))
+    outs = [o async for o in app.ChatController(rt).respond(
+        "Show the purchase history of customer 17850 <script>alert(1)</script>", [], DS)]
+    chat = outs[-1][0]
+    text = json.dumps(chat)
+    assert "CANDLE" in text  # the evil title is shown ...
+    assert "<script" not in text and "<img" not in text  # ... as text
+    assert "](javascript" not in text
+
+
+async def test_langchain_loop_with_a_fake_tool_calling_model(tmp_path: Path) -> None:
+    pytest.importorskip("langchain_core")
+    from langchain_core.messages import AIMessage
+
+    class ToolCallingFake:
+        def __init__(self) -> None:
+            self.replies = [
+                AIMessage(content="", tool_calls=[{"name": "user_timeline", "args": {"customer_id": "17850"},
+                                                   "id": "c1"}]),
+                AIMessage(content="17850 bought WHITE HANGING HEART T-LIGHT HOLDER first."),
+            ]
+            self.seen: list[Any] = []
+
+        def bind_tools(self, tools: list[Any]) -> ToolCallingFake:
+            self.tools = tools
+            return self
+
+        async def ainvoke(self, messages: list[Any]) -> AIMessage:
+            self.seen.append(list(messages))
+            return self.replies.pop(0)
+
+    fake = ToolCallingFake()
+    events = await collect(langchain_turn(fake, ctx_for(make_runtime(tmp_path, FakeModel())), "history of 17850?"))
+    assert {t.name for t in fake.tools} >= {"next_item", "churn", "item_search"}
+    assert isinstance(next(e.result for e in events if e.kind == "evidence"), Timeline)
+    assert events[-1].answer_source == "model" and "WHITE HANGING" in events[-2].text
+    assert fake.seen[-1][-1].tool_call_id == "c1"
+
+
+def test_parsed_question_defaults() -> None:
+    p = ParsedQuestion(question="x", language="en")
+    assert p.customer_ids == [] and p.month is None
+
+
+async def test_task_tools_wrap_the_tasks_service(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path, ModelUnavailableError("down"))
+    ctx = ToolContext(rt, ShopLensService(rt, use_model=False), DS)
+    prof = await run_tool(ctx, "profile", ToolCall(tool="profile", args={"customer_id": "12347"}).typed_args())
+    assert prof.kind == "task" and prof.data["user_id"] == "12347"  # type: ignore[union-attr]
+    cohort = await run_tool(ctx, "churn", ToolCall(tool="churn", args={"month": 10}).typed_args())
+    assert isinstance(cohort, Unavailable) and "one customer" in cohort.message
+    need = await run_tool(ctx, "intent", ToolCall(tool="intent", args={"customer_id": "12347"}).typed_args())
+    assert isinstance(need, NeedInfo)
+
+
+async def test_slow_stream_reports_progress_and_stop_cancels_it() -> None:
+    import asyncio
+
+    from agent.router import _stream_heartbeat
+
+    closed: list[bool] = []
+
+    async def slow() -> Any:
+        try:
+            yield "a"
+            await asyncio.sleep(0.35)
+            yield "b"
+            await asyncio.sleep(60)
+            yield "never"
+        finally:
+            closed.append(True)
+
+    got: list[Any] = []
+    agen = _stream_heartbeat(slow(), "answer", 0.1)
+    async for x in agen:
+        got.append(x)
+        if x == "b":
+            break
+    await agen.aclose()  # what Gradio's Stop does to the handler
+    assert got[0] == "a" and got[-1] == "b"
+    assert any(isinstance(x, ChatEvent) and "still working" in x.text for x in got)
+    await asyncio.sleep(0)
+    assert closed == [True]
+
+
+def test_route_prompt_snapshot() -> None:
+    """The rendered routing prompt is pinned: a change shows up here (then add chat_route.v2)."""
+    import hashlib
+
+    from agent.chat_tools import TOOLS
+    from agent.prompting import load_prompt, render
+
+    p = preparse("客户17850接下来可能买什么？为什么？")
+    messages = render(load_prompt("chat_route.v1"),
+                      tools=[{"name": n, "description": t.description} for n, t in TOOLS.items()],
+                      question=p.question, customer_ids=p.customer_ids, item_ids=p.item_ids)
+    digest = hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()[:16]
+    assert "Customer ids found in the question: 17850" in messages[1]["content"]
+    assert digest == "332e721e82759b70", "\n\n".join(m["content"] for m in messages)

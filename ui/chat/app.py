@@ -1,0 +1,178 @@
+"""The merchandiser chat (Gradio Blocks): validate, call the agent, render. No business logic.
+
+Layout: dataset picker and status line; the chat with example questions one click away and a
+Stop button (it cancels the running turn and, with it, the model request); evidence panels: the
+customer's timeline (events over time by type, one row per frequent item), the ranked
+candidates with per-source scores, and a breakdown chart + details for task tools (sentiment,
+churn risk, ...). Evidence is shown as soon as retrieval has it, before the model answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from agent.chat_tools import TaskResult, Timeline, ToolContext
+from agent.next_item import NextItemConfig
+from agent.router import ChatAgent, detect_language
+from agent.runtime import Runtime
+from agent.service import ShopLensService
+from ui.chat.render import breakdown_frame, items_frame, safe_md, status_line, timeline_figure
+
+EXAMPLES = [
+    "What will customer 17850 buy next, and why?",
+    "客户17850接下来可能买什么？为什么？",
+    "Show the purchase history of customer 12347",
+    "Describe customer 12347's shopping style.",
+    "Which customers who bought in October are at risk of churning?",
+    "Who should we target for the WHITE HANGING HEART T-LIGHT HOLDER?",
+    "How do people feel about item B0009RF9DW? What do they complain about?",
+    "Find products like a red retrospot lunch bag",
+]
+MAX_QUESTION_CHARS = 500
+# Interactive default: retrieval fusion ranks the candidates (seconds, not minutes on 2 CPU
+# cores); the model routes and writes the answer from the cited events.
+CHAT_NEXT_ITEM = NextItemConfig(k=5, use_llm_ranking=False, explain=False)
+
+Outputs = tuple[Any, ...]
+log = logging.getLogger(__name__)
+
+
+class ChatController:
+    """Holds the runtime and turns one question into a stream of UI updates."""
+
+    def __init__(self, runtime: Runtime, *, use_model: bool = True,
+                 next_item_config: NextItemConfig | None = None, heartbeat_s: float = 8.0):
+        self.runtime = runtime
+        self.service = ShopLensService(runtime, use_model=use_model)
+        self.use_model = use_model
+        self.config = next_item_config or CHAT_NEXT_ITEM
+        self.heartbeat_s = heartbeat_s
+
+    def datasets(self) -> list[str]:
+        return self.runtime.store.datasets()
+
+    async def respond(self, question: str, history: list[dict[str, str]] | None, dataset: str | None
+                      ) -> AsyncIterator[Outputs]:
+        """Gradio handler: yields (chat, status, timeline, items, breakdown, details) updates.
+
+        Always yields at least once, whatever fails.
+        """
+        history = list(history or [])
+        question = (question or "").strip()
+        lang = detect_language(question)
+        nothing = (gr.update(), gr.update(), gr.update(), gr.update())
+        if not question:
+            yield history, status_line("warn", "Type a question first.", lang), *nothing
+            return
+        if len(question) > MAX_QUESTION_CHARS:
+            yield history, status_line("warn", f"Questions are limited to {MAX_QUESTION_CHARS} characters.", lang), *nothing
+            return
+        if not dataset or dataset not in self.datasets():
+            yield history, status_line("warn", f"Pick an ingested dataset ({', '.join(self.datasets()) or 'none yet: run shoplens ingest'}).", lang), *nothing
+            return
+        history += [{"role": "user", "content": safe_md(question)}, {"role": "assistant", "content": "…"}]
+        answer = ""
+        # Only what changed is sent on each yield (a token must not re-send the chart).
+        panels: dict[str, Any] = {"timeline": None, "items": None,
+                                  "breakdown": gr.update(visible=False), "details": gr.update(visible=False)}
+        dirty = set(panels)
+        status = status_line("info", "working…", lang)
+
+        def frame() -> Outputs:
+            out = tuple(panels[k] if k in dirty else gr.update() for k in ("timeline", "items", "breakdown", "details"))
+            dirty.clear()
+            return (history, status, *out)
+
+        yield frame()
+        ctx = ToolContext(self.runtime, self.service, dataset, self.config)
+        try:
+            async for ev in ChatAgent(ctx, use_model=self.use_model, heartbeat_s=self.heartbeat_s).ask(question):
+                if ev.kind == "status":
+                    status = status_line("info", ev.text, lang)
+                elif ev.kind == "route" and ev.route is not None:
+                    call = ev.route.call
+                    args = ", ".join(f"{k}={v}" for k, v in call.args.items())
+                    note = f" ({ev.route.note})" if ev.route.note else ""
+                    status = status_line("warn" if ev.route.source == "rules" else "info",
+                                         f"tool: {call.tool}({args}) chosen by {ev.route.source}{note}", lang)
+                elif ev.kind == "evidence" and ev.result is not None:
+                    r = ev.result
+                    if isinstance(r, Timeline):
+                        panels["timeline"] = timeline_figure(r)
+                        dirty.add("timeline")
+                    table = items_frame(r)
+                    if table is not None:
+                        panels["items"] = table
+                        dirty.add("items")
+                    if isinstance(r, TaskResult):
+                        bars = breakdown_frame(r)
+                        panels["details"] = gr.update(value=r.data, visible=True)
+                        panels["breakdown"] = gr.update(value=bars, visible=bars is not None)
+                        dirty.update({"details", "breakdown"})
+                elif ev.kind == "token":
+                    answer += ev.text
+                    history[-1] = {"role": "assistant", "content": safe_md(answer)}
+                elif ev.kind == "done":
+                    if ev.answer_source == "template":
+                        status = status_line("warn", "The model is unavailable or failed, so this answer "
+                                                     f"comes from retrieval only: {ev.text}", lang)
+                    else:
+                        status = status_line("ok", "done", lang)
+                yield frame()
+        except Exception as e:  # noqa: BLE001 - the UI must answer; the log keeps the trace
+            log.exception("chat turn failed")
+            history[-1] = {"role": "assistant", "content": safe_md(answer or f"Sorry, that failed: {e}")}
+            status = status_line("warn", f"error: {type(e).__name__}: {e}", lang)
+            yield frame()
+
+
+def build_chat_app(runtime: Runtime, *, use_model: bool = True,
+                   next_item_config: NextItemConfig | None = None) -> gr.Blocks:
+    """The chat as a `gr.Blocks` (not launched). `use_model=False` answers from retrieval only."""
+    ctl = ChatController(runtime, use_model=use_model, next_item_config=next_item_config)
+    choices = ctl.datasets()
+    default = "online-retail" if "online-retail" in choices else (choices[0] if choices else None)
+    with gr.Blocks(title="ShopLens chat", analytics_enabled=False) as app:
+        gr.Markdown("## ShopLens: ask about customers, products and segments (English or 中文)")
+        with gr.Row():
+            dataset = gr.Dropdown(choices=choices, value=default, label="Dataset", elem_id="dataset", scale=1)
+            status = gr.Markdown("Ready.", elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chat = gr.Chatbot(label="Answer", elem_id="chat", height=420, sanitize_html=True,
+                                  allow_tags=False, feedback_options=None)
+                question = gr.Textbox(label="Question", placeholder=EXAMPLES[0], elem_id="question",
+                                      max_length=MAX_QUESTION_CHARS, lines=1)
+                with gr.Row():
+                    send = gr.Button("Ask", variant="primary", elem_id="send")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                gr.Examples(examples=[[q] for q in EXAMPLES], inputs=[question], label="Try")
+            with gr.Column(scale=4):
+                timeline = gr.Plot(label="Customer timeline (events over time by type, per item)",
+                                   elem_id="timeline", format="png")
+                items = gr.Dataframe(label="Ranked candidates / items (per-source scores)",
+                                     elem_id="candidates", wrap=True, interactive=False)
+                breakdown = gr.BarPlot(pd.DataFrame(columns=["name", "value"]), x="name", y="value",
+                                       label="Breakdown (sentiment / risk drivers)", elem_id="breakdown",
+                                       visible=False)
+                details = gr.JSON(label="Task details", elem_id="details", visible=False)
+        outputs = [chat, status, timeline, items, breakdown, details]
+        inputs = [question, chat, dataset]
+        ev1 = send.click(ctl.respond, inputs, outputs)
+        ev2 = question.submit(ctl.respond, inputs, outputs)
+        stop.click(lambda: "Stopped.", None, status, cancels=[ev1, ev2])
+        dataset.change(lambda: ([], "Ready.", None, None), None,
+                       [chat, status, timeline, items])
+    return app
+
+
+def mount_chat(fastapi_app: Any, runtime: Runtime, path: str = "/ui", **kwargs: Any) -> Any:
+    """Mount the chat on an existing FastAPI app (beside the JSON API); returns the app."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    return gr.mount_gradio_app(fastapi_app, build_chat_app(runtime, **kwargs).queue(), path=path)
