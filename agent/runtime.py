@@ -90,7 +90,10 @@ class Runtime:
             emb = self.embedder_for(dataset)
             try:
                 self._artifacts[dataset] = load_artifacts(self.store, dataset, emb.name, emb.dim, folder)
-            except (FileNotFoundError, IndexMismatchError) as e:
+            except FileNotFoundError:
+                log.info("building indexes for %s (first use)", dataset)
+                self._artifacts[dataset] = build_artifacts(self.store, dataset, emb, folder)
+            except IndexMismatchError as e:
                 log.warning("rebuilding indexes for %s: %s", dataset, e)
                 self._artifacts[dataset] = build_artifacts(self.store, dataset, emb, folder)
             self._artifacts[dataset].review_penalties = penalties_from_events(
