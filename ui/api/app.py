@@ -8,23 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Path, Query
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from agent.audience import AudiencePrediction
+from agent.churn import ChurnPrediction, default_churn_baseline
+from agent.intent import IntentPrediction, IntentService, LogisticBaseline
+from agent.llm.base import ChatModel, Completion, Message, ModelUnavailableError
 from agent.next_item import NextItemConfig
 from agent.pii import mask_pii, pseudonymise
 from agent.predictions import NextItemPrediction
+from agent.profile import UserProfile
 from agent.runtime import Runtime
 from agent.schemas import BehaviorEvent, parse_timestamp
+from agent.sentiment import SentimentAnalyzer, SentimentFailure, SentimentResult
 from agent.service import ShopLensService
 from agent.store import UnknownUserError
+from agent.tasks_service import TasksService, robust_end
 from ui.api.config import ApiSettings
 from ui.api.errors import (
     ERROR_RESPONSES,
@@ -37,6 +46,8 @@ from ui.api.metrics import Metrics
 from ui.api.middleware import ApiMiddleware
 from ui.api.model import ModelHolder
 from ui.api.schemas import (
+    AudienceRequest,
+    ChurnRequest,
     DatasetName,
     DeleteResponse,
     EventError,
@@ -44,7 +55,12 @@ from ui.api.schemas import (
     IngestRequest,
     IngestResponse,
     NextItemRequest,
+    ProfileRequest,
+    PurchaseIntentRequest,
     Readiness,
+    SentimentBatchMeta,
+    SentimentRequest,
+    SentimentResponse,
     UserEvents,
     guard_timestamp,
     out_of_range_timestamp,
@@ -57,6 +73,58 @@ UserPath = Annotated[str, Path(min_length=1, max_length=256)]
 DatasetQuery = Annotated[DatasetName, Query()]
 _404 = {404: {"model": ErrorEnvelope, "description": "unknown user (or dataset)"}}
 _503 = {503: {"model": ErrorEnvelope, "description": "not ready (see Retry-After)"}}
+_503_MODEL = {503: {"model": ErrorEnvelope, "description": "the model is unavailable and this task has no "
+                    "fallback (see Retry-After)"}}
+P = TypeVar("P", IntentPrediction, ChurnPrediction, UserProfile, AudiencePrediction)
+
+
+class ApiTasksService(TasksService):
+    """`TasksService` with the API's shared caches, and the task's hand-set prior where a
+    dataset has too few (or one-class) labelled rows to fit a baseline."""
+
+    priors: dict[tuple[str, str], LogisticBaseline]
+
+    def intent_baseline(self, dataset: str, horizon_h: float = 48.0) -> LogisticBaseline:
+        return self.priors.get(("intent", dataset)) or super().intent_baseline(dataset, horizon_h)
+
+    def churn_baseline(self, dataset: str, horizon_days: int = 90) -> LogisticBaseline:
+        return self.priors.get(("churn", dataset)) or super().churn_baseline(dataset, horizon_days)
+
+
+class ModelWatch:
+    """The guarded model for one request, remembering whether it was unavailable.
+
+    The task services turn `ModelUnavailableError` into degraded answers; routes whose task
+    has no labelled fallback read `down` to answer 503 instead.
+    """
+
+    def __init__(self, holder: ModelHolder):
+        self.holder = holder
+        self.inner: ChatModel | None = None
+        self.model_id = "unavailable"
+        self.down: str | None = None
+        self.retry_after_s: float | None = None
+
+    def _note(self, e: ModelUnavailableError) -> None:
+        self.down = self.down or str(e)
+        self.retry_after_s = max(self.retry_after_s or 0.0, e.retry_after_s or 0.0)
+
+    async def get(self) -> ChatModel:
+        try:
+            self.inner = await self.holder.get()
+        except ModelUnavailableError as e:
+            self._note(e)
+            raise
+        self.model_id = self.inner.model_id
+        return self
+
+    async def complete(self, messages: list[Message], **kw: Any) -> Completion:
+        assert self.inner is not None
+        try:
+            return await self.inner.complete(messages, **kw)
+        except ModelUnavailableError as e:
+            self._note(e)
+            raise
 
 
 class ApiState:
@@ -75,8 +143,98 @@ class ApiState:
         key = settings.pseudonymise_key
         self._pkey = key.get_secret_value().encode() if key and key.get_secret_value() else None
 
+        # Shared by the task services across requests; dropped on ingest and delete.
+        self._task_catalogs: dict[str, Any] = {}
+        self._task_audience: dict[str, Any] = {}
+        self._dataset_end: dict[str, datetime] = {}
+        self._priors: dict[tuple[str, str], LogisticBaseline] = {}
+
     def service(self, *, use_model: bool = True) -> ShopLensService:
         return ShopLensService(self.runtime, use_model=use_model, model_provider=self.model.get)
+
+    def tasks(self, watch: ModelWatch | None, *, use_model: bool = True) -> TasksService:
+        """Intent, churn, profile and audience, with the guarded model (via `watch`)."""
+        svc = ApiTasksService(self.runtime, use_model=use_model and watch is not None)
+        if watch is not None:
+            svc.model_provider = watch.get
+        svc._catalogs, svc._audience = self._task_catalogs, self._task_audience  # caches live here
+        svc.priors = self._priors
+        return svc
+
+    async def ensure_baseline(self, task: str, dataset: str, horizon_h: float = 48.0) -> str | None:
+        """Fit (or load) a task's baseline once, off the event loop. A dataset too small to fit
+        one gets the service's hand-set prior; the returned note says so (for `meta.notes`)."""
+        key = (task, dataset)
+        if key not in self._priors:
+            svc = self.tasks(None, use_model=False)
+            fit = (lambda: svc.intent_baseline(dataset, horizon_h)) if task == "intent" else (
+                lambda: svc.churn_baseline(dataset))
+            try:
+                await asyncio.to_thread(fit)
+                return None
+            except ValueError as e:  # sklearn: no rows, or a single class
+                log.warning("%s baseline for %s not fitted (%s); using the hand-set prior", task, dataset, e)
+                self._priors[key] = IntentService(None).baseline if task == "intent" else default_churn_baseline()
+        return (f"{task} baseline: hand-set prior ({dataset!r} has too few labelled rows to fit one)")
+
+    def forget_task_caches(self, dataset: str) -> None:
+        """After ingest or delete: the audience index and catalogue are rebuilt on next use."""
+        self._task_catalogs.pop(dataset, None)
+        self._task_audience.pop(dataset, None)
+        self._dataset_end.pop(dataset, None)
+        for task in ("intent", "churn"):
+            self._priors.pop((task, dataset), None)
+
+    async def dataset_end(self, dataset: str) -> datetime:
+        if dataset not in self._dataset_end:
+            self._dataset_end[dataset] = await asyncio.to_thread(robust_end, self.runtime.store, dataset)
+        return self._dataset_end[dataset]
+
+    async def check_dataset(self, dataset: str) -> None:
+        datasets = await asyncio.to_thread(self.runtime.store.datasets)
+        if dataset not in datasets:
+            raise ApiError(422, f"unknown dataset {dataset!r}; ingested: {datasets}", code="unknown_dataset",
+                           param="dataset")
+
+    async def check_user(self, dataset: str, raw_id: str) -> str:
+        """The stored id of a known user. Raises ApiError 422 unknown dataset, 404 unknown user."""
+        await self.check_dataset(dataset)
+        uid = self.stored_id(raw_id)
+        if not await asyncio.to_thread(self.runtime.store.has_user, dataset, uid):
+            sugg = [] if self._pkey else await asyncio.to_thread(self.runtime.store.similar_user_ids, dataset, uid)
+            raise _unknown_user(UnknownUserError(dataset, uid, sugg), raw_id, pseudonymised=self._pkey is not None)
+        return uid
+
+    def model_down(self, watch: ModelWatch, task: str, hint: str) -> ApiError:
+        retry = max(self.settings.retry_after_s, math.ceil(watch.retry_after_s or 0))
+        return ApiError(503, f"the model is unavailable ({watch.down}); {task} needs it. {hint}",
+                        code="model_unavailable", headers={"Retry-After": str(retry)})
+
+    async def run_task(self, route: str, run: Callable[[TasksService], Awaitable[P]], *, use_llm: bool,
+                       fallback: bool, task: str = "", hint: str = "") -> P:
+        """One task call with the guarded model, bounded by `request_timeout_s`.
+
+        `fallback`: the task has a labelled answer without the model (baseline or retrieval),
+        passed through with `meta.degraded=true`; otherwise a missing model is a 503.
+        """
+        s = self.settings
+        watch = ModelWatch(self.model)
+        try:
+            async with asyncio.timeout(s.request_timeout_s):
+                pred = await run(self.tasks(watch, use_model=use_llm))
+        except TimeoutError:
+            if not fallback:
+                watch.down = watch.down or f"no answer within {s.request_timeout_s:g} s"
+                raise self.model_down(watch, task, hint) from None
+            pred = await run(self.tasks(None, use_model=False))
+            pred.meta.degraded = True
+            pred.meta.degraded_reason = (f"model did not answer within {s.request_timeout_s:g} s; "
+                                         + (pred.meta.degraded_reason or ""))
+        if watch.down and use_llm and not fallback:
+            raise self.model_down(watch, task, hint)
+        if pred.meta.degraded:
+            self.metrics.degraded.labels(route).inc()
+        return pred
 
     def stored_id(self, user_id: str) -> str:
         """The id the store holds for a caller's user id (pseudonymised when configured)."""
@@ -222,6 +380,127 @@ def _routes(app: FastAPI, state: ApiState) -> None:
         pred.user_id = body.user_id
         return pred
 
+    tasks_responses: dict[int | str, dict[str, Any]] = {**ERROR_RESPONSES, **_404}
+
+    @app.post("/v1/purchase-intent", response_model=IntentPrediction, dependencies=auth,
+              responses=tasks_responses, tags=["tasks"])
+    async def purchase_intent(body: PurchaseIntentRequest) -> IntentPrediction:
+        """P(the user buys the item within `horizon_hours`): a logistic baseline on funnel
+        features blended with the model's yes/no probability, and a reason citing the user's events.
+
+        Model down, slow or loading: 200 with the baseline probability and a template reason,
+        `meta.degraded=true` and the reason."""
+        as_of = _parse_as_of(body.as_of)
+        uid = await state.check_user(body.dataset, body.user_id)
+        note = await state.ensure_baseline("intent", body.dataset, body.horizon_hours)
+        pred = await state.run_task("/v1/purchase-intent", lambda svc: svc.intent(
+            body.dataset, uid, body.item_id, as_of=as_of, horizon_hours=body.horizon_hours),
+            use_llm=body.use_llm, fallback=True)
+        pred.meta.notes.extend([note] if note else [])
+        pred.user_id = body.user_id
+        return pred
+
+    @app.post("/v1/churn", response_model=ChurnPrediction, dependencies=auth,
+              responses=tasks_responses, tags=["tasks"])
+    async def churn(body: ChurnRequest) -> ChurnPrediction:
+        """P(no purchase within `horizon_days` after `as_of`): an RFM logistic baseline blended
+        with the model, drivers, a retention action and a cited reason.
+
+        Model down, slow or loading: 200 with the baseline probability and a rule-based action,
+        `meta.degraded=true` and the reason."""
+        uid = await state.check_user(body.dataset, body.user_id)
+        as_of = _parse_as_of(body.as_of) or await state.dataset_end(body.dataset)
+        note = await state.ensure_baseline("churn", body.dataset)
+        pred = await state.run_task("/v1/churn", lambda svc: svc.churn(
+            body.dataset, uid, as_of=as_of, horizon_days=body.horizon_days),
+            use_llm=body.use_llm, fallback=True)
+        pred.meta.notes.extend([note] if note else [])
+        pred.user_id = body.user_id
+        return pred
+
+    @app.post("/v1/profile", response_model=UserProfile, dependencies=auth,
+              responses={**tasks_responses, **_503_MODEL}, tags=["tasks"])
+    async def profile(body: ProfileRequest) -> UserProfile:
+        """Computed attributes (interests, style, price level, rhythm, lifecycle) plus a
+        model-written summary whose claims cite the user's events.
+
+        Model down, slow or loading: 503 with Retry-After (the summary is the model's job);
+        send `use_llm=false` for the computed profile with a `[template]` summary."""
+        as_of = _parse_as_of(body.as_of)
+        uid = await state.check_user(body.dataset, body.user_id)
+        pred = await state.run_task("/v1/profile", lambda svc: svc.profile(body.dataset, uid, as_of=as_of),
+                                    use_llm=body.use_llm, fallback=False, task="the profile summary",
+                                    hint="Retry later, or send use_llm=false for the computed profile "
+                                    "with a template summary.")
+        pred.user_id = body.user_id
+        return pred
+
+    @app.post("/v1/sentiment", response_model=SentimentResponse, dependencies=auth,
+              responses=ERROR_RESPONSES, tags=["tasks"])
+    async def sentiment(body: SentimentRequest) -> SentimentResponse:
+        """Polarity (and optionally aspects) of each review text, in request order. Text is
+        cleaned (HTML, personal data, instruction-like sentences) before the model sees it.
+
+        Model down, slow or loading: 200, each text judged by the lexicon baseline
+        (`source="lexicon"`, its `meta.degraded=true`), and the batch `meta.degraded=true`."""
+        texts = body.texts
+        if len(texts) > s.max_sentiment_texts:
+            raise ApiError(413, f"{len(texts)} texts exceed the limit of {s.max_sentiment_texts} per request "
+                           "(SHOPLENS_MAX_SENTIMENT_TEXTS)", code="too_many_texts", param="texts")
+        for i, t in enumerate(texts):
+            if len(t) > s.max_text_chars:
+                raise ApiError(413, f"text of {len(t)} characters exceeds {s.max_text_chars} "
+                               "(SHOPLENS_MAX_TEXT_CHARS)", code="text_too_long", param=f"texts[{i}]")
+        watch = ModelWatch(state.model)
+        model: ChatModel | None = None
+        why = "model disabled by the caller"
+        if body.use_llm:
+            try:
+                model = await watch.get()
+            except ModelUnavailableError as e:
+                why = f"model unavailable: {e}"
+        sha = state.runtime.model_sha256
+        done: dict[int, SentimentResult | SentimentFailure] = {}
+        try:
+            async with asyncio.timeout(s.request_timeout_s):
+                await SentimentAnalyzer(model, model_sha256=sha, unavailable_reason=why).analyze_batch(
+                    texts, aspects=body.aspects, on_done=done.__setitem__)
+        except TimeoutError:  # the rest of the batch from the lexicon, labelled
+            lex = SentimentAnalyzer(None, unavailable_reason=f"model did not answer within {s.request_timeout_s:g} s")
+            for i in range(len(texts)):
+                if i not in done:
+                    try:
+                        done[i] = await lex.analyze(texts[i], aspects=False)
+                    except ValueError as e:
+                        done[i] = SentimentFailure(index=i, error=str(e))
+        results = [done[i] for i in range(len(texts))]
+        ok = [r for r in results if isinstance(r, SentimentResult)]
+        reasons = [r.meta.degraded_reason for r in ok if r.meta.degraded and r.meta.degraded_reason]
+        meta = SentimentBatchMeta(degraded=bool(reasons), degraded_reason=reasons[0] if reasons else None,
+                                  n=len(texts), by_model=sum(r.source == "model" for r in ok),
+                                  by_lexicon=sum(r.source == "lexicon" for r in ok), failed=len(texts) - len(ok))
+        if meta.degraded:
+            state.metrics.degraded.labels("/v1/sentiment").inc()
+        return SentimentResponse(results=results, meta=meta)
+
+    @app.post("/v1/audience", response_model=AudiencePrediction, dependencies=auth,
+              responses=ERROR_RESPONSES, tags=["tasks"])
+    async def audience(body: AudienceRequest) -> AudiencePrediction:
+        """The `n` users most likely to buy `item_id` (or to answer `campaign_text`), ranked by
+        retrieval fusion; the model scores and explains the top few. User ids are as stored
+        (pseudonymised when SHOPLENS_PSEUDONYMISE_KEY is set).
+
+        Model down, slow or loading: 200 ranked by retrieval alone with template reasons,
+        `meta.degraded=true` and the reason."""
+        if not body.item_id and not body.campaign_text:
+            raise ApiError(422, "give item_id or campaign_text", code="missing", param="item_id")
+        await state.ensure_indexes(body.dataset)
+        warm = state.tasks(None, use_model=False)
+        await asyncio.to_thread(warm.audience_index, body.dataset)  # built once, off the event loop
+        return await state.run_task("/v1/audience", lambda svc: svc.audience(
+            body.dataset, item_id=body.item_id, campaign_text=body.campaign_text, n=body.n),
+            use_llm=body.use_llm, fallback=True)
+
     @app.post("/v1/events", response_model=IngestResponse, dependencies=auth, responses=ERROR_RESPONSES,
               tags=["events"])
     async def ingest_events(body: IngestRequest) -> IngestResponse:
@@ -242,6 +521,7 @@ def _routes(app: FastAPI, state: ApiState) -> None:
                            code=first.code, param=first.param)
         async with state.write_lock:
             stored = await asyncio.to_thread(state.runtime.store.add_events, body.dataset, good)
+        state.forget_task_caches(body.dataset)
         state.metrics.events_ingested.labels("stored").inc(stored)
         state.metrics.events_ingested.labels("duplicate").inc(len(good) - stored)
         state.metrics.events_ingested.labels("rejected").inc(len(body.events) - len(good))
@@ -276,6 +556,7 @@ def _routes(app: FastAPI, state: ApiState) -> None:
         try:
             async with state.write_lock, lock:
                 n = await asyncio.to_thread(svc.forget_user, dataset, state.stored_id(user_id))
+                state.forget_task_caches(dataset)
         except UnknownUserError as e:
             raise ApiError(404, f"no user {user_id!r} in dataset {dataset!r}", code="unknown_user",
                            param="user_id") from e

@@ -39,6 +39,9 @@ class ApiSettings(BaseSettings):
     max_events_per_request: int = Field(default=10_000, ge=1)
     # Review text per event; longer is refused with 413 (the schema's hard cap is 20,000).
     max_text_chars: int = Field(default=5_000, ge=1)
+    # Texts per /v1/sentiment request: each is one model call (two with aspects), so a batch
+    # of 100 takes minutes on a small local model; larger batches are refused with 413.
+    max_sentiment_texts: int = Field(default=100, ge=1)
 
     # --- the model, as the API uses it ------------------------------------------------------
     # Start the embedded model (or connect to SHOPLENS_LLM_BASE_URL) in the background at

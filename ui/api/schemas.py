@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from agent.schemas import BehaviorEvent
+from agent.sentiment import SentimentFailure, SentimentResult
 
 # Used as a folder name under the workspace: no path separators, no dot-dot.
 DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
@@ -110,3 +111,88 @@ class Readiness(BaseModel):
     model: dict[str, Any]
     indexes: dict[str, str]
     reason: str | None = None
+
+
+# ---- the task routes (responses are agent's prediction schemas) -------------------------------
+
+AsOf = Annotated[
+    str | int | float | None,
+    WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}, {"type": "null"}],
+                    "description": "only events strictly before this time (ISO-8601 or unix s/ms)"}),
+]
+UseLlm = Annotated[bool, Field(description="false: answer without the model (baseline / template / lexicon)")]
+ItemId = Annotated[str, Field(min_length=1, max_length=256, examples=["85123A"])]
+
+
+class PurchaseIntentRequest(BaseModel):
+    """Will this stored user buy this item within `horizon_hours` of `as_of`?"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    user_id: UserId
+    item_id: ItemId
+    as_of: AsOf = None
+    horizon_hours: float = Field(default=48.0, gt=0, le=24 * 90)
+    use_llm: UseLlm = True
+
+
+class ChurnRequest(BaseModel):
+    """Will this stored user make no purchase within `horizon_days` after `as_of`?"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    user_id: UserId
+    as_of: AsOf = Field(default=None, description="default: the dataset's last event time")
+    horizon_days: int = Field(default=90, ge=1, le=730)
+    use_llm: UseLlm = True
+
+
+class ProfileRequest(BaseModel):
+    """A stored user's profile: computed attributes plus a model-written, cited summary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    user_id: UserId
+    as_of: AsOf = None
+    use_llm: UseLlm = True
+
+
+class SentimentRequest(BaseModel):
+    """A batch of review texts (at most SHOPLENS_MAX_SENTIMENT_TEXTS, each at most
+    SHOPLENS_MAX_TEXT_CHARS characters; larger is 413)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[Annotated[str, Field(min_length=1, max_length=20_000)]] = Field(
+        min_length=1, examples=[["Arrived broken, support never answered.", "Lovely mug, fast delivery."]])
+    aspects: bool = Field(default=False, description="also extract aspect-level sentiment (one more model call each)")
+    use_llm: UseLlm = True
+
+
+class SentimentBatchMeta(BaseModel):
+    degraded: bool = Field(description="true when any text was judged by the lexicon fallback")
+    degraded_reason: str | None = None
+    n: int
+    by_model: int
+    by_lexicon: int
+    failed: int = Field(description="texts that could not be judged (see their `error`)")
+
+
+class SentimentResponse(BaseModel):
+    results: list[SentimentResult | SentimentFailure] = Field(description="one per text, in request order")
+    meta: SentimentBatchMeta
+
+
+class AudienceRequest(BaseModel):
+    """The users most likely to buy an item, or to answer a campaign text (give one of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    item_id: ItemId | None = None
+    campaign_text: str | None = Field(default=None, min_length=1, max_length=2_000)
+    n: int = Field(default=50, ge=1, le=500)
+    use_llm: UseLlm = True
