@@ -6,8 +6,9 @@ typed data, never free text; the chat renders the results and the answer prompt 
 
 Caller mistakes (unknown customer or item, a missing id) come back as a typed `NotFound` or
 `NeedInfo` result with suggestions, never as an exception. Task tools wrap
-`agent.tasks_service.TasksService`; what that service does not offer yet (a per-item review
-summary, at-risk cohort lists) comes back as `Unavailable`.
+`agent.tasks_service.TasksService`; `item_sentiment` (an item's review polarity, trend and
+complaints, `agent.opinion`) and `churn_segment` (a month's buyers ranked by the churn
+baseline) are pure code over the store, no model call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -29,8 +31,10 @@ from agent.store import UnknownUserError
 
 ToolName = Literal[
     "next_item", "user_timeline", "item_lookup", "item_search",
-    "intent", "churn", "profile", "sentiment", "audience",
+    "intent", "churn", "churn_segment", "profile", "item_sentiment", "audience",
 ]
+# Older names a routing answer may still use (the chat_route.v1 guide says "-> sentiment").
+TOOL_ALIASES: dict[str, ToolName] = {"sentiment": "item_sentiment"}
 
 # ---- args --------------------------------------------------------------------------------
 
@@ -62,6 +66,13 @@ class IntentArgs(CustomerArgs):
 class ChurnArgs(CustomerArgs):
     month: int | None = Field(default=None, ge=1, le=12,
                               description="only customers who bought in this calendar month")
+
+
+class SegmentArgs(BaseModel):
+    month: int | None = Field(default=None, ge=1, le=12,
+                              description="customers with a purchase in this calendar month (its latest "
+                                          "occurrence in the data); default: the data's last month")
+    n: int = Field(default=10, ge=1, le=50, description="how many customers")
 
 
 # ---- results -----------------------------------------------------------------------------
@@ -159,8 +170,56 @@ class TaskResult(BaseModel):
     data: dict[str, Any]
 
 
+class Complaint(BaseModel):
+    event_id: str = Field(description="the review event")
+    timestamp: str
+    rating: float | None = None
+    excerpt: str = Field(description="cleaned, instruction-filtered, PII-masked, <= 160 chars")
+
+
+class ItemSentiment(BaseModel):
+    kind: Literal["item_sentiment"] = "item_sentiment"
+    dataset: str
+    item_id: str
+    title: str
+    n_reviews: int = Field(ge=0)
+    counts: dict[str, int] = Field(description="reviews by polarity: negative, neutral, positive")
+    from_text: int = Field(ge=0, description="reviews without stars, labelled by the lexicon")
+    window_days: int
+    trend: list[dict[str, Any]] = Field(description="windows oldest first: start, end, n, negative, "
+                                                    "neutral, positive, share_negative")
+    turned: Literal["worse", "better"] | None = None
+    trend_note: str = ""
+    complaints: list[Complaint] = Field(description="negative reviews, lowest stars then newest first")
+    evidence: list[str] = Field(description="review event ids the answer rests on")
+
+
+class AtRiskCustomer(BaseModel):
+    customer_id: str
+    probability: float = Field(ge=0, le=1, description="churn baseline P(no purchase in 90 days)")
+    risk_band: Literal["low", "medium", "high"]
+    recency_days: float | None
+    n_orders: int
+    orders_last_90d: int
+    monetary: float
+    drivers: list[str] = Field(description="recency and frequency, as the churn task words them")
+    last_purchase_event: str
+    last_purchase_at: str
+
+
+class ChurnSegment(BaseModel):
+    kind: Literal["churn_segment"] = "churn_segment"
+    dataset: str
+    month: int = Field(ge=1, le=12)
+    year: int
+    as_of: str = Field(description="the end of the month; features use purchases before it")
+    n_buyers: int = Field(ge=0, description="customers with a purchase in the month")
+    baseline: str = Field(description="what the churn baseline was trained on")
+    customers: list[AtRiskCustomer] = Field(description="riskiest first")
+
+
 ToolResult = (NotFound | NeedInfo | Unavailable | Timeline | NextItems | ItemDetails | SearchHits
-              | TaskResult)
+              | TaskResult | ItemSentiment | ChurnSegment)
 
 
 # ---- context and registry ----------------------------------------------------------------
@@ -313,11 +372,9 @@ async def profile(ctx: ToolContext, args: CustomerArgs) -> ToolResult:
 
 
 async def churn(ctx: ToolContext, args: ChurnArgs) -> ToolResult:
-    """One customer's churn risk as of the dataset's end (cohort lists are not built yet)."""
+    """One customer's churn risk as of the dataset's end; no customer: the cohort list."""
     if args.customer_id is None:
-        month = f" (customers who bought in month {args.month})" if args.month else ""
-        return _missing("churn", f"list of at-risk customers{month}; ask about one customer, e.g. "
-                                 "'is customer 17850 at risk of churning?', and it")
+        return await churn_segment(ctx, SegmentArgs(month=args.month))
     uid = _customer_or_result(ctx, args.customer_id)
     if not isinstance(uid, str):
         return uid
@@ -357,11 +414,93 @@ async def audience(ctx: ToolContext, args: ItemArgs) -> ToolResult:
     return NeedInfo(missing="item_id", message="which product should the audience be for?")
 
 
-async def sentiment(ctx: ToolContext, args: ItemArgs) -> ToolResult:
+def _excerpt(text: str, n: int = 160) -> str:
+    from agent.pii import mask_pii
+    from agent.sentiment import prepare_text
+
+    t = mask_pii(prepare_text(text, 2000)[0]).replace("\n", " ")
+    return t if len(t) <= n else t[: n - 1].rsplit(" ", 1)[0] + "…"
+
+
+def _reviewed_suggestions(ctx: ToolContext, query: str, reviews: list[Any]) -> list[str]:
+    """Items with reviews sharing the longest prefix with `query` (then the most reviewed)."""
+    catalog = ctx.runtime.artifacts(ctx.dataset).catalog
+    n = Counter(e.item_id for e in reviews)
+
+    def shared(i: str) -> int:
+        return next((k for k in range(min(len(i), len(query)), 0, -1) if i[:k].upper() == query[:k].upper()), 0)
+
+    best = sorted(n, key=lambda i: (-shared(i), -n[i], i))[:3]
+    return [f"{i}: {catalog[i].title}" if i in catalog else i for i in best]
+
+
+async def item_sentiment(ctx: ToolContext, args: ItemArgs, *, window_days: int = 90,
+                         n_complaints: int = 5) -> ToolResult:
+    """An item's reviews by polarity (stars; the lexicon when a review has none), the trend over
+    the last 4 windows (`agent.opinion`) and the top complaints, citing review event ids."""
+    from agent.opinion import review_polarity, trends_from_events
+
+    reviews = list(ctx.runtime.store.iter_events(ctx.dataset, event_types=("review",)))
     item = resolve_item(ctx, args.item_id, args.item_query)
+    if isinstance(item, NotFound) and reviews and args.item_id:
+        item.suggestions = _reviewed_suggestions(ctx, args.item_id, reviews)
     if not isinstance(item, str):
         return item
-    return _missing("sentiment", "per-item review summary (agent/sentiment.py scores single reviews)")
+    revs = sorted((e for e in reviews if e.item_id == item), key=lambda e: e.timestamp)
+    counts = {"negative": 0, "neutral": 0, "positive": 0}
+    negative, from_text = [], 0
+    for e in revs:
+        lab = review_polarity(e)
+        if lab is None:
+            continue
+        counts[lab[0]] += 1
+        from_text += lab[1] == "text"
+        if lab[0] == "negative" and e.review_text and e.review_text.strip():
+            negative.append(e)
+    negative.sort(key=lambda e: (e.rating if e.rating is not None else 2.0, -e.timestamp.timestamp()))
+    complaints = [Complaint(event_id=e.event_id, timestamp=e.timestamp.isoformat(), rating=e.rating,
+                            excerpt=_excerpt(e.review_text or "")) for e in negative[:n_complaints]]
+    trends = trends_from_events(revs, by="item", window_days=window_days, min_count=3)
+    t = trends[0] if trends else None
+    recent = [e.event_id for e in reversed(revs) if e.event_id not in {c.event_id for c in complaints}]
+    return ItemSentiment(
+        dataset=ctx.dataset, item_id=item, title=ctx.runtime.artifacts(ctx.dataset).catalog[item].title,
+        n_reviews=sum(counts.values()), counts=counts, from_text=from_text, window_days=window_days,
+        trend=t.as_dict()["windows"] if t else [], turned=t.turned if t else None,
+        trend_note=t.reason if t else "", complaints=complaints,
+        evidence=[c.event_id for c in complaints] + recent[: max(0, 10 - len(complaints))],
+    )
+
+
+def _month_window(month: int, end: datetime) -> tuple[int, datetime, datetime]:
+    """(year, start, end-exclusive) of the latest `month` starting on or before `end`."""
+    year = end.year if datetime(end.year, month, 1, tzinfo=UTC) <= end else end.year - 1
+    nxt = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+    return year, datetime(year, month, 1, tzinfo=UTC), nxt
+
+
+async def churn_segment(ctx: ToolContext, args: SegmentArgs) -> ToolResult:
+    """Customers who bought in a month, riskiest first by the churn baseline as of the month's end."""
+    from agent.churn import churn_drivers, driver_lines, risk_band
+    from agent.tasks_service import robust_end
+
+    svc = _tasks(ctx)
+    if svc is None:
+        return _missing("churn_segment", "service")
+    end = robust_end(ctx.runtime.store, ctx.dataset)
+    end = end if end.tzinfo else end.replace(tzinfo=UTC)
+    year, start, as_of = _month_window(args.month or end.month, end)
+    bl, n_buyers, top = svc.churn_segment(ctx.dataset, start, as_of, n=args.n)
+    rows = []
+    for uid, f, p, last in top:
+        drivers = [d for d in churn_drivers(f) if d.name in ("recency", "frequency")]
+        rows.append(AtRiskCustomer(
+            customer_id=uid, probability=round(p, 4), risk_band=risk_band(p), recency_days=f.recency_days,
+            n_orders=f.n_orders, orders_last_90d=f.orders_last_90d, monetary=f.monetary,
+            drivers=driver_lines(drivers), last_purchase_event=last.event_id,
+            last_purchase_at=last.timestamp.isoformat()))
+    return ChurnSegment(dataset=ctx.dataset, month=start.month, year=year, as_of=as_of.isoformat(),
+                        n_buyers=n_buyers, baseline=bl.trained_on, customers=rows)
 
 
 # The one place tools are declared. Descriptions are what the routing prompt shows the model.
@@ -378,12 +517,14 @@ TOOLS: dict[str, ToolSpec] = {
                  SearchArgs, item_search, "query"),
         ToolSpec("intent", "a customer's current purchase intent: what they are shopping for now",
                  IntentArgs, intent, "customer"),
-        ToolSpec("churn", "churn risk: which customers are likely to stop buying, and the risk drivers",
+        ToolSpec("churn", "one customer's churn risk: is this customer likely to stop buying, and why",
                  ChurnArgs, churn, "customer"),
+        ToolSpec("churn_segment", "which customers (e.g. who bought in a month) are most at risk of churning",
+                 SegmentArgs, churn_segment, "none"),
         ToolSpec("profile", "describe a customer's shopping style and preferences (a profile)",
                  CustomerArgs, profile, "customer"),
-        ToolSpec("sentiment", "what customers feel about a product: review sentiment and complaints",
-                 ItemArgs, sentiment, "item"),
+        ToolSpec("item_sentiment", "what customers feel about a product: review sentiment, trend and complaints",
+                 ItemArgs, item_sentiment, "item"),
         ToolSpec("audience", "which customers to target for a product (audience / segment)",
                  ItemArgs, audience, "item"),
     ]
@@ -433,6 +574,26 @@ def result_facts(result: ToolResult) -> str:
             for h in result.hits)
     if isinstance(result, TaskResult):
         return json.dumps(result.data, ensure_ascii=False)[:3000]
+    if isinstance(result, ItemSentiment):
+        c = result.counts
+        lines = [f"Item {result.item_id} ({result.title}): {result.n_reviews} reviews in {result.dataset}: "
+                 f"{c['negative']} negative, {c['neutral']} neutral, {c['positive']} positive"
+                 f" ({result.from_text} labelled from text, the rest from stars)"]
+        if result.trend:
+            lines.append(f"Trend, {result.window_days}-day windows, oldest first: " + "; ".join(
+                f"{w['start'][:10]}..{w['end'][:10]}: {w['n']} reviews, {100 * w['share_negative']:.0f}% negative"
+                for w in result.trend) + (f" (turned {result.turned}: {result.trend_note})" if result.turned else ""))
+        lines.append("Complaints (negative reviews):" if result.complaints else "No negative reviews with text.")
+        lines += [f"- [{x.event_id}] {x.timestamp[:10]}" + (f" {x.rating:g} stars" if x.rating else "")
+                  + f": {x.excerpt}" for x in result.complaints]
+        return "\n".join(lines)
+    if isinstance(result, ChurnSegment):
+        lines = [f"{result.n_buyers} customers bought in {result.year}-{result.month:02d} in {result.dataset}; "
+                 f"churn risk as of {result.as_of[:10]} by the churn baseline ({result.baseline}), riskiest first:"]
+        lines += [f"- customer {x.customer_id}: P(churn) {x.probability:.2f} ({x.risk_band}); "
+                  + "; ".join(x.drivers) + f"; last purchase [{x.last_purchase_event}] {x.last_purchase_at[:10]}"
+                  for x in result.customers]
+        return "\n".join(lines)
     return result.message
 
 
@@ -459,6 +620,28 @@ def fallback_answer(result: ToolResult, lang: Literal["zh", "en"]) -> str:
                 f"（{(result.first or '')[:10]} 至 {(result.last or '')[:10]}），最常购买：{top}。" if zh else
                 f"Customer {result.customer_id} has {result.n_events} events from "
                 f"{(result.first or '')[:10]} to {(result.last or '')[:10]}; most frequent: {top}.")
+    if isinstance(result, ItemSentiment):
+        c, n = result.counts, result.n_reviews
+        if not n:
+            return (f"{result.title}（{result.item_id}）在 {result.dataset} 中还没有评价。" if zh else
+                    f"{result.title} ({result.item_id}) has no reviews in {result.dataset}.")
+        head = (f"{result.title}（{result.item_id}）共 {n} 条评价：差评 {c['negative']}、中评 {c['neutral']}、"
+                f"好评 {c['positive']}。" if zh else
+                f"{result.title} ({result.item_id}) has {n} reviews: {c['negative']} negative, "
+                f"{c['neutral']} neutral, {c['positive']} positive.")
+        if result.turned:
+            head += (f" 近期口碑变{'差' if result.turned == 'worse' else '好'}（{result.trend_note}）。" if zh else
+                     f" Recently it turned {result.turned} ({result.trend_note}).")
+        rows = [f"- {x.excerpt} [{x.event_id}]" for x in result.complaints[:3]]
+        return "\n".join([head, ("主要抱怨：" if zh else "Main complaints:") if rows else "", *rows]).strip()
+    if isinstance(result, ChurnSegment):
+        head = (f"{result.year}年{result.month}月有购买的 {result.n_buyers} 位客户中，流失风险最高的是"
+                f"（截至 {result.as_of[:10]}）：" if zh else
+                f"Of the {result.n_buyers} customers who bought in {result.year}-{result.month:02d}, the most at "
+                f"risk of churning (as of {result.as_of[:10]}) are:")
+        rows = [f"{i}. {x.customer_id}: {x.probability:.0%} ({x.risk_band}); {'; '.join(x.drivers)}"
+                for i, x in enumerate(result.customers, 1)]
+        return "\n".join([head, *rows])
     if isinstance(result, SearchHits):
         names = "; ".join(f"{h.title} ({h.item_id})" for h in result.hits[:5])
         return (f"与“{result.query}”相关的商品：{names}" if zh else

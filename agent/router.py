@@ -25,7 +25,9 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, model_validator
 
+from agent.chat_text import Language, ParsedQuestion, detect_language, preparse
 from agent.chat_tools import (
+    TOOL_ALIASES,
     TOOLS,
     Timeline,
     ToolContext,
@@ -39,91 +41,10 @@ from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputVali
 from agent.prompting import load_prompt, render
 from agent.structured import CallTrace, structured_call
 
-Language = Literal["zh", "en"]
+__all__ = ["ChatAgent", "ChatEvent", "Language", "ParsedQuestion", "Route", "ToolCall",
+           "detect_language", "model_route", "preparse", "route_schema", "rule_route"]
 ROUTE_PROMPT = "chat_route.v1"
 T = TypeVar("T")
-
-# ---- deterministic pre-parsing -----------------------------------------------------------
-
-_CJK = re.compile(r"[\u4e00-\u9fff]")
-# ASCII look-arounds, not \b: in Chinese text the id touches ideographs, which are \w too.
-_ASIN = re.compile(r"(?<![A-Za-z0-9])(B0[0-9A-Z]{8})(?![A-Za-z0-9])")  # Amazon ASINs: B0009RF9DW
-_CODE = re.compile(r"(?<![A-Za-z0-9_-])(\d{4,6}[A-Za-z]{1,3}|\d{4,12})(?![A-Za-z0-9_-])")  # 85123A, 17850
-_CUSTOMER_WORDS = re.compile(r"customer|client|shopper|user|buyer|客户|顾客|用户|会员|买家", re.I)
-_ITEM_WORDS = re.compile(r"item|product|sku|stock ?code|article|商品|产品|货品|单品|物品", re.I)
-_TITLE = re.compile(r"[\"“'‘「《]([^\"”'’」》]{3,80})[\"”'’」》]|((?:[A-Z0-9][A-Z0-9&'.,/-]*\s+){1,}[A-Z0-9][A-Z0-9&'.,/-]*)")
-_MONTHS_EN = ["january", "february", "march", "april", "may", "june", "july", "august",
-              "september", "october", "november", "december"]
-_MONTHS_ZH = ["一", "二", "三", "四", "五", "六", "七", "八", "九", "十", "十一", "十二"]
-
-
-def detect_language(text: str) -> Language:
-    """'zh' when the text has any CJK ideograph, else 'en'."""
-    return "zh" if _CJK.search(text) else "en"
-
-
-@dataclass
-class ParsedQuestion:
-    """What pure code can read from a question before any model call."""
-
-    question: str
-    language: Language
-    customer_ids: list[str] = field(default_factory=list)
-    item_ids: list[str] = field(default_factory=list)
-    month: int | None = None
-    title: str | None = None  # a quoted or UPPER-CASE product title
-
-
-def _month(text: str) -> int | None:
-    """A calendar month named in the question (English name/abbreviation, 10月, 十月)."""
-    low = text.lower()
-    for i, name in enumerate(_MONTHS_EN, 1):
-        pat = r"\bin may\b|\bmay (19|20)\d\d\b" if name == "may" else rf"\b({name}|{name[:3]})\b"
-        if re.search(pat, low):
-            return i
-    m = re.search(r"(\d{1,2})\s*月", text)
-    if m and 1 <= int(m.group(1)) <= 12:
-        return int(m.group(1))
-    for i in range(12, 0, -1):
-        if _MONTHS_ZH[i - 1] + "月" in text:
-            return i
-    return None
-
-
-def preparse(question: str, *, has_user: Any = None, has_item: Any = None) -> ParsedQuestion:
-    """Ids, month, title and language from the question text.
-
-    A number is a customer id or an item code by the nearest preceding keyword (customer/客户
-    vs item/product/商品); without one, by what the store knows (`has_user`/`has_item`
-    callables), and otherwise a pure number of 5 digits is taken as a customer (Online Retail's
-    CustomerID) and an alphanumeric code as an item (StockCode like 85123A).
-    """
-    p = ParsedQuestion(question=question, language=detect_language(question), month=_month(question))
-    for m in _ASIN.finditer(question):
-        p.item_ids.append(m.group(1))
-    for m in _CODE.finditer(question):
-        tok = m.group(1)
-        if tok in p.item_ids or (len(tok) == 4 and tok.isdigit() and 1990 <= int(tok) <= 2100):
-            continue
-        before = question[max(0, m.start() - 24): m.start()]
-        cw = [x.end() for x in _CUSTOMER_WORDS.finditer(before)]
-        iw = [x.end() for x in _ITEM_WORDS.finditer(before)]
-        if cw or iw:
-            is_customer = (max(cw) if cw else -1) > (max(iw) if iw else -1)
-        elif has_user is not None and has_item is not None and has_user(tok) != has_item(tok.upper()):
-            is_customer = bool(has_user(tok))
-        else:
-            is_customer = tok.isdigit() and len(tok) == 5
-        (p.customer_ids if is_customer else p.item_ids).append(tok if is_customer else tok.upper())
-    for m in _TITLE.finditer(question):
-        cand = (m.group(1) or m.group(2) or "").strip(" ?.,!？。")
-        if len(cand) >= 6 and not _ASIN.fullmatch(cand) and cand.upper() not in p.item_ids:
-            p.title = cand
-            break
-    p.customer_ids = list(dict.fromkeys(p.customer_ids))
-    p.item_ids = list(dict.fromkeys(p.item_ids))
-    return p
-
 
 # ---- the tool call -----------------------------------------------------------------------
 
@@ -146,7 +67,7 @@ class ToolCall(BaseModel):
 class RouteDecision(BaseModel):
     """The model's routing answer (flat, so a 1.5B model fills it reliably)."""
 
-    tool: ToolName
+    tool: ToolName | Literal["sentiment"]  # an alias the v1 prompt's guide still names
     customer_id: str | None = None
     item_id: str | None = None
     query: str | None = Field(default=None, max_length=120)
@@ -161,7 +82,7 @@ def route_schema(parsed: ParsedQuestion) -> dict[str, Any]:
     return {
         "title": "RouteDecision", "type": "object",
         "properties": {
-            "tool": {"type": "string", "enum": list(TOOLS)},
+            "tool": {"type": "string", "enum": [*TOOLS, *TOOL_ALIASES]},
             "customer_id": ids(parsed.customer_ids),
             "item_id": ids(parsed.item_ids),
             "query": {"anyOf": [{"type": "string", "maxLength": 120}, {"type": "null"}]},
@@ -171,15 +92,23 @@ def route_schema(parsed: ParsedQuestion) -> dict[str, Any]:
     }
 
 
-def to_call(tool: ToolName, parsed: ParsedQuestion, customer_id: str | None = None,
+def to_call(tool: str, parsed: ParsedQuestion, customer_id: str | None = None,
             item_id: str | None = None, query: str | None = None) -> ToolCall:
-    """Assemble typed args: ids from the pre-parser win, the model only fills what code cannot."""
-    needs = TOOLS[tool].needs
+    """Assemble typed args: ids from the pre-parser win, the model only fills what code cannot.
+
+    An alias (`TOOL_ALIASES`) becomes its tool; `churn` without a customer is the cohort
+    question ("which customers who bought in October ...") and becomes `churn_segment`.
+    """
+    tool = TOOL_ALIASES.get(tool, tool)
+    customer_id = customer_id or (parsed.customer_ids[0] if parsed.customer_ids else None)
+    if tool == "churn" and not customer_id:
+        tool = "churn_segment"
+    needs = TOOLS[tool].needs  # type: ignore[index]
     args: dict[str, Any] = {}
+    if tool == "churn_segment":
+        args["month"] = parsed.month
     if needs == "customer":
-        args["customer_id"] = customer_id or (parsed.customer_ids[0] if parsed.customer_ids else None)
-        if tool == "churn":
-            args["month"] = parsed.month
+        args["customer_id"] = customer_id
         if tool == "intent":
             args["item_id"] = item_id or (parsed.item_ids[0] if parsed.item_ids else None)
             args["item_query"] = None if args["item_id"] else parsed.title
@@ -189,12 +118,12 @@ def to_call(tool: ToolName, parsed: ParsedQuestion, customer_id: str | None = No
             args["item_query"] = parsed.title or query
     elif needs == "query":
         args["query"] = (query or parsed.title or parsed.question)[:120]
-    return ToolCall(tool=tool, args=args)
+    return ToolCall(tool=tool, args=args)  # type: ignore[arg-type]
 
 
 _RULES: list[tuple[ToolName, re.Pattern[str]]] = [
     ("churn", re.compile(r"churn|at risk|stop(ped)? buying|lapse|leav|流失|不再|风险", re.I)),
-    ("sentiment", re.compile(r"review|feel|complain|rating|opinion|sentiment|评价|口碑|抱怨|差评|好评|感觉|评论", re.I)),
+    ("item_sentiment", re.compile(r"review|feel|complain|rating|opinion|sentiment|评价|口碑|抱怨|差评|好评|感觉|评论", re.I)),
     ("audience", re.compile(r"target|audience|market to|promot|segment|who (would|might|will) (like|want|buy)|customers would|interested in|目标|推广|人群|受众|卖给谁", re.I)),
     ("profile", re.compile(r"style|profile|describe|what kind of|preferen|persona|画像|风格|偏好|描述|什么样", re.I)),
     ("intent", re.compile(r"intent|right now|currently|shopping for|looking for|意图|正在|目前想", re.I)),

@@ -9,6 +9,7 @@ An unknown user is answered with an explicit cold-start prediction (the note nam
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from agent.audience import AudienceIndex, AudiencePrediction, AudienceService, rank_users
-from agent.churn import RFM_FEATURES, ChurnPrediction, ChurnService, rfm_vector
+from agent.churn import (
+    RFM_FEATURES,
+    ChurnPrediction,
+    ChurnService,
+    default_churn_baseline,
+    rfm_vector,
+)
 from agent.intent import (
     INTENT_FEATURES,
     Funnel,
@@ -26,7 +33,14 @@ from agent.intent import (
     LogisticBaseline,
     funnel_features,
 )
-from agent.profile import ProfileService, UserFeatures, UserProfile, catalogue_prices, user_features
+from agent.profile import (
+    ProfileService,
+    UserFeatures,
+    UserProfile,
+    catalogue_prices,
+    orders_of,
+    user_features,
+)
 from agent.runtime import Runtime
 from agent.schemas import BehaviorEvent, CatalogItem
 from agent.service import RequestError, ShopLensService
@@ -163,6 +177,41 @@ class TasksService(ShopLensService):
         bl = fit_churn_baseline(rows, f"{dataset} users at {as_of:%Y-%m-%d}, horizon {horizon_days} d")
         bl.save(path)
         return bl
+
+    def churn_segment(self, dataset: str, start: datetime, end: datetime, *, n: int = 10
+                      ) -> tuple[LogisticBaseline, int, list[tuple[str, UserFeatures, float, BehaviorEvent]]]:
+        """Customers with a purchase in [start, end), ranked by the churn BASELINE probability at
+        as_of = `end` (RFM features from purchases strictly before `end`; no model call).
+
+        Returns:
+            (the baseline used, how many customers bought in the window, the top `n` as
+            (user id, features, probability, last purchase event)), riskiest first, ties by id.
+            A dataset too small to fit a baseline uses the hand-set prior (`default_churn_baseline`).
+        """
+        catalog = self._dataset(dataset)
+        try:
+            bl = self.churn_baseline(dataset)
+        except ValueError:  # no or one-class training rows (a tiny dataset)
+            bl = default_churn_baseline()
+        prices = catalogue_prices(catalog)
+        by_user: dict[str, list[BehaviorEvent]] = defaultdict(list)
+        for e in self.runtime.store.iter_events(dataset, before=end, event_types=("purchase",)):
+            if e.item_id in catalog:
+                by_user[e.user_id].append(e)
+        fast = []  # RFM straight from the orders (as `user_features` computes them), for every buyer
+        for uid, evs in by_user.items():  # oldest first per user
+            if evs[-1].timestamp >= start:
+                orders = orders_of(evs)
+                rec = (end - orders[-1].timestamp).total_seconds() / 86_400.0
+                x = {"log_recency": math.log1p(rec), "log_frequency": math.log1p(len(orders)),
+                     "log_monetary": math.log1p(max(0.0, round(sum(o.spend for o in orders), 2)))}
+                fast.append((uid, bl.predict(x)))
+        fast.sort(key=lambda r: (-r[1], r[0]))
+        top = []  # full features (drivers) only for the top n
+        for uid, _ in fast[:n]:
+            f = user_features(by_user[uid], catalog, end, catalogue_prices=prices)
+            top.append((uid, f, bl.predict(rfm_vector(f)), by_user[uid][-1]))
+        return bl, len(fast), top
 
     async def intent(self, dataset: str, user_id: str, item_id: str, *, as_of: datetime | None = None,
                      horizon_hours: float = 48.0) -> IntentPrediction:

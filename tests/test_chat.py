@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from agent.chat_tools import (
+    ChurnSegment,
+    ItemSentiment,
     NeedInfo,
     NextItems,
     NotFound,
@@ -173,7 +175,7 @@ async def test_model_route_repairs_an_invalid_answer() -> None:
 def test_preparsed_ids_and_month_win_over_the_model() -> None:
     parsed = preparse("Which customers who bought in October are at risk of churning?")
     call = rule_route(parsed)
-    assert call == ToolCall(tool="churn", args={"month": 10})
+    assert call == ToolCall(tool="churn_segment", args={"month": 10})
     assert route_schema(parsed)["properties"]["customer_id"] == {"type": "null"}
 
 
@@ -351,7 +353,7 @@ async def test_task_tools_wrap_the_tasks_service(tmp_path: Path) -> None:
     prof = await run_tool(ctx, "profile", ToolCall(tool="profile", args={"customer_id": "12347"}).typed_args())
     assert prof.kind == "task" and prof.data["user_id"] == "12347"  # type: ignore[union-attr]
     cohort = await run_tool(ctx, "churn", ToolCall(tool="churn", args={"month": 10}).typed_args())
-    assert isinstance(cohort, Unavailable) and "one customer" in cohort.message
+    assert isinstance(cohort, ChurnSegment) and cohort.month == 10  # no customer: the cohort tool
     need = await run_tool(ctx, "intent", ToolCall(tool="intent", args={"customer_id": "12347"}).typed_args())
     assert isinstance(need, NeedInfo)
 
@@ -399,4 +401,124 @@ def test_route_prompt_snapshot() -> None:
                       question=p.question, customer_ids=p.customer_ids, item_ids=p.item_ids)
     digest = hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()[:16]
     assert "Customer ids found in the question: 17850" in messages[1]["content"]
-    assert digest == "332e721e82759b70", "\n\n".join(m["content"] for m in messages)
+    # 7b906fee68eebe34: the tool list gained churn_segment and item_sentiment (template unchanged)
+    assert digest == "7b906fee68eebe34", "\n\n".join(m["content"] for m in messages)
+
+
+# ---- item_sentiment and churn_segment ------------------------------------------------------
+
+SENTIMENT_Q = "How do people feel about item B0009RF9DW? What do they complain about?"
+SEGMENT_Q = "Which customers who bought in October are at risk of churning?"
+
+
+def add_reviews(rt: Runtime) -> None:
+    """22423 gets 6 reviews: stars 1, 2 (with markup), 3, 5, 4, and one unrated negative text."""
+    reviews = [("r1", 1.0, "Broke on arrival. Mail me at ann@example.com", 5),
+               ("r2", 2.0, "<script>alert(1)</script>Wobbly tiers, cheap plastic", 6),
+               ("r3", 3.0, "ok I guess", 7), ("r4", 5.0, "Lovely", 8), ("r5", 4.0, "nice", 9),
+               ("r6", None, "terrible, broken and awful, a waste of money", 10)]
+    rt.store.add_events(DS, [
+        BehaviorEvent(event_id=eid, user_id=f"9{n:04d}", item_id="22423", event_type="review", rating=stars,
+                      review_text=text, timestamp=datetime(2011, 10, day, tzinfo=UTC))
+        for n, (eid, stars, text, day) in enumerate(reviews)])
+
+
+async def test_item_sentiment_counts_trend_and_complaints(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path, FakeModel())
+    add_reviews(rt)
+    res = await run_tool(rt_ctx := ctx_for(rt), "item_sentiment",
+                         ToolCall(tool="item_sentiment", args={"item_id": "22423"}).typed_args())
+    assert isinstance(res, ItemSentiment)
+    assert res.n_reviews == 6 and res.from_text == 1
+    assert res.counts == {"negative": 3, "neutral": 1, "positive": 2}
+    # lowest stars first; the unrated one counts as 2 stars, and is newer than r2
+    assert [c.event_id for c in res.complaints] == ["r1", "r6", "r2"]
+    assert "[email]" in res.complaints[0].excerpt and "ann@example.com" not in res.complaints[0].excerpt
+    assert "<script>" not in res.complaints[2].excerpt and "Wobbly tiers" in res.complaints[2].excerpt
+    assert res.evidence[:3] == ["r1", "r6", "r2"] and set(res.evidence) == {f"r{i}" for i in range(1, 7)}
+    assert len(res.trend) == 4 and res.trend[-1]["n"] == 6 and res.trend[-1]["negative"] == 3
+    assert "3 negative" in fallback_answer(res, "en") and "差评 3" in fallback_answer(res, "zh")
+    from ui.chat.render import items_frame
+
+    assert list(items_frame(res)["review_event"]) == ["r1", "r6", "r2"]  # type: ignore[index]
+    none = await run_tool(rt_ctx, "item_sentiment", ToolCall(tool="item_sentiment", args={"item_id": "84879"}).typed_args())
+    assert isinstance(none, ItemSentiment) and none.n_reviews == 0 and "no reviews" in fallback_answer(none, "en")
+
+
+async def test_item_sentiment_unknown_item_suggests_reviewed_items(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path, FakeModel())
+    add_reviews(rt)
+    res = await run_tool(ctx_for(rt), "item_sentiment",
+                         ToolCall(tool="item_sentiment", args={"item_id": "B0009RF9DW"}).typed_args())
+    assert isinstance(res, NotFound) and res.entity == "item"
+    assert res.suggestions == ["22423: REGENCY CAKESTAND 3 TIER"]  # the only item with reviews
+
+
+SEG = "seg"
+
+
+def make_segment_store(rt: Runtime) -> None:
+    """A: orders 09-01, 10-02; B: 10-30; C: 08-01, 09-01, 10-30; D: 09-15 only; E: 11-05 only."""
+    rt.store.add_items(SEG, [CatalogItem(item_id="X1", title="MUG", price=1.5)])
+    days = {"A": [(9, 1), (10, 2)], "B": [(10, 30)], "C": [(8, 1), (9, 1), (10, 30)],
+            "D": [(9, 15)], "E": [(11, 5)]}
+    rt.store.add_events(SEG, [
+        BehaviorEvent(event_id=f"{u}{m}-{d}", user_id=u, item_id="X1", event_type="purchase", quantity=1,
+                      unit_price=1.5, timestamp=datetime(2011, m, d, tzinfo=UTC))
+        for u, ds in days.items() for m, d in ds])
+
+
+async def test_churn_segment_ranks_october_buyers_by_baseline_risk(tmp_path: Path) -> None:
+    import math
+
+    rt = make_runtime(tmp_path, ModelUnavailableError("down"))
+    make_segment_store(rt)
+    ctx = ToolContext(rt, ShopLensService(rt, use_model=False), SEG)
+    res = await run_tool(ctx, "churn_segment", ToolCall(tool="churn_segment", args={"month": 10}).typed_args())
+    assert isinstance(res, ChurnSegment)
+    assert (res.year, res.month, res.as_of[:10], res.n_buyers) == (2011, 10, "2011-11-01", 3)  # not D, not E
+    assert res.baseline == "hand-set prior"  # too little history to fit one
+
+    def p(recency: float, orders: int, spend: float) -> float:  # default_churn_baseline by hand
+        z = -2.5 + 0.9 * math.log1p(recency) - 0.8 * math.log1p(orders) - 0.1 * math.log1p(spend)
+        return 1 / (1 + math.exp(-z))
+
+    want = {"A": p(30, 2, 3.0), "B": p(2, 1, 1.5), "C": p(2, 3, 4.5)}  # 0.395, 0.104, 0.058
+    assert [c.customer_id for c in res.customers] == ["A", "B", "C"]
+    for c in res.customers:
+        assert c.probability == pytest.approx(want[c.customer_id], abs=1e-4)
+    a = res.customers[0]
+    assert (a.recency_days, a.n_orders, a.last_purchase_event) == (30.0, 2, "A10-2")
+    assert a.drivers[0].startswith("recency: 30 days") and a.drivers[1].startswith("frequency: 2 orders")
+    assert "A" in fallback_answer(res, "en") and "流失风险" in fallback_answer(res, "zh")
+    from ui.chat.render import items_frame
+
+    assert list(items_frame(res)["customer_id"]) == ["A", "B", "C"]  # type: ignore[index]
+    top1 = await run_tool(ctx, "churn_segment", ToolCall(tool="churn_segment", args={"month": 10, "n": 1}).typed_args())
+    assert [c.customer_id for c in top1.customers] == ["A"] and top1.n_buyers == 3  # type: ignore[union-attr]
+
+
+def test_issue_examples_route_to_the_new_tools_by_keywords() -> None:
+    assert rule_route(preparse(SENTIMENT_Q)) == ToolCall(tool="item_sentiment", args={"item_id": "B0009RF9DW"})
+    assert rule_route(preparse(SEGMENT_Q)) == ToolCall(tool="churn_segment", args={"month": 10})
+    assert rule_route(preparse("Is customer 12583 likely to stop buying from us?")).tool == "churn"
+
+
+async def test_model_route_maps_the_old_names_to_the_new_tools() -> None:
+    fake = FakeModel.with_replies([route_reply("sentiment", item_id="B0009RF9DW"), route_reply("churn")])
+    route = await model_route(fake, preparse(SENTIMENT_Q))
+    assert route.call == ToolCall(tool="item_sentiment", args={"item_id": "B0009RF9DW"})
+    assert "sentiment" in (fake.calls[0].schema or {})["properties"]["tool"]["enum"]
+    route = await model_route(fake, preparse(SEGMENT_Q))
+    assert route.call == ToolCall(tool="churn_segment", args={"month": 10})
+
+
+async def test_segment_question_end_to_end_without_a_model(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path, ModelUnavailableError("down"))
+    make_segment_store(rt)
+    ctx = ToolContext(rt, ShopLensService(rt, use_model=False), SEG)
+    events = await collect(ChatAgent(ctx, use_model=False).ask(SEGMENT_Q))
+    results = [e.result for e in events if e.kind == "evidence"]
+    assert isinstance(results[-1], ChurnSegment) and results[-1].customers[0].customer_id == "A"
+    answer = "".join(e.text for e in events if e.kind == "token")
+    assert answer.startswith("Of the 3 customers who bought in 2011-10")

@@ -14,7 +14,9 @@ from typing import Any
 import pandas as pd
 
 from agent.chat_tools import (
+    ChurnSegment,
     ItemDetails,
+    ItemSentiment,
     NextItems,
     SearchHits,
     TaskResult,
@@ -79,7 +81,8 @@ def _short(text: str, n: int = 34) -> str:
 
 
 def items_frame(result: ToolResult) -> pd.DataFrame | None:
-    """The ranked candidates (with per-source scores), search hits, or one item's details."""
+    """The ranked candidates (with per-source scores), search hits, one item's details, an item's
+    complaints, or a month's at-risk customers."""
     if isinstance(result, NextItems):
         rows = []
         for it in result.prediction.items:
@@ -93,6 +96,16 @@ def items_frame(result: ToolResult) -> pd.DataFrame | None:
     if isinstance(result, SearchHits):
         return pd.DataFrame([{"rank": i, "item": h.title, "item_id": h.item_id, "similarity": h.score,
                               "price": h.price} for i, h in enumerate(result.hits, 1)])
+    if isinstance(result, ItemSentiment):  # the complaints; counts and trend are in the answer
+        return pd.DataFrame([{"date": x.timestamp[:10], "stars": x.rating, "complaint": x.excerpt,
+                              "review_event": x.event_id} for x in result.complaints],
+                            columns=["date", "stars", "complaint", "review_event"])
+    if isinstance(result, ChurnSegment):
+        return pd.DataFrame([{"rank": i, "customer_id": x.customer_id, "churn_probability": x.probability,
+                              "risk": x.risk_band, "recency_days": x.recency_days, "orders": x.n_orders,
+                              "drivers": "; ".join(x.drivers), "last_purchase_event": x.last_purchase_event,
+                              "last_purchase_at": x.last_purchase_at[:10]}
+                             for i, x in enumerate(result.customers, 1)])
     if isinstance(result, ItemDetails):
         it = result.item
         return pd.DataFrame([{"item": it.title, "item_id": it.item_id, "price": it.price,

@@ -1,0 +1,90 @@
+"""The chat's deterministic pre-parser: ids, a month, a product title and the language of a
+merchandiser question, read by pure code before any model call (`agent.router` routes on it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Language = Literal["zh", "en"]
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+# ASCII look-arounds, not \b: in Chinese text the id touches ideographs, which are \w too.
+_ASIN = re.compile(r"(?<![A-Za-z0-9])(B0[0-9A-Z]{8})(?![A-Za-z0-9])")  # Amazon ASINs: B0009RF9DW
+_CODE = re.compile(r"(?<![A-Za-z0-9_-])(\d{4,6}[A-Za-z]{1,3}|\d{4,12})(?![A-Za-z0-9_-])")  # 85123A, 17850
+_CUSTOMER_WORDS = re.compile(r"customer|client|shopper|user|buyer|客户|顾客|用户|会员|买家", re.I)
+_ITEM_WORDS = re.compile(r"item|product|sku|stock ?code|article|商品|产品|货品|单品|物品", re.I)
+_TITLE = re.compile(r"[\"“'‘「《]([^\"”'’」》]{3,80})[\"”'’」》]|((?:[A-Z0-9][A-Z0-9&'.,/-]*\s+){1,}[A-Z0-9][A-Z0-9&'.,/-]*)")
+_MONTHS_EN = ["january", "february", "march", "april", "may", "june", "july", "august",
+              "september", "october", "november", "december"]
+_MONTHS_ZH = ["一", "二", "三", "四", "五", "六", "七", "八", "九", "十", "十一", "十二"]
+
+
+def detect_language(text: str) -> Language:
+    """'zh' when the text has any CJK ideograph, else 'en'."""
+    return "zh" if _CJK.search(text) else "en"
+
+
+@dataclass
+class ParsedQuestion:
+    """What pure code can read from a question before any model call."""
+
+    question: str
+    language: Language
+    customer_ids: list[str] = field(default_factory=list)
+    item_ids: list[str] = field(default_factory=list)
+    month: int | None = None
+    title: str | None = None  # a quoted or UPPER-CASE product title
+
+
+def _month(text: str) -> int | None:
+    """A calendar month named in the question (English name/abbreviation, 10月, 十月)."""
+    low = text.lower()
+    for i, name in enumerate(_MONTHS_EN, 1):
+        pat = r"\bin may\b|\bmay (19|20)\d\d\b" if name == "may" else rf"\b({name}|{name[:3]})\b"
+        if re.search(pat, low):
+            return i
+    m = re.search(r"(\d{1,2})\s*月", text)
+    if m and 1 <= int(m.group(1)) <= 12:
+        return int(m.group(1))
+    for i in range(12, 0, -1):
+        if _MONTHS_ZH[i - 1] + "月" in text:
+            return i
+    return None
+
+
+def preparse(question: str, *, has_user: Any = None, has_item: Any = None) -> ParsedQuestion:
+    """Ids, month, title and language from the question text.
+
+    A number is a customer id or an item code by the nearest preceding keyword (customer/客户
+    vs item/product/商品); without one, by what the store knows (`has_user`/`has_item`
+    callables), and otherwise a pure number of 5 digits is taken as a customer (Online Retail's
+    CustomerID) and an alphanumeric code as an item (StockCode like 85123A).
+    """
+    p = ParsedQuestion(question=question, language=detect_language(question), month=_month(question))
+    for m in _ASIN.finditer(question):
+        p.item_ids.append(m.group(1))
+    for m in _CODE.finditer(question):
+        tok = m.group(1)
+        if tok in p.item_ids or (len(tok) == 4 and tok.isdigit() and 1990 <= int(tok) <= 2100):
+            continue
+        before = question[max(0, m.start() - 24): m.start()]
+        cw = [x.end() for x in _CUSTOMER_WORDS.finditer(before)]
+        iw = [x.end() for x in _ITEM_WORDS.finditer(before)]
+        if cw or iw:
+            is_customer = (max(cw) if cw else -1) > (max(iw) if iw else -1)
+        elif has_user is not None and has_item is not None and has_user(tok) != has_item(tok.upper()):
+            is_customer = bool(has_user(tok))
+        else:
+            is_customer = tok.isdigit() and len(tok) == 5
+        (p.customer_ids if is_customer else p.item_ids).append(tok if is_customer else tok.upper())
+    for m in _TITLE.finditer(question):
+        cand = (m.group(1) or m.group(2) or "").strip(" ?.,!？。")
+        if len(cand) >= 6 and not _ASIN.fullmatch(cand) and cand.upper() not in p.item_ids:
+            p.title = cand
+            break
+    p.customer_ids = list(dict.fromkeys(p.customer_ids))
+    p.item_ids = list(dict.fromkeys(p.item_ids))
+    return p
