@@ -66,7 +66,7 @@ def serve(rt: Runtime, **kwargs: Any) -> tuple[Any, str]:
 def ask(page: Any, url: str, question: str, timeout_s: float) -> str:
     """Load the page, ask, wait until the turn ends; returns the final status text."""
     page.goto(url, wait_until="domcontentloaded")
-    page.wait_for_selector("#question textarea", timeout=60_000)
+    page.wait_for_selector("#question textarea", timeout=120_000)
     page.fill("#question textarea", question)
     page.click("#send")
     deadline = time.monotonic() + timeout_s
@@ -98,7 +98,7 @@ def test_browser_model_down_escapes_data_and_shows_evidence(browser: Any, tmp_pa
         # a hostile title in the table and in the answer: shown as literal text, never run
         ask(page, url, "search the catalogue for candle", 120)
         page.wait_for_function("document.querySelector('#candidates').innerText.includes('CANDLE')",
-                               timeout=30_000)
+                               timeout=120_000)  # generous: a loaded 2-core CI box
         assert "<script>window.__pwned=1</script>" in page.inner_text("#candidates")
         assert "<img src=x" in page.locator("#chat .message").last.inner_text()
         assert page.evaluate("window.__pwned") is None
