@@ -83,14 +83,7 @@ def build_artifacts(
     covisit = CoVisitation().fit(user_items.values())
     popularity = Popularity().fit(user_items.values())
 
-    uids, uvecs = [], []
-    for uid, items in user_items.items():
-        v = user_vector(items[-50:], item_index)
-        if v is not None:
-            uids.append(uid)
-            uvecs.append(v)
-    uarr = np.stack(uvecs) if uvecs else np.zeros((0, item_index.manifest.dim), np.float32)
-    user_index = VectorIndex.build(uids, uarr, name="users", embedder=embedder.name, content_hash=chash)
+    user_index = build_user_index(user_items, item_index)
 
     folder.mkdir(parents=True, exist_ok=True)
     item_index.save(folder / "items")
@@ -99,6 +92,20 @@ def build_artifacts(
     popularity.save(folder / "popularity.json")
     (folder / "user_items.json").write_text(json.dumps(user_items))
     return DatasetArtifacts(dataset, catalog, item_index, user_index, dict(user_items), covisit, popularity)
+
+
+def build_user_index(user_items: dict[str, list[str]], item_index: VectorIndex) -> VectorIndex:
+    """A FAISS index of user vectors (recency-weighted mean of each user's last 50 item vectors);
+    users with no indexed item are left out (cold start)."""
+    uids, uvecs = [], []
+    for uid, items in user_items.items():
+        v = user_vector(items[-50:], item_index)
+        if v is not None:
+            uids.append(uid)
+            uvecs.append(v)
+    uarr = np.stack(uvecs) if uvecs else np.zeros((0, item_index.manifest.dim), np.float32)
+    m = item_index.manifest
+    return VectorIndex.build(uids, uarr, name="users", embedder=m.embedder, content_hash=m.catalogue_hash)
 
 
 def load_artifacts(store: EventStore, dataset: str, embedder_name: str, dim: int, folder: Path) -> DatasetArtifacts:

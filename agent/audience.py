@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from agent.candidates import user_vector
+from agent.artifacts import build_user_index
 from agent.history import _STOP, build_history
 from agent.intent import Cited, Probability, ask_yes_no, evidence_from_refs, make_meta
 from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
@@ -94,15 +94,7 @@ class AudienceIndex:
         # quadratic in the longest (wholesale) histories of Online Retail
         covisit = CoVisitation(CoVisitationConfig(cooc_window=COOC_WINDOW)).fit(
             list(dict.fromkeys(s)) for s in seqs.values())
-        uids, vecs = [], []
-        for uid, items in seqs.items():
-            v = user_vector(items[-50:], item_index)
-            if v is not None:
-                uids.append(uid)
-                vecs.append(v)
-        arr = np.stack(vecs) if vecs else np.zeros((0, item_index.manifest.dim), np.float32)
-        user_index = VectorIndex.build(uids, arr, name="users", embedder=item_index.manifest.embedder,
-                                       content_hash=item_index.manifest.catalogue_hash)
+        user_index = build_user_index(dict(seqs), item_index)
         return cls(catalog, item_index, user_index, covisit, dict(buyers), dict(activity), cutoff)
 
     def title(self, item_id: str) -> str:
