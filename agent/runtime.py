@@ -7,6 +7,7 @@ a `Runtime`; nothing is built at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from functools import cached_property
@@ -138,12 +139,17 @@ class Runtime:
                                  timeout_s=s.llm_timeout_s, model_id=profile.name)
 
     async def aclose(self) -> None:
-        if self._model is not None:
-            await self._model.aclose()
-            self._model = None
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        """Close the model client and stop the embedded server (the server is stopped even if
+        the client was bound to an event loop that has since closed)."""
+        model, self._model = self._model, None
+        server, self._server = self._server, None
+        try:
+            if model is not None:
+                with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+                    await model.aclose()
+        finally:
+            if server is not None:
+                server.stop()
 
     @property
     def workspace(self) -> Path:
