@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,14 @@ from tqdm import tqdm
 
 from eval.llm_rankers import RankOutcome
 from eval.report import compute_metrics, write_report
+from eval.suites import Suite, _workspace, build_suite, fit_fusion, fusion_names
+
+__all__ = ["RANKERS", "RankerSetup", "RunConfig", "Suite", "arun_next_item", "build_suite",
+           "make_ranker", "read_cases", "rescore", "run_next_item"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LLM_RANKERS = ("llm", "llm-perm", "llm-generate", "llm-fewshot", "hybrid")
-BASELINE_RANKERS = ("random", "pop", "covisit", "bm25", "embedding", "fused")
+BASELINE_RANKERS = ("random", "pop", "covisit", "bm25", "embedding", "fused", "fused-sasrec")
 RANKERS = BASELINE_RANKERS + LLM_RANKERS
 PROMPT_FOR = {"llm-generate": "next_item_generate.v1"}
 DEFAULT_PROMPT = "next_item_rank_titles.v1"
@@ -58,6 +63,11 @@ class RunConfig:
         hybrid_val_users: validation users (Games-6k, not in Games-200) for the hybrid weight.
         hybrid_w: fix the hybrid weight instead of choosing it on validation users.
         fewshot_k: demonstrations per prompt for ``llm-fewshot``.
+        sasrec: a trained SASRec folder (``python -m eval.train_sasrec``): ``hybrid`` then
+            builds on ``fused-sasrec``. Default: ``$SHOPLENS_SASREC``; ``fused-sasrec`` without
+            it uses ``<workspace>/models/sasrec-games``.
+        fusion_drop: ablation: refit ``fused`` / ``fused-sasrec`` / ``hybrid``'s fusion on
+            validation users without this source.
     """
 
     dataset: str = "amazon-games"
@@ -73,6 +83,8 @@ class RunConfig:
     hybrid_val_users: int = 40
     hybrid_w: float | None = None
     fewshot_k: int = 1
+    sasrec: str | None = field(default_factory=lambda: os.environ.get("SHOPLENS_SASREC") or None)
+    fusion_drop: str | None = None
     model_profile: str | None = None
     name: str | None = None
     out: Path | None = None
@@ -89,6 +101,9 @@ class RunConfig:
         d = asdict(self)
         for k in ("out", "runs_dir", "name", "data_dir", "workspace"):
             d.pop(k)
+        for k in ("sasrec", "fusion_drop"):  # added later: runs without them still resume
+            if d[k] is None:
+                d.pop(k)
         return d
 
 
@@ -227,276 +242,11 @@ def rescore(run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-# --- suites: the cases of one protocol, and the rankers fitted for it ------------------------
-# (Kept here because the harness owns one module per role; split into eval/suites.py when the
-# sentiment/intent tasks land.)
-
-Case = tuple[Any, list[str], bool]  # (RankingCase, relevant ids, ground truth retrieved?)
-
-
 @dataclass
 class RankerSetup:
     ranker: Any
     model: Any = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Suite:
-    """Cases plus everything needed to build any ranker for them."""
-
-    cases: list[Case]
-    candidates_source: str
-    titles: dict[str, str]
-    scorers: dict[str, Any]
-    fused: Any
-    notes: dict[str, Any] = field(default_factory=dict)
-    validation: list[Any] = field(default_factory=list)  # RankingCases for the hybrid weight
-    demo_pool: dict[str, list[str]] = field(default_factory=dict)
-    embeddings: Any = None
-
-    async def make_ranker(self, config: RunConfig, model: Any = None) -> RankerSetup:
-        return await make_ranker(self, config, model)
-
-
-def _data_dir(config: RunConfig) -> Path:
-    if config.data_dir is not None:
-        return Path(config.data_dir)
-    from eval.run_llmrank_baselines import default_data_dir
-
-    return default_data_dir()
-
-
-def _workspace(config: RunConfig) -> Path:
-    if config.workspace is not None:
-        return Path(config.workspace)
-    from eval.run_llmrank_baselines import default_workspace
-
-    return default_workspace()
-
-
-def build_suite(config: RunConfig) -> Suite:
-    """Cases and fitted non-LLM sources for ``config.protocol`` on ``config.dataset``.
-
-    Raises:
-        ValueError: an unknown protocol/dataset pair.
-    """
-    key = (config.protocol, config.dataset)
-    if key == ("llmrank", "amazon-games"):
-        return _games_llmrank(config)
-    if key == ("full", "amazon-games"):
-        return _games_full(config)
-    if key == ("full", "amazon-industrial"):
-        return _industrial_full(config)
-    if key == ("leave-last-basket", "online-retail"):
-        return _retail_basket(config)
-    raise ValueError(
-        f"no protocol {config.protocol!r} for dataset {config.dataset!r}; known: llmrank/full on "
-        "amazon-games, full on amazon-industrial, leave-last-basket on online-retail"
-    )
-
-
-def _games_llmrank(config: RunConfig) -> Suite:
-    from eval.protocols import llmrank_cases, load_llmrank_candidates
-
-    g = _games_context(config)
-    root = g["root"]
-    if config.candidates.startswith("6k-"):
-        path = root / f"Games-6k.{config.candidates[3:]}.gz"
-    else:
-        path = root / "Games-200" / f"Games.{config.candidates}"
-    cand = load_llmrank_candidates(path)
-    users = list(cand)[: config.users] if config.users else list(cand)
-    cases = llmrank_cases(g["interactions"], cand, users, seed=config.seed,
-                          position=config.position, source=config.candidates)  # type: ignore[arg-type]
-    leak = sorted(set(users) & set(g["fit_users"]))
-    notes = {**g["notes"], "candidate_file": str(path.relative_to(root.parent))}
-    if leak:
-        notes["warning"] = (f"{len(leak)} evaluated users are fusion/hybrid validation users: "
-                            "their targets fitted the weights (not the counts)")
-    return Suite([(c, [c.target], True) for c in cases], path.name, g["titles"], g["scorers"],
-                 g["fused"], notes, g["validation"], g["pool"], g["embeddings"])
-
-
-def _games_context(config: RunConfig) -> dict[str, Any]:
-    """Games data, leak-free training counts, the fused ranker fitted on validation users."""
-    from eval.protocols import (
-        llmrank_cases,
-        load_llmrank_candidates,
-        load_llmrank_interactions,
-        load_llmrank_titles,
-    )
-    from eval.run_llmrank_baselines import (
-        build_scorers,
-        fit_fused,
-        title_embeddings,
-        training_sequences,
-    )
-
-    root = _data_dir(config) / "amazon-games"
-    interactions = load_llmrank_interactions(root)
-    titles = load_llmrank_titles(root)
-    test_users = list(load_llmrank_candidates(root / "Games-200" / "Games.random"))
-    c6r = load_llmrank_candidates(root / "Games-6k.random.gz")
-    c6p = load_llmrank_candidates(root / "Games-6k.pop.gz")
-    held_out = set(test_users) | set(c6r) | set(c6p)
-    train = training_sequences(interactions, held_out)
-    embeddings = title_embeddings(titles, _workspace(config) / "cache")
-    scorers = build_scorers(train, titles, embeddings)
-    val_users = [u for u in c6r if u not in set(test_users)]
-    validation = llmrank_cases(interactions, c6r, val_users, seed=config.seed, source="random")
-    fused, info = fit_fused(scorers, validation)
-    pool = {u: [*s.history, s.target] for u, s in interactions.items() if u not in held_out}
-    notes = {
-        "counts": "pop/co-visitation on every history + full sequences of the "
-                  f"{len(pool)} users outside Games-6k/Games-200 (no evaluated target)",
-        "fusion_weights": f"fitted on {len(validation)} Games-6k.random users not in Games-200",
-        "fusion": info,
-    }
-    return {"root": root, "interactions": interactions, "titles": titles, "scorers": scorers,
-            "fused": fused, "validation": validation, "pool": pool, "embeddings": embeddings,
-            "notes": notes, "fit_users": val_users, "held_out": held_out}
-
-
-def _full_cases(cases: Sequence[Any], fused: Any, catalogue: Sequence[str], seed: int,
-                position: str, k: int = 20) -> tuple[list[Case], float]:
-    """Retrieval over the whole catalogue with the fused sources; the top ``k`` (history items
-    excluded) become the candidates, in a seeded shuffle. Returns cases and recall@k."""
-    from eval.protocols import RankingCase, case_rng
-
-    out: list[Case] = []
-    hits = 0
-    for c in cases:
-        seen = set(c.history)
-        pool = tuple(i for i in catalogue if i not in seen or i == c.target)
-        full = RankingCase(c.user_id, c.history, pool, c.target, seed=seed, source="full")
-        scores = fused.scores(full)
-        top = [i for i in sorted(scores, key=lambda i: -scores[i]) if i not in seen][:k]
-        retrieved = c.target in top
-        hits += retrieved
-        if position == "shuffle":
-            case_rng(seed, c.user_id).shuffle(top)
-        target = c.target if retrieved else top[0]
-        rc = RankingCase(c.user_id, c.history, tuple(top), target, seed=seed, source="full")
-        out.append((rc, [c.target], retrieved))
-    return out, 100.0 * hits / max(len(cases), 1)
-
-
-def _games_full(config: RunConfig) -> Suite:
-    g = _games_context(config)
-    base = _games_llmrank(config)
-    cases, recall = _full_cases([c for c, _, _ in base.cases], g["fused"], list(g["titles"]),
-                                config.seed, config.position)
-    notes = {**g["notes"], "retrieval": f"fused sources over all {len(g['titles'])} items, "
-             f"top 20; recall@20 = {recall:.2f}"}
-    return Suite(cases, "full-catalogue", g["titles"], g["scorers"], g["fused"], notes,
-                 g["validation"], g["pool"], g["embeddings"])
-
-
-def _industrial_full(config: RunConfig) -> Suite:
-    import gzip
-
-    from agent.ingest.amazon_industrial import read_industrial_cases
-    from eval.protocols import RankingCase, case_rng
-    from eval.run_llmrank_baselines import build_scorers, fit_fused, title_embeddings
-
-    root = _data_dir(config) / "amazon-industrial"
-    with gzip.open(root / "Industrial_and_Scientific.item.json.gz", "rt", encoding="utf-8") as fh:
-        titles = {k: " ".join(str((v or {}).get("title") or "").split()) for k, v in json.load(fh).items()}
-    valid = read_industrial_cases(root, "valid")
-    first: dict[str, tuple[str, list[str], str]] = {}
-    for u, h, t in read_industrial_cases(root, config.split):
-        first.setdefault(u, (u, h, t))
-    # Counts: valid windows (earlier in time) + the history of each user's first evaluated row.
-    train = [[*h, t] for _, h, t in valid] + [h for _, h, _ in first.values()]
-    embeddings = title_embeddings(titles, _workspace(config) / "cache")
-    scorers = build_scorers(train, titles, embeddings)
-    items = list(titles)
-    val_cases = []
-    for u, h, t in valid[:2000]:
-        if not h or t not in titles:
-            continue
-        rng = case_rng(config.seed, f"val:{u}:{t}")
-        negs = [x for x in rng.sample(items, 25) if x != t and x not in h][:19]
-        order = [*negs, t]
-        rng.shuffle(order)
-        val_cases.append(RankingCase(u, tuple(h), tuple(order), t, seed=config.seed))
-    fused, info = fit_fused(scorers, val_cases)
-    users = list(first)[: config.users] if config.users else list(first)
-    base = [RankingCase(u, tuple(first[u][1]), (first[u][2],), first[u][2], seed=config.seed)
-            for u in users]
-    cases, recall = _full_cases(base, fused, items, config.seed, config.position)
-    notes = {"counts": "valid windows + first test-row histories (no evaluated target)",
-             "fusion_weights": f"fitted on {len(val_cases)} valid rows with 19 random negatives "
-                               "(their targets are in the counts: optimistic for co-visitation)",
-             "fusion": info, "cases": f"first {config.split} row of each user",
-             "retrieval": f"fused sources over all {len(items)} items, top 20; recall@20 = {recall:.2f}"}
-    return Suite(cases, "full-catalogue", titles, scorers, fused, notes, [], {}, embeddings)
-
-
-def _retail_basket(config: RunConfig) -> Suite:
-    """Online Retail: each customer's last invoice held out, any of its items a hit.
-
-    The saved artifacts (``shoplens ingest``) are built on ALL events, held-out baskets
-    included, so they are not used: co-visitation/popularity are counted here on the events
-    that remain after removing every evaluated customer's last invoice.
-    """
-    from agent.runtime import Runtime
-    from agent.settings import load_settings
-    from eval.protocols import RankingCase, case_rng
-    from eval.run_llmrank_baselines import build_scorers, fit_fused
-
-    rt = Runtime(load_settings(workspace=config.workspace, data_dir=config.data_dir))
-    ds = "online-retail"
-    titles = {i: it.title for i, it in rt.store.items(ds).items()}
-    by_user: dict[str, list[Any]] = {}
-    for e in rt.store.iter_events(ds):
-        by_user.setdefault(e.user_id, []).append(e)
-    seqs: dict[str, tuple[list[str], list[str]]] = {}
-    for u, evs in by_user.items():
-        baskets = list(dict.fromkeys(e.basket_id for e in evs))
-        if len(baskets) < 2:
-            continue
-        last = baskets[-1]
-        hist = [e.item_id for e in evs if e.basket_id != last]
-        seqs[u] = (hist, sorted({e.item_id for e in evs if e.basket_id == last}))
-    users = sorted(seqs)
-    train = [h for h, _ in seqs.values()] + [
-        [e.item_id for e in evs] for u, evs in by_user.items() if u not in seqs]
-    scorers = build_scorers(train, titles, None)  # fusion learns in_history's sign (repurchase)
-    eval_users = users[: config.users] if config.users else users
-    val_users = users[len(eval_users):][:1000] or users[:200]
-    items = list(titles)
-
-    def base(u: str) -> Any:
-        h, rel = seqs[u]
-        return RankingCase(u, tuple(h[-200:]), (rel[0],), rel[0], seed=config.seed)
-
-    val_cases = []
-    for u in val_users:
-        c = base(u)
-        rng = case_rng(config.seed, f"val:{u}")
-        negs = [x for x in rng.sample(items, 30) if x not in seqs[u][1]][:19]
-        order = [*negs, c.target]
-        rng.shuffle(order)
-        val_cases.append(RankingCase(u, c.history, tuple(order), c.target, seed=config.seed))
-    fused, info = fit_fused(scorers, val_cases)
-    raw, _ = _full_cases([base(u) for u in eval_users], fused, items, config.seed, config.position)
-    cases: list[Case] = []
-    hits = 0
-    for (rc, _, _), u in zip(raw, eval_users, strict=True):
-        rel = [i for i in seqs[u][1] if i in rc.candidates]
-        hits += bool(rel)
-        rc2 = RankingCase(u, rc.history, rc.candidates, rel[0] if rel else rc.candidates[0],
-                          seed=config.seed, source="basket")
-        cases.append((rc2, seqs[u][1], bool(rel)))
-    notes = {"counts": "all events minus every evaluated customer's last invoice (saved artifacts "
-                       "include the held-out baskets, so they are not used)",
-             "fusion_weights": f"fitted on {len(val_cases)} other customers' last baskets vs 19 "
-                               "random items (their baskets are in the counts)",
-             "fusion": info, "retrieval": f"fused sources over {len(items)} items, top 20 "
-             f"(history items excluded); recall@20 = {100.0 * hits / max(len(cases), 1):.2f}"}
-    return Suite(cases, "full-catalogue", titles, scorers, fused, notes)
 
 
 async def make_ranker(suite: Suite, config: RunConfig, model: Any = None) -> RankerSetup:
@@ -520,8 +270,9 @@ async def make_ranker(suite: Suite, config: RunConfig, model: Any = None) -> Ran
         raise ValueError(f"unknown ranker {name!r}; known: {', '.join(RANKERS)}")
     if name == "random":
         return RankerSetup(RandomRanker(config.seed))
-    if name == "fused":
-        return RankerSetup(suite.fused, info={"fusion_sources": [s.name for s in suite.fused.scorers]})
+    if name in ("fused", "fused-sasrec"):
+        fused, fusion_info = _fusion(suite, config)
+        return RankerSetup(fused, info=fusion_info)
     if name in BASELINE_RANKERS:
         if name not in suite.scorers:
             raise ValueError(f"source {name!r} is not available for this dataset")
@@ -545,6 +296,7 @@ async def make_ranker(suite: Suite, config: RunConfig, model: Any = None) -> Ran
     info["permutations"] = perms
     if name != "hybrid":
         return RankerSetup(verb, model, info)
+    fused, fusion_info = _fusion(suite, config)
     w = config.hybrid_w
     if w is None:
         val = suite.validation[: config.hybrid_val_users]
@@ -553,11 +305,30 @@ async def make_ranker(suite: Suite, config: RunConfig, model: Any = None) -> Ran
         llm_scores = []
         for c in tqdm(val, desc="hybrid weight (validation users)", unit="case"):
             llm_scores.append((await verb.llm_scores(c))[0])
-        w, table = choose_hybrid_weight(val, [suite.fused.scores(c) for c in val], llm_scores,
+        w, table = choose_hybrid_weight(val, [fused.scores(c) for c in val], llm_scores,
                                         seed=config.seed)
         info["hybrid_weight_search"] = {"users": [c.user_id for c in val], "ndcg@10_by_w": table}
     info["hybrid_w"] = w
-    return RankerSetup(HybridRanker(suite.fused, verb, w, seed=config.seed), model, info)
+    info.update(fusion_info)
+    return RankerSetup(HybridRanker(fused, verb, w, seed=config.seed), model, info)
+
+
+def _fusion(suite: Suite, config: RunConfig) -> tuple[Any, dict[str, Any]]:
+    """The fused ranker of ``fused`` / ``fused-sasrec`` / ``hybrid`` and its config.json info.
+
+    ``fused`` without an ablation is the suite's own; with SASRec (``fused-sasrec``, or
+    ``hybrid`` given ``config.sasrec``) or ``config.fusion_drop`` the weights are refit on the
+    suite's validation users (:func:`eval.suites.fit_fusion`).
+    """
+    sasrec = config.ranker == "fused-sasrec" or (config.ranker == "hybrid" and bool(config.sasrec))
+    if not sasrec and config.fusion_drop is None:
+        return suite.fused, {"fusion_sources": [s.name for s in suite.fused.scorers]}
+    names = fusion_names(suite, sasrec=sasrec, drop=config.fusion_drop)
+    fused, weights = fit_fusion(suite, names, config.seed)
+    info: dict[str, Any] = {"fusion_sources": names, "fusion_refit": weights}
+    if sasrec:
+        info["sasrec"] = suite.notes.get("sasrec", {"model_dir": config.sasrec})
+    return fused, info
 
 
 async def _cached_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, Any]]:
@@ -575,3 +346,42 @@ async def _cached_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, A
         sha = getattr(model, "sha256", None) or f"unhashed:{model.model_id}"
     cached = CachedModel(model, ResponseCache(ws / "cache" / "llm_responses.sqlite3"), sha)
     return cached, {"model_id": model.model_id, "model_sha256": sha}
+
+
+def fusion_ablation(config: RunConfig, *, progress: bool = False) -> dict[str, Path]:
+    """``config`` once as is, then once per fused source with that source removed (weights
+    refit on validation users each time); one suite is built and shared. Run folders go to
+    ``<config.out or runs_dir/name>-no-<source>``. Returns {"all" | source: run folder}."""
+    suite = build_suite(config)
+    base = _run_dir(config)
+    out = {"all": run_next_item(replace(config, out=base), suite=suite, progress=progress)}
+    sasrec = config.ranker == "fused-sasrec" or bool(config.sasrec)
+    for src in fusion_names(suite, sasrec=sasrec):
+        cfg = replace(config, out=base.with_name(f"{base.name}-no-{src}"), fusion_drop=src)
+        out[src] = run_next_item(cfg, suite=suite, progress=progress)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m eval.runner ablate [--users N] [--ranker fused-sasrec] [--out DIR]``: the
+    per-source ablation of the fused ranker on Games-200 random (LLMRank protocol)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("command", choices=["ablate"])
+    ap.add_argument("--users", type=int, default=200)
+    ap.add_argument("--ranker", default="fused-sasrec", choices=["fused", "fused-sasrec"])
+    ap.add_argument("--sasrec", default=None, help="SASRec folder (default: the ranker's)")
+    ap.add_argument("--seed", type=int, default=2023)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    cfg = RunConfig(users=args.users or None, ranker=args.ranker, seed=args.seed, out=args.out,
+                    sasrec=args.sasrec)
+    for src, run_dir in fusion_ablation(cfg).items():
+        m = json.loads((run_dir / "metrics.json").read_text())
+        print(f"{'all sources' if src == 'all' else 'without ' + src:24s} "
+              f"NDCG@10 {m['ndcg@10']:6.2f}  HR@10 {m['hr@10']:6.2f}  {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 from agent.llm.base import ModelUnavailableError
 from agent.llm.fake import FakeCall, FakeModel
-from eval.baselines import FusedRanker, PopularityScorer
+from eval.baselines import FusedRanker, PopularityScorer, SequenceModelScorer
 from eval.llm_rankers import parse_generated
 from eval.protocols import UserSequence, llmrank_cases
 from eval.runner import RunConfig, Suite, arun_next_item, read_cases, rescore
+from eval.suites import load_sasrec_source
 from retrieval.popularity import Popularity
 from ui.eval_cli import eval_app
 
@@ -155,3 +156,72 @@ async def test_other_configuration_in_out_folder_is_refused(tmp_path: Path) -> N
     await arun_next_item(_config(tmp_path, ranker="pop"), suite=_suite(), progress=False)
     with pytest.raises(ValueError, match="different configuration"):
         await arun_next_item(_config(tmp_path, ranker="random"), suite=_suite(), progress=False)
+
+
+class _OracleSequenceModel:
+    """A stub ``SequenceModel`` that knows every user's next item (so its source must win)."""
+
+    def __init__(self, targets: dict[tuple[str, ...], str]) -> None:
+        self.targets = targets
+        self.calls = 0
+
+    def score(self, history: object, candidates: object) -> dict[str, float]:
+        self.calls += 1
+        target = self.targets.get(tuple(history))  # type: ignore[arg-type]
+        return {c: float(c == target) for c in candidates}  # type: ignore[union-attr]
+
+
+def _sasrec_suite() -> tuple[Suite, _OracleSequenceModel]:
+    suite = _suite(12)
+    stub = _OracleSequenceModel({c.history: c.target for c, _, _ in suite.cases})
+    suite.scorers["sasrec"] = SequenceModelScorer(stub)
+    suite.validation = [c for c, _, _ in suite.cases[4:]]  # fit on users 4..11
+    suite.cases = suite.cases[:4]  # evaluate users 0..3
+    return suite, stub
+
+
+async def test_fused_sasrec_uses_the_sequence_model_source(tmp_path: Path) -> None:
+    suite, stub = _sasrec_suite()
+    plain = await arun_next_item(_config(tmp_path, ranker="fused", out="f"), suite=suite,
+                                 progress=False)
+    run_dir = await arun_next_item(_config(tmp_path, ranker="fused-sasrec", out="fs"),
+                                   suite=suite, progress=False)
+    assert stub.calls >= 8 + 4  # every validation user (weight fit) and every evaluated user
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["fusion_sources"] == ["pop", "sasrec"]
+    assert cfg["fusion_refit"]["w_sasrec"] > 1.0 and cfg["fusion_refit"]["n_validation"] == 8
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["ndcg@10"] == 100.0 > json.loads((plain / "metrics.json").read_text())["ndcg@10"]
+    # Ablation: dropping the source refits without it.
+    abl = await arun_next_item(_config(tmp_path, ranker="fused-sasrec", out="abl",
+                                       fusion_drop="sasrec"), suite=suite, progress=False)
+    assert json.loads((abl / "config.json").read_text())["fusion_sources"] == ["pop"]
+
+
+async def test_hybrid_builds_on_fused_sasrec_when_configured(tmp_path: Path) -> None:
+    suite, _ = _sasrec_suite()
+    run_dir = await arun_next_item(_config(tmp_path, ranker="hybrid", sasrec="stub-folder"),
+                                   suite=suite, model=FakeModel(responder=_letter), progress=False)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["fusion_sources"] == ["pop", "sasrec"] and "w_sasrec" in cfg["fusion_refit"]
+    assert cfg["run"]["sasrec"] == "stub-folder"
+    with pytest.raises(ValueError, match="no SASRec source"):
+        await arun_next_item(_config(tmp_path, ranker="fused-sasrec", out="x"), suite=_suite(),
+                             progress=False)
+
+
+def test_sasrec_folder_is_recorded_with_its_hashes(tmp_path: Path) -> None:
+    import torch
+
+    from retrieval.sasrec import SASRec, SASRecConfig
+
+    torch.manual_seed(0)
+    seqs = [[f"i{(u + k) % 9}" for k in range(5)] for u in range(20)]
+    SASRec(SASRecConfig(hidden=8, max_len=5)).fit(seqs, epochs=1, batch_size=8,
+                                             progress=False).save(tmp_path / "m")
+    scorer, manifest = load_sasrec_source(tmp_path / "m")
+    assert manifest["model_dir"] == str(tmp_path / "m")
+    assert len(manifest["config_sha256"]) == 16 and len(manifest["model_pt_sha256"]) == 16
+    assert manifest["config"]["hidden"] == 8 and scorer.name == "sasrec"
+    with pytest.raises(FileNotFoundError):
+        load_sasrec_source(tmp_path / "missing")
