@@ -16,9 +16,9 @@ absent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +143,8 @@ def test_browser_real_model_next_item(browser: Any) -> None:
     finally:
         page.close()
         app.close()
-        # the model client belongs to Gradio's loop; the server also stops atexit
-        with contextlib.suppress(RuntimeError):
-            asyncio.run(rt.aclose())
+        # Playwright's sync API runs an event loop in this thread: close the runtime (and stop
+        # the model server) from a fresh loop in another thread.
+        closer = threading.Thread(target=lambda: asyncio.run(rt.aclose()))
+        closer.start()
+        closer.join(timeout=60)
