@@ -51,6 +51,13 @@ class ShopLensService:
         self.use_model = use_model
         self.model_provider = model_provider or runtime.model
 
+    def require_dataset(self, dataset: str) -> None:
+        """Raises RequestError (param "dataset") listing the ingested ones, if `dataset` is unknown.
+        Per-request check: an indexed lookup, the full dataset list only on the error path."""
+        if not self.runtime.store.has_dataset(dataset):
+            raise RequestError(f"unknown dataset {dataset!r}; ingested: {self.runtime.store.datasets()}",
+                               param="dataset")
+
     async def model_or_none(self) -> tuple[ChatModel | None, str | None]:
         """The model, or (None, reason) when it cannot be had right now."""
         if not self.use_model:
@@ -98,9 +105,7 @@ class ShopLensService:
             UnknownUserError / RequestError: caller mistakes.
             ValueError: the dataset was never ingested.
         """
-        if dataset not in self.runtime.store.datasets():
-            raise RequestError(f"unknown dataset {dataset!r}; ingested: {self.runtime.store.datasets()}",
-                               param="dataset")
+        self.require_dataset(dataset)
         hist = self.history(dataset, user_id, events, before=as_of)
         arts = self.runtime.artifacts(dataset)
         model, why = await self.model_or_none()

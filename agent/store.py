@@ -158,6 +158,14 @@ class EventStore:
                                     "SELECT DISTINCT dataset FROM events").fetchall()
         return sorted(r[0] for r in rows)
 
+    def has_dataset(self, dataset: str) -> bool:
+        """True when the dataset has any item or event (two indexed lookups, not a scan)."""
+        c = self._conn()
+        return any(
+            c.execute(f"SELECT 1 FROM {table} WHERE dataset = ? LIMIT 1", (dataset,)).fetchone()
+            for table in ("items", "events")
+        )
+
     def counts(self, dataset: str) -> dict[str, int]:
         c = self._conn()
         n_events, n_users = c.execute(

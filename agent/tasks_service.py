@@ -140,9 +140,7 @@ class TasksService(ShopLensService):
 
     def _dataset(self, dataset: str) -> dict[str, CatalogItem]:
         if dataset not in self._catalogs:
-            if dataset not in self.runtime.store.datasets():
-                raise RequestError(f"unknown dataset {dataset!r}; ingested: {self.runtime.store.datasets()}",
-                                   param="dataset")
+            self.require_dataset(dataset)
             self._catalogs[dataset] = self.runtime.store.items(dataset)
         return self._catalogs[dataset]
 

@@ -167,3 +167,13 @@ def test_reopen_sees_committed_data(tmp_path: Path) -> None:
     assert [e.item_id for e in s2.user_events(DS, "u1")] == ["a"]
     assert s2.add_events(DS, [ev("u1", "a", "2011-12-01T10:00:00Z")]) == 0
     s2.close()
+
+
+def test_has_dataset_by_items_or_events(tmp_path) -> None:
+    from agent.schemas import CatalogItem
+    from agent.store import EventStore
+
+    s = EventStore(tmp_path / "db.sqlite3")
+    assert not s.has_dataset("shop")
+    s.add_items("shop", [CatalogItem(item_id="1", title="Mug")])
+    assert s.has_dataset("shop") and not s.has_dataset("shop2")
