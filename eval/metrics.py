@@ -12,6 +12,7 @@ handle several relevant items.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
 
 MetricFn = Callable[[Sequence[str], Collection[str], int], float]
@@ -160,3 +161,29 @@ def evaluate_rankings(
     return {
         f"{name}@{k}": mean_at_k(name, rankings, relevant, k) for name in names for k in ks
     }
+
+
+# ---- calibration (probabilities against 0/1 outcomes) ----------------------------------------
+
+
+def calibration_bins(y: Sequence[int], p: Sequence[float], n_bins: int = 10) -> list[dict[str, float]]:
+    """Equal-width bins over [0, 1]: mean predicted, observed rate and count per non-empty bin.
+
+    Args:
+        y: 0/1 outcomes (a positive label, or "the answer was right"), length n.
+        p: predicted probabilities of y = 1 in [0, 1], length n.
+    """
+    bins: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for yi, pi in zip(y, p, strict=True):
+        bins[min(n_bins - 1, int(pi * n_bins))].append((int(yi), float(pi)))
+    return [{"bin": b, "mean_p": sum(x[1] for x in v) / len(v), "rate": sum(x[0] for x in v) / len(v),
+             "n": len(v)} for b, v in sorted(bins.items())]
+
+
+def expected_calibration_error(y: Sequence[int], p: Sequence[float], n_bins: int = 10) -> float:
+    """ECE: count-weighted mean |observed rate - mean predicted| over equal-width bins
+    (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017). For a classifier's
+    confidence, y is "the answer was right" and p the confidence. 0.0 for no cases."""
+    if not len(y):
+        return 0.0
+    return float(sum(b["n"] * abs(b["rate"] - b["mean_p"]) for b in calibration_bins(y, p, n_bins)) / len(y))

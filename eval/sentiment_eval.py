@@ -27,6 +27,7 @@ import asyncio
 import csv
 import gzip
 import json
+import math
 import random
 import time
 from collections import Counter, defaultdict
@@ -49,6 +50,7 @@ from agent.sentiment import (
     lexicon_probabilities,
     prepare_text,
 )
+from eval.metrics import expected_calibration_error
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SETS = ("zh", "amazon_cells", "laptops", "beauty", "hostile")
@@ -111,15 +113,55 @@ def macro_f1(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) ->
     return float(f1_score(gold, pred, labels=list(labels), average="macro", zero_division=0)) if gold else 0.0
 
 
-def expected_calibration_error(conf: Sequence[float], correct: Sequence[bool], bins: int = 10) -> float:
-    """ECE: sum over equal-width confidence bins of |accuracy - mean confidence| x bin share
-    (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017)."""
-    c, ok = np.asarray(conf, float), np.asarray(correct, float)
-    if not len(c):
+def scaled(probs: dict[str, float], labels: Sequence[str], temperature: float = 1.0) -> dict[str, float]:
+    """`probs` restricted to `labels`, temperature-scaled (p^(1/T), i.e. log-probabilities / T)
+    and renormalised. A binary set's confidence is P(label | positive or negative), not the
+    three-way probability, so a neutral share does not read as doubt about the binary answer.
+
+    Temperature scaling: Guo et al., ICML 2017. T > 1 softens, T < 1 sharpens.
+    """
+    w = {k: max(probs.get(k, 0.0), 1e-12) ** (1.0 / temperature) for k in labels}
+    z = sum(w.values())
+    return {k: v / z for k, v in w.items()}
+
+
+def fit_temperature(records: Sequence[dict[str, Any]], labels: Sequence[str],
+                    grid: Sequence[float] | None = None) -> float:
+    """The temperature minimising the negative log-likelihood of the gold labels (valid cases only).
+
+    Args:
+        records: case records with ``probs`` (label -> probability) and ``gold``.
+        grid: candidate temperatures (default: 61 log-spaced values from 0.1 to 10).
+    Returns:
+        T in the grid; 1.0 when there are no valid records.
+    """
+    rows = [r for r in records if r.get("valid") and r.get("probs") and r["gold"] in labels]
+    if not rows:
+        return 1.0
+    grid = list(grid) if grid is not None else [float(t) for t in np.logspace(-1, 1, 61)]
+    return min(grid, key=lambda t: -sum(math.log(scaled(r["probs"], labels, t)[r["gold"]]) for r in rows))
+
+
+def cross_fitted_ece(records: Sequence[dict[str, Any]], labels: Sequence[str], folds: int = 5,
+                     seed: int = 0) -> float:
+    """ECE after temperature scaling where each case's T is fitted on the other folds only
+    (an honest estimate of what a fitted temperature buys on unseen reviews)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    conf, ok = [0.0] * len(records), [False] * len(records)
+    for f in range(folds):
+        held = set(order[f::folds])
+        t = fit_temperature([r for i, r in enumerate(records) if i not in held], labels)
+        for i in held:
+            conf[i], ok[i] = _confidence(records[i], labels, t), records[i]["gold"] == records[i]["pred"]
+    return expected_calibration_error(ok, conf)
+
+
+def _confidence(r: dict[str, Any], labels: Sequence[str], temperature: float = 1.0) -> float:
+    """The probability a case's answer gives its prediction (0 for an invalid answer)."""
+    if not r.get("valid") or r["pred"] not in labels:
         return 0.0
-    idx = np.minimum((c * bins).astype(int), bins - 1)
-    return float(sum(abs(ok[idx == b].mean() - c[idx == b].mean()) * (idx == b).mean()
-                     for b in range(bins) if (idx == b).any()))
+    return scaled(r["probs"], labels, temperature)[r["pred"]]
 
 
 METRICS: dict[str, Callable[..., float]] = {"accuracy": accuracy, "macro_f1": macro_f1,
@@ -352,8 +394,11 @@ def compute_metrics(records: Sequence[dict[str, Any]], labels: Sequence[str]) ->
                          "seconds_per_review": round(float(np.mean([r["seconds"] for r in records])), 4)}
     if list(labels) == list(BINARY):
         m["accuracy_3way"] = round(accuracy(gold, [r["pred3"] for r in records]), 4)
-    conf = [r["probs"].get(r["pred"], 0.0) for r in records]
-    m["ece"] = round(expected_calibration_error(conf, [g == p for g, p in zip(gold, pred, strict=True)]), 4)
+    conf = [_confidence(r, labels) for r in records]
+    m["ece"] = round(expected_calibration_error([g == p for g, p in zip(gold, pred, strict=True)], conf), 4)
+    if any(r.get("probs") for r in records) and len(records) >= 10:  # what temperature scaling buys
+        m["temperature"] = round(fit_temperature(records, labels), 4)
+        m["ece_temperature_cv"] = round(cross_fitted_ece(records, labels), 4)
     cats: dict[str, list[bool]] = defaultdict(list)
     for r in records:
         if r.get("category") and r.get("aspect") is None:
@@ -407,7 +452,7 @@ def _plots(run_dir: Path, records: Sequence[dict[str, Any]], labels: Sequence[st
     fig.tight_layout()
     fig.savefig(run_dir / "confusion.png", dpi=100)
     plt.close(fig)
-    conf = np.array([r["probs"].get(r["pred"], 0.0) for r in records])
+    conf = np.array([_confidence(r, labels) for r in records])
     ok = np.array([g == p for g, p in zip(gold, pred, strict=True)])
     bins = np.linspace(0, 1, 11)
     idx = np.minimum((conf * 10).astype(int), 9)

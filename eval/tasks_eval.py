@@ -37,7 +37,13 @@ from agent.prompting import load_prompt
 from agent.runtime import Runtime
 from agent.settings import PROJECT_ROOT, Settings
 from agent.tasks_service import churn_rows, fit_churn_baseline, fit_intent_baseline, intent_rows
-from eval.metrics import hit_rate_at_k, ndcg_at_k, recall_at_k
+from eval.metrics import (
+    calibration_bins,
+    expected_calibration_error,
+    hit_rate_at_k,
+    ndcg_at_k,
+    recall_at_k,
+)
 
 log = logging.getLogger(__name__)
 CHINA = timezone(timedelta(hours=8))
@@ -70,20 +76,6 @@ def pr_auc(y: Sequence[int], p: Sequence[float]) -> float | None:
     from sklearn.metrics import average_precision_score
 
     return float(average_precision_score(y, p)) if sum(y) else None
-
-
-def calibration_bins(y: Sequence[int], p: Sequence[float], n_bins: int = 10) -> list[dict[str, float]]:
-    """Equal-width bins over [0, 1]: mean predicted, observed rate and count per non-empty bin."""
-    bins: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for yi, pi in zip(y, p, strict=True):
-        bins[min(n_bins - 1, int(pi * n_bins))].append((yi, pi))
-    return [{"bin": b, "mean_p": sum(x[1] for x in v) / len(v), "rate": sum(x[0] for x in v) / len(v),
-             "n": len(v)} for b, v in sorted(bins.items())]
-
-
-def expected_calibration_error(y: Sequence[int], p: Sequence[float], n_bins: int = 10) -> float:
-    """Count-weighted mean |observed rate - mean predicted| over the bins."""
-    return float(sum(b["n"] * abs(b["rate"] - b["mean_p"]) for b in calibration_bins(y, p, n_bins)) / len(y))
 
 
 def binary_metrics(y: Sequence[int], p: Sequence[float]) -> dict[str, Any]:

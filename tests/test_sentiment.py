@@ -42,7 +42,15 @@ from agent.sentiment import (
     verbalizer_probabilities,
 )
 from agent.store import EventStore
-from eval.sentiment_eval import accuracy, compute_metrics, expected_calibration_error, macro_f1
+from eval.metrics import expected_calibration_error
+from eval.sentiment_eval import (
+    accuracy,
+    compute_metrics,
+    cross_fitted_ece,
+    fit_temperature,
+    macro_f1,
+    scaled,
+)
 from ui.sentiment_cli import eval_sentiment_cmd, parse_window, register
 
 SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
@@ -320,7 +328,7 @@ def test_metrics_against_hand_computed_values() -> None:
     # F1: positive P=1/2 R=1/2 -> 0.5; negative P=1/2 R=1 -> 2/3; neutral 0 -> macro (0.5+2/3+0)/3
     assert macro_f1(gold, pred, ["negative", "neutral", "positive"]) == pytest.approx((0.5 + 2 / 3) / 3)
     # two bins: conf 0.95 right + 0.95 wrong -> |0.5-0.95| * 0.5; conf 0.55 right -> |1-0.55| * 0.5
-    assert expected_calibration_error([0.95, 0.95, 0.55, 0.55], [True, False, True, True]) == pytest.approx(
+    assert expected_calibration_error([True, False, True, True], [0.95, 0.95, 0.55, 0.55]) == pytest.approx(
         0.45 * 0.5 + 0.45 * 0.5)
 
 
@@ -413,3 +421,29 @@ def test_real_model_gets_clear_reviews_right(tmp_path: Path) -> None:
     assert sum(g == w for g, (_, w) in zip(got, REAL_CASES, strict=True)) >= 5, got
 
 
+
+
+def test_binary_confidence_is_renormalised_over_the_set_labels() -> None:
+    probs = {"negative": 0.2, "neutral": 0.4, "positive": 0.4}
+    # binary set: P(positive | positive or negative) = 0.4 / 0.6
+    assert scaled(probs, ["negative", "positive"])["positive"] == pytest.approx(2 / 3)
+    # T = 0.5 squares the probabilities: 0.16 / (0.04 + 0.16)
+    assert scaled(probs, ["negative", "positive"], 0.5)["positive"] == pytest.approx(0.8)
+    assert scaled(probs, ["negative", "neutral", "positive"]) == pytest.approx(probs)
+
+
+def test_fit_temperature_sharpens_an_underconfident_model() -> None:
+    # always right with confidence 0.6: the NLL keeps falling as T shrinks -> the grid's smallest T
+    recs = [{"gold": g, "pred": g, "valid": True,
+             "probs": {g: 0.6, ("negative" if g == "positive" else "positive"): 0.4}}
+            for g in ["positive", "negative"] * 10]
+    labels = ["negative", "positive"]
+    assert fit_temperature(recs, labels, grid=[0.25, 0.5, 1.0, 2.0]) == 0.25
+    # right 60% of the time at confidence 0.6: already calibrated -> T = 1
+    mixed = [{**r, "gold": r["gold"] if i % 5 < 3 else ("negative" if r["gold"] == "positive" else "positive")}
+             for i, r in enumerate(recs)]
+    assert fit_temperature(mixed, labels, grid=[0.25, 0.5, 1.0, 2.0]) == 1.0
+    # no valid records: nothing to fit
+    assert fit_temperature([{**recs[0], "valid": False}], labels) == 1.0
+    # cross-fitted: every fold sharpens to T=0.1 -> confidence 0.6^10/(0.6^10+0.4^10) ~ 0.983, all right
+    assert cross_fitted_ece(recs, labels) == pytest.approx(1 - 0.6**10 / (0.6**10 + 0.4**10), abs=1e-6)
