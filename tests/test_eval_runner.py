@@ -225,3 +225,12 @@ def test_sasrec_folder_is_recorded_with_its_hashes(tmp_path: Path) -> None:
     assert manifest["config"]["hidden"] == 8 and scorer.name == "sasrec"
     with pytest.raises(FileNotFoundError):
         load_sasrec_source(tmp_path / "missing")
+
+
+def test_cli_sasrec_flag_names_a_missing_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-sasrec"
+    result = CliRunner().invoke(eval_app, ["next-item", "--ranker", "fused-sasrec", "--users", "3",
+                                           "--sasrec", str(missing), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert f"--sasrec {missing}: no such folder" in result.output
+    assert not (tmp_path / "r").exists()

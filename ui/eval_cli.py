@@ -41,6 +41,11 @@ def next_item_cmd(
     hybrid_w: Annotated[float | None, typer.Option(help="fix the hybrid LLM weight (skip the search)")] = None,
     fewshot_k: Annotated[int, typer.Option(help="demonstrations for llm-fewshot")] = 1,
     profile: Annotated[str | None, typer.Option(help="embedded model profile: 1.5b or 0.5b")] = None,
+    sasrec: Annotated[Path | None, typer.Option(
+        help="trained SASRec folder (python -m eval.train_sasrec): hybrid fuses it too; "
+             "default $SHOPLENS_SASREC")] = None,
+    drop: Annotated[str | None, typer.Option(
+        help="ablation: refit the fusion without this source (e.g. sasrec, covisit)")] = None,
     name: Annotated[str | None, typer.Option(help="run name (folder suffix)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder; an existing one with the same config resumes")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -54,6 +59,14 @@ def next_item_cmd(
                     users=users or None, ranker=ranker, prompt=prompt, seed=seed, position=position,
                     permutations=permutations, hybrid_val_users=hybrid_val_users, hybrid_w=hybrid_w,
                     fewshot_k=fewshot_k, model_profile=profile, name=name, out=out)
+    if sasrec is not None:
+        if not sasrec.is_dir():
+            typer.echo(f"error: --sasrec {sasrec}: no such folder; train one with "
+                       "`python -m eval.train_sasrec`", err=True)
+            raise typer.Exit(2)
+        cfg.sasrec = str(sasrec)
+    if drop is not None:
+        cfg.fusion_drop = drop
     try:
         run_dir = run_next_item(cfg)
     except (ValueError, FileNotFoundError) as e:
