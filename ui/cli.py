@@ -29,14 +29,16 @@ from agent.runtime import Runtime
 from agent.service import RequestError, ShopLensService
 from agent.settings import load_settings
 from agent.store import UnknownUserError
-from ui import sentiment_cli, tasks_cli
+from ui import sentiment_cli, serve_llm_cli, tasks_cli
 from ui.eval_cli import eval_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(eval_app, name="eval", help="Offline evaluation: next-item, sentiment, tasks; rescore, compare.")
 sentiment_cli.register(app)
 tasks_cli.register(app)
+serve_llm_cli.register(app)
 eval_app.command("sentiment")(sentiment_cli.eval_sentiment_cmd)
+eval_app.command("aspects")(sentiment_cli.eval_aspects_cmd)
 eval_app.command("intent")(tasks_cli.eval_intent_cmd)
 eval_app.command("churn")(tasks_cli.eval_churn_cmd)
 eval_app.command("audience")(tasks_cli.eval_audience_cmd)

@@ -201,3 +201,21 @@ def eval_sentiment_cmd(
         raise _fail(str(e)) from e
     typer.echo(str(run_dir))
     typer.echo((run_dir / "metrics.json").read_text())
+
+
+def eval_aspects_cmd(
+    n: Annotated[int, typer.Option(help="test sentences (0: all 418)")] = 60,
+    ranker: Annotated[str, typer.Option(help="llm | train-lexicon (SemEval-2014's baseline)")] = "llm",
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 2024,
+    profile: Annotated[str | None, typer.Option(help="embedded model profile: 1.5b or 0.5b")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder; an existing one resumes")] = None,
+) -> None:
+    """Aspect extraction on SemEval-2014 laptops: term and joint (term, polarity) F1."""
+    from eval.aspect_eval import run_aspect_eval
+
+    try:
+        run_dir = run_aspect_eval(n, ranker=ranker, seed=seed, profile=profile, out=out)
+    except (ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from e
+    typer.echo(str(run_dir))
+    typer.echo((run_dir / "metrics.json").read_text())
