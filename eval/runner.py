@@ -68,6 +68,8 @@ class RunConfig:
             it uses ``<workspace>/models/sasrec-games``.
         fusion_drop: ablation: refit ``fused`` / ``fused-sasrec`` / ``hybrid``'s fusion on
             validation users without this source.
+        repurchase: ``full`` / ``leave-last-basket``: history items may be retrieved as
+            candidates (next-basket data repeats purchases; Amazon leave-one-out does not).
     """
 
     dataset: str = "amazon-games"
@@ -85,6 +87,7 @@ class RunConfig:
     fewshot_k: int = 1
     sasrec: str | None = field(default_factory=lambda: os.environ.get("SHOPLENS_SASREC") or None)
     fusion_drop: str | None = None
+    repurchase: bool = False
     model_profile: str | None = None
     name: str | None = None
     out: Path | None = None
@@ -101,8 +104,8 @@ class RunConfig:
         d = asdict(self)
         for k in ("out", "runs_dir", "name", "data_dir", "workspace"):
             d.pop(k)
-        for k in ("sasrec", "fusion_drop"):  # added later: runs without them still resume
-            if d[k] is None:
+        for k in ("sasrec", "fusion_drop", "repurchase"):  # added later: older runs still resume
+            if d[k] in (None, False):
                 d.pop(k)
         return d
 

@@ -256,15 +256,16 @@ def _games_context(config: RunConfig) -> dict[str, Any]:
 
 
 def _full_cases(cases: Sequence[Any], fused: Any, catalogue: Sequence[str], seed: int,
-                position: str, k: int = 20) -> tuple[list[Case], float]:
+                position: str, k: int = 20, repurchase: bool = False) -> tuple[list[Case], float]:
     """Retrieval over the whole catalogue with the fused sources; the top ``k`` (history items
-    excluded) become the candidates, in a seeded shuffle. Returns cases and recall@k."""
+    excluded unless ``repurchase``) become the candidates, in a seeded shuffle. Returns cases
+    and recall@k."""
     from eval.protocols import RankingCase, case_rng
 
     out: list[Case] = []
     hits = 0
     for c in cases:
-        seen = set(c.history)
+        seen = set() if repurchase else set(c.history)
         pool = tuple(i for i in catalogue if i not in seen or i == c.target)
         full = RankingCase(c.user_id, c.history, pool, c.target, seed=seed, source="full")
         scores = fused.scores(full)
@@ -283,7 +284,7 @@ def _games_full(config: RunConfig) -> Suite:
     g = _games_context(config)
     base = _games_llmrank(config)
     cases, recall = _full_cases([c for c, _, _ in base.cases], g["fused"], list(g["titles"]),
-                                config.seed, config.position)
+                                config.seed, config.position, repurchase=config.repurchase)
     notes = {**g["notes"], "retrieval": f"fused sources over all {len(g['titles'])} items, "
              f"top 20; recall@20 = {recall:.2f}"}
     return Suite(cases, "full-catalogue", g["titles"], g["scorers"], g["fused"], notes,
@@ -322,7 +323,8 @@ def _industrial_full(config: RunConfig) -> Suite:
     users = list(first)[: config.users] if config.users else list(first)
     base = [RankingCase(u, tuple(first[u][1]), (first[u][2],), first[u][2], seed=config.seed)
             for u in users]
-    cases, recall = _full_cases(base, fused, items, config.seed, config.position)
+    cases, recall = _full_cases(base, fused, items, config.seed, config.position,
+                                repurchase=config.repurchase)
     notes = {"counts": "valid windows + first test-row histories (no evaluated target)",
              "fusion_weights": f"fitted on {len(val_cases)} valid rows with 19 random negatives "
                                "(their targets are in the counts: optimistic for co-visitation)",
@@ -378,7 +380,8 @@ def _retail_basket(config: RunConfig) -> Suite:
         rng.shuffle(order)
         val_cases.append(RankingCase(u, c.history, tuple(order), c.target, seed=config.seed))
     fused, info = fit_fused(scorers, val_cases)
-    raw, _ = _full_cases([base(u) for u in eval_users], fused, items, config.seed, config.position)
+    raw, _ = _full_cases([base(u) for u in eval_users], fused, items, config.seed, config.position,
+                         repurchase=config.repurchase)
     cases: list[Case] = []
     hits = 0
     for (rc, _, _), u in zip(raw, eval_users, strict=True):
@@ -392,7 +395,8 @@ def _retail_basket(config: RunConfig) -> Suite:
              "fusion_weights": f"fitted on {len(val_cases)} other customers' last baskets vs 19 "
                                "random items (their baskets are in the counts)",
              "fusion": info, "retrieval": f"fused sources over {len(items)} items, top 20 "
-             f"(history items excluded); recall@20 = {100.0 * hits / max(len(cases), 1):.2f}"}
+             f"({'repurchases allowed' if config.repurchase else 'history items excluded'}); "
+             f"recall@20 = {100.0 * hits / max(len(cases), 1):.2f}"}
     return Suite(cases, "full-catalogue", titles, scorers, fused, notes)
 
 

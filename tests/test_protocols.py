@@ -111,3 +111,20 @@ def test_pop_reproduces_published_on_games200_random() -> None:
     # RecBole's train split), so allow +-2.5 around the paper (the seed-to-seed spread over
     # shuffles is ~0.3, since popularity ties are rare).
     assert 50.5 <= ndcg10 <= 55.5, ndcg10
+
+
+def test_full_cases_exclude_history_unless_repurchase() -> None:
+    from eval.protocols import RankingCase
+    from eval.suites import _full_cases
+
+    class Scores:  # a fused ranker's interface: item -> score over the case's candidates
+        def scores(self, case: RankingCase) -> dict[str, float]:
+            return {i: {"a": 9.0, "b": 5.0, "c": 4.0, "d": 1.0}[i] for i in case.candidates}
+
+    case = RankingCase("u1", ("a", "x"), ("a",), "a", seed=1)
+    catalogue = ["a", "b", "c", "d"]
+    # the target "a" is a repurchase: with history excluded it stays in the pool only as the target
+    out, recall = _full_cases([case], Scores(), catalogue, seed=1, position="first", k=2)
+    assert out[0][0].candidates == ("b", "c") and recall == 0.0
+    out, recall = _full_cases([case], Scores(), catalogue, seed=1, position="first", k=2, repurchase=True)
+    assert out[0][0].candidates == ("a", "b") and recall == 100.0

@@ -46,6 +46,8 @@ def next_item_cmd(
              "default $SHOPLENS_SASREC")] = None,
     drop: Annotated[str | None, typer.Option(
         help="ablation: refit the fusion without this source (e.g. sasrec, covisit)")] = None,
+    repurchase: Annotated[bool, typer.Option(
+        "--repurchase", help="full / leave-last-basket: history items may be candidates")] = False,
     name: Annotated[str | None, typer.Option(help="run name (folder suffix)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder; an existing one with the same config resumes")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -67,6 +69,7 @@ def next_item_cmd(
         cfg.sasrec = str(sasrec)
     if drop is not None:
         cfg.fusion_drop = drop
+    cfg.repurchase = repurchase
     try:
         run_dir = run_next_item(cfg)
     except (ValueError, FileNotFoundError) as e:
