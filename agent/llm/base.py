@@ -66,6 +66,7 @@ class ChatModel(Protocol):
 
         Raises:
             ModelUnavailableError: the server cannot be reached, timed out or answered 5xx.
+            ModelRequestError: the server rejected the request (4xx other than 429).
         """
         ...
 
@@ -81,6 +82,26 @@ class ModelUnavailableError(ShopLensError):
         super().__init__(message)
         self.attempts = attempts
         self.retry_after_s = retry_after_s
+
+
+class ModelRequestError(ShopLensError):
+    """The model server rejected a request ShopLens built (a 4xx other than 429): a mismatch
+    between ShopLens and the server's configuration, e.g. more `top_logprobs` than vLLM's
+    ``--max-logprobs``, or a schema outside the structured-output backend's subset. Retrying
+    the same request cannot help, so it is not a `ModelUnavailableError`.
+
+    Attributes:
+        status_code: the HTTP status (400, 404, 422, ...).
+        param: the request field the server blamed, when it said.
+        server_message: the server's own error message.
+    """
+
+    def __init__(self, message: str, *, status_code: int, param: str | None = None,
+                 server_message: str = ""):
+        super().__init__(message)
+        self.status_code = status_code
+        self.param = param
+        self.server_message = server_message
 
 
 class OutputValidationError(ShopLensError):

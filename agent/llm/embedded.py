@@ -148,6 +148,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def llamacpp_command(
+    model_path: Path, *, model_alias: str, port: int, host: str = "127.0.0.1", n_threads: int = 2,
+    n_ctx: int = 4096, python: str | None = None,
+) -> list[str]:
+    """The llama-cpp-python OpenAI server command line ShopLens needs (pure; unit-tested).
+
+    Args:
+        model_path: the GGUF file.
+        model_alias: the name clients send as ``model``.
+        python: the interpreter with llama-cpp-python[server] (default: this one).
+    """
+    return [
+        python or sys.executable, "-m", "llama_cpp.server",
+        "--model", str(model_path),
+        "--model_alias", model_alias,
+        "--host", host,
+        "--port", str(port),
+        "--n_threads", str(n_threads),
+        "--n_threads_batch", str(n_threads),
+        "--n_ctx", str(n_ctx),
+        # Needed for top_logprobs (verbalizer ranking); costs ~15% prompt speed.
+        "--logits_all", "true",
+        "--verbose", "false",
+    ]
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     # Linux: SIGTERM the server if ShopLens dies, even by kill -9.
     try:
@@ -211,19 +237,8 @@ class EmbeddedServer:
                 "(it compiles llama.cpp, ~5 min)"
             ) from e
         self.port = free_port()
-        cmd = [
-            sys.executable, "-m", "llama_cpp.server",
-            "--model", str(self.model_path),
-            "--model_alias", self.model_alias,
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--n_threads", str(self.n_threads),
-            "--n_threads_batch", str(self.n_threads),
-            "--n_ctx", str(self.n_ctx),
-            # Needed for top_logprobs (verbalizer ranking); costs ~15% prompt speed.
-            "--logits_all", "true",
-            "--verbose", "false",
-        ]
+        cmd = llamacpp_command(self.model_path, model_alias=self.model_alias, port=self.port,
+                               n_threads=self.n_threads, n_ctx=self.n_ctx)
         log_f = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self._proc = subprocess.Popen(
             cmd, stdout=log_f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,

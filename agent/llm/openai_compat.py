@@ -18,7 +18,7 @@ from typing import Any, Literal
 import httpx
 import openai
 
-from agent.llm.base import Completion, Message, ModelUnavailableError, Usage
+from agent.llm.base import Completion, Message, ModelRequestError, ModelUnavailableError, Usage
 
 Dialect = Literal["vllm", "llamacpp", "openai"]
 
@@ -118,7 +118,12 @@ class OpenAICompatModel:
                     f"model server answered {e.status_code}: {e.message}",
                     retry_after_s=_retry_after(e.response),
                 ) from e
-            raise
+            param, server_message = _error_detail(e)
+            raise ModelRequestError(
+                f"model server at {self.base_url} rejected the request ({e.status_code}"
+                + (f", param {param}" if param else "") + f"): {server_message}",
+                status_code=e.status_code, param=param, server_message=server_message,
+            ) from e
         latency = time.perf_counter() - t0
         choice = resp.choices[0]
         tops: list[dict[str, float]] = []
@@ -142,6 +147,17 @@ class OpenAICompatModel:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _error_detail(e: openai.APIStatusError) -> tuple[str | None, str]:
+    """(param, message) from an OpenAI-style error body ``{"error": {"message", "param"}}``
+    (vLLM, llama.cpp) or a bare ``{"message": ...}``; falls back to the SDK's message."""
+    body = e.body if isinstance(e.body, dict) else {}
+    err = body.get("error", body)
+    if not isinstance(err, dict):
+        return None, str(err or e.message)
+    param = err.get("param")
+    return (str(param) if param else None), str(err.get("message") or e.message)
 
 
 def _retry_after(response: httpx.Response | None) -> float | None:
