@@ -1,4 +1,5 @@
-"""Service entry points for purchase intent, churn, user profile and audience targeting.
+"""Service entry points for purchase intent (per item and per session), churn, user profile and
+audience targeting.
 
 Beside `agent.service.ShopLensService` (next-item): resolves the dataset and user, fits or loads
 each task's baseline (cached as JSON under ``<workspace>/tasks/``), and runs the task pipeline.
@@ -44,11 +45,20 @@ from agent.profile import (
 from agent.runtime import Runtime
 from agent.schemas import BehaviorEvent, CatalogItem
 from agent.service import RequestError, ShopLensService
+from agent.session_intent import (
+    SessionIntentPrediction,
+    SessionIntentService,
+    SessionRow,
+    default_session_baseline,
+    fit_session_baseline,
+    session_rows,
+)
 from agent.store import EventStore, UnknownUserError
 
 log = logging.getLogger(__name__)
 
 INTENT_LOOKBACK_H = 72.0  # candidate pairs: items the user touched in the 72 h before the cut-off
+SESSION_CUT = "k3"  # session intent rows: the as-of time is just after a session's first 3 events
 
 
 def iter_user_events(store: EventStore, dataset: str) -> Iterator[tuple[str, list[BehaviorEvent]]]:
@@ -112,6 +122,14 @@ def churn_rows(store: EventStore, dataset: str, as_of: datetime, horizon_days: i
     return rows
 
 
+def session_intent_rows(store: EventStore, dataset: str, catalog: dict[str, CatalogItem], *,
+                        rule: str = SESSION_CUT, horizon_hours: float | None = None, start: datetime | None = None,
+                        end: datetime | None = None) -> list[SessionRow]:
+    """Labelled (session, cut) rows of every user (`agent.session_intent.session_rows`)."""
+    return session_rows(iter_user_events(store, dataset), rule, horizon_hours=horizon_hours, start=start, end=end,
+                        catalog=catalog)
+
+
 def fit_intent_baseline(rows: list[IntentRow], trained_on: str) -> LogisticBaseline:
     return LogisticBaseline.fit([r.funnel.vector() for r in rows], [r.label for r in rows], INTENT_FEATURES, trained_on)
 
@@ -163,6 +181,25 @@ class TasksService(ShopLensService):
         cutoff = robust_end(self.runtime.store, dataset) - timedelta(hours=horizon_h)
         rows = intent_rows(self.runtime.store, dataset, cutoff, horizon_h, self._dataset(dataset))
         bl = fit_intent_baseline(rows, f"{dataset} pairs at {cutoff:%Y-%m-%d %H:%M}, horizon {horizon_h:g} h")
+        bl.save(path)
+        return bl
+
+    def session_intent_baseline(self, dataset: str, horizon_hours: float | None = None) -> LogisticBaseline:
+        """Load the cached baseline, or fit it on every session whose label window ends before the
+        dataset's end (cut after the first 3 events) and cache it.
+
+        Raises:
+            ValueError: too few (or one-class) labelled sessions to fit one.
+        """
+        hz = "session" if horizon_hours is None else f"{horizon_hours:g}h"
+        path = self.baseline_path(f"session_intent-{hz}", dataset)
+        if path.exists():
+            return LogisticBaseline.load(path)
+        end = robust_end(self.runtime.store, dataset)
+        rows = session_intent_rows(self.runtime.store, dataset, self._dataset(dataset), horizon_hours=horizon_hours,
+                                   end=end)
+        bl = fit_session_baseline(rows, f"{dataset} sessions ending before {end:%Y-%m-%d %H:%M}, cut "
+                                  f"{SESSION_CUT}, label: purchase {hz}")
         bl.save(path)
         return bl
 
@@ -223,6 +260,22 @@ class TasksService(ShopLensService):
                                  dataset=dataset)
         return _finish(pred, notes, why, self.use_model)
 
+    async def session_intent(self, dataset: str, user_id: str, *, as_of: datetime | None = None,
+                             horizon_hours: float | None = None) -> SessionIntentPrediction:
+        """P(the user buys anything later in the current session, or within `horizon_hours`)."""
+        catalog = self._dataset(dataset)
+        notes: list[str] = []
+        events = self._events(dataset, user_id, notes)
+        model, why = await self.model_or_none()
+        try:
+            bl = self.session_intent_baseline(dataset, horizon_hours)
+        except ValueError:  # no or one-class training rows (a tiny dataset)
+            bl = default_session_baseline()
+            notes.append(f"session intent baseline: hand-set prior ({dataset!r} has too few labelled sessions)")
+        svc = SessionIntentService(model, bl, model_sha256=self.runtime.model_sha256, explain=self.explain)
+        pred = await svc.predict(user_id, events, catalog, as_of=as_of, horizon_hours=horizon_hours, dataset=dataset)
+        return _finish(pred, notes, why, self.use_model)
+
     async def churn(self, dataset: str, user_id: str, *, as_of: datetime, horizon_days: int = 90) -> ChurnPrediction:
         catalog = self._dataset(dataset)
         notes: list[str] = []
@@ -275,7 +328,7 @@ class TasksService(ShopLensService):
         return _finish(pred, [], why, self.use_model)
 
 
-P = TypeVar("P", IntentPrediction, ChurnPrediction, UserProfile, AudiencePrediction)
+P = TypeVar("P", IntentPrediction, SessionIntentPrediction, ChurnPrediction, UserProfile, AudiencePrediction)
 
 
 def _finish(pred: P, notes: list[str], why: str | None, use_model: bool) -> P:

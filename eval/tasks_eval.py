@@ -212,20 +212,27 @@ def _model_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
 async def _binary_eval(task: str, settings: Settings, rows: list[Any], base: LogisticBaseline, vec: Any,
                        n_model: int, seed: int, out: Path | None, predict: Any, pos_share: float | None,
                        prompts: list[str], extra_config: dict[str, Any], n_explain: int,
-                       budget_s: float | None = None) -> Path:
+                       budget_s: float | None = None, extra_scorers: dict[str, list[float]] | None = None) -> Path:
+    """`extra_scorers`: name -> a probability per row (trivial baselines), scored on all rows.
+    A row's case id is its `case_id` attribute, else "user|item"."""
     d = _run_dir(task, out)
     y = [r.label for r in rows]
     pb = [base.predict(vec(r)) for r in rows]
     metrics: dict[str, Any] = {"baseline_all": binary_metrics(y, pb)}
     series = {"baseline (all)": (y, pb)}
+    for name, ps in (extra_scorers or {}).items():
+        metrics[name] = binary_metrics(y, ps)
+        series[name] = (y, ps)
     rt = Runtime(settings)
     config = {"task": task, "seed": seed, "n_model": n_model, "baseline": base.__dict__ | {"blend": None},
               "prompts": _prompt_refs(prompts), **extra_config}
     try:
         if n_model:
             pick = _sample(rows, n_model, seed, pos_share)
-            await _model_cases(d, rt, [(f"{rows[i].user_id}|{getattr(rows[i], 'item_id', '')}", rows[i]) for i in pick],
-                               predict, n_explain, budget_s)
+            ids = [getattr(rows[i], "case_id", None) or f"{rows[i].user_id}|{getattr(rows[i], 'item_id', '')}"
+                   for i in pick]
+            await _model_cases(d, rt, [(cid, rows[i]) for cid, i in zip(ids, pick, strict=True)], predict, n_explain,
+                               budget_s)
             recs = list(_done_cases(d).values())
             metas = [r["meta"] for r in recs if "meta" in r]
             config.update(model_id=metas[0]["model_id"] if metas else None, model_sha256=rt.model_sha256)

@@ -1,4 +1,5 @@
-"""The task routes (/v1/purchase-intent, /v1/churn, /v1/profile, /v1/sentiment, /v1/audience)
+"""The task routes (/v1/purchase-intent, /v1/session-intent, /v1/churn, /v1/profile, /v1/sentiment,
+/v1/audience)
 on the real app under uvicorn on a loopback port, over HTTP.
 
 The model is `agent.llm.fake.FakeModel` behind the API's model guard; a switch makes it fail
@@ -21,7 +22,7 @@ from agent.llm.fake import FakeCall, FakeModel, Reply
 from agent.runtime import Runtime
 from tests.test_api import AUTH, DATASET, USER, agent_settings, assert_envelope, serve_app
 
-TASK_ROUTES = ["/v1/purchase-intent", "/v1/churn", "/v1/profile", "/v1/sentiment", "/v1/audience"]
+TASK_ROUTES = ["/v1/purchase-intent", "/v1/session-intent", "/v1/churn", "/v1/profile", "/v1/sentiment", "/v1/audience"]
 
 
 class FakeModelRuntime(Runtime):
@@ -99,6 +100,7 @@ def model_dies(runtime: FakeModelRuntime) -> Iterator[None]:
 def bodies(item: str) -> dict[str, dict[str, Any]]:
     return {
         "/v1/purchase-intent": {"dataset": DATASET, "user_id": USER, "item_id": item},
+        "/v1/session-intent": {"dataset": DATASET, "user_id": USER},
         "/v1/churn": {"dataset": DATASET, "user_id": USER},
         "/v1/profile": {"dataset": DATASET, "user_id": USER},
         "/v1/sentiment": {"texts": ["Arrived broken, support never answered.", "Lovely mug!"]},
@@ -117,6 +119,20 @@ def test_purchase_intent_with_model(api: httpx.Client, item: str) -> None:
     assert p["probability_source"] == "blend" and p["model_probability"] is not None
     assert p["reason_source"] == "model" and p["evidence"][0]["event_id"]
     assert not p["meta"]["degraded"], p["meta"]
+
+
+def test_session_intent_with_model(api: httpx.Client) -> None:
+    r = api.post("/v1/session-intent", json={"dataset": DATASET, "user_id": USER})
+    assert r.status_code == 200, r.text
+    p = r.json()
+    assert p["user_id"] == USER and 0 <= p["probability"] <= 1 and p["horizon_hours"] is None
+    assert p["probability_source"] == "blend" and p["model_probability"] is not None
+    assert p["session"]["n_events"] >= 1 and p["reason_source"] == "model" and p["evidence"][0]["event_id"]
+    assert p["meta"]["prompt_versions"] == ["session_intent.v1", "session_intent_explain.v1"]
+    r = api.post("/v1/session-intent", json={"dataset": DATASET, "user_id": USER, "horizon_hours": 24,
+                                             "as_of": "2000-01-01T00:00:00Z"})
+    p = r.json()  # no events before as_of: the labelled base rate, no model call
+    assert r.status_code == 200 and p["cold_start"] and p["probability_source"] == "cold_start_base_rate", r.text
 
 
 def test_churn_with_model(api: httpx.Client) -> None:
@@ -165,6 +181,7 @@ def test_audience_with_model(api: httpx.Client, item: str) -> None:
 
 @pytest.mark.parametrize(("route", "body", "param"), [
     ("/v1/purchase-intent", {"dataset": DATASET, "user_id": USER}, "item_id"),
+    ("/v1/session-intent", {"dataset": DATASET, "user_id": USER, "horizon_hours": 0}, "horizon_hours"),
     ("/v1/churn", {"dataset": DATASET, "user_id": USER, "horizon_days": 0}, "horizon_days"),
     ("/v1/profile", {"dataset": DATASET, "user_id": USER, "as_of": "yesterday-ish"}, "as_of"),
     ("/v1/sentiment", {"texts": ["fine", 42]}, "texts[1]"),
@@ -177,7 +194,7 @@ def test_invalid_input_422_names_the_param(api: httpx.Client, route: str, body: 
     assert_envelope(api.post(route, json=body), 422, param=param)
 
 
-@pytest.mark.parametrize("route", ["/v1/purchase-intent", "/v1/churn", "/v1/profile"])
+@pytest.mark.parametrize("route", ["/v1/purchase-intent", "/v1/session-intent", "/v1/churn", "/v1/profile"])
 def test_unknown_user_404_with_suggestion(api: httpx.Client, item: str, route: str) -> None:
     body = bodies(item)[route] | {"user_id": "1785"}
     err = assert_envelope(api.post(route, json=body), 404, code="unknown_user", param="user_id")
@@ -202,7 +219,7 @@ def test_task_routes_need_a_key(api: httpx.Client, item: str, route: str) -> Non
 
 def _down_checks(c: httpx.Client, item: str) -> None:
     b = bodies(item)
-    for route in ("/v1/purchase-intent", "/v1/churn"):
+    for route in ("/v1/purchase-intent", "/v1/session-intent", "/v1/churn"):
         r = c.post(route, json=b[route])
         assert r.status_code == 200, r.text
         p = r.json()

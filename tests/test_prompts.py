@@ -153,6 +153,30 @@ def test_snapshot_next_item_explain_v1() -> None:
     check_snapshot("next_item_explain.v1", as_text(messages))
 
 
+def _session_prompt_vars() -> dict[str, object]:
+    from datetime import timedelta
+
+    from agent.session_intent import session_features, session_prompt
+
+    t = datetime(2017, 12, 2, 20, 0, tzinfo=UTC)
+    rows = [("22752", "purchase", -3 * 86_400), ("85123A", "view", -600), ("71053", "view", -540),
+            ("85123A", "view", -420), ("85123A", "cart", -300), ("84406B", "favourite", -60)]
+    events = [BehaviorEvent(user_id="1000", item_id=i, event_type=k, timestamp=t + timedelta(seconds=s))
+              for i, k, s in rows]
+    as_of = t + timedelta(seconds=1)
+    f = session_features(events, as_of, CATALOG)
+    return session_prompt("1000", events, CATALOG, as_of, f, None)[0]
+
+
+def test_snapshot_session_intent_v1() -> None:
+    check_snapshot("session_intent.v1", as_text(render(load_prompt("session_intent.v1"), **_session_prompt_vars())))
+
+
+def test_snapshot_session_intent_explain_v1() -> None:
+    messages = render(load_prompt("session_intent_explain.v1"), **_session_prompt_vars())
+    check_snapshot("session_intent_explain.v1", as_text(messages))
+
+
 def test_themes_are_ordered_by_count_then_first_appearance() -> None:
     titles = ["WHITE HANGING HEART HOLDER", "RED HEART HOLDER", "Set of 3 red boxes"]
     assert themes(titles) == ["heart", "holder", "red", "white", "hanging"]

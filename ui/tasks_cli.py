@@ -59,15 +59,27 @@ def _run(workspace: Path | None, no_llm: bool, call: Any) -> None:
 
 def intent_cmd(
     user: Annotated[str, typer.Option(help="user id")],
-    item: Annotated[str, typer.Option(help="item id")],
+    item: Annotated[str | None, typer.Option(help="item id; leave out for session intent (will the user buy "
+                                             "anything in the current session?)")] = None,
     dataset: Annotated[str, typer.Option(help="ingested dataset")] = "taobao",
     as_of: Annotated[str | None, typer.Option(help="cut-off (ISO or unix s); default: after the user's last event")] = None,
-    horizon_hours: Annotated[float, typer.Option(help="purchase horizon in hours")] = 48.0,
+    horizon_hours: Annotated[float | None, typer.Option(
+        help="purchase horizon in hours (default: 48 for an item; the rest of the current session, "
+             "which ends after 30 min without activity, for session intent)")] = None,
     workspace: Workspace = None,
     no_llm: NoLLM = False,
 ) -> None:
-    """P(the user buys the item within the horizon), with funnel evidence."""
-    _run(workspace, no_llm, lambda s: s.intent(dataset, user, item, as_of=_date(as_of), horizon_hours=horizon_hours))
+    """P(the user buys the item within the horizon), with funnel evidence.
+
+    Without --item: session intent, P(the user buys anything later in the current session, or
+    within --horizon-hours), with the session's evidence (views, carts, favourites, pace, history).
+    """
+    when = _date(as_of)
+    if item is None:
+        _run(workspace, no_llm, lambda s: s.session_intent(dataset, user, as_of=when, horizon_hours=horizon_hours))
+    else:
+        _run(workspace, no_llm, lambda s: s.intent(dataset, user, item, as_of=when,
+                                                   horizon_hours=horizon_hours or 48.0))
 
 
 def churn_cmd(
@@ -128,12 +140,34 @@ Budget = Annotated[float | None, typer.Option(help="stop starting model cases af
                                               "(resume later with the same --out; 0 re-scores recorded cases)")]
 
 
-def eval_intent_cmd(cases: Cases = 150, model: UseModel = True, seed: int = 0, out: Out = None,
-                    explain: Explain = 10, budget_s: Budget = None, workspace: Workspace = None) -> None:
-    """Taobao purchase intent: ROC AUC, PR AUC, Brier, calibration; model vs logistic baseline."""
+def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
+                        help="cases scored by the model (the baseline scores all); default 150, "
+                             "60 with --session")] = None, model: UseModel = True, seed: int = 0, out: Out = None,
+                    explain: Explain = 10, budget_s: Budget = None, workspace: Workspace = None,
+                    session: Annotated[bool, typer.Option(
+                        "--session", help="session intent: will the user buy anything later in the session? "
+                        "(one case per session, cut after its first k events or its first cart)")] = False,
+                    cut: Annotated[str, typer.Option(help="with --session: k<N> (after the first N events) "
+                                                     "or first-cart")] = "k3",
+                    horizon_hours: Annotated[float | None, typer.Option(
+                        help="with --session: label = a purchase within this many hours of the cut "
+                             "(default: later in the same session)")] = None) -> None:
+    """Taobao purchase intent: ROC AUC, PR AUC, Brier, calibration; model vs logistic baseline.
+
+    Per (user, item) pair by default; with --session, per session.
+    """
+    settings = load_settings(workspace=workspace)
+    if session:
+        from eval.session_intent_eval import run_session_intent_eval
+
+        n = 60 if cases is None else cases
+        typer.echo(str(run_session_intent_eval(settings, rule=cut, horizon_hours=horizon_hours,
+                                               n_model=n if model else 0, seed=seed, out=out,
+                                               n_explain=min(explain, n), budget_s=budget_s)))
+        return
     from eval.tasks_eval import run_intent_eval
 
-    typer.echo(str(run_intent_eval(load_settings(workspace=workspace), n_model=cases if model else 0,
+    typer.echo(str(run_intent_eval(settings, n_model=(150 if cases is None else cases) if model else 0,
                                    seed=seed, out=out, n_explain=explain, budget_s=budget_s)))
 
 

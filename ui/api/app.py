@@ -32,6 +32,7 @@ from agent.runtime import Runtime
 from agent.schemas import BehaviorEvent, parse_timestamp
 from agent.sentiment import SentimentAnalyzer, SentimentFailure, SentimentResult
 from agent.service import ShopLensService
+from agent.session_intent import SessionIntentPrediction, default_session_baseline
 from agent.store import UnknownUserError
 from agent.tasks_service import TasksService, robust_end
 from ui.api.config import ApiSettings
@@ -61,6 +62,7 @@ from ui.api.schemas import (
     SentimentBatchMeta,
     SentimentRequest,
     SentimentResponse,
+    SessionIntentRequest,
     UserEvents,
     guard_timestamp,
     out_of_range_timestamp,
@@ -75,7 +77,7 @@ _404 = {404: {"model": ErrorEnvelope, "description": "unknown user (or dataset)"
 _503 = {503: {"model": ErrorEnvelope, "description": "not ready (see Retry-After)"}}
 _503_MODEL = {503: {"model": ErrorEnvelope, "description": "the model is unavailable and this task has no "
                     "fallback (see Retry-After)"}}
-P = TypeVar("P", IntentPrediction, ChurnPrediction, UserProfile, AudiencePrediction)
+P = TypeVar("P", IntentPrediction, SessionIntentPrediction, ChurnPrediction, UserProfile, AudiencePrediction)
 
 
 class ApiTasksService(TasksService):
@@ -86,6 +88,9 @@ class ApiTasksService(TasksService):
 
     def intent_baseline(self, dataset: str, horizon_h: float = 48.0) -> LogisticBaseline:
         return self.priors.get(("intent", dataset)) or super().intent_baseline(dataset, horizon_h)
+
+    def session_intent_baseline(self, dataset: str, horizon_hours: float | None = None) -> LogisticBaseline:
+        return self.priors.get(("session_intent", dataset)) or super().session_intent_baseline(dataset, horizon_hours)
 
     def churn_baseline(self, dataset: str, horizon_days: int = 90) -> LogisticBaseline:
         return self.priors.get(("churn", dataset)) or super().churn_baseline(dataset, horizon_days)
@@ -161,20 +166,25 @@ class ApiState:
         svc.priors = self._priors
         return svc
 
-    async def ensure_baseline(self, task: str, dataset: str, horizon_h: float = 48.0) -> str | None:
+    async def ensure_baseline(self, task: str, dataset: str, horizon_h: float | None = 48.0) -> str | None:
         """Fit (or load) a task's baseline once, off the event loop. A dataset too small to fit
         one gets the service's hand-set prior; the returned note says so (for `meta.notes`)."""
         key = (task, dataset)
         if key not in self._priors:
             svc = self.tasks(None, use_model=False)
-            fit = (lambda: svc.intent_baseline(dataset, horizon_h)) if task == "intent" else (
-                lambda: svc.churn_baseline(dataset))
+            fits: dict[str, Callable[[], LogisticBaseline]] = {
+                "intent": lambda: svc.intent_baseline(dataset, horizon_h or 48.0),
+                "session_intent": lambda: svc.session_intent_baseline(dataset, horizon_h),
+                "churn": lambda: svc.churn_baseline(dataset)}
+            priors: dict[str, Callable[[], LogisticBaseline]] = {
+                "intent": lambda: IntentService(None).baseline, "session_intent": default_session_baseline,
+                "churn": default_churn_baseline}
             try:
-                await asyncio.to_thread(fit)
+                await asyncio.to_thread(fits[task])
                 return None
             except ValueError as e:  # sklearn: no rows, or a single class
                 log.warning("%s baseline for %s not fitted (%s); using the hand-set prior", task, dataset, e)
-                self._priors[key] = IntentService(None).baseline if task == "intent" else default_churn_baseline()
+                self._priors[key] = priors[task]()
         return (f"{task} baseline: hand-set prior ({dataset!r} has too few labelled rows to fit one)")
 
     def forget_task_caches(self, dataset: str) -> None:
@@ -182,7 +192,7 @@ class ApiState:
         self._task_catalogs.pop(dataset, None)
         self._task_audience.pop(dataset, None)
         self._dataset_end.pop(dataset, None)
-        for task in ("intent", "churn"):
+        for task in ("intent", "session_intent", "churn"):
             self._priors.pop((task, dataset), None)
 
     async def dataset_end(self, dataset: str) -> datetime:
@@ -396,6 +406,25 @@ def _routes(app: FastAPI, state: ApiState) -> None:
         pred = await state.run_task("/v1/purchase-intent", lambda svc: svc.intent(
             body.dataset, uid, body.item_id, as_of=as_of, horizon_hours=body.horizon_hours),
             use_llm=body.use_llm, fallback=True)
+        pred.meta.notes.extend([note] if note else [])
+        pred.user_id = body.user_id
+        return pred
+
+    @app.post("/v1/session-intent", response_model=SessionIntentPrediction, dependencies=auth,
+              responses=tasks_responses, tags=["tasks"])
+    async def session_intent(body: SessionIntentRequest) -> SessionIntentPrediction:
+        """P(the user buys anything later in the current session, or within `horizon_hours`): a
+        logistic baseline on session features blended with the model's yes/no probability, and a
+        reason citing the session's events. A user with no events before `as_of` gets the labelled
+        base rate (`cold_start`).
+
+        Model down, slow or loading: 200 with the baseline probability and a template reason,
+        `meta.degraded=true` and the reason."""
+        as_of = _parse_as_of(body.as_of)
+        uid = await state.check_user(body.dataset, body.user_id)
+        note = await state.ensure_baseline("session_intent", body.dataset, body.horizon_hours)
+        pred = await state.run_task("/v1/session-intent", lambda svc: svc.session_intent(
+            body.dataset, uid, as_of=as_of, horizon_hours=body.horizon_hours), use_llm=body.use_llm, fallback=True)
         pred.meta.notes.extend([note] if note else [])
         pred.user_id = body.user_id
         return pred

@@ -137,6 +137,21 @@ class PurchaseIntentRequest(BaseModel):
     use_llm: UseLlm = True
 
 
+class SessionIntentRequest(BaseModel):
+    """Will this stored user buy anything later in the current session (or within `horizon_hours`
+    of `as_of`)? The current session holds the user's last events before `as_of`; a session ends
+    after 30 minutes without activity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    user_id: UserId
+    as_of: AsOf = None
+    horizon_hours: float | None = Field(default=None, gt=0, le=24 * 90,
+                                        description="default (null): the rest of the current session")
+    use_llm: UseLlm = True
+
+
 class ChurnRequest(BaseModel):
     """Will this stored user make no purchase within `horizon_days` after `as_of`?"""
 
