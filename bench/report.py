@@ -1,0 +1,228 @@
+"""Turn the benchmark's figures into rich tables, markdown tables and one PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+Row = list[str]
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _load(sec: dict[str, Any]) -> str:
+    ld = sec.get("load") or {}
+    return f"load {ld.get('1m', '?')}/{ld.get('5m', '?')} on {ld.get('cpus', '?')} CPUs"
+
+
+def tables(fig: dict[str, Any]) -> list[tuple[str, Row, list[Row]]]:
+    """(title, header, rows) per section that ran, in a fixed order."""
+    out: list[tuple[str, Row, list[Row]]] = []
+    rates = fig.get("rates")
+    if rates:
+        out.append((f"Model speed ({fig['model']['id']}; {_load(rates)})",
+                    ["prompt processing", "generation", "generation, JSON schema"],
+                    [[f"{rates['pp_tok_s']:.1f} tok/s", f"{rates['gen_tok_s']:.1f} tok/s",
+                      f"{rates['gen_json_tok_s']:.1f} tok/s"]]))
+    e = fig.get("e2e")
+    if e:
+        rows = [[r["user"], _ms(r["total_s"]), _ms(r["model_calls_s"]), _ms(r["model_estimate_s"]),
+                 str(r["calls"]), f"{r['prompt_tokens']}+{r['completion_tokens']}",
+                 "yes" if r["degraded"] else "no"] for r in e["records"]]
+        rows.append(["p50 / p95", f"{_ms(e['total']['p50'])} / {_ms(e['total']['p95'])}",
+                     _ms(e["model_calls"]["p50"]), _ms(e["model_estimate"]["p50"]), "", "", ""])
+        rows.append(["overhead", "", _pct(e["overhead_vs_calls"]), _pct(e["overhead_vs_estimate"]),
+                     "", "", ""])
+        out.append((f"End-to-end next-item, {e['dataset']} ({_load(e)})",
+                    ["customer", "total", "model calls (client)", "model (rates)", "calls",
+                     "tokens", "degraded"], rows))
+        st = e["stages_mean_s"]
+        tot = sum(st.values()) or 1.0
+        srows = [[k, _ms(v), _pct(v / tot)] for k, v in st.items()]
+        srows.append(["retrieval alone (candidate generation)", _ms(e["retrieval_only"]["p50"]), "p50"])
+        out.append(("Where the time goes (mean per request)", ["stage", "time", "share"], srows))
+    r = fig.get("ranking")
+    if r:
+        rows = [[name, _ms(r[name]["time"]["mean"]), _ms(r[name]["time"]["p50"]),
+                 f"{r[name]['ndcg@10']:.2f}", _pct(r[name]["valid_rate"])]
+                for name in ("verbalizer", "generation")]
+        rows.append(["ratio", _x(r["time_ratio_gen_over_verb"]) + " (gen/verb)", "",
+                     _x(r["ndcg_ratio_verb_over_gen"]) + " (verb/gen)", ""])
+        out.append((f"Verbalizer vs generated ranking, {len(r['users'])} Games-200 users, "
+                    f"20 random candidates ({_load(r)})",
+                    ["ranker", "mean time/user", "p50", "NDCG@10", "valid"], rows))
+    p = fig.get("prefix")
+    if p:
+        rows = [[k, _ms(v["p50"]), _ms(v["p95"]), _x(p["speedup_vs_cold"][k])]
+                for k, v in p["conditions"].items()]
+        out.append((f"Prefix caching, verbalizer call, ~{p['prompt_tokens_mean']:.0f} prompt tokens "
+                    f"({_load(p)})", ["condition", "p50", "p95", "speed-up vs cold"], rows))
+    ret = fig.get("retrieval")
+    if ret:
+        rows = []
+        for row in ret["rows"]:
+            for kind, v in row["kinds"].items():
+                rows.append([f"{row['n']:,}", kind, _ms(v["search"]["p50"]), _ms(v["search"]["p95"]),
+                             f"{v['recall@k']:.3f}", _x(v.get("speedup_vs_flat_p50")),
+                             f"{v['build_s']:.1f} s", f"{v['bytes_per_million'] / 2**30:.2f} GiB"])
+        out.append((f"Retrieval, dim 384, k={ret['k']}, {ret['n_queries']} single-vector queries, "
+                    f"{ret['omp_threads']} threads ({_load(ret['rows'][0])})",
+                    ["items", "index", "p50", "p95", f"recall@{ret['k']}", "speed-up vs flat",
+                     "build", "memory / 1M items"], rows))
+    for key, label in (("concurrency", "embedded server"), ("concurrency_vllm", "vLLM")):
+        c = fig.get(key)
+        if c:
+            rows = [[lvl, str(v["requests"]), f"{v['req_s']:.3f}", f"{v['gen_tok_s']:.1f}",
+                     _ms(v["latency"]["p50"]), _x(v["throughput_vs_first"])]
+                    for lvl, v in c["levels"].items()]
+            out.append((f"Throughput under concurrency, {label} ({_load(c)})",
+                        ["concurrency", "requests", "req/s", "gen tok/s", "p50 latency",
+                         "throughput vs c=1"], rows))
+    ing = fig.get("ingest")
+    if ing:
+        rows = [["load (parse + validate)", f"{ing['load_s']:.1f} s", f"{ing['load_events_s']:,.0f}"],
+                ["store write (SQLite, WAL)", f"{ing['write_s']:.1f} s", f"{ing['write_events_s']:,.0f}"],
+                ["load + write", f"{ing['load_s'] + ing['write_s']:.1f} s", f"{ing['total_events_s']:,.0f}"],
+                ["bare SQLite insert (floor)", f"{ing['bare_insert_s']:.1f} s", f"{ing['bare_events_s']:,.0f}"],
+                ["store write / bare insert", _x(ing["store_vs_bare"]), ""]]
+        out.append((f"Ingest, {ing['dataset']}: {ing['rows_read']:,} rows -> {ing['events']:,} events "
+                    f"({_load(ing)})", ["step", "time", "events/s"], rows))
+    ib = fig.get("index_build")
+    if ib:
+        out.append((f"Item index build, {ib['items']:,} real titles, {ib['embedder']} ({_load(ib)})",
+                    ["embed", "FAISS add", "per 10k items", "embedding share"],
+                    [[f"{ib['embed_s']:.1f} s", _ms(ib["faiss_s"]), f"{ib['per_10k_s']:.1f} s",
+                      _pct(ib["embed_share"])]]))
+    return out
+
+
+def print_tables(fig: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console(width=160)
+    for title, header, rows in tables(fig):
+        t = Table(title=title, title_justify="left")
+        for h in header:
+            t.add_column(h)
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
+
+
+def markdown(fig: dict[str, Any]) -> str:
+    """All tables as markdown, for docs/bench.md."""
+    parts = []
+    for title, header, rows in tables(fig):
+        parts.append(f"**{title}**\n")
+        parts.append("| " + " | ".join(header) + " |")
+        parts.append("|" + "---|" * len(header))
+        parts.extend("| " + " | ".join(r) + " |" for r in rows)
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plot(fig: dict[str, Any], path: Path) -> None:
+    """One PNG, a panel per section that ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("e2e", "ranking", "prefix", "retrieval", "concurrency", "ingest")
+              if fig.get(k)]
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    f, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, panels, strict=False):
+        _PANELS[key](ax, fig)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    f.suptitle(f"ShopLens bench {fig['started']} · {fig['model'].get('id', '')}", fontsize=10)
+    f.tight_layout()
+    f.savefig(path, dpi=110)
+    plt.close(f)
+
+
+def _p_e2e(ax: Any, fig: dict[str, Any]) -> None:
+    e = fig["e2e"]
+    users = [r["user"] for r in e["records"]]
+    left = [0.0] * len(users)
+    for stage in e["stages_mean_s"]:
+        vals = [r["stages_s"][stage] for r in e["records"]]
+        ax.barh(users, vals, left=left, label=stage)
+        left = [a + b for a, b in zip(left, vals, strict=True)]
+    ax.set_xlabel("seconds")
+    ax.set_title("next-item latency by stage", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _p_ranking(ax: Any, fig: dict[str, Any]) -> None:
+    r = fig["ranking"]
+    names = ["verbalizer", "generation"]
+    ax.bar(names, [r[n]["time"]["mean"] for n in names], color=["tab:green", "tab:red"])
+    for i, n in enumerate(names):
+        ax.text(i, r[n]["time"]["mean"], f"NDCG@10 {r[n]['ndcg@10']:.1f}", ha="center",
+                va="bottom", fontsize=8)
+    ax.set_ylabel("seconds per user")
+    ax.set_title("ranking 20 candidates", fontsize=9)
+
+
+def _p_prefix(ax: Any, fig: dict[str, Any]) -> None:
+    c = fig["prefix"]["conditions"]
+    ax.bar(list(c), [v["p50"] for v in c.values()])
+    ax.set_ylabel("p50 seconds")
+    ax.set_title("verbalizer call, prefix cache", fontsize=9)
+
+
+def _p_retrieval(ax: Any, fig: dict[str, Any]) -> None:
+    ret = fig["retrieval"]
+    for kind in ("flat", "ivf", "hnsw"):
+        pts = [(r["n"], r["kinds"][kind]["search"]["p50"] * 1e3) for r in ret["rows"] if kind in r["kinds"]]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=kind)
+    ax.axhline(5, color="grey", ls="--", lw=0.8, label="5 ms target")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("catalogue items")
+    ax.set_ylabel("p50 ms / query")
+    ax.set_title("retrieval latency", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _p_concurrency(ax: Any, fig: dict[str, Any]) -> None:
+    for key, label in (("concurrency", "embedded"), ("concurrency_vllm", "vLLM")):
+        c = fig.get(key)
+        if c:
+            lv = [int(x) for x in c["levels"]]
+            ax.plot(lv, [v["req_s"] for v in c["levels"].values()], marker="o", label=label)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("requests/s")
+    ax.set_title("throughput", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _p_ingest(ax: Any, fig: dict[str, Any]) -> None:
+    ing = fig["ingest"]
+    names = ["load", "store write", "load+write", "bare insert"]
+    vals = [ing["load_events_s"], ing["write_events_s"], ing["total_events_s"], ing["bare_events_s"]]
+    ax.bar(names, vals)
+    ax.set_ylabel("events/s")
+    ax.set_title("ingest (Online Retail)", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+
+
+_PANELS = {"e2e": _p_e2e, "ranking": _p_ranking, "prefix": _p_prefix, "retrieval": _p_retrieval,
+           "concurrency": _p_concurrency, "ingest": _p_ingest}
