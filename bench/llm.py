@@ -99,13 +99,15 @@ async def calibrate_rates(model: ChatModel, *, prompt_repeats: int = 15, reps: i
                           gen_tokens: int = 64) -> dict[str, Any]:
     """The server's own speed, from direct calls with uncacheable prompts.
 
-    * prompt processing: ``reps`` calls of a ~``60 * prompt_repeats``-token prompt with
+    * prompt processing: ``reps`` calls of a ~``100 * prompt_repeats``-token prompt with
       ``max_tokens=1``; rate = prompt tokens / latency (tokens/s, median over calls).
     * generation: a counting prompt answered with ``max_tokens=1`` and ``max_tokens=gen_tokens``;
       rate = extra tokens / extra seconds (tokens/s), plain text and JSON-schema-constrained.
 
     Returns:
-        {"pp_tok_s", "gen_tok_s", "gen_json_tok_s", "samples": {...}, "load": ...}.
+        {"pp_tok_s", "gen_tok_s", "gen_json_tok_s", "samples": {...}, "load": ...}. The
+        prompt samples have the same length, so their rates should agree: the report warns when
+        the fastest is > 1.2x the slowest (the machine was busy).
     """
     out: dict[str, Any] = {"load": load_average(), "samples": {"pp": [], "gen": [], "gen_json": []}}
     text = "Summarise these products in one word: " + FILLER * prompt_repeats
@@ -166,8 +168,8 @@ async def concurrency(model: ChatModel, levels: Sequence[int], *, requests_per_l
                       prompt_repeats: int = 2, max_tokens: int = 32) -> dict[str, Any]:
     """Throughput with ``c`` requests in flight, for each ``c`` in ``levels``.
 
-    Each request is uncacheable (a random tag first), ~``60 * prompt_repeats`` prompt tokens and
-    ``max_tokens`` generated tokens; ``max(4, requests_per_level * c)`` requests run per level,
+    Each request is uncacheable (a random tag first), ``prompt_repeats`` lines of product titles
+    (~100 tokens each) and ``max_tokens`` generated tokens; ``max(4, requests_per_level * c)`` requests run per level,
     at most ``c`` at a time.
 
     Returns:
@@ -189,13 +191,15 @@ async def _level(model: ChatModel, c: int, n: int, text: str, max_tokens: int) -
     """Run n uncacheable requests, at most c in flight; throughput and latency."""
     sem = asyncio.Semaphore(c)
 
-    async def one() -> tuple[float, int]:
+    async def one() -> tuple[float, int, int]:
         async with sem:
             s, comp = await _timed(model, _user(text), max_tokens=max_tokens)
-            return s, comp.usage.completion_tokens
+            return s, comp.usage.prompt_tokens, comp.usage.completion_tokens
 
     t0 = time.perf_counter()
     done = await asyncio.gather(*(one() for _ in range(n)))
     wall = time.perf_counter() - t0
     return {"requests": n, "wall_s": wall, "req_s": n / wall,
-            "gen_tok_s": sum(g for _, g in done) / wall, "latency": summarize([s for s, _ in done])}
+            "prompt_tokens_mean": sum(p for _, p, _ in done) / n,
+            "gen_tok_s": sum(g for _, _, g in done) / wall,
+            "latency": summarize([s for s, _, _ in done])}

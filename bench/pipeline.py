@@ -92,7 +92,7 @@ async def end_to_end(rt: Runtime, model: OpenAICompatModel, dataset: str, users:
     for _ in range(20):
         for u in users:
             t = time.perf_counter()
-            gen.generate(hist[u], n=20, user_id=u)
+            gen.generate(hist[u], n=20, user_id=u, exclude=set(hist[u]))  # all purchases here
             ret.append(time.perf_counter() - t)
     totals = [r["total_s"] for r in records]
     model_s = [r["model_calls_s"] for r in records]

@@ -1,7 +1,13 @@
-"""Turn the benchmark's figures into rich tables, markdown tables and one PNG plot."""
+"""Turn the benchmark's figures into rich tables, markdown tables and one PNG plot.
+
+``python -m bench.report runs/bench-<time>`` re-renders a run folder's tables and plot from its
+figures.json (no measurement).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,10 @@ def tables(fig: dict[str, Any]) -> list[tuple[str, Row, list[Row]]]:
     out: list[tuple[str, Row, list[Row]]] = []
     rates = fig.get("rates")
     if rates:
-        out.append((f"Model speed ({fig['model']['id']}; {_load(rates)})",
+        pp = [x["prompt_tokens"] / x["s"] for x in rates["samples"]["pp"]]
+        spread = max(pp) / min(pp)
+        busy = f"; WARNING: prompt rates spread {spread:.2f}x, the machine was busy" if spread > 1.2 else ""
+        out.append((f"Model speed ({fig['model']['id']}; {_load(rates)}{busy})",
                     ["prompt processing", "generation", "generation, JSON schema"],
                     [[f"{rates['pp_tok_s']:.1f} tok/s", f"{rates['gen_tok_s']:.1f} tok/s",
                       f"{rates['gen_json_tok_s']:.1f} tok/s"]]))
@@ -208,6 +217,7 @@ def _p_concurrency(ax: Any, fig: dict[str, Any]) -> None:
         if c:
             lv = [int(x) for x in c["levels"]]
             ax.plot(lv, [v["req_s"] for v in c["levels"].values()], marker="o", label=label)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("requests/s")
     ax.set_title("throughput", fontsize=9)
@@ -226,3 +236,15 @@ def _p_ingest(ax: Any, fig: dict[str, Any]) -> None:
 
 _PANELS = {"e2e": _p_e2e, "ranking": _p_ranking, "prefix": _p_prefix, "retrieval": _p_retrieval,
            "concurrency": _p_concurrency, "ingest": _p_ingest}
+
+
+def rerender(run_dir: Path) -> None:
+    """Rewrite ``tables.md`` and ``bench.png`` of a run folder from its ``figures.json``."""
+    fig = json.loads((run_dir / "figures.json").read_text())
+    print_tables(fig)
+    (run_dir / "tables.md").write_text(markdown(fig))
+    plot(fig, run_dir / "bench.png")
+
+
+if __name__ == "__main__":
+    rerender(Path(sys.argv[1]))
