@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.metrics import evaluate_rankings, mrr
+from eval.metrics import evaluate_rankings, mrr, ndcg_at_k
 
 KS = (1, 5, 10, 20)
 
@@ -153,4 +153,42 @@ def compare(run_dirs: Sequence[Path], out: Path | None = None) -> str:
     target = Path(out) if out else Path(run_dirs[0])
     target.mkdir(parents=True, exist_ok=True)
     _plot(target / "compare.png", rows, published=True)
-    return metrics_table(rows) + f"\n\nplot: {target / 'compare.png'}"
+    paired = [paired_difference(Path(run_dirs[0]), Path(d)) for d in run_dirs[1:]]
+    lines = ["", f"Paired NDCG@10 x100 against {Path(run_dirs[0]).name} (same users; other minus first):", "",
+             "| run | users | first | other | difference +- SE | 95% bootstrap CI | better / worse |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {p['run']} | {p['n']} | {p['first']:.2f} | {p['other']:.2f} | {p['diff']:+.2f} +- {p['se']:.2f} | "
+              f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['better']} / {p['worse']} |" for p in paired if p["n"]]
+    return metrics_table(rows) + ("\n".join(lines) if paired else "") + f"\n\nplot: {target / 'compare.png'}"
+
+
+def _case_ndcg10(run_dir: Path) -> dict[str, float]:
+    """Per-case NDCG@10 (x100) of a run, keyed by user (and case index for repeated users)."""
+    out: dict[str, float] = {}
+    for ln in (run_dir / "cases.jsonl").read_text().splitlines():
+        if ln.strip():
+            r = json.loads(ln)
+            out[f"{r['user']}#{r['i']}"] = 100.0 * ndcg_at_k(r["ranking"], set(r["relevant"]), 10)
+    return out
+
+
+def paired_difference(first: Path, other: Path, n_boot: int = 5000, seed: int = 0) -> dict[str, Any]:
+    """Per-user NDCG@10 difference (other minus first) on the cases both runs share.
+
+    Returns:
+        ``n`` shared cases, both means, ``diff`` (mean difference), ``se`` (its standard
+        error), ``ci95`` (percentile bootstrap over users, ``n_boot`` resamples, seeded),
+        ``better`` / ``worse`` (users where other is higher / lower). All x100.
+    """
+    a, b = _case_ndcg10(first), _case_ndcg10(other)
+    keys = [k for k in a if k in b]
+    d = np.array([b[k] - a[k] for k in keys])
+    if not len(d):
+        return {"run": other.name, "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    return {"run": other.name, "n": len(d), "first": float(np.mean([a[k] for k in keys])),
+            "other": float(np.mean([b[k] for k in keys])), "diff": float(d.mean()),
+            "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0,
+            "ci95": (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))),
+            "better": int((d > 0).sum()), "worse": int((d < 0).sum())}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,28 @@ def test_cli_sasrec_flag_names_a_missing_folder(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert f"--sasrec {missing}: no such folder" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_paired_difference_hand_computed(tmp_path: Path) -> None:
+    from eval.report import paired_difference
+
+    def run(name: str, ranks: list[int]) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        rows = []
+        for i, pos in enumerate(ranks):  # target "t" at 0-based position `pos`
+            ranking = [f"x{j}" for j in range(20)]
+            ranking.insert(pos, "t")
+            rows.append(json.dumps({"i": i, "user": f"u{i}", "ranking": ranking[:20], "relevant": ["t"]}))
+        (d / "cases.jsonl").write_text("\n".join(rows) + "\n")
+        return d
+
+    # NDCG@10 per user: pos 0 -> 100, pos 1 -> 100/log2(3) = 63.09, pos 15 -> 0
+    a, b = run("a", [1, 0, 15]), run("b", [0, 0, 1])
+    p = paired_difference(a, b)
+    g = 100 / math.log2(3)
+    diffs = [100 - g, 0.0, g]
+    assert p["n"] == 3 and p["better"] == 2 and p["worse"] == 0
+    assert p["first"] == pytest.approx((g + 100) / 3) and p["diff"] == pytest.approx(sum(diffs) / 3)
+    mean = sum(diffs) / 3
+    assert p["se"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2) / math.sqrt(3))
