@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.llm.base import Completion
+from agent.llm.base import ChatModel, Completion, Message
 from agent.llm.fake import FakeModel
-from agent.llm.openai_compat import OpenAICompatModel
 from agent.next_item import NextItemConfig
 from agent.runtime import Runtime
 from agent.service import ShopLensService
@@ -45,7 +44,7 @@ def stage_breakdown(t0: float, t1: float, calls: Sequence[CallRecord]) -> dict[s
     return out
 
 
-async def end_to_end(rt: Runtime, model: OpenAICompatModel, dataset: str, users: Sequence[str],
+async def end_to_end(rt: Runtime, model: ChatModel, dataset: str, users: Sequence[str],
                      rates: dict[str, Any], *, k: int = 5) -> dict[str, Any]:
     """Next-item latency per customer through the real service, against the model's own time.
 
@@ -112,7 +111,8 @@ async def end_to_end(rt: Runtime, model: OpenAICompatModel, dataset: str, users:
     return res
 
 
-async def prompt_pairs(rt: Runtime, dataset: str, users: Sequence[str]) -> list[tuple[list, list]]:
+async def prompt_pairs(rt: Runtime, dataset: str, users: Sequence[str],
+                       ) -> list[tuple[list[Message], list[Message]]]:
     """The real (forward, reverse) verbalizer prompts ShopLens sends for each user, captured
     with a fake model (instant, no server): explanation off, two permutations."""
 
@@ -134,7 +134,7 @@ async def prompt_pairs(rt: Runtime, dataset: str, users: Sequence[str]) -> list[
     return pairs
 
 
-async def ranking_vs_generation(model: OpenAICompatModel, data_dir: Path, n_users: int, *,
+async def ranking_vs_generation(model: ChatModel, data_dir: Path, n_users: int, *,
                                 permutations: int = 1, seed: int = 2023) -> dict[str, Any]:
     """Verbalizer ranking vs the model writing the ranked list, on the first ``n_users`` of
     LLMRank's Games-200 (20 random candidates, shuffled by the published protocol).
