@@ -123,9 +123,13 @@ async def calibrate_rates(model: ChatModel, *, prompt_repeats: int = 15, reps: i
             sn, cn = await _timed(model, _user(COUNT_PROMPT), max_tokens=gen_tokens, schema=schema)
             extra = cn.usage.completion_tokens - c1.usage.completion_tokens
             pp_diff = (cn.usage.prompt_tokens - c1.usage.prompt_tokens) / out["pp_tok_s"]
-            rates.append(extra / max(sn - s1 - pp_diff, 1e-6))
+            dt = sn - s1 - pp_diff
+            if extra >= gen_tokens // 4 and dt > 0:  # else the answer stopped early: no rate
+                rates.append(extra / dt)
             out["samples"][key].append({"s_1": s1, "s_n": sn, "tokens_n": cn.usage.completion_tokens})
-        out[f"{key}_tok_s"] = sorted(rates)[len(rates) // 2]
+        out[f"{key}_tok_s"] = sorted(rates)[len(rates) // 2] if rates else None
+    if out["gen_json_tok_s"] is None:  # fall back to the plain rate for estimates
+        out["gen_json_tok_s"], out["gen_json_fallback"] = out["gen_tok_s"], True
     return out
 
 

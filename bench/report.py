@@ -29,6 +29,15 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _rate(rates: dict[str, Any], key: str) -> str:
+    """A calibrated rate in tokens/s; n/a where the calibration could not measure it (an
+    answer that stopped early, or, for JSON, a fallback to the plain rate)."""
+    v = rates.get(key)
+    if v is None or (key == "gen_json_tok_s" and rates.get("gen_json_fallback")):
+        return "n/a"
+    return f"{v:.1f} tok/s"
+
+
 def _load(sec: dict[str, Any]) -> str:
     ld = sec.get("load") or {}
     return f"load {ld.get('1m', '?')}/{ld.get('5m', '?')} on {ld.get('cpus', '?')} CPUs"
@@ -44,8 +53,8 @@ def tables(fig: dict[str, Any]) -> list[tuple[str, Row, list[Row]]]:
         busy = f"; WARNING: prompt rates spread {spread:.2f}x, the machine was busy" if spread > 1.2 else ""
         out.append((f"Model speed ({fig['model']['id']}; {_load(rates)}{busy})",
                     ["prompt processing", "generation", "generation, JSON schema"],
-                    [[f"{rates['pp_tok_s']:.1f} tok/s", f"{rates['gen_tok_s']:.1f} tok/s",
-                      f"{rates['gen_json_tok_s']:.1f} tok/s"]]))
+                    [[_rate(rates, "pp_tok_s"), _rate(rates, "gen_tok_s"),
+                      _rate(rates, "gen_json_tok_s")]]))
     e = fig.get("e2e")
     if e:
         rows = [[r["user"], _ms(r["total_s"]), _ms(r["model_calls_s"]), _ms(r["model_estimate_s"]),
@@ -91,7 +100,9 @@ def tables(fig: dict[str, Any]) -> list[tuple[str, Row, list[Row]]]:
                     f"{ret['omp_threads']} threads ({_load(ret['rows'][0])})",
                     ["items", "index", "p50", "p95", f"recall@{ret['k']}", "speed-up vs flat",
                      "build", "memory / 1M items"], rows))
-    for key, label in (("concurrency", "embedded server"), ("concurrency_vllm", "vLLM")):
+    server = (fig.get("model") or {}).get("base_url", "embedded")
+    for key, label in (("concurrency", "embedded server" if server == "embedded" else server),
+                       ("concurrency_vllm", "vLLM")):
         c = fig.get(key)
         if c:
             rows = [[lvl, str(v["requests"]), f"{v['req_s']:.3f}", f"{v['gen_tok_s']:.1f}",
