@@ -143,3 +143,17 @@ def test_hnsw_and_flat_agree_on_a_small_set(tmp_path: Path) -> None:
         assert [i for i, _ in rb] == [i for i, _ in ra]
         assert [s for _, s in rb] == pytest.approx([s for _, s in ra], abs=1e-5)
     np.testing.assert_allclose(hnsw.vector("i7"), vecs[7])
+
+
+def test_auto_kind_switches_to_hnsw_above_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    import retrieval.index as ri
+
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(40, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = [f"i{k}" for k in range(40)]
+    assert VectorIndex.build(ids, vecs, name="t", embedder="e", content_hash="h").manifest.kind == "flat"
+    monkeypatch.setattr(ri, "AUTO_HNSW_ABOVE", 39)
+    idx = VectorIndex.build(ids, vecs, name="t", embedder="e", content_hash="h")
+    assert idx.manifest.kind == "hnsw"
+    assert idx.search(vecs[3:4], 1)[0][0][0] == "i3"
