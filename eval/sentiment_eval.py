@@ -157,6 +157,37 @@ def cross_fitted_ece(records: Sequence[dict[str, Any]], labels: Sequence[str], f
     return expected_calibration_error(ok, conf)
 
 
+def cross_fitted_platt_accuracy(records: Sequence[dict[str, Any]], folds: int = 5, seed: int = 0) -> float | None:
+    """Binary sets: accuracy after Platt scaling (logistic regression on
+    log p(positive) - log p(negative)) where each case's fit uses the other folds only.
+
+    What a per-domain calibration on labelled in-domain reviews buys: the slope rescales the
+    confidence, the intercept moves the decision threshold (the model's label prior in this
+    domain). Invalid cases stay wrong. None when a training fold lacks one of the classes.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    def x(r: dict[str, Any]) -> float:
+        p = r["probs"]
+        return math.log(max(p.get("positive", 0.0), 1e-12)) - math.log(max(p.get("negative", 0.0), 1e-12))
+
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    right = 0
+    for f in range(folds):
+        held = set(order[f::folds])
+        train = [r for i, r in enumerate(records) if i not in held and r.get("valid")]
+        y = [int(r["gold"] == "positive") for r in train]
+        if len(set(y)) < 2:
+            return None
+        lr = LogisticRegression(C=100.0).fit([[x(r)] for r in train], y)
+        for i in held:
+            r = records[i]
+            if r.get("valid"):
+                right += ("positive" if lr.predict([[x(r)]])[0] == 1 else "negative") == r["gold"]
+    return right / len(records) if records else None
+
+
 def _confidence(r: dict[str, Any], labels: Sequence[str], temperature: float = 1.0) -> float:
     """The probability a case's answer gives its prediction (0 for an invalid answer)."""
     if not r.get("valid") or r["pred"] not in labels:
@@ -399,6 +430,8 @@ def compute_metrics(records: Sequence[dict[str, Any]], labels: Sequence[str]) ->
     if any(r.get("probs") for r in records) and len(records) >= 10:  # what temperature scaling buys
         m["temperature"] = round(fit_temperature(records, labels), 4)
         m["ece_temperature_cv"] = round(cross_fitted_ece(records, labels), 4)
+        if list(labels) == list(BINARY) and (acc := cross_fitted_platt_accuracy(records)) is not None:
+            m["accuracy_platt_cv"] = round(acc, 4)
     cats: dict[str, list[bool]] = defaultdict(list)
     for r in records:
         if r.get("category") and r.get("aspect") is None:

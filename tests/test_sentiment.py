@@ -47,6 +47,7 @@ from eval.sentiment_eval import (
     accuracy,
     compute_metrics,
     cross_fitted_ece,
+    cross_fitted_platt_accuracy,
     fit_temperature,
     macro_f1,
     scaled,
@@ -447,3 +448,15 @@ def test_fit_temperature_sharpens_an_underconfident_model() -> None:
     assert fit_temperature([{**recs[0], "valid": False}], labels) == 1.0
     # cross-fitted: every fold sharpens to T=0.1 -> confidence 0.6^10/(0.6^10+0.4^10) ~ 0.983, all right
     assert cross_fitted_ece(recs, labels) == pytest.approx(1 - 0.6**10 / (0.6**10 + 0.4**10), abs=1e-6)
+
+
+def test_platt_cross_fit_moves_a_biased_threshold() -> None:
+    # positives read as mildly negative (0.4 vs 0.6), negatives as clearly negative: raw accuracy
+    # 50%; a threshold fitted on the other folds separates them perfectly
+    pos = [{"gold": "positive", "pred": "negative", "valid": True, "probs": {"positive": 0.4, "negative": 0.6}}]
+    neg = [{"gold": "negative", "pred": "negative", "valid": True, "probs": {"positive": 0.1, "negative": 0.9}}]
+    recs = (pos + neg) * 10
+    assert cross_fitted_platt_accuracy(recs) == 1.0
+    invalid = [{**recs[0], "valid": False}] + recs[1:]
+    assert cross_fitted_platt_accuracy(invalid) == pytest.approx(19 / 20)
+    assert cross_fitted_platt_accuracy(neg * 10) is None  # one class: nothing to fit
