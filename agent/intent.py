@@ -17,7 +17,7 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,7 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from agent.history import HistoryView, build_history
 from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError
 from agent.predictions import Evidence, Meta
-from agent.prompting import PromptTemplate, load_prompt, render
+from agent.prompting import load_prompt, render
 from agent.schemas import BehaviorEvent, CatalogItem
 from agent.structured import CallTrace, structured_call
 
@@ -294,6 +294,49 @@ class IntentPrediction(BaseModel):
     meta: Meta
 
 
+@dataclass
+class AskedModel:
+    """What the model said for an intent-style task: P(yes) (None: no usable answer), the
+    explanation (stage, reason, cited refs; source "model", or "fallback" when absent), and the
+    prompt refs used."""
+
+    p_model: float | None = None
+    stage: Stage | None = None
+    reason: str = ""
+    refs: list[str] = field(default_factory=list)
+    source: Literal["model", "fallback"] = "fallback"
+    prompts: list[str] = field(default_factory=list)
+
+
+async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_prompt: str | None,
+                           variables: dict[str, Any], hist: HistoryView, trace: CallTrace) -> AskedModel:
+    """The model side of purchase intent (per item and per session): one yes/no verbalizer call,
+    then (when `explain_prompt` is given) one schema-constrained explanation whose evidence must
+    be refs of `hist`. Failures are recorded in ``trace.degraded``; nothing is raised, the caller
+    falls back to the baseline probability and a template reason."""
+    out = AskedModel()
+    if model is None:
+        trace.degraded.append("no model configured: baseline probability, template reason")
+        return out
+    try:
+        tpl = load_prompt(prob_prompt)
+        out.prompts.append(tpl.ref)
+        out.p_model = await ask_yes_no(model, render(tpl, **variables), trace)
+        if explain_prompt:
+            etpl = load_prompt(explain_prompt)
+            out.prompts.append(etpl.ref)
+            schema = IntentAnswer.model_json_schema()
+            schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
+            ans = await structured_call(model, render(etpl, **variables), IntentAnswer, json_schema=schema,
+                                        context={"refs": set(hist.refs)}, max_tokens=160, trace=trace)
+            out.stage, out.reason, out.refs, out.source = ans.stage, ans.reason, ans.evidence, "model"
+    except ModelUnavailableError as e:
+        trace.degraded.append(f"model unavailable ({e}); baseline probability")
+    except OutputValidationError as e:
+        trace.degraded.append(f"explanation invalid after {e.attempts} attempts: {e.errors[:2]}")
+    return out
+
+
 def _intent_history(user_id: str, evs: Sequence[BehaviorEvent], item_id: str,
                     catalog: Mapping[str, CatalogItem], as_of: datetime, window: int) -> HistoryView:
     """The item's last events plus the user's most recent ones, oldest first."""
@@ -347,26 +390,11 @@ class IntentService:
         p_base = self.baseline.predict(f.vector())
         hist = _intent_history(user_id, evs, item_id, catalog, as_of, self.window)
         title = catalog[item_id].title if item_id in catalog else f"item {item_id}"
-        prompts: list[str] = []
-        p_model: float | None = None
-        stage, reason, refs, source = None, "", [], "fallback"
-        if self.model is None:
-            trace.degraded.append("no model configured: baseline probability, template reason")
-        else:
-            variables = dict(item_title=title, f=asdict(f), horizon_hours=f"{horizon_hours:g}", **hist.prompt_vars())
-            try:
-                tpl = load_prompt(self.prob_prompt)
-                prompts.append(tpl.ref)
-                p_model = await ask_yes_no(self.model, render(tpl, **variables), trace)
-                if self.explain:
-                    etpl = load_prompt(self.explain_prompt)
-                    prompts.append(etpl.ref)
-                    ans = await self._explain(etpl, variables, hist, trace)
-                    stage, reason, refs, source = ans.stage, ans.reason, ans.evidence, "model"
-            except ModelUnavailableError as e:
-                trace.degraded.append(f"model unavailable ({e}); baseline probability")
-            except OutputValidationError as e:
-                trace.degraded.append(f"explanation invalid after {e.attempts} attempts: {e.errors[:2]}")
+        variables = dict(item_title=title, f=asdict(f), horizon_hours=f"{horizon_hours:g}", **hist.prompt_vars())
+        asked = await ask_intent_model(self.model, self.prob_prompt, self.explain_prompt if self.explain else None,
+                                       variables, hist, trace)
+        prompts, p_model = asked.prompts, asked.p_model
+        stage, reason, refs, source = asked.stage, asked.reason, asked.refs, asked.source
         if source == "fallback":
             reason, refs = fallback_intent_reason(f, hist, item_id)
         blend = self.baseline.blend or Blend()
@@ -376,14 +404,6 @@ class IntentService:
             baseline_probability=round(p_base, 6), model_probability=None if p_model is None else round(p_model, 6),
             stage=stage, reason=reason, reason_source=source, evidence=evidence_from_refs(hist, refs),
             meta=make_meta("purchase_intent", self.model, trace, prompts, t0, self.model_sha256))
-
-    async def _explain(self, tpl: PromptTemplate, variables: dict[str, Any], hist: HistoryView,
-                       trace: CallTrace) -> IntentAnswer:
-        assert self.model is not None
-        schema = IntentAnswer.model_json_schema()
-        schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
-        return await structured_call(self.model, render(tpl, **variables), IntentAnswer, json_schema=schema,
-                                     context={"refs": set(hist.refs)}, max_tokens=160, trace=trace)
 
 
 def fallback_intent_reason(f: Funnel, hist: HistoryView, item_id: str) -> tuple[str, list[str]]:

@@ -26,19 +26,17 @@ from pydantic import BaseModel, Field
 from agent.history import EventLine, HistoryView, build_history
 from agent.intent import (
     Blend,
-    IntentAnswer,
     LogisticBaseline,
     Probability,
     Stage,
-    ask_yes_no,
+    ask_intent_model,
     evidence_from_refs,
     make_meta,
 )
-from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
+from agent.llm.base import ChatModel
 from agent.predictions import Evidence, Meta
-from agent.prompting import load_prompt, render
 from agent.schemas import BehaviorEvent, CatalogItem
-from agent.structured import CallTrace, structured_call
+from agent.structured import CallTrace
 
 # 30 minutes of inactivity ends a session: the web-analytics convention (Google Analytics'
 # default session timeout). It goes back to Catledge & Pitkow (1995), "Characterizing browsing
@@ -317,29 +315,10 @@ class SessionIntentService:
                                "its features are used as they were")
         p_base = self.baseline.predict(f.vector())
         variables, hist, srefs = session_prompt(user_id, evs, catalog, as_of, f, horizon_hours, self.window)
-        prompts: list[str] = []
-        p_model: float | None = None
-        stage, reason, refs, source = None, "", [], "fallback"
-        if self.model is None:
-            trace.degraded.append("no model configured: baseline probability, template reason")
-        else:
-            try:
-                tpl = load_prompt(self.prob_prompt)
-                prompts.append(tpl.ref)
-                p_model = await ask_yes_no(self.model, render(tpl, **variables), trace)
-                if self.explain:
-                    etpl = load_prompt(self.explain_prompt)
-                    prompts.append(etpl.ref)
-                    schema = IntentAnswer.model_json_schema()
-                    schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
-                    ans = await structured_call(self.model, render(etpl, **variables), IntentAnswer,
-                                                json_schema=schema, context={"refs": set(hist.refs)},
-                                                max_tokens=160, trace=trace)
-                    stage, reason, refs, source = ans.stage, ans.reason, ans.evidence, "model"
-            except ModelUnavailableError as e:
-                trace.degraded.append(f"model unavailable ({e}); baseline probability")
-            except OutputValidationError as e:
-                trace.degraded.append(f"explanation invalid after {e.attempts} attempts: {e.errors[:2]}")
+        asked = await ask_intent_model(self.model, self.prob_prompt, self.explain_prompt if self.explain else None,
+                                       variables, hist, trace)
+        prompts, p_model = asked.prompts, asked.p_model
+        stage, reason, refs, source = asked.stage, asked.reason, asked.refs, asked.source
         if source == "fallback":
             reason, refs = fallback_session_reason(f, hist, srefs)
         blend = self.baseline.blend or Blend()
