@@ -189,10 +189,10 @@ def build_suite(config: RunConfig) -> Suite:
     )
 
 
-def _games_llmrank(config: RunConfig) -> Suite:
+def _games_llmrank(config: RunConfig, g: dict[str, Any] | None = None) -> Suite:
     from eval.protocols import llmrank_cases, load_llmrank_candidates
 
-    g = _games_context(config)
+    g = g or _games_context(config)
     root = g["root"]
     if config.candidates.startswith("6k-"):
         path = root / f"Games-6k.{config.candidates[3:]}.gz"
@@ -281,11 +281,18 @@ def _full_cases(cases: Sequence[Any], fused: Any, catalogue: Sequence[str], seed
 
 
 def _games_full(config: RunConfig) -> Suite:
+    """LlamaRec's full-catalogue protocol on the Games-200 users: the fused sources (plus the
+    trained SASRec when the run has one, weights refit on the validation users) retrieve the top
+    20 of all items; the ranker orders them."""
     g = _games_context(config)
-    base = _games_llmrank(config)
-    cases, recall = _full_cases([c for c, _, _ in base.cases], g["fused"], list(g["titles"]),
+    base = _games_llmrank(config, g)
+    fused, how = g["fused"], "fused sources"
+    if "sasrec" in g["scorers"]:
+        fused, _ = fit_fusion(base, fusion_names(base, sasrec=True), config.seed)
+        how = "fused sources + SASRec (weights refit on the validation users)"
+    cases, recall = _full_cases([c for c, _, _ in base.cases], fused, list(g["titles"]),
                                 config.seed, config.position, repurchase=config.repurchase)
-    notes = {**g["notes"], "retrieval": f"fused sources over all {len(g['titles'])} items, "
+    notes = {**g["notes"], "retrieval": f"{how} over all {len(g['titles'])} items, "
              f"top 20; recall@20 = {recall:.2f}"}
     return Suite(cases, "full-catalogue", g["titles"], g["scorers"], g["fused"], notes,
                  g["validation"], g["pool"], g["embeddings"])
