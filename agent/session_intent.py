@@ -159,6 +159,17 @@ class SessionRow:
 CutRule = str  # "k<N>" (after the session's first N events) or "first-cart" (after its first cart)
 
 
+def check_cut_rule(rule: str) -> str:
+    """`rule` if it is ``first-cart`` or ``k<N>`` with N >= 1.
+
+    Raises:
+        ValueError: anything else (the message names both forms).
+    """
+    if rule == "first-cart" or (rule.startswith("k") and rule[1:].isdigit() and int(rule[1:]) >= 1):
+        return rule
+    raise ValueError(f"cut rule {rule!r} must be 'k<N>' (e.g. k3) or 'first-cart'")
+
+
 def cut_time(session: Sequence[BehaviorEvent], rule: CutRule) -> datetime | None:
     """The as-of time for a session under `rule`, or None when the rule does not apply.
 
@@ -168,10 +179,8 @@ def cut_time(session: Sequence[BehaviorEvent], rule: CutRule) -> datetime | None
     if rule == "first-cart":
         carts = [e for e in session if e.event_type == "cart"]
         return carts[0].timestamp + timedelta(seconds=1) if carts else None
-    if rule.startswith("k") and rule[1:].isdigit() and int(rule[1:]) >= 1:
-        k = int(rule[1:])
-        return session[k - 1].timestamp + timedelta(seconds=1) if len(session) >= k else None
-    raise ValueError(f"cut rule {rule!r} must be 'k<N>' (e.g. k3) or 'first-cart'")
+    k = int(check_cut_rule(rule)[1:])
+    return session[k - 1].timestamp + timedelta(seconds=1) if len(session) >= k else None
 
 
 def label_window_end(session: Sequence[BehaviorEvent], cut: datetime, horizon_hours: float | None,

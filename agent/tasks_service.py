@@ -146,6 +146,16 @@ def robust_end(store: EventStore, dataset: str) -> datetime:
     return ts[min(len(ts) - 1, int(len(ts) * 0.995))]
 
 
+def horizon_key(task: str, horizon: float | None) -> str:
+    """The horizon part of a baseline's cache key: ``48h`` (intent; None means the 48 h default),
+    ``session`` or ``24h`` (session intent), ``90d`` (churn; None means 90 days)."""
+    if task == "churn":
+        return f"{horizon if horizon is not None else 90:g}d"
+    if task == "session_intent":
+        return "session" if horizon is None else f"{horizon:g}h"
+    return f"{horizon if horizon is not None else 48.0:g}h"
+
+
 class TasksService(ShopLensService):
     """Intent, churn, profile and audience over one `Runtime` (shares `ShopLensService`'s
     model handling and history resolution)."""
@@ -174,8 +184,9 @@ class TasksService(ShopLensService):
         return self.runtime.workspace / "tasks" / f"{task}-{dataset}.json"
 
     def intent_baseline(self, dataset: str, horizon_h: float = 48.0) -> LogisticBaseline:
-        """Load the cached baseline, or fit it at cut-off = dataset end - horizon and cache it."""
-        path = self.baseline_path("intent", dataset)
+        """Load the cached baseline for this horizon, or fit it at cut-off = dataset end - horizon
+        and cache it (one file per horizon: the label depends on it)."""
+        path = self.baseline_path(f"intent-{horizon_key('intent', horizon_h)}", dataset)
         if path.exists():
             return LogisticBaseline.load(path)
         cutoff = robust_end(self.runtime.store, dataset) - timedelta(hours=horizon_h)
@@ -191,7 +202,7 @@ class TasksService(ShopLensService):
         Raises:
             ValueError: too few (or one-class) labelled sessions to fit one.
         """
-        hz = "session" if horizon_hours is None else f"{horizon_hours:g}h"
+        hz = horizon_key("session_intent", horizon_hours)
         path = self.baseline_path(f"session_intent-{hz}", dataset)
         if path.exists():
             return LogisticBaseline.load(path)
@@ -204,7 +215,7 @@ class TasksService(ShopLensService):
         return bl
 
     def churn_baseline(self, dataset: str, horizon_days: int = 90) -> LogisticBaseline:
-        path = self.baseline_path("churn", dataset)
+        path = self.baseline_path(f"churn-{horizon_key('churn', horizon_days)}", dataset)
         if path.exists():
             return LogisticBaseline.load(path)
         as_of = robust_end(self.runtime.store, dataset) - timedelta(days=2 * horizon_days)
@@ -281,7 +292,7 @@ class TasksService(ShopLensService):
         notes: list[str] = []
         events = self._events(dataset, user_id, notes)
         model, why = await self.model_or_none()
-        svc = ChurnService(model, self.churn_baseline(dataset), model_sha256=self.runtime.model_sha256,
+        svc = ChurnService(model, self.churn_baseline(dataset, horizon_days), model_sha256=self.runtime.model_sha256,
                            explain=self.explain)
         pred = await svc.predict(user_id, events, catalog, as_of=as_of, horizon_days=horizon_days, dataset=dataset,
                                  prices=catalogue_prices(catalog))

@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.runtime import Runtime
-from agent.session_intent import SessionIntentService, SessionRow, fit_session_baseline
+from agent.session_intent import (
+    SessionIntentService,
+    SessionRow,
+    check_cut_rule,
+    fit_session_baseline,
+)
 from agent.settings import Settings
 from agent.tasks_service import SESSION_CUT, robust_end, session_intent_rows
 from eval.tasks_eval import _binary_eval
@@ -49,7 +54,12 @@ def run_session_intent_eval(settings: Settings, *, rule: str = SESSION_CUT, hori
                             budget_s: float | None = None, dataset: str = "taobao",
                             split: datetime = SESSION_SPLIT) -> Path:
     """Baseline on every test session; the model (verbalizer + blend) on a seeded sample of
-    `n_model` test sessions with positives oversampled to 1/3. Returns the run folder."""
+    `n_model` test sessions with positives oversampled to 1/3. Returns the run folder.
+
+    Raises:
+        ValueError: a bad `rule` (before any data is read), or too few labelled sessions.
+    """
+    check_cut_rule(rule)
     rt = Runtime(settings)
     store = rt.store
     catalog = store.items(dataset)

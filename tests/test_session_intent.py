@@ -215,7 +215,7 @@ def test_cli_intent_without_item_is_session_intent(store: EventStore) -> None:
     r = CliRunner().invoke(app, ["intent", "--dataset", "toy", "--user", "ghost", "--workspace", str(ws), "--no-llm"])
     body = json.loads(r.stdout[r.stdout.index("{"):])
     assert body["cold_start"] and body["probability_source"] == "cold_start_base_rate"
-    IntentService(None).baseline.save(ws / "tasks" / "intent-toy.json")
+    IntentService(None).baseline.save(ws / "tasks" / "intent-48h-toy.json")
     r = CliRunner().invoke(app, ["intent", "--dataset", "toy", "--user", "u", "--item", "A", "--workspace", str(ws),
                                  "--no-llm"])
     assert r.exit_code == 0, r.output
@@ -279,3 +279,20 @@ def test_session_eval_on_a_tiny_store(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_features_are_plain_numbers_for_the_prompt() -> None:
     f = session_features(EVENTS, T0 + timedelta(minutes=130), CATALOG)
     assert json.loads(json.dumps(asdict(f)))["n_events"] == 7
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "nan", "inf", "5000"])
+def test_cli_refuses_a_horizon_outside_the_api_bounds(bad: str) -> None:
+    from ui.cli import app
+
+    r = CliRunner().invoke(app, ["intent", "--dataset", "taobao", "--user", "1", "--horizon-hours", bad])
+    assert r.exit_code == 2
+    assert "is not a horizon; give hours in (0, 2160], e.g. 48" in r.output
+
+
+def test_eval_session_bad_cut_is_a_clean_error(tmp_path: Path) -> None:
+    from ui.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "intent", "--session", "--no-model", "--cut", "bogus",
+                                 "--workspace", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "error: cut rule 'bogus'" in r.output

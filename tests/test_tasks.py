@@ -363,7 +363,7 @@ def test_cli_profile_and_churn_without_model(store: EventStore, monkeypatch: pyt
 
     ws = store.path.parent
     LogisticBaseline(["log_recency", "log_frequency", "log_monetary"], [0.5, -0.5, 0.0], 0.0, 0.4).save(
-        ws / "tasks" / f"churn-{DS}.json")
+        ws / "tasks" / f"churn-90d-{DS}.json")
     app = typer.Typer()
     register(app)
     r = CliRunner().invoke(app, ["profile", "--dataset", DS, "--user", "u1", "--workspace", str(ws), "--no-llm"])
@@ -416,3 +416,25 @@ def test_churn_real_model_on_a_real_customer() -> None:
     assert p.model_probability is not None and 0 <= p.probability <= 1
     assert p.meta.model_id and p.meta.prompt_versions[0] == "churn_risk.v1"
     assert all(e.event_id in {x.event_id for x in evs} for e in p.evidence)
+
+
+def test_baselines_are_cached_per_horizon(store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A baseline fitted (or refused) at one horizon must never answer for another."""
+    import agent.tasks_service as ts
+    from agent.runtime import Runtime
+
+    fitted: list[str] = []
+
+    def fake_fit(rows: object, trained_on: str) -> LogisticBaseline:
+        fitted.append(trained_on)
+        return LogisticBaseline(["x"], [float(len(fitted))], 0.0, 0.1, trained_on)
+
+    monkeypatch.setattr(ts, "fit_churn_baseline", fake_fit)
+    monkeypatch.setattr(ts, "churn_rows", lambda *a, **k: [])
+    svc = ts.TasksService(Runtime(Settings(workspace=store.path.parent)), use_model=False)
+    a, b = svc.churn_baseline(DS, 90), svc.churn_baseline(DS, 30)
+    assert a.coef != b.coef and len(fitted) == 2
+    assert svc.churn_baseline(DS, 90).coef == a.coef and len(fitted) == 2  # cached on disk
+    assert (store.path.parent / "tasks" / f"churn-90d-{DS}.json").exists()
+    assert ts.horizon_key("intent", None) == "48h" and ts.horizon_key("session_intent", None) == "session"
+    assert ts.horizon_key("session_intent", 24.0) == "24h" and ts.horizon_key("churn", 60) == "60d"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +35,18 @@ def _date(value: str | None) -> datetime | None:
         return parse_timestamp(value)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+
+
+MAX_HORIZON_H = 2160.0  # 90 days, the API's bound (ui/api/schemas.py)
+
+
+def _horizon(value: float | None) -> float | None:
+    """--horizon-hours: None or a finite number in (0, 2160]."""
+    if value is not None and not (math.isfinite(value) and 0 < value <= MAX_HORIZON_H):
+        typer.echo(f"error: --horizon-hours {value:g} is not a horizon; give hours in (0, {MAX_HORIZON_H:g}], "
+                   "e.g. 48", err=True)
+        raise typer.Exit(2)
+    return value
 
 
 def _run(workspace: Path | None, no_llm: bool, call: Any) -> None:
@@ -74,12 +87,12 @@ def intent_cmd(
     Without --item: session intent, P(the user buys anything later in the current session, or
     within --horizon-hours), with the session's evidence (views, carts, favourites, pace, history).
     """
-    when = _date(as_of)
+    when, horizon_hours = _date(as_of), _horizon(horizon_hours)
     if item is None:
         _run(workspace, no_llm, lambda s: s.session_intent(dataset, user, as_of=when, horizon_hours=horizon_hours))
     else:
         _run(workspace, no_llm, lambda s: s.intent(dataset, user, item, as_of=when,
-                                                   horizon_hours=horizon_hours or 48.0))
+                                                   horizon_hours=48.0 if horizon_hours is None else horizon_hours))
 
 
 def churn_cmd(
@@ -161,9 +174,14 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
         from eval.session_intent_eval import run_session_intent_eval
 
         n = 60 if cases is None else cases
-        typer.echo(str(run_session_intent_eval(settings, rule=cut, horizon_hours=horizon_hours,
-                                               n_model=n if model else 0, seed=seed, out=out,
-                                               n_explain=min(explain, n), budget_s=budget_s)))
+        try:
+            run = run_session_intent_eval(settings, rule=cut, horizon_hours=_horizon(horizon_hours),
+                                          n_model=n if model else 0, seed=seed, out=out,
+                                          n_explain=min(explain, n), budget_s=budget_s)
+        except ValueError as e:  # a bad --cut, or too few labelled sessions for this horizon
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from e
+        typer.echo(str(run))
         return
     from eval.tasks_eval import run_intent_eval
 

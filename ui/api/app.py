@@ -34,7 +34,7 @@ from agent.sentiment import SentimentAnalyzer, SentimentFailure, SentimentResult
 from agent.service import ShopLensService
 from agent.session_intent import SessionIntentPrediction, default_session_baseline
 from agent.store import UnknownUserError
-from agent.tasks_service import TasksService, robust_end
+from agent.tasks_service import TasksService, horizon_key, robust_end
 from ui.api.config import ApiSettings
 from ui.api.errors import (
     ERROR_RESPONSES,
@@ -84,16 +84,19 @@ class ApiTasksService(TasksService):
     """`TasksService` with the API's shared caches, and the task's hand-set prior where a
     dataset has too few (or one-class) labelled rows to fit a baseline."""
 
-    priors: dict[tuple[str, str], LogisticBaseline]
+    priors: dict[tuple[str, str, str], LogisticBaseline]  # (task, dataset, horizon) -> hand-set prior
 
     def intent_baseline(self, dataset: str, horizon_h: float = 48.0) -> LogisticBaseline:
-        return self.priors.get(("intent", dataset)) or super().intent_baseline(dataset, horizon_h)
+        return (self.priors.get(("intent", dataset, horizon_key("intent", horizon_h)))
+                or super().intent_baseline(dataset, horizon_h))
 
     def session_intent_baseline(self, dataset: str, horizon_hours: float | None = None) -> LogisticBaseline:
-        return self.priors.get(("session_intent", dataset)) or super().session_intent_baseline(dataset, horizon_hours)
+        return (self.priors.get(("session_intent", dataset, horizon_key("session_intent", horizon_hours)))
+                or super().session_intent_baseline(dataset, horizon_hours))
 
     def churn_baseline(self, dataset: str, horizon_days: int = 90) -> LogisticBaseline:
-        return self.priors.get(("churn", dataset)) or super().churn_baseline(dataset, horizon_days)
+        return (self.priors.get(("churn", dataset, horizon_key("churn", horizon_days)))
+                or super().churn_baseline(dataset, horizon_days))
 
 
 class ModelWatch:
@@ -152,7 +155,7 @@ class ApiState:
         self._task_catalogs: dict[str, Any] = {}
         self._task_audience: dict[str, Any] = {}
         self._dataset_end: dict[str, datetime] = {}
-        self._priors: dict[tuple[str, str], LogisticBaseline] = {}
+        self._priors: dict[tuple[str, str, str], LogisticBaseline] = {}
 
     def service(self, *, use_model: bool = True) -> ShopLensService:
         return ShopLensService(self.runtime, use_model=use_model, model_provider=self.model.get)
@@ -169,13 +172,14 @@ class ApiState:
     async def ensure_baseline(self, task: str, dataset: str, horizon_h: float | None = 48.0) -> str | None:
         """Fit (or load) a task's baseline once, off the event loop. A dataset too small to fit
         one gets the service's hand-set prior; the returned note says so (for `meta.notes`)."""
-        key = (task, dataset)
+        # one prior per horizon: a horizon the data cannot label must not change the answer at others
+        key = (task, dataset, horizon_key(task, horizon_h))
         if key not in self._priors:
             svc = self.tasks(None, use_model=False)
             fits: dict[str, Callable[[], LogisticBaseline]] = {
                 "intent": lambda: svc.intent_baseline(dataset, horizon_h or 48.0),
                 "session_intent": lambda: svc.session_intent_baseline(dataset, horizon_h),
-                "churn": lambda: svc.churn_baseline(dataset)}
+                "churn": lambda: svc.churn_baseline(dataset, int(horizon_h or 90))}
             priors: dict[str, Callable[[], LogisticBaseline]] = {
                 "intent": lambda: IntentService(None).baseline, "session_intent": default_session_baseline,
                 "churn": default_churn_baseline}
@@ -192,8 +196,8 @@ class ApiState:
         self._task_catalogs.pop(dataset, None)
         self._task_audience.pop(dataset, None)
         self._dataset_end.pop(dataset, None)
-        for task in ("intent", "session_intent", "churn"):
-            self._priors.pop((task, dataset), None)
+        for key in [k for k in self._priors if k[1] == dataset]:
+            self._priors.pop(key)
 
     async def dataset_end(self, dataset: str) -> datetime:
         if dataset not in self._dataset_end:
@@ -439,7 +443,7 @@ def _routes(app: FastAPI, state: ApiState) -> None:
         `meta.degraded=true` and the reason."""
         uid = await state.check_user(body.dataset, body.user_id)
         as_of = _parse_as_of(body.as_of) or await state.dataset_end(body.dataset)
-        note = await state.ensure_baseline("churn", body.dataset)
+        note = await state.ensure_baseline("churn", body.dataset, body.horizon_days)
         pred = await state.run_task("/v1/churn", lambda svc: svc.churn(
             body.dataset, uid, as_of=as_of, horizon_days=body.horizon_days),
             use_llm=body.use_llm, fallback=True)
