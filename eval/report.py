@@ -145,21 +145,35 @@ def compare(run_dirs: Sequence[Path], out: Path | None = None) -> str:
         FileNotFoundError: a run folder has no metrics.json.
     """
     rows: dict[str, dict[str, Any]] = {}
+    kinds: dict[str, tuple[Any, ...]] = {}
     for d in map(Path, run_dirs):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such run folder")
         mp = d / "metrics.json"
         if not mp.exists():
-            raise FileNotFoundError(f"{mp} not found (run `shoplens eval rescore {d}`)")
+            raise FileNotFoundError(f"{mp} not found: not a finished run folder (`shoplens eval rescore {d}` "
+                                    "recomputes it from cases.jsonl)")
         rows[d.name] = json.loads(mp.read_text())
+        if "ndcg@10" not in rows[d.name]:
+            raise ValueError(f"{d} is not a next-item run (no ndcg@10 in metrics.json); compare next-item runs only")
+        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+        run = cfg.get("run", {})
+        kinds[d.name] = (run.get("dataset"), run.get("protocol"), run.get("candidates"), run.get("split"))
     target = Path(out) if out else Path(run_dirs[0])
     target.mkdir(parents=True, exist_ok=True)
     _plot(target / "compare.png", rows, published=True)
-    paired = [paired_difference(Path(run_dirs[0]), Path(d)) for d in run_dirs[1:]]
+    first = Path(run_dirs[0])
+    # pairing by user makes sense only on the same cases: same dataset, protocol, candidate file
+    paired = [paired_difference(first, Path(d)) for d in run_dirs[1:] if kinds[Path(d).name] == kinds[first.name]]
+    unpaired = [Path(d).name for d in run_dirs[1:] if kinds[Path(d).name] != kinds[first.name]]
     lines = ["", f"Paired NDCG@10 x100 against {Path(run_dirs[0]).name} (same users; other minus first):", "",
              "| run | users | first | other | difference +- SE | 95% bootstrap CI | better / worse |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {p['run']} | {p['n']} | {p['first']:.2f} | {p['other']:.2f} | {p['diff']:+.2f} +- {p['se']:.2f} | "
               f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['better']} / {p['worse']} |" for p in paired if p["n"]]
-    return metrics_table(rows) + ("\n".join(lines) if paired else "") + f"\n\nplot: {target / 'compare.png'}"
+    if unpaired:
+        lines += ["", f"Not paired (other dataset, protocol or candidate file than {first.name}): {', '.join(unpaired)}"]
+    return metrics_table(rows) + ("\n".join(lines) if len(run_dirs) > 1 else "") + f"\n\nplot: {target / 'compare.png'}"
 
 
 def _case_ndcg10(run_dir: Path) -> dict[str, float]:

@@ -260,3 +260,30 @@ def test_paired_difference_hand_computed(tmp_path: Path) -> None:
     assert p["first"] == pytest.approx((g + 100) / 3) and p["diff"] == pytest.approx(sum(diffs) / 3)
     mean = sum(diffs) / 3
     assert p["se"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2) / math.sqrt(3))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--protocol", "llmrank", "--repurchase", "--ranker", "pop"],
+     "error: --repurchase applies to --protocol full / leave-last-basket (got --protocol llmrank --ranker pop)"),
+    (["--ranker", "random", "--drop", "bm25"],
+     "error: --drop applies to --ranker fused, fused-sasrec or hybrid (got --protocol llmrank --ranker random)"),
+    (["--ranker", "fused", "--sasrec", "."],
+     "error: --sasrec applies to --ranker fused-sasrec or hybrid (got --protocol llmrank --ranker fused)"),
+])
+def test_cli_refuses_flags_its_ranker_would_ignore(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(eval_app, ["next-item", "--users", "2", *args, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_compare_refuses_what_it_cannot_compare(tmp_path: Path) -> None:
+    other = tmp_path / "sentiment-run"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps({"accuracy": 0.9}))
+    nxt = tmp_path / "next-item-run"
+    nxt.mkdir()
+    (nxt / "metrics.json").write_text(json.dumps({"ndcg@10": 50.0}))
+    r = CliRunner().invoke(eval_app, ["compare", str(nxt), str(other)])
+    assert r.exit_code == 2 and "is not a next-item run (no ndcg@10 in metrics.json)" in r.output
+    r = CliRunner().invoke(eval_app, ["compare", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and f"{tmp_path / 'nope'}: no such run folder" in r.output

@@ -21,6 +21,9 @@ import typer
 from agent.llm.base import ModelUnavailableError
 from eval.runner import RANKERS, RunConfig, rescore, run_next_item
 
+FUSION_RANKERS = ("fused", "fused-sasrec", "hybrid")  # the rankers with a fitted fusion (--drop)
+SASREC_RANKERS = ("fused-sasrec", "hybrid")  # the rankers that use a SASRec source (--sasrec)
+
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
@@ -61,6 +64,13 @@ def next_item_cmd(
                     users=users or None, ranker=ranker, prompt=prompt, seed=seed, position=position,
                     permutations=permutations, hybrid_val_users=hybrid_val_users, hybrid_w=hybrid_w,
                     fewshot_k=fewshot_k, model_profile=profile, name=name, out=out)
+    misuse = ("--repurchase applies to --protocol full / leave-last-basket" if repurchase and protocol == "llmrank"
+              else "--drop applies to --ranker fused, fused-sasrec or hybrid" if drop and ranker not in FUSION_RANKERS
+              else "--sasrec applies to --ranker fused-sasrec or hybrid" if sasrec and ranker not in SASREC_RANKERS
+              else None)
+    if misuse:
+        typer.echo(f"error: {misuse} (got --protocol {protocol} --ranker {ranker})", err=True)
+        raise typer.Exit(2)
     if sasrec is not None:
         if not sasrec.is_dir():
             typer.echo(f"error: --sasrec {sasrec}: no such folder; train one with "
@@ -102,7 +112,7 @@ def compare_cmd(
 
     try:
         typer.echo(compare(run_dirs, out))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
 
