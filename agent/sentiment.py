@@ -93,7 +93,7 @@ class AspectSentiment(BaseModel):
 
 
 class AspectsAnswer(BaseModel):
-    """The model's answer to ``sentiment_aspects.v1``."""
+    """The model's answer to ``sentiment_aspects.v1`` and ``.v2``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -334,7 +334,7 @@ class SentimentConfig:
     """Everything that changes an answer (recorded by the eval harness)."""
 
     prompt: str = "sentiment.v1"
-    aspects_prompt: str = "sentiment_aspects.v1"
+    aspects_prompt: str = "sentiment_aspects.v2"  # v2: terms as written (v1 answered "quality")
     top_logprobs: int = 20  # vLLM's default cap; the three labels are always near the top
     min_label_mass: float = 0.01  # below this the model did not answer with a label -> fallback
     max_attempts: int = 2  # aspects: one call + one repair

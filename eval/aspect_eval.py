@@ -57,6 +57,18 @@ def normalise_term(term: str) -> str:
     return re.sub(r"\s+", " ", term.lower()).strip(" \t\"'.,;:!?()[]")
 
 
+_DETOK = [(re.compile(r" ([.,!?;:%)\]])"), r"\1"), (re.compile(r"([(\[$]) "), r"\1"),
+          (re.compile(r" (n't|'s|'ve|'re|'ll|'d|'m)\b"), r"\1")]
+
+
+def detokenize(text: str) -> str:
+    """Undo the SemEval files' tokenisation ("I 've upgraded ( twice ) ." -> "I've upgraded
+    (twice)."), so the model sees text as a customer wrote it and its copied spans match."""
+    for pat, rep in _DETOK:
+        text = pat.sub(rep, text)
+    return text
+
+
 def load_aspect_sentences(path: Path) -> list[Sentence]:
     """Group a ``.seg`` file's (sentence-with-$T$, term, polarity) triples into sentences.
 
@@ -73,7 +85,11 @@ def load_aspect_sentences(path: Path) -> list[Sentence]:
         if pol not in _POL:
             raise ValueError(f"{path}:{i + 3}: polarity {pol!r} is not -1, 0 or 1")
         by_text.setdefault(tmpl.replace("$T$", term), []).append((term, _POL[pol]))
-    return [Sentence(f"s{k}", text, gold) for k, (text, gold) in enumerate(by_text.items())]
+    out = []
+    for k, (text, gold) in enumerate(by_text.items()):
+        clean = detokenize(text)  # kept tokenised when a gold term would stop being a substring
+        out.append(Sentence(f"s{k}", clean if all(t in clean for t, _ in gold) else text, gold))
+    return out
 
 
 def prf(tp: int, n_pred: int, n_gold: int) -> dict[str, float]:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from eval.aspect_eval import (
     TrainLexicon,
     aspect_metrics,
+    detokenize,
     load_aspect_sentences,
     normalise_term,
     rescore,
@@ -34,7 +35,7 @@ def test_seg_triples_group_into_sentences(tmp_path: Path) -> None:
     p = tmp_path / "t.seg"
     p.write_text(SEG)
     s = load_aspect_sentences(p)
-    assert [x.text for x in s] == ["battery life is great but the screen is dim .", "The box arrived on time ."]
+    assert [x.text for x in s] == ["battery life is great but the screen is dim.", "The box arrived on time."]
     assert s[0].gold == [("battery life", "positive"), ("screen", "negative")]
     assert s[1].gold == [("box", "neutral")]
 
@@ -86,3 +87,7 @@ def test_cli_run_then_rescore_reproduces(tmp_path: Path) -> None:
     assert rescore(run) == m
     bad = CliRunner().invoke(app, ["eval", "aspects", "--ranker", "gpt", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "unknown ranker 'gpt'; known: llm, train-lexicon" in bad.output
+
+
+def test_detokenize_undoes_semeval_tokenisation() -> None:
+    assert detokenize("I 've paid $ 150 ( twice ) , do n't ask .") == "I've paid $150 (twice), don't ask."

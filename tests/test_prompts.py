@@ -197,3 +197,9 @@ def test_rendered_history_does_not_depend_on_the_hash_seed() -> None:
         for seed in ("0", "1", "2", "3")
     }
     assert len(outs) == 1, outs
+
+
+def test_sentiment_aspects_v2_snapshot() -> None:
+    messages = render(load_prompt("sentiment_aspects.v2"), text="The battery life is great but the 屏幕 is dim.",
+                      max_aspects=5)
+    check_snapshot("sentiment_aspects.v2", as_text(messages))
