@@ -66,8 +66,9 @@ def normalise_probability(v: object) -> object:
 
 
 class AspectSentiment(BaseModel):
-    """One aspect the review judges. `span` must be an exact substring of the cleaned review
-    (checked when the validation context carries ``text``)."""
+    """One aspect the review judges. `aspect` must occur in the cleaned review (any case) and
+    `span` must be an exact substring of it (both checked when the validation context carries
+    ``text``), so an aspect the model invents is rejected and repaired, never reported."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -79,6 +80,15 @@ class AspectSentiment(BaseModel):
     @classmethod
     def _norm_polarity(cls, v: object) -> object:
         return normalise_polarity(v)
+
+    @field_validator("aspect")
+    @classmethod
+    def _aspect_in_text(cls, v: str, info: ValidationInfo) -> str:
+        text = (info.context or {}).get("text")
+        if text is None or v.strip().lower() in text.lower():
+            return v.strip()
+        raise ValueError(f"aspect {v!r} does not occur in the review; name each aspect with the words the "
+                         "review uses for it")
 
     @field_validator("span")
     @classmethod

@@ -460,3 +460,15 @@ def test_platt_cross_fit_moves_a_biased_threshold() -> None:
     invalid = [{**recs[0], "valid": False}] + recs[1:]
     assert cross_fitted_platt_accuracy(invalid) == pytest.approx(19 / 20)
     assert cross_fitted_platt_accuracy(neg * 10) is None  # one class: nothing to fit
+
+
+def test_an_aspect_the_review_does_not_mention_is_rejected() -> None:
+    text = "The Keyboard feels cheap but shipping was fast."
+    ok = AspectsAnswer.model_validate(
+        {"aspects": [{"aspect": "keyboard", "polarity": "negative", "span": "feels cheap"}]}, context={"text": text})
+    assert ok.aspects[0].aspect == "keyboard"
+    with pytest.raises(ValidationError, match=r"aspect '电池' does not occur in the review; name each aspect "
+                                              r"with the words the review uses for it"):
+        AspectsAnswer.model_validate(
+            {"aspects": [{"aspect": "电池", "polarity": "positive", "span": "shipping was fast"}]},
+            context={"text": text})
