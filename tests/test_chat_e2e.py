@@ -96,7 +96,8 @@ def test_browser_model_down_escapes_data_and_shows_evidence(browser: Any, tmp_pa
         assert page.evaluate("window.__pwned") is None
         assert page.locator("#chat img[src='x'], #candidates img[src='x'], #chat script").count() == 0
         # a hostile title in the table and in the answer: shown as literal text, never run
-        ask(page, url, "search the catalogue for candle", 120)
+        status = ask(page, url, "search the catalogue for candle", 120)
+        assert "error:" not in status, status  # a failed turn would otherwise surface as a table timeout
         page.wait_for_function("document.querySelector('#candidates').innerText.includes('CANDLE')",
                                timeout=120_000)  # generous: a loaded 2-core CI box
         assert "<script>window.__pwned=1</script>" in page.inner_text("#candidates")
