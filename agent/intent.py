@@ -16,7 +16,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -337,6 +337,19 @@ async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_pr
     return out
 
 
+def answer_fields(baseline: LogisticBaseline, p_base: float, asked: AskedModel, hist: HistoryView,
+                  fallback: Callable[[], tuple[str, list[str]]]) -> dict[str, Any]:
+    """The answer part shared by the intent predictions (per item, per session): the blended
+    probability and its source, both inputs, and the stage/reason/evidence from the model, or
+    from `fallback()` (a truthful template reason and its refs) when the model gave none."""
+    reason, refs = (asked.reason, asked.refs) if asked.source == "model" else fallback()
+    p_model = asked.p_model
+    return dict(probability=round((baseline.blend or Blend())(p_base, p_model), 6),
+                probability_source="blend" if p_model is not None else "baseline",
+                baseline_probability=round(p_base, 6), model_probability=None if p_model is None else round(p_model, 6),
+                stage=asked.stage, reason=reason, reason_source=asked.source, evidence=evidence_from_refs(hist, refs))
+
+
 def _intent_history(user_id: str, evs: Sequence[BehaviorEvent], item_id: str,
                     catalog: Mapping[str, CatalogItem], as_of: datetime, window: int) -> HistoryView:
     """The item's last events plus the user's most recent ones, oldest first."""
@@ -393,17 +406,10 @@ class IntentService:
         variables = dict(item_title=title, f=asdict(f), horizon_hours=f"{horizon_hours:g}", **hist.prompt_vars())
         asked = await ask_intent_model(self.model, self.prob_prompt, self.explain_prompt if self.explain else None,
                                        variables, hist, trace)
-        prompts, p_model = asked.prompts, asked.p_model
-        stage, reason, refs, source = asked.stage, asked.reason, asked.refs, asked.source
-        if source == "fallback":
-            reason, refs = fallback_intent_reason(f, hist, item_id)
-        blend = self.baseline.blend or Blend()
         return IntentPrediction(
-            **common, probability=round(blend(p_base, p_model), 6),
-            probability_source="blend" if p_model is not None else "baseline",
-            baseline_probability=round(p_base, 6), model_probability=None if p_model is None else round(p_model, 6),
-            stage=stage, reason=reason, reason_source=source, evidence=evidence_from_refs(hist, refs),
-            meta=make_meta("purchase_intent", self.model, trace, prompts, t0, self.model_sha256))
+            **common, **answer_fields(self.baseline, p_base, asked, hist,
+                                      lambda: fallback_intent_reason(f, hist, item_id)),
+            meta=make_meta("purchase_intent", self.model, trace, asked.prompts, t0, self.model_sha256))
 
 
 def fallback_intent_reason(f: Funnel, hist: HistoryView, item_id: str) -> tuple[str, list[str]]:

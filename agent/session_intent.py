@@ -25,12 +25,11 @@ from pydantic import BaseModel, Field
 
 from agent.history import EventLine, HistoryView, build_history
 from agent.intent import (
-    Blend,
     LogisticBaseline,
     Probability,
     Stage,
+    answer_fields,
     ask_intent_model,
-    evidence_from_refs,
     make_meta,
 )
 from agent.llm.base import ChatModel
@@ -326,17 +325,10 @@ class SessionIntentService:
         variables, hist, srefs = session_prompt(user_id, evs, catalog, as_of, f, horizon_hours, self.window)
         asked = await ask_intent_model(self.model, self.prob_prompt, self.explain_prompt if self.explain else None,
                                        variables, hist, trace)
-        prompts, p_model = asked.prompts, asked.p_model
-        stage, reason, refs, source = asked.stage, asked.reason, asked.refs, asked.source
-        if source == "fallback":
-            reason, refs = fallback_session_reason(f, hist, srefs)
-        blend = self.baseline.blend or Blend()
         return SessionIntentPrediction(
-            **common, probability=round(blend(p_base, p_model), 6),
-            probability_source="blend" if p_model is not None else "baseline",
-            baseline_probability=round(p_base, 6), model_probability=None if p_model is None else round(p_model, 6),
-            stage=stage, reason=reason, reason_source=source, evidence=evidence_from_refs(hist, refs),
-            meta=make_meta("session_intent", self.model, trace, prompts, t0, self.model_sha256))
+            **common, **answer_fields(self.baseline, p_base, asked, hist,
+                                      lambda: fallback_session_reason(f, hist, srefs)),
+            meta=make_meta("session_intent", self.model, trace, asked.prompts, t0, self.model_sha256))
 
 
 def _span(refs: list[str]) -> str:

@@ -30,7 +30,7 @@ from agent.session_intent import (
 )
 from agent.settings import Settings
 from agent.tasks_service import SESSION_CUT, robust_end, session_intent_rows
-from eval.tasks_eval import _binary_eval
+from eval.tasks_eval import _binary_eval, intent_case_record
 
 CHINA = timezone(timedelta(hours=8))
 SESSION_SPLIT = datetime(2017, 12, 2, tzinfo=CHINA)  # train label windows end before; test cuts from here
@@ -74,10 +74,7 @@ def run_session_intent_eval(settings: Settings, *, rule: str = SESSION_CUT, hori
         evs = store.user_events(dataset, r.user_id, before=r.cut)
         p = await SessionIntentService(model, base, explain=explain).predict(
             r.user_id, evs, catalog, as_of=r.cut, horizon_hours=horizon_hours, dataset=dataset)
-        return {"label": r.label, "p_base": p.baseline_probability, "p_model": p.model_probability,
-                "p_final": p.probability, "explained": explain, "stage": p.stage, "reason": p.reason,
-                "reason_source": p.reason_source, "evidence": [e.event_id for e in p.evidence],
-                "meta": p.meta.model_dump(mode="json")}
+        return intent_case_record(r.label, p, explain)
 
     return asyncio.run(_binary_eval(
         "session-intent", settings, test, base, lambda r: r.features.vector(), n_model, seed, out, predict, 1 / 3,

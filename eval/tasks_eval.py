@@ -261,6 +261,14 @@ async def _binary_eval(task: str, settings: Settings, rows: list[Any], base: Log
 # ---- tasks -------------------------------------------------------------------------------------
 
 
+def intent_case_record(label: int, p: Any, explained: bool) -> dict[str, Any]:
+    """One model case of an intent eval (per item or per session) as cases.jsonl stores it."""
+    return {"label": label, "p_base": p.baseline_probability, "p_model": p.model_probability,
+            "p_final": p.probability, "explained": explained, "stage": p.stage, "reason": p.reason,
+            "reason_source": p.reason_source, "evidence": [e.event_id for e in p.evidence],
+            "meta": p.meta.model_dump(mode="json")}
+
+
 def run_intent_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, out: Path | None = None,
                     n_explain: int = 10, budget_s: float | None = None) -> Path:
     rt = Runtime(settings)
@@ -275,10 +283,7 @@ def run_intent_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, ou
         evs = store.user_events(ds, r.user_id, before=cut)
         p = await IntentService(model, base, explain=explain).predict(r.user_id, r.item_id, evs, catalog, as_of=cut,
                                                                       horizon_hours=INTENT_HORIZON_H, dataset=ds)
-        return {"label": r.label, "p_base": p.baseline_probability, "p_model": p.model_probability,
-                "p_final": p.probability, "explained": explain, "stage": p.stage, "reason": p.reason,
-                "reason_source": p.reason_source, "evidence": [e.event_id for e in p.evidence],
-                "meta": p.meta.model_dump(mode="json")}
+        return intent_case_record(r.label, p, explain)
 
     return asyncio.run(_binary_eval(
         "intent", settings, test, base, lambda r: r.funnel.vector(), n_model, seed, out, predict, 1 / 3,
