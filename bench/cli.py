@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from agent.app.runtime import Runtime
 from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
-from agent.runtime import Runtime
 from agent.settings import PROJECT_ROOT, load_settings
 
 SECTIONS = ("e2e", "ranking", "prefix", "retrieval", "concurrency", "ingest")

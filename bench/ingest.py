@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.data.store import EventStore
 from agent.ingest import ingest, load_dataset
-from agent.store import EventStore
 from bench.stats import load_average, ratio
 from retrieval.embedder import make_embedder
 from retrieval.index import VectorIndex

@@ -1,7 +1,7 @@
 """Pipeline measurements: end-to-end next-item latency with a per-stage breakdown, and the
 verbalizer ranking against LLM generation of a ranked list (same model, same users).
 
-Both call ShopLens's real code: `agent.service.ShopLensService.next_item` on Online Retail
+Both call ShopLens's real code: `agent.app.service.ShopLensService.next_item` on Online Retail
 customers, and the eval harness's `VerbalizerRanker` / `GenerateRanker` on LLMRank's
 Games-200 cases (`eval.protocols`).
 """
@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.app.runtime import Runtime
+from agent.app.service import ShopLensService
 from agent.llm.base import ChatModel, Completion, Message
 from agent.llm.fake import FakeModel
-from agent.next_item import NextItemConfig
-from agent.runtime import Runtime
-from agent.service import ShopLensService
+from agent.tasks.next_item import NextItemConfig
 from bench.llm import CallRecord, TimedModel
 from bench.stats import load_average, model_time_estimate, ratio, summarize
 
@@ -146,7 +146,7 @@ async def ranking_vs_generation(model: ChatModel, data_dir: Path, n_users: int, 
         Per-ranker time summaries (seconds per user), NDCG@10, valid-answer rate, and the
         generation/verbalizer time ratio and verbalizer/generation NDCG ratio.
     """
-    from agent.prompting import load_prompt
+    from agent.llm.prompting import load_prompt
     from eval.llm_rankers import GenerateRanker, VerbalizerRanker
     from eval.metrics import ndcg_at_k
     from eval.protocols import (

@@ -148,9 +148,9 @@ def _sample(sentences: list[Sentence], n: int, seed: int) -> list[Sentence]:
 
 
 async def _llm_cases(todo: Sequence[Sentence], write: Any, config: dict[str, Any], profile: str | None) -> None:
-    from agent.runtime import Runtime
-    from agent.sentiment import SentimentAnalyzer
+    from agent.app.runtime import Runtime
     from agent.settings import load_settings
+    from agent.tasks.sentiment import SentimentAnalyzer
 
     rt = Runtime(load_settings(llm_profile=profile))
     try:

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.prompting import PromptTemplate, render
-from agent.verbalizer import LABELS, verbalizer_scores
+from agent.llm.prompting import PromptTemplate, render
+from agent.llm.verbalizer import LABELS, verbalizer_scores
 from eval.baselines import FusedRanker, Ranking, order_by_scores
 from eval.cache import Recorder
 from eval.protocols import RankingCase, case_rng

@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agent.router import ROUTE_PROMPT, ToolCall, model_route, preparse, rule_route
+from agent.chat.router import ROUTE_PROMPT, ToolCall, model_route, preparse, rule_route
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = Path(__file__).with_name("routing_questions.jsonl")
@@ -88,9 +88,9 @@ def judge(q: dict[str, Any], call: ToolCall | None) -> dict[str, Any]:
 
 async def run(profile: str | None, dataset: str, limit: int | None, out_root: Path,
               timeout_s: float | None = None, resume: Path | None = None) -> Path:
+    from agent.app.runtime import Runtime
     from agent.llm.base import ModelUnavailableError, OutputValidationError
-    from agent.prompting import load_prompt
-    from agent.runtime import Runtime
+    from agent.llm.prompting import load_prompt
     from agent.settings import load_settings
 
     rt = Runtime(load_settings(llm_profile=profile, llm_timeout_s=timeout_s))

@@ -258,7 +258,7 @@ async def make_ranker(suite: Suite, config: RunConfig, model: Any = None) -> Ran
     Raises:
         ValueError: unknown ranker.
     """
-    from agent.prompting import load_prompt
+    from agent.llm.prompting import load_prompt
     from eval.baselines import RandomRanker, ScoreRanker
     from eval.llm_rankers import (
         GenerateRanker,
@@ -335,7 +335,7 @@ def _fusion(suite: Suite, config: RunConfig) -> tuple[Any, dict[str, Any]]:
 
 
 async def _cached_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, Any]]:
-    from agent.runtime import Runtime
+    from agent.app.runtime import Runtime
     from agent.settings import load_settings
     from eval.cache import CachedModel, ResponseCache
 

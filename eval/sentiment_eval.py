@@ -42,7 +42,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from agent.sentiment import (
+from agent.tasks.sentiment import (
     POLARITIES,
     SentimentAnalyzer,
     SentimentConfig,
@@ -328,7 +328,7 @@ def _restricted(probs: dict[str, float], labels: Sequence[str]) -> str:
 
 async def _llm_cases(cfg: SentimentRunConfig, test: list[Case], done: set[str], write: Callable[[dict], None],
                      labels: Sequence[str], config_out: dict[str, Any]) -> None:
-    from agent.runtime import Runtime
+    from agent.app.runtime import Runtime
     from agent.settings import load_settings
 
     rt = Runtime(load_settings(llm_profile=cfg.profile))

@@ -21,15 +21,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.runtime import Runtime
-from agent.session_intent import (
+from agent.app.runtime import Runtime
+from agent.app.tasks_service import SESSION_CUT, robust_end, session_intent_rows
+from agent.settings import Settings
+from agent.tasks.session_intent import (
     SessionIntentService,
     SessionRow,
     check_cut_rule,
     fit_session_baseline,
 )
-from agent.settings import Settings
-from agent.tasks_service import SESSION_CUT, robust_end, session_intent_rows
 from eval.tasks_eval import _binary_eval, intent_case_record
 
 CHINA = timezone(timedelta(hours=8))

@@ -347,7 +347,7 @@ def _retail_basket(config: RunConfig) -> Suite:
     included, so they are not used: co-visitation/popularity are counted here on the events
     that remain after removing every evaluated customer's last invoice.
     """
-    from agent.runtime import Runtime
+    from agent.app.runtime import Runtime
     from agent.settings import load_settings
     from eval.protocols import RankingCase, case_rng
     from eval.run_llmrank_baselines import build_scorers, fit_fused

@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from agent.audience import AudienceIndex, category_popularity_baseline, rank_users
-from agent.churn import ChurnService, rfm_vector
-from agent.intent import Blend, IntentService, LogisticBaseline, logit
-from agent.profile import catalogue_prices
-from agent.prompting import load_prompt
-from agent.runtime import Runtime
+from agent.app.runtime import Runtime
+from agent.app.tasks_service import churn_rows, fit_churn_baseline, fit_intent_baseline, intent_rows
+from agent.llm.prompting import load_prompt
 from agent.settings import PROJECT_ROOT, Settings
-from agent.tasks_service import churn_rows, fit_churn_baseline, fit_intent_baseline, intent_rows
+from agent.tasks.audience import AudienceIndex, category_popularity_baseline, rank_users
+from agent.tasks.churn import ChurnService, rfm_vector
+from agent.tasks.intent import Blend, IntentService, LogisticBaseline, logit
+from agent.tasks.profile import catalogue_prices
 from eval.metrics import (
     calibration_bins,
     expected_calibration_error,

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         base_url, key = args.base_url, args.key
         if args.serve:
-            from agent.runtime import Runtime
+            from agent.app.runtime import Runtime
             from agent.settings import load_settings
             from ui.api import ApiSettings, create_app
             from ui.api.config import hash_key

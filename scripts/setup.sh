@@ -66,7 +66,7 @@ fi
 
 step "assembling and verifying the model (sha256)"
 "$VENV/bin/python" - <<'PY'
-from agent.llm.embedded import PROFILES, assemble_model
+from agent.llm.servers.embedded import PROFILES, assemble_model
 from agent.settings import Settings
 s = Settings()
 for name in ("1.5b", "0.5b"):

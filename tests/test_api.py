@@ -28,9 +28,9 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from agent.runtime import Runtime
+from agent.app.runtime import Runtime
+from agent.data.store import EventStore
 from agent.settings import Settings
-from agent.store import EventStore
 from ui.api import ApiSettings, create_app
 from ui.api.testing import free_port, live_server
 

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-import agent.llm.embedded as embedded
-from agent.llm.embedded import PROFILES, EmbeddedServer, assemble_model
-from agent.runtime import Runtime
+import agent.llm.servers.embedded as embedded
+from agent.app.runtime import Runtime
+from agent.llm.servers.embedded import PROFILES, EmbeddedServer, assemble_model
 from agent.settings import Settings
 from tests.test_api import AUTH, DATASET, FIXTURES, api_settings
 from ui.api import create_app

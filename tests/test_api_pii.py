@@ -1,10 +1,10 @@
-"""agent/pii.py: masking of personal details in review text, keyed pseudonyms of user ids."""
+"""agent/domain/pii.py: masking of personal details in review text, keyed pseudonyms of user ids."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.pii import mask_pii, pseudonymise
+from agent.domain.pii import mask_pii, pseudonymise
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 
-from agent.runtime import Runtime  # noqa: E402
+from agent.app.runtime import Runtime  # noqa: E402
 from tests.test_api import AUTH, DATASET, agent_settings, api_settings  # noqa: E402
 from ui.api import create_app  # noqa: E402
 from ui.api.testing import live_server  # noqa: E402

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from agent.app.runtime import Runtime
 from agent.llm.base import Completion, ModelUnavailableError, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
-from agent.runtime import Runtime
 from tests.test_api import AUTH, DATASET, USER, agent_settings, assert_envelope, serve_app
 
 TASK_ROUTES = ["/v1/purchase-intent", "/v1/session-intent", "/v1/churn", "/v1/profile", "/v1/sentiment", "/v1/audience"]

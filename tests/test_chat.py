@@ -14,7 +14,21 @@ from typing import Any
 
 import pytest
 
-from agent.chat_tools import (
+from agent.app.runtime import Runtime
+from agent.app.service import ShopLensService
+from agent.chat.router import (
+    ChatAgent,
+    ChatEvent,
+    ParsedQuestion,
+    ToolCall,
+    detect_language,
+    langchain_turn,
+    model_route,
+    preparse,
+    route_schema,
+    rule_route,
+)
+from agent.chat.tools import (
     ChurnSegment,
     ItemSentiment,
     NeedInfo,
@@ -27,25 +41,11 @@ from agent.chat_tools import (
     fallback_answer,
     run_tool,
 )
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel, ModelUnavailableError
 from agent.llm.fake import FakeModel
-from agent.next_item import NextItemConfig
-from agent.router import (
-    ChatAgent,
-    ChatEvent,
-    ParsedQuestion,
-    ToolCall,
-    detect_language,
-    langchain_turn,
-    model_route,
-    preparse,
-    route_schema,
-    rule_route,
-)
-from agent.runtime import Runtime
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.service import ShopLensService
 from agent.settings import Settings
+from agent.tasks.next_item import NextItemConfig
 from eval.routing_eval import args_match, load_questions
 
 DS = "shop"
@@ -290,7 +290,7 @@ async def test_handler_always_yields_even_when_a_tool_crashes(tmp_path: Path, mo
     def boom(*a: Any, **k: Any) -> Any:
         raise RuntimeError("index exploded")
 
-    monkeypatch.setattr("agent.chat_tools.search_items", boom)
+    monkeypatch.setattr("agent.chat.tools.search_items", boom)
     outs = [o async for o in app.ChatController(rt).respond("find bags", [], DS)]
     assert "index exploded" in outs[-1][1]
     empty = [o async for o in app.ChatController(rt).respond("   ", [], DS)]
@@ -361,7 +361,7 @@ async def test_task_tools_wrap_the_tasks_service(tmp_path: Path) -> None:
 async def test_slow_stream_reports_progress_and_stop_cancels_it() -> None:
     import asyncio
 
-    from agent.router import _stream_heartbeat
+    from agent.chat.router import _stream_heartbeat
 
     closed: list[bool] = []
 
@@ -392,8 +392,8 @@ def test_route_prompt_snapshot() -> None:
     """The rendered routing prompt is pinned: a change shows up here (then add chat_route.v2)."""
     import hashlib
 
-    from agent.chat_tools import TOOLS
-    from agent.prompting import load_prompt, render
+    from agent.chat.tools import TOOLS
+    from agent.llm.prompting import load_prompt, render
 
     p = preparse("客户17850接下来可能买什么？为什么？")
     messages = render(load_prompt("chat_route.v1"),

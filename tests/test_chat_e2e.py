@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
+from agent.app.runtime import Runtime
 from agent.llm.base import ModelUnavailableError
-from agent.llm.embedded import free_port
-from agent.runtime import Runtime
+from agent.llm.servers.embedded import free_port
 from agent.settings import Settings, load_settings
 from tests.test_chat import DS, FakeRuntime, make_runtime
 

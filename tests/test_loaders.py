@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.data.store import EventStore
+from agent.domain.schemas import parse_timestamp
 from agent.ingest import LOADERS, ingest, load_dataset
 from agent.ingest.amazon_beauty import load_amazon_beauty
 from agent.ingest.amazon_games import (
@@ -44,9 +46,7 @@ from agent.ingest.online_retail import (
     normalise_customer_id,
 )
 from agent.ingest.taobao import load_taobao
-from agent.schemas import parse_timestamp
 from agent.settings import Settings
-from agent.store import EventStore
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
+from agent.data.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
+from agent.data.store import EventStore
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import Completion, ModelUnavailableError, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
-from agent.next_item import NextItemConfig, NextItemService
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.store import EventStore
-from agent.verbalizer import LABELS
+from agent.llm.verbalizer import LABELS
+from agent.tasks.next_item import NextItemConfig, NextItemService
 from retrieval.embedder import HashingEmbedder
 
 DS = "shop"
@@ -349,8 +349,8 @@ async def test_more_candidates_than_labels(tmp_path: Path) -> None:
 
 def test_items_with_mostly_negative_recent_reviews_are_down_ranked() -> None:
     """Sentiment feeds recommendation: a penalised item loses its place and its reason says why."""
-    from agent.candidates import Candidate
-    from agent.next_item import _fuse, review_note
+    from agent.data.candidates import Candidate
+    from agent.tasks.next_item import _fuse, review_note
 
     a, b = Candidate("A", fused=1.0), Candidate("B", fused=0.8)
     penalties = {"A": {"n": 6, "negative": 5, "share_negative": 0.625, "penalty": 0.25}}

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from agent.history import build_history, themes
+from agent.domain.history import build_history, themes
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import Message
-from agent.prompting import PromptTemplate, available_prompts, load_prompt, render
-from agent.schemas import BehaviorEvent, CatalogItem
+from agent.llm.prompting import PromptTemplate, available_prompts, load_prompt, render
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
@@ -156,7 +156,7 @@ def test_snapshot_next_item_explain_v1() -> None:
 def _session_prompt_vars() -> dict[str, object]:
     from datetime import timedelta
 
-    from agent.session_intent import session_features, session_prompt
+    from agent.tasks.session_intent import session_features, session_prompt
 
     t = datetime(2017, 12, 2, 20, 0, tzinfo=UTC)
     rows = [("22752", "purchase", -3 * 86_400), ("85123A", "view", -600), ("71053", "view", -540),
@@ -184,7 +184,7 @@ def test_themes_are_ordered_by_count_then_first_appearance() -> None:
 
 def test_rendered_history_does_not_depend_on_the_hash_seed() -> None:
     code = (
-        "from agent.history import themes;"
+        "from agent.domain.history import themes;"
         "print(themes(['WHITE HANGING HEART T-LIGHT HOLDER', 'WHITE METAL LANTERN',"
         " 'CREAM CUPID HEARTS COAT HANGER', 'SET 7 BABUSHKA NESTING BOXES']))"
     )

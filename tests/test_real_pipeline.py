@@ -13,12 +13,12 @@ import sqlite3
 
 import pytest
 
+from agent.app.runtime import Runtime
+from agent.domain.predictions import NextItemPrediction
 from agent.ingest import ingest, load_dataset
-from agent.llm.embedded import PROFILES
-from agent.next_item import NextItemConfig, NextItemService
-from agent.predictions import NextItemPrediction
-from agent.runtime import Runtime
+from agent.llm.servers.embedded import PROFILES
 from agent.settings import Settings
+from agent.tasks.next_item import NextItemConfig, NextItemService
 from retrieval.index import VectorIndex
 
 pytestmark = [pytest.mark.real_model, pytest.mark.real_data, pytest.mark.slow]

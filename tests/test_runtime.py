@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import agent.runtime as runtime_mod
-from agent.runtime import MULTILINGUAL_EMBEDDER, Runtime
-from agent.schemas import CatalogItem
+import agent.app.runtime as runtime_mod
+from agent.app.runtime import MULTILINGUAL_EMBEDDER, Runtime
+from agent.domain.schemas import CatalogItem
 from agent.settings import Settings
 from retrieval.embedder import HashingEmbedder
 

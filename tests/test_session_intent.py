@@ -16,12 +16,14 @@ import typer
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from agent.intent import Blend, IntentService, LogisticBaseline
+from agent.app.runtime import Runtime
+from agent.data.store import EventStore
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import Completion, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
-from agent.runtime import Runtime
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.session_intent import (
+from agent.settings import Settings
+from agent.tasks.intent import Blend, IntentService, LogisticBaseline
+from agent.tasks.session_intent import (
     SESSION_FEATURES,
     SESSION_GAP,
     SessionIntentPrediction,
@@ -31,8 +33,6 @@ from agent.session_intent import (
     session_rows,
     split_sessions,
 )
-from agent.settings import Settings
-from agent.store import EventStore
 
 T0 = datetime(2017, 11, 25, tzinfo=UTC)
 CATALOG = {i: CatalogItem(item_id=i, title=f"Taobao item {i} (category {c})", category=c)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.store import EventStore, UnknownUserError
+from agent.data.store import EventStore, UnknownUserError
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 
 DS = "retail"
 
@@ -170,8 +170,8 @@ def test_reopen_sees_committed_data(tmp_path: Path) -> None:
 
 
 def test_has_dataset_by_items_or_events(tmp_path) -> None:
-    from agent.schemas import CatalogItem
-    from agent.store import EventStore
+    from agent.data.store import EventStore
+    from agent.domain.schemas import CatalogItem
 
     s = EventStore(tmp_path / "db.sqlite3")
     assert not s.has_dataset("shop")

@@ -16,10 +16,21 @@ import typer
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from agent.audience import AudienceIndex, AudienceService, category_popularity_baseline, rank_users
-from agent.churn import ChurnAnswer, ChurnPrediction, ChurnService, churn_drivers, risk_band
-from agent.history import build_history
-from agent.intent import (
+from agent.data.store import EventStore
+from agent.domain.history import build_history
+from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.llm.base import Completion, Usage
+from agent.llm.fake import FakeModel
+from agent.llm.prompting import load_prompt, render
+from agent.settings import Settings
+from agent.tasks.audience import (
+    AudienceIndex,
+    AudienceService,
+    category_popularity_baseline,
+    rank_users,
+)
+from agent.tasks.churn import ChurnAnswer, ChurnPrediction, ChurnService, churn_drivers, risk_band
+from agent.tasks.intent import (
     Blend,
     IntentAnswer,
     IntentPrediction,
@@ -28,9 +39,7 @@ from agent.intent import (
     funnel_features,
     yes_probability,
 )
-from agent.llm.base import Completion, Usage
-from agent.llm.fake import FakeModel
-from agent.profile import (
+from agent.tasks.profile import (
     ProfileAnswer,
     ProfileService,
     lifecycle_stage,
@@ -41,10 +50,6 @@ from agent.profile import (
     sensitive_hits,
     user_features,
 )
-from agent.prompting import load_prompt, render
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.settings import Settings
-from agent.store import EventStore
 from eval.tasks_eval import (
     _model_cases,
     brier_score,
@@ -399,7 +404,7 @@ def test_churn_real_model_on_a_real_customer() -> None:
     store = EventStore(settings.db_path)
     if not store.has_user("online-retail", "12347"):
         pytest.skip("online-retail not ingested: run `shoplens ingest online-retail`")
-    from agent.runtime import Runtime
+    from agent.app.runtime import Runtime
 
     rt = Runtime(settings)
     as_of = datetime(2011, 9, 1, tzinfo=UTC)
@@ -420,8 +425,8 @@ def test_churn_real_model_on_a_real_customer() -> None:
 
 def test_baselines_are_cached_per_horizon(store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A baseline fitted (or refused) at one horizon must never answer for another."""
-    import agent.tasks_service as ts
-    from agent.runtime import Runtime
+    import agent.app.tasks_service as ts
+    from agent.app.runtime import Runtime
 
     fitted: list[str] = []
 

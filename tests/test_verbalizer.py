@@ -8,8 +8,8 @@ import pytest
 
 from agent.llm.base import Completion, Usage
 from agent.llm.fake import FakeCall, FakeModel
-from agent.prompting import load_prompt
-from agent.verbalizer import (
+from agent.llm.prompting import load_prompt
+from agent.llm.verbalizer import (
     FLOOR_LOGPROB,
     LABELS,
     label_distribution,

@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.llm.base import ModelRequestError, ModelUnavailableError
-from agent.llm.embedded import llamacpp_command
 from agent.llm.openai_compat import OpenAICompatModel
-from agent.llm.vllm_server import (
+from agent.llm.servers.embedded import llamacpp_command
+from agent.llm.servers.vllm import (
     MAX_LOGPROBS_REQUESTED,
     VllmNotInstalledError,
     VllmOptions,
@@ -27,8 +27,8 @@ from agent.llm.vllm_server import (
     vllm_command,
     vllm_env,
 )
-from agent.sentiment import SentimentConfig
-from agent.verbalizer import verbalizer_scores
+from agent.llm.verbalizer import verbalizer_scores
+from agent.tasks.sentiment import SentimentConfig
 from ui.cli import app
 from ui.serve_llm_cli import resolve_vllm_model
 

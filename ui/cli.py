@@ -20,15 +20,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agent.app.runtime import Runtime
+from agent.app.service import RequestError, ShopLensService
+from agent.data.store import UnknownUserError
+from agent.domain.predictions import NextItemPrediction
 from agent.ingest import LOADERS, ingest
 from agent.ingest.generic import load_generic
 from agent.llm.base import ModelUnavailableError
-from agent.next_item import NextItemConfig, NextItemService, prediction_json
-from agent.predictions import NextItemPrediction
-from agent.runtime import Runtime
-from agent.service import RequestError, ShopLensService
 from agent.settings import load_settings
-from agent.store import UnknownUserError
+from agent.tasks.next_item import NextItemConfig, NextItemService, prediction_json
 from ui import sentiment_cli, serve_llm_cli, tasks_cli
 from ui.eval_cli import eval_app
 

@@ -23,8 +23,8 @@ import typer
 from tqdm import tqdm
 
 from agent.llm.base import ModelUnavailableError
-from agent.opinion import GroupTrend, sentiment_trends
-from agent.sentiment import SentimentAnalyzer, SentimentFailure, SentimentResult
+from agent.tasks.opinion import GroupTrend, sentiment_trends
+from agent.tasks.sentiment import SentimentAnalyzer, SentimentFailure, SentimentResult
 
 
 def register(app: typer.Typer) -> None:
@@ -71,7 +71,7 @@ def sentiment_cmd(
     modes = sum(x is not None and x != [] for x in (text, file, dataset))
     if modes != 1:
         raise _fail("give exactly one of --text, --file or --dataset")
-    from agent.runtime import Runtime
+    from agent.app.runtime import Runtime
     from agent.settings import load_settings
 
     rt = Runtime(load_settings(workspace=workspace, llm_profile=profile))

@@ -5,8 +5,8 @@
     shoplens serve-llm --engine llamacpp                   # llama-cpp-python on the packaged 1.5B GGUF
     shoplens serve-llm --engine vllm --dry-run             # print the command and environment only
 
-The command lines come from `agent.llm.vllm_server.vllm_command` and
-`agent.llm.embedded.llamacpp_command`; once the server answers, the settings that point
+The command lines come from `agent.llm.servers.vllm.vllm_command` and
+`agent.llm.servers.embedded.llamacpp_command`; once the server answers, the settings that point
 ShopLens at it are printed. Mount with ``register(app)``.
 """
 
@@ -25,8 +25,8 @@ import httpx
 import typer
 
 from agent.llm.base import ModelUnavailableError
-from agent.llm.embedded import PROFILES, assemble_model, llamacpp_command
-from agent.llm.vllm_server import (
+from agent.llm.servers.embedded import PROFILES, assemble_model, llamacpp_command
+from agent.llm.servers.vllm import (
     DEFAULT_CPU_MODEL,
     DEFAULT_VENV,
     MAX_LOGPROBS_REQUESTED,

@@ -18,11 +18,11 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 
-from agent.runtime import Runtime
-from agent.schemas import parse_timestamp
-from agent.service import RequestError
+from agent.app.runtime import Runtime
+from agent.app.service import RequestError
+from agent.app.tasks_service import TasksService
+from agent.domain.schemas import parse_timestamp
 from agent.settings import load_settings
-from agent.tasks_service import TasksService
 
 Workspace = Annotated[Path | None, typer.Option(help="workspace folder (default ./var; env SHOPLENS_WORKSPACE)")]
 NoLLM = Annotated[bool, typer.Option("--no-llm", help="answer without the model (baseline + template reasons)")]

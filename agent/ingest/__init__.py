@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from agent.data.store import EventStore
 from agent.ingest._common import DATA_HINT, LoadResult, RowError
 from agent.ingest.amazon_beauty import load_amazon_beauty
 from agent.ingest.amazon_games import load_amazon_games
@@ -26,7 +27,6 @@ from agent.ingest.amazon_industrial import load_amazon_industrial
 from agent.ingest.online_retail import load_online_retail
 from agent.ingest.report import LoadReport
 from agent.ingest.taobao import load_taobao
-from agent.store import EventStore
 
 __all__ = [
     "LOADERS",

@@ -15,8 +15,8 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.ingest.report import LoadReport
-from agent.schemas import BehaviorEvent, CatalogItem
 
 DATA_HINT = (
     "the real datasets live in ../shared/data beside the project checkout "

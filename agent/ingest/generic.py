@@ -14,9 +14,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.ingest._common import LoadResult, RowSink, open_text
 from agent.ingest.report import LoadReport
-from agent.schemas import BehaviorEvent, CatalogItem
 
 EVENT_FIELDS: tuple[str, ...] = tuple(BehaviorEvent.model_fields)
 ITEM_FIELDS: tuple[str, ...] = tuple(CatalogItem.model_fields)

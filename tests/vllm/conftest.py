@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from agent.llm.base import ChatModel, Completion, Message
-from agent.llm.embedded import free_port
-from agent.llm.vllm_server import (
+from agent.llm.servers.embedded import free_port
+from agent.llm.servers.vllm import (
     DEFAULT_CPU_MODEL,
     DEFAULT_VENV,
     VllmOptions,

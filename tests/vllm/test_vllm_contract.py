@@ -20,18 +20,18 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from agent.history import build_history
+from agent.app.runtime import Runtime
+from agent.app.service import ShopLensService
+from agent.domain.history import build_history
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ModelRequestError, OutputValidationError
 from agent.llm.openai_compat import OpenAICompatModel
-from agent.next_item import NextItemConfig
-from agent.prompting import load_prompt, render
-from agent.runtime import Runtime
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.sentiment import SentimentAnalyzer
-from agent.service import ShopLensService
+from agent.llm.prompting import load_prompt, render
+from agent.llm.structured import CallTrace, structured_call
+from agent.llm.verbalizer import LABELS, verbalizer_scores
 from agent.settings import Settings
-from agent.structured import CallTrace, structured_call
-from agent.verbalizer import LABELS, verbalizer_scores
+from agent.tasks.next_item import NextItemConfig
+from agent.tasks.sentiment import SentimentAnalyzer
 from tests.vllm.conftest import RecordingModel, Served
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

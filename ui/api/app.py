@@ -20,21 +20,21 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from agent.audience import AudiencePrediction
-from agent.churn import ChurnPrediction, default_churn_baseline
-from agent.intent import IntentPrediction, IntentService, LogisticBaseline
+from agent.app.runtime import Runtime
+from agent.app.service import ShopLensService
+from agent.app.tasks_service import TasksService, horizon_key, robust_end
+from agent.data.store import UnknownUserError
+from agent.domain.pii import mask_pii, pseudonymise
+from agent.domain.predictions import NextItemPrediction
+from agent.domain.schemas import BehaviorEvent, parse_timestamp
 from agent.llm.base import ChatModel, Completion, Message, ModelUnavailableError
-from agent.next_item import NextItemConfig
-from agent.pii import mask_pii, pseudonymise
-from agent.predictions import NextItemPrediction
-from agent.profile import UserProfile
-from agent.runtime import Runtime
-from agent.schemas import BehaviorEvent, parse_timestamp
-from agent.sentiment import SentimentAnalyzer, SentimentFailure, SentimentResult
-from agent.service import ShopLensService
-from agent.session_intent import SessionIntentPrediction, default_session_baseline
-from agent.store import UnknownUserError
-from agent.tasks_service import TasksService, horizon_key, robust_end
+from agent.tasks.audience import AudiencePrediction
+from agent.tasks.churn import ChurnPrediction, default_churn_baseline
+from agent.tasks.intent import IntentPrediction, IntentService, LogisticBaseline
+from agent.tasks.next_item import NextItemConfig
+from agent.tasks.profile import UserProfile
+from agent.tasks.sentiment import SentimentAnalyzer, SentimentFailure, SentimentResult
+from agent.tasks.session_intent import SessionIntentPrediction, default_session_baseline
 from ui.api.config import ApiSettings
 from ui.api.errors import (
     ERROR_RESPONSES,

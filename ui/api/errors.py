@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from agent.service import RequestError
-from agent.store import UnknownUserError
+from agent.app.service import RequestError
+from agent.data.store import UnknownUserError
 
 log = logging.getLogger("shoplens.api")
 

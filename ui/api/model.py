@@ -16,8 +16,8 @@ import logging
 import time
 from typing import Any, Literal
 
+from agent.app.runtime import Runtime
 from agent.llm.base import ChatModel, Completion, Message, ModelUnavailableError
-from agent.runtime import Runtime
 from ui.api.config import ApiSettings
 from ui.api.metrics import Metrics
 

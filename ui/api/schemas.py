@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from agent.schemas import BehaviorEvent
-from agent.sentiment import SentimentFailure, SentimentResult
+from agent.domain.schemas import BehaviorEvent
+from agent.tasks.sentiment import SentimentFailure, SentimentResult
 
 # Used as a folder name under the workspace: no path separators, no dot-dot.
 DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
@@ -15,7 +15,7 @@ DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 UserId = Annotated[str, Field(min_length=1, max_length=256, examples=["17850"])]
 
 
-# Unix times whose magnitude no datetime can hold. agent.schemas.parse_timestamp lets
+# Unix times whose magnitude no datetime can hold. agent.domain.schemas.parse_timestamp lets
 # datetime's OverflowError/OSError escape for them (pydantic only converts ValueError), so they
 # are turned into an unparseable value here and come back as a 422 at events[i].timestamp.
 _MAX_UNIX = 1e14

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.runtime import Runtime
+from agent.app.runtime import Runtime
 from agent.settings import Settings
 from ui.api.config import ApiSettings
 from ui.api.middleware import configure_logging

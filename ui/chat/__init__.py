@@ -1,4 +1,4 @@
-"""The merchandiser chat UI (Gradio). Thin: it calls `agent.router.ChatAgent` and renders.
+"""The merchandiser chat UI (Gradio). Thin: it calls `agent.chat.router.ChatAgent` and renders.
 
 Entry points for the CLI: `build_chat_app(runtime)` (a `gr.Blocks`), `mount_chat(fastapi_app,
 runtime, path="/ui")` for ``shoplens serve`` and `launch(host, port, settings)` for
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import gradio as gr
 
-    from agent.runtime import Runtime
+    from agent.app.runtime import Runtime
     from agent.settings import Settings
 
 
@@ -40,7 +40,7 @@ def launch(host: str = "127.0.0.1", port: int = 7860, settings: Settings | None 
     is up (tests); the model server starts on the first question.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from agent.runtime import Runtime
+    from agent.app.runtime import Runtime
     from agent.settings import load_settings
 
     rt = Runtime(settings or load_settings())

@@ -17,11 +17,11 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from agent.chat_tools import TaskResult, Timeline, ToolContext
-from agent.next_item import NextItemConfig
-from agent.router import ChatAgent, detect_language
-from agent.runtime import Runtime
-from agent.service import ShopLensService
+from agent.app.runtime import Runtime
+from agent.app.service import ShopLensService
+from agent.chat.router import ChatAgent, detect_language
+from agent.chat.tools import TaskResult, Timeline, ToolContext
+from agent.tasks.next_item import NextItemConfig
 from ui.chat.render import breakdown_frame, items_frame, safe_md, status_line, timeline_figure
 
 EXAMPLES = [

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from agent.chat_tools import (
+from agent.chat.tools import (
     ChurnSegment,
     ItemDetails,
     ItemSentiment,

@@ -1,7 +1,7 @@
 """Service entry points for purchase intent (per item and per session), churn, user profile and
 audience targeting.
 
-Beside `agent.service.ShopLensService` (next-item): resolves the dataset and user, fits or loads
+Beside `agent.app.service.ShopLensService` (next-item): resolves the dataset and user, fits or loads
 each task's baseline (cached as JSON under ``<workspace>/tasks/``), and runs the task pipeline.
 Also holds the labelled-row builders the baselines are trained on, shared with the eval harness.
 An unknown user is answered with an explicit cold-start prediction (the note names close ids).
@@ -18,15 +18,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from agent.audience import AudienceIndex, AudiencePrediction, AudienceService, rank_users
-from agent.churn import (
+from agent.app.runtime import Runtime
+from agent.app.service import RequestError, ShopLensService
+from agent.data.store import EventStore, UnknownUserError
+from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.tasks.audience import AudienceIndex, AudiencePrediction, AudienceService, rank_users
+from agent.tasks.churn import (
     RFM_FEATURES,
     ChurnPrediction,
     ChurnService,
     default_churn_baseline,
     rfm_vector,
 )
-from agent.intent import (
+from agent.tasks.intent import (
     INTENT_FEATURES,
     Funnel,
     IntentPrediction,
@@ -34,7 +38,7 @@ from agent.intent import (
     LogisticBaseline,
     funnel_features,
 )
-from agent.profile import (
+from agent.tasks.profile import (
     ProfileService,
     UserFeatures,
     UserProfile,
@@ -42,10 +46,7 @@ from agent.profile import (
     orders_of,
     user_features,
 )
-from agent.runtime import Runtime
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.service import RequestError, ShopLensService
-from agent.session_intent import (
+from agent.tasks.session_intent import (
     SessionIntentPrediction,
     SessionIntentService,
     SessionRow,
@@ -53,7 +54,6 @@ from agent.session_intent import (
     fit_session_baseline,
     session_rows,
 )
-from agent.store import EventStore, UnknownUserError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def churn_rows(store: EventStore, dataset: str, as_of: datetime, horizon_days: i
 def session_intent_rows(store: EventStore, dataset: str, catalog: dict[str, CatalogItem], *,
                         rule: str = SESSION_CUT, horizon_hours: float | None = None, start: datetime | None = None,
                         end: datetime | None = None) -> list[SessionRow]:
-    """Labelled (session, cut) rows of every user (`agent.session_intent.session_rows`)."""
+    """Labelled (session, cut) rows of every user (`agent.tasks.session_intent.session_rows`)."""
     return session_rows(iter_user_events(store, dataset), rule, horizon_hours=horizon_hours, start=start, end=end,
                         catalog=catalog)
 

@@ -13,15 +13,15 @@ import re
 from functools import cached_property
 from pathlib import Path
 
-from agent.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
+from agent.data.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
+from agent.data.store import EventStore
 from agent.ingest import ingest, load_dataset
 from agent.ingest.report import LoadReport
 from agent.llm.base import ChatModel
-from agent.llm.embedded import PROFILES, EmbeddedServer, assemble_model
 from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
-from agent.opinion import penalties_from_events
+from agent.llm.servers.embedded import PROFILES, EmbeddedServer, assemble_model
 from agent.settings import Settings
-from agent.store import EventStore
+from agent.tasks.opinion import penalties_from_events
 from retrieval.embedder import Embedder, make_embedder
 from retrieval.index import IndexMismatchError
 

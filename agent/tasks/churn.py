@@ -2,7 +2,7 @@
 suggested retention action.
 
 Drivers (recency, frequency, monetary trend, category drift, rhythm) are computed in code
-(`agent.profile.user_features`); the probability is an RFM logistic-regression baseline blended
+(`agent.tasks.profile.user_features`); the probability is an RFM logistic-regression baseline blended
 in logit space with the model's verbalizer probability of "no further order"; a second,
 schema-constrained call picks a retention action from a closed set and writes a reason that
 cites the customer's events.
@@ -19,8 +19,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from agent.history import HistoryView, build_history
-from agent.intent import (
+from agent.domain.history import HistoryView, build_history
+from agent.domain.predictions import Evidence, Meta
+from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
+from agent.llm.prompting import load_prompt, render
+from agent.llm.structured import CallTrace, structured_call
+from agent.tasks.intent import (
     Blend,
     Cited,
     LogisticBaseline,
@@ -30,12 +35,7 @@ from agent.intent import (
     make_meta,
     normalise_label,
 )
-from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
-from agent.predictions import Evidence, Meta
-from agent.profile import UserFeatures, user_features
-from agent.prompting import load_prompt, render
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.structured import CallTrace, structured_call
+from agent.tasks.profile import UserFeatures, user_features
 
 RiskBand = Literal["low", "medium", "high"]
 Action = Literal["no_action_needed", "loyalty_reward", "new_arrivals_in_interests",

@@ -26,14 +26,14 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from agent.artifacts import build_user_index
-from agent.history import _STOP, build_history
-from agent.intent import Cited, Probability, ask_yes_no, evidence_from_refs, make_meta
+from agent.data.artifacts import build_user_index
+from agent.domain.history import _STOP, build_history
+from agent.domain.predictions import Evidence, Meta
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
-from agent.predictions import Evidence, Meta
-from agent.prompting import load_prompt, render
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.structured import CallTrace, structured_call
+from agent.llm.prompting import load_prompt, render
+from agent.llm.structured import CallTrace, structured_call
+from agent.tasks.intent import Cited, Probability, ask_yes_no, evidence_from_refs, make_meta
 from retrieval.covisit import CoVisitation, CoVisitationConfig
 from retrieval.index import VectorIndex
 

@@ -1,5 +1,5 @@
 """The chat's deterministic pre-parser: ids, a month, a product title and the language of a
-merchandiser question, read by pure code before any model call (`agent.router` routes on it).
+merchandiser question, read by pure code before any model call (`agent.chat.router` routes on it).
 """
 
 from __future__ import annotations

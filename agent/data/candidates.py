@@ -1,6 +1,6 @@
 """Candidate generation: the union of four retrieval sources, each score kept.
 
-Sources (all built from the store by `agent.artifacts`):
+Sources (all built from the store by `agent.data.artifacts`):
 
 * ``embedding``: item-index neighbours of the user's recent items (MiniLM over title +
   category + brand), recency-weighted.

@@ -3,7 +3,7 @@
 Polarity and confidence come from ONE forward pass (``max_tokens=1``, top log-probabilities):
 the prompt asks for one word, ``positive``/``negative``/``neutral``, each a single Qwen2.5
 token, and the softmax over those three tokens at the first answer position is the
-distribution (a verbalizer, as in `agent.verbalizer`). Aspect-level sentiment (aspect term,
+distribution (a verbalizer, as in `agent.llm.verbalizer`). Aspect-level sentiment (aspect term,
 polarity, exact span) comes from one schema-constrained `structured_call`, with the cleaned
 review as validation context so every span must be a real substring.
 
@@ -24,11 +24,11 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from agent.domain.predictions import Meta
 from agent.llm.base import ChatModel, Completion, ModelUnavailableError, OutputValidationError
-from agent.predictions import Meta
-from agent.prompting import load_prompt, render
-from agent.structured import CallTrace, structured_call
-from agent.verbalizer import label_distribution
+from agent.llm.prompting import load_prompt, render
+from agent.llm.structured import CallTrace, structured_call
+from agent.llm.verbalizer import label_distribution
 
 Polarity = Literal["negative", "neutral", "positive"]
 Language = Literal["zh", "en", "mixed", "other"]
@@ -314,7 +314,7 @@ def verbalizer_probabilities(top: dict[str, float], labels: Sequence[str] = POLA
     """Label probabilities from one position's top log-probabilities.
 
     Token variants ('Positive', ' positive') are merged into the lowercase label by
-    log-sum-exp before the softmax over labels (`agent.verbalizer.label_distribution`).
+    log-sum-exp before the softmax over labels (`agent.llm.verbalizer.label_distribution`).
 
     Returns:
         (label -> probability summing to 1, raw probability mass the model put on the labels).

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from agent.candidates import CandidateGenerator, user_vector
-from agent.schemas import CatalogItem
-from agent.store import EventStore
+from agent.data.candidates import CandidateGenerator, user_vector
+from agent.data.store import EventStore
+from agent.domain.schemas import CatalogItem
 from retrieval.covisit import CoVisitation
 from retrieval.embedder import Embedder
 from retrieval.index import VectorIndex, catalogue_hash
@@ -37,7 +37,7 @@ class DatasetArtifacts:
     covisit: CoVisitation
     popularity: Popularity
     # item id -> {"n", "negative", "share_negative", "penalty"} from recent reviews
-    # (agent.opinion.penalties_from_events); next-item ranking down-weights these items.
+    # (agent.tasks.opinion.penalties_from_events); next-item ranking down-weights these items.
     review_penalties: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def generator(self, weights: dict[str, float] | None = None) -> CandidateGenerator:

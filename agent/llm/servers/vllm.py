@@ -41,7 +41,7 @@ from typing import Literal
 import httpx
 
 from agent.llm.base import ModelUnavailableError
-from agent.llm.embedded import _die_with_parent
+from agent.llm.servers.embedded import _die_with_parent
 from agent.settings import PROJECT_ROOT
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from agent.artifacts import DatasetArtifacts
-from agent.candidates import Candidate
-from agent.history import HistoryView, build_history
-from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
-from agent.predictions import (
+from agent.data.artifacts import DatasetArtifacts
+from agent.data.candidates import Candidate
+from agent.domain.history import HistoryView, build_history
+from agent.domain.predictions import (
     Evidence,
     Explanation,
     Meta,
@@ -26,10 +25,11 @@ from agent.predictions import (
     RankedItem,
     explanation_json_schema,
 )
-from agent.prompting import load_prompt, render
-from agent.schemas import BehaviorEvent
-from agent.structured import CallTrace, structured_call
-from agent.verbalizer import LABELS, verbalizer_scores
+from agent.domain.schemas import BehaviorEvent
+from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
+from agent.llm.prompting import load_prompt, render
+from agent.llm.structured import CallTrace, structured_call
+from agent.llm.verbalizer import LABELS, verbalizer_scores
 
 
 @dataclass

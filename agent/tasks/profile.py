@@ -5,7 +5,7 @@ only writes the summary and a few claims, each citing event references, and may 
 about sensitive attributes (gender, age, health, religion, ethnicity): `ProfileAnswer` rejects
 such keys and claims with a message the model can act on.
 
-The order/RFM features here are shared with churn (`agent.churn`).
+The order/RFM features here are shared with churn (`agent.tasks.churn`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agent.history import HistoryView, build_history, themes
-from agent.intent import Cited, evidence_from_refs, make_meta
+from agent.domain.history import HistoryView, build_history, themes
+from agent.domain.predictions import Evidence, Meta
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
-from agent.predictions import Evidence, Meta
-from agent.prompting import load_prompt, render
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.structured import CallTrace, structured_call
+from agent.llm.prompting import load_prompt, render
+from agent.llm.structured import CallTrace, structured_call
+from agent.tasks.intent import Cited, evidence_from_refs, make_meta
 
 Lifecycle = Literal["new", "active", "at-risk", "lapsed"]
 PriceBand = Literal["budget", "mid", "premium"]

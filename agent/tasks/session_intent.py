@@ -4,7 +4,7 @@ stated horizon), with the session's evidence cited.
 A user's events are split into sessions by an inactivity gap (`SESSION_GAP`); the current session
 is the one holding the last events before the as-of time. Session features (`session_features`)
 are computed in code from events strictly before the as-of time. The probability machinery is the
-per-item intent's (`agent.intent`): a logistic baseline on the features, blended in logit space
+per-item intent's (`agent.tasks.intent`): a logistic baseline on the features, blended in logit space
 with the model's yes/no verbalizer probability; a second, schema-constrained call names the stage
 and writes a reason citing event references. No history at all: the base rate, labelled.
 
@@ -23,8 +23,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from agent.history import EventLine, HistoryView, build_history
-from agent.intent import (
+from agent.domain.history import EventLine, HistoryView, build_history
+from agent.domain.predictions import Evidence, Meta
+from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.llm.base import ChatModel
+from agent.llm.structured import CallTrace
+from agent.tasks.intent import (
     LogisticBaseline,
     Probability,
     Stage,
@@ -32,10 +36,6 @@ from agent.intent import (
     ask_intent_model,
     make_meta,
 )
-from agent.llm.base import ChatModel
-from agent.predictions import Evidence, Meta
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.structured import CallTrace
 
 # 30 minutes of inactivity ends a session: the web-analytics convention (Google Analytics'
 # default session timeout). It goes back to Catledge & Pitkow (1995), "Characterizing browsing

@@ -25,8 +25,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, model_validator
 
-from agent.chat_text import Language, ParsedQuestion, detect_language, preparse
-from agent.chat_tools import (
+from agent.chat.preparse import Language, ParsedQuestion, detect_language, preparse
+from agent.chat.tools import (
     TOOL_ALIASES,
     TOOLS,
     Timeline,
@@ -38,8 +38,8 @@ from agent.chat_tools import (
     run_tool,
 )
 from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError
-from agent.prompting import load_prompt, render
-from agent.structured import CallTrace, structured_call
+from agent.llm.prompting import load_prompt, render
+from agent.llm.structured import CallTrace, structured_call
 
 __all__ = ["ChatAgent", "ChatEvent", "Language", "ParsedQuestion", "Route", "ToolCall",
            "detect_language", "model_route", "preparse", "route_schema", "rule_route"]

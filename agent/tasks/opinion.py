@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from agent.schemas import BehaviorEvent
-from agent.sentiment import Polarity, lexicon_polarity
-from agent.store import EventStore
+from agent.data.store import EventStore
+from agent.domain.schemas import BehaviorEvent
+from agent.tasks.sentiment import Polarity, lexicon_polarity
 
 TextScorer = Callable[[str], Polarity]
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from agent.schemas import BehaviorEvent, CatalogItem
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 
 _VERB = {
     "view": "viewed",

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.llm.base import ChatModel, Usage
-from agent.prompting import PromptTemplate, render
+from agent.llm.prompting import PromptTemplate, render
 
 LABELS = list(string.ascii_uppercase)  # single tokens in Qwen/Llama tokenizers; max 26
 FLOOR_LOGPROB = -30.0  # a label absent from the returned top-N gets this

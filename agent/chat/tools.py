@@ -6,8 +6,8 @@ typed data, never free text; the chat renders the results and the answer prompt 
 
 Caller mistakes (unknown customer or item, a missing id) come back as a typed `NotFound` or
 `NeedInfo` result with suggestions, never as an exception. Task tools wrap
-`agent.tasks_service.TasksService`; `item_sentiment` (an item's review polarity, trend and
-complaints, `agent.opinion`) and `churn_segment` (a month's buyers ranked by the churn
+`agent.app.tasks_service.TasksService`; `item_sentiment` (an item's review polarity, trend and
+complaints, `agent.tasks.opinion`) and `churn_segment` (a month's buyers ranked by the churn
 baseline) are pure code over the store, no model call.
 """
 
@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from agent.next_item import NextItemConfig
-from agent.predictions import NextItemPrediction
-from agent.prompting import load_prompt, render
-from agent.runtime import Runtime
-from agent.service import ShopLensService
-from agent.store import UnknownUserError
+from agent.app.runtime import Runtime
+from agent.app.service import ShopLensService
+from agent.data.store import UnknownUserError
+from agent.domain.predictions import NextItemPrediction
+from agent.llm.prompting import load_prompt, render
+from agent.tasks.next_item import NextItemConfig
 
 ToolName = Literal[
     "next_item", "user_timeline", "item_lookup", "item_search",
@@ -349,7 +349,7 @@ async def item_search(ctx: ToolContext, args: SearchArgs) -> ToolResult:
 def _tasks(ctx: ToolContext) -> Any:
     """The task service (intent, churn, profile, audience) over the same runtime, or None."""
     try:
-        from agent.tasks_service import TasksService
+        from agent.app.tasks_service import TasksService
     except ImportError:
         return None
     return TasksService(ctx.runtime, use_model=ctx.service.use_model)
@@ -381,7 +381,7 @@ async def churn(ctx: ToolContext, args: ChurnArgs) -> ToolResult:
     svc = _tasks(ctx)
     if svc is None:
         return _missing("churn", "service")
-    from agent.tasks_service import robust_end
+    from agent.app.tasks_service import robust_end
 
     return _task("churn", await svc.churn(ctx.dataset, uid, as_of=robust_end(ctx.runtime.store, ctx.dataset)))
 
@@ -415,8 +415,8 @@ async def audience(ctx: ToolContext, args: ItemArgs) -> ToolResult:
 
 
 def _excerpt(text: str, n: int = 160) -> str:
-    from agent.pii import mask_pii
-    from agent.sentiment import prepare_text
+    from agent.domain.pii import mask_pii
+    from agent.tasks.sentiment import prepare_text
 
     t = mask_pii(prepare_text(text, 2000)[0]).replace("\n", " ")
     return t if len(t) <= n else t[: n - 1].rsplit(" ", 1)[0] + "…"
@@ -437,8 +437,8 @@ def _reviewed_suggestions(ctx: ToolContext, query: str, reviews: list[Any]) -> l
 async def item_sentiment(ctx: ToolContext, args: ItemArgs, *, window_days: int = 90,
                          n_complaints: int = 5) -> ToolResult:
     """An item's reviews by polarity (stars; the lexicon when a review has none), the trend over
-    the last 4 windows (`agent.opinion`) and the top complaints, citing review event ids."""
-    from agent.opinion import review_polarity, trends_from_events
+    the last 4 windows (`agent.tasks.opinion`) and the top complaints, citing review event ids."""
+    from agent.tasks.opinion import review_polarity, trends_from_events
 
     reviews = list(ctx.runtime.store.iter_events(ctx.dataset, event_types=("review",)))
     item = resolve_item(ctx, args.item_id, args.item_query)
@@ -481,8 +481,8 @@ def _month_window(month: int, end: datetime) -> tuple[int, datetime, datetime]:
 
 async def churn_segment(ctx: ToolContext, args: SegmentArgs) -> ToolResult:
     """Customers who bought in a month, riskiest first by the churn baseline as of the month's end."""
-    from agent.churn import churn_drivers, driver_lines, risk_band
-    from agent.tasks_service import robust_end
+    from agent.app.tasks_service import robust_end
+    from agent.tasks.churn import churn_drivers, driver_lines, risk_band
 
     svc = _tasks(ctx)
     if svc is None:

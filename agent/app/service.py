@@ -12,14 +12,14 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
-from agent.artifacts import drop_user_from_artifacts
+from agent.app.runtime import Runtime
+from agent.data.artifacts import drop_user_from_artifacts
+from agent.data.store import UnknownUserError
+from agent.domain.pii import mask_pii
+from agent.domain.predictions import NextItemPrediction
+from agent.domain.schemas import BehaviorEvent
 from agent.llm.base import ChatModel, ModelUnavailableError
-from agent.next_item import NextItemConfig, NextItemService
-from agent.pii import mask_pii
-from agent.predictions import NextItemPrediction
-from agent.runtime import Runtime
-from agent.schemas import BehaviorEvent
-from agent.store import UnknownUserError
+from agent.tasks.next_item import NextItemConfig, NextItemService
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.schemas import BehaviorEvent, CatalogItem
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (

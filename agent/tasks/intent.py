@@ -24,12 +24,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
-from agent.history import HistoryView, build_history
+from agent.domain.history import HistoryView, build_history
+from agent.domain.predictions import Evidence, Meta
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError
-from agent.predictions import Evidence, Meta
-from agent.prompting import load_prompt, render
-from agent.schemas import BehaviorEvent, CatalogItem
-from agent.structured import CallTrace, structured_call
+from agent.llm.prompting import load_prompt, render
+from agent.llm.structured import CallTrace, structured_call
 
 # ---- evidence helpers (shared by every task) -----------------------------------------------
 
