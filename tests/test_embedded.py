@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.domain.errors import ModelIntegrityError
 from agent.llm.base import ModelUnavailableError
 from agent.llm.openai_compat import response_format_for
 from agent.llm.servers import embedded
-from agent.llm.servers.embedded import ModelIntegrityError, ModelProfile, assemble_model, part_paths
+from agent.llm.servers.embedded import ModelProfile, assemble_model, part_paths
 
 CHUNKS = [b"GGUF\x03\x00first chunk " * 100, b"second chunk \x00\xff" * 50]
 JOINED = b"".join(CHUNKS)

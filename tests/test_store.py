@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.data.store import EventStore, UnknownUserError
+from agent.data.store import EventStore
+from agent.domain.errors import UnknownUserError
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 
 DS = "retail"

@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.app.runtime import Runtime
-from agent.app.service import RequestError, ShopLensService
-from agent.data.store import UnknownUserError
+from agent.app.service import ShopLensService
+from agent.domain.errors import RequestError, UnknownUserError
 from agent.domain.predictions import NextItemPrediction
 from agent.ingest import LOADERS, ingest
 from agent.ingest.generic import load_generic

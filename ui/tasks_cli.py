@@ -19,8 +19,8 @@ import typer
 from pydantic import BaseModel
 
 from agent.app.runtime import Runtime
-from agent.app.service import RequestError
 from agent.app.tasks_service import TasksService
+from agent.domain.errors import RequestError
 from agent.domain.schemas import parse_timestamp
 from agent.settings import load_settings
 

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from agent.app.runtime import Runtime
 from agent.data.artifacts import drop_user_from_artifacts
-from agent.data.store import UnknownUserError
+from agent.domain.errors import RequestError, UnknownUserError
 from agent.domain.pii import mask_pii
 from agent.domain.predictions import NextItemPrediction
 from agent.domain.schemas import BehaviorEvent
@@ -22,14 +22,6 @@ from agent.llm.base import ChatModel, ModelUnavailableError
 from agent.tasks.next_item import NextItemConfig, NextItemService
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A caller mistake with the field at fault (`param`, e.g. ``events[3].timestamp``)."""
-
-    def __init__(self, message: str, *, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 class ShopLensService:

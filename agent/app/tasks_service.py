@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from agent.app.runtime import Runtime
-from agent.app.service import RequestError, ShopLensService
-from agent.data.store import EventStore, UnknownUserError
+from agent.app.service import ShopLensService
+from agent.data.store import EventStore
+from agent.domain.errors import RequestError, UnknownUserError
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.tasks.audience import AudienceIndex, AudiencePrediction, AudienceService, rank_users
 from agent.tasks.churn import (

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
-from agent.data.store import UnknownUserError
+from agent.domain.errors import UnknownUserError
 from agent.domain.predictions import NextItemPrediction
 from agent.llm.prompting import load_prompt, render
 from agent.tasks.next_item import NextItemConfig

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from agent.domain.errors import UnknownUserError
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 
 _SCHEMA = """
@@ -55,15 +56,6 @@ _EVENT_COLS = (
     "event_id, user_id, item_id, event_type, ts, quantity, unit_price, rating, review_text, "
     "session_id, basket_id"
 )
-
-
-class UnknownUserError(LookupError):
-    """The store has no events for this user in this dataset (caller mistake)."""
-
-    def __init__(self, dataset: str, user_id: str, suggestions: list[str] | None = None):
-        self.dataset, self.user_id, self.suggestions = dataset, user_id, suggestions or []
-        hint = f"; did you mean {', '.join(self.suggestions)}?" if self.suggestions else ""
-        super().__init__(f"no user {user_id!r} in dataset {dataset!r}{hint}")
 
 
 class EventStore:

@@ -10,6 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from agent.domain.errors import (  # re-exported: the model seam's errors
+    ModelRequestError,
+    ModelUnavailableError,
+    OutputValidationError,
+    ShopLensError,
+)
+
+__all__ = ["ChatModel", "Completion", "Message", "ModelRequestError", "ModelUnavailableError",
+           "OutputValidationError", "ShopLensError", "Usage"]
+
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
 
@@ -69,46 +79,3 @@ class ChatModel(Protocol):
             ModelRequestError: the server rejected the request (4xx other than 429).
         """
         ...
-
-
-class ShopLensError(Exception):
-    """Base of ShopLens's runtime failures (not caller mistakes)."""
-
-
-class ModelUnavailableError(ShopLensError):
-    """The model server could not answer (down, loading, timed out, 5xx)."""
-
-    def __init__(self, message: str, *, attempts: int = 1, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.attempts = attempts
-        self.retry_after_s = retry_after_s
-
-
-class ModelRequestError(ShopLensError):
-    """The model server rejected a request ShopLens built (a 4xx other than 429): a mismatch
-    between ShopLens and the server's configuration, e.g. more `top_logprobs` than vLLM's
-    ``--max-logprobs``, or a schema outside the structured-output backend's subset. Retrying
-    the same request cannot help, so it is not a `ModelUnavailableError`.
-
-    Attributes:
-        status_code: the HTTP status (400, 404, 422, ...).
-        param: the request field the server blamed, when it said.
-        server_message: the server's own error message.
-    """
-
-    def __init__(self, message: str, *, status_code: int, param: str | None = None,
-                 server_message: str = ""):
-        super().__init__(message)
-        self.status_code = status_code
-        self.param = param
-        self.server_message = server_message
-
-
-class OutputValidationError(ShopLensError):
-    """The model's answer failed schema validation after every allowed attempt."""
-
-    def __init__(self, message: str, *, attempts: int, last_output: str, errors: list[str]):
-        super().__init__(message)
-        self.attempts = attempts
-        self.last_output = last_output
-        self.errors = errors

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.app.tasks_service import TasksService, horizon_key, robust_end
-from agent.data.store import UnknownUserError
+from agent.domain.errors import UnknownUserError
 from agent.domain.pii import mask_pii, pseudonymise
 from agent.domain.predictions import NextItemPrediction
 from agent.domain.schemas import BehaviorEvent, parse_timestamp

@@ -16,8 +16,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from agent.app.service import RequestError
-from agent.data.store import UnknownUserError
+from agent.domain.errors import (
+    CallerError,
+    ModelUnavailableError,
+    OutputValidationError,
+    RuntimeFailure,
+    UnknownUserError,
+)
 
 log = logging.getLogger("shoplens.api")
 
@@ -119,12 +124,26 @@ async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONRe
     return envelope(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 
 
-async def _unknown_user_handler(request: Request, exc: UnknownUserError) -> JSONResponse:
-    return envelope(404, str(exc), code="unknown_user", param="user_id")
+async def _caller_error_handler(request: Request, exc: CallerError) -> JSONResponse:
+    """Every caller mistake, by its own status and code. An unknown user's message never lists
+    other stored ids (that would let one client enumerate another's users)."""
+    message = str(exc)
+    if isinstance(exc, UnknownUserError):
+        message = (f"no user {exc.user_id!r} in dataset {exc.dataset!r} (or send the user's events "
+                   "inline)")
+    return envelope(exc.status, message, code=exc.code, param=exc.param)
 
 
-async def _request_error_handler(request: Request, exc: RequestError) -> JSONResponse:
-    return envelope(422, str(exc), code="invalid_value", param=exc.param)
+async def _runtime_failure_handler(request: Request, exc: RuntimeFailure) -> JSONResponse:
+    """A runtime failure that reached the HTTP layer (tasks with a labelled fallback never let
+    one through): 503 with Retry-After when the model is unavailable, else 502 naming it."""
+    log.warning("runtime failure: %s: %s", type(exc).__name__, exc)
+    if isinstance(exc, ModelUnavailableError):
+        retry = max(1, round(exc.retry_after_s or 5))
+        return envelope(503, f"the model is unavailable: {exc}", code="model_unavailable",
+                        headers={"Retry-After": str(retry)})
+    code = "model_output_invalid" if isinstance(exc, OutputValidationError) else "upstream_failure"
+    return envelope(502, f"{type(exc).__name__}: {exc}", code=code, type_="internal_error")
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -136,8 +155,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(ApiError, _api_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_handler)  # type: ignore[arg-type]
-    app.add_exception_handler(UnknownUserError, _unknown_user_handler)  # type: ignore[arg-type]
-    app.add_exception_handler(RequestError, _request_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(CallerError, _caller_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(RuntimeFailure, _runtime_failure_handler)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unhandled)
 
 

