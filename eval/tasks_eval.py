@@ -35,7 +35,8 @@ from agent.llm.prompting import load_prompt
 from agent.settings import PROJECT_ROOT, Settings
 from agent.tasks.audience import AudienceIndex, category_popularity_baseline, rank_users
 from agent.tasks.churn import ChurnService, rfm_vector
-from agent.tasks.intent import Blend, IntentService, LogisticBaseline, logit
+from agent.tasks.common import Blend, LogisticBaseline, logit
+from agent.tasks.intent import IntentService
 from agent.tasks.profile import catalogue_prices
 from eval.metrics import (
     calibration_bins,

@@ -22,7 +22,8 @@ from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import Completion, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
 from agent.settings import Settings
-from agent.tasks.intent import Blend, IntentService, LogisticBaseline
+from agent.tasks.common import Blend, LogisticBaseline
+from agent.tasks.intent import IntentService
 from agent.tasks.session_intent import (
     SESSION_FEATURES,
     SESSION_GAP,

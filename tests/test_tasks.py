@@ -30,15 +30,8 @@ from agent.tasks.audience import (
     rank_users,
 )
 from agent.tasks.churn import ChurnAnswer, ChurnPrediction, ChurnService, churn_drivers, risk_band
-from agent.tasks.intent import (
-    Blend,
-    IntentAnswer,
-    IntentPrediction,
-    IntentService,
-    LogisticBaseline,
-    funnel_features,
-    yes_probability,
-)
+from agent.tasks.common import Blend, LogisticBaseline, yes_probability
+from agent.tasks.intent import IntentAnswer, IntentPrediction, IntentService, funnel_features
 from agent.tasks.profile import (
     ProfileAnswer,
     ProfileService,

@@ -31,12 +31,12 @@ from agent.tasks.churn import (
     default_churn_baseline,
     rfm_vector,
 )
+from agent.tasks.common import LogisticBaseline
 from agent.tasks.intent import (
     INTENT_FEATURES,
     Funnel,
     IntentPrediction,
     IntentService,
-    LogisticBaseline,
     funnel_features,
 )
 from agent.tasks.profile import (

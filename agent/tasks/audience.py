@@ -33,7 +33,7 @@ from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
-from agent.tasks.intent import Cited, Probability, ask_yes_no, evidence_from_refs, make_meta
+from agent.tasks.common import Cited, Probability, ask_yes_no, evidence_from_refs, make_meta
 from retrieval.covisit import CoVisitation, CoVisitationConfig
 from retrieval.index import VectorIndex
 

@@ -22,14 +22,15 @@ from pydantic import BaseModel, Field, field_validator
 from agent.domain.history import HistoryView, build_history
 from agent.domain.predictions import Evidence, Meta
 from agent.domain.schemas import BehaviorEvent, CatalogItem
-from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
+from agent.llm.base import ChatModel
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
-from agent.tasks.intent import (
+from agent.tasks.common import (
     Blend,
     Cited,
     LogisticBaseline,
     Probability,
+    ask_or_degrade,
     ask_yes_no,
     evidence_from_refs,
     make_meta,
@@ -174,26 +175,24 @@ class ChurnService:
         prompts: list[str] = []
         p_model: float | None = None
         answer: ChurnAnswer | None = None
-        if self.model is None:
-            trace.degraded.append("no model configured: baseline probability, rule-based action")
-        else:
-            variables = dict(horizon_days=horizon_days, as_of_date=f"{as_of:%Y-%m-%d}",
-                             drivers=driver_lines(drivers), **hist.prompt_vars())
-            try:
-                tpl = load_prompt(self.prob_prompt)
-                prompts.append(tpl.ref)
-                p_yes = await ask_yes_no(self.model, render(tpl, **variables), trace)
-                p_model = None if p_yes is None else 1.0 - p_yes
-                if self.explain:
-                    etpl = load_prompt(self.explain_prompt)
-                    prompts.append(etpl.ref)
-                    p_now = (self.baseline.blend or Blend())(p_base, p_model)
-                    answer = await self._explain(etpl, {**variables, "risk_band": risk_band(p_now),
-                                                        "probability": round(p_now, 2)}, hist, trace)
-            except ModelUnavailableError as e:
-                trace.degraded.append(f"model unavailable ({e}); baseline probability")
-            except OutputValidationError as e:
-                trace.degraded.append(f"explanation invalid after {e.attempts} attempts: {e.errors[:2]}")
+        variables = dict(horizon_days=horizon_days, as_of_date=f"{as_of:%Y-%m-%d}",
+                         drivers=driver_lines(drivers), **hist.prompt_vars())
+
+        async def step(model: ChatModel) -> None:
+            nonlocal p_model, answer
+            tpl = load_prompt(self.prob_prompt)
+            prompts.append(tpl.ref)
+            p_yes = await ask_yes_no(model, render(tpl, **variables), trace)
+            p_model = None if p_yes is None else 1.0 - p_yes
+            if self.explain:
+                etpl = load_prompt(self.explain_prompt)
+                prompts.append(etpl.ref)
+                p_now = (self.baseline.blend or Blend())(p_base, p_model)
+                answer = await self._explain(model, etpl, {**variables, "risk_band": risk_band(p_now),
+                                                           "probability": round(p_now, 2)}, hist, trace)
+
+        await ask_or_degrade(self.model, step, trace, what="churn answer",
+                             fallback="baseline probability, rule-based action")
         p = (self.baseline.blend or Blend())(p_base, p_model)
         band = risk_band(p)
         if answer is not None:
@@ -208,11 +207,11 @@ class ChurnService:
             evidence=evidence_from_refs(hist, refs),
             meta=make_meta("churn", self.model, trace, prompts, t0, self.model_sha256))
 
-    async def _explain(self, tpl: Any, variables: dict[str, Any], hist: HistoryView, trace: CallTrace) -> ChurnAnswer:
-        assert self.model is not None
+    async def _explain(self, model: ChatModel, tpl: Any, variables: dict[str, Any], hist: HistoryView,
+                       trace: CallTrace) -> ChurnAnswer:
         schema = ChurnAnswer.model_json_schema()
         schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
-        return await structured_call(self.model, render(tpl, **variables), ChurnAnswer, json_schema=schema,
+        return await structured_call(model, render(tpl, **variables), ChurnAnswer, json_schema=schema,
                                      context={"refs": set(hist.refs)}, max_tokens=160, trace=trace)
 
 

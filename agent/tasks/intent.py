@@ -6,195 +6,37 @@ logistic-regression baseline on those features, blended in logit space with the 
 verbalizer probability (the yes/no answer token's probability, not a written number). A second,
 schema-constrained call names the funnel stage and writes a reason citing event references.
 
-Shared by the other tasks: evidence helpers (`Cited`, `evidence_from_refs`, `make_meta`) and
-probability helpers (`Probability`, `yes_probability`, `LogisticBaseline`, `Blend`).
+The shared task kit (evidence, meta, probabilities, baseline, blend) is `agent.tasks.common`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from agent.domain.history import HistoryView, build_history
 from agent.domain.predictions import Evidence, Meta
 from agent.domain.schemas import BehaviorEvent, CatalogItem
-from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError
+from agent.llm.base import ChatModel
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
-
-# ---- evidence helpers (shared by every task) -----------------------------------------------
-
-
-def evidence_from_refs(hist: HistoryView, refs: Sequence[str]) -> list[Evidence]:
-    """Map event references (E3, ...) to real events; unknown refs are dropped."""
-    found = [(r, x) for r in dict.fromkeys(refs) if (x := hist.resolve(r)) is not None]
-    return [Evidence(ref=r, event_id=x.event.event_id, item_id=x.event.item_id, event_type=x.event.event_type,
-                     timestamp=x.event.timestamp.isoformat(), summary=x.text) for r, x in found]
-
-
-def normalise_refs(v: object) -> object:
-    """'e3' -> 'E3'; a single string becomes a one-element list."""
-    v = [v] if isinstance(v, str) else v
-    return [x.strip().upper() if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
-
-
-def check_refs(v: list[str], info: ValidationInfo) -> list[str]:
-    """Reject refs that are not in the shown history (refs come via validation context)."""
-    refs = (info.context or {}).get("refs")
-    if refs is not None:
-        bad = [r for r in v if r not in refs]
-        if bad:
-            allowed = ", ".join(sorted(refs, key=lambda r: int(r[1:]) if r[1:].isdigit() else 0))
-            raise ValueError(f"evidence {bad} are not event references in the history; use only {allowed}")
-    return list(dict.fromkeys(v))
-
-
-def make_meta(task: str, model: ChatModel | None, trace: CallTrace, prompts: list[str], t0: float,
-              model_sha256: str | None = None, notes: list[str] | None = None) -> Meta:
-    return Meta(
-        task=task, prompt_versions=prompts, model_id=getattr(model, "model_id", None),
-        model_sha256=model_sha256, attempts=trace.attempts, prompt_tokens=trace.usage.prompt_tokens,
-        completion_tokens=trace.usage.completion_tokens, latency_s=round(time.perf_counter() - t0, 4),
-        model_latency_s=round(trace.model_latency_s, 4), degraded=bool(trace.degraded),
-        degraded_reason="; ".join(trace.degraded) or None, notes=trace.notes + (notes or []),
-    )
-
-
-class Cited(BaseModel):
-    """Base of every model answer with an ``evidence`` list of event refs: 'e3' -> 'E3', and
-    refs not in the shown history (validation context ``refs``) are rejected."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @field_validator("evidence", mode="before", check_fields=False)
-    @classmethod
-    def _refs_norm(cls, v: object) -> object:
-        return normalise_refs(v)
-
-    @field_validator("evidence", check_fields=False)
-    @classmethod
-    def _refs_known(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        return check_refs(v, info)
-
-
-# ---- probabilities: parsing, the verbalizer, the baseline, the blend -------------------------
-
-
-def parse_probability(v: object) -> object:
-    """'87%' -> 0.87, '0.87' -> 0.87; anything outside [0, 1] is left for the bound to reject."""
-    if isinstance(v, str):
-        s = v.strip()
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%", s)
-        if m:
-            return float(m.group(1)) / 100.0
-        try:
-            return float(s)
-        except ValueError as e:
-            raise ValueError(f"probability {v!r} is not a number; give a decimal in [0, 1], e.g. 0.35") from e
-    if isinstance(v, int | float) and not isinstance(v, bool) and not 0 <= v <= 1:
-        raise ValueError(f"probability {v} is outside [0, 1]; give a decimal such as 0.35, not a percentage")
-    return v
-
-
-Probability = Annotated[float, BeforeValidator(parse_probability), Field(ge=0, le=1)]
-
-
-def normalise_label(v: object) -> object:
-    """'Ready to buy' -> 'ready_to_buy', 'HIGH' -> 'high', 'At Risk' -> 'at-risk' is the caller's map."""
-    return re.sub(r"[\s\-]+", "_", v.strip().lower()) if isinstance(v, str) else v
-
-
-def yes_probability(top: Mapping[str, float]) -> tuple[float | None, float]:
-    """(P(yes) renormalised over yes/no tokens, or None when neither is among the top
-    log-probabilities; the probability mass on yes/no). "Yes", " yes" count as yes."""
-    py = sum(math.exp(lp) for t, lp in top.items() if t.strip().lower() in ("yes", "y"))
-    pn = sum(math.exp(lp) for t, lp in top.items() if t.strip().lower() in ("no", "n"))
-    if py + pn <= 0:
-        return None, 0.0
-    return py / (py + pn), py + pn
-
-
-async def ask_yes_no(model: ChatModel, messages: list[Message], trace: CallTrace) -> float | None:
-    """One 1-token call; the verbalizer probability of "yes" (None when unusable)."""
-    comp = await model.complete(messages, max_tokens=1, top_logprobs=10)
-    trace.attempts += 1
-    trace.usage.add(comp.usage)
-    trace.model_latency_s += comp.latency_s
-    trace.raw_outputs.append(json.dumps({"text": comp.text, "top": comp.top_logprobs[:1]}))
-    top = comp.top_logprobs[0] if comp.top_logprobs else {comp.text: 0.0}
-    p, mass = yes_probability(top)
-    if p is None:
-        trace.notes.append(f"verbalizer: no yes/no token in the answer ({comp.text!r})")
-    elif mass < 0.5:
-        trace.notes.append(f"verbalizer: only {mass:.0%} probability on yes/no")
-    return p
-
-
-def logit(p: float, eps: float = 1e-4) -> float:
-    p = min(1 - eps, max(eps, p))
-    return math.log(p / (1 - p))
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
-
-
-@dataclass
-class Blend:
-    """final = sigmoid(a * logit(p_baseline) + b * logit(p_model) + c); default: the baseline
-    plus half the model's log-odds. Fitted by cross-fitting in eval/tasks_eval.py."""
-
-    a: float = 1.0
-    b: float = 0.5
-    c: float = 0.0
-
-    def __call__(self, p_base: float, p_model: float | None) -> float:
-        return p_base if p_model is None else sigmoid(self.a * logit(p_base) + self.b * logit(p_model) + self.c)
-
-
-@dataclass
-class LogisticBaseline:
-    """A fitted logistic regression as plain numbers: coefficients per named feature."""
-
-    features: list[str]
-    coef: list[float]
-    intercept: float
-    base_rate: float  # the positive rate it was trained on (the cold-start answer)
-    trained_on: str = ""
-    blend: Blend | None = None
-
-    def predict(self, x: Mapping[str, float]) -> float:
-        return sigmoid(self.intercept + sum(c * float(x[f]) for f, c in zip(self.features, self.coef, strict=True)))
-
-    @classmethod
-    def fit(cls, rows: Sequence[Mapping[str, float]], labels: Sequence[int], features: list[str],
-            trained_on: str = "") -> LogisticBaseline:
-        from sklearn.linear_model import LogisticRegression  # deferred: heavy import
-
-        X = [[float(r[f]) for f in features] for r in rows]
-        lr = LogisticRegression(max_iter=2000, C=1.0).fit(X, list(labels))
-        return cls(features, [round(float(c), 6) for c in lr.coef_[0]], round(float(lr.intercept_[0]), 6),
-                   round(sum(labels) / max(1, len(labels)), 6), trained_on)
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> LogisticBaseline:
-        d = json.loads(path.read_text())
-        blend = d.pop("blend", None)
-        return cls(**d, blend=Blend(**blend) if blend else None)
-
+from agent.tasks.common import (
+    Blend,
+    Cited,
+    LogisticBaseline,
+    Probability,
+    ask_or_degrade,
+    ask_yes_no,
+    evidence_from_refs,
+    make_meta,
+    normalise_label,
+)
 
 # ---- funnel features -------------------------------------------------------------------------
 
@@ -315,25 +157,22 @@ async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_pr
     be refs of `hist`. Failures are recorded in ``trace.degraded``; nothing is raised, the caller
     falls back to the baseline probability and a template reason."""
     out = AskedModel()
-    if model is None:
-        trace.degraded.append("no model configured: baseline probability, template reason")
-        return out
-    try:
+
+    async def step(m: ChatModel) -> None:
         tpl = load_prompt(prob_prompt)
         out.prompts.append(tpl.ref)
-        out.p_model = await ask_yes_no(model, render(tpl, **variables), trace)
+        out.p_model = await ask_yes_no(m, render(tpl, **variables), trace)
         if explain_prompt:
             etpl = load_prompt(explain_prompt)
             out.prompts.append(etpl.ref)
             schema = IntentAnswer.model_json_schema()
             schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
-            ans = await structured_call(model, render(etpl, **variables), IntentAnswer, json_schema=schema,
+            ans = await structured_call(m, render(etpl, **variables), IntentAnswer, json_schema=schema,
                                         context={"refs": set(hist.refs)}, max_tokens=160, trace=trace)
             out.stage, out.reason, out.refs, out.source = ans.stage, ans.reason, ans.evidence, "model"
-    except ModelUnavailableError as e:
-        trace.degraded.append(f"model unavailable ({e}); baseline probability")
-    except OutputValidationError as e:
-        trace.degraded.append(f"explanation invalid after {e.attempts} attempts: {e.errors[:2]}")
+
+    await ask_or_degrade(model, step, trace, what="intent answer",
+                         fallback="baseline probability, template reason")
     return out
 
 

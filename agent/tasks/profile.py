@@ -25,10 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from agent.domain.history import HistoryView, build_history, themes
 from agent.domain.predictions import Evidence, Meta
 from agent.domain.schemas import BehaviorEvent, CatalogItem
-from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
+from agent.llm.base import ChatModel
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
-from agent.tasks.intent import Cited, evidence_from_refs, make_meta
+from agent.tasks.common import Cited, ask_or_degrade, evidence_from_refs, make_meta
 
 Lifecycle = Literal["new", "active", "at-risk", "lapsed"]
 PriceBand = Literal["budget", "mid", "premium"]
@@ -369,22 +369,20 @@ class ProfileService:
         attrs = profile_attributes(f, hist)
         prompts: list[str] = []
         summary, source, claims = fallback_profile_summary(f), "fallback", []
-        if self.model is None:
-            trace.degraded.append("no model configured: computed profile with a template summary")
-        else:
-            tpl = load_prompt(self.prompt)
+        tpl = load_prompt(self.prompt)
+
+        async def step(model: ChatModel) -> ProfileAnswer:
             prompts.append(tpl.ref)
-            try:
-                ans = await structured_call(
-                    self.model, render(tpl, features=feature_lines(f), **hist.prompt_vars()), ProfileAnswer,
-                    context={"refs": set(hist.refs)}, max_attempts=self.max_attempts, max_tokens=400, trace=trace)
-                summary, source = ans.summary, "model"
-                claims = [ProfileClaim(text=c.text, inferred=c.inferred, evidence=evidence_from_refs(hist, c.evidence))
-                          for c in ans.claims]
-            except ModelUnavailableError as e:
-                trace.degraded.append(f"model unavailable ({e}); template summary")
-            except OutputValidationError as e:
-                trace.degraded.append(f"profile answer invalid after {e.attempts} attempts: {e.errors[:2]}")
+            return await structured_call(
+                model, render(tpl, features=feature_lines(f), **hist.prompt_vars()), ProfileAnswer,
+                context={"refs": set(hist.refs)}, max_attempts=self.max_attempts, max_tokens=400, trace=trace)
+
+        ans = await ask_or_degrade(self.model, step, trace, what="profile summary",
+                                   fallback="computed profile with a template summary")
+        if ans is not None:
+            summary, source = ans.summary, "model"
+            claims = [ProfileClaim(text=c.text, inferred=c.inferred, evidence=evidence_from_refs(hist, c.evidence))
+                      for c in ans.claims]
         return UserProfile(user_id=user_id, dataset=dataset, as_of=as_of.isoformat(), lifecycle_stage=f.lifecycle,
                            attributes=attrs, summary=summary, summary_source=source, claims=claims,
                            meta=make_meta("profile", self.model, trace, prompts, t0, self.model_sha256))

@@ -28,14 +28,8 @@ from agent.domain.predictions import Evidence, Meta
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel
 from agent.llm.structured import CallTrace
-from agent.tasks.intent import (
-    LogisticBaseline,
-    Probability,
-    Stage,
-    answer_fields,
-    ask_intent_model,
-    make_meta,
-)
+from agent.tasks.common import LogisticBaseline, Probability, make_meta
+from agent.tasks.intent import Stage, answer_fields, ask_intent_model
 
 # 30 minutes of inactivity ends a session: the web-analytics convention (Google Analytics'
 # default session timeout). It goes back to Catledge & Pitkow (1995), "Characterizing browsing

@@ -30,7 +30,8 @@ from agent.domain.schemas import BehaviorEvent, parse_timestamp
 from agent.llm.base import ChatModel, Completion, Message, ModelUnavailableError
 from agent.tasks.audience import AudiencePrediction
 from agent.tasks.churn import ChurnPrediction, default_churn_baseline
-from agent.tasks.intent import IntentPrediction, IntentService, LogisticBaseline
+from agent.tasks.common import LogisticBaseline
+from agent.tasks.intent import IntentPrediction, IntentService
 from agent.tasks.next_item import NextItemConfig
 from agent.tasks.profile import UserProfile
 from agent.tasks.sentiment import SentimentAnalyzer, SentimentFailure, SentimentResult
