@@ -174,8 +174,8 @@ class TasksService(ShopLensService):
         return self._catalogs[dataset]
 
     def _events(self, dataset: str, user_id: str, notes: list[str]) -> list[BehaviorEvent]:
-        try:
-            return self.runtime.store.user_events(dataset, user_id)
+        try:  # the one history(): review text is masked (PII) for every task
+            return self.history(dataset, user_id)
         except UnknownUserError as e:
             notes.append(f"user {user_id!r} is not in {dataset!r}"
                          + (f" (did you mean {', '.join(e.suggestions)}?)" if e.suggestions else ""))
@@ -334,7 +334,7 @@ class TasksService(ShopLensService):
         model, why = await self.model_or_none()
         svc = AudienceService(model, model_sha256=self.runtime.model_sha256, score_top=score_top if model else 0)
         ranked_ids = [u for u, _, _ in rank_users(idx, item_id, query, n=score_top)] if model and score_top else []
-        user_events = {u: self.runtime.store.user_events(dataset, u) for u in ranked_ids}
+        user_events = {u: self.history(dataset, u) for u in ranked_ids}
         pred = await svc.predict(idx, item_id=item_id, campaign_text=campaign_text, query=query, n=n,
                                  dataset=dataset, user_events=user_events)
         return _finish(pred, [], why, self.use_model)
