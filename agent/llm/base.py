@@ -7,6 +7,7 @@ the fakes used by unit tests (`fake.py`).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -51,7 +52,11 @@ class Completion:
 
 @runtime_checkable
 class ChatModel(Protocol):
-    """Messages (+ optional JSON schema) in, a Completion out."""
+    """Messages (+ optional JSON schema) in, a Completion out; or free text streamed.
+
+    Attributes:
+        model_id: the id recorded in every answer's `meta`.
+    """
 
     model_id: str
 
@@ -77,5 +82,20 @@ class ChatModel(Protocol):
         Raises:
             ModelUnavailableError: the server cannot be reached, timed out or answered 5xx.
             ModelRequestError: the server rejected the request (4xx other than 429).
+        """
+        ...
+
+    def stream(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+    ) -> AsyncIterator[str]:
+        """Stream a free-text completion as text chunks (an async generator).
+
+        Raises:
+            ModelUnavailableError: the server cannot be reached, timed out or failed mid-stream.
+            ModelRequestError: the server rejected the request.
         """
         ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,3 +62,16 @@ class FakeModel:
         if isinstance(reply, str):
             return Completion(text=reply, usage=Usage(10, 5), model=self.model_id)
         return reply
+
+    async def stream(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+    ) -> AsyncIterator[str]:
+        """The next reply (as `complete` picks it), streamed word by word; logged as a call."""
+        comp = await self.complete(messages, max_tokens=max_tokens, temperature=temperature)
+        words = comp.text.split(" ")
+        for i, w in enumerate(words):
+            yield w if i == len(words) - 1 else w + " "

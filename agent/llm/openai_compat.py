@@ -13,6 +13,7 @@ The dialect differences live here and nowhere else:
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import httpx
@@ -110,20 +111,8 @@ class OpenAICompatModel:
         t0 = time.perf_counter()
         try:
             resp = await self._client.chat.completions.create(**kwargs)
-        except (openai.APIConnectionError, openai.APITimeoutError) as e:
-            raise ModelUnavailableError(f"model server unreachable at {self.base_url}: {e}") from e
-        except openai.APIStatusError as e:
-            if e.status_code >= 500 or e.status_code == 429:
-                raise ModelUnavailableError(
-                    f"model server answered {e.status_code}: {e.message}",
-                    retry_after_s=_retry_after(e.response),
-                ) from e
-            param, server_message = _error_detail(e)
-            raise ModelRequestError(
-                f"model server at {self.base_url} rejected the request ({e.status_code}"
-                + (f", param {param}" if param else "") + f"): {server_message}",
-                status_code=e.status_code, param=param, server_message=server_message,
-            ) from e
+        except openai.APIError as e:
+            raise self._mapped(e) from e
         latency = time.perf_counter() - t0
         choice = resp.choices[0]
         tops: list[dict[str, float]] = []
@@ -144,6 +133,42 @@ class OpenAICompatModel:
             finish_reason=choice.finish_reason,
             model=resp.model or self.model,
         )
+
+    async def stream(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+    ) -> AsyncIterator[str]:
+        """Stream a free-text completion (``stream=True``), yielding content deltas.
+
+        Raises:
+            ModelUnavailableError / ModelRequestError: as `complete`, before or during the stream.
+        """
+        try:
+            events = await self._client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_tokens,  # type: ignore[arg-type]
+                temperature=temperature, stream=True)
+            async for ev in events:
+                if ev.choices and ev.choices[0].delta.content:
+                    yield ev.choices[0].delta.content
+        except openai.APIError as e:
+            raise self._mapped(e) from e
+
+    def _mapped(self, e: openai.APIError) -> ModelUnavailableError | ModelRequestError:
+        """An SDK error as ShopLens's: unreachable, timeout, 5xx and 429 are "unavailable"
+        (retryable); any other 4xx is a rejected request (not retryable)."""
+        if isinstance(e, openai.APIStatusError):
+            if e.status_code >= 500 or e.status_code == 429:
+                return ModelUnavailableError(f"model server answered {e.status_code}: {e.message}",
+                                             retry_after_s=_retry_after(e.response))
+            param, server_message = _error_detail(e)
+            return ModelRequestError(
+                f"model server at {self.base_url} rejected the request ({e.status_code}"
+                + (f", param {param}" if param else "") + f"): {server_message}",
+                status_code=e.status_code, param=param, server_message=server_message)
+        return ModelUnavailableError(f"model server unreachable at {self.base_url}: {e}")
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -2,10 +2,10 @@
 
 `ModelHolder` starts the model (the embedded server, or a connection to
 ``SHOPLENS_LLM_BASE_URL``) without blocking startup and answers "still loading" or "failed"
-at once instead of waiting. `GuardedModel` wraps each call with a concurrency cap
-(`asyncio.Semaphore`), a deadline that covers queueing and retries, a bounded retry for
-"unavailable" failures, and a cool-down after a failure so a dead server is not hammered.
-Both raise `ModelUnavailableError`, which the service turns into degraded answers.
+at once instead of waiting. Each call goes through the shared guard
+(`agent.llm.wrappers.GuardedModel`: deadline, tenacity retry, priority lanes, cool-down), with
+the API's metrics as its observer. Both raise `ModelUnavailableError`, which the service turns
+into degraded answers.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Literal
+from typing import Literal
 
 from agent.app.runtime import Runtime
-from agent.llm.base import ChatModel, Completion, Message, ModelUnavailableError
+from agent.llm.base import ChatModel, ModelUnavailableError, Usage
+from agent.llm.wrappers import GuardConfig, GuardedModel, Lane
 from ui.api.config import ApiSettings
 from ui.api.metrics import Metrics
 
@@ -26,85 +27,27 @@ log = logging.getLogger("shoplens.api.model")
 State = Literal["idle", "loading", "ready", "failed", "disabled"]
 
 
-class GuardedModel:
-    """A `ChatModel` with a timeout, bounded retry, concurrency cap and failure cool-down."""
+class MetricsObserver:
+    """Feeds the shared guard's call events into the API's Prometheus metrics."""
 
-    def __init__(self, inner: ChatModel, settings: ApiSettings, metrics: Metrics):
-        self.inner = inner
-        self.model_id = inner.model_id
-        self.timeout_s = settings.model_call_timeout_s
-        self.retries = settings.model_retries
-        self.cooldown_s = settings.model_cooldown_s
-        self._sem = asyncio.Semaphore(settings.model_max_concurrency)
-        self._metrics = metrics
-        self.down_until = 0.0
-        self.last_error: str | None = None
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
 
-    async def complete(
-        self,
-        messages: list[Message],
-        *,
-        schema: dict[str, Any] | None = None,
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-        top_logprobs: int = 0,
-    ) -> Completion:
-        """As `ChatModel.complete`, bounded by `model_call_timeout_s` in all (queue included).
+    def call_started(self, lane: Lane) -> None:
+        self.metrics.model_in_flight.inc()
 
-        Raises:
-            ModelUnavailableError: cooling down after a failure, timed out, or every attempt
-                failed; `retry_after_s` says when to try again.
-        """
-        now = time.monotonic()
-        if now < self.down_until:
-            raise ModelUnavailableError(
-                f"model failing ({self.last_error}); not retried for {self.down_until - now:.1f} s",
-                retry_after_s=self.down_until - now,
-            )
-        t0 = time.perf_counter()
-        outcome = "error"
-        self._metrics.model_in_flight.inc()
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                async with self._sem:
-                    comp = await self._attempts(messages, schema=schema, max_tokens=max_tokens,
-                                                temperature=temperature, top_logprobs=top_logprobs)
-            outcome = "ok"
-            self.down_until, self.last_error = 0.0, None
-            self._metrics.model_tokens.labels("prompt").inc(comp.usage.prompt_tokens)
-            self._metrics.model_tokens.labels("completion").inc(comp.usage.completion_tokens)
-            return comp
-        except TimeoutError as e:
-            outcome = "timeout"
-            self._fail(f"no answer within {self.timeout_s:g} s")
-            raise ModelUnavailableError(f"model call timed out after {self.timeout_s:g} s",
-                                        retry_after_s=self.cooldown_s) from e
-        except ModelUnavailableError as e:
-            self._fail(str(e))
-            raise
-        except Exception as e:  # e.g. a 4xx from the server: logged, then answered degraded
-            log.exception("model call failed")
-            self._fail(f"{type(e).__name__}: {e}")
-            raise ModelUnavailableError(f"model call failed: {type(e).__name__}: {e}") from e
-        finally:
-            self._metrics.model_in_flight.dec()
-            self._metrics.model_latency.labels(outcome).observe(time.perf_counter() - t0)
+    def call_finished(self, lane: Lane, outcome: str, seconds: float, usage: Usage | None) -> None:
+        self.metrics.model_in_flight.dec()
+        self.metrics.model_latency.labels(outcome).observe(seconds)
+        if usage is not None:
+            self.metrics.model_tokens.labels("prompt").inc(usage.prompt_tokens)
+            self.metrics.model_tokens.labels("completion").inc(usage.completion_tokens)
 
-    async def _attempts(self, messages: list[Message], **kw: Any) -> Completion:
-        for attempt in range(self.retries + 1):
-            try:
-                return await self.inner.complete(messages, **kw)
-            except ModelUnavailableError as e:
-                if attempt == self.retries:
-                    raise ModelUnavailableError(str(e), attempts=attempt + 1,
-                                                retry_after_s=e.retry_after_s) from e
-                log.warning("model call failed (attempt %d), retrying: %s", attempt + 1, e)
-                await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
-        raise AssertionError("unreachable")
 
-    def _fail(self, reason: str) -> None:
-        self.last_error = reason
-        self.down_until = time.monotonic() + self.cooldown_s
+def guard_config(settings: ApiSettings) -> GuardConfig:
+    """The API's bounds for the shared guard."""
+    return GuardConfig(timeout_s=settings.model_call_timeout_s, retries=settings.model_retries,
+                       max_concurrency=settings.model_max_concurrency, cooldown_s=settings.model_cooldown_s)
 
 
 class ModelHolder:
@@ -136,7 +79,7 @@ class ModelHolder:
             self.state, self.error, self._failed_at = "failed", f"{type(e).__name__}: {e}", time.monotonic()
             log.error("model failed to start: %s", self.error)
             return
-        self._model = GuardedModel(inner, self.settings, self.metrics)
+        self._model = GuardedModel(inner, guard_config(self.settings), MetricsObserver(self.metrics))
         self.state, self.error = "ready", None
         log.info("model %s ready after %.1f s", inner.model_id, time.perf_counter() - t0)
 

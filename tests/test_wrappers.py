@@ -1,0 +1,136 @@
+"""The shared model guard (agent.llm.wrappers): lanes, deadlines, retries, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.domain.errors import ModelRequestError, ModelUnavailableError
+from agent.llm.base import Completion
+from agent.llm.fake import FakeModel
+from agent.llm.wrappers import GuardConfig, GuardedModel, NullObserver, PrioritySlots, lane
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+class SlowModel:
+    """Answers after `delay` seconds with the text it was asked for (the user message)."""
+
+    model_id = "slow"
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.order: list[str] = []
+
+    async def complete(self, messages, **kw):  # noqa: ANN001, ANN003, ANN201
+        await asyncio.sleep(self.delay)
+        self.order.append(messages[-1]["content"])
+        return Completion(text=messages[-1]["content"])
+
+    async def stream(self, messages, **kw):  # noqa: ANN001, ANN003, ANN201
+        for w in ("a ", "b ", "c"):
+            await asyncio.sleep(self.delay)
+            yield w
+
+
+async def test_interactive_overtakes_queued_batch_calls() -> None:
+    inner = SlowModel(0.05)
+    g = GuardedModel(inner, GuardConfig(max_concurrency=1, timeout_s=10))
+
+    async def call(name: str, which: str) -> None:
+        with lane(which):  # type: ignore[arg-type]
+            await g.complete([{"role": "user", "content": name}])
+
+    first = asyncio.create_task(call("b0", "batch"))
+    await asyncio.sleep(0.01)  # b0 holds the only slot
+    batch = [asyncio.create_task(call(f"b{i}", "batch")) for i in range(1, 4)]
+    await asyncio.sleep(0.01)
+    fast = asyncio.create_task(call("i1", "interactive"))
+    await asyncio.gather(first, *batch, fast)
+    assert inner.order == ["b0", "i1", "b1", "b2", "b3"]
+
+
+async def test_deadline_covers_the_queue_and_a_timed_out_waiter_frees_nothing_it_never_held() -> None:
+    g = GuardedModel(SlowModel(0.3), GuardConfig(max_concurrency=1, timeout_s=0.1, cooldown_s=0))
+    slow = asyncio.create_task(g.complete(MSG))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ModelUnavailableError, match="timed out after 0.1 s"):
+        await g.complete(MSG)  # waited 0.1 s for the slot: that counts
+    with pytest.raises(ModelUnavailableError):
+        await slow
+    assert g.slots.in_use == 0 and g.slots.waiting == 0
+
+
+async def test_retries_unavailable_once_then_names_attempts() -> None:
+    fake = FakeModel.with_replies([ModelUnavailableError("down"), "ok"])
+    g = GuardedModel(fake, GuardConfig(retries=1, cooldown_s=0))
+    assert (await g.complete(MSG)).text == "ok"
+    assert len(fake.calls) == 2
+    fake = FakeModel.with_replies([ModelUnavailableError("down 1"), ModelUnavailableError("down 2")])
+    g = GuardedModel(fake, GuardConfig(retries=1, cooldown_s=0))
+    with pytest.raises(ModelUnavailableError, match="down 2") as e:
+        await g.complete(MSG)
+    assert e.value.attempts == 2
+
+
+async def test_rejected_request_is_not_retried_and_starts_no_cooldown() -> None:
+    fake = FakeModel.with_replies([ModelRequestError("bad top_logprobs", status_code=400), "ok"])
+    g = GuardedModel(fake, GuardConfig(retries=2, cooldown_s=60))
+    with pytest.raises(ModelRequestError):
+        await g.complete(MSG)
+    assert len(fake.calls) == 1
+    assert (await g.complete(MSG)).text == "ok"
+
+
+async def test_cooldown_fails_fast_after_a_failure() -> None:
+    fake = FakeModel.with_replies([ModelUnavailableError("down")])
+    g = GuardedModel(fake, GuardConfig(retries=0, cooldown_s=30))
+    with pytest.raises(ModelUnavailableError):
+        await g.complete(MSG)
+    with pytest.raises(ModelUnavailableError, match="not retried for") as e:
+        await g.complete(MSG)
+    assert e.value.retry_after_s is not None and 29 < e.value.retry_after_s <= 30
+    assert len(fake.calls) == 1
+
+
+async def test_max_tokens_is_capped() -> None:
+    fake = FakeModel.with_replies(["x"])
+    await GuardedModel(fake, GuardConfig(max_tokens_cap=64)).complete(MSG, max_tokens=5000)
+    assert fake.calls[0].max_tokens == 64
+
+
+async def test_stream_holds_a_slot_until_the_consumer_stops() -> None:
+    obs = NullObserver()
+    g = GuardedModel(SlowModel(0.01), GuardConfig(max_concurrency=1), observer=obs)
+    chunks = []
+    agen = g.stream(MSG)
+    async for c in agen:
+        chunks.append(c)
+        assert g.slots.in_use == 1
+        break
+    await agen.aclose()
+    assert chunks == ["a "] and g.slots.in_use == 0
+    assert "".join([c async for c in g.stream(MSG)]) == "a b c"
+    assert obs.calls == {"cancelled": 1, "ok": 1}
+
+
+async def test_fake_stream_is_the_reply_word_by_word_and_logged() -> None:
+    fake = FakeModel.with_replies(["one two three"])
+    assert [c async for c in fake.stream(MSG)] == ["one ", "two ", "three"]
+    assert len(fake.calls) == 1
+
+
+async def test_priority_slots_hand_a_cancelled_grant_on() -> None:
+    slots = PrioritySlots(1)
+    await slots.acquire(0)
+    waiter = asyncio.create_task(slots.acquire(2))
+    other = asyncio.create_task(slots.acquire(2))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    slots.release()
+    await asyncio.sleep(0)
+    await other
+    assert slots.in_use == 1
+    slots.release()
+    assert slots.in_use == 0
