@@ -24,16 +24,15 @@ from datetime import datetime
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from agent.data.artifacts import build_user_index
 from agent.domain.history import _STOP, build_history
-from agent.domain.predictions import Evidence, Meta
+from agent.domain.predictions import AudiencePrediction, AudienceReason, Evidence, TargetUser
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
-from agent.tasks.common import Cited, Probability, ask_yes_no, evidence_from_refs, make_meta
+from agent.tasks.common import ask_yes_no, evidence_from_refs, make_meta
 from retrieval.covisit import CoVisitation, CoVisitationConfig
 from retrieval.index import VectorIndex
 
@@ -171,32 +170,6 @@ def category_popularity_baseline(purchases: Iterable[tuple[str, str]], catalog: 
         if i in shared:
             counts[u] += shared[i]
     return [u for u, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
-
-
-class AudienceReason(Cited):
-    reason: str = Field(min_length=5, max_length=200)
-    evidence: list[str] = Field(min_length=1, max_length=3)
-
-
-class TargetUser(BaseModel):
-    rank: int = Field(ge=1)
-    user_id: str
-    score: Probability = Field(description="fused retrieval score (model-blended for the top few)")
-    source_scores: dict[str, float]
-    model_probability: Probability | None = None
-    reason: str
-    reason_source: Literal["model", "fallback", "cold_start"]
-    evidence: list[Evidence] = Field(default_factory=list)
-
-
-class AudiencePrediction(BaseModel):
-    dataset: str | None = None
-    item_id: str | None = None
-    campaign_text: str | None = None
-    n: int = Field(ge=1)
-    users: list[TargetUser]
-    cold_start: bool = False
-    meta: Meta
 
 
 def fallback_target_reason(idx: AudienceIndex, item_id: str | None, srcs: Mapping[str, float]) -> str:

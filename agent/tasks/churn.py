@@ -15,32 +15,24 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any, Literal
-
-from pydantic import BaseModel, Field, field_validator
+from typing import Any
 
 from agent.domain.history import HistoryView, build_history
-from agent.domain.predictions import Evidence, Meta
+from agent.domain.predictions import Action, ChurnAnswer, ChurnPrediction, Driver, RiskBand
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 from agent.tasks.common import (
     Blend,
-    Cited,
     LogisticBaseline,
-    Probability,
     ask_or_degrade,
     ask_yes_no,
     evidence_from_refs,
     make_meta,
-    normalise_label,
 )
 from agent.tasks.profile import UserFeatures, user_features
 
-RiskBand = Literal["low", "medium", "high"]
-Action = Literal["no_action_needed", "loyalty_reward", "new_arrivals_in_interests",
-                 "reminder_of_past_favourites", "win_back_offer"]
 BAND_EDGES = (0.35, 0.65)  # probability < 0.35 low, < 0.65 medium, else high
 RFM_FEATURES = ["log_recency", "log_frequency", "log_monetary"]
 
@@ -53,13 +45,6 @@ def rfm_vector(f: UserFeatures) -> dict[str, float]:
 
 def risk_band(p: float) -> RiskBand:
     return "low" if p < BAND_EDGES[0] else "medium" if p < BAND_EDGES[1] else "high"
-
-
-class Driver(BaseModel):
-    name: Literal["recency", "frequency", "monetary_trend", "category_drift", "rhythm"]
-    value: float | None
-    effect: Literal["raises_risk", "lowers_risk", "neutral"]
-    detail: str
 
 
 def churn_drivers(f: UserFeatures) -> list[Driver]:
@@ -92,44 +77,6 @@ def default_action(band: RiskBand, drivers: Sequence[Driver]) -> Action:
     if band == "medium":
         return "reminder_of_past_favourites" if falling else "new_arrivals_in_interests"
     return "loyalty_reward" if falling else "no_action_needed"
-
-
-class ChurnAnswer(Cited):
-    """The model's part: a retention action from the closed set and a reason citing events."""
-
-    action: Action
-    reason: str = Field(min_length=5, max_length=300)
-    evidence: list[str] = Field(min_length=1, max_length=4, description="event refs like E3")
-
-    @field_validator("action", mode="before")
-    @classmethod
-    def _action(cls, v: object) -> object:
-        return normalise_label(v)
-
-
-class ChurnPrediction(BaseModel):
-    user_id: str
-    dataset: str | None = None
-    as_of: str
-    horizon_days: int = Field(ge=1, le=730)
-    probability: Probability = Field(description="P(no purchase within horizon_days after as_of)")
-    probability_source: Literal["blend", "baseline", "cold_start_base_rate"]
-    baseline_probability: Probability
-    model_probability: Probability | None = None
-    risk_band: RiskBand
-    drivers: list[Driver]
-    features: dict[str, Any]
-    action: Action
-    reason: str
-    reason_source: Literal["model", "fallback", "cold_start"]
-    evidence: list[Evidence] = Field(default_factory=list)
-    cold_start: bool = False
-    meta: Meta
-
-    @field_validator("risk_band", mode="before")
-    @classmethod
-    def _band(cls, v: object) -> object:
-        return v.strip().lower() if isinstance(v, str) else v
 
 
 def default_churn_baseline() -> LogisticBaseline:

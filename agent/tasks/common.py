@@ -1,7 +1,9 @@
 """The task kit every prediction task shares: evidence, meta, probabilities, the baseline, and
 one "ask the model or degrade" helper.
 
-* Evidence: `Cited` (base of every model answer that cites event refs), `evidence_from_refs`.
+* Evidence: `Cited` (base of every model answer that cites event refs), `evidence_from_refs`;
+  with `Probability`, `parse_probability` and `normalise_label` they live beside the schemas in
+  `agent.domain.predictions.common` and are re-exported here.
 * Envelope: `make_meta` (the `Meta` every answer carries).
 * Probabilities: `Probability` (bounded, '87%' accepted), `yes_probability` / `ask_yes_no`
   (the verbalizer over yes/no tokens: a probability read from token log-probabilities, never a
@@ -16,49 +18,33 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
-
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from typing import TypeVar
 
 from agent.domain.errors import ModelUnavailableError, OutputValidationError
-from agent.domain.history import HistoryView
-from agent.domain.predictions import Evidence, Meta
+from agent.domain.predictions import Meta
+from agent.domain.predictions.common import (  # the evidence and probability rules live with the schemas
+    Cited,
+    Probability,
+    check_refs,
+    evidence_from_refs,
+    normalise_label,
+    normalise_refs,
+    parse_probability,
+)
 from agent.llm.base import ChatModel, Message
 from agent.llm.structured import CallTrace
 
+__all__ = [
+    "Blend", "Cited", "LogisticBaseline", "Probability", "ask_or_degrade", "ask_yes_no", "check_refs",
+    "evidence_from_refs", "logit", "make_meta", "normalise_label", "normalise_refs", "parse_probability",
+    "sigmoid", "yes_probability",
+]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# ---- evidence helpers (shared by every task) -----------------------------------------------
-
-
-def evidence_from_refs(hist: HistoryView, refs: Sequence[str]) -> list[Evidence]:
-    """Map event references (E3, ...) to real events; unknown refs are dropped."""
-    found = [(r, x) for r in dict.fromkeys(refs) if (x := hist.resolve(r)) is not None]
-    return [Evidence(ref=r, event_id=x.event.event_id, item_id=x.event.item_id, event_type=x.event.event_type,
-                     timestamp=x.event.timestamp.isoformat(), summary=x.text) for r, x in found]
-
-
-def normalise_refs(v: object) -> object:
-    """'e3' -> 'E3'; a single string becomes a one-element list."""
-    v = [v] if isinstance(v, str) else v
-    return [x.strip().upper() if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
-
-
-def check_refs(v: list[str], info: ValidationInfo) -> list[str]:
-    """Reject refs that are not in the shown history (refs come via validation context)."""
-    refs = (info.context or {}).get("refs")
-    if refs is not None:
-        bad = [r for r in v if r not in refs]
-        if bad:
-            allowed = ", ".join(sorted(refs, key=lambda r: int(r[1:]) if r[1:].isdigit() else 0))
-            raise ValueError(f"evidence {bad} are not event references in the history; use only {allowed}")
-    return list(dict.fromkeys(v))
 
 
 def make_meta(task: str, model: ChatModel | None, trace: CallTrace, prompts: list[str], t0: float,
@@ -72,48 +58,7 @@ def make_meta(task: str, model: ChatModel | None, trace: CallTrace, prompts: lis
     )
 
 
-class Cited(BaseModel):
-    """Base of every model answer with an ``evidence`` list of event refs: 'e3' -> 'E3', and
-    refs not in the shown history (validation context ``refs``) are rejected."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @field_validator("evidence", mode="before", check_fields=False)
-    @classmethod
-    def _refs_norm(cls, v: object) -> object:
-        return normalise_refs(v)
-
-    @field_validator("evidence", check_fields=False)
-    @classmethod
-    def _refs_known(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        return check_refs(v, info)
-
-
-# ---- probabilities: parsing, the verbalizer, the baseline, the blend -------------------------
-
-
-def parse_probability(v: object) -> object:
-    """'87%' -> 0.87, '0.87' -> 0.87; anything outside [0, 1] is left for the bound to reject."""
-    if isinstance(v, str):
-        s = v.strip()
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%", s)
-        if m:
-            return float(m.group(1)) / 100.0
-        try:
-            return float(s)
-        except ValueError as e:
-            raise ValueError(f"probability {v!r} is not a number; give a decimal in [0, 1], e.g. 0.35") from e
-    if isinstance(v, int | float) and not isinstance(v, bool) and not 0 <= v <= 1:
-        raise ValueError(f"probability {v} is outside [0, 1]; give a decimal such as 0.35, not a percentage")
-    return v
-
-
-Probability = Annotated[float, BeforeValidator(parse_probability), Field(ge=0, le=1)]
-
-
-def normalise_label(v: object) -> object:
-    """'Ready to buy' -> 'ready_to_buy', 'HIGH' -> 'high', 'At Risk' -> 'at-risk' is the caller's map."""
-    return re.sub(r"[\s\-]+", "_", v.strip().lower()) if isinstance(v, str) else v
+# ---- probabilities: the verbalizer, the baseline, the blend -------------------------
 
 
 def yes_probability(top: Mapping[str, float]) -> tuple[float | None, float]:

@@ -6,7 +6,8 @@ logistic-regression baseline on those features, blended in logit space with the 
 verbalizer probability (the yes/no answer token's probability, not a written number). A second,
 schema-constrained call names the funnel stage and writes a reason citing event references.
 
-The shared task kit (evidence, meta, probabilities, baseline, blend) is `agent.tasks.common`.
+The shared task kit (evidence, meta, probabilities, baseline, blend) is `agent.tasks.common`;
+the schemas (`IntentAnswer`, `IntentPrediction`, `Stage`) are `agent.domain.predictions.intent`.
 """
 
 from __future__ import annotations
@@ -18,24 +19,19 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
-
 from agent.domain.history import HistoryView, build_history
-from agent.domain.predictions import Evidence, Meta
+from agent.domain.predictions import IntentAnswer, IntentPrediction, Stage
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 from agent.tasks.common import (
     Blend,
-    Cited,
     LogisticBaseline,
-    Probability,
     ask_or_degrade,
     ask_yes_no,
     evidence_from_refs,
     make_meta,
-    normalise_label,
 )
 
 # ---- funnel features -------------------------------------------------------------------------
@@ -99,43 +95,6 @@ def funnel_features(events: Sequence[BehaviorEvent], item_id: str, as_of: dateti
     )
 
 
-# ---- schemas ---------------------------------------------------------------------------------
-
-Stage = Literal["browsing", "considering", "ready_to_buy", "already_bought"]
-
-
-class IntentAnswer(Cited):
-    """The model's explanation: the funnel stage and a reason citing event references."""
-
-    stage: Stage
-    reason: str = Field(min_length=5, max_length=300)
-    evidence: list[str] = Field(min_length=1, max_length=4, description="event refs like E3")
-
-    @field_validator("stage", mode="before")
-    @classmethod
-    def _stage(cls, v: object) -> object:
-        return normalise_label(v)
-
-
-class IntentPrediction(BaseModel):
-    user_id: str
-    item_id: str
-    dataset: str | None = None
-    as_of: str
-    horizon_hours: float = Field(gt=0)
-    probability: Probability
-    probability_source: Literal["blend", "baseline", "cold_start_base_rate"]
-    baseline_probability: Probability
-    model_probability: Probability | None = None
-    funnel: dict[str, Any]
-    stage: Stage | None = None
-    reason: str
-    reason_source: Literal["model", "fallback", "cold_start"]
-    evidence: list[Evidence] = Field(default_factory=list)
-    cold_start: bool = False
-    meta: Meta
-
-
 @dataclass
 class AskedModel:
     """What the model said for an intent-style task: P(yes) (None: no usable answer), the
@@ -178,7 +137,7 @@ async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_pr
 
 def answer_fields(baseline: LogisticBaseline, p_base: float, asked: AskedModel, hist: HistoryView,
                   fallback: Callable[[], tuple[str, list[str]]]) -> dict[str, Any]:
-    """The answer part shared by the intent predictions (per item, per session): the blended
+    """The answer part shared by the intent predictions (`IntentFields`, less the envelope): the blended
     probability and its source, both inputs, and the stage/reason/evidence from the model, or
     from `fallback()` (a truthful template reason and its refs) when the model gave none."""
     reason, refs = (asked.reason, asked.refs) if asked.source == "model" else fallback()

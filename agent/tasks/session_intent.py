@@ -19,17 +19,15 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
-
-from pydantic import BaseModel, Field
+from typing import Any
 
 from agent.domain.history import EventLine, HistoryView, build_history
-from agent.domain.predictions import Evidence, Meta
+from agent.domain.predictions import SessionIntentPrediction
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel
 from agent.llm.structured import CallTrace
-from agent.tasks.common import LogisticBaseline, Probability, make_meta
-from agent.tasks.intent import Stage, answer_fields, ask_intent_model
+from agent.tasks.common import LogisticBaseline, make_meta
+from agent.tasks.intent import answer_fields, ask_intent_model
 
 # 30 minutes of inactivity ends a session: the web-analytics convention (Google Analytics'
 # default session timeout). It goes back to Catledge & Pitkow (1995), "Characterizing browsing
@@ -223,26 +221,7 @@ def default_session_baseline() -> LogisticBaseline:
                             "hand-set prior")
 
 
-# ---- the prediction -------------------------------------------------------------------------------
-
-
-class SessionIntentPrediction(BaseModel):
-    user_id: str
-    dataset: str | None = None
-    as_of: str
-    horizon_hours: float | None = Field(default=None, gt=0, description="None: the rest of the current session")
-    horizon: str  # the horizon in words
-    probability: Probability
-    probability_source: Literal["blend", "baseline", "cold_start_base_rate"]
-    baseline_probability: Probability
-    model_probability: Probability | None = None
-    session: dict[str, Any]
-    stage: Stage | None = None
-    reason: str
-    reason_source: Literal["model", "fallback", "cold_start"]
-    evidence: list[Evidence] = Field(default_factory=list)
-    cold_start: bool = False
-    meta: Meta
+# ---- the prediction (schema: agent.domain.predictions.intent.SessionIntentPrediction) ----------
 
 
 def horizon_words(horizon_hours: float | None, gap: timedelta = SESSION_GAP) -> str:

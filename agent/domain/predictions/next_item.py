@@ -1,4 +1,4 @@
-"""Output schemas: what ShopLens returns, and what the model is allowed to say.
+"""Next-item output schemas: what ShopLens returns, and what the model is allowed to say.
 
 `NextItemPrediction` is the public contract (CLI JSON, API body). `Explanation` is the model's
 answer for the explanation call; its rules that depend on the request (which labels and event
@@ -12,33 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-
-class Meta(BaseModel):
-    """How an answer was made: enough to reproduce it and to judge it."""
-
-    task: str
-    prompt_versions: list[str] = Field(default_factory=list)
-    model_id: str | None = None
-    model_sha256: str | None = None
-    attempts: int = Field(default=0, ge=0, description="model calls made, repairs included")
-    prompt_tokens: int = Field(default=0, ge=0)
-    completion_tokens: int = Field(default=0, ge=0)
-    latency_s: float = Field(default=0.0, ge=0, description="wall time of the whole request")
-    model_latency_s: float = Field(default=0.0, ge=0, description="time spent waiting on the model")
-    degraded: bool = False
-    degraded_reason: str | None = None
-    notes: list[str] = Field(default_factory=list)
-
-
-class Evidence(BaseModel):
-    """A reference to one of this user's real events."""
-
-    ref: str = Field(description="the reference shown to the model, e.g. E3")
-    event_id: str
-    item_id: str
-    event_type: str
-    timestamp: str
-    summary: str
+from agent.domain.predictions.common import Evidence, Meta, check_refs
 
 
 class RankedItem(BaseModel):
@@ -101,15 +75,7 @@ class ItemReason(BaseModel):
     @field_validator("evidence")
     @classmethod
     def _known_refs(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        refs = (info.context or {}).get("refs")
-        if refs is not None:
-            bad = [r for r in v if r not in refs]
-            if bad:
-                raise ValueError(
-                    f"evidence {bad} are not event references in the history; use only "
-                    f"{', '.join(sorted(refs, key=lambda r: int(r[1:])))}"
-                )
-        return list(dict.fromkeys(v))
+        return check_refs(v, info)
 
 
 class Explanation(BaseModel):
