@@ -15,11 +15,9 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from rich.console import Console
 from agent.app.runtime import Runtime
 from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
 from agent.settings import PROJECT_ROOT, load_settings
+from eval.runs import git_commit, run_folder, timestamp
 
 SECTIONS = ("e2e", "ranking", "prefix", "retrieval", "concurrency", "ingest")
 MODEL_SECTIONS = {"e2e", "ranking", "prefix", "concurrency"}
@@ -75,14 +74,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=PROJECT_ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 async def _remote_model(base_url: str, name: str | None) -> OpenAICompatModel:
     """A client for any OpenAI-compatible server (dialect probed from /v1/models)."""
     if name is None:
@@ -98,14 +89,13 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     from bench import ingest as ingest_mod
     from bench import llm, pipeline, retrieval
 
-    started = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    out = a.out or PROJECT_ROOT / "runs" / f"bench-{started}"
-    out.mkdir(parents=True, exist_ok=True)
+    started = timestamp(utc=True)
+    out = run_folder("bench", a.out, PROJECT_ROOT / "runs", stamp=started, stamp_last=True)
     previous = out / "figures.json"
     fig: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() else {
         "started": started, "invocations": [], "model": {}, "errors": {}}
     fig["invocations"].append({"started": started, "argv": sys.argv[1:],
-                               "git_commit": _git_commit(), "sections": a.sections})
+                               "git_commit": git_commit(short=True), "sections": a.sections})
     fig.update({"out": str(out), "machine": {
         "python": platform.python_version(), "platform": platform.platform(),
         "cpus": os.cpu_count()}})

@@ -33,11 +33,12 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from eval.runs import read_jsonl, run_folder
 
 _POL = {"-1": "negative", "0": "neutral", "1": "positive"}
 RANKERS = ("llm", "train-lexicon")
@@ -188,8 +189,7 @@ def run_aspect_eval(n: int = 60, *, ranker: str = "llm", seed: int = 2024, data_
         raise ValueError(f"unknown ranker {ranker!r}; known: {', '.join(RANKERS)}")
     d = (data_dir or PROJECT_ROOT.parent / "shared" / "data") / "sentiment"
     test = _sample(load_aspect_sentences(d / "Laptops_Test_Gold.xml.seg"), n, seed)
-    run_dir = out or runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-aspects-{ranker}-n{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_folder(f"aspects-{ranker}-n{n}", out, runs_dir)
     config: dict[str, Any] = {"task": "aspects", "set": "semeval14-laptops-test", "ranker": ranker, "n": n,
                               "seed": seed, "sentence_ids": [s.id for s in test]}
     cfg_path = run_dir / "config.json"
@@ -221,7 +221,7 @@ def run_aspect_eval(n: int = 60, *, ranker: str = "llm", seed: int = 2024, data_
 def rescore(run_dir: Path) -> dict[str, Any]:
     """Recompute metrics.json and report.md from cases.jsonl (no model)."""
     cfg = json.loads((run_dir / "config.json").read_text())
-    recs = [json.loads(ln) for ln in (run_dir / "cases.jsonl").read_text().splitlines() if ln.strip()]
+    recs = read_jsonl(run_dir / "cases.jsonl")
     m = aspect_metrics(recs)
     (run_dir / "metrics.json").write_text(json.dumps(m, indent=2))
     lines = [f"# Aspect extraction: {cfg['set']} / {cfg['ranker']}", "",

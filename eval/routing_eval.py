@@ -22,14 +22,13 @@ import argparse
 import asyncio
 import json
 import re
-import subprocess
 import time
 from collections import defaultdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from agent.chat.router import ROUTE_PROMPT, ToolCall, model_route, preparse, rule_route
+from eval.runs import git_commit, read_jsonl, run_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = Path(__file__).with_name("routing_questions.jsonl")
@@ -101,8 +100,7 @@ async def run(profile: str | None, dataset: str, limit: int | None, out_root: Pa
     def has_user(u: str) -> bool:
         return known and rt.store.has_user(dataset, u)
 
-    run_dir = resume or out_root / f"{datetime.now():%Y%m%d-%H%M%S}-routing"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_folder("routing", resume, out_root)
     done: list[dict[str, Any]] = []
     if resume and (resume / "cases.jsonl").exists():  # an interrupted run continues where it stopped
         done = [json.loads(x) for x in (resume / "cases.jsonl").read_text(encoding="utf-8").splitlines() if x]
@@ -139,18 +137,18 @@ async def run(profile: str | None, dataset: str, limit: int | None, out_root: Pa
             "questions": str(QUESTIONS.relative_to(PROJECT_ROOT)), "n": len(questions),
             "dataset_for_id_lookup": dataset if known else None,
             "prompt": tpl.ref, "prompt_sha": tpl.sha256, "model_id": model.model_id,
-            "model_sha256": rt.model_sha256, "profile": profile, "git_commit": _git_commit(),
+            "model_sha256": rt.model_sha256, "profile": profile, "git_commit": git_commit(),
         }
         (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     finally:
         await rt.aclose()
-    rescore(run_dir)
+    print_summary(run_dir, rescore(run_dir))
     return run_dir
 
 
 def rescore(run_dir: Path) -> dict[str, Any]:
-    """Recompute metrics.json from cases.jsonl (no model)."""
-    cases = [json.loads(x) for x in (run_dir / "cases.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    """Recompute metrics.json from cases.jsonl (no model); returns the metrics."""
+    cases = read_jsonl(run_dir / "cases.jsonl")
     for c in cases:
         call = ToolCall.model_validate(c["model"]["call"]) if c["model"]["call"] else None
         c["model"] = judge(c, call)
@@ -160,6 +158,11 @@ def rescore(run_dir: Path) -> dict[str, Any]:
                "language_detection_accuracy": round(
                    sum(c["language_detected"] == c["lang"] for c in cases) / max(len(cases), 1), 4)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """The routing accuracy table of a scored run, on stdout."""
     print(f"\nrouting accuracy ({run_dir.name}): right tool + right args")
     print(f"{'router':<16}{'all':>14}{'en':>14}{'zh':>14}")
     for name, key in (("model (1 call)", "model_router"), ("keyword rules", "rules_baseline")):
@@ -168,15 +171,6 @@ def rescore(run_dir: Path) -> dict[str, Any]:
         print(f"{name:<16}" + "".join(f"{c:>14}" for c in cells))
     print(f"tool only (model): {metrics['model_router']['all']['tool_accuracy']:.3f}; "
           f"median latency {metrics['latency_s_median']} s")
-    return metrics
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=PROJECT_ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main() -> None:
@@ -191,7 +185,7 @@ def main() -> None:
     ap.add_argument("--rescore", type=Path, default=None, help="recompute metrics of a run folder")
     a = ap.parse_args()
     if a.rescore:
-        rescore(a.rescore)
+        print_summary(a.rescore, rescore(a.rescore))
         return
     asyncio.run(run(a.profile, a.dataset, a.limit, a.out, a.timeout, a.resume))
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from eval.llm_rankers import RankOutcome
 from eval.report import compute_metrics, write_report
+from eval.runs import git_commit, read_jsonl, run_folder
 from eval.suites import Suite, _workspace, build_suite, fit_fusion, fusion_names
 
 __all__ = ["RANKERS", "RankerSetup", "RunConfig", "Suite", "arun_next_item", "build_suite",
@@ -110,36 +110,13 @@ class RunConfig:
         return d
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _run_dir(config: RunConfig) -> Path:
-    if config.out is not None:
-        return Path(config.out)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(config.runs_dir) / f"{stamp}-{config.run_name()}"
+    return run_folder(config.run_name(), config.out, Path(config.runs_dir), create=False)
 
 
 def read_cases(run_dir: Path) -> list[dict[str, Any]]:
     """Records of ``cases.jsonl`` sorted by case index; a torn last line is dropped."""
-    path = Path(run_dir) / "cases.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # interrupted mid-write: that case runs again
-    return sorted({r["i"]: r for r in out}.values(), key=lambda r: r["i"])
+    return sorted({r["i"]: r for r in read_jsonl(Path(run_dir) / "cases.jsonl")}.values(), key=lambda r: r["i"])
 
 
 def case_record(i: int, case: Any, outcome: RankOutcome | None, wall_s: float,

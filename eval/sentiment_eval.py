@@ -33,7 +33,6 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from agent.tasks.sentiment import (
     prepare_text,
 )
 from eval.metrics import expected_calibration_error
+from eval.runs import read_jsonl, run_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SETS = ("zh", "amazon_cells", "laptops", "beauty", "hostile")
@@ -368,9 +368,7 @@ def run_sentiment(cfg: SentimentRunConfig, data_dir: Path | None = None) -> Path
         from agent.settings import load_settings
         data_dir = load_settings().data_dir
     train, test, labels = load_set(cfg.set, data_dir, cfg.n, cfg.seed)
-    run_dir = cfg.out or PROJECT_ROOT / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-sentiment-{cfg.set}-{cfg.ranker}"
-    cfg.out = run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = cfg.out = run_folder(f"sentiment-{cfg.set}-{cfg.ranker}", cfg.out)
     cases_path = run_dir / "cases.jsonl"
     done = {json.loads(ln)["id"] for ln in cases_path.read_text().splitlines()} if cases_path.exists() else set()
     config_out: dict[str, Any] = {"labels": list(labels), "n_test": len(test), "n_train": len(train),
@@ -446,7 +444,7 @@ def compute_metrics(records: Sequence[dict[str, Any]], labels: Sequence[str]) ->
 def rescore(run_dir: Path) -> dict[str, Any]:
     """Recompute metrics.json, report.md and the plots from cases.jsonl (no model needed)."""
     cfg = json.loads((run_dir / "config.json").read_text())
-    records = [json.loads(ln) for ln in (run_dir / "cases.jsonl").read_text().splitlines() if ln.strip()]
+    records = read_jsonl(run_dir / "cases.jsonl")
     labels = cfg["labels"]
     m = compute_metrics(records, labels)
     (run_dir / "metrics.json").write_text(json.dumps(m, indent=2, ensure_ascii=False))

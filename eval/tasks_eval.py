@@ -32,7 +32,7 @@ import numpy as np
 from agent.app.runtime import Runtime
 from agent.app.tasks_service import churn_rows, fit_churn_baseline, fit_intent_baseline, intent_rows
 from agent.llm.prompting import load_prompt
-from agent.settings import PROJECT_ROOT, Settings
+from agent.settings import Settings
 from agent.tasks.audience import AudienceIndex, category_popularity_baseline, rank_users
 from agent.tasks.churn import ChurnService, rfm_vector
 from agent.tasks.common import Blend, LogisticBaseline, logit
@@ -45,6 +45,7 @@ from eval.metrics import (
     ndcg_at_k,
     recall_at_k,
 )
+from eval.runs import read_jsonl, run_folder
 
 log = logging.getLogger(__name__)
 CHINA = timezone(timedelta(hours=8))
@@ -109,17 +110,11 @@ def cross_fit_blend(y: Sequence[int], p_base: Sequence[float], p_model: Sequence
 
 
 def _run_dir(task: str, out: Path | None) -> Path:
-    d = out or PROJECT_ROOT / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{task}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return run_folder(task, out)
 
 
 def _done_cases(d: Path) -> dict[str, dict[str, Any]]:
-    path = d / "cases.jsonl"
-    if not path.exists():
-        return {}
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return {r["case_id"]: r for r in recs}
+    return {r["case_id"]: r for r in read_jsonl(d / "cases.jsonl")}
 
 
 def _plot_calibration(path: Path, series: dict[str, tuple[Sequence[int], Sequence[float]]], title: str) -> None:

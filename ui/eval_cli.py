@@ -19,7 +19,8 @@ from typing import Annotated
 import typer
 
 from agent.llm.base import ModelUnavailableError
-from eval.runner import RANKERS, RunConfig, rescore, run_next_item
+from eval.runner import RANKERS, RunConfig, run_next_item
+from eval.runs import rescore
 
 FUSION_RANKERS = ("fused", "fused-sasrec", "hybrid")  # the rankers with a fitted fusion (--drop)
 SASREC_RANKERS = ("fused-sasrec", "hybrid")  # the rankers that use a SASRec source (--sasrec)
@@ -95,11 +96,13 @@ def next_item_cmd(
 
 @eval_app.command("rescore")
 def rescore_cmd(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> None:
-    """Recompute metrics.json from the recorded cases (no model)."""
-    if not (run_dir / "cases.jsonl").exists():
-        typer.echo(f"error: {run_dir}/cases.jsonl not found", err=True)
-        raise typer.Exit(2)
-    typer.echo(json.dumps(rescore(run_dir), indent=2, sort_keys=True))
+    """Recompute metrics.json from the recorded cases (no model): next-item, sentiment, aspects, routing runs."""
+    try:
+        metrics = rescore(run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(json.dumps(metrics, indent=2, sort_keys=True, ensure_ascii=False))
 
 
 @eval_app.command("compare")
