@@ -177,6 +177,17 @@ def test_emails_and_phones_are_masked_but_prices_and_dates_kept() -> None:
     assert "example" not in s and "7946" not in s and "299元" in s and "2020-01-02" in s
 
 
+@pytest.mark.parametrize(("raw", "want"), [
+    ("电话13812345678，请联系", "电话[phone]，请联系"),  # a number touching Han characters
+    ("客服电话400-820-8820很好", "客服电话[phone]很好"),
+    ("联系我abc@qq.com谢谢", "联系我[email]谢谢"),  # only the address, not the words around it
+    ("card 4111 1111 1111 1111 charged twice", "card [card] charged twice"),
+    ("price 12.99 for the 2020-2021 season, order #12345678", "price 12.99 for the 2020-2021 season, order #12345678"),
+])
+def test_reviews_are_masked_by_the_one_pii_masker(raw: str, want: str) -> None:
+    assert clean_text(raw) == want
+
+
 def test_injection_does_not_change_the_instruction_section() -> None:
     an = SentimentAnalyzer(None)
     clean = an.messages(clean_text("质量很好，物流也快"))

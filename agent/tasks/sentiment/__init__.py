@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from agent.domain.pii import mask_pii
 from agent.domain.predictions import (
     POLARITIES,
     AspectsAnswer,
@@ -44,31 +45,21 @@ from agent.llm.verbalizer import label_distribution
 
 _TAG = re.compile(r"<[^>]{0,500}>")
 _SCRIPT = re.compile(r"<(script|style)\b.*?</\1\s*>", re.I | re.S)
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_PHONE = re.compile(r"(?<![A-Za-z0-9.])\+?\d[\d\s().-]{6,}\d(?![0-9])")
-_DATE = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}")
 _DELIM = re.compile(r"</?\s*review\s*>", re.I)
 _SPACES = re.compile(r"[ \t\u3000\xa0]+")
 MAX_CHARS = 2000  # ~1.3k tokens of Chinese; longer reviews are cut (noted in meta)
 
 
-def _mask_phone(m: re.Match[str]) -> str:
-    s = m.group()
-    if sum(c.isdigit() for c in s) < 8 or _DATE.fullmatch(s.strip()):
-        return s
-    return "[phone]"
-
-
 def clean_text(raw: str, max_chars: int = MAX_CHARS) -> str:
-    """Strip HTML (script/style bodies too), unescape entities, mask e-mails and phone numbers,
+    """Strip HTML (script/style bodies too), unescape entities, mask personal data
+    (`agent.domain.pii.mask_pii`: e-mails, phone, card and IBAN numbers),
     remove anything that looks like our ``<review>`` delimiters, collapse spaces, cut to
     `max_chars`. Emoji and CJK punctuation are kept: they carry sentiment."""
     s = html.unescape(html.unescape(raw))  # double-escaped '&amp;lt;b&amp;gt;' is common in scraped data
     s = _SCRIPT.sub(" ", s)
     s = _TAG.sub(" ", s)
     s = _DELIM.sub(" ", s)
-    s = _EMAIL.sub("[email]", s)
-    s = _PHONE.sub(_mask_phone, s)
+    s = mask_pii(s)
     s = "\n".join(_SPACES.sub(" ", line).strip() for line in s.splitlines())
     s = re.sub(r"\n{3,}", "\n\n", s).strip()
     return s[:max_chars]
