@@ -245,6 +245,16 @@ def test_language_detection(text: str, lang: str) -> None:
     assert detect_language(text) == lang
 
 
+def test_the_two_language_questions_have_two_names() -> None:
+    from agent.domain.text import has_cjk, is_han, reply_language
+
+    # a review's language (script mix) vs the language to answer a question in
+    assert detect_language("帮我找找 tea light holder") == "mixed" and reply_language("帮我找找 tea light holder") == "zh"
+    assert detect_language("这个phone很好用") == "zh" and reply_language("What will 17850 buy?") == "en"
+    assert is_han("茶") and is_han("\U00020000") and not is_han("カ") and not is_han("a")
+    assert has_cjk("ティーカップ") and has_cjk("찻잔") and has_cjk("茶杯") and not has_cjk("tea cup")
+
+
 def test_emoji_only_and_mixed_text_get_sensible_fallback_answers() -> None:
     assert lexicon_polarity("👍👍😍") == "positive"
     assert lexicon_polarity("😡👎") == "negative"

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from functools import cached_property
 from pathlib import Path
 
 from agent.data.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
 from agent.data.store import EventStore
+from agent.domain.text import has_cjk
 from agent.ingest import ingest, load_dataset
 from agent.ingest.report import LoadReport
 from agent.llm.base import ChatModel
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 ENGLISH_EMBEDDER = "all-MiniLM-L6-v2"
 MULTILINGUAL_EMBEDDER = "multilingual-e5-small"
-CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 
 
 class Runtime:
@@ -65,7 +64,7 @@ class Runtime:
         if self.settings.embedder != "auto":
             return self._embedder(self.settings.embedder)
         titles = [it.title for it in list(self.store.items(dataset).values())[:500]]
-        cjk = sum(1 for t in titles if CJK.search(t))
+        cjk = sum(1 for t in titles if has_cjk(t))
         return self._embedder(MULTILINGUAL_EMBEDDER if titles and cjk / len(titles) >= 0.2 else ENGLISH_EMBEDDER)
 
     # ---- data ---------------------------------------------------------------------------

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-Language = Literal["zh", "en"]
+from agent.domain.text import ReplyLanguage as Language
+from agent.domain.text import reply_language
 
-_CJK = re.compile(r"[\u4e00-\u9fff]")
 # ASCII look-arounds, not \b: in Chinese text the id touches ideographs, which are \w too.
 _ASIN = re.compile(r"(?<![A-Za-z0-9])(B0[0-9A-Z]{8})(?![A-Za-z0-9])")  # Amazon ASINs: B0009RF9DW
 _CODE = re.compile(r"(?<![A-Za-z0-9_-])(\d{4,6}[A-Za-z]{1,3}|\d{4,12})(?![A-Za-z0-9_-])")  # 85123A, 17850
@@ -22,9 +22,10 @@ _MONTHS_EN = ["january", "february", "march", "april", "may", "june", "july", "a
 _MONTHS_ZH = ["一", "二", "三", "四", "五", "六", "七", "八", "九", "十", "十一", "十二"]
 
 
-def detect_language(text: str) -> Language:
-    """'zh' when the text has any CJK ideograph, else 'en'."""
-    return "zh" if _CJK.search(text) else "en"
+# The reply language ('zh' as soon as one Han character appears): `agent.domain.text.reply_language`.
+# `detect_language` is its old name here, kept until the chat's callers say `reply_language`
+# (agent.domain.text.detect_language is the other meaning: zh / en / mixed / other).
+detect_language = reply_language
 
 
 @dataclass

@@ -13,9 +13,9 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from agent.domain.predictions.common import Meta
+from agent.domain.text import Language
 
 Polarity = Literal["negative", "neutral", "positive"]
-Language = Literal["zh", "en", "mixed", "other"]
 POLARITIES: tuple[str, ...] = get_args(Polarity)
 _ALIASES = {"pos": "positive", "neg": "negative", "neu": "neutral", "1": "positive", "+1": "positive",
             "0": "neutral", "-1": "negative"}

@@ -36,6 +36,7 @@ from agent.domain.predictions import (
     normalise_polarity,
     normalise_probability,
 )
+from agent.domain.text import detect_language
 from agent.llm.base import ChatModel, Completion, ModelUnavailableError, OutputValidationError
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
@@ -101,31 +102,6 @@ def prepare_text(raw: str, max_chars: int = MAX_CHARS, *, filter_instructions: b
     """`clean_text` then (by default) `remove_instructions`: what the model is shown."""
     text = clean_text(raw, max_chars)
     return remove_instructions(text) if filter_instructions else (text, 0)
-
-
-def _is_cjk(c: str) -> bool:
-    o = ord(c)
-    return 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF or 0x20000 <= o <= 0x2A6DF
-
-
-def detect_language(text: str) -> Language:
-    """zh / en / mixed / other from script counts: Han characters vs Latin words.
-
-    A Han character carries about as much as a Latin word, so the two counts are compared
-    directly; 'mixed' when the minority script has >= 20% and at least 2 units; 'other' for
-    text with neither (emoji only, Cyrillic, ...).
-    """
-    han = sum(1 for c in text if _is_cjk(c))
-    words = len(re.findall(r"[A-Za-z]{2,}", text))
-    if han == 0 and words == 0:
-        return "other"
-    other_letters = sum(1 for c in text if c.isalpha() and not _is_cjk(c) and not c.isascii())
-    if han == 0 and other_letters > sum(1 for c in text if c.isascii() and c.isalpha()):
-        return "other"
-    minority = min(han, words)
-    if minority >= 2 and minority / (han + words) >= 0.2:
-        return "mixed"
-    return "zh" if han >= words else "en"
 
 
 # ---- the lexicon baseline (also the labelled fallback) -----------------------------------
