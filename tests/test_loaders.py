@@ -397,3 +397,30 @@ def test_real_other_datasets(name, rows, events, items, users, dups):
     assert len({e.user_id for e in res.events}) == users
     expected_drops = {"taobao": {"truncated or malformed line (expected 5 fields)": 1}}
     assert dict(r.dropped) == expected_drops.get(name, {})
+
+
+# ---- the pieces the loaders share (agent/ingest/_common.py) ----------------------------------
+
+
+def test_jsonl_rows_counts_lines_and_drops_non_objects_with_their_line() -> None:
+    from agent.ingest._common import R_BAD_JSON, jsonl_rows
+    from agent.ingest.report import LoadReport
+
+    report = LoadReport(dataset="t")
+    lines = ['{"a": 1}\n', "\n", "not json\n", "[1, 2]\n", '{"b": 2}\n']
+    assert list(jsonl_rows(lines, report)) == [(1, {"a": 1}), (5, {"b": 2})]
+    assert report.rows_read == 4  # the blank line is not a row
+    assert report.dropped == {R_BAD_JSON: 2}
+
+
+def test_sequence_events_use_the_synthetic_clock_and_report_unknown_items() -> None:
+    from agent.ingest._common import SYNTHETIC_START, RowSink, sequence_events
+    from agent.ingest.report import LoadReport
+
+    sink = RowSink(LoadReport(dataset="t"))
+    sink.item(1, item_id="i1", title="one")
+    assert sequence_events(sink, 7, "u", ["i1", "i2", "i3"]) == {"i2", "i3"}
+    events = sink.result().events
+    assert [(e.item_id, e.timestamp - SYNTHETIC_START) for e in events] == [
+        ("i1", timedelta(0)), ("i2", timedelta(days=1)), ("i3", timedelta(days=2))]
+    assert {e.event_type for e in events} == {"purchase"}

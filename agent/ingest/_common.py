@@ -1,4 +1,5 @@
-"""Pieces shared by the dataset loaders: the result type, file lookup and row validation.
+"""Pieces shared by the dataset loaders: the result type, file lookup, row validation, the
+JSON-lines reader and the synthetic clock for sources without timestamps.
 
 Every loader funnels its rows through `RowSink`, so a row is either kept as a validated
 `BehaviorEvent` / `CatalogItem` or counted in the `LoadReport` with a reason and a row number.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import io
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,6 +28,12 @@ DATA_HINT = (
 # How many full row-error messages are copied into report.notes (all of them stay in
 # LoadResult.errors); keeps the persisted ingest report small for a badly broken file.
 MAX_ERROR_NOTES = 10
+R_BAD_JSON = "line is not a JSON object"
+# Synthetic clock for sources without timestamps: the n-th interaction of a user (0-based)
+# happens SYNTHETIC_START + n days; only the order is real.
+SYNTHETIC_START = datetime(2018, 1, 1, tzinfo=UTC)
+SYNTHETIC_NOTE = ("synthetic ordinal times, the n-th interaction of a user at 2018-01-01 UTC + n days "
+                  "(order is real, gaps are not)")
 
 
 @dataclass(frozen=True)
@@ -82,10 +91,41 @@ def open_text(path: Path) -> TextIO:
     return open(path, encoding="utf-8-sig", newline="")
 
 
-def drop_rows(report: LoadReport, reason: str, rows: Iterable[int]) -> None:
-    """Count every row in `rows` as dropped for `reason` (examples: the first 5 row numbers)."""
-    for row in rows:
-        report.drop(reason, row)
+def jsonl_rows(fh: Iterable[str], report: LoadReport) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSON-lines text, each with its 1-based line number.
+
+    Blank lines are skipped; every other line counts in ``report.rows_read``, and one that is
+    not a JSON object is dropped as `R_BAD_JSON` with its line number.
+    """
+    for row, line in enumerate(fh, start=1):
+        if not line.strip():
+            continue
+        report.rows_read += 1
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict):
+            report.drop(R_BAD_JSON, row)
+            continue
+        yield row, rec
+
+
+def sequence_events(sink: RowSink, row: int, user_id: str, item_ids: Sequence[str],
+                    event_type: str = "purchase") -> set[str]:
+    """Emit one event per item of a user's ordered sequence at the synthetic clock: the n-th
+    (0-based) at `SYNTHETIC_START` + n days. For sources with an order and no timestamps.
+
+    Returns:
+        The item ids of kept events that are not (yet) in the sink's catalogue.
+    """
+    unknown: set[str] = set()
+    for pos, item_id in enumerate(item_ids):
+        ev = sink.event(row, user_id=user_id, item_id=item_id, event_type=event_type,
+                        timestamp=SYNTHETIC_START + timedelta(days=pos))
+        if ev is not None and not sink.has_item(ev.item_id):
+            unknown.add(ev.item_id)
+    return unknown
 
 
 class RowSink:

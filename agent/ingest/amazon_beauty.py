@@ -6,17 +6,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from agent.ingest._common import LoadResult, RowSink, open_text, resolve_file
+from agent.ingest._common import LoadResult, RowSink, jsonl_rows, open_text, resolve_file
 from agent.ingest.report import LoadReport
 
 DATASET = "amazon-beauty"
 SUBDIR = "amazon-beauty-reviews"
 FILENAME = "All_Beauty_5.jsonl.gz"
 
-R_BAD_JSON = "line is not a JSON object"
 
 
 def review_text(summary: object, text: object) -> str | None:
@@ -45,17 +43,7 @@ def load_amazon_beauty(data_dir: Path) -> LoadResult:
     sink = RowSink(report)
     asins: dict[str, None] = {}
     with open_text(path) as fh:
-        for row, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            report.rows_read += 1
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = None
-            if not isinstance(rec, dict):
-                report.drop(R_BAD_JSON, row)
-                continue
+        for row, rec in jsonl_rows(fh, report):
             ev = sink.event(
                 row,
                 user_id=rec.get("reviewerID"),

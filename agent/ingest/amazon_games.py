@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from agent.ingest._common import LoadResult, RowSink, open_text, resolve_file
+from agent.ingest._common import (
+    SYNTHETIC_NOTE,
+    LoadResult,
+    RowSink,
+    open_text,
+    resolve_file,
+    sequence_events,
+)
 from agent.ingest.report import LoadReport
 
 DATASET = "amazon-games"
 SUBDIR = "amazon-games"
 ITEM_FILE = "Games.item"
 INTER_FILE = "Games-6k.test.inter.gz"
-# Synthetic clock: the n-th interaction of a user (0-based) happens SYNTHETIC_START + n days.
-SYNTHETIC_START = datetime(2018, 1, 1, tzinfo=UTC)
 
 
 def _is_header(fields: list[str]) -> bool:
@@ -141,19 +145,9 @@ def load_amazon_games(data_dir: Path) -> LoadResult:
     unknown: set[str] = set()
     for row, (user_id, history, target) in enumerate(cases, start=1):
         report.rows_read += 1
-        for pos, item_id in enumerate([*history, target]):
-            ev = sink.event(
-                row,
-                user_id=user_id,
-                item_id=item_id,
-                event_type="purchase",
-                timestamp=SYNTHETIC_START + timedelta(days=pos),
-            )
-            if ev is not None and not sink.has_item(ev.item_id):
-                unknown.add(ev.item_id)
+        unknown |= sequence_events(sink, row, user_id, [*history, target])
     report.notes += [
-        "no timestamps in the LLMRank files: synthetic ordinal times, the n-th interaction of a "
-        "user at 2018-01-01 UTC + n days (order is real, gaps are not)",
+        f"no timestamps in the LLMRank files: {SYNTHETIC_NOTE}",
         "history items and the target are all 'purchase' events (no review text survives); "
         "the target is each user's last event",
         f"rows_read counts users (one line each); {len(unknown)} event item ids are missing "

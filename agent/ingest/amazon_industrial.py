@@ -13,19 +13,24 @@ import ast
 import csv
 import gzip
 import json
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-from agent.ingest._common import DATA_HINT, LoadResult, RowSink, open_text, resolve_file
+from agent.ingest._common import (
+    DATA_HINT,
+    SYNTHETIC_NOTE,
+    LoadResult,
+    RowSink,
+    open_text,
+    resolve_file,
+    sequence_events,
+)
 from agent.ingest.report import LoadReport
 
 DATASET = "amazon-industrial"
 SUBDIR = "amazon-industrial"
 ITEM_FILE = "Industrial_and_Scientific.item.json.gz"
 SPLITS: tuple[str, ...] = ("valid", "test")
-# Synthetic clock: the n-th interaction of a user (0-based) happens SYNTHETIC_START + n days.
-SYNTHETIC_START = datetime(2018, 1, 1, tzinfo=UTC)
 _MAX_DESCRIPTION = 20_000  # CatalogItem.description bound
 
 
@@ -172,23 +177,13 @@ def load_amazon_industrial(data_dir: Path) -> LoadResult:
             inconsistent += not ok
     unknown: set[str] = set()
     for user, seq in sequences.items():
-        for pos, item_id in enumerate(seq):
-            ev = sink.event(
-                first_row[user],
-                user_id=user,
-                item_id=item_id,
-                event_type="purchase",
-                timestamp=SYNTHETIC_START + timedelta(days=pos),
-            )
-            if ev is not None and not sink.has_item(ev.item_id):
-                unknown.add(ev.item_id)
+        unknown |= sequence_events(sink, first_row[user], user, seq)
     both = sum(len(s) == 2 for s in splits_of.values())
     report.notes += [
         f"{len(sequences)} users, {both} of them in both valid and test: each user's sequence is "
         "rebuilt once from the overlapping windows (valid then test), each interaction once",
         f"{inconsistent} rows did not continue their user's sequence and were overlap-merged",
-        "no timestamps in the data: synthetic ordinal times, the n-th interaction of a user at "
-        "2018-01-01 UTC + n days (order is real, gaps are not)",
+        f"no timestamps in the data: {SYNTHETIC_NOTE}",
         "items before a user's first valid/test window (the train split) are not in these files",
         "catalogue categories are empty in this preprocessing",
         f"{len(unknown)} event item ids are missing from the item json",

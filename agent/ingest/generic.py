@@ -9,18 +9,16 @@ report notes). Nothing is dropped silently.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from agent.domain.schemas import BehaviorEvent, CatalogItem
-from agent.ingest._common import LoadResult, RowSink, open_text
+from agent.ingest._common import LoadResult, RowSink, jsonl_rows, open_text
 from agent.ingest.report import LoadReport
 
 EVENT_FIELDS: tuple[str, ...] = tuple(BehaviorEvent.model_fields)
 ITEM_FIELDS: tuple[str, ...] = tuple(CatalogItem.model_fields)
-R_BAD_JSON = "line is not a JSON object"
 R_BAD_CSV = "CSV row has more fields than the header"
 
 
@@ -41,17 +39,7 @@ def _records(path: Path, report: LoadReport) -> Iterator[tuple[int, dict[str, An
     fmt = _format(path)
     with open_text(path) as fh:
         if fmt == "jsonl":
-            for row, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                report.rows_read += 1
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    rec = None
-                if not isinstance(rec, dict):
-                    report.drop(R_BAD_JSON, row)
-                    continue
+            for row, rec in jsonl_rows(fh, report):
                 yield row, {k: v for k, v in rec.items() if v is not None and v != ""}, list(rec)
             return
         reader = csv.DictReader(fh, delimiter="\t" if fmt == "tsv" else ",")
