@@ -134,14 +134,16 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
             fig["rates"] = await llm.calibrate_rates(model)
             save()
             if "e2e" in a.sections:
-                rt.ensure_ingested("online-retail")
+                if report := rt.ensure_ingested("online-retail"):
+                    err.print(report.summary())
                 await section("e2e", pipeline.end_to_end(rt, model, "online-retail", users,
                                                          fig["rates"]))
             if "ranking" in a.sections:
                 await section("ranking", pipeline.ranking_vs_generation(
                     model, settings.data_dir, a.games_users, permutations=a.permutations))
             if "prefix" in a.sections:
-                rt.ensure_ingested("online-retail")
+                if report := rt.ensure_ingested("online-retail"):
+                    err.print(report.summary())
                 pairs = await pipeline.prompt_pairs(rt, "online-retail", users)
                 await section("prefix", llm.prefix_caching(model, pairs))
             if "concurrency" in a.sections:

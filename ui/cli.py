@@ -166,9 +166,11 @@ def demo_cmd(
     rt = _runtime(workspace, data_dir, profile)
     dataset = "online-retail"
     try:
-        rt.ensure_ingested(dataset)
+        report = rt.ensure_ingested(dataset)
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
+    if report is not None:
+        err.print(report.summary())
     asyncio.run(_demo(rt, dataset, list(users or DEMO_USERS[:2]), k))
 
 

@@ -101,9 +101,18 @@ class Runtime:
             )
         return self._artifacts[dataset]
 
-    def ensure_ingested(self, dataset: str) -> None:
-        if not self.store.counts(dataset)["items"]:
-            print(self.ingest(dataset).summary())
+    def ensure_ingested(self, dataset: str) -> LoadReport | None:
+        """Ingest `dataset` unless the store already holds its catalogue.
+
+        Returns:
+            The load report when it was ingested now (the caller shows it), else None.
+
+        Raises:
+            ValueError, FileNotFoundError: see `ingest`.
+        """
+        if self.store.counts(dataset)["items"]:
+            return None
+        return self.ingest(dataset)
 
     # ---- model --------------------------------------------------------------------------
     async def model(self) -> ChatModel:

@@ -82,14 +82,6 @@ class HistoryView:
             "events": [{"ref": x.ref, "when": x.when, "text": x.text} for x in self.lines],
         }
 
-    def recent_item_ids(self, n: int | None = None) -> list[str]:
-        """Distinct item ids of all events, most recent first."""
-        seen: dict[str, None] = {}
-        for line in reversed(self.lines):
-            seen.setdefault(line.event.item_id, None)
-        ids = list(seen)
-        return ids[:n] if n else ids
-
 
 def describe_event(e: BehaviorEvent, title: str) -> str:
     """One event in words: verb, quantity, title, price, basket, rating, review excerpt."""

@@ -52,11 +52,6 @@ class WindowStats:
     def share_negative(self) -> float:
         return self.negative / self.n if self.n else 0.0
 
-    @property
-    def net_sentiment(self) -> float:
-        """(positive - negative) / n in [-1, 1]; 0 for an empty window."""
-        return (self.positive - self.negative) / self.n if self.n else 0.0
-
 
 @dataclass
 class GroupTrend:
