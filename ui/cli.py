@@ -1,7 +1,8 @@
-"""`shoplens` command line: ingest, recommend, demo (and eval/serve as they land).
+"""ShopLens: explained, schema-checked predictions from e-commerce behaviour sequences.
 
-Thin: parse flags, build the Runtime, call the service, print. JSON goes to stdout, progress
-and human notes to stderr, so `shoplens recommend ... | jq` works.
+Next items, purchase intent, churn risk, user profiles, audiences and review sentiment, each
+citing the customer's own events. JSON goes to stdout, progress and notes to stderr, so
+`shoplens recommend ... | jq` works. Every command has --help with an example.
 """
 
 from __future__ import annotations
@@ -16,41 +17,65 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.domain.errors import RequestError, UnknownUserError
 from agent.domain.predictions import NextItemPrediction
-from agent.ingest import LOADERS, ingest
+from agent.ingest import ingest
 from agent.ingest.generic import load_generic
 from agent.llm.base import ModelUnavailableError
 from agent.settings import load_settings
 from agent.tasks.next_item import NextItemConfig, NextItemService, prediction_json
 from ui import sentiment_cli, serve_llm_cli, tasks_cli
-from ui.eval_cli import eval_app
+from ui.eval_cli import EVAL_EXAMPLES, eval_app
+from ui.options import DataDir, IngestDataset, Profile, Workspace
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-app.add_typer(eval_app, name="eval", help="Offline evaluation: next-item, sentiment, tasks; rescore, compare.")
-sentiment_cli.register(app)
-tasks_cli.register(app)
-serve_llm_cli.register(app)
-eval_app.command("sentiment")(sentiment_cli.eval_sentiment_cmd)
-eval_app.command("aspects")(sentiment_cli.eval_aspects_cmd)
-eval_app.command("intent")(tasks_cli.eval_intent_cmd)
-eval_app.command("churn")(tasks_cli.eval_churn_cmd)
-eval_app.command("audience")(tasks_cli.eval_audience_cmd)
+# Every command in the order `shoplens --help` lists them, with the example it shows.
+COMMANDS: dict[str, str] = {
+    "ingest": "shoplens ingest online-retail",
+    "datasets": "shoplens datasets",
+    "recommend": "shoplens recommend --dataset online-retail --user 17850 -k 5",
+    "intent": "shoplens intent --dataset taobao --user 1000 --item 5120034",
+    "churn": "shoplens churn --dataset online-retail --user 12347 --as-of 2011-09-01",
+    "profile": "shoplens profile --dataset online-retail --user 17850",
+    "audience": "shoplens audience --dataset online-retail --item 85123A -n 50",
+    "sentiment": 'shoplens sentiment --text "Arrived broken, support never answered"',
+    "demo": "shoplens demo",
+    "serve": "shoplens serve --port 8000",
+    "ui": "shoplens ui --port 7860",
+    "serve-llm": "shoplens serve-llm --engine vllm --dry-run",
+    "eval": "shoplens eval next-item --dataset amazon-games --users 200 --ranker fused",
+    "schema": "shoplens schema",
+}
+
+
+def examples_epilog(examples: list[str], title: str = "Example") -> str:
+    """A help epilog that click prints verbatim (the \\b marker stops it re-wrapping lines)."""
+    return f"{title}:\n\n\b\n" + "\n".join(f"  {x}" for x in examples)
+
+
+class _Ordered(TyperGroup):
+    """Lists commands in the order of `COMMANDS` (then any others), not registration order."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        order = {n: i for i, n in enumerate(COMMANDS)}
+        return sorted(names, key=lambda n: order.get(n, len(order)))
+
+
+app = typer.Typer(cls=_Ordered, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help=__doc__, epilog=examples_epilog(list(COMMANDS.values()), "Examples"))
 err = Console(stderr=True)
 out = Console()
 
 # Real Online Retail customers with long, varied histories (the demo default).
 DEMO_USERS = ("17850", "12347", "13047")
-
-Workspace = Annotated[Path | None, typer.Option(help="workspace folder (default ./var; env SHOPLENS_WORKSPACE)")]
-DataDir = Annotated[Path | None, typer.Option(help="shared data folder (default ../shared/data)")]
-Profile = Annotated[str | None, typer.Option(help="embedded model profile: 1.5b (default) or 0.5b")]
 
 
 def _runtime(workspace: Path | None, data_dir: Path | None = None, profile: str | None = None) -> Runtime:
@@ -63,7 +88,7 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO level to stderr")] = False) -> None:
     # SIGTERM -> SystemExit, so atexit handlers run and the embedded model server is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
@@ -72,12 +97,16 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 
 @app.command("ingest")
 def ingest_cmd(
-    dataset: Annotated[str, typer.Argument(help=f"one of: {', '.join(LOADERS)}")],
+    dataset: Annotated[IngestDataset, typer.Argument(help="the real dataset to load")],
     workspace: Workspace = None,
     data_dir: DataDir = None,
     no_index: Annotated[bool, typer.Option("--no-index", help="skip building FAISS indexes")] = False,
 ) -> None:
-    """Load a real dataset into the SQLite store and build its FAISS indexes."""
+    """Load a real dataset into the store and build its indexes.
+
+    Reads the dataset from the shared data folder into SQLite (every dropped row is counted
+    with its reason) and builds the FAISS item and user indexes.
+    """
     rt = _runtime(workspace, data_dir)
     try:
         report = rt.ingest(dataset, rebuild_index=not no_index)
@@ -109,7 +138,11 @@ def recommend_cmd(
     data_dir: DataDir = None,
     profile: Profile = None,
 ) -> None:
-    """Predict a user's next k items as JSON on stdout."""
+    """Predict a user's next k items (JSON on stdout).
+
+    Retrieval candidates ranked by the model's verbalizer and fused with the retrieval scores;
+    each item has a reason citing the user's events. --events/--catalog use your own files.
+    """
     if (dataset is None) == (events is None):
         raise _fail("give either --dataset (with --user) or --events (with optional --catalog)")
     rt = _runtime(workspace, data_dir, profile)
@@ -162,7 +195,11 @@ def demo_cmd(
     data_dir: DataDir = None,
     profile: Profile = None,
 ) -> None:
-    """Predict and explain next items for real UCI Online Retail customers."""
+    """Explain next items for real Online Retail customers.
+
+    Ingests UCI Online Retail on first use, starts the embedded model and prints a table per
+    customer: items, fused scores, reasons with the cited events, and the model's cost.
+    """
     rt = _runtime(workspace, data_dir, profile)
     dataset = "online-retail"
     try:
@@ -230,7 +267,11 @@ def serve_cmd(
     workspace: Workspace = None,
     profile: Profile = None,
 ) -> None:
-    """Serve the JSON API (and the merchandiser chat at /ui) with the embedded model; see docs/api.md."""
+    """Serve the JSON API (and the chat at /ui).
+
+    Uses the embedded model unless SHOPLENS_LLM_BASE_URL points at a server; routes and
+    examples are in docs/api.md.
+    """
     from ui.api import serve
 
     serve(host, port, load_settings(workspace=workspace, llm_profile=profile), with_ui=ui)
@@ -243,7 +284,10 @@ def ui_cmd(
     workspace: Workspace = None,
     profile: Profile = None,
 ) -> None:
-    """The merchandiser chat alone (Gradio); `shoplens serve` mounts it at /ui beside the API."""
+    """The merchandiser chat alone (Gradio).
+
+    `shoplens serve` mounts the same chat at /ui beside the API.
+    """
     from ui.chat import launch
 
     launch(host, port, load_settings(workspace=workspace, llm_profile=profile))
@@ -253,6 +297,25 @@ def ui_cmd(
 def schema_cmd() -> None:
     """Print the JSON schema of a next-item answer."""
     print(json.dumps(NextItemPrediction.model_json_schema(), indent=2))
+
+
+# ---- the other command modules, and an example on every command's --help ---------------------
+
+app.add_typer(eval_app, name="eval", help="Offline evaluation, rescore and compare.",
+              epilog=examples_epilog(list(EVAL_EXAMPLES.values()), "Examples"))
+sentiment_cli.register(app)
+tasks_cli.register(app)
+serve_llm_cli.register(app)
+eval_app.command("sentiment")(sentiment_cli.eval_sentiment_cmd)
+eval_app.command("aspects")(sentiment_cli.eval_aspects_cmd)
+eval_app.command("intent")(tasks_cli.eval_intent_cmd)
+eval_app.command("churn")(tasks_cli.eval_churn_cmd)
+eval_app.command("audience")(tasks_cli.eval_audience_cmd)
+for _typer, _examples in ((app, COMMANDS), (eval_app, EVAL_EXAMPLES)):
+    for _info in _typer.registered_commands:
+        _name = _info.name or (_info.callback.__name__ if _info.callback else "")
+        if _info.epilog is None and _name in _examples:
+            _info.epilog = examples_epilog([_examples[_name]])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,7 @@
 """`shoplens eval`: the offline harness from the command line (thin: flags in, eval/ called).
 
-    shoplens eval next-item --dataset amazon-games --protocol llmrank --candidates random \\
-        --users 200 --ranker hybrid
-    shoplens eval compare runs/<a> runs/<b>
-    shoplens eval rescore runs/<a>
-
-Also runnable alone: ``python -m ui.eval_cli next-item ...``.
+Each run writes runs/<timestamp>-<name>/ (config, per-case records, metrics, report) and
+resumes when interrupted. Also runnable alone: ``python -m ui.eval_cli next-item ...``.
 """
 
 from __future__ import annotations
@@ -14,37 +10,62 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from agent.llm.base import ModelUnavailableError
-from eval.runner import RANKERS, RunConfig, run_next_item
+from eval.runner import RunConfig, run_next_item
 from eval.runs import rescore
+from ui.options import Profile
+
+# The closed value sets of `eval next-item` (eval.runner.RANKERS, eval.protocols; checked equal
+# in tests/test_cli_help.py), as Literal types so --help lists them.
+Ranker = Literal["random", "pop", "covisit", "bm25", "embedding", "fused", "fused-sasrec",
+                 "llm", "llm-perm", "llm-generate", "llm-fewshot", "hybrid"]
+EvalDataset = Literal["amazon-games", "amazon-industrial", "online-retail"]
+Protocol = Literal["llmrank", "full", "leave-last-basket"]
+Candidates = Literal["random", "bm25", "pop", "bpr", "gru4rec", "sasrec", "bert", "6k-random", "6k-pop"]
+Split = Literal["test", "valid"]
+Position = Literal["shuffle", "first", "last"]
+
+# Every `shoplens eval` command with the example its --help shows.
+EVAL_EXAMPLES: dict[str, str] = {
+    "next-item": "shoplens eval next-item --dataset amazon-games --protocol llmrank --users 200 --ranker fused",
+    "rescore": "shoplens eval rescore runs/<run>",
+    "compare": "shoplens eval compare runs/<a> runs/<b>",
+    "sentiment": "shoplens eval sentiment --set zh --n 150 --ranker llm",
+    "aspects": "shoplens eval aspects --n 60",
+    "intent": "shoplens eval intent --session --cut k3",
+    "churn": "shoplens eval churn --cases 150",
+    "audience": "shoplens eval audience --items 30 -n 50",
+}
 
 FUSION_RANKERS = ("fused", "fused-sasrec", "hybrid")  # the rankers with a fitted fusion (--drop)
 SASREC_RANKERS = ("fused-sasrec", "hybrid")  # the rankers that use a SASRec source (--sasrec)
 
-eval_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+eval_app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help=__doc__)
 
 
 @eval_app.command("next-item")
 def next_item_cmd(
-    dataset: Annotated[str, typer.Option(help="amazon-games | amazon-industrial | online-retail")] = "amazon-games",
-    protocol: Annotated[str, typer.Option(help="llmrank | full | leave-last-basket")] = "llmrank",
-    candidates: Annotated[str, typer.Option(help="llmrank candidate file: random, bm25, pop, bpr, "
-                                            "gru4rec, sasrec, bert (Games-200) or 6k-random, 6k-pop")] = "random",
-    split: Annotated[str, typer.Option(help="amazon-industrial split: test or valid")] = "test",
+    dataset: Annotated[EvalDataset, typer.Option(help="dataset with an offline protocol")] = "amazon-games",
+    protocol: Annotated[Protocol, typer.Option(help="LLMRank's candidate lists, the full catalogue, or "
+                                               "Online Retail's last basket")] = "llmrank",
+    candidates: Annotated[Candidates, typer.Option(help="llmrank candidate file: Games-200 lists or the "
+                                                   "6k-item ones")] = "random",
+    split: Annotated[Split, typer.Option(help="amazon-industrial split")] = "test",
     users: Annotated[int, typer.Option(help="evaluate the first N users (0: all)")] = 200,
-    ranker: Annotated[str, typer.Option(help=" | ".join(RANKERS))] = "fused",
+    ranker: Annotated[Ranker, typer.Option(help="a baseline, the fusion, or a model ranker")] = "fused",
     prompt: Annotated[str | None, typer.Option(help="prompt ref, e.g. next_item_rank_titles.v1")] = None,
     seed: Annotated[int, typer.Option(help="case shuffle + tie-break seed (LLMRank: 2023)")] = 2023,
-    position: Annotated[str, typer.Option(help="shuffle | first | last (position-bias check)")] = "shuffle",
+    position: Annotated[Position, typer.Option(help="where the target sits in the candidate list "
+                                               "(first / last: the position-bias check)")] = "shuffle",
     permutations: Annotated[int, typer.Option(help="verbalizer passes for llm-perm / hybrid")] = 2,
     hybrid_val_users: Annotated[int, typer.Option(help="validation users for the hybrid weight")] = 40,
     hybrid_w: Annotated[float | None, typer.Option(help="fix the hybrid LLM weight (skip the search)")] = None,
     fewshot_k: Annotated[int, typer.Option(help="demonstrations for llm-fewshot")] = 1,
-    profile: Annotated[str | None, typer.Option(help="embedded model profile: 1.5b or 0.5b")] = None,
+    profile: Profile = None,
     sasrec: Annotated[Path | None, typer.Option(
         help="trained SASRec folder (python -m eval.train_sasrec): hybrid fuses it too; "
              "default $SHOPLENS_SASREC")] = None,
@@ -56,11 +77,12 @@ def next_item_cmd(
     out: Annotated[Path | None, typer.Option(help="run folder; an existing one with the same config resumes")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Rank next items for N users under one protocol and write a run folder."""
+    """Next-item ranking: HR@K, NDCG@K under one protocol.
+
+    Ranks the next item for N users with one ranker and writes a run folder (config, cases with
+    raw responses, metrics, report); an interrupted run resumes with the same --out.
+    """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
-    if ranker not in RANKERS:
-        typer.echo(f"error: unknown ranker {ranker!r}; known: {', '.join(RANKERS)}", err=True)
-        raise typer.Exit(2)
     cfg = RunConfig(dataset=dataset, protocol=protocol, candidates=candidates, split=split,
                     users=users or None, ranker=ranker, prompt=prompt, seed=seed, position=position,
                     permutations=permutations, hybrid_val_users=hybrid_val_users, hybrid_w=hybrid_w,
@@ -96,7 +118,11 @@ def next_item_cmd(
 
 @eval_app.command("rescore")
 def rescore_cmd(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> None:
-    """Recompute metrics.json from the recorded cases (no model): next-item, sentiment, aspects, routing runs."""
+    """Recompute a run's metrics from its recorded cases.
+
+    No model is called. Works for next-item, sentiment, aspects and routing runs (the kind is
+    read from the run's config.json).
+    """
     try:
         metrics = rescore(run_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -110,7 +136,10 @@ def compare_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="run folders")],
     out: Annotated[Path | None, typer.Option(help="where compare.png goes (default: first run)")] = None,
 ) -> None:
-    """Side-by-side metrics of several runs, plus a plot."""
+    """Side-by-side metrics of next-item runs, plus a plot.
+
+    With two runs on the same cases, also the paired per-user NDCG difference.
+    """
     from eval.report import compare
 
     try:

@@ -17,7 +17,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from tqdm import tqdm
@@ -25,6 +25,12 @@ from tqdm import tqdm
 from agent.llm.base import ModelUnavailableError
 from agent.tasks.opinion import GroupTrend, sentiment_trends
 from agent.tasks.sentiment import SentimentAnalyzer, SentimentFailure, SentimentResult
+from ui.options import Profile, Workspace
+
+# eval.sentiment_eval.SETS / RANKERS and eval.aspect_eval.RANKERS (tests/test_cli_help.py keeps them equal)
+SentimentSet = Literal["zh", "amazon_cells", "laptops", "beauty", "hostile"]
+SentimentRanker = Literal["llm", "tfidf", "lexicon"]
+AspectsRanker = Literal["llm", "train-lexicon"]
 
 
 def register(app: typer.Typer) -> None:
@@ -55,7 +61,7 @@ def sentiment_cmd(
     column: Annotated[str, typer.Option(help="review column in --file")] = "review",
     out: Annotated[Path | None, typer.Option(help="scored CSV to write (default: <file>.scored.csv)")] = None,
     dataset: Annotated[str | None, typer.Option(help="an ingested dataset: per-group sentiment trends")] = None,
-    by: Annotated[str, typer.Option(help="trends grouped by item or user")] = "item",
+    by: Annotated[Literal["item", "user"], typer.Option(help="trends grouped by item or by user")] = "item",
     window: Annotated[str, typer.Option(help="trend window, e.g. 90d or 12w")] = "90d",
     min_count: Annotated[int, typer.Option(help="reviews needed in each of the last two windows")] = 5,
     turn_pts: Annotated[float, typer.Option(help="negative-share change (points) that flags a turn")] = 20.0,
@@ -63,11 +69,16 @@ def sentiment_cmd(
     aspects: Annotated[bool | None, typer.Option("--aspects/--no-aspects",
                                                  help="aspect sentiment (default: on for --text, off for --file)")] = None,
     no_llm: Annotated[bool, typer.Option("--no-llm", help="lexicon baseline only (labelled degraded)")] = False,
-    workspace: Annotated[Path | None, typer.Option(help="workspace folder (default ./var)")] = None,
-    profile: Annotated[str | None, typer.Option(help="embedded model profile: 1.5b or 0.5b")] = None,
+    workspace: Workspace = None,
+    profile: Profile = None,
     as_json: Annotated[bool, typer.Option("--json", help="trends as JSON")] = False,
 ) -> None:
-    """Review sentiment: polarity, confidence, language and aspects; batch CSV; opinion trends."""
+    """Review sentiment and aspects; batch CSV; opinion trends.
+
+    --text: polarity, confidence, language and aspects per review (JSON). --file: a CSV scored
+    into a new CSV, with a progress bar. --dataset: per-item (or per-user) negative-share trends
+    over time windows, with turned groups flagged.
+    """
     modes = sum(x is not None and x != [] for x in (text, file, dataset))
     if modes != 1:
         raise _fail("give exactly one of --text, --file or --dataset")
@@ -80,11 +91,9 @@ def sentiment_cmd(
             days = parse_window(window)
         except ValueError as e:
             raise _fail(str(e)) from e
-        if by not in ("item", "user"):
-            raise _fail(f"--by must be item or user, got {by!r}")
         if not rt.store.counts(dataset)["events"]:
             raise _fail(f"no events for dataset {dataset!r}; run `shoplens ingest {dataset}` first")
-        trends = sentiment_trends(rt.store, dataset, by=by, window_days=days, min_count=min_count,  # type: ignore[arg-type]
+        trends = sentiment_trends(rt.store, dataset, by=by, window_days=days, min_count=min_count,
                                   turn_pts=turn_pts)
         if as_json:
             typer.echo(json.dumps([t.as_dict() for t in trends[:top]], indent=2, ensure_ascii=False))
@@ -183,15 +192,18 @@ def render_trends(trends: list[GroupTrend], window_days: int, total: int) -> str
 
 
 def eval_sentiment_cmd(
-    set_: Annotated[str, typer.Option("--set", help="zh | amazon_cells | laptops | beauty | hostile")] = "zh",
+    set_: Annotated[SentimentSet, typer.Option("--set", help="review set")] = "zh",
     n: Annotated[int, typer.Option(help="test cases")] = 300,
-    ranker: Annotated[str, typer.Option(help="llm | tfidf | lexicon")] = "llm",
+    ranker: Annotated[SentimentRanker, typer.Option(help="the model, or a baseline")] = "llm",
     seed: Annotated[int, typer.Option(help="sampling/split seed")] = 2024,
     max_chars: Annotated[int, typer.Option(help="reviews cut to this many characters")] = 600,
-    profile: Annotated[str | None, typer.Option(help="embedded model profile: 1.5b or 0.5b")] = None,
+    profile: Profile = None,
     out: Annotated[Path | None, typer.Option(help="run folder; an existing one resumes")] = None,
 ) -> None:
-    """Evaluate review sentiment on one set and write a run folder (config, cases, metrics, report)."""
+    """Review sentiment on one labelled set: accuracy, macro-F1, ECE.
+
+    Writes a run folder (config, cases, metrics, report with confusion and calibration plots).
+    """
     from eval.sentiment_eval import SentimentRunConfig, run_sentiment
 
     try:
@@ -205,12 +217,15 @@ def eval_sentiment_cmd(
 
 def eval_aspects_cmd(
     n: Annotated[int, typer.Option(help="test sentences (0: all 418)")] = 60,
-    ranker: Annotated[str, typer.Option(help="llm | train-lexicon (SemEval-2014's baseline)")] = "llm",
+    ranker: Annotated[AspectsRanker, typer.Option(help="the model, or SemEval-2014's train lexicon")] = "llm",
     seed: Annotated[int, typer.Option(help="sampling seed")] = 2024,
-    profile: Annotated[str | None, typer.Option(help="embedded model profile: 1.5b or 0.5b")] = None,
+    profile: Profile = None,
     out: Annotated[Path | None, typer.Option(help="run folder; an existing one resumes")] = None,
 ) -> None:
-    """Aspect extraction on SemEval-2014 laptops: term and joint (term, polarity) F1."""
+    """Aspect extraction on SemEval-2014 laptops: term and joint F1.
+
+    Joint F1 counts an aspect right when both its term and its polarity match the gold.
+    """
     from eval.aspect_eval import run_aspect_eval
 
     try:

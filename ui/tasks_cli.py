@@ -23,9 +23,7 @@ from agent.app.tasks_service import TasksService
 from agent.domain.errors import RequestError
 from agent.domain.schemas import parse_timestamp
 from agent.settings import load_settings
-
-Workspace = Annotated[Path | None, typer.Option(help="workspace folder (default ./var; env SHOPLENS_WORKSPACE)")]
-NoLLM = Annotated[bool, typer.Option("--no-llm", help="answer without the model (baseline + template reasons)")]
+from ui.options import NoLLM, Workspace
 
 
 def _date(value: str | None) -> datetime | None:
@@ -82,9 +80,9 @@ def intent_cmd(
     workspace: Workspace = None,
     no_llm: NoLLM = False,
 ) -> None:
-    """P(the user buys the item within the horizon), with funnel evidence.
+    """Purchase intent for an item or the current session.
 
-    Without --item: session intent, P(the user buys anything later in the current session, or
+    With --item: P(the user buys the item within the horizon), with funnel evidence. Without --item: session intent, P(the user buys anything later in the current session, or
     within --horizon-hours), with the session's evidence (views, carts, favourites, pace, history).
     """
     when, horizon_hours = _date(as_of), _horizon(horizon_hours)
@@ -103,7 +101,11 @@ def churn_cmd(
     workspace: Workspace = None,
     no_llm: NoLLM = False,
 ) -> None:
-    """P(no purchase in the next N days), risk band, drivers and a retention action."""
+    """Churn risk: P(no purchase in N days), drivers, action.
+
+    The probability blends an RFM baseline with the model's yes/no answer; a risk band, the
+    computed drivers and a retention action from a closed set come with it.
+    """
     when = _date(as_of)
     assert when is not None
     _run(workspace, no_llm, lambda s: s.churn(dataset, user, as_of=when, horizon_days=horizon_days))
@@ -116,7 +118,11 @@ def profile_cmd(
     workspace: Workspace = None,
     no_llm: NoLLM = False,
 ) -> None:
-    """Interests, price level, style, rhythm and lifecycle stage; a cited summary."""
+    """A user's interests, price level, rhythm and lifecycle.
+
+    Every attribute is computed from the events; the model writes a summary and claims that cite
+    them, and never infers sensitive attributes.
+    """
     _run(workspace, no_llm, lambda s: s.profile(dataset, user, as_of=_date(as_of)))
 
 
@@ -129,7 +135,11 @@ def audience_cmd(
     workspace: Workspace = None,
     no_llm: NoLLM = False,
 ) -> None:
-    """Rank the users most likely to respond to an item or campaign."""
+    """Rank the users most likely to respond to an item.
+
+    Or to a short campaign text (--text): repeat buyers, co-purchases and similar users fused;
+    the model scores and explains the top few.
+    """
     _run(workspace, no_llm, lambda s: s.audience(dataset, item_id=item, campaign_text=text, n=n, score_top=score_top))
 
 
@@ -165,7 +175,9 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
                     horizon_hours: Annotated[float | None, typer.Option(
                         help="with --session: label = a purchase within this many hours of the cut "
                              "(default: later in the same session)")] = None) -> None:
-    """Taobao purchase intent: ROC AUC, PR AUC, Brier, calibration; model vs logistic baseline.
+    """Taobao purchase intent: AUC, Brier, calibration vs baseline.
+
+    ROC AUC, PR AUC, Brier score and calibration; the model blend against the logistic baseline.
 
     Per (user, item) pair by default; with --session, per session.
     """
@@ -191,7 +203,10 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
 
 def eval_churn_cmd(cases: Cases = 150, model: UseModel = True, seed: int = 0, out: Out = None,
                    explain: Explain = 10, budget_s: Budget = None, workspace: Workspace = None) -> None:
-    """Online Retail churn at 2011-09-01 (baseline trained at 2011-06-01): model vs RFM baseline."""
+    """Online Retail churn at 2011-09-01: model vs RFM baseline.
+
+    The RFM baseline is trained at 2011-06-01; the label is no purchase in the next 90 days.
+    """
     from eval.tasks_eval import run_churn_eval
 
     typer.echo(str(run_churn_eval(load_settings(workspace=workspace), n_model=cases if model else 0,
@@ -201,7 +216,10 @@ def eval_churn_cmd(cases: Cases = 150, model: UseModel = True, seed: int = 0, ou
 def eval_audience_cmd(items: Annotated[int, typer.Option(help="most-bought items of the held-out month")] = 30,
                       n: Annotated[int, typer.Option("-n", "--n", help="top-N")] = 50, out: Out = None,
                       workspace: Workspace = None) -> None:
-    """Online Retail audience: HR@N/NDCG@N on the held-out month vs category popularity."""
+    """Online Retail audience: HR@N, NDCG@N on a held-out month.
+
+    Against the category-popularity baseline; indexes are built on earlier events only.
+    """
     from eval.tasks_eval import run_audience_eval
 
     typer.echo(str(run_audience_eval(load_settings(workspace=workspace), n_items=items, n=n, out=out)))
