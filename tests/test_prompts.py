@@ -203,3 +203,134 @@ def test_sentiment_aspects_v2_snapshot() -> None:
     messages = render(load_prompt("sentiment_aspects.v2"), text="The battery life is great but the 屏幕 is dim.",
                       max_aspects=5)
     check_snapshot("sentiment_aspects.v2", as_text(messages))
+
+
+# ---- every other template: rendered from fixed inputs through the code that builds its variables
+
+_T0 = datetime(2011, 9, 1, tzinfo=UTC)
+
+
+def _retail_events() -> list[BehaviorEvent]:
+    """Customer 17850: three baskets over four months, a cart and a review; fixed times."""
+    from datetime import timedelta
+
+    rows = [  # (item, type, days after _T0, extra)
+        ("85123A", "purchase", 0, {"quantity": 6, "unit_price": 2.55, "basket_id": "536365"}),
+        ("71053", "purchase", 0, {"quantity": 6, "unit_price": 3.39, "basket_id": "536365"}),
+        ("84406B", "purchase", 35, {"quantity": 8, "unit_price": 2.75, "basket_id": "541001"}),
+        ("85123A", "purchase", 70, {"quantity": 12, "unit_price": 2.55, "basket_id": "548002"}),
+        ("22752", "view", 90, {}),
+        ("22752", "cart", 90, {}),
+        ("71053", "review", 95, {"rating": 5.0, "review_text": "Sturdy lantern, arrived quickly."}),
+    ]
+    return [BehaviorEvent(user_id="17850", item_id=i, event_type=k, timestamp=_T0 + timedelta(days=d, hours=n), **kw)
+            for n, (i, k, d, kw) in enumerate(rows)]
+
+
+def _fake_calls(predict: object) -> list[list[Message]]:
+    """Run one prediction with a FakeModel that answers 'yes' to verbalizer calls and fails the
+    rest (the task degrades); the messages of every call, in order."""
+    import asyncio
+
+    from agent.llm.base import Completion, ModelUnavailableError, Usage
+    from agent.llm.fake import FakeCall, FakeModel
+
+    def respond(call: FakeCall) -> Completion | Exception:
+        if call.max_tokens == 1:
+            return Completion(text="yes", usage=Usage(10, 1), model="fake", top_logprobs=[{"yes": -0.1, "no": -2.4}])
+        return ModelUnavailableError("explanations are not part of this snapshot")
+
+    fake = FakeModel(responder=respond)
+    asyncio.run(predict(fake))  # type: ignore[operator]
+    return [c.messages for c in fake.calls]
+
+
+def test_snapshot_purchase_intent_v1_and_explain_v1() -> None:
+    from agent.tasks.intent import IntentService
+
+    calls = _fake_calls(lambda m: IntentService(m).predict(
+        "17850", "22752", _retail_events(), CATALOG, as_of=datetime(2011, 12, 1, tzinfo=UTC), horizon_hours=48))
+    assert len(calls) == 2
+    check_snapshot("purchase_intent.v1", as_text(calls[0]))
+    check_snapshot("purchase_intent_explain.v1", as_text(calls[1]))
+
+
+def test_snapshot_churn_risk_v1_and_explain_v1() -> None:
+    from agent.tasks.churn import ChurnService
+
+    calls = _fake_calls(lambda m: ChurnService(m).predict(
+        "17850", _retail_events(), CATALOG, as_of=datetime(2012, 1, 15, tzinfo=UTC)))
+    assert len(calls) == 2
+    check_snapshot("churn_risk.v1", as_text(calls[0]))
+    check_snapshot("churn_explain.v1", as_text(calls[1]))
+
+
+def test_snapshot_user_profile_v1() -> None:
+    from agent.tasks.profile import ProfileService
+
+    calls = _fake_calls(lambda m: ProfileService(m).predict(
+        "17850", _retail_events(), CATALOG, as_of=datetime(2012, 1, 15, tzinfo=UTC)))
+    check_snapshot("user_profile.v1", as_text(calls[0]))
+
+
+def test_snapshot_audience_score_v1_both_asks() -> None:
+    hist = fixed_history()
+    tpl = load_prompt("audience_score.v1")
+    text = "".join(f"##### ask={ask}\n" + as_text(render(tpl, target="WHITE HANGING HEART T-LIGHT HOLDER", ask=ask,
+                                                           **hist.prompt_vars()))
+                   for ask in ("probability", "reason"))
+    check_snapshot("audience_score.v1", text)
+
+
+def _titles_vars() -> dict[str, object]:
+    return {"history": ["Mario Kart 8", "Zelda: Breath of the Wild", "Nintendo Switch Pro Controller"],
+            "n_history": 7, "verb": "buy",
+            "candidates": [{"label": "A", "title": "Splatoon 2"}, {"label": "B", "title": "FIFA 18 (PS4)"},
+                           {"label": "C", "title": "Switch carrying case"}]}
+
+
+def test_snapshot_next_item_rank_titles_v1_with_a_demonstration() -> None:
+    demo = {"history": ["Halo 5", "Xbox One Controller"], "answer": "B",
+            "candidates": [{"label": "A", "title": "Wii Fit"}, {"label": "B", "title": "Gears of War 4"}]}
+    plain = render(load_prompt("next_item_rank_titles.v1"), examples=[], **_titles_vars())
+    shot = render(load_prompt("next_item_rank_titles.v1"), examples=[demo], **_titles_vars())
+    check_snapshot("next_item_rank_titles.v1", as_text(plain) + "##### with one demonstration\n" + as_text(shot))
+
+
+def test_snapshot_next_item_generate_v1() -> None:
+    check_snapshot("next_item_generate.v1", as_text(render(load_prompt("next_item_generate.v1"), **_titles_vars())))
+
+
+def test_snapshot_sentiment_aspects_v1() -> None:
+    messages = render(load_prompt("sentiment_aspects.v1"), text="The battery life is great but the 屏幕 is dim.",
+                      max_aspects=5)
+    check_snapshot("sentiment_aspects.v1", as_text(messages))
+
+
+def test_snapshot_chat_route_v1() -> None:
+    import asyncio
+
+    from agent.chat.preparse import preparse
+    from agent.chat.router import model_route
+    from agent.llm.base import ModelUnavailableError
+    from agent.llm.fake import FakeModel
+
+    fake = FakeModel()  # no reply: the routing call is logged, then fails
+    with pytest.raises(ModelUnavailableError):
+        asyncio.run(model_route(fake, preparse("What will customer 17850 buy next, and why?"), max_attempts=1))
+    check_snapshot("chat_route.v1", as_text(fake.calls[0].messages))
+
+
+def test_snapshot_chat_answer_v1_in_both_languages() -> None:
+    from agent.chat.tools import ItemDetails, ItemInfo, answer_messages
+
+    result = ItemDetails(dataset="online-retail", n_customers=856,
+                         item=ItemInfo(item_id="85123A", title="WHITE HANGING HEART T-LIGHT HOLDER", price=2.55))
+    en = answer_messages("Tell me about item 85123A", "en", "item_details", result)
+    zh = answer_messages("商品85123A怎么样？", "zh", "item_details", result)
+    check_snapshot("chat_answer.v1", as_text(en) + "##### zh\n" + as_text(zh))
+
+
+def test_every_template_has_a_snapshot() -> None:
+    have = {p.name.removesuffix(".txt") for p in SNAPSHOTS.glob("*.txt")}
+    assert set(available_prompts()) <= have, sorted(set(available_prompts()) - have)
