@@ -102,14 +102,19 @@ def describe_event(e: BehaviorEvent, title: str) -> str:
     return text
 
 
+def title_words(title: str) -> list[str]:
+    """The distinct words of a title as `themes` counts them: split on spaces, outer punctuation
+    stripped, lower-cased, first-seen order ("T-LIGHT" stays one word: ``t-light``)."""
+    # dict, not set: ties in most_common keep first-seen order, stable across processes
+    # (set order of str depends on PYTHONHASHSEED and made prompts non-deterministic).
+    return list(dict.fromkeys(w.strip(",.()'\"").lower() for w in title.split()))
+
+
 def themes(titles: Sequence[str], n: int = 5) -> list[str]:
     """Most frequent content words across titles (a cheap, explainable interest summary)."""
     c: Counter[str] = Counter()
     for t in titles:
-        # dict, not set: ties in most_common keep first-seen order, stable across processes
-        # (set order of str depends on PYTHONHASHSEED and made prompts non-deterministic).
-        words = dict.fromkeys(w.strip(",.()'\"").lower() for w in t.split())
-        c.update(w for w in words if len(w) > 2 and w not in _STOP and not w.isdigit())
+        c.update(w for w in title_words(t) if len(w) > 2 and w not in _STOP and not w.isdigit())
     return [w for w, _ in c.most_common(n)]
 
 

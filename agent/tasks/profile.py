@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from agent.domain.history import HistoryView, build_history, themes
+from agent.domain.history import HistoryView, build_history, themes, title_words
 from agent.domain.predictions import (
     Attribute,
     Evidence,
@@ -123,8 +123,8 @@ def theme_weights(titles: Sequence[str], n: int = 5) -> list[tuple[str, float]]:
     if not titles:
         return []
     top = themes(titles, n)
-    low = [t.lower() for t in titles]
-    return [(w, round(sum(w in re.findall(r"[\w']+", t) for t in low) / len(low), 4)) for w in top]
+    words = [set(title_words(t)) for t in titles]  # the words `themes` counted ("t-light" is one)
+    return [(w, round(sum(w in ws for ws in words) / len(words), 4)) for w in top]
 
 
 def style_weights(titles: Sequence[str], n: int = 3) -> list[tuple[str, float]]:
