@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.app.runtime import Runtime
-from agent.app.tasks_service import SESSION_CUT, robust_end, session_intent_rows
 from agent.settings import Settings
+from agent.tasks.rows import SESSION_CUT, robust_end, session_intent_rows
 from agent.tasks.session_intent import (
     SessionIntentService,
     SessionRow,

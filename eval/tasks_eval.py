@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from agent.app.runtime import Runtime
-from agent.app.tasks_service import churn_rows, fit_churn_baseline, fit_intent_baseline, intent_rows
 from agent.llm.prompting import load_prompt
 from agent.settings import Settings
 from agent.tasks.audience import AudienceIndex, category_popularity_baseline, rank_users
@@ -38,6 +37,7 @@ from agent.tasks.churn import ChurnService, rfm_vector
 from agent.tasks.common import Blend, LogisticBaseline, logit
 from agent.tasks.intent import IntentService
 from agent.tasks.profile import catalogue_prices
+from agent.tasks.rows import churn_rows, fit_churn_baseline, fit_intent_baseline, intent_rows
 from eval.metrics import (
     calibration_bins,
     expected_calibration_error,
