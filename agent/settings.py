@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -49,6 +49,35 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=120.0, gt=0)  # one completion on 2 cores can take ~60 s
     llm_max_attempts: int = Field(default=2, ge=1, le=5)  # one call + one repair, then fallback
     llm_startup_timeout_s: float = Field(default=180.0, gt=0)  # model load is ~5-20 s; headroom
+
+    # --- the model guard (agent.llm.wrappers.GuardedModel; every surface: API, CLI, chat, eval) ---
+    # Measured with the 1.5B model on 2 cores (a CLI next-item answer, docs/api.md): ranking calls
+    # 22-31 s cold and ~5 s warm, the explanation call 49 s, and one explanation ran past the
+    # adapter's 120 s. One call's deadline, its wait for a slot and its retries included: above
+    # `llm_timeout_s`, so the guard never cuts a call the adapter would still finish.
+    model_call_timeout_s: float = Field(default=150.0, gt=0)
+    # Retries of a call that failed as "unavailable" (connection refused, 5xx, timeout).
+    model_retries: int = Field(default=1, ge=0, le=3)
+    # Calls in the model at once: llama.cpp serves one at a time on 2 cores anyway; 2 keeps the
+    # next prompt queued in the server instead of in ShopLens.
+    model_max_concurrency: int = Field(default=2, ge=1)
+    # After a call failed every retry, fail fast for this long (no pile-up on a dead server).
+    model_cooldown_s: float = Field(default=5.0, ge=0)
+    # One whole task request (next-item, intent, churn, profile, audience, a sentiment batch):
+    # past it, answer without the model (labelled degraded) or, for a task without a fallback,
+    # fail with "model unavailable". A next-item answer took 85 s on 2 cores (measured above), so
+    # 300 s lets a one-shot CLI call finish; an API serving a recommender's request path should
+    # set it near its client's timeout (e.g. 60).
+    request_timeout_s: float = Field(default=300.0, gt=0)
+
+    # --- personal data ----------------------------------------------------------------------
+    # HMAC key for pseudonymising user ids at ingest and lookup (API and CLI alike); unset keeps
+    # ids as given. Changing it orphans every stored pseudonymised user; `shoplens ingest` does
+    # not pseudonymise, so use one convention per dataset.
+    pseudonymise_key: SecretStr | None = None
+    # Mask e-mails, phone numbers, card numbers and IBANs in review text before storage (the
+    # service masks again before any prompt, whatever this says).
+    mask_pii: bool = True
 
     # --- retrieval ------------------------------------------------------------------------
     # "auto": all-MiniLM-L6-v2 (packaged, English, fast) unless a dataset's titles are mostly

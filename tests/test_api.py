@@ -39,6 +39,10 @@ DATASET = "online-retail"
 USER = "17850"  # 64 events in the fixture
 KEY, KEY2 = "test-key-1", "test-key-2"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+OP_KEY = "test-operator-key"
+OP = {"Authorization": f"Bearer {OP_KEY}"}  # /metrics takes operator keys only
+# The guard's bounds for these tests (agent Settings): a hang costs 1.5 s, the cool-down 0.5 s.
+GUARD: dict[str, Any] = dict(model_call_timeout_s=1.5, model_retries=1, model_cooldown_s=0.5, request_timeout_s=20)
 
 
 # ---- a fake OpenAI-compatible model server ----------------------------------------------------
@@ -112,26 +116,31 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ws
 
 
-def agent_settings(ws: Path, llm_url: str | None = None) -> Settings:
-    return Settings(workspace=ws, data_dir=FIXTURES, embedder="hashing-64",
-                    llm_base_url=llm_url or f"http://127.0.0.1:{free_port()}/v1", llm_dialect="llamacpp",
-                    permutations=1)
+def agent_settings(ws: Path, llm_url: str | None = None, **kw: Any) -> Settings:
+    """The agent's settings for a test app; `kw` overrides GUARD and the rest."""
+    base: dict[str, Any] = dict(workspace=ws, data_dir=FIXTURES, embedder="hashing-64",
+                                llm_base_url=llm_url or f"http://127.0.0.1:{free_port()}/v1", llm_dialect="llamacpp",
+                                permutations=1, **GUARD)
+    return Settings(**(base | kw))
 
 
 def api_settings(**kw: Any) -> ApiSettings:
     base: dict[str, Any] = dict(
-        api_keys=f"{KEY},sha256:{hashlib.sha256(KEY2.encode()).hexdigest()}",
-        rate_limit_rps=0, model_call_timeout_s=1.5, model_retries=1, model_cooldown_s=0.5,
-        request_timeout_s=20, readyz_cache_s=0, max_body_bytes=4_000_000, max_text_chars=2_000,
+        api_keys=f"{KEY},sha256:{hashlib.sha256(KEY2.encode()).hexdigest()}", operator_keys=OP_KEY,
+        rate_limit_rps=0, readyz_cache_s=0, max_body_bytes=4_000_000, max_text_chars=2_000,
     )
     return ApiSettings(**(base | kw))
 
 
 @contextmanager
-def serve_app(ws: Path, llm_url: str | None = None, runtime: Runtime | None = None, **api_kw: Any) -> Iterator[str]:
-    """A fresh app over `ws`; yields its base URL."""
-    rt = runtime or Runtime(agent_settings(ws, llm_url))
-    with live_server(create_app(rt, api_settings(**api_kw))) as url:
+def serve_app(ws: Path, llm_url: str | None = None, runtime: Runtime | None = None, **kw: Any) -> Iterator[str]:
+    """A fresh app over `ws`; yields its base URL. `kw` names agent `Settings` fields (applied to a
+    new runtime) or `ApiSettings` fields."""
+    agent_kw = {k: v for k, v in kw.items() if k in Settings.model_fields}
+    if runtime is not None and agent_kw:
+        raise TypeError(f"{sorted(agent_kw)} are agent settings: build the runtime with them")
+    rt = runtime or Runtime(agent_settings(ws, llm_url, **agent_kw))
+    with live_server(create_app(rt, api_settings(**{k: v for k, v in kw.items() if k not in agent_kw}))) as url:
         yield url
 
 
@@ -188,7 +197,7 @@ def test_healthz_is_public_and_every_response_has_a_request_id(api: httpx.Client
 
 @pytest.mark.parametrize(("method", "path"), [
     ("POST", "/v1/next-item"), ("POST", "/v1/events"), ("GET", f"/v1/users/{USER}/events?dataset={DATASET}"),
-    ("DELETE", f"/v1/users/{USER}?dataset={DATASET}"), ("GET", "/metrics"),
+    ("DELETE", f"/v1/users/{USER}?dataset={DATASET}"), ("GET", "/metrics"), ("GET", "/v1/datasets"),
 ])
 def test_auth_401_without_key_403_with_wrong_key(api: httpx.Client, method: str, path: str) -> None:
     url = f"{api.base_url}{path}"
@@ -197,6 +206,23 @@ def test_auth_401_without_key_403_with_wrong_key(api: httpx.Client, method: str,
     assert_envelope(httpx.request(method, url, json=body, headers={"Authorization": "Bearer nope"}),
                     403, code="invalid_api_key")
     assert_envelope(httpx.request(method, url, json=body, headers={"Authorization": "Basic a2V5"}), 401)
+
+
+def test_metrics_need_an_operator_key_and_client_routes_a_client_key(api: httpx.Client) -> None:
+    url = str(api.base_url)
+    assert httpx.get(f"{url}/metrics", headers=OP).status_code == 200
+    assert_envelope(httpx.get(f"{url}/metrics", headers=AUTH), 403, code="operator_key_required")
+    assert_envelope(httpx.get(f"{url}/v1/datasets", headers=OP), 403, code="invalid_api_key")
+
+
+def test_datasets_lists_counts_index_state_and_embedder(api: httpx.Client, workspace: Path) -> None:
+    r = api.get("/v1/datasets")
+    assert r.status_code == 200, r.text
+    (d,) = [x for x in r.json()["datasets"] if x["name"] == DATASET]
+    store = EventStore(workspace / "shoplens.sqlite3")
+    counts = store.counts(DATASET)
+    assert (d["users"], d["items"], d["events"]) == (counts["users"], counts["items"], counts["events"])
+    assert d["indexes"] == "ready" and d["indexes_ready"] and d["embedder"] == "hashing-64"
 
 
 def test_hashed_and_plaintext_keys_both_work_and_docs_are_public(api: httpx.Client) -> None:
@@ -211,14 +237,15 @@ def test_hashed_and_plaintext_keys_both_work_and_docs_are_public(api: httpx.Clie
 
 
 def test_no_keys_configured_refuses_everything_but_healthz(workspace: Path) -> None:
-    with serve_app(workspace, api_keys="") as url:
+    with serve_app(workspace, api_keys="", operator_keys="") as url:
         assert httpx.get(f"{url}/healthz").status_code == 200
-        assert_envelope(httpx.get(f"{url}/metrics", headers=AUTH), 401, code="no_keys_configured")
+        assert_envelope(httpx.get(f"{url}/metrics", headers=OP), 401, code="no_keys_configured")
+        assert_envelope(httpx.get(f"{url}/v1/datasets", headers=AUTH), 401, code="no_keys_configured")
 
 
 def test_rate_limit_429_with_retry_after_per_key(workspace: Path) -> None:
     with serve_app(workspace, rate_limit_rps=0.5, rate_limit_burst=2) as url:
-        get = lambda key: httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"})  # noqa: E731
+        get = lambda key: httpx.get(f"{url}/v1/datasets", headers={"Authorization": f"Bearer {key}"})  # noqa: E731
         assert [get(KEY).status_code for _ in range(2)] == [200, 200]
         err = get(KEY)
         assert_envelope(err, 429, code="rate_limited")
@@ -237,7 +264,7 @@ def test_next_item_with_model_is_explained_and_counted_in_metrics(api: httpx.Cli
     assert not pred["meta"]["degraded"], pred["meta"]
     assert {i["reason_source"] for i in pred["items"]} == {"model"}
     assert pred["meta"]["prompt_tokens"] > 0
-    m = api.get("/metrics").text
+    m = api.get("/metrics", headers=OP).text
     assert 'shoplens_http_requests_total{method="POST",route="/v1/next-item",status="200"}' in m
     assert 'shoplens_model_tokens_total{kind="prompt"}' in m
     assert "shoplens_model_call_duration_seconds_bucket" in m
@@ -254,10 +281,10 @@ def test_readyz_tells_the_truth(api: httpx.Client, fake: FakeLLM) -> None:
     assert "500" in err["message"] and r.headers["retry-after"]
 
 
-def test_unknown_user_404_with_suggestion_unless_events_inline(api: httpx.Client) -> None:
+def test_unknown_user_404_names_no_other_user_unless_events_inline(api: httpx.Client) -> None:
     err = assert_envelope(api.post("/v1/next-item", json={"dataset": DATASET, "user_id": "1785"}), 404,
                           code="unknown_user", param="user_id")
-    assert "17850" in err["message"]
+    assert "'1785'" in err["message"] and "17850" not in err["message"]  # no enumeration of stored ids
     r = api.post("/v1/next-item", json={"dataset": DATASET, "user_id": "new-user", "use_llm": False,
                                         "events": [event(0), event(1, item_id="22423")]})
     assert r.status_code == 200, r.text
@@ -519,7 +546,7 @@ def test_request_deadline_answers_from_retrieval(workspace: Path, fake: FakeLLM,
 class _SlowModelRuntime(Runtime):
     """A runtime whose model takes a long time to load (like the embedded GGUF on 2 cores)."""
 
-    async def model(self):  # noqa: ANN201
+    async def connect_model(self):  # noqa: ANN201
         await asyncio.sleep(60)
         raise AssertionError("not reached")
 

@@ -64,11 +64,12 @@ def test_kill_the_model_server_mid_load_and_recover(model_path: Path, tmp_path: 
     try:
         settings = Settings(workspace=tmp_path, data_dir=FIXTURES, embedder="hashing-64",
                             llm_base_url=server.base_url, llm_model=PROFILE.name, llm_dialect="llamacpp",
-                            permutations=1, history_window=5, n_candidates=8)  # short prompts
+                            permutations=1, history_window=5, n_candidates=8,  # short prompts
+                            model_call_timeout_s=CALL_TIMEOUT_S, request_timeout_s=REQUEST_TIMEOUT_S,
+                            model_cooldown_s=2, model_retries=1, model_max_concurrency=1)
         rt = Runtime(settings)
         rt.ingest(DATASET, show_progress=False)
-        api = api_settings(model_call_timeout_s=CALL_TIMEOUT_S, request_timeout_s=REQUEST_TIMEOUT_S,
-                           model_cooldown_s=2, model_retries=1, model_max_concurrency=1)
+        api = api_settings()
         with live_server(create_app(rt, api)) as url:
             log: list[dict[str, Any]] = []
 

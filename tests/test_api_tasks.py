@@ -20,20 +20,21 @@ import pytest
 from agent.app.runtime import Runtime
 from agent.llm.base import Completion, ModelUnavailableError, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
-from tests.test_api import AUTH, DATASET, USER, agent_settings, assert_envelope, serve_app
+from tests.test_api import AUTH, DATASET, OP, USER, agent_settings, assert_envelope, serve_app
 
 TASK_ROUTES = ["/v1/purchase-intent", "/v1/session-intent", "/v1/churn", "/v1/profile", "/v1/sentiment", "/v1/audience"]
 
 
 class FakeModelRuntime(Runtime):
-    """A Runtime whose model is a FakeModel answering every task's calls; `down` kills it."""
+    """A Runtime whose model is a FakeModel (behind the real guard) answering every task's calls;
+    `down` kills it."""
 
     def __init__(self, *a: Any, **kw: Any):
         super().__init__(*a, **kw)
         self.down = False
         self.fake = FakeModel(responder=self._respond)
 
-    async def model(self) -> FakeModel:  # type: ignore[override]
+    async def connect_model(self) -> FakeModel:
         return self.fake
 
     def _respond(self, call: FakeCall) -> Reply:
@@ -68,12 +69,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def runtime(workspace: Path) -> FakeModelRuntime:
-    return FakeModelRuntime(agent_settings(workspace))
+    return FakeModelRuntime(agent_settings(workspace, model_retries=0, model_cooldown_s=0))
 
 
 @pytest.fixture(scope="module")
 def api(workspace: Path, runtime: FakeModelRuntime) -> Iterator[httpx.Client]:
-    with serve_app(workspace, runtime=runtime, model_retries=0, model_cooldown_s=0, max_sentiment_texts=5) as url, \
+    with serve_app(workspace, runtime=runtime, max_sentiment_texts=5) as url, \
             httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
         yield c
 
@@ -195,10 +196,10 @@ def test_invalid_input_422_names_the_param(api: httpx.Client, route: str, body: 
 
 
 @pytest.mark.parametrize("route", ["/v1/purchase-intent", "/v1/session-intent", "/v1/churn", "/v1/profile"])
-def test_unknown_user_404_with_suggestion(api: httpx.Client, item: str, route: str) -> None:
+def test_unknown_user_404_names_no_other_user(api: httpx.Client, item: str, route: str) -> None:
     body = bodies(item)[route] | {"user_id": "1785"}
     err = assert_envelope(api.post(route, json=body), 404, code="unknown_user", param="user_id")
-    assert "17850" in err["message"]
+    assert "'1785'" in err["message"] and "17850" not in err["message"]  # no enumeration of stored ids
 
 
 def test_oversized_sentiment_batch_and_text_413(api: httpx.Client) -> None:
@@ -245,7 +246,7 @@ def _down_checks(c: httpx.Client, item: str) -> None:
 
 def test_model_not_started_fallbacks_degrade_profile_503(api_no_model: httpx.Client, item: str) -> None:
     _down_checks(api_no_model, item)
-    m = api_no_model.get("/metrics").text
+    m = api_no_model.get("/metrics", headers=OP).text
     assert 'shoplens_degraded_answers_total{route="/v1/purchase-intent"}' in m
 
 

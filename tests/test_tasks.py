@@ -418,7 +418,7 @@ def test_churn_real_model_on_a_real_customer() -> None:
 
 def test_baselines_are_cached_per_horizon(store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A baseline fitted (or refused) at one horizon must never answer for another."""
-    import agent.app.tasks_service as ts
+    import agent.app.baselines as ts
     from agent.app.runtime import Runtime
 
     fitted: list[str] = []
@@ -429,10 +429,10 @@ def test_baselines_are_cached_per_horizon(store: EventStore, monkeypatch: pytest
 
     monkeypatch.setattr(ts, "fit_churn_baseline", fake_fit)
     monkeypatch.setattr(ts, "churn_rows", lambda *a, **k: [])
-    svc = ts.TasksService(Runtime(Settings(workspace=store.path.parent)), use_model=False)
-    a, b = svc.churn_baseline(DS, 90), svc.churn_baseline(DS, 30)
+    svc = Runtime(Settings(workspace=store.path.parent)).state.baselines
+    a, b = svc.churn(DS, 90), svc.churn(DS, 30)
     assert a.coef != b.coef and len(fitted) == 2
-    assert svc.churn_baseline(DS, 90).coef == a.coef and len(fitted) == 2  # cached on disk
+    assert svc.churn(DS, 90).coef == a.coef and len(fitted) == 2  # cached on disk
     assert (store.path.parent / "tasks" / f"churn-90d-{DS}.json").exists()
     assert ts.horizon_key("intent", None) == "48h" and ts.horizon_key("session_intent", None) == "session"
     assert ts.horizon_key("session_intent", 24.0) == "24h" and ts.horizon_key("churn", 60) == "60d"

@@ -19,8 +19,8 @@ import typer
 from pydantic import BaseModel
 
 from agent.app.runtime import Runtime
-from agent.app.tasks_service import TasksService
-from agent.domain.errors import RequestError
+from agent.app.service import ShopLensService
+from agent.domain.errors import CallerError
 from agent.domain.schemas import parse_timestamp
 from agent.settings import load_settings
 from ui.options import NoLLM, Workspace
@@ -50,7 +50,7 @@ def _horizon(value: float | None) -> float | None:
 def _run(workspace: Path | None, no_llm: bool, call: Any) -> None:
     """Build the runtime, run `call(service)`, print JSON; caller mistakes exit 2."""
     rt = Runtime(load_settings(workspace=workspace))
-    svc = TasksService(rt, use_model=not no_llm)
+    svc = ShopLensService(rt, use_model=not no_llm)
 
     async def go() -> BaseModel:
         try:
@@ -60,7 +60,7 @@ def _run(workspace: Path | None, no_llm: bool, call: Any) -> None:
 
     try:
         pred = asyncio.run(go())
-    except RequestError as e:
+    except CallerError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     if pred.meta.degraded:

@@ -1,7 +1,13 @@
 """The composition root: build every dependency once from `Settings`, close them at exit.
 
-The CLI, the API and the eval harness all get their store, embedder, artifacts and model from
-a `Runtime`; nothing is built at import time.
+The CLI, the API, the chat and the eval harness all get their store, embedder, artifacts and
+model from a `Runtime`; nothing is built at import time. The model it hands out is already
+wrapped in the one guard (`agent.llm.wrappers.GuardedModel`, bounds from `Settings`), so every
+surface's model calls are bounded, retried, capped and observed the same way. Surfaces add
+their own observers (the API's Prometheus metrics) with `add_observer`.
+
+Per-runtime state that every `ShopLensService` over this runtime shares (catalogue caches, index
+states, fitted baselines, the write lock) is `Runtime.state` (`agent.app.state.AppState`).
 """
 
 from __future__ import annotations
@@ -12,14 +18,17 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
+from agent.app.model_holder import ModelHolder, ModelSource
+from agent.app.state import AppState
 from agent.data.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
 from agent.data.store import EventStore
 from agent.domain.text import has_cjk
 from agent.ingest import ingest, load_dataset
 from agent.ingest.report import LoadReport
-from agent.llm.base import ChatModel
+from agent.llm.base import ChatModel, Usage
 from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
 from agent.llm.servers.embedded import PROFILES, EmbeddedServer, assemble_model
+from agent.llm.wrappers import GuardConfig, GuardedModel, Lane, ModelObserver, NullObserver
 from agent.settings import Settings
 from agent.tasks.opinion import penalties_from_events
 from retrieval.embedder import Embedder, make_embedder
@@ -31,6 +40,32 @@ ENGLISH_EMBEDDER = "all-MiniLM-L6-v2"
 MULTILINGUAL_EMBEDDER = "multilingual-e5-small"
 
 
+def guard_config(settings: Settings) -> GuardConfig:
+    """The guard's bounds from `Settings` (see its comments for the defaults)."""
+    return GuardConfig(timeout_s=settings.model_call_timeout_s, retries=settings.model_retries,
+                       max_concurrency=settings.model_max_concurrency, cooldown_s=settings.model_cooldown_s)
+
+
+class Observers:
+    """Fans each guarded call out to every registered observer. The first one is an in-memory
+    counter (`counters`: calls by outcome, tokens) that every surface can read."""
+
+    def __init__(self) -> None:
+        self.counters = NullObserver()
+        self._all: list[ModelObserver] = [self.counters]
+
+    def add(self, observer: ModelObserver) -> None:
+        self._all.append(observer)
+
+    def call_started(self, lane: Lane) -> None:
+        for o in self._all:
+            o.call_started(lane)
+
+    def call_finished(self, lane: Lane, outcome: str, seconds: float, usage: Usage | None) -> None:
+        for o in self._all:
+            o.call_finished(lane, outcome, seconds, usage)
+
+
 class Runtime:
     """Lazily built, shared dependencies for one ShopLens process."""
 
@@ -38,14 +73,22 @@ class Runtime:
         self.settings = settings
         self._artifacts: dict[str, DatasetArtifacts] = {}
         self._server: EmbeddedServer | None = None
-        self._model: OpenAICompatModel | None = None
+        self._model: ChatModel | None = None
+        self._guarded: GuardedModel | None = None
         self._embedders: dict[str, Embedder] = {}
         self._model_lock = asyncio.Lock()  # two first callers must not start two servers
         self.model_sha256: str | None = None
+        self.observers = Observers()
+        self.holder: ModelHolder | None = None
 
     @cached_property
     def store(self) -> EventStore:
         return EventStore(self.settings.db_path)
+
+    @cached_property
+    def state(self) -> AppState:
+        """What every service over this runtime shares (caches, index states, baselines)."""
+        return AppState(self)
 
     @cached_property
     def embedder(self) -> Embedder:
@@ -58,14 +101,18 @@ class Runtime:
             self._embedders[name] = make_embedder(name)
         return self._embedders[name]
 
-    def embedder_for(self, dataset: str) -> Embedder:
-        """The embedder for a dataset: the configured one, or with "auto" the multilingual
-        model when >= 20% of a sample of its titles contain CJK characters."""
+    def embedder_name_for(self, dataset: str) -> str:
+        """The name of the embedder for a dataset (builds nothing): the configured one, or with
+        "auto" the multilingual model when >= 20% of a sample of its titles contain CJK characters."""
         if self.settings.embedder != "auto":
-            return self._embedder(self.settings.embedder)
+            return self.settings.embedder
         titles = [it.title for it in list(self.store.items(dataset).values())[:500]]
         cjk = sum(1 for t in titles if has_cjk(t))
-        return self._embedder(MULTILINGUAL_EMBEDDER if titles and cjk / len(titles) >= 0.2 else ENGLISH_EMBEDDER)
+        return MULTILINGUAL_EMBEDDER if titles and cjk / len(titles) >= 0.2 else ENGLISH_EMBEDDER
+
+    def embedder_for(self, dataset: str) -> Embedder:
+        """The embedder for a dataset (see `embedder_name_for`), built once and shared."""
+        return self._embedder(self.embedder_name_for(dataset))
 
     # ---- data ---------------------------------------------------------------------------
     def ingest(self, dataset: str, *, rebuild_index: bool = True, show_progress: bool = True) -> LoadReport:
@@ -77,6 +124,8 @@ class Runtime:
                 self.store, dataset, self.embedder_for(dataset), self.settings.index_dir(dataset),
                 show_progress=show_progress,
             )
+        if "state" in self.__dict__:
+            self.state.forget(dataset)
         return report
 
     def artifacts(self, dataset: str) -> DatasetArtifacts:
@@ -101,6 +150,10 @@ class Runtime:
             )
         return self._artifacts[dataset]
 
+    def loaded_artifacts(self, dataset: str) -> DatasetArtifacts | None:
+        """The dataset's artifacts if this process has loaded them, else None (builds nothing)."""
+        return self._artifacts.get(dataset)
+
     def ensure_ingested(self, dataset: str) -> LoadReport | None:
         """Ingest `dataset` unless the store already holds its catalogue.
 
@@ -115,19 +168,52 @@ class Runtime:
         return self.ingest(dataset)
 
     # ---- model --------------------------------------------------------------------------
+    def guard_config(self) -> GuardConfig:
+        return guard_config(self.settings)
+
+    def add_observer(self, observer: ModelObserver) -> None:
+        """Tell `observer` about every guarded model call from now on (any surface's)."""
+        self.observers.add(observer)
+
+    def background_model(self, *, start: bool = True, retry_after_s: float = 5.0, probe_cache_s: float = 5.0,
+                         probe_timeout_s: float = 30.0) -> ModelHolder:
+        """Hold the model for a long-running surface (a server): loaded in the background, and
+        every service over this runtime then gets "still loading" at once instead of waiting
+        (see `agent.app.model_holder.ModelHolder` for the arguments)."""
+        self.holder = ModelHolder(self, start=start, retry_after_s=retry_after_s, probe_cache_s=probe_cache_s,
+                                  probe_timeout_s=probe_timeout_s)
+        return self.holder
+
+    def model_source(self) -> ModelSource:
+        """Where services get the model: the background holder when a server started one, else
+        `model` (which starts the model and waits for it)."""
+        return self.holder.get if self.holder is not None else self.model
+
     async def model(self) -> ChatModel:
-        """The configured model: a remote OpenAI-compatible server, or the embedded one.
+        """The configured model (a remote OpenAI-compatible server, or the embedded one, started
+        on first use), wrapped in the shared guard: one per runtime, so every surface shares its
+        concurrency cap and cool-down.
 
         Raises:
             ModelUnavailableError: the server cannot be started or reached.
             ModelIntegrityError: the packaged GGUF fails its sha256 check.
         """
         async with self._model_lock:
-            if self._model is None:
-                self._model = await self._start_model()
-            return self._model
+            if self._guarded is None:
+                if self._model is None:
+                    self._model = await self.connect_model()
+                self._guarded = GuardedModel(self._model, self.guard_config(), self.observers)
+            return self._guarded
 
-    async def _start_model(self) -> OpenAICompatModel:
+    async def connect_model(self) -> ChatModel:
+        """Start the embedded server (or connect to ``llm_base_url``) and return the raw,
+        unguarded model; `model()` calls it once and guards the result. The seam a test overrides
+        to put a fake behind the real guard.
+
+        Raises:
+            ModelUnavailableError: the server cannot be started or reached.
+            ModelIntegrityError: the packaged GGUF fails its sha256 check.
+        """
         s = self.settings
         if s.llm_base_url:
             dialect = s.llm_dialect
@@ -149,12 +235,14 @@ class Runtime:
     async def aclose(self) -> None:
         """Close the model client and stop the embedded server (the server is stopped even if
         the client was bound to an event loop that has since closed)."""
-        model, self._model = self._model, None
+        model, self._model, self._guarded = self._model, None, None
         server, self._server = self._server, None
         try:
             if model is not None:
-                with contextlib.suppress(RuntimeError):  # "Event loop is closed"
-                    await model.aclose()
+                aclose = getattr(model, "aclose", None)  # fakes have nothing to close
+                if aclose is not None:
+                    with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+                        await aclose()
         finally:
             if server is not None:
                 server.stop()

@@ -1,73 +1,142 @@
-"""The service the delivery layers call: CLI, JSON API and chat share these functions.
+"""The one service facade every surface calls: the CLI, the JSON API, the chat (and bench).
 
-It resolves a request (a stored user, or inline events) to a history, picks the dataset's
-artifacts and the model, and runs the task pipeline. Caller mistakes raise `UnknownUserError`
-or `RequestError`; runtime failures come back as degraded answers (`meta.degraded`), never as
-invented ones.
+`ShopLensService` resolves a request (a caller's user id, or inline events) to a masked history,
+picks the dataset's artifacts, baseline and the model, and runs the task pipeline under one
+timeout-and-degrade policy (`agent.app.policy`). The same method gives the same answer whichever
+surface calls it:
+
+* tasks: `next_item`, `intent`, `session_intent`, `churn`, `profile`, `audience`, `sentiment`
+  (a batch, with the labelled lexicon fallback), `churn_segment`;
+* data (`agent.app.data_methods`): `ingest_events`, `user_events`, `forget_user`, `datasets`.
+
+User ids are the caller's: pseudonymised to the stored id when `Settings.pseudonymise_key` is
+set, and answers carry the caller's id back. Review text is masked (`mask_pii`) in the one
+`history()` every task reads, so e-mails and phone numbers never reach a prompt. Caller mistakes
+raise `CallerError` subclasses (`UnknownDatasetError`, `UnknownUserError`, `RequestError`);
+model trouble becomes labelled degraded answers, or `ModelUnavailableError` for a strict call
+whose answer is the model's work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
+from typing import Literal
 
+from agent.app.data_methods import DataMethods
+from agent.app.events import Pseudonyms, parse_as_of
+from agent.app.model_holder import ModelSource, ModelWatch
+from agent.app.policy import P, Run, mark_unavailable, run_task
+from agent.app.results import SentimentBatch, SentimentBatchMeta
 from agent.app.runtime import Runtime
-from agent.data.artifacts import drop_user_from_artifacts
 from agent.domain.errors import RequestError, UnknownUserError
 from agent.domain.pii import mask_pii
-from agent.domain.predictions import NextItemPrediction
+from agent.domain.predictions import (
+    AudiencePrediction,
+    ChurnPrediction,
+    IntentPrediction,
+    NextItemPrediction,
+    SentimentFailure,
+    SentimentResult,
+    SessionIntentPrediction,
+    UserProfile,
+)
 from agent.domain.schemas import BehaviorEvent
 from agent.llm.base import ChatModel, ModelUnavailableError
+from agent.tasks.audience import AudienceService, rank_users
+from agent.tasks.churn import ChurnService
+from agent.tasks.intent import IntentService
 from agent.tasks.next_item import NextItemConfig, NextItemService
+from agent.tasks.profile import ProfileService, catalogue_prices
+from agent.tasks.sentiment import SentimentAnalyzer
+from agent.tasks.session_intent import SessionIntentService
 
 log = logging.getLogger(__name__)
+PROFILE_HINT = ("Retry later, or ask without the model (use_llm=false, or --no-llm) for the computed "
+                "profile with a template summary.")
 
 
-class ShopLensService:
-    """Task entry points over one `Runtime`.
+class ShopLensService(DataMethods):
+    """Task and data entry points over one `Runtime` (cheap to build: the caches live in
+    `runtime.state`, shared by every service over the runtime).
 
     Args:
-        runtime: the composition root (store, embedder, artifacts, model).
-        use_model: False answers from retrieval only (e.g. `--no-llm`).
-        model_provider: where the model comes from (default `runtime.model`); the API passes
-            one that wraps the model with a timeout, retries and a concurrency cap, and that
-            raises `ModelUnavailableError` at once while the model is still loading.
+        runtime: the composition root (store, embedder, artifacts, the guarded model).
+        use_model: the default for every call's `use_model`; False answers without the model
+            (e.g. `--no-llm`).
+        model_provider: where the model comes from; default `runtime.model_source()` (the
+            background holder in a server, which answers "still loading" at once, else
+            `runtime.model`).
+        explain: intent and churn also ask the model for a cited reason.
+        deadline_s: one task call's deadline in seconds; default `Settings.request_timeout_s`.
+        min_retry_after_s: the least `retry_after_s` a `ModelUnavailableError` reports.
     """
 
-    def __init__(
-        self, runtime: Runtime, *, use_model: bool = True,
-        model_provider: Callable[[], Awaitable[ChatModel]] | None = None,
-    ):
+    def __init__(self, runtime: Runtime, *, use_model: bool = True, model_provider: ModelSource | None = None,
+                 explain: bool = True, deadline_s: float | None = None, min_retry_after_s: float = 0.0):
         self.runtime = runtime
         self.use_model = use_model
-        self.model_provider = model_provider or runtime.model
+        self.model_provider = model_provider
+        self.explain = explain
+        self.deadline_s = deadline_s
+        self.min_retry_after_s = min_retry_after_s
+        key = runtime.settings.pseudonymise_key
+        secret = key.get_secret_value() if key is not None else ""
+        self.pseudonyms = Pseudonyms(secret.encode() if secret else None)
 
-    def require_dataset(self, dataset: str) -> None:
-        """Raises RequestError (param "dataset") listing the ingested ones, if `dataset` is unknown.
-        Per-request check: an indexed lookup, the full dataset list only on the error path."""
-        if not self.runtime.store.has_dataset(dataset):
-            raise RequestError(f"unknown dataset {dataset!r}; ingested: {self.runtime.store.datasets()}",
-                               param="dataset")
+    # ---- plumbing -------------------------------------------------------------------------
+    @property
+    def deadline(self) -> float:
+        return self.deadline_s if self.deadline_s is not None else self.runtime.settings.request_timeout_s
+
+    def _source(self) -> ModelSource:
+        return self.model_provider or self.runtime.model_source()
+
+    def _use(self, use_model: bool | None) -> bool:
+        return self.use_model if use_model is None else use_model
 
     async def model_or_none(self) -> tuple[ChatModel | None, str | None]:
-        """The model, or (None, reason) when it cannot be had right now."""
+        """The model, or (None, reason) when it is disabled or cannot be had right now."""
         if not self.use_model:
             return None, "model disabled by the caller"
         try:
-            return await self.model_provider(), None
+            return await self._source()(), None
         except ModelUnavailableError as e:
             log.warning("model unavailable: %s", e)
             return None, str(e)
 
-    def history(
-        self, dataset: str, user_id: str, events: Sequence[BehaviorEvent] | None = None,
-        *, before: datetime | None = None,
-    ) -> list[BehaviorEvent]:
-        """Inline events (sorted oldest first) if given, else the stored user's events.
+    def require_dataset(self, dataset: str) -> None:
+        """Raises UnknownDatasetError (param "dataset", listing the ingested ones)."""
+        self.state.require_dataset(dataset)
 
-        Review text is passed through `mask_pii` here, so e-mails and phone numbers never reach
-        a prompt, whichever way the events were ingested.
+    def _unknown(self, e: UnknownUserError, user_id: str) -> UnknownUserError:
+        """The caller's id in the error; no close ids when ids are pseudonymised."""
+        return UnknownUserError(e.dataset, user_id, [] if self.pseudonyms.active else e.suggestions)
+
+    async def check_user(self, dataset: str, user_id: str) -> str:
+        """The stored id of a known user.
+
+        Raises:
+            UnknownDatasetError: the dataset was never ingested.
+            UnknownUserError: the store has no events for this user (the caller's id named).
+        """
+        await asyncio.to_thread(self.require_dataset, dataset)
+        uid = self.stored_id(user_id)
+        if not await asyncio.to_thread(self.runtime.store.has_user, dataset, uid):
+            sugg = [] if self.pseudonyms.active else await asyncio.to_thread(
+                self.runtime.store.similar_user_ids, dataset, uid)
+            raise UnknownUserError(dataset, user_id, sugg)
+        return uid
+
+    def history(self, dataset: str, user_id: str, events: Sequence[BehaviorEvent] | None = None,
+                *, before: datetime | None = None) -> list[BehaviorEvent]:
+        """Inline events (sorted oldest first) if given, else the stored user's events; `user_id`
+        is the stored id. Review text is passed through `mask_pii` here, so e-mails and phone
+        numbers never reach a prompt, whichever way the events came in.
 
         Raises:
             UnknownUserError: no inline events and the store has no such user.
@@ -82,57 +151,243 @@ class ShopLensService:
             return _masked([e for e in ordered if before is None or e.timestamp < before])
         return _masked(self.runtime.store.user_events(dataset, user_id, before=before))
 
-    async def next_item(
-        self,
-        dataset: str,
-        user_id: str,
-        *,
-        events: Sequence[BehaviorEvent] | None = None,
-        config: NextItemConfig | None = None,
-        as_of: datetime | None = None,
-    ) -> NextItemPrediction:
-        """Top-k next items for a stored user or for inline events.
+    def _events_or_note(self, dataset: str, uid: str, user_id: str, notes: list[str]) -> list[BehaviorEvent]:
+        """The user's masked events, or [] with a cold-start note naming the caller's id."""
+        try:
+            return self.history(dataset, uid)
+        except UnknownUserError as e:
+            e = self._unknown(e, user_id)
+            notes.append(f"user {user_id!r} is not in {dataset!r}"
+                         + (f" (did you mean {', '.join(e.suggestions)}?)" if e.suggestions else ""))
+            return []
+
+    async def _run(self, run: Run[P], *, use_model: bool, fallback: bool = True, needs_model: str | None = None,
+                   hint: str = "") -> P:
+        async def without() -> P:
+            return await run(None, None)
+
+        return await run_task(self._source(), run, use_model=use_model, deadline_s=self.deadline,
+                              fallback=without if fallback else None, needs_model=needs_model, hint=hint,
+                              min_retry_after_s=self.min_retry_after_s)
+
+    # ---- next item ------------------------------------------------------------------------
+    def next_item_config(self, *, k: int = 5, repurchase: bool = False, use_model: bool = True) -> NextItemConfig:
+        """The next-item configuration from `Settings` (candidates, permutations, window, attempts)."""
+        s = self.runtime.settings
+        return NextItemConfig(k=k, repurchase=repurchase, use_llm_ranking=use_model, explain=use_model,
+                              n_candidates=max(s.n_candidates, k), permutations=s.permutations,
+                              window=s.history_window, max_attempts=s.llm_max_attempts)
+
+    async def next_item(self, dataset: str, user_id: str, *, events: Sequence[BehaviorEvent] | None = None,
+                        config: NextItemConfig | None = None, as_of: datetime | str | float | None = None,
+                        use_model: bool | None = None) -> NextItemPrediction:
+        """Top-k next items for a stored user or for inline events (then the store is not read).
 
         Raises:
-            UnknownUserError / RequestError: caller mistakes.
-            ValueError: the dataset was never ingested.
+            UnknownDatasetError / UnknownUserError / RequestError: caller mistakes.
         """
-        self.require_dataset(dataset)
-        hist = self.history(dataset, user_id, events, before=as_of)
+        use = self._use(use_model)
+        when = parse_as_of(as_of)
+        uid = self.stored_id(user_id)
+        if events and self.pseudonyms.active:
+            events = [e.model_copy(update={"user_id": self.stored_id(e.user_id)}) for e in events]
+        await self.state.ensure_indexes(dataset)
+        cfg = config or self.next_item_config(use_model=use)
+        try:
+            hist = self.history(dataset, uid, events, before=when)
+        except UnknownUserError as e:
+            raise self._unknown(e, user_id) from e
         arts = self.runtime.artifacts(dataset)
-        model, why = await self.model_or_none()
-        pred = await NextItemService(model, model_sha256=self.runtime.model_sha256).predict(
-            user_id, hist, arts, config, as_of=as_of
-        )
-        if model is None and why and self.use_model:
-            pred.meta.degraded = True
-            pred.meta.degraded_reason = f"model unavailable ({why}); " + (pred.meta.degraded_reason or "")
+        sha = self.runtime.model_sha256
+
+        async def run(model: ChatModel | None, why: str | None) -> NextItemPrediction:
+            pred = await NextItemService(model, model_sha256=sha).predict(uid, hist, arts, cfg, as_of=when)
+            return mark_unavailable(pred, why)
+
+        async def fallback() -> NextItemPrediction:
+            pred = await NextItemService(None, model_sha256=sha).predict(
+                uid, hist, arts, replace(cfg, use_llm_ranking=False, explain=False), as_of=when)
+            pred.meta.degraded_reason = "ranked by retrieval fusion only"
+            return pred
+
+        pred = await run_task(self._source(), run, use_model=use, deadline_s=self.deadline, fallback=fallback,
+                              min_retry_after_s=self.min_retry_after_s)
+        pred.user_id = user_id
         return pred
 
-    def forget_user(self, dataset: str, user_id: str) -> int:
-        """Delete a user's stored events and remove the user from the retrieval artifacts.
+    # ---- intent, session intent, churn, profile, audience -----------------------------------
+    async def intent(self, dataset: str, user_id: str, item_id: str, *, as_of: datetime | str | float | None = None,
+                     horizon_hours: float = 48.0, use_model: bool | None = None) -> IntentPrediction:
+        """P(the user buys `item_id` within `horizon_hours`), blended with the model, cited.
+        An unknown user gets a cold-start answer (the note says so)."""
+        when, uid = parse_as_of(as_of), self.stored_id(user_id)
+        catalog = await asyncio.to_thread(self.state.catalog, dataset)
+        note = await self.state.baselines.ensure("intent", dataset, horizon_hours)
+        bl = self.state.baselines.intent(dataset, horizon_hours)
+        notes = [note] if note else []
+        events = self._events_or_note(dataset, uid, user_id, notes)
 
-        The user's row leaves the user index and `user_items`; co-visitation and popularity are
-        refitted from the remaining users' sequences (no re-embedding), and the artifacts are
-        saved, so a restart does not bring the user back.
+        async def run(model: ChatModel | None, why: str | None) -> IntentPrediction:
+            svc = IntentService(model, bl, model_sha256=self.runtime.model_sha256, explain=self.explain)
+            pred = await svc.predict(uid, item_id, events, catalog, as_of=when, horizon_hours=horizon_hours,
+                                     dataset=dataset)
+            return mark_unavailable(pred, why, notes)
 
-        Returns:
-            How many events were deleted.
+        pred: IntentPrediction = await self._run(run, use_model=self._use(use_model))
+        pred.user_id = user_id
+        return pred
+
+    async def session_intent(self, dataset: str, user_id: str, *, as_of: datetime | str | float | None = None,
+                             horizon_hours: float | None = None, use_model: bool | None = None
+                             ) -> SessionIntentPrediction:
+        """P(the user buys anything later in the current session, or within `horizon_hours`)."""
+        when, uid = parse_as_of(as_of), self.stored_id(user_id)
+        catalog = await asyncio.to_thread(self.state.catalog, dataset)
+        note = await self.state.baselines.ensure("session_intent", dataset, horizon_hours)
+        bl = self.state.baselines.session_intent(dataset, horizon_hours)
+        notes = [note] if note else []
+        events = self._events_or_note(dataset, uid, user_id, notes)
+
+        async def run(model: ChatModel | None, why: str | None) -> SessionIntentPrediction:
+            svc = SessionIntentService(model, bl, model_sha256=self.runtime.model_sha256, explain=self.explain)
+            pred = await svc.predict(uid, events, catalog, as_of=when, horizon_hours=horizon_hours, dataset=dataset)
+            return mark_unavailable(pred, why, notes)
+
+        pred: SessionIntentPrediction = await self._run(run, use_model=self._use(use_model))
+        pred.user_id = user_id
+        return pred
+
+    async def churn(self, dataset: str, user_id: str, *, as_of: datetime | str | float | None = None,
+                    horizon_days: int = 90, use_model: bool | None = None) -> ChurnPrediction:
+        """P(no purchase within `horizon_days` after `as_of`; default: the dataset's end)."""
+        uid = self.stored_id(user_id)
+        catalog = await asyncio.to_thread(self.state.catalog, dataset)
+        when = parse_as_of(as_of) or await asyncio.to_thread(self.state.dataset_end, dataset)
+        note = await self.state.baselines.ensure("churn", dataset, horizon_days)
+        bl = self.state.baselines.churn(dataset, horizon_days)
+        notes = [note] if note else []
+        events = self._events_or_note(dataset, uid, user_id, notes)
+
+        async def run(model: ChatModel | None, why: str | None) -> ChurnPrediction:
+            svc = ChurnService(model, bl, model_sha256=self.runtime.model_sha256, explain=self.explain)
+            pred = await svc.predict(uid, events, catalog, as_of=when, horizon_days=horizon_days, dataset=dataset,
+                                     prices=catalogue_prices(catalog))
+            return mark_unavailable(pred, why, notes)
+
+        pred: ChurnPrediction = await self._run(run, use_model=self._use(use_model))
+        pred.user_id = user_id
+        return pred
+
+    async def profile(self, dataset: str, user_id: str, *, as_of: datetime | str | float | None = None,
+                      use_model: bool | None = None, strict: bool = False) -> UserProfile:
+        """Computed attributes plus a model-written summary whose claims cite the user's events.
+
+        Args:
+            strict: the summary is the model's job: when the model was wanted and is unavailable
+                or too slow, raise instead of answering with a `[template]` summary.
 
         Raises:
-            UnknownUserError: the store has no events for this user (no suggestions are given).
+            ModelUnavailableError: `strict` and the model could not write the summary.
         """
-        store = self.runtime.store
-        if not store.has_user(dataset, user_id):
-            raise UnknownUserError(dataset, user_id)
-        n = store.delete_user(dataset, user_id)
+        when, uid = parse_as_of(as_of), self.stored_id(user_id)
+        catalog = await asyncio.to_thread(self.state.catalog, dataset)
+        notes: list[str] = []
+        events = self._events_or_note(dataset, uid, user_id, notes)
+
+        async def run(model: ChatModel | None, why: str | None) -> UserProfile:
+            pred = await ProfileService(model, model_sha256=self.runtime.model_sha256).predict(
+                uid, events, catalog, as_of=when, dataset=dataset)
+            return mark_unavailable(pred, why, notes)
+
+        pred: UserProfile = await self._run(run, use_model=self._use(use_model), fallback=not strict,
+                                            needs_model="the profile summary" if strict else None,
+                                            hint=PROFILE_HINT)
+        pred.user_id = user_id
+        return pred
+
+    async def audience(self, dataset: str, *, item_id: str | None = None, campaign_text: str | None = None,
+                       n: int = 50, score_top: int = 3, use_model: bool | None = None) -> AudiencePrediction:
+        """The `n` users most likely to buy `item_id` (or answer `campaign_text`), ranked by
+        retrieval fusion; the model scores and explains the top `score_top`. User ids are as
+        stored (pseudonymised when configured).
+
+        Raises:
+            RequestError: neither `item_id` nor `campaign_text` (param ``item_id``).
+        """
+        if not item_id and not campaign_text:
+            raise RequestError("give item_id or campaign_text", code="missing", param="item_id")
+        await self.state.ensure_indexes(dataset)
+        idx = await asyncio.to_thread(self.state.audience_index, dataset)  # built once, off the event loop
+        query = None
+        if campaign_text and not item_id:  # embedded by the model the dataset's indexes were built with
+            query = self.runtime.embedder_for(dataset).embed([campaign_text])[0]
+
+        async def run(model: ChatModel | None, why: str | None) -> AudiencePrediction:
+            top = score_top if model is not None else 0
+            svc = AudienceService(model, model_sha256=self.runtime.model_sha256, score_top=top)
+            ranked = [u for u, _, _ in rank_users(idx, item_id, query, n=top)] if top else []
+            pred = await svc.predict(idx, item_id=item_id, campaign_text=campaign_text, query=query, n=n,
+                                     dataset=dataset, user_events={u: self.history(dataset, u) for u in ranked})
+            return mark_unavailable(pred, why)
+
+        return await self._run(run, use_model=self._use(use_model))
+
+    # ---- sentiment ------------------------------------------------------------------------
+    async def sentiment(self, texts: Sequence[object], *, aspects: bool = False, use_model: bool | None = None,
+                        on_done: Callable[[int, SentimentResult | SentimentFailure], None] | None = None,
+                        deadline_s: float | None | Literal["service"] = "service") -> SentimentBatch:
+        """Polarity (and optionally aspects) of each text, in order. Texts are cleaned (HTML,
+        personal data, instruction-like sentences) before the model sees them; a text that cannot
+        be judged is a `SentimentFailure`, never an abort. Without the model, or once it fails or
+        the deadline passes, the rest is judged by the labelled lexicon fallback.
+
+        Args:
+            on_done: called with (index, result) as each text is judged (a progress bar).
+            deadline_s: the whole batch's deadline in seconds; "service": the service's deadline;
+                None: none (a file batch; each model call is still bounded by the guard).
+        """
+        use = self._use(use_model)
+        watch = ModelWatch(self._source(), self.min_retry_after_s)
+        model: ChatModel | None = None
+        why = "model disabled by the caller"
+        if use:
+            try:
+                model = await watch.get()
+            except ModelUnavailableError as e:
+                why = f"model unavailable: {e}"
+        limit = self.deadline if deadline_s == "service" else deadline_s
+        done: dict[int, SentimentResult | SentimentFailure] = {}
+
+        def record(i: int, r: SentimentResult | SentimentFailure) -> None:
+            done[i] = r
+            if on_done is not None:
+                on_done(i, r)
+
         try:
-            arts = self.runtime.artifacts(dataset)
-        except ValueError as e:  # no catalogue, so no artifacts that could hold the user
-            log.info("no artifacts to update for %s: %s", dataset, e)
-            return n
-        drop_user_from_artifacts(arts, user_id, self.runtime.settings.index_dir(dataset))
-        return n
+            async with asyncio.timeout(limit):
+                await SentimentAnalyzer(model, model_sha256=self.runtime.model_sha256, unavailable_reason=why
+                                        ).analyze_batch(texts, aspects=aspects, on_done=record)
+        except TimeoutError:  # the rest of the batch from the lexicon, labelled
+            lex = SentimentAnalyzer(None, unavailable_reason=f"model did not answer within {limit:g} s")
+            for i in range(len(texts)):
+                if i not in done:
+                    record(i, await _lexicon_one(lex, i, texts[i]))
+        results = [done[i] for i in range(len(texts))]
+        ok = [r for r in results if isinstance(r, SentimentResult)]
+        reasons = [r.meta.degraded_reason for r in ok if r.meta.degraded and r.meta.degraded_reason]
+        meta = SentimentBatchMeta(degraded=bool(reasons), degraded_reason=reasons[0] if reasons else None,
+                                  n=len(texts), by_model=sum(r.source == "model" for r in ok),
+                                  by_lexicon=sum(r.source == "lexicon" for r in ok), failed=len(texts) - len(ok))
+        return SentimentBatch(results=results, meta=meta)
+
+
+async def _lexicon_one(lex: SentimentAnalyzer, i: int, text: object) -> SentimentResult | SentimentFailure:
+    try:
+        if text is None or (isinstance(text, float) and math.isnan(text)):
+            raise ValueError("review text is missing")
+        return await lex.analyze(text if isinstance(text, str) else str(text), aspects=False)
+    except ValueError as e:
+        return SentimentFailure(index=i, error=str(e))
 
 
 def _masked(events: list[BehaviorEvent]) -> list[BehaviorEvent]:

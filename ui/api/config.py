@@ -1,18 +1,23 @@
-"""Settings of the HTTP layer only (auth, limits, model guard). Environment: SHOPLENS_*.
+"""Settings of the HTTP layer only (auth, limits, readiness). Environment: SHOPLENS_*.
 
-The agent's `Settings` (workspace, model, embedder) stay in `agent/settings.py`; these are
-read from the environment (or passed in) when the API is served. Every default says why.
+The agent's `Settings` (workspace, model, embedder, the model guard, personal data) stay in
+`agent/settings.py`; these are read from the environment (or passed in) when the API is served.
+Every default says why.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
+# Fields that moved to the agent's Settings: passing one here is a mistake, not a no-op.
+MOVED_TO_SETTINGS = ("model_call_timeout_s", "model_retries", "model_max_concurrency", "model_cooldown_s",
+                     "request_timeout_s", "pseudonymise_key", "mask_pii")
 
 
 class ApiSettings(BaseSettings):
@@ -23,6 +28,9 @@ class ApiSettings(BaseSettings):
     # plaintext never reaches the server's environment); any other entry is a plaintext key,
     # hashed at startup and then dropped. `python -m ui.api.keys` makes a key and its hash.
     api_keys: SecretStr = SecretStr("")
+    # Operator keys (same forms, comma-separated): the only keys /metrics accepts. A client key
+    # gets 403 there, so scraping needs a key that reads no user data.
+    operator_keys: SecretStr = SecretStr("")
     # Without keys every protected route answers 401; this opens them (local development only).
     allow_anonymous: bool = False
     # /docs and /openapi.json describe the API and hold no data: public by default.
@@ -44,44 +52,53 @@ class ApiSettings(BaseSettings):
     max_sentiment_texts: int = Field(default=100, ge=1)
 
     # --- the model, as the API uses it ------------------------------------------------------
+    # The guard's bounds (SHOPLENS_MODEL_CALL_TIMEOUT_S, _MODEL_RETRIES, _MODEL_MAX_CONCURRENCY,
+    # _MODEL_COOLDOWN_S) and the request deadline (SHOPLENS_REQUEST_TIMEOUT_S) are the agent's
+    # `Settings` (agent/settings.py): every surface uses the same ones.
     # Start the embedded model (or connect to SHOPLENS_LLM_BASE_URL) in the background at
     # startup; the server answers (degraded) while it loads.
     start_model: bool = True
-    # One model call: a 1.5B model on 2 cores answers a 1-token ranking call in ~5-20 s.
-    model_call_timeout_s: float = Field(default=30.0, gt=0)
-    # Retries of a call that failed with "unavailable" (connection refused, 5xx, timeout).
-    model_retries: int = Field(default=1, ge=0, le=3)
-    # Concurrent calls into the model: llama.cpp serves one at a time on 2 cores anyway.
-    model_max_concurrency: int = Field(default=2, ge=1)
-    # After a call fails every retry, fail fast for this long (no pile-up on a dead server).
-    model_cooldown_s: float = Field(default=5.0, ge=0)
-    # A whole /v1/next-item request: past this, answer from retrieval fusion (degraded).
-    request_timeout_s: float = Field(default=60.0, gt=0)
     # Seconds a 503 tells the client to wait (Retry-After) when the model is loading or down.
     retry_after_s: int = Field(default=5, ge=1)
     # /readyz runs a real 1-token completion at most this often (it is public).
     readyz_cache_s: float = Field(default=5.0, ge=0)
+    # ... and waits at most this long for it (a probe must not hang as long as a real call may).
+    readyz_timeout_s: float = Field(default=30.0, gt=0)
 
     # --- personal data ---------------------------------------------------------------------
-    # HMAC key for pseudonymising user ids at ingest and lookup; unset keeps ids as given.
-    # Changing it orphans every stored pseudonymised user.
-    pseudonymise_key: SecretStr | None = None
-    # Mask e-mails, phone numbers, card numbers and IBANs in review text before storage.
-    mask_pii: bool = True
+    # SHOPLENS_PSEUDONYMISE_KEY and SHOPLENS_MASK_PII are the agent's `Settings` too: the
+    # service pseudonymises and masks for every surface.
 
     # --- logs ------------------------------------------------------------------------------
     log_level: str = "INFO"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_moved(cls, data: Any) -> Any:
+        moved = [k for k in MOVED_TO_SETTINGS if isinstance(data, dict) and k in data]
+        if moved:
+            raise ValueError(f"{', '.join(moved)}: set on the agent's Settings (agent/settings.py), "
+                             "not ApiSettings; the environment names are unchanged")
+        return data
+
     def key_hashes(self) -> frozenset[str]:
-        """sha256 hex digests of the configured keys (plaintext entries hashed here)."""
-        out = set()
-        for entry in self.api_keys.get_secret_value().split(","):
-            entry = entry.strip()
-            if not entry:
-                continue
-            m = _HASH.match(entry.lower())
-            out.add(m.group(1) if m else hash_key(entry))
-        return frozenset(out)
+        """sha256 hex digests of the client keys (plaintext entries hashed here)."""
+        return _hashes(self.api_keys)
+
+    def operator_key_hashes(self) -> frozenset[str]:
+        """sha256 hex digests of the operator keys (plaintext entries hashed here)."""
+        return _hashes(self.operator_keys)
+
+
+def _hashes(keys: SecretStr) -> frozenset[str]:
+    out = set()
+    for entry in keys.get_secret_value().split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        m = _HASH.match(entry.lower())
+        out.add(m.group(1) if m else hash_key(entry))
+    return frozenset(out)
 
 
 def hash_key(key: str) -> str:

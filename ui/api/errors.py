@@ -7,7 +7,6 @@ The shape OpenAI and vLLM use. `param` is the exact field at fault, written as a
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from agent.app.events import describe_errors, loc_to_param
 from agent.domain.errors import (
     CallerError,
     ModelUnavailableError,
@@ -24,6 +24,8 @@ from agent.domain.errors import (
     UnknownUserError,
 )
 
+__all__ = ["ERROR_RESPONSES", "ApiError", "ErrorEnvelope", "describe_errors", "envelope", "install_error_handlers",
+           "loc_to_param"]
 log = logging.getLogger("shoplens.api")
 
 _TYPES = {
@@ -68,31 +70,6 @@ def envelope(status: int, message: str, *, code: str | None, param: str | None =
     body = {"error": {"message": message, "type": type_ or _TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def loc_to_param(loc: Sequence[Any]) -> str | None:
-    """A pydantic error location as a field path: ('body', 'events', 3, 'timestamp') ->
-    ``events[3].timestamp``; the leading 'body'/'query'/'path'/'header' is dropped."""
-    parts = list(loc)
-    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
-        parts = parts[1:]
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        else:
-            out += ("." if out else "") + str(p)
-    return out or None
-
-
-def describe_errors(errors: Iterable[dict[str, Any]], prefix: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    """Pydantic errors as [{param, message, code}], with `prefix` put before each location."""
-    out = []
-    for err in errors:
-        loc = [*prefix, *err.get("loc", ())]
-        msg = str(err.get("msg", "invalid"))
-        out.append({"param": loc_to_param(loc), "message": msg, "code": str(err.get("type", "invalid"))})
-    return out
 
 
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,33 +6,23 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from agent.app.events import guard_timestamp, out_of_range_timestamp
+from agent.app.results import (
+    DatasetSummary,
+    EventError,
+    IngestResult,
+    SentimentBatch,
+    SentimentBatchMeta,
+    UserEventsPage,
+)
 from agent.domain.schemas import BehaviorEvent
-from agent.tasks.sentiment import SentimentFailure, SentimentResult
+
+__all__ = ["EventError", "SentimentBatchMeta", "guard_timestamp", "out_of_range_timestamp"]  # re-exported
 
 # Used as a folder name under the workspace: no path separators, no dot-dot.
 DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
                                    examples=["online-retail"], description="an ingested dataset")]
 UserId = Annotated[str, Field(min_length=1, max_length=256, examples=["17850"])]
-
-
-# Unix times whose magnitude no datetime can hold. agent.domain.schemas.parse_timestamp lets
-# datetime's OverflowError/OSError escape for them (pydantic only converts ValueError), so they
-# are turned into an unparseable value here and come back as a 422 at events[i].timestamp.
-_MAX_UNIX = 1e14
-
-
-def out_of_range_timestamp(value: object) -> bool:
-    try:
-        num = float(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else None
-    except ValueError:
-        return False
-    return num is not None and abs(num) >= _MAX_UNIX
-
-
-def guard_timestamp(value: object) -> object:
-    if isinstance(value, dict) and out_of_range_timestamp(value.get("timestamp")):
-        return value | {"timestamp": f"{value['timestamp']} (out of range)"}
-    return value
 
 
 ApiEvent = Annotated[BehaviorEvent, BeforeValidator(guard_timestamp)]
@@ -70,29 +60,12 @@ class IngestRequest(BaseModel):
     events: list[RawEvent] = Field(min_length=1, description="events; each is validated on its own")
 
 
-class EventError(BaseModel):
-    index: int = Field(description="position of the event in the request")
-    param: str | None = Field(description="the field at fault, e.g. events[3].timestamp")
-    message: str
-    code: str
+class IngestResponse(IngestResult):
+    """The outcome of a batch: counts, the stored ids, and each bad event's field and message."""
 
 
-class IngestResponse(BaseModel):
-    dataset: str
-    received: int
-    stored: int = Field(description="events new to the store (committed before this response)")
-    duplicates: int = Field(description="valid events already stored (same event_id)")
-    rejected: int
-    event_ids: list[str] = Field(description="ids of the valid events, in request order")
-    errors: list[EventError]
-
-
-class UserEvents(BaseModel):
-    dataset: str
-    user_id: str
-    total: int
-    offset: int
-    events: list[BehaviorEvent]
+class UserEvents(UserEventsPage):
+    """A page of a user's stored events, oldest first."""
 
 
 class DeleteResponse(BaseModel):
@@ -187,18 +160,8 @@ class SentimentRequest(BaseModel):
     use_llm: UseLlm = True
 
 
-class SentimentBatchMeta(BaseModel):
-    degraded: bool = Field(description="true when any text was judged by the lexicon fallback")
-    degraded_reason: str | None = None
-    n: int
-    by_model: int
-    by_lexicon: int
-    failed: int = Field(description="texts that could not be judged (see their `error`)")
-
-
-class SentimentResponse(BaseModel):
-    results: list[SentimentResult | SentimentFailure] = Field(description="one per text, in request order")
-    meta: SentimentBatchMeta
+class SentimentResponse(SentimentBatch):
+    """One result per text, in request order, and the batch's counts."""
 
 
 class AudienceRequest(BaseModel):
@@ -211,3 +174,9 @@ class AudienceRequest(BaseModel):
     campaign_text: str | None = Field(default=None, min_length=1, max_length=2_000)
     n: int = Field(default=50, ge=1, le=500)
     use_llm: UseLlm = True
+
+
+class DatasetsResponse(BaseModel):
+    """Every stored dataset, by name."""
+
+    datasets: list[DatasetSummary]

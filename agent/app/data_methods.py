@@ -1,0 +1,175 @@
+"""The facade's data methods (part of `ShopLensService`): ingest, export, forget, datasets, and
+the churn segment (a baseline ranking, no model call).
+
+Writes hold the runtime's one write lock (ingest order and deletes stay simple) and drop the
+dataset's shared caches afterwards, whichever surface made them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from agent.app.events import Pseudonyms, validate_events
+from agent.app.results import DatasetSummary, IngestResult, UserEventsPage
+from agent.data.artifacts import drop_user_from_artifacts
+from agent.domain.errors import RequestError, UnknownUserError
+from agent.domain.schemas import BehaviorEvent
+from agent.tasks.churn import default_churn_baseline, rfm_vector
+from agent.tasks.common import LogisticBaseline
+from agent.tasks.profile import UserFeatures, catalogue_prices, orders_of, user_features
+
+if TYPE_CHECKING:
+    from agent.app.runtime import Runtime
+    from agent.app.state import AppState
+
+log = logging.getLogger(__name__)
+
+
+class DataMethods:
+    """Mixed into `ShopLensService` (which sets these attributes)."""
+
+    runtime: Runtime
+    pseudonyms: Pseudonyms
+
+    @property
+    def state(self) -> AppState:
+        return self.runtime.state
+
+    def stored_id(self, user_id: str) -> str:
+        """The id the store holds for a caller's user id (pseudonymised when configured)."""
+        return self.pseudonyms.stored(user_id)
+
+    # ---- datasets and indexes -----------------------------------------------------------------
+    def datasets(self) -> list[DatasetSummary]:
+        """Every stored dataset: users, items, events, index state and embedder, by name."""
+        return [self.state.summary(d) for d in self.runtime.store.datasets()]
+
+    async def ensure_indexes(self, dataset: str) -> None:
+        """Load (or build) a dataset's indexes once, off the event loop (see `AppState`)."""
+        await self.state.ensure_indexes(dataset)
+
+    async def warm_up(self) -> None:
+        """Load every stored dataset's indexes; failures are kept in `index_states()`."""
+        await self.state.warm_up()
+
+    def index_states(self) -> dict[str, str]:
+        return self.state.index_states()
+
+    # ---- events ---------------------------------------------------------------------------
+    async def ingest_events(self, dataset: str, events: Sequence[Any], *,
+                            max_text_chars: int | None = None) -> IngestResult:
+        """Validate each raw event on its own, mask PII (`Settings.mask_pii`), pseudonymise user
+        ids, and store the good ones (committed before this returns). Idempotent by `event_id`
+        (the client's, or a content hash of what is stored).
+
+        Args:
+            events: raw event objects (dicts), as a client sent them.
+            max_text_chars: review text longer than this is refused for that event.
+
+        Raises:
+            RequestError: no event is valid (names the first error's field).
+        """
+        good, errors = validate_events(events, pseudonyms=self.pseudonyms, mask=self.runtime.settings.mask_pii,
+                                       max_text_chars=max_text_chars)
+        if not good:
+            first = errors[0]
+            raise RequestError(f"no valid events; {len(errors)} errors, first: {first.param}: {first.message}",
+                               code=first.code, param=first.param)
+        async with self.state.write_lock:
+            stored = await asyncio.to_thread(self.runtime.store.add_events, dataset, good)
+            self.state.forget(dataset)
+        return IngestResult(dataset=dataset, received=len(events), stored=stored, duplicates=len(good) - stored,
+                            rejected=len(events) - len(good), event_ids=[e.event_id for e in good], errors=errors)
+
+    async def user_events(self, dataset: str, user_id: str, *, offset: int = 0, limit: int = 1_000) -> UserEventsPage:
+        """A page of a user's stored events, oldest first (review text as stored: masked), with
+        the caller's id in place of the stored one.
+
+        Raises:
+            UnknownUserError: the store has no events for this user.
+        """
+        try:
+            evs = await asyncio.to_thread(self.runtime.store.user_events, dataset, self.stored_id(user_id))
+        except UnknownUserError as e:
+            raise UnknownUserError(dataset, user_id, [] if self.pseudonyms.active else e.suggestions) from e
+        page = evs[offset: offset + limit]
+        if self.pseudonyms.active:
+            page = [e.model_copy(update={"user_id": user_id}) for e in page]
+        return UserEventsPage(dataset=dataset, user_id=user_id, total=len(evs), offset=offset, events=page)
+
+    async def forget_user(self, dataset: str, user_id: str) -> int:
+        """Delete a user's stored events and remove the user from the retrieval artifacts.
+
+        The user's row leaves the user index and `user_items`; co-visitation and popularity are
+        refitted from the remaining users' sequences (no re-embedding), and the artifacts are
+        saved, so a restart does not bring the user back.
+
+        Returns:
+            How many events were deleted.
+
+        Raises:
+            UnknownUserError: the store has no events for this user (no suggestions are given).
+        """
+        uid = self.stored_id(user_id)
+        async with self.state.write_lock, self.state.index_lock(dataset):
+            n = await asyncio.to_thread(self._forget, dataset, uid, user_id)
+            self.state.forget(dataset)
+        return n
+
+    def _forget(self, dataset: str, uid: str, user_id: str) -> int:
+        store = self.runtime.store
+        if not store.has_user(dataset, uid):
+            raise UnknownUserError(dataset, user_id)
+        n = store.delete_user(dataset, uid)
+        try:
+            arts = self.runtime.artifacts(dataset)
+        except ValueError as e:  # no catalogue, so no artifacts that could hold the user
+            log.info("no artifacts to update for %s: %s", dataset, e)
+            return n
+        drop_user_from_artifacts(arts, uid, self.runtime.settings.index_dir(dataset))
+        return n
+
+    # ---- churn segment --------------------------------------------------------------------
+    def churn_segment(self, dataset: str, start: datetime, end: datetime, *, n: int = 10
+                      ) -> tuple[LogisticBaseline, int, list[tuple[str, UserFeatures, float, BehaviorEvent]]]:
+        """Customers with a purchase in [start, end), ranked by the churn BASELINE probability at
+        as_of = `end` (RFM features from purchases strictly before `end`; no model call).
+
+        Returns:
+            (the baseline used, how many customers bought in the window, the top `n` as
+            (stored user id, features, probability, last purchase event)), riskiest first, ties by
+            id. A dataset too small to fit a baseline uses the hand-set prior.
+
+        Raises:
+            UnknownDatasetError: the dataset was never ingested.
+        """
+        catalog = self.state.catalog(dataset)
+        try:
+            bl = self.state.baselines.churn(dataset)
+        except ValueError:  # no or one-class training rows (a tiny dataset)
+            bl = default_churn_baseline()
+        prices = catalogue_prices(catalog)
+        by_user: dict[str, list[BehaviorEvent]] = defaultdict(list)
+        for e in self.runtime.store.iter_events(dataset, before=end, event_types=("purchase",)):
+            if e.item_id in catalog:
+                by_user[e.user_id].append(e)
+        fast = []  # RFM straight from the orders (as `user_features` computes them), for every buyer
+        for uid, evs in by_user.items():  # oldest first per user
+            if evs[-1].timestamp >= start:
+                orders = orders_of(evs)
+                rec = (end - orders[-1].timestamp).total_seconds() / 86_400.0
+                x = {"log_recency": math.log1p(rec), "log_frequency": math.log1p(len(orders)),
+                     "log_monetary": math.log1p(max(0.0, round(sum(o.spend for o in orders), 2)))}
+                fast.append((uid, bl.predict(x)))
+        fast.sort(key=lambda r: (-r[1], r[0]))
+        top = []  # full features (drivers) only for the top n
+        for uid, _ in fast[:n]:
+            f = user_features(by_user[uid], catalog, end, catalogue_prices=prices)
+            top.append((uid, f, bl.predict(rfm_vector(f)), by_user[uid][-1]))
+        return bl, len(fast), top

@@ -1,0 +1,62 @@
+"""What the service returns besides the task predictions (those are `agent.domain.predictions`):
+dataset summaries, a sentiment batch, an ingest outcome and a page of a user's events."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from agent.domain.predictions import SentimentFailure, SentimentResult
+from agent.domain.schemas import BehaviorEvent
+
+
+class DatasetSummary(BaseModel):
+    """One stored dataset."""
+
+    name: str
+    users: int
+    items: int = Field(description="catalogue items")
+    events: int
+    indexes: str = Field(description="ready (loaded), built (on disk), not built, loading, unusable: ..., "
+                         "failed: ...")
+    indexes_ready: bool = Field(description="the FAISS indexes are loaded or built and can serve")
+    embedder: str | None = Field(description="the embedder the indexes were (or would be) built with; "
+                                 "null without a catalogue")
+
+
+class SentimentBatchMeta(BaseModel):
+    degraded: bool = Field(description="true when any text was judged by the lexicon fallback")
+    degraded_reason: str | None = None
+    n: int
+    by_model: int
+    by_lexicon: int
+    failed: int = Field(description="texts that could not be judged (see their `error`)")
+
+
+class SentimentBatch(BaseModel):
+    results: list[SentimentResult | SentimentFailure] = Field(description="one per text, in request order")
+    meta: SentimentBatchMeta
+
+
+class EventError(BaseModel):
+    index: int = Field(description="position of the event in the request")
+    param: str | None = Field(description="the field at fault, e.g. events[3].timestamp")
+    message: str
+    code: str
+
+
+class IngestResult(BaseModel):
+    dataset: str
+    received: int
+    stored: int = Field(description="events new to the store (committed before this returns)")
+    duplicates: int = Field(description="valid events already stored (same event_id)")
+    rejected: int
+    event_ids: list[str] = Field(description="ids of the valid events, in request order")
+    errors: list[EventError]
+
+
+class UserEventsPage(BaseModel):
+    dataset: str
+    user_id: str
+    total: int
+    offset: int
+    events: list[BehaviorEvent]

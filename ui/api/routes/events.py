@@ -1,0 +1,46 @@
+"""Events in and out: POST /v1/events, GET /v1/users/{user_id}/events, DELETE /v1/users/{user_id}."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from ui.api.deps import CLIENT, WITH_404, Api, Service
+from ui.api.errors import ERROR_RESPONSES
+from ui.api.schemas import DatasetName, DeleteResponse, IngestRequest, IngestResponse, UserEvents
+
+router = APIRouter(tags=["events"], dependencies=CLIENT)
+UserPath = Annotated[str, Path(min_length=1, max_length=256)]
+DatasetQuery = Annotated[DatasetName, Query()]
+
+
+@router.post("/v1/events", response_model=IngestResponse, responses=ERROR_RESPONSES)
+async def ingest_events(body: IngestRequest, api: Api, svc: Service) -> IngestResponse:
+    """Batch ingest. Each event is validated on its own: good ones are stored (committed to
+    SQLite before this response), bad ones come back in `errors`. Idempotent by `event_id`
+    (client-given, or a content hash). 422 only when no event is valid."""
+    api.check_events(len(body.events))
+    out = await svc.ingest_events(body.dataset, body.events, max_text_chars=api.settings.max_text_chars)
+    api.metrics.events_ingested.labels("stored").inc(out.stored)
+    api.metrics.events_ingested.labels("duplicate").inc(out.duplicates)
+    api.metrics.events_ingested.labels("rejected").inc(out.rejected)
+    return IngestResponse(**dict(out))
+
+
+@router.get("/v1/users/{user_id}/events", response_model=UserEvents, responses=WITH_404)
+async def user_events(
+    user_id: UserPath, dataset: DatasetQuery, svc: Service,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1_000,
+) -> UserEvents:
+    """Export a user's stored events, oldest first (review text as stored: masked)."""
+    return UserEvents(**dict(await svc.user_events(dataset, user_id, offset=offset, limit=limit)))
+
+
+@router.delete("/v1/users/{user_id}", response_model=DeleteResponse, responses=WITH_404)
+async def delete_user(user_id: UserPath, dataset: DatasetQuery, svc: Service) -> DeleteResponse:
+    """Delete a user's events and remove the user from the retrieval indexes (user index,
+    similar-user lists, refitted co-visitation and popularity), saved to disk."""
+    n = await svc.forget_user(dataset, user_id)
+    return DeleteResponse(dataset=dataset, user_id=user_id, deleted_events=n)

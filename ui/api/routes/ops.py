@@ -1,0 +1,45 @@
+"""/healthz, /readyz (public) and /metrics (operator keys only)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ui.api.deps import OPERATOR, R503, Api, Service
+from ui.api.errors import ERROR_RESPONSES
+from ui.api.schemas import Health, Readiness
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process is alive (no key needed)."""
+    return Health()
+
+
+@router.get("/readyz", response_model=Readiness, responses=R503)
+async def readyz(api: Api, svc: Service) -> Any:
+    """Ready: the model answered a real 1-token completion (cached a few seconds) and every
+    dataset with a catalogue has its indexes loaded. No key needed; 503 says why not."""
+    ok, why = await api.holder.probe()
+    idx = await asyncio.to_thread(svc.index_states)
+    pending = [d for d, v in idx.items() if v in ("loading", "not loaded") or v.startswith("failed")]
+    problems = ([] if ok else [f"model: {why}"]) + [f"indexes {d}: {idx[d]}" for d in pending]
+    if problems:
+        return JSONResponse(
+            {"error": {"message": "not ready: " + "; ".join(problems), "type": "service_unavailable",
+                       "param": None, "code": "not_ready"}},
+            status_code=503, headers={"Retry-After": str(api.settings.retry_after_s)})
+    return Readiness(ready=True, model={"state": api.holder.state, "probe": why}, indexes=idx)
+
+
+@router.get("/metrics", dependencies=OPERATOR, responses=ERROR_RESPONSES, response_class=Response)
+async def metrics(api: Api) -> Response:
+    """Prometheus metrics (text format). Needs an operator key (SHOPLENS_OPERATOR_KEYS); a
+    client key gets 403."""
+    return Response(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
