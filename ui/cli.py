@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
-from agent.domain.errors import RequestError, UnknownUserError
+from agent.domain.errors import CallerError, UnknownUserError
 from agent.domain.predictions import NextItemPrediction
 from agent.ingest import ingest
 from agent.ingest.generic import load_generic
@@ -117,11 +117,26 @@ def ingest_cmd(
 
 
 @app.command("datasets")
-def datasets_cmd(workspace: Workspace = None) -> None:
-    """List ingested datasets with event, user and item counts."""
-    rt = _runtime(workspace)
-    for d in rt.store.datasets():
-        out.print(f"{d}: {rt.store.counts(d)}")
+def datasets_cmd(
+    workspace: Workspace = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout (the same as GET /v1/datasets)")] = False,
+) -> None:
+    """Stored datasets: counts, index state, embedder (--json)."""
+    rows = ShopLensService(_runtime(workspace), use_model=False).datasets()
+    if as_json:
+        print(json.dumps({"datasets": [d.model_dump() for d in rows]}, indent=2, ensure_ascii=False))
+        return
+    if not rows:
+        err.print("no datasets yet: run `shoplens ingest online-retail`")
+        return
+    table = Table(title="Datasets", title_justify="left")
+    for col, just in (("dataset", "left"), ("users", "right"), ("items", "right"), ("events", "right"),
+                      ("indexes", "left"), ("embedder", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for d in rows:
+        state = f"[green]{d.indexes}[/]" if d.indexes_ready else f"[yellow]{d.indexes}[/]"
+        table.add_row(d.name, f"{d.users:,}", f"{d.items:,}", f"{d.events:,}", state, d.embedder or "-")
+    out.print(table)
 
 
 @app.command("recommend")
@@ -158,7 +173,7 @@ def recommend_cmd(
                          explain=not no_llm)
     try:
         pred = asyncio.run(_predict(rt, dataset, user, cfg, use_model=not no_llm))
-    except (UnknownUserError, RequestError) as e:
+    except CallerError as e:  # unknown dataset or user, inline events of other users
         raise _fail(str(e)) from e
     print(prediction_json(pred))
 

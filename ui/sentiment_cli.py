@@ -22,9 +22,8 @@ from typing import Annotated, Any, Literal
 import typer
 from tqdm import tqdm
 
-from agent.llm.base import ModelUnavailableError
 from agent.tasks.opinion import GroupTrend, sentiment_trends
-from agent.tasks.sentiment import SentimentAnalyzer, SentimentFailure, SentimentResult
+from agent.tasks.sentiment import SentimentFailure, SentimentResult
 from ui.options import Profile, Workspace
 
 # eval.sentiment_eval.SETS / RANKERS and eval.aspect_eval.RANKERS (tests/test_cli_help.py keeps them equal)
@@ -106,36 +105,34 @@ def sentiment_cmd(
         raise _fail(str(e)) from e
 
 
-async def _analyzer(rt: Any, no_llm: bool) -> SentimentAnalyzer:
-    if no_llm:
-        return SentimentAnalyzer(None, unavailable_reason="--no-llm given: model not used")
-    try:
-        model = await rt.model()
-    except ModelUnavailableError as e:
-        typer.echo(f"warning: model unavailable ({e}); answering with the labelled lexicon baseline", err=True)
-        return SentimentAnalyzer(None, unavailable_reason=f"model unavailable: {e}")
-    return SentimentAnalyzer(model, model_sha256=rt.model_sha256)
-
-
 async def _score(rt: Any, texts: list[str] | None, file: Path | None, column: str, out: Path | None,
                  aspects: bool | None, no_llm: bool) -> None:
+    from agent.app.service import ShopLensService
+
+    svc = ShopLensService(rt, use_model=not no_llm)
     try:
-        an = await _analyzer(rt, no_llm)
         if texts:
-            results = await an.analyze_batch(texts, aspects=True if aspects is None else aspects)
-            typer.echo(json.dumps([r.model_dump(mode="json") for r in results], indent=2, ensure_ascii=False))
+            batch = await svc.sentiment(texts, aspects=True if aspects is None else aspects)
+            _warn_degraded(batch.meta.degraded_reason if batch.meta.by_lexicon and not no_llm else None)
+            typer.echo(json.dumps([r.model_dump(mode="json") for r in batch.results], indent=2, ensure_ascii=False))
             return
         assert file is not None
         rows, fields = read_rows(file, column)
         bar = tqdm(total=len(rows), desc="sentiment", unit="review", file=sys.stderr)
-        results = await an.analyze_batch([r.get(column) for r in rows], aspects=bool(aspects),
-                                         on_done=lambda i, r: bar.update(1))
+        batch = await svc.sentiment([r.get(column) for r in rows], aspects=bool(aspects),
+                                    on_done=lambda i, r: bar.update(1), deadline_s=None)  # a file: no overall deadline
         bar.close()
+        _warn_degraded(batch.meta.degraded_reason if batch.meta.by_lexicon and not no_llm else None)
         out = out or file.with_suffix(".scored.csv")
-        summary = write_scored(out, rows, fields, results)
+        summary = write_scored(out, rows, fields, batch.results)
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     finally:
         await rt.aclose()
+
+
+def _warn_degraded(reason: str | None) -> None:
+    if reason:
+        typer.echo(f"warning: {reason}; those texts were judged by the labelled lexicon baseline", err=True)
 
 
 def read_rows(path: Path, column: str) -> tuple[list[dict[str, str]], list[str]]:
