@@ -16,19 +16,7 @@ import pytest
 
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
-from agent.chat.router import (
-    ChatAgent,
-    ChatEvent,
-    ParsedQuestion,
-    ToolCall,
-    detect_language,
-    langchain_turn,
-    model_route,
-    preparse,
-    route_schema,
-    rule_route,
-)
-from agent.chat.tools import (
+from agent.chat.results import (
     ChurnSegment,
     ItemSentiment,
     NeedInfo,
@@ -36,11 +24,21 @@ from agent.chat.tools import (
     NotFound,
     SearchHits,
     Timeline,
-    ToolContext,
     Unavailable,
     fallback_answer,
-    run_tool,
 )
+from agent.chat.router import (
+    ChatAgent,
+    ChatEvent,
+    ParsedQuestion,
+    ToolCall,
+    detect_language,
+    model_route,
+    preparse,
+    route_schema,
+    rule_route,
+)
+from agent.chat.tools import ToolContext, run_tool
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel, ModelUnavailableError
 from agent.llm.fake import FakeModel
@@ -311,35 +309,6 @@ async def test_titles_and_questions_are_escaped(tmp_path: Path) -> None:
     assert "CANDLE" in text  # the evil title is shown ...
     assert "<script" not in text and "<img" not in text  # ... as text
     assert "](javascript" not in text
-
-
-async def test_langchain_loop_with_a_fake_tool_calling_model(tmp_path: Path) -> None:
-    pytest.importorskip("langchain_core")
-    from langchain_core.messages import AIMessage
-
-    class ToolCallingFake:
-        def __init__(self) -> None:
-            self.replies = [
-                AIMessage(content="", tool_calls=[{"name": "user_timeline", "args": {"customer_id": "17850"},
-                                                   "id": "c1"}]),
-                AIMessage(content="17850 bought WHITE HANGING HEART T-LIGHT HOLDER first."),
-            ]
-            self.seen: list[Any] = []
-
-        def bind_tools(self, tools: list[Any]) -> ToolCallingFake:
-            self.tools = tools
-            return self
-
-        async def ainvoke(self, messages: list[Any]) -> AIMessage:
-            self.seen.append(list(messages))
-            return self.replies.pop(0)
-
-    fake = ToolCallingFake()
-    events = await collect(langchain_turn(fake, ctx_for(make_runtime(tmp_path, FakeModel())), "history of 17850?"))
-    assert {t.name for t in fake.tools} >= {"next_item", "churn", "item_search"}
-    assert isinstance(next(e.result for e in events if e.kind == "evidence"), Timeline)
-    assert events[-1].answer_source == "model" and "WHITE HANGING" in events[-2].text
-    assert fake.seen[-1][-1].tool_call_id == "c1"
 
 
 def test_parsed_question_defaults() -> None:

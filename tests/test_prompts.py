@@ -322,7 +322,7 @@ def test_snapshot_chat_route_v1() -> None:
 
 
 def test_snapshot_chat_answer_v1_in_both_languages() -> None:
-    from agent.chat.tools import ItemDetails, ItemInfo, answer_messages
+    from agent.chat.results import ItemDetails, ItemInfo, answer_messages
 
     result = ItemDetails(dataset="online-retail", n_customers=856,
                          item=ItemInfo(item_id="85123A", title="WHITE HANGING HEART T-LIGHT HOLDER", price=2.55))

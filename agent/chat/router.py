@@ -1,17 +1,17 @@
 """The merchandiser chat's agent: question -> tool call -> typed result -> streamed answer.
 
-Two paths, and which one runs is explicit (`ChatAgent(mode=...)`):
+A deterministic pre-parser pulls ids, a month and the language out of the question; one
+schema-constrained call (`structured_call`, prompt ``chat_route.v1``) returns a pydantic
+`ToolCall` whose tool name is an enum and whose ids are enums of the pre-parsed ids; the tool
+runs; a second call (``chat_answer.v1``) streams the answer in the question's language. With no
+model the keyword router (`rule_route`) picks the tool and a template writes the answer.
 
-* ``"route"`` (the default, and the only one the embedded model supports): a deterministic
-  pre-parser pulls ids, a month and the language out of the question; one schema-constrained
-  call (`structured_call`, prompt ``chat_route.v1``) returns a pydantic `ToolCall` whose tool
-  name is an enum and whose ids are enums of the pre-parsed ids; the tool runs; a second call
-  (``chat_answer.v1``) streams the answer in the question's language. With no model the keyword
-  router (`rule_route`) picks the tool and a template writes the answer.
-* ``"langchain"``: a LangChain tool-calling loop (`langchain_agent`) for servers with native
-  tool calling (vLLM with ``--enable-auto-tool-choice``, OpenAI). llama-cpp-python's server
-  only calls tools with ``--chat_format chatml-function-calling``, which the embedded server
-  does not set, so the embedded model always uses ``"route"``.
+The answer streams through the same guarded model (`ChatModel.stream`) every other surface
+uses, so chat calls share the API's deadline, retry, priority lanes and metrics.
+
+There is no LangChain tool-calling loop: with a 1.5B model a native tool-calling loop picks
+tools less reliably than one schema-constrained routing call whose tool name and ids are enums,
+and the embedded llama-cpp-python server does not call tools in its default chat format.
 """
 
 from __future__ import annotations
@@ -26,17 +26,15 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, Field, model_validator
 
 from agent.chat.preparse import Language, ParsedQuestion, detect_language, preparse
-from agent.chat.tools import (
+from agent.chat.results import (
     TOOL_ALIASES,
-    TOOLS,
     Timeline,
-    ToolContext,
     ToolName,
     ToolResult,
     answer_messages,
     fallback_answer,
-    run_tool,
 )
+from agent.chat.tools import TOOLS, ToolContext, run_tool
 from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
@@ -103,7 +101,7 @@ def to_call(tool: str, parsed: ParsedQuestion, customer_id: str | None = None,
     customer_id = customer_id or (parsed.customer_ids[0] if parsed.customer_ids else None)
     if tool == "churn" and not customer_id:
         tool = "churn_segment"
-    needs = TOOLS[tool].needs  # type: ignore[index]
+    needs = TOOLS[tool].needs
     args: dict[str, Any] = {}
     if tool == "churn_segment":
         args["month"] = parsed.month
@@ -234,39 +232,15 @@ async def _stream_heartbeat(chunks: AsyncIterator[str], label: str, every_s: flo
             await aclose()
 
 
-async def stream_text(model: ChatModel, messages: list[Message], *, max_tokens: int = 320,
-                      api_key: str = "not-needed") -> AsyncIterator[str]:
-    """Stream a free-text completion.
-
-    `ChatModel` has no streaming method yet; a model object with ``stream(messages,
-    max_tokens=...)`` is used as is, an OpenAI-compatible one (``base_url`` + ``model``) is
-    streamed through the OpenAI SDK, and anything else (the fakes) yields one chunk.
+async def stream_text(model: ChatModel, messages: list[Message], *, max_tokens: int = 320
+                      ) -> AsyncIterator[str]:
+    """Stream a free-text answer through the model seam (`ChatModel.stream`).
 
     Raises:
-        ModelUnavailableError: the server could not be reached or failed.
+        ModelUnavailableError: the server could not be reached or failed mid-stream.
     """
-    own = getattr(model, "stream", None)
-    if callable(own):
-        async for chunk in own(messages, max_tokens=max_tokens):
-            yield chunk
-        return
-    base_url, name = getattr(model, "base_url", None), getattr(model, "model", None)
-    if not (isinstance(base_url, str) and isinstance(name, str)):
-        yield (await model.complete(messages, max_tokens=max_tokens, temperature=0.2)).text
-        return
-    import openai  # only here: the SDK's streaming, until the seam grows a stream method
-
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
-    try:
-        stream = await client.chat.completions.create(
-            model=name, messages=messages, max_tokens=max_tokens, temperature=0.2, stream=True)  # type: ignore[arg-type]
-        async for ev in stream:
-            if ev.choices and ev.choices[0].delta.content:
-                yield ev.choices[0].delta.content
-    except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError) as e:
-        raise ModelUnavailableError(f"model server failed while streaming: {e}") from e
-    finally:
-        await client.close()
+    async for chunk in model.stream(messages, max_tokens=max_tokens, temperature=0.2):
+        yield chunk
 
 
 class ChatAgent:
@@ -275,21 +249,12 @@ class ChatAgent:
     Args:
         ctx: the tool context (runtime, service, dataset, next-item config).
         use_model: False routes by keyword rules and answers from templates.
-        mode: "route" (schema-constrained routing; the default and the embedded model's only
-            path) or "langchain" (native tool calling; needs `chat_model`).
-        chat_model: a LangChain chat model that supports ``bind_tools`` (mode "langchain").
         heartbeat_s: how often a slow model call reports that it is still working.
     """
 
-    def __init__(self, ctx: ToolContext, *, use_model: bool = True,
-                 mode: Literal["route", "langchain"] = "route", chat_model: Any = None,
-                 heartbeat_s: float = 8.0):
-        if mode == "langchain" and chat_model is None:
-            raise ValueError("mode='langchain' needs a chat_model with bind_tools")
+    def __init__(self, ctx: ToolContext, *, use_model: bool = True, heartbeat_s: float = 8.0):
         self.ctx = ctx
         self.use_model = use_model
-        self.mode = mode
-        self.chat_model = chat_model
         self.heartbeat_s = heartbeat_s
 
     async def _model(self) -> tuple[ChatModel | None, str | None]:
@@ -316,16 +281,12 @@ class ChatAgent:
         question = question.strip()
         lang = detect_language(question)
         yield ChatEvent("status", "正在理解问题…" if lang == "zh" else "Reading the question…")
-        if self.mode == "langchain" and self.use_model:
-            async for ev in langchain_turn(self.chat_model, self.ctx, question):
-                yield ev
-            return
         route: Route | None = None
-        async for ev in _heartbeat(self.route(question), "routing", self.heartbeat_s):
-            if isinstance(ev, Route):
-                route = ev
+        async for step in _heartbeat(self.route(question), "routing", self.heartbeat_s):
+            if isinstance(step, Route):
+                route = step
             else:
-                yield ev  # type: ignore[misc]
+                yield step
         assert route is not None
         yield ChatEvent("route", route.note or "", route=route)
         args = route.call.typed_args()
@@ -335,12 +296,12 @@ class ChatAgent:
             if isinstance(tl, Timeline):
                 yield ChatEvent("evidence", result=tl)
         result: ToolResult | None = None
-        async for ev in _heartbeat(run_tool(self.ctx, route.call.tool, args), route.call.tool,
-                                   self.heartbeat_s):
-            if isinstance(ev, ChatEvent):
-                yield ev
+        async for out in _heartbeat(run_tool(self.ctx, route.call.tool, args), route.call.tool,
+                                    self.heartbeat_s):
+            if isinstance(out, ChatEvent):
+                yield out
             else:
-                result = ev  # type: ignore[assignment]
+                result = out
         assert result is not None
         yield ChatEvent("evidence", result=result)
         async for ev in self._answer(question, lang, route, result):
@@ -356,7 +317,7 @@ class ChatAgent:
             return
         messages = answer_messages(question, lang, route.call.tool, result)
         got = False
-        chunks = stream_text(model, messages, api_key=self.ctx.runtime.settings.llm_api_key)
+        chunks = stream_text(model, messages)
         try:
             async for chunk in _stream_heartbeat(chunks, "answer", self.heartbeat_s):
                 if isinstance(chunk, ChatEvent):
@@ -373,70 +334,3 @@ class ChatAgent:
             yield ChatEvent("done", "model gave an empty answer", answer_source="template")
             return
         yield ChatEvent("done", answer_source="model")
-
-
-# ---- the LangChain path (servers with native tool calling) -------------------------------
-
-LANGCHAIN_SYSTEM = ("You help a shop's merchandisers. Call the ShopLens tools to get facts, then "
-                    "answer briefly in the language of the question, naming products by their "
-                    "exact titles and citing the events or dates the tools returned.")
-
-
-def langchain_tools(ctx: ToolContext) -> list[Any]:
-    """The registry as LangChain `StructuredTool`s (pydantic args in, result JSON out)."""
-    from langchain_core.tools import StructuredTool
-
-    def make(name: str) -> Any:
-        async def call(**kwargs: Any) -> str:
-            result = await run_tool(ctx, name, TOOLS[name].args.model_validate(kwargs))
-            return result.model_dump_json()
-
-        return StructuredTool.from_function(coroutine=call, name=name, description=TOOLS[name].description,
-                                            args_schema=TOOLS[name].args)
-
-    return [make(n) for n in TOOLS]
-
-
-def langchain_chat_model(runtime: Any) -> Any:
-    """A LangChain chat model for the configured remote server (needs ``llm_base_url``).
-
-    Raises:
-        ValueError: no remote server is configured (the embedded server cannot call tools).
-    """
-    s = runtime.settings
-    if not s.llm_base_url:
-        raise ValueError("the LangChain agent needs a tool-calling server (SHOPLENS_LLM_BASE_URL, "
-                         "e.g. vLLM with --enable-auto-tool-choice); the embedded model uses 'route'")
-    from langchain_openai import ChatOpenAI
-
-    return ChatOpenAI(base_url=s.llm_base_url, model=s.llm_model, api_key=s.llm_api_key,
-                      temperature=0, timeout=s.llm_timeout_s, max_retries=0)
-
-
-async def langchain_turn(chat_model: Any, ctx: ToolContext, question: str, *, max_steps: int = 3
-                         ) -> AsyncIterator[ChatEvent]:
-    """A tool-calling loop: the model calls tools (typed args) until it answers in text."""
-    from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
-
-    by_name = {t.name: t for t in langchain_tools(ctx)}
-    llm = chat_model.bind_tools(list(by_name.values()))
-    messages: list[Any] = [SystemMessage(LANGCHAIN_SYSTEM), HumanMessage(question)]
-    for _ in range(max_steps):
-        ai = await llm.ainvoke(messages)
-        messages.append(ai)
-        if not ai.tool_calls:
-            yield ChatEvent("token", str(ai.content))
-            yield ChatEvent("done", answer_source="model")
-            return
-        for tc in ai.tool_calls:
-            if tc["name"] not in TOOLS:
-                content = f"unknown tool {tc['name']}; use one of {list(TOOLS)}"
-            else:
-                call = ToolCall(tool=tc["name"], args=tc["args"])
-                yield ChatEvent("route", route=Route(call, preparse(question), "model"))
-                result = await run_tool(ctx, call.tool, call.typed_args())
-                yield ChatEvent("evidence", result=result)
-                content = result.model_dump_json()
-            messages.append(ToolMessage(content=content, tool_call_id=tc["id"]))
-    yield ChatEvent("token", "I could not finish within the tool-call budget.")
-    yield ChatEvent("done", "tool-call budget exhausted", answer_source="template")

@@ -19,8 +19,9 @@ import pandas as pd
 
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
+from agent.chat.results import TaskResult, Timeline
 from agent.chat.router import ChatAgent, detect_language
-from agent.chat.tools import TaskResult, Timeline, ToolContext
+from agent.chat.tools import ToolContext
 from agent.tasks.next_item import NextItemConfig
 from ui.chat.render import breakdown_frame, items_frame, safe_md, status_line, timeline_figure
 

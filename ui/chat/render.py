@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from agent.chat.tools import (
+from agent.chat.results import (
     ChurnSegment,
     ItemDetails,
     ItemSentiment,
