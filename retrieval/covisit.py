@@ -84,8 +84,10 @@ class CoVisitation:
         cfg = self.config
         if cfg.window < 1:
             raise ValueError(f"window must be >= 1, got {cfg.window}")
-        forward: defaultdict[str, Counter[str]] = defaultdict(Counter)
-        cooc: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        # Weights are floats (distance decay), which Counter's int-valued typing rejects; rows
+        # start at int 0 exactly as a Counter's missing keys do.
+        forward: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(int))
+        cooc: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(int))
         counts: Counter[str] = Counter()
         for seq in sequences:
             seq = list(seq)

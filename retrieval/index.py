@@ -158,4 +158,7 @@ class VectorIndex:
     def vector(self, id_: str) -> np.ndarray | None:
         """The stored vector of `id_` (flat and HNSW indexes both store raw vectors)."""
         pos = self._pos.get(id_)
-        return None if pos is None else self._index.reconstruct(pos)
+        # faiss's stubs type a buffer-less reconstruct() as torch.Tensor (its first overload, for
+        # when faiss.contrib.torch_utils is imported); here it returns an ndarray, which
+        # np.asarray passes through unchanged.
+        return None if pos is None else np.asarray(self._index.reconstruct(pos))

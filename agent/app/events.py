@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -77,7 +77,7 @@ def loc_to_param(loc: Sequence[Any]) -> str | None:
     return out or None
 
 
-def describe_errors(errors: Iterable[dict[str, Any]], prefix: Sequence[Any] = ()) -> list[dict[str, Any]]:
+def describe_errors(errors: Iterable[Mapping[str, Any]], prefix: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """Pydantic errors as [{param, message, code}], with `prefix` put before each location."""
     out = []
     for err in errors:

@@ -262,7 +262,9 @@ class ShopLensService(DataMethods):
         """P(no purchase within `horizon_days` after `as_of`; default: the dataset's end)."""
         uid = self.stored_id(user_id)
         catalog = await asyncio.to_thread(self.state.catalog, dataset)
-        when = parse_as_of(as_of) or await asyncio.to_thread(self.state.dataset_end, dataset)
+        when = parse_as_of(as_of)
+        if when is None:
+            when = await asyncio.to_thread(self.state.dataset_end, dataset)
         note = await self.state.baselines.ensure("churn", dataset, horizon_days)
         bl = self.state.baselines.churn(dataset, horizon_days)
         notes = [note] if note else []

@@ -148,7 +148,9 @@ def drop_user_from_artifacts(arts: DatasetArtifacts, user_id: str, folder: Path)
     keep = [u for u in arts.user_index.ids if u != user_id]
     old = arts.user_index
     dim = old.manifest.dim
-    vecs = np.stack([old.vector(u) for u in keep]) if keep else np.zeros((0, dim), np.float32)
+    # every id in `keep` comes from the index, so each has a stored vector (None never occurs)
+    kept = [v for u in keep if (v := old.vector(u)) is not None]
+    vecs = np.stack(kept) if keep else np.zeros((0, dim), np.float32)
     user_index = VectorIndex.build(keep, vecs, name=old.manifest.name, embedder=old.manifest.embedder,
                                    content_hash=old.manifest.catalogue_hash, kind=old.manifest.kind)
     covisit = CoVisitation(arts.covisit.config).fit(user_items.values())

@@ -109,8 +109,7 @@ class CandidateGenerator:
         recent = list(dict.fromkeys(reversed(history)))[:10]  # distinct, newest first
         out: dict[str, dict[str, float]] = {s: {} for s in SOURCES}
         # embedding neighbours of the recent items
-        vecs = [(i, self.item_index.vector(i)) for i in recent]
-        vecs = [(i, v) for i, v in vecs if v is not None]
+        vecs = [(i, v) for i in recent if (v := self.item_index.vector(i)) is not None]
         if vecs:
             hits = self.item_index.search(np.stack([v for _, v in vecs]), 30)
             for age, row in enumerate(hits):

@@ -145,10 +145,10 @@ def ingest(
         for batch in _batches(result.items, batch_size):
             report.items_written += store.add_items(name, batch)
             bar.update(len(batch))
-        for batch in _batches(result.events, batch_size):
-            new = store.add_events(name, batch)
+        for event_batch in _batches(result.events, batch_size):
+            new = store.add_events(name, event_batch)
             report.events_new += new
-            report.events_already_present += len(batch) - new
-            bar.update(len(batch))
+            report.events_already_present += len(event_batch) - new
+            bar.update(len(event_batch))
     store.record_ingest(name, report.to_dict())
     return report

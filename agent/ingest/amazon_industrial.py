@@ -30,7 +30,7 @@ from agent.ingest.report import LoadReport
 DATASET = "amazon-industrial"
 SUBDIR = "amazon-industrial"
 ITEM_FILE = "Industrial_and_Scientific.item.json.gz"
-SPLITS: tuple[str, ...] = ("valid", "test")
+SPLITS: tuple[Literal["valid", "test"], ...] = ("valid", "test")
 _MAX_DESCRIPTION = 20_000  # CatalogItem.description bound
 
 

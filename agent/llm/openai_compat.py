@@ -13,13 +13,16 @@ The dialect differences live here and nowhere else:
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import httpx
 import openai
 
 from agent.llm.base import Completion, Message, ModelRequestError, ModelUnavailableError, Usage
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 Dialect = Literal["vllm", "llamacpp", "openai"]
 
@@ -147,9 +150,11 @@ class OpenAICompatModel:
             ModelUnavailableError / ModelRequestError: as `complete`, before or during the stream.
         """
         try:
+            # Message is a plain dict[str, str]; the SDK's param type is a union of TypedDicts
+            # with the same {"role", "content"} shape (the server validates the roles).
             events = await self._client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=max_tokens,  # type: ignore[arg-type]
-                temperature=temperature, stream=True)
+                model=self.model, messages=cast("list[ChatCompletionMessageParam]", messages),
+                max_tokens=max_tokens, temperature=temperature, stream=True)
             async for ev in events:
                 if ev.choices and ev.choices[0].delta.content:
                     yield ev.choices[0].delta.content
@@ -185,7 +190,16 @@ def _error_detail(e: openai.APIStatusError) -> tuple[str | None, str]:
     return (str(param) if param else None), str(err.get("message") or e.message)
 
 
-def _retry_after(response: httpx.Response | None) -> float | None:
+class _HasHeaders(Protocol):
+    """What `_retry_after` reads of a response. The openai SDK's errors carry its own vendored
+    client's response type (``httpx2.Response``), not ``httpx.Response``, so only the headers
+    mapping is required."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+def _retry_after(response: _HasHeaders | None) -> float | None:
     if response is None:
         return None
     try:

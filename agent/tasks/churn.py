@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from agent.domain.history import HistoryView, build_history
 from agent.domain.predictions import Action, ChurnAnswer, ChurnPrediction, Driver, RiskBand
@@ -53,7 +53,8 @@ def churn_drivers(f: UserFeatures) -> list[Driver]:
     due = max(30.0, 2 * gap) if gap else 60.0
     out = [Driver(name="recency", value=rec, effect="raises_risk" if rec > due else "lowers_risk",
                   detail=f"{rec:.0f} days since the last order (usual gap x2 = {due:.0f} days)")]
-    eff = "raises_risk" if f.orders_last_90d == 0 else "lowers_risk" if f.orders_last_90d >= 2 else "neutral"
+    eff: Literal["raises_risk", "lowers_risk", "neutral"] = (
+        "raises_risk" if f.orders_last_90d == 0 else "lowers_risk" if f.orders_last_90d >= 2 else "neutral")
     out.append(Driver(name="frequency", value=float(f.n_orders), effect=eff,
                       detail=f"{f.n_orders} orders in total, {f.orders_last_90d} in the last 90 days"))
     t = f.monetary_trend
@@ -104,8 +105,8 @@ class ChurnService:
         evs = [e for e in events if e.timestamp < as_of and e.item_id in catalog]
         f = user_features(evs, catalog, as_of, catalogue_prices=prices)
         drivers = churn_drivers(f) if f.n_orders else []
-        common = dict(user_id=user_id, dataset=dataset, as_of=as_of.isoformat(), horizon_days=horizon_days,
-                      features={k: v for k, v in asdict(f).items() if k != "as_of"}, drivers=drivers)
+        common: dict[str, Any] = dict(user_id=user_id, dataset=dataset, as_of=as_of.isoformat(), horizon_days=horizon_days,
+                                      features={k: v for k, v in asdict(f).items() if k != "as_of"}, drivers=drivers)
         if horizon_days != 90:
             trace.notes.append("the baseline was trained for a 90-day horizon")
         if f.n_orders == 0:
@@ -142,6 +143,7 @@ class ChurnService:
                              fallback="baseline probability, rule-based action")
         p = (self.baseline.blend or Blend())(p_base, p_model)
         band = risk_band(p)
+        src: Literal["model", "fallback"]
         if answer is not None:
             action, reason, refs, src = answer.action, answer.reason, answer.evidence, "model"
         else:

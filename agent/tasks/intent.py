@@ -186,8 +186,8 @@ class IntentService:
         as_of = as_of or ((events[-1].timestamp + timedelta(seconds=1)) if events else datetime.now().astimezone())
         evs = [e for e in events if e.timestamp < as_of]
         f = funnel_features(evs, item_id, as_of, catalog)
-        common = dict(user_id=user_id, item_id=item_id, dataset=dataset, as_of=as_of.isoformat(),
-                      horizon_hours=horizon_hours, funnel=asdict(f))
+        common: dict[str, Any] = dict(user_id=user_id, item_id=item_id, dataset=dataset, as_of=as_of.isoformat(),
+                                      horizon_hours=horizon_hours, funnel=asdict(f))
         known = [e for e in evs if e.item_id in catalog]
         if not known or (item_id not in catalog and f.n_views + f.n_carts + f.n_favs == 0):
             rate = item_base_rate if item_base_rate is not None else self.baseline.base_rate

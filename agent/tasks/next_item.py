@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal, cast
 
 from agent.data.artifacts import DatasetArtifacts
 from agent.data.candidates import Candidate
@@ -121,7 +122,8 @@ class NextItemService:
 
         # --- explanations ---------------------------------------------------------------
         reasons: dict[str, tuple[str, list[str]]] = {}
-        summary, summary_source = "", "fallback"
+        summary = ""
+        summary_source: Literal["model", "fallback"] = "fallback"
         if cfg.explain and ranked and not cold and self.model is not None:
             tpl = load_prompt(cfg.explain_prompt)
             prompts.append(tpl.ref)
@@ -290,7 +292,9 @@ def fallback_reason(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifa
 def fallback_summary(hist: HistoryView, cold: bool) -> str:
     if cold:
         return "[retrieval fallback] No history for this customer: showing best-sellers (cold start)."
-    themes = hist.profile.get("top_themes") or []
+    # build_history stores `themes(...)`, a list[str], under "top_themes"; the profile dict is
+    # typed dict[str, object] because its values vary by key.
+    themes = cast("list[str]", hist.profile.get("top_themes") or [])
     return ("[retrieval fallback] " + f"{hist.profile['n_events']} events, {hist.profile['span']}"
             + (f"; frequent themes: {', '.join(themes)}." if themes else "."))
 

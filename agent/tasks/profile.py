@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Literal
 
 from agent.domain.history import HistoryView, build_history, themes, title_words
 from agent.domain.predictions import (
@@ -271,7 +272,9 @@ class ProfileService:
         hist = build_history(user_id, known, catalog, window=self.window, as_of=as_of)
         attrs = profile_attributes(f, hist)
         prompts: list[str] = []
-        summary, source, claims = fallback_profile_summary(f), "fallback", []
+        summary = fallback_profile_summary(f)
+        source: Literal["model", "fallback", "cold_start"] = "fallback"
+        claims: list[ProfileClaim] = []
         tpl = load_prompt(self.prompt)
 
         async def step(model: ChatModel) -> ProfileAnswer:

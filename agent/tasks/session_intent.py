@@ -281,8 +281,8 @@ class SessionIntentService:
         evs = [e for e in events if e.timestamp < as_of]
         f = session_features(evs, as_of, catalog)
         hz = horizon_words(horizon_hours)
-        common = dict(user_id=user_id, dataset=dataset, as_of=as_of.isoformat(), horizon_hours=horizon_hours,
-                      horizon=hz, session=asdict(f))
+        common: dict[str, Any] = dict(user_id=user_id, dataset=dataset, as_of=as_of.isoformat(), horizon_hours=horizon_hours,
+                                      horizon=hz, session=asdict(f))
         if not evs:
             rate = base_rate if base_rate is not None else self.baseline.base_rate
             trace.notes.append("cold start (no history before as_of): the base rate, not a personal prediction")

@@ -16,7 +16,7 @@ from agent.domain.predictions.common import Meta
 from agent.domain.text import Language
 
 Polarity = Literal["negative", "neutral", "positive"]
-POLARITIES: tuple[str, ...] = get_args(Polarity)
+POLARITIES: tuple[Polarity, ...] = get_args(Polarity)
 _ALIASES = {"pos": "positive", "neg": "negative", "neu": "neutral", "1": "positive", "+1": "positive",
             "0": "neutral", "-1": "negative"}
 

@@ -209,7 +209,7 @@ class SentimentAnalyzer:
             try:
                 if t is None or (isinstance(t, float) and math.isnan(t)):
                     raise ValueError("review text is missing")
-                r = await self.analyze(t if isinstance(t, str) else str(t), aspects=aspects)  # type: ignore[arg-type]
+                r = await self.analyze(t if isinstance(t, str) else str(t), aspects=aspects)
             except (ValueError, OutputValidationError) as e:
                 r = SentimentFailure(index=i, error=str(e))
             out.append(r)

@@ -55,4 +55,4 @@ def lexicon_probabilities(text: str) -> dict[str, float]:
 
 def lexicon_polarity(text: str) -> Polarity:
     probs = lexicon_probabilities(text)
-    return max(POLARITIES, key=lambda p: probs[p])  # type: ignore[return-value]
+    return max(POLARITIES, key=lambda p: probs[p])
