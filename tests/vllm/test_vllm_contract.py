@@ -1,7 +1,7 @@
 """Contract: ShopLens's real pipeline code against a REAL vLLM server (tests/vllm/conftest.py).
 
 The model is reached the way production reaches it: `Settings(llm_base_url=...)` -> `Runtime`
--> `OpenAICompatModel` with the dialect auto-detected from ``/v1/models`` (vLLM's
+-> `GuardedModel` over `OpenAICompatModel` with the dialect auto-detected from ``/v1/models`` (vLLM's
 ``response_format: json_schema``, ``top_logprobs``). Checked: the next-item service (verbalizer
 ranking over permutations + one schema-constrained explanation call), the verbalizer on an
 obvious case, review sentiment in Chinese and English with aspects, the validate-and-repair
@@ -29,6 +29,7 @@ from agent.llm.openai_compat import OpenAICompatModel
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 from agent.llm.verbalizer import LABELS, verbalizer_scores
+from agent.llm.wrappers import GuardedModel
 from agent.settings import Settings
 from agent.tasks.next_item import NextItemConfig
 from agent.tasks.sentiment import SentimentAnalyzer
@@ -66,7 +67,10 @@ async def runtime_for(served: Served, tmp_path: Path) -> AsyncIterator[Runtime]:
 
 async def recorded(rt: Runtime, served: Served, test: str) -> RecordingModel:
     model = await rt.model()
-    assert isinstance(model, OpenAICompatModel) and model.dialect == "vllm"  # auto-detected
+    # Runtime.model() hands every surface the same guarded model (deadline, retry, lanes); the
+    # adapter inside it talks to vLLM in the dialect auto-detected from /v1/models.
+    assert isinstance(model, GuardedModel), type(model)
+    assert isinstance(model.inner, OpenAICompatModel) and model.inner.dialect == "vllm"
     return RecordingModel(model, served.timings, test)
 
 
