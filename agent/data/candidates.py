@@ -67,7 +67,9 @@ def user_vector(item_ids: Sequence[str], item_index: VectorIndex, decay: float =
     return (u / n).astype(np.float32) if n > 0 else None
 
 
-def _scale(scores: Mapping[str, float]) -> dict[str, float]:
+def max_scale(scores: Mapping[str, float]) -> dict[str, float]:
+    """Positive scores divided by the largest, so each source's best is 1.0 (non-positive
+    scores dropped; an empty or all-non-positive source gives {})."""
     top = max(scores.values(), default=0.0)
     if top <= 0:
         return {}
@@ -145,7 +147,7 @@ class CandidateGenerator:
         With an empty history only popularity contributes (cold start).
         """
         raw = self.source_scores(history, user_id=user_id)
-        scaled = {s: _scale(v) for s, v in raw.items()}
+        scaled = {s: max_scale(v) for s, v in raw.items()}
         pool: dict[str, Candidate] = {}
         for source, scores in scaled.items():
             for item, sc in scores.items():

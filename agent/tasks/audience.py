@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 
 from agent.data.artifacts import build_user_index
+from agent.data.candidates import max_scale
 from agent.domain.history import _STOP, build_history
 from agent.domain.predictions import AudiencePrediction, AudienceReason, Evidence, TargetUser
 from agent.domain.schemas import BehaviorEvent, CatalogItem
@@ -101,11 +102,6 @@ class AudienceIndex:
         return it.title if it else f"item {item_id}"
 
 
-def _scale(d: Mapping[str, float]) -> dict[str, float]:
-    top = max(d.values(), default=0.0)
-    return {k: v / top for k, v in d.items() if v > 0} if top > 0 else {}
-
-
 def source_scores(idx: AudienceIndex, item_id: str | None, query: np.ndarray | None = None,
                   *, pool: int = 300) -> dict[str, dict[str, float]]:
     """Raw per-source user scores for a target item (or a campaign query vector)."""
@@ -117,7 +113,7 @@ def source_scores(idx: AudienceIndex, item_id: str | None, query: np.ndarray | N
         query = idx.item_index.vector(item_id) if query is None else query
     elif query is not None:  # campaign text: its nearest items seed co-purchase
         seeds = {i: max(0.0, s) for i, s in idx.item_index.search(query[None, :], 10)[0]}
-    for other, w in _scale(seeds).items():
+    for other, w in max_scale(seeds).items():
         for u, c in idx.buyers.get(other, {}).items():
             out["co_purchase"][u] = out["co_purchase"].get(u, 0.0) + w * math.log1p(c)
     if query is not None and len(idx.user_index):
@@ -138,7 +134,7 @@ def rank_users(idx: AudienceIndex, item_id: str | None, query: np.ndarray | None
     for src, scores in raw.items():
         if not w.get(src):
             continue
-        for u, s in _scale(scores).items():
+        for u, s in max_scale(scores).items():
             fused[u] += w[src] * s / wsum
             per[u][src] = round(s, 6)
     ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
