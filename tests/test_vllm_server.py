@@ -123,9 +123,9 @@ def test_cpu_build_is_recognised_from_the_dist_info(tmp_path: Path) -> None:
 def test_llamacpp_command_exact_flags() -> None:
     assert llamacpp_command(Path("/m/q.gguf"), model_alias="q", port=9000, n_threads=2, n_ctx=4096,
                             python="/py") == [
-        "/py", "-m", "llama_cpp.server", "--model", "/m/q.gguf", "--model_alias", "q",
+        "/py", "-m", "agent.llm.servers.llama_app", "--model", "/m/q.gguf", "--model_alias", "q",
         "--host", "127.0.0.1", "--port", "9000", "--n_threads", "2", "--n_threads_batch", "2",
-        "--n_ctx", "4096", "--logits_all", "true", "--verbose", "false",
+        "--n_ctx", "4096", "--verbose", "false",
     ]
 
 

@@ -26,12 +26,20 @@ Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str
 
 @dataclass
 class Usage:
+    """Token counts of one call (or a sum of calls).
+
+    `cached_tokens` is the part of `prompt_tokens` the server reused from its prefix cache
+    (``usage.prompt_tokens_details.cached_tokens``; 0 where the server does not report it).
+    """
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
     def add(self, other: Usage) -> None:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.cached_tokens += other.cached_tokens
 
 
 @dataclass

