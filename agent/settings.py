@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     history_window: int = Field(default=20, ge=1, le=200)  # most recent events shown to the model
     n_candidates: int = Field(default=20, ge=1, le=200)  # LLMRank/LlamaRec rank 20 candidates
     permutations: int = Field(default=2, ge=1, le=10)  # verbalizer passes to cancel position bias
+    # How the model scores next-item candidates: "verbalizer" (letter labels, `permutations`
+    # calls) or "pointwise" (one yes/no call per candidate, position-free; docs/results.md).
+    llm_scorer: Literal["verbalizer", "pointwise"] = "verbalizer"
 
     @classmethod
     def settings_customise_sources(

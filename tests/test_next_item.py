@@ -186,6 +186,31 @@ async def test_model_preference_moves_an_item_to_the_top(
     assert pred.meta.prompt_versions == ["next_item_rank.v1"]
 
 
+async def test_pointwise_scorer_asks_each_candidate_once_and_moves_a_yes_to_the_top(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    def yes_to_gloves(call: FakeCall) -> Completion:
+        asked = call.messages[1]["content"].split("Candidate product: ")[1].split("\n")[0]
+        p = 0.97 if asked == "Garden gloves" else 0.02
+        return Completion(text="Yes" if p > 0.5 else "No", usage=Usage(200, 1, cached_tokens=150),
+                          top_logprobs=[{"Yes": math.log(p), "No": math.log(1 - p)}])
+
+    cands = candidate_ids(artifacts, u1_events)
+    assert "g2" in cands and cands[0] != "g2"
+    model = scripted_model([], verbalizer=yes_to_gloves)
+    pred = await NextItemService(model).predict(
+        "u1", u1_events, artifacts, NextItemConfig(k=3, explain=False, llm_scorer="pointwise"))
+    assert pred.items[0].item_id == "g2"
+    assert pred.items[0].source_scores["llm"] == pytest.approx(0.97, abs=1e-6)  # P(yes) of the yes/no pair
+    assert len(model.calls) == len(cands)  # one call per candidate, no permutations
+    assert all(c.max_tokens == 1 and c.top_logprobs == 20 for c in model.calls)
+    assert pred.meta.prompt_versions == ["next_item_pointwise.v1"]
+    assert pred.meta.attempts == len(cands) and pred.meta.prompt_tokens == 200 * len(cands)
+    # every candidate's prompt starts with the same history: the server's prefix cache reuses it
+    heads = {c.messages[1]["content"].split("Candidate product:")[0] for c in model.calls}
+    assert len(heads) == 1
+
+
 @pytest.mark.parametrize(
     ("bad", "error_text"),
     [

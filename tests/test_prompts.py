@@ -297,6 +297,24 @@ def test_snapshot_next_item_rank_titles_v1_with_a_demonstration() -> None:
     check_snapshot("next_item_rank_titles.v1", as_text(plain) + "##### with one demonstration\n" + as_text(shot))
 
 
+def test_snapshot_next_item_pointwise_v1_two_candidates_share_the_prefix() -> None:
+    hist = fixed_history()
+    tpl = load_prompt("next_item_pointwise.v1")
+    a = render(tpl, candidate="RED HANGING HEART T-LIGHT HOLDER", verb="buy", **hist.prompt_vars())
+    b = render(tpl, candidate="WHITE METAL LANTERN", verb="buy", **hist.prompt_vars())
+    assert a[0] == b[0]  # the same system message
+    # everything up to the candidate's line is the same bytes: the server's prefix cache reuses it
+    head = a[1]["content"].split("Candidate product:")[0]
+    assert b[1]["content"].startswith(head) and len(head) > 200
+    check_snapshot("next_item_pointwise.v1", as_text(a) + "##### second candidate\n" + as_text(b))
+
+
+def test_snapshot_next_item_pointwise_titles_v1() -> None:
+    v = {k: x for k, x in _titles_vars().items() if k != "candidates"}
+    check_snapshot("next_item_pointwise_titles.v1",
+                   as_text(render(load_prompt("next_item_pointwise_titles.v1"), candidate="Splatoon 2", **v)))
+
+
 def test_snapshot_next_item_generate_v1() -> None:
     check_snapshot("next_item_generate.v1", as_text(render(load_prompt("next_item_generate.v1"), **_titles_vars())))
 

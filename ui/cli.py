@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -31,7 +32,7 @@ from agent.ingest import ingest
 from agent.ingest.generic import load_generic
 from agent.llm.base import ModelUnavailableError
 from agent.settings import load_settings
-from agent.tasks.next_item import NextItemConfig, NextItemService, prediction_json
+from agent.tasks.next_item import LlmScorer, NextItemConfig, prediction_json
 from ui import sentiment_cli, serve_llm_cli, tasks_cli
 from ui.eval_cli import EVAL_EXAMPLES, eval_app
 from ui.options import DataDir, IngestDataset, Profile, Workspace
@@ -148,15 +149,20 @@ def recommend_cmd(
     catalog: Annotated[Path | None, typer.Option(help="your own catalogue (.csv/.jsonl), with --events")] = None,
     no_llm: Annotated[bool, typer.Option("--no-llm", help="retrieval fusion only, no model")] = False,
     repurchase: Annotated[bool, typer.Option(help="allow items the user already bought")] = False,
-    permutations: Annotated[int, typer.Option(min=1, max=10, help="verbalizer passes")] = 2,
+    permutations: Annotated[int | None, typer.Option(min=1, max=10, help="verbalizer passes "
+                                                     "(default: settings, 2)")] = None,
+    llm_scorer: Annotated[LlmScorer | None, typer.Option(
+        help="how the model scores candidates: verbalizer (letter labels) or pointwise (one "
+             "yes/no question per candidate, position-free); default: settings")] = None,
     workspace: Workspace = None,
     data_dir: DataDir = None,
     profile: Profile = None,
 ) -> None:
     """Predict a user's next k items (JSON on stdout).
 
-    Retrieval candidates ranked by the model's verbalizer and fused with the retrieval scores;
-    each item has a reason citing the user's events. --events/--catalog use your own files.
+    Retrieval candidates scored by the model and fused with the retrieval scores; each item has
+    a reason citing the user's events. --events/--catalog use your own files. The configuration
+    is the one the API and the chat use (settings), with these flags on top.
     """
     if (dataset is None) == (events is None):
         raise _fail("give either --dataset (with --user) or --events (with optional --catalog)")
@@ -169,8 +175,10 @@ def recommend_cmd(
     elif user is None:
         raise _fail("--user is required with --dataset")
     assert dataset is not None and user is not None
-    cfg = NextItemConfig(k=k, repurchase=repurchase, permutations=permutations, use_llm_ranking=not no_llm,
-                         explain=not no_llm)
+    base = ShopLensService(rt, use_model=not no_llm).next_item_config(k=k, repurchase=repurchase,
+                                                                      use_model=not no_llm)
+    cfg = replace(base, permutations=permutations or base.permutations,
+                  llm_scorer=llm_scorer or base.llm_scorer)
     try:
         pred = asyncio.run(_predict(rt, dataset, user, cfg, use_model=not no_llm))
     except CallerError as e:  # unknown dataset or user, inline events of other users
@@ -227,25 +235,23 @@ def demo_cmd(
 
 
 async def _demo(rt: Runtime, dataset: str, users: list[str], k: int) -> None:
+    """The demo goes through the one facade (`ShopLensService.next_item`), as the API does."""
     try:
-        arts = rt.artifacts(dataset)
         t0 = time.perf_counter()
         err.print("starting the model ...")
         try:
             model = await rt.model()
             err.print(f"model {model.model_id} ready in {time.perf_counter() - t0:.1f} s")
         except ModelUnavailableError as e:
-            model = None
             err.print(f"[yellow]model unavailable ({e}); showing retrieval-only answers[/]")
-        service = NextItemService(model, model_sha256=rt.model_sha256)
+        service = ShopLensService(rt)
         for uid in users:
             try:
-                history = rt.store.user_events(dataset, uid)
+                pred = await service.next_item(dataset, uid, config=service.next_item_config(k=k))
             except UnknownUserError as e:
                 err.print(f"[red]{e}[/]")
                 continue
-            pred = await service.predict(uid, history, arts, NextItemConfig(k=k))
-            render_prediction(pred, len(history))
+            render_prediction(pred, len(rt.store.user_events(dataset, uid)))  # a count, shown only
     finally:
         await rt.aclose()
 

@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Literal
 
 from agent.app.data_methods import DataMethods
-from agent.app.events import Pseudonyms, parse_as_of
+from agent.app.events import Pseudonyms, check_candidates, parse_as_of
 from agent.app.model_holder import ModelSource, ModelWatch
 from agent.app.policy import P, Run, mark_unavailable, run_task
 from agent.app.results import SentimentBatch, SentimentBatchMeta
@@ -172,16 +172,20 @@ class ShopLensService(DataMethods):
 
     # ---- next item ------------------------------------------------------------------------
     def next_item_config(self, *, k: int = 5, repurchase: bool = False, use_model: bool = True) -> NextItemConfig:
-        """The next-item configuration from `Settings` (candidates, permutations, window, attempts)."""
+        """The next-item configuration from `Settings` (candidates, LLM scorer, permutations, window,
+        attempts): the one configuration the API, the CLI and the chat start from."""
         s = self.runtime.settings
         return NextItemConfig(k=k, repurchase=repurchase, use_llm_ranking=use_model, explain=use_model,
                               n_candidates=max(s.n_candidates, k), permutations=s.permutations,
-                              window=s.history_window, max_attempts=s.llm_max_attempts)
+                              llm_scorer=s.llm_scorer, window=s.history_window,
+                              max_attempts=s.llm_max_attempts)
 
     async def next_item(self, dataset: str, user_id: str, *, events: Sequence[BehaviorEvent] | None = None,
                         config: NextItemConfig | None = None, as_of: datetime | str | float | None = None,
-                        use_model: bool | None = None) -> NextItemPrediction:
-        """Top-k next items for a stored user or for inline events (then the store is not read).
+                        use_model: bool | None = None,
+                        candidates: Sequence[str] | None = None) -> NextItemPrediction:
+        """Top-k next items for a stored user or for inline events (then the store is not read);
+        with `candidates`, a ranking of exactly those catalogue ids instead of retrieved ones.
 
         Raises:
             UnknownDatasetError / UnknownUserError / RequestError: caller mistakes.
@@ -193,20 +197,24 @@ class ShopLensService(DataMethods):
             events = [e.model_copy(update={"user_id": self.stored_id(e.user_id)}) for e in events]
         await self.state.ensure_indexes(dataset)
         cfg = config or self.next_item_config(use_model=use)
+        arts = self.runtime.artifacts(dataset)
+        if candidates is not None:
+            check_candidates(candidates, arts.catalog)
         try:
             hist = self.history(dataset, uid, events, before=when)
         except UnknownUserError as e:
             raise self._unknown(e, user_id) from e
-        arts = self.runtime.artifacts(dataset)
         sha = self.runtime.model_sha256
 
         async def run(model: ChatModel | None, why: str | None) -> NextItemPrediction:
-            pred = await NextItemService(model, model_sha256=sha).predict(uid, hist, arts, cfg, as_of=when)
+            pred = await NextItemService(model, model_sha256=sha).predict(uid, hist, arts, cfg, as_of=when,
+                                                                          candidates=candidates)
             return mark_unavailable(pred, why)
 
         async def fallback() -> NextItemPrediction:
             pred = await NextItemService(None, model_sha256=sha).predict(
-                uid, hist, arts, replace(cfg, use_llm_ranking=False, explain=False), as_of=when)
+                uid, hist, arts, replace(cfg, use_llm_ranking=False, explain=False), as_of=when,
+                candidates=candidates)
             pred.meta.degraded_reason = "ranked by retrieval fusion only"
             return pred
 

@@ -1,7 +1,8 @@
 """Next-item prediction: events in, a validated and explained top-k out.
 
 Pipeline (everything before the model call is deterministic):
-history view -> fused retrieval candidates -> verbalizer scoring over permutations (LLM) ->
+history view -> fused retrieval candidates -> LLM scores (the letter verbalizer over
+permutations, or one pointwise yes/no question per candidate: ``NextItemConfig.llm_scorer``) ->
 fusion -> top-k -> one schema-constrained explanation call -> pydantic validation with the
 labels and event refs as context -> one repair with the errors fed back -> labelled fallback.
 """
@@ -28,16 +29,22 @@ from agent.domain.predictions import (
 )
 from agent.domain.schemas import BehaviorEvent
 from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
+from agent.llm.pointwise import pointwise_scores
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 from agent.llm.verbalizer import LABELS, verbalizer_scores
+
+LlmScorer = Literal["verbalizer", "pointwise"]
 
 
 @dataclass
 class NextItemConfig:
     k: int = 5
     n_candidates: int = 20  # LLMRank / LlamaRec rank 20
-    permutations: int = 2  # forward + reverse order cancels first/last position bias
+    permutations: int = 2  # verbalizer: forward + reverse order cancels first/last position bias
+    # "verbalizer": letter labels, one call per permutation (LlamaRec); "pointwise": one yes/no
+    # call per candidate over a shared history prefix, position-free (agent/llm/pointwise.py)
+    llm_scorer: LlmScorer = "verbalizer"
     llm_weight: float = 0.5  # final = w * llm + (1 - w) * retrieval fusion
     use_llm_ranking: bool = True
     explain: bool = True
@@ -45,6 +52,7 @@ class NextItemConfig:
     max_attempts: int = 2  # explanation: one call + one repair
     window: int = 20  # events shown to the model
     rank_prompt: str = "next_item_rank.v1"
+    pointwise_prompt: str = "next_item_pointwise.v1"
     explain_prompt: str = "next_item_explain.v1"
     source_weights: dict[str, float] | None = None
     seed: int = 0
@@ -70,6 +78,7 @@ class NextItemService:
         config: NextItemConfig | None = None,
         *,
         as_of: datetime | None = None,
+        candidates: Sequence[str] | None = None,
     ) -> NextItemPrediction:
         """Predict the user's next k items.
 
@@ -77,6 +86,9 @@ class NextItemService:
             events: the user's events, oldest first (validated `BehaviorEvent`s).
             artifacts: the dataset's catalogue and retrieval indexes.
             as_of: reference time for relative times in the prompt (default: last event).
+            candidates: rank exactly these catalogue item ids (a recommender's own candidate
+                set, or an evaluation protocol's) instead of retrieving candidates; the same
+                sources score them, the same LLM scorer and fusion rank them. None: retrieve.
 
         Returns:
             A `NextItemPrediction` with exactly k distinct candidate items (fewer only when fewer
@@ -87,10 +99,12 @@ class NextItemService:
         trace = CallTrace()
         hist = build_history(user_id, events, artifacts.catalog, window=cfg.window, as_of=as_of)
         item_seq = [e.item_id for e in events]
-        exclude = set() if cfg.repurchase else set(hist.purchased_items)
-        cands = artifacts.generator(cfg.source_weights).generate(
-            item_seq, n=cfg.n_candidates, user_id=user_id, exclude=exclude
-        )
+        generator = artifacts.generator(cfg.source_weights)
+        if candidates is not None:
+            cands = generator.score(item_seq, candidates, user_id=user_id)
+        else:
+            exclude = set() if cfg.repurchase else set(hist.purchased_items)
+            cands = generator.generate(item_seq, n=cfg.n_candidates, user_id=user_id, exclude=exclude)
         cold = not events
         prompts: list[str] = []
         if len(cands) < cfg.k:
@@ -102,20 +116,31 @@ class NextItemService:
             if self.model is None:
                 trace.degraded.append("no model configured: ranked by retrieval fusion only")
             else:
-                tpl = load_prompt(cfg.rank_prompt)
-                prompts.append(tpl.ref)
+                titles = {c.item_id: artifacts.title(c.item_id) for c in cands}
                 try:
-                    res = await verbalizer_scores(
-                        self.model, tpl, hist.prompt_vars(), [c.item_id for c in cands][: len(LABELS)],
-                        {c.item_id: artifacts.title(c.item_id) for c in cands},
-                        permutations=cfg.permutations, seed=cfg.seed,
-                    )
-                    llm_scores = res.scores
-                    trace.usage.add(res.usage)
-                    trace.attempts += res.calls
-                    trace.model_latency_s += res.model_latency_s
-                    if res.label_mass < 0.5:
-                        trace.notes.append(f"model put only {res.label_mass:.0%} probability on labels")
+                    if cfg.llm_scorer == "pointwise":
+                        tpl = load_prompt(cfg.pointwise_prompt)
+                        prompts.append(tpl.ref)
+                        pw = await pointwise_scores(self.model, tpl, {**hist.prompt_vars(), "verb": "buy"},
+                                                    [c.item_id for c in cands], titles)
+                        llm_scores = pw.p_yes
+                        calls, usage, latency = pw.calls, pw.usage, pw.model_latency_s
+                        if pw.answered < 0.5:
+                            trace.notes.append(f"model answered yes/no for only {pw.answered:.0%} of candidates")
+                    else:
+                        tpl = load_prompt(cfg.rank_prompt)
+                        prompts.append(tpl.ref)
+                        res = await verbalizer_scores(
+                            self.model, tpl, hist.prompt_vars(), [c.item_id for c in cands][: len(LABELS)],
+                            titles, permutations=cfg.permutations, seed=cfg.seed,
+                        )
+                        llm_scores = res.scores
+                        calls, usage, latency = res.calls, res.usage, res.model_latency_s
+                        if res.label_mass < 0.5:
+                            trace.notes.append(f"model put only {res.label_mass:.0%} probability on labels")
+                    trace.usage.add(usage)
+                    trace.attempts += calls
+                    trace.model_latency_s += latency
                 except ModelUnavailableError as e:
                     trace.degraded.append(f"model unavailable for ranking ({e}); retrieval fusion only")
         ranked = _fuse(cands, llm_scores, cfg.llm_weight, artifacts.review_penalties)[: cfg.k]
