@@ -10,7 +10,10 @@ raw model responses, validity, tokens and latency.
   letters (LLMRank's way); missing labels go last, invalid answers are counted.
 * :class:`FewShotRanker` (``llm-fewshot``): the verbalizer with demonstrations from other,
   similar users (never the evaluated user).
-* :class:`HybridRanker` (``hybrid``): fused non-LLM z-scores + ``w`` * z-scored LLM log-prob.
+* :class:`PointwiseRanker` (``llm-pointwise``): one yes/no question per candidate, scored by
+  ``log P(yes) - log P(no)`` (`agent.llm.pointwise`); position-free by construction.
+* :class:`HybridRanker` (``hybrid``, ``hybrid-pointwise``): fused non-LLM z-scores + ``w`` *
+  the z-scored LLM feature (the verbalizer's log-probability, or the pointwise log-odds).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.llm.pointwise import pointwise_scores
 from agent.llm.prompting import PromptTemplate, render
 from agent.llm.verbalizer import LABELS, verbalizer_scores
 from eval.baselines import FusedRanker, Ranking, order_by_scores
@@ -107,6 +111,8 @@ class VerbalizerRanker(_SyncMixin):
         self.examples_fn = examples_fn
         self.verb = verb
 
+    feature = "logprob"  # what HybridRanker z-scores: log of the permutation-mean label probability
+
     async def llm_scores(self, case: RankingCase) -> tuple[dict[str, float], RankOutcome]:
         rec = Recorder(self.model)
         examples = self.examples_fn(case) if self.examples_fn else []
@@ -123,6 +129,46 @@ class VerbalizerRanker(_SyncMixin):
                    "n_examples": len(examples)},
         )
         return res.scores, out
+
+    async def arank(self, case: RankingCase) -> RankOutcome:
+        scores, out = await self.llm_scores(case)
+        out.ranking = order_by_scores(case, scores, self.seed)
+        return out
+
+
+class PointwiseRanker(_SyncMixin):
+    """One yes/no question per candidate; rank by ``log P(yes) - log P(no)``.
+
+    Args:
+        model: a ``ChatModel`` (usually a ``CachedModel``).
+        template: a pointwise template (``next_item_pointwise_titles.v1``).
+        titles: item id -> title.
+    """
+
+    feature = "margin"  # HybridRanker z-scores the log-odds log P(yes) - log P(no) as they are
+
+    def __init__(self, model: Any, template: PromptTemplate, titles: Mapping[str, str], *,
+                 seed: int = 0, name: str = "llm-pointwise", verb: str = "buy") -> None:
+        self.model = model
+        self.template = template
+        self._short = {k: short_title(titles, k) for k in titles}
+        self.seed = seed
+        self.name = name
+        self.verb = verb
+
+    async def llm_scores(self, case: RankingCase) -> tuple[dict[str, float], RankOutcome]:
+        """(log P(yes) - log P(no) per candidate, the outcome without its ranking)."""
+        rec = Recorder(self.model)
+        res = await pointwise_scores(rec, self.template, {**history_vars(case, self._short), "verb": self.verb},
+                                     case.candidates, self._short)
+        p, c, lat = _usage(rec)
+        out = RankOutcome(
+            ranking=[], valid=res.answered > 0.0, responses=rec.calls, prompt_tokens=p,
+            completion_tokens=c, model_latency_s=lat, prompt=rec.first_messages,
+            extra={"answered": round(res.answered, 4), "margins": res.margins,
+                   "cached_tokens": res.usage.cached_tokens},
+        )
+        return res.margins, out
 
     async def arank(self, case: RankingCase) -> RankOutcome:
         scores, out = await self.llm_scores(case)
@@ -308,27 +354,38 @@ def zscore(values: Sequence[float]) -> np.ndarray:
     return (x - x.mean()) / s if s > 1e-12 else np.zeros_like(x)
 
 
+def llm_feature(v: float, feature: str = "logprob") -> float:
+    """The LLM's hybrid feature from its score: ``log v`` of a probability (floored at 1e-9) for
+    the verbalizer, or the pointwise log-odds as they are (``feature="margin"``)."""
+    if feature == "margin":
+        return v
+    return math.log(max(v, 1e-9))
+
+
 def hybrid_scores(
-    case: RankingCase, fused: Mapping[str, float], llm_prob: Mapping[str, float], w: float
+    case: RankingCase, fused: Mapping[str, float], llm_prob: Mapping[str, float], w: float,
+    feature: str = "logprob",
 ) -> dict[str, float]:
-    """z(fused) + w * z(log LLM probability), per candidate (log floored at 1e-9)."""
+    """z(fused) + w * z(LLM feature), per candidate (`llm_feature`: log-prob or log-odds; a
+    candidate the LLM did not score gets probability 0 / margin 0)."""
     f = zscore([fused[c] for c in case.candidates])
-    g = zscore([math.log(max(llm_prob.get(c, 0.0), 1e-9)) for c in case.candidates])
+    g = zscore([llm_feature(llm_prob.get(c, 0.0), feature) for c in case.candidates])
     return dict(zip(case.candidates, (f + w * g).tolist(), strict=True))
 
 
 class HybridRanker(_SyncMixin):
-    """Fused non-LLM sources plus the LLM verbalizer, weight ``w`` chosen on validation users."""
+    """Fused non-LLM sources plus an LLM ranker's feature, weight ``w`` chosen on validation users."""
 
-    def __init__(self, fused: FusedRanker, llm: VerbalizerRanker, w: float, *, seed: int = 0,
-                 name: str = "hybrid") -> None:
+    def __init__(self, fused: FusedRanker, llm: VerbalizerRanker | PointwiseRanker, w: float, *,
+                 seed: int = 0, name: str = "hybrid") -> None:
         self.fused, self.llm, self.w, self.seed, self.name = fused, llm, w, seed, name
 
     async def arank(self, case: RankingCase) -> RankOutcome:
         t0 = time.perf_counter()
         fused = self.fused.scores(case)
         llm, out = await self.llm.llm_scores(case)
-        out.ranking = order_by_scores(case, hybrid_scores(case, fused, llm, self.w), self.seed)
+        out.ranking = order_by_scores(case, hybrid_scores(case, fused, llm, self.w, self.llm.feature),
+                                      self.seed)
         out.extra["w"] = self.w
         out.extra["llm_prob"] = {c: round(v, 6) for c, v in llm.items()}
         out.extra["fused"] = {c: round(v, 6) for c, v in fused.items()}
@@ -345,6 +402,7 @@ def choose_hybrid_weight(
     llm: Sequence[Mapping[str, float]],
     grid: Sequence[float] = WEIGHT_GRID,
     seed: int = 0,
+    feature: str = "logprob",
 ) -> tuple[float, dict[str, float]]:
     """The grid weight with the best mean NDCG@10 on validation cases (ties: the smaller w).
 
@@ -356,7 +414,7 @@ def choose_hybrid_weight(
     table: dict[str, float] = {}
     best_w, best = grid[0], -1.0
     for w in grid:
-        rankings = [[c for c, _ in order_by_scores(case, hybrid_scores(case, f, g, w), seed)]
+        rankings = [[c for c, _ in order_by_scores(case, hybrid_scores(case, f, g, w, feature), seed)]
                     for case, f, g in zip(cases, fused, llm, strict=True)]
         ndcg = mean_at_k("ndcg", rankings, [{c.target} for c in cases], 10)
         table[str(w)] = round(ndcg, 4)

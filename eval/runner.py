@@ -39,10 +39,13 @@ __all__ = ["RANKERS", "RankerSetup", "RunConfig", "Suite", "arun_next_item", "bu
            "make_ranker", "read_cases", "rescore", "run_next_item"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-LLM_RANKERS = ("llm", "llm-perm", "llm-generate", "llm-fewshot", "hybrid")
+LLM_RANKERS = ("llm", "llm-perm", "llm-generate", "llm-fewshot", "llm-pointwise", "hybrid",
+               "hybrid-pointwise")
+PIPELINE_RANKERS = ("pipeline",)  # the served ShopLensService.next_item (eval/pipeline.py)
 BASELINE_RANKERS = ("random", "pop", "covisit", "bm25", "embedding", "fused", "fused-sasrec")
-RANKERS = BASELINE_RANKERS + LLM_RANKERS
-PROMPT_FOR = {"llm-generate": "next_item_generate.v1"}
+RANKERS = PIPELINE_RANKERS + BASELINE_RANKERS + LLM_RANKERS
+PROMPT_FOR = {"llm-generate": "next_item_generate.v1", "llm-pointwise": "next_item_pointwise_titles.v1",
+              "hybrid-pointwise": "next_item_pointwise_titles.v1"}
 DEFAULT_PROMPT = "next_item_rank_titles.v1"
 
 
@@ -56,7 +59,10 @@ class RunConfig:
         candidates: candidate source for ``llmrank`` (``random``, ``bm25``, ... from
             ``Games-200/``, or ``6k-random`` / ``6k-pop``).
         users: evaluate the first N users (None: all).
-        ranker: one of :data:`RANKERS`.
+        ranker: one of :data:`RANKERS`; ``pipeline`` is the served next-item pipeline
+            (`eval.pipeline`), with the model unless ``no_llm``.
+        no_llm: ``pipeline`` without the model (its retrieval fusion alone).
+        llm_scorer: ``pipeline``'s LLM scorer (``pointwise`` or ``verbalizer``).
         prompt: prompt reference; None: the ranker's default.
         permutations: verbalizer passes (``llm-perm`` / ``hybrid``; ``llm`` always uses 1).
         position: ``shuffle`` (published protocol), ``first`` or ``last`` (position-bias check).
@@ -88,6 +94,8 @@ class RunConfig:
     sasrec: str | None = field(default_factory=lambda: os.environ.get("SHOPLENS_SASREC") or None)
     fusion_drop: str | None = None
     repurchase: bool = False
+    no_llm: bool = False
+    llm_scorer: str = "pointwise"
     model_profile: str | None = None
     name: str | None = None
     out: Path | None = None
@@ -97,16 +105,19 @@ class RunConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def run_name(self) -> str:
-        return self.name or f"{self.dataset}-{self.protocol}-{self.candidates}-{self.ranker}"
+        ranker = f"{self.ranker}-no-llm" if self.no_llm else self.ranker
+        return self.name or f"{self.dataset}-{self.protocol}-{self.candidates}-{ranker}"
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the original."""
         d = asdict(self)
         for k in ("out", "runs_dir", "name", "data_dir", "workspace"):
             d.pop(k)
-        for k in ("sasrec", "fusion_drop", "repurchase"):  # added later: older runs still resume
+        for k in ("sasrec", "fusion_drop", "repurchase", "no_llm"):  # added later: older runs resume
             if d[k] in (None, False):
                 d.pop(k)
+        if self.ranker != "pipeline":
+            d.pop("llm_scorer")
         return d
 
 
@@ -240,6 +251,7 @@ async def make_ranker(suite: Suite, config: RunConfig, model: Any = None) -> Ran
     from eval.llm_rankers import (
         GenerateRanker,
         HybridRanker,
+        PointwiseRanker,
         SimilarUserDemos,
         VerbalizerRanker,
         choose_hybrid_weight,
@@ -250,6 +262,8 @@ async def make_ranker(suite: Suite, config: RunConfig, model: Any = None) -> Ran
         raise ValueError(f"unknown ranker {name!r}; known: {', '.join(RANKERS)}")
     if name == "random":
         return RankerSetup(RandomRanker(config.seed))
+    if name == "pipeline":
+        return await _pipeline(suite, config, model)
     if name in ("fused", "fused-sasrec"):
         fused, fusion_info = _fusion(suite, config)
         return RankerSetup(fused, info=fusion_info)
@@ -271,10 +285,15 @@ async def make_ranker(suite: Suite, config: RunConfig, model: Any = None) -> Ran
                                     seed=config.seed)
         info["fewshot"] = f"{config.fewshot_k} demo(s) from nearest of {len(suite.demo_pool)} " \
                           "training users (recent-title embedding), never the evaluated user"
-    verb = VerbalizerRanker(model, tpl, suite.titles, permutations=perms, seed=config.seed,
-                            name=name, examples_fn=examples)
-    info["permutations"] = perms
-    if name != "hybrid":
+    verb: VerbalizerRanker | PointwiseRanker
+    if name in ("llm-pointwise", "hybrid-pointwise"):
+        verb = PointwiseRanker(model, tpl, suite.titles, seed=config.seed, name=name)
+        info["scorer"] = "pointwise yes/no, log P(yes) - log P(no), one call per candidate"
+    else:
+        verb = VerbalizerRanker(model, tpl, suite.titles, permutations=perms, seed=config.seed,
+                                name=name, examples_fn=examples)
+        info["permutations"] = perms
+    if not name.startswith("hybrid"):
         return RankerSetup(verb, model, info)
     fused, fusion_info = _fusion(suite, config)
     w = config.hybrid_w
@@ -286,11 +305,11 @@ async def make_ranker(suite: Suite, config: RunConfig, model: Any = None) -> Ran
         for c in tqdm(val, desc="hybrid weight (validation users)", unit="case"):
             llm_scores.append((await verb.llm_scores(c))[0])
         w, table = choose_hybrid_weight(val, [fused.scores(c) for c in val], llm_scores,
-                                        seed=config.seed)
+                                        seed=config.seed, feature=verb.feature)
         info["hybrid_weight_search"] = {"users": [c.user_id for c in val], "ndcg@10_by_w": table}
     info["hybrid_w"] = w
     info.update(fusion_info)
-    return RankerSetup(HybridRanker(fused, verb, w, seed=config.seed), model, info)
+    return RankerSetup(HybridRanker(fused, verb, w, seed=config.seed, name=name), model, info)
 
 
 def _fusion(suite: Suite, config: RunConfig) -> tuple[Any, dict[str, Any]]:
@@ -300,7 +319,7 @@ def _fusion(suite: Suite, config: RunConfig) -> tuple[Any, dict[str, Any]]:
     ``hybrid`` given ``config.sasrec``) or ``config.fusion_drop`` the weights are refit on the
     suite's validation users (:func:`eval.suites.fit_fusion`).
     """
-    sasrec = config.ranker == "fused-sasrec" or (config.ranker == "hybrid" and bool(config.sasrec))
+    sasrec = config.ranker == "fused-sasrec" or (config.ranker.startswith("hybrid") and bool(config.sasrec))
     if not sasrec and config.fusion_drop is None:
         return suite.fused, {"fusion_sources": [s.name for s in suite.fused.scorers]}
     names = fusion_names(suite, sasrec=sasrec, drop=config.fusion_drop)
@@ -309,6 +328,24 @@ def _fusion(suite: Suite, config: RunConfig) -> tuple[Any, dict[str, Any]]:
     if sasrec:
         info["sasrec"] = suite.notes.get("sasrec", {"model_dir": config.sasrec})
     return fused, info
+
+
+async def _pipeline(suite: Suite, config: RunConfig, model: Any) -> RankerSetup:
+    """The served pipeline over a store of the suite's training sequences (eval/pipeline.py)."""
+    import asyncio
+
+    from eval.pipeline import PipelineRanker, pipeline_runtime
+
+    rt = await asyncio.to_thread(pipeline_runtime, _workspace(config), config.dataset, suite.train_by_user,
+                                 suite.titles, embedder=config.extra.get("embedder"))
+    info: dict[str, Any] = {}
+    cached = None
+    if not config.no_llm:
+        cached, info = await _cached_model(config, model)
+    ranker = PipelineRanker(rt, config.dataset, cached, llm_scorer=config.llm_scorer,  # type: ignore[arg-type]
+                            name="pipeline-no-llm" if config.no_llm else "pipeline")
+    info.update(ranker.describe())
+    return RankerSetup(ranker, cached, info)
 
 
 async def _cached_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, Any]]:

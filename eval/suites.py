@@ -41,6 +41,9 @@ class Suite:
     validation: list[Any] = field(default_factory=list)  # RankingCases for the hybrid weight
     demo_pool: dict[str, list[str]] = field(default_factory=dict)
     embeddings: Any = None
+    # user id -> training item ids, oldest first, with no evaluated target (the served
+    # pipeline's store for ``--ranker pipeline``); empty where the protocol has none yet
+    train_by_user: dict[str, list[str]] = field(default_factory=dict)
     _columns: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False)
 
     async def make_ranker(self, config: RunConfig, model: Any = None) -> RankerSetup:
@@ -208,7 +211,8 @@ def _games_llmrank(config: RunConfig, g: dict[str, Any] | None = None) -> Suite:
         notes["warning"] = (f"{len(leak)} evaluated users are fusion/hybrid validation users: "
                             "their targets fitted the weights (not the counts)")
     return Suite([(c, [c.target], True) for c in cases], path.name, g["titles"], g["scorers"],
-                 g["fused"], notes, g["validation"], g["pool"], g["embeddings"])
+                 g["fused"], notes, g["validation"], g["pool"], g["embeddings"],
+                 train_by_user=g["train_by_user"])
 
 
 def _games_context(config: RunConfig) -> dict[str, Any]:
@@ -250,7 +254,10 @@ def _games_context(config: RunConfig) -> dict[str, Any]:
     if folder is not None:
         scorers = dict(scorers)
         scorers["sasrec"], notes["sasrec"] = load_sasrec_source(folder)
+    train_by_user = {u: [*s.history, s.target] if u not in held_out else list(s.history)
+                     for u, s in interactions.items()}  # the same sequences as `train`, keyed
     return {"root": root, "interactions": interactions, "titles": titles, "scorers": scorers,
+            "train_by_user": train_by_user,
             "fused": fused, "validation": validation, "pool": pool, "embeddings": embeddings,
             "notes": notes, "fit_users": val_users, "held_out": held_out}
 

@@ -270,6 +270,18 @@ def test_next_item_with_model_is_explained_and_counted_in_metrics(api: httpx.Cli
     assert "shoplens_model_call_duration_seconds_bucket" in m
 
 
+def test_next_item_ranks_exactly_the_callers_candidates(api: httpx.Client) -> None:
+    mine = ["84029G", "85123A", "84406B", "22752", "22633"]
+    r = api.post("/v1/next-item", json={"dataset": DATASET, "user_id": USER, "k": 10, "use_llm": False,
+                                        "candidates": mine})
+    assert r.status_code == 200, r.text
+    pred = r.json()
+    got = [i["item_id"] for i in pred["items"]]
+    assert sorted(got) == sorted(mine)  # k capped at 5; bought items are not dropped when asked for
+    assert [i["score"] for i in pred["items"]] == sorted((i["score"] for i in pred["items"]), reverse=True)
+    assert set(pred["items"][0]["source_scores"]) >= {"embedding", "covisit", "similar_users", "popularity"}
+
+
 def test_readyz_tells_the_truth(api: httpx.Client, fake: FakeLLM) -> None:
     r = httpx.get(f"{api.base_url}/readyz")  # public
     assert r.status_code == 200, r.text
@@ -320,6 +332,10 @@ BAD_FIELDS = [
     ({"events": [event(0, rating=9)]}, "events[0].rating"),
     ({"events": [event(0, item_id=None)]}, "events[0].item_id"),
     ({"events": [event(0, colour="red")]}, "events[0].colour"),
+    ({"candidates": []}, "candidates"),
+    ({"candidates": [""]}, "candidates[0]"),
+    ({"candidates": "85123A"}, "candidates"),
+    ({"candidates": ["85123A", "NOT-AN-ITEM"]}, "candidates[1]"),  # not in the catalogue
 ]
 
 

@@ -6,11 +6,12 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from agent.llm.base import ModelUnavailableError
+from agent.llm.base import Completion, ModelUnavailableError, Usage
 from agent.llm.fake import FakeCall, FakeModel
 from eval.baselines import FusedRanker, PopularityScorer, SequenceModelScorer
 from eval.llm_rankers import parse_generated
@@ -40,7 +41,8 @@ def _suite(n_users: int = 8) -> Suite:
     pop = PopularityScorer(Popularity().fit(train))
     fused = FusedRanker([pop], [1.0])
     return Suite([(c, [c.target], True) for c in cases], "synthetic", titles, {"pop": pop}, fused,
-                 {"counts": "histories"}, validation=cases[:3])
+                 {"counts": "histories"}, validation=cases[:3],
+                 train_by_user={u: list(s.history) for u, s in interactions.items()})
 
 
 def _letter(call: FakeCall) -> str:
@@ -145,6 +147,81 @@ async def test_hybrid_records_weight_and_cli_rescore(tmp_path: Path) -> None:
     assert json.loads(result.output) == json.loads((run_dir / "metrics.json").read_text())
     result = CliRunner().invoke(eval_app, ["compare", str(run_dir), str(run_dir)])
     assert result.exit_code == 0 and "ndcg@10" in result.output
+
+
+def _oracle_yes(suite: Suite) -> Any:
+    """Says "Yes" (P 0.9) only when the asked candidate is that user's held-out target (the user
+    is known by the last title of the history shown, distinct per user in `_suite`; the title
+    ending last in the prompt, whatever the prompt's history format)."""
+    target_after = {suite.titles[c.history[-1]]: suite.titles[c.target] for c, _, _ in suite.cases}
+
+    def answer(call: FakeCall) -> Completion:
+        head, tail = call.messages[-1]["content"].split("Candidate product: ")
+        last_seen = max(target_after, key=lambda t: head.rfind(t) + len(t) if t in head else -1)
+        p = 0.9 if tail.split("\n")[0] == target_after[last_seen] else 0.2
+        return Completion(text="Yes", top_logprobs=[{"Yes": math.log(p), "No": math.log(1 - p)}],
+                          usage=Usage(50, 1))
+
+    return answer
+
+
+async def test_pointwise_ranker_through_runner_asks_every_candidate_once(tmp_path: Path) -> None:
+    suite = _suite(4)
+    model = FakeModel(responder=_oracle_yes(suite))
+    run_dir = await arun_next_item(_config(tmp_path, ranker="llm-pointwise"), suite=suite, model=model,
+                                   progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["ndcg@10"] == 100.0 and metrics["hr@1"] == 100.0  # the oracle's yes wins
+    assert len(model.calls) == sum(len(c.candidates) for c, _, _ in suite.cases)
+    assert all(c.max_tokens == 1 and c.top_logprobs == 20 for c in model.calls)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["prompt"] == "next_item_pointwise_titles.v1"
+    rec = json.loads((run_dir / "cases.jsonl").read_text().splitlines()[0])
+    assert rec["extra"]["answered"] == 1.0
+
+
+async def test_hybrid_pointwise_chooses_its_weight_on_validation_users(tmp_path: Path) -> None:
+    suite = _suite(4)
+    run_dir = await arun_next_item(_config(tmp_path, ranker="hybrid-pointwise"), suite=suite,
+                                   model=FakeModel(responder=_oracle_yes(suite)), progress=False)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["hybrid_weight_search"]["users"] == ["u0", "u1", "u2"]
+    assert cfg["hybrid_w"] > 0  # the oracle's margin helps on validation, so it gets weight
+    assert json.loads((run_dir / "metrics.json").read_text())["ndcg@10"] == 100.0
+
+
+async def test_pipeline_ranker_is_the_served_service_with_the_case_candidates(tmp_path: Path) -> None:
+    """--ranker pipeline ranks through ShopLensService.next_item: the same answer the API gives
+    for the same history and candidate set, with and without the model."""
+    from agent.app.service import ShopLensService
+    from eval.pipeline import pipeline_runtime, sequence_events
+
+    suite = _suite(4)
+    extra = {"embedder": "hashing-64"}
+    no_llm = await arun_next_item(_config(tmp_path, ranker="pipeline", out="p0", no_llm=True, extra=extra),
+                                  suite=suite, progress=False)
+    model = FakeModel(responder=_oracle_yes(suite))
+    with_llm = await arun_next_item(_config(tmp_path, ranker="pipeline", out="p1", extra=extra),
+                                    suite=suite, model=model, progress=False)
+    cfg = json.loads((with_llm / "config.json").read_text())
+    assert cfg["pipeline"]["llm_scorer"] == "pointwise" and cfg["pipeline"]["use_llm_ranking"]
+    assert len(model.calls) == sum(len(c.candidates) for c, _, _ in suite.cases)  # one yes/no each
+    m0 = json.loads((no_llm / "metrics.json").read_text())
+    m1 = json.loads((with_llm / "metrics.json").read_text())
+    assert m1["hr@1"] == 100.0 and m1["ndcg@10"] > m0["ndcg@10"]  # the oracle's yes is blended in
+
+    # the same user, history and candidates through the service (as POST /v1/next-item): same ranking
+    rt = pipeline_runtime(tmp_path / "ws", "amazon-games", suite.train_by_user, suite.titles,
+                          embedder="hashing-64")
+    svc = ShopLensService(rt, use_model=False)
+    case = suite.cases[0][0]
+    pred = await svc.next_item("amazon-games", case.user_id, events=sequence_events(case.user_id, case.history),
+                               candidates=list(case.candidates),
+                               config=svc.next_item_config(k=len(case.candidates), use_model=False))
+    rec = read_cases(no_llm)[0]
+    assert rec["ranking"] == [it.item_id for it in pred.items]
+    assert rec["scores"] == [it.score for it in pred.items]
+    await rt.aclose()
 
 
 async def test_baseline_ranker_through_runner(tmp_path: Path) -> None:
@@ -266,9 +343,11 @@ def test_paired_difference_hand_computed(tmp_path: Path) -> None:
     (["--protocol", "llmrank", "--repurchase", "--ranker", "pop"],
      "error: --repurchase applies to --protocol full / leave-last-basket (got --protocol llmrank --ranker pop)"),
     (["--ranker", "random", "--drop", "bm25"],
-     "error: --drop applies to --ranker fused, fused-sasrec or hybrid (got --protocol llmrank --ranker random)"),
+     "error: --drop applies to --ranker fused, fused-sasrec, hybrid or hybrid-pointwise "
+     "(got --protocol llmrank --ranker random)"),
     (["--ranker", "fused", "--sasrec", "."],
-     "error: --sasrec applies to --ranker fused-sasrec or hybrid (got --protocol llmrank --ranker fused)"),
+     "error: --sasrec applies to --ranker fused-sasrec, hybrid or hybrid-pointwise "
+     "(got --protocol llmrank --ranker fused)"),
 ])
 def test_cli_refuses_flags_its_ranker_would_ignore(tmp_path: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(eval_app, ["next-item", "--users", "2", *args, "--out", str(tmp_path / "r")])

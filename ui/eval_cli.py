@@ -15,14 +15,16 @@ from typing import Annotated, Literal
 import typer
 
 from agent.llm.base import ModelUnavailableError
+from agent.tasks.next_item import LlmScorer
 from eval.runner import RunConfig, run_next_item
 from eval.runs import rescore
 from ui.options import Profile
 
 # The closed value sets of `eval next-item` (eval.runner.RANKERS, eval.protocols; checked equal
 # in tests/test_cli_help.py), as Literal types so --help lists them.
-Ranker = Literal["random", "pop", "covisit", "bm25", "embedding", "fused", "fused-sasrec",
-                 "llm", "llm-perm", "llm-generate", "llm-fewshot", "hybrid"]
+Ranker = Literal["pipeline", "random", "pop", "covisit", "bm25", "embedding", "fused", "fused-sasrec",
+                 "llm", "llm-perm", "llm-generate", "llm-fewshot", "llm-pointwise", "hybrid",
+                 "hybrid-pointwise"]
 EvalDataset = Literal["amazon-games", "amazon-industrial", "online-retail"]
 Protocol = Literal["llmrank", "full", "leave-last-basket"]
 Candidates = Literal["random", "bm25", "pop", "bpr", "gru4rec", "sasrec", "bert", "6k-random", "6k-pop"]
@@ -41,8 +43,8 @@ EVAL_EXAMPLES: dict[str, str] = {
     "audience": "shoplens eval audience --items 30 -n 50",
 }
 
-FUSION_RANKERS = ("fused", "fused-sasrec", "hybrid")  # the rankers with a fitted fusion (--drop)
-SASREC_RANKERS = ("fused-sasrec", "hybrid")  # the rankers that use a SASRec source (--sasrec)
+FUSION_RANKERS = ("fused", "fused-sasrec", "hybrid", "hybrid-pointwise")  # fitted fusion (--drop)
+SASREC_RANKERS = ("fused-sasrec", "hybrid", "hybrid-pointwise")  # SASRec source (--sasrec)
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help=__doc__)
 
@@ -56,7 +58,10 @@ def next_item_cmd(
                                                    "6k-item ones")] = "random",
     split: Annotated[Split, typer.Option(help="amazon-industrial split")] = "test",
     users: Annotated[int, typer.Option(help="evaluate the first N users (0: all)")] = 200,
-    ranker: Annotated[Ranker, typer.Option(help="a baseline, the fusion, or a model ranker")] = "fused",
+    ranker: Annotated[Ranker, typer.Option(help="pipeline (the served next-item pipeline, as the API "
+                                           "answers), a baseline, the fusion, or a model ranker")] = "fused",
+    no_llm: Annotated[bool, typer.Option("--no-llm", help="pipeline without the model")] = False,
+    llm_scorer: Annotated[LlmScorer, typer.Option(help="pipeline's LLM scorer")] = "pointwise",
     prompt: Annotated[str | None, typer.Option(help="prompt ref, e.g. next_item_rank_titles.v1")] = None,
     seed: Annotated[int, typer.Option(help="case shuffle + tie-break seed (LLMRank: 2023)")] = 2023,
     position: Annotated[Position, typer.Option(help="where the target sits in the candidate list "
@@ -86,10 +91,12 @@ def next_item_cmd(
     cfg = RunConfig(dataset=dataset, protocol=protocol, candidates=candidates, split=split,
                     users=users or None, ranker=ranker, prompt=prompt, seed=seed, position=position,
                     permutations=permutations, hybrid_val_users=hybrid_val_users, hybrid_w=hybrid_w,
-                    fewshot_k=fewshot_k, model_profile=profile, name=name, out=out)
-    misuse = ("--repurchase applies to --protocol full / leave-last-basket" if repurchase and protocol == "llmrank"
-              else "--drop applies to --ranker fused, fused-sasrec or hybrid" if drop and ranker not in FUSION_RANKERS
-              else "--sasrec applies to --ranker fused-sasrec or hybrid" if sasrec and ranker not in SASREC_RANKERS
+                    fewshot_k=fewshot_k, model_profile=profile, name=name, out=out, no_llm=no_llm,
+                    llm_scorer=llm_scorer)
+    misuse = ("--no-llm applies to --ranker pipeline" if no_llm and ranker != "pipeline"
+              else "--repurchase applies to --protocol full / leave-last-basket" if repurchase and protocol == "llmrank"
+              else "--drop applies to --ranker fused, fused-sasrec, hybrid or hybrid-pointwise" if drop and ranker not in FUSION_RANKERS
+              else "--sasrec applies to --ranker fused-sasrec, hybrid or hybrid-pointwise" if sasrec and ranker not in SASREC_RANKERS
               else None)
     if misuse:
         typer.echo(f"error: {misuse} (got --protocol {protocol} --ranker {ranker})", err=True)

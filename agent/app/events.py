@@ -143,3 +143,25 @@ def validate_events(raws: Sequence[Any], *, pseudonyms: Pseudonyms, mask: bool,
             good.append(ev)
         errors.extend(errs)
     return good, errors
+
+
+MAX_CANDIDATES = 200  # a request's own candidate set; LLMRank and LlamaRec rank 20
+
+
+def check_candidates(candidates: Sequence[str], catalog: Mapping[str, Any]) -> None:
+    """A request's own candidate set must be non-empty, at most `MAX_CANDIDATES` ids, and every
+    id a catalogue item.
+
+    Raises:
+        RequestError: naming the field (``candidates`` or ``candidates[i]``) and the fix.
+    """
+    if not candidates:
+        raise RequestError("candidates is empty: give at least one catalogue item id, or leave "
+                           "it out to retrieve candidates", param="candidates")
+    if len(candidates) > MAX_CANDIDATES:
+        raise RequestError(f"candidates has {len(candidates)} ids; at most {MAX_CANDIDATES}",
+                           param="candidates")
+    for i, item in enumerate(candidates):
+        if item not in catalog:
+            raise RequestError(f"candidate {item!r} is not in the dataset's catalogue; give "
+                               "catalogue item ids only", param=f"candidates[{i}]")

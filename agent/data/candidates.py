@@ -134,6 +134,54 @@ class CandidateGenerator:
         out["popularity"] = self.popularity.score(pop, log=True)
         return out
 
+    def candidate_scores(
+        self, history: Sequence[str], item_ids: Sequence[str], *, user_id: str | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Raw per-source scores of a given candidate set (every id gets every source, 0.0 when
+        the source does not link it to the history). The same four sources as `source_scores`,
+        computed for these ids instead of retrieved: embedding = the best recency-weighted cosine
+        to a recent item; co-visitation and popularity score the ids directly; similar users =
+        the summed similarity of the nearest users who have the item."""
+        ids = list(dict.fromkeys(item_ids))
+        recent = list(dict.fromkeys(reversed(history)))[:10]  # distinct, newest first
+        out: dict[str, dict[str, float]] = {s: dict.fromkeys(ids, 0.0) for s in SOURCES}
+        rvecs = [(0.85**age, v) for age, i in enumerate(recent) if (v := self.item_index.vector(i)) is not None]
+        cvecs = {i: v for i in ids if (v := self.item_index.vector(i)) is not None}
+        if rvecs and cvecs:
+            sims = np.stack(list(cvecs.values())) @ np.stack([v for _, v in rvecs]).T  # (C, R) cosine
+            weighted = sims * np.asarray([w for w, _ in rvecs], dtype=np.float32)[None, :]
+            for item, best in zip(cvecs, weighted.max(axis=1).tolist(), strict=True):
+                out["embedding"][item] = max(0.0, float(best))
+        if history:
+            out["covisit"] = self.covisit.score(list(history), candidates=ids)
+        if len(self.user_index):
+            u = user_vector(list(history)[-50:], self.item_index)
+            if u is not None:
+                wanted = set(ids)
+                for other, sim in self.user_index.search(u[None, :], 21)[0]:
+                    if other == user_id or sim <= 0:
+                        continue
+                    for item in wanted.intersection(self.user_items.get(other, ())):
+                        out["similar_users"][item] += sim
+        out["popularity"] = self.popularity.score(ids, log=True)
+        return out
+
+    def score(
+        self, history: Sequence[str], item_ids: Sequence[str], *, user_id: str | None = None
+    ) -> list[Candidate]:
+        """The given candidates (a recommender's own candidate set, or a protocol's), each with
+        its per-source scores scaled within the set and the fused score, best first (ties by
+        id). Ids are de-duplicated; none is dropped: an id no source knows scores 0."""
+        raw = self.candidate_scores(history, item_ids, user_id=user_id)
+        scaled = {s: max_scale(v) for s, v in raw.items()}
+        wsum = sum(self.weights.values()) or 1.0
+        cands = []
+        for item in dict.fromkeys(item_ids):
+            src = {s: round(scaled[s].get(item, 0.0), 6) for s in SOURCES}
+            fused = sum(self.weights.get(s, 0.0) * v for s, v in src.items()) / wsum
+            cands.append(Candidate(item, src, fused))
+        return sorted(cands, key=lambda c: (-c.fused, c.item_id))
+
     def generate(
         self,
         history: Sequence[str],

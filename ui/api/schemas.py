@@ -46,6 +46,10 @@ class NextItemRequest(BaseModel):
     ] = None
     repurchase: bool = Field(default=False, description="allow items the user already bought")
     use_llm: bool = Field(default=True, description="false: retrieval fusion only, no model")
+    candidates: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="rank exactly these catalogue item ids (your own candidate set) instead of "
+        "retrieving candidates; k is capped at their number")
 
 
 # The raw events are validated one by one in the route, so one bad event does not reject the

@@ -21,8 +21,9 @@ async def next_item(body: NextItemRequest, api: Api, svc: Service) -> NextItemPr
     if body.events is not None:
         api.check_events(len(body.events), (e.review_text for e in body.events))
     when = parse_as_of(body.as_of)
-    cfg = svc.next_item_config(k=body.k, repurchase=body.repurchase, use_model=body.use_llm)
+    k = min(body.k, len(body.candidates)) if body.candidates else body.k
+    cfg = svc.next_item_config(k=k, repurchase=body.repurchase, use_model=body.use_llm)
     pred = await svc.next_item(body.dataset, body.user_id, events=body.events, config=cfg, as_of=when,
-                               use_model=body.use_llm)
+                               use_model=body.use_llm, candidates=body.candidates)
     api.count("/v1/next-item", pred)
     return pred

@@ -1,0 +1,122 @@
+"""``--ranker pipeline``: the served next-item pipeline, measured on a protocol's cases.
+
+Each case goes through `agent.app.service.ShopLensService.next_item` — the method
+``POST /v1/next-item``, ``shoplens recommend`` and the chat call — with the case's history as
+inline events and the protocol's candidate set as the request's ``candidates``. So the
+candidate sources, their scaling and fusion weights, the LLM scorer (``NextItemConfig.llm_scorer``)
+and the final blend are the served code; nothing here ranks.
+
+What users of the served pipeline get is also what its store and indexes hold, so the store is
+built from the protocol's training sequences only (no evaluated target: `Suite.train_by_user`),
+under ``<workspace>/pipeline/<dataset>-<hash>/`` (built once, then reused: the FAISS indexes
+carry their manifests as in production).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from agent.app.runtime import Runtime
+from agent.app.service import ShopLensService
+from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.settings import load_settings
+from agent.tasks.next_item import LlmScorer, NextItemConfig
+from eval.cache import Recorder
+from eval.llm_rankers import RankOutcome, _SyncMixin
+from eval.protocols import RankingCase
+
+# The synthetic clock of title-only sequences (no timestamps survive in LLMRank's files): the
+# n-th item of a sequence at START + n days, as the loaders do (agent/ingest/_common.py).
+START = datetime(2020, 1, 1, tzinfo=UTC)
+
+
+def sequence_events(user_id: str, items: list[str] | tuple[str, ...]) -> list[BehaviorEvent]:
+    """One purchase per item, a day apart, oldest first."""
+    return [BehaviorEvent(user_id=user_id, item_id=i, event_type="purchase",
+                          timestamp=START + timedelta(days=n)) for n, i in enumerate(items)]
+
+
+def pipeline_runtime(workspace: Path, dataset: str, train_by_user: dict[str, list[str]],
+                     titles: dict[str, str], *, embedder: str | None = None) -> Runtime:
+    """A Runtime whose store holds exactly `train_by_user` and the `titles` catalogue.
+
+    The folder is keyed by a hash of both, so a changed protocol never reuses another's store.
+    `embedder`: the item embedder (default: the served setting, ``auto``).
+
+    Raises:
+        ValueError: no training sequences (the protocol does not provide them yet).
+    """
+    if not train_by_user:
+        raise ValueError("the served pipeline needs the protocol's training sequences; this suite "
+                         "has none (supported: --protocol llmrank on amazon-games)")
+    h = hashlib.sha256()
+    for u in sorted(train_by_user):
+        h.update(f"{u}\x1f{' '.join(train_by_user[u])}\x1e".encode())
+    for i in sorted(titles):
+        h.update(f"{i}\x1f{titles[i]}\x1e".encode())
+    folder = workspace / "pipeline" / f"{dataset}-{h.hexdigest()[:12]}"
+    rt = Runtime(load_settings(workspace=folder, embedder=embedder))
+    if not rt.store.has_dataset(dataset):
+        rt.store.add_items(dataset, [CatalogItem(item_id=i, title=t) for i, t in titles.items()])
+        rt.store.add_events(dataset, [e for u, seq in train_by_user.items() for e in sequence_events(u, seq)])
+    return rt
+
+
+class PipelineRanker(_SyncMixin):
+    """Ranks a case with `ShopLensService.next_item` (inline history, the case's candidates).
+
+    Args:
+        runtime: from `pipeline_runtime` (store = training sequences only).
+        dataset: the dataset name in that store.
+        model: the (cached) model, or None for the pipeline without the LLM.
+        llm_scorer: the served pipeline's LLM scorer.
+    """
+
+    def __init__(self, runtime: Runtime, dataset: str, model: Any = None, *,
+                 llm_scorer: LlmScorer = "pointwise", name: str = "pipeline") -> None:
+        self.runtime = runtime
+        self.dataset = dataset
+        self.name = name
+        self.model = model
+        use_model = model is not None
+        self._rec: Recorder | None = None  # the current case's recorder (cases run one at a time)
+
+        async def provider() -> Any:
+            return self._rec
+
+        self.service = ShopLensService(runtime, use_model=use_model, explain=False,
+                                       model_provider=provider if use_model else None)
+        base = self.service.next_item_config(k=1, use_model=use_model)
+        self.config: NextItemConfig = replace(base, explain=False, llm_scorer=llm_scorer)
+
+    def describe(self) -> dict[str, Any]:
+        """What config.json records: the served configuration and the store it ranks from."""
+        c = self.config
+        return {"pipeline": {"use_llm_ranking": c.use_llm_ranking, "llm_scorer": c.llm_scorer,
+                             "llm_weight": c.llm_weight, "window": c.window,
+                             "source_weights": c.source_weights or "served defaults",
+                             "store": str(self.runtime.settings.workspace)}}
+
+    async def arank(self, case: RankingCase) -> RankOutcome:
+        t0 = time.perf_counter()
+        cfg = replace(self.config, k=len(case.candidates), n_candidates=len(case.candidates))
+        rec = self._rec = Recorder(self.model) if self.model is not None else None
+        pred = await self.service.next_item(self.dataset, case.user_id,
+                                            events=sequence_events(case.user_id, case.history),
+                                            candidates=list(case.candidates), config=cfg)
+        m = pred.meta
+        return RankOutcome(
+            ranking=[(it.item_id, it.score) for it in pred.items],
+            valid=not m.degraded or not self.config.use_llm_ranking,
+            prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens,
+            model_latency_s=m.model_latency_s,
+            responses=rec.calls if rec else [], prompt=rec.first_messages if rec else None,
+            extra={"degraded": m.degraded, "degraded_reason": m.degraded_reason,
+                   "source_scores": {it.item_id: it.source_scores for it in pred.items},
+                   "wall_s": round(time.perf_counter() - t0, 3)},
+        )
