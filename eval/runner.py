@@ -62,6 +62,9 @@ class RunConfig:
         ranker: one of :data:`RANKERS`; ``pipeline`` is the served next-item pipeline
             (`eval.pipeline`), with the model unless ``no_llm``.
         no_llm: ``pipeline`` without the model (its retrieval fusion alone).
+        untrained: ``pipeline`` with the hand-set default fusion weights; otherwise the weights
+            are fitted once on the pipeline store (`ShopLensService.train`, as ``shoplens
+            train`` does), which holds no evaluated target.
         llm_scorer: ``pipeline``'s LLM scorer (``pointwise`` or ``verbalizer``).
         prompt: prompt reference; None: the ranker's default.
         permutations: verbalizer passes (``llm-perm`` / ``hybrid``; ``llm`` always uses 1).
@@ -95,6 +98,7 @@ class RunConfig:
     fusion_drop: str | None = None
     repurchase: bool = False
     no_llm: bool = False
+    untrained: bool = False
     llm_scorer: str = "pointwise"
     model_profile: str | None = None
     name: str | None = None
@@ -105,7 +109,7 @@ class RunConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def run_name(self) -> str:
-        ranker = f"{self.ranker}-no-llm" if self.no_llm else self.ranker
+        ranker = self.ranker + ("-no-llm" if self.no_llm else "") + ("-untrained" if self.untrained else "")
         return self.name or f"{self.dataset}-{self.protocol}-{self.candidates}-{ranker}"
 
     def identity(self) -> dict[str, Any]:
@@ -113,7 +117,7 @@ class RunConfig:
         d = asdict(self)
         for k in ("out", "runs_dir", "name", "data_dir", "workspace"):
             d.pop(k)
-        for k in ("sasrec", "fusion_drop", "repurchase", "no_llm"):  # added later: older runs resume
+        for k in ("sasrec", "fusion_drop", "repurchase", "no_llm", "untrained"):  # added later: resumable
             if d[k] in (None, False):
                 d.pop(k)
         if self.ranker != "pipeline":
@@ -334,14 +338,27 @@ async def _pipeline(suite: Suite, config: RunConfig, model: Any) -> RankerSetup:
     """The served pipeline over a store of the suite's training sequences (eval/pipeline.py)."""
     import asyncio
 
+    from agent.app.service import ShopLensService
     from eval.pipeline import PipelineRanker, pipeline_runtime
 
     rt = await asyncio.to_thread(pipeline_runtime, _workspace(config), config.dataset, suite.train_by_user,
                                  suite.titles, embedder=config.extra.get("embedder"))
     info: dict[str, Any] = {}
+    if config.untrained:
+        rt.artifacts(config.dataset).fusion_weights = None  # the served defaults
+        rt.artifacts(config.dataset).fusion_note = ""
+    elif rt.artifacts(config.dataset).fusion_weights is None:
+        svc = ShopLensService(rt, use_model=False)
+        try:
+            await asyncio.to_thread(svc.train, config.dataset, users=config.extra.get("train_users", 2000),
+                                    seed=config.seed)
+        except ValueError as e:  # too little data to fit: the served defaults, said in config.json
+            info["fusion_untrained_because"] = str(e)
+    info["fusion"] = rt.artifacts(config.dataset).fusion_note or "default source weights (untrained)"
     cached = None
     if not config.no_llm:
-        cached, info = await _cached_model(config, model)
+        cached, model_info = await _cached_model(config, model)
+        info.update(model_info)
     ranker = PipelineRanker(rt, config.dataset, cached, llm_scorer=config.llm_scorer,  # type: ignore[arg-type]
                             name="pipeline-no-llm" if config.no_llm else "pipeline")
     info.update(ranker.describe())

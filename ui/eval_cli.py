@@ -61,6 +61,8 @@ def next_item_cmd(
     ranker: Annotated[Ranker, typer.Option(help="pipeline (the served next-item pipeline, as the API "
                                            "answers), a baseline, the fusion, or a model ranker")] = "fused",
     no_llm: Annotated[bool, typer.Option("--no-llm", help="pipeline without the model")] = False,
+    untrained: Annotated[bool, typer.Option("--untrained", help="pipeline with the hand-set fusion "
+                                            "weights (default: fitted on the training data)")] = False,
     llm_scorer: Annotated[LlmScorer, typer.Option(help="pipeline's LLM scorer")] = "pointwise",
     prompt: Annotated[str | None, typer.Option(help="prompt ref, e.g. next_item_rank_titles.v1")] = None,
     seed: Annotated[int, typer.Option(help="case shuffle + tie-break seed (LLMRank: 2023)")] = 2023,
@@ -92,8 +94,9 @@ def next_item_cmd(
                     users=users or None, ranker=ranker, prompt=prompt, seed=seed, position=position,
                     permutations=permutations, hybrid_val_users=hybrid_val_users, hybrid_w=hybrid_w,
                     fewshot_k=fewshot_k, model_profile=profile, name=name, out=out, no_llm=no_llm,
-                    llm_scorer=llm_scorer)
+                    untrained=untrained, llm_scorer=llm_scorer)
     misuse = ("--no-llm applies to --ranker pipeline" if no_llm and ranker != "pipeline"
+              else "--untrained applies to --ranker pipeline" if untrained and ranker != "pipeline"
               else "--repurchase applies to --protocol full / leave-last-basket" if repurchase and protocol == "llmrank"
               else "--drop applies to --ranker fused, fused-sasrec, hybrid or hybrid-pointwise" if drop and ranker not in FUSION_RANKERS
               else "--sasrec applies to --ranker fused-sasrec, hybrid or hybrid-pointwise" if sasrec and ranker not in SASREC_RANKERS

@@ -1,5 +1,5 @@
-"""The facade's data methods (part of `ShopLensService`): ingest, export, forget, datasets, and
-the churn segment (a baseline ranking, no model call).
+"""The facade's data methods (part of `ShopLensService`): ingest, export, forget, datasets,
+training the next-item fusion, and the churn segment (a baseline ranking, no model call).
 
 Writes hold the runtime's one write lock (ingest order and deletes stay simple) and drop the
 dataset's shared caches afterwards, whichever surface made them.
@@ -11,8 +11,9 @@ import asyncio
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.app.events import Pseudonyms, validate_events
@@ -22,6 +23,7 @@ from agent.domain.errors import RequestError, UnknownUserError
 from agent.domain.schemas import BehaviorEvent
 from agent.tasks.churn import default_churn_baseline, rfm_vector
 from agent.tasks.common import LogisticBaseline
+from agent.tasks.fusion import FittedFusion, fit_fusion, save_fusion
 from agent.tasks.profile import UserFeatures, catalogue_prices, orders_of, user_features
 
 if TYPE_CHECKING:
@@ -62,6 +64,20 @@ class DataMethods:
         return self.state.index_states()
 
     # ---- events ---------------------------------------------------------------------------
+    def train(self, dataset: str, *, users: int = 2000, seed: int = 0,
+              progress: Callable[[int, int], None] | None = None) -> tuple[FittedFusion, Path]:
+        """Fit the dataset's next-item fusion weights (`agent.tasks.fusion`), save them beside
+        its indexes and use them from now on in this process (others load them at start).
+
+        Raises:
+            ValueError: the dataset was never ingested, or has too few users to learn from.
+        """
+        arts = self.runtime.artifacts(dataset)
+        fusion = fit_fusion(arts, n_users=users, seed=seed, progress=progress)
+        path = save_fusion(fusion, self.runtime.settings.index_dir(dataset))
+        arts.fusion_weights, arts.fusion_note = fusion.weights, fusion.note()
+        return fusion, path
+
     async def ingest_events(self, dataset: str, events: Sequence[Any], *,
                             max_text_chars: int | None = None) -> IngestResult:
         """Validate each raw event on its own, mask PII (`Settings.mask_pii`), pseudonymise user

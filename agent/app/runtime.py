@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.app.model_holder import ModelHolder, ModelSource
 from agent.app.state import AppState
-from agent.data.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
+from agent.data.artifacts import DatasetArtifacts, build_artifacts, catalog_hash, load_artifacts
 from agent.data.store import EventStore
 from agent.domain.text import has_cjk
 from agent.ingest import ingest, load_dataset
@@ -30,6 +30,7 @@ from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
 from agent.llm.servers.embedded import PROFILES, EmbeddedServer, assemble_model
 from agent.llm.wrappers import GuardConfig, GuardedModel, Lane, ModelObserver, NullObserver
 from agent.settings import Settings
+from agent.tasks.fusion import load_fusion
 from agent.tasks.opinion import penalties_from_events
 from retrieval.embedder import Embedder, make_embedder
 from retrieval.index import IndexMismatchError
@@ -131,8 +132,11 @@ class Runtime:
     def artifacts(self, dataset: str) -> DatasetArtifacts:
         """Artifacts for an ingested dataset; rebuilt when missing or stale.
 
+        The dataset's fusion weights from `shoplens train` (``fusion.json``) are attached.
+
         Raises:
             ValueError: the dataset was never ingested.
+            ArtifactMismatchError: ``fusion.json`` belongs to another dataset or was edited.
         """
         if dataset not in self._artifacts:
             folder = self.settings.index_dir(dataset)
@@ -145,9 +149,13 @@ class Runtime:
             except IndexMismatchError as e:
                 log.warning("rebuilding indexes for %s: %s", dataset, e)
                 self._artifacts[dataset] = build_artifacts(self.store, dataset, emb, folder)
-            self._artifacts[dataset].review_penalties = penalties_from_events(
+            arts = self._artifacts[dataset]
+            arts.review_penalties = penalties_from_events(
                 self.store.iter_events(dataset, event_types=("review",))
             )
+            fusion = load_fusion(folder, dataset, catalog_hash(arts.catalog), arts.user_items)
+            if fusion is not None:
+                arts.fusion_weights, arts.fusion_note = fusion.weights, fusion.note()
         return self._artifacts[dataset]
 
     def loaded_artifacts(self, dataset: str) -> DatasetArtifacts | None:

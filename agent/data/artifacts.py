@@ -39,10 +39,16 @@ class DatasetArtifacts:
     # item id -> {"n", "negative", "share_negative", "penalty"} from recent reviews
     # (agent.tasks.opinion.penalties_from_events); next-item ranking down-weights these items.
     review_penalties: dict[str, dict[str, float]] = field(default_factory=dict)
+    # source -> weight learned by `shoplens train` (agent.tasks.fusion), and the note answers
+    # carry about them; None: the hand-set DEFAULT_WEIGHTS
+    fusion_weights: dict[str, float] | None = None
+    fusion_note: str = ""
 
     def generator(self, weights: dict[str, float] | None = None) -> CandidateGenerator:
+        """The candidate generator with `weights`, else the trained ones, else the defaults."""
         return CandidateGenerator(
-            self.item_index, self.user_index, self.user_items, self.covisit, self.popularity, weights
+            self.item_index, self.user_index, self.user_items, self.covisit, self.popularity,
+            weights or self.fusion_weights,
         )
 
     def title(self, item_id: str) -> str:
@@ -50,7 +56,8 @@ class DatasetArtifacts:
         return it.title if it else f"item {item_id}"
 
 
-def _catalog_hash(catalog: dict[str, CatalogItem]) -> str:
+def catalog_hash(catalog: dict[str, CatalogItem]) -> str:
+    """The catalogue hash every index manifest records (ids + item text)."""
     return catalogue_hash((i, it.text()) for i, it in catalog.items())
 
 
@@ -69,7 +76,7 @@ def build_artifacts(
     if not catalog:
         raise ValueError(f"dataset {dataset!r} has no items in the store: run `shoplens ingest {dataset}`")
     ids = sorted(catalog)
-    chash = _catalog_hash(catalog)
+    chash = catalog_hash(catalog)
     texts = [catalog[i].text() for i in ids]
     log.info("embedding %d items with %s", len(ids), embedder.name)
     vecs = _embed_batched(embedder, texts, show_progress)
@@ -116,7 +123,7 @@ def load_artifacts(store: EventStore, dataset: str, embedder_name: str, dim: int
         IndexMismatchError: built with another embedder or an older catalogue.
     """
     catalog = store.items(dataset)
-    chash = _catalog_hash(catalog)
+    chash = catalog_hash(catalog)
     item_index = VectorIndex.load(folder / "items", embedder=embedder_name, dim=dim, content_hash=chash)
     user_index = VectorIndex.load(folder / "users", embedder=embedder_name, dim=dim, content_hash=chash)
     return DatasetArtifacts(

@@ -174,7 +174,7 @@ class CandidateGenerator:
         id). Ids are de-duplicated; none is dropped: an id no source knows scores 0."""
         raw = self.candidate_scores(history, item_ids, user_id=user_id)
         scaled = {s: max_scale(v) for s, v in raw.items()}
-        wsum = sum(self.weights.values()) or 1.0
+        wsum = sum(abs(w) for w in self.weights.values()) or 1.0  # learned weights may be < 0
         cands = []
         for item in dict.fromkeys(item_ids):
             src = {s: round(scaled[s].get(item, 0.0), 6) for s in SOURCES}
@@ -203,7 +203,7 @@ class CandidateGenerator:
                     continue
                 cand = pool.setdefault(item, Candidate(item))
                 cand.source_scores[source] = round(sc, 6)
-        wsum = sum(self.weights.values()) or 1.0
+        wsum = sum(abs(w) for w in self.weights.values()) or 1.0  # learned weights may be < 0
         for cand in pool.values():
             cand.fused = sum(self.weights.get(s, 0.0) * v for s, v in cand.source_scores.items()) / wsum
         ranked = sorted(pool.values(), key=lambda c: (-c.fused, c.item_id))

@@ -100,6 +100,9 @@ class NextItemService:
         hist = build_history(user_id, events, artifacts.catalog, window=cfg.window, as_of=as_of)
         item_seq = [e.item_id for e in events]
         generator = artifacts.generator(cfg.source_weights)
+        if cfg.source_weights is None:
+            trace.notes.append(artifacts.fusion_note or "fusion: default source weights (set by hand "
+                               "on Online Retail; `shoplens train` fits them to this dataset)")
         if candidates is not None:
             cands = generator.score(item_seq, candidates, user_id=user_id)
         else:
@@ -232,14 +235,19 @@ def _fuse(
     cands: list[Candidate], llm: dict[str, float], w: float,
     penalties: dict[str, dict[str, float]] | None = None,
 ) -> list[tuple[Candidate, float]]:
-    """Final score in [0, 1]: w * llm (scaled by its max) + (1 - w) * retrieval fusion (scaled),
-    times (1 - penalty) for items whose recent reviews are mostly negative."""
-    top_f = max((c.fused for c in cands), default=0.0) or 1.0
+    """Final score in [0, 1]: w * llm (scaled by its max) + (1 - w) * retrieval fusion (scaled
+    by its max; min-max when learned weights make some fused scores negative), times
+    (1 - penalty) for items whose recent reviews are mostly negative."""
+    fused = [c.fused for c in cands]
+    lo, hi = min(fused, default=0.0), max(fused, default=0.0)
+    if lo >= 0:
+        lo, hi = 0.0, hi or 1.0
+    span = (hi - lo) or 1.0
     top_l = max(llm.values(), default=0.0) or 1.0
     penalties = penalties or {}
     out = []
     for c in cands:
-        f = c.fused / top_f
+        f = (c.fused - lo) / span
         s = w * (llm.get(c.item_id, 0.0) / top_l) + (1 - w) * f if llm else f
         if c.item_id in penalties:
             s *= 1.0 - penalties[c.item_id]["penalty"]

@@ -1,0 +1,208 @@
+"""Learned fusion of the next-item sources: `shoplens train --dataset X`.
+
+The served candidate generator fuses four sources (embedding, co-visitation, similar users,
+popularity) with one weight each. Without training it uses `agent.data.candidates.DEFAULT_WEIGHTS`
+(set by hand on Online Retail). `fit_fusion` learns the weights of a dataset from its own
+history, leave-one-out (the protocol of SASRec / LLMRank evaluation):
+
+1. validation windows: for up to `n_users` users (seeded) with at least `min_len` items, the
+   last item is the target and the rest the history;
+2. the sources are refit WITHOUT those targets (co-visitation, popularity and the user index
+   from the sequences minus each window's last item; the item embeddings are reused), so no
+   feature has seen the answer;
+3. each window's candidate set: the target, the top retrieved items (hard negatives) and random
+   catalogue items (easy ones), each scored by the served `CandidateGenerator.score`;
+4. a scikit-learn logistic regression on the scaled source scores (is this the target?); its
+   coefficients are the weights. Split-half: fitted on half the windows, NDCG@10 of default vs
+   fitted weights on the other half is recorded, then refit on all windows.
+
+The result is saved as ``fusion.json`` beside the dataset's indexes with a manifest (dataset,
+catalogue hash, events hash, windows, seed, metrics, sha256) that is checked on load: another
+dataset or catalogue, or an edited file, is an error naming both sides; events added since
+training, or a changed catalogue, are not (weights do not go stale per event) but every
+answer's `meta.notes` says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from agent.data.artifacts import DatasetArtifacts, build_user_index, catalog_hash
+from agent.data.candidates import DEFAULT_WEIGHTS, SOURCES
+from agent.domain.errors import ArtifactMismatchError
+from retrieval.covisit import CoVisitation
+from retrieval.popularity import Popularity
+
+FUSION_FILE = "fusion.json"
+FORMAT = "shoplens.fusion.v1"
+
+
+@dataclass
+class Window:
+    """One leave-one-out validation case: `history` (item ids, oldest first) -> `target`."""
+
+    user_id: str
+    history: list[str]
+    target: str
+
+
+@dataclass
+class FittedFusion:
+    """Per-source weights learned for one dataset, with what identifies their data."""
+
+    weights: dict[str, float]
+    dataset: str
+    catalogue_hash: str
+    events_hash: str
+    n_windows: int
+    seed: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    fitted_at: str = ""
+    format: str = FORMAT
+    stale: bool = field(default=False, compare=False)  # the store's events changed since (not saved)
+
+    def sha256(self) -> str:
+        body = json.dumps({k: v for k, v in asdict(self).items() if k not in ("fitted_at", "stale")},
+                          sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def note(self) -> str:
+        """The line `meta.notes` carries when these weights rank an answer."""
+        m = self.metrics
+        gain = (f"; validation NDCG@10 {m['default_ndcg@10']:.2f} -> {m['fitted_ndcg@10']:.2f}"
+                if "fitted_ndcg@10" in m else "")
+        old = "; events or items changed since (re-run `shoplens train` to refit)" if self.stale else ""
+        return (f"fusion: fitted by `shoplens train` on {self.n_windows} windows ({self.fitted_at[:10]})"
+                f"{gain}{old}")
+
+
+def sequences_hash(user_items: Mapping[str, Sequence[str]]) -> str:
+    """sha256 (first 16 hex) of every user's item sequence, users sorted."""
+    h = hashlib.sha256()
+    for u in sorted(user_items):
+        h.update(f"{u}\x1f{' '.join(user_items[u])}\x1e".encode())
+    return h.hexdigest()[:16]
+
+
+def validation_windows(user_items: Mapping[str, Sequence[str]], *, n_users: int = 2000,
+                       min_len: int = 3, seed: int = 0) -> list[Window]:
+    """Leave-one-out windows of up to `n_users` users with at least `min_len` items (seeded)."""
+    eligible = sorted(u for u, s in user_items.items() if len(s) >= min_len)
+    rng = random.Random(seed)
+    rng.shuffle(eligible)
+    return [Window(u, list(user_items[u][:-1]), user_items[u][-1]) for u in eligible[:n_users]]
+
+
+def without_targets(arts: DatasetArtifacts, windows: Sequence[Window]) -> DatasetArtifacts:
+    """The dataset's artifacts refit on every sequence minus its window's target (the item
+    index is reused: embeddings do not see behaviour)."""
+    held = {w.user_id for w in windows}
+    seqs = {u: (s[:-1] if u in held else list(s)) for u, s in arts.user_items.items()}
+    return replace(arts, user_items=seqs, covisit=CoVisitation(arts.covisit.config).fit(seqs.values()),
+                   popularity=Popularity().fit(seqs.values()),
+                   user_index=build_user_index(seqs, arts.item_index), review_penalties={})
+
+
+def window_features(arts: DatasetArtifacts, w: Window, rng: random.Random, *, n_hard: int = 10,
+                    n_easy: int = 9) -> tuple[list[str], np.ndarray]:
+    """(candidate ids with the target first, their scaled source scores ``(n, 4)`` in `SOURCES`
+    order): the target, the `n_hard` best retrieved items and `n_easy` random catalogue items."""
+    gen = arts.generator()
+    seen = set(w.history) | {w.target}
+    hard = [c.item_id for c in gen.generate(w.history, n=n_hard + 5, user_id=w.user_id, exclude=seen)][:n_hard]
+    pool = [i for i in arts.catalog if i not in seen and i not in hard]
+    easy = rng.sample(pool, min(n_easy, len(pool)))
+    ids = [w.target, *hard, *easy]
+    scored = {c.item_id: c.source_scores for c in gen.score(w.history, ids, user_id=w.user_id)}
+    return ids, np.asarray([[scored[i][s] for s in SOURCES] for i in ids], dtype=np.float64)
+
+
+def ndcg10_of(feats: Sequence[np.ndarray], weights: Mapping[str, float]) -> float:
+    """Mean NDCG@10 x100 over windows whose target is row 0 (ties count against the target)."""
+    w = np.asarray([weights.get(s, 0.0) for s in SOURCES])
+    total = 0.0
+    for f in feats:
+        s = f @ w
+        rank = int((s[1:] >= s[0]).sum())  # 0-based rank of the target, pessimistic on ties
+        total += 1.0 / math.log2(rank + 2) if rank < 10 else 0.0
+    return 100.0 * total / max(1, len(feats))
+
+
+def _fit(feats: Sequence[np.ndarray], seed: int) -> dict[str, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.concatenate(feats)
+    y = np.concatenate([np.r_[1, np.zeros(len(f) - 1)] for f in feats])
+    lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000, random_state=seed).fit(x, y)
+    return {s: round(float(c), 6) for s, c in zip(SOURCES, lr.coef_[0], strict=True)}
+
+
+def fit_fusion(arts: DatasetArtifacts, *, n_users: int = 2000, seed: int = 0,
+               progress: Callable[[int, int], None] | None = None) -> FittedFusion:
+    """Learn the source weights of `arts`'s dataset (see the module docstring).
+
+    Raises:
+        ValueError: fewer than 20 users with `min_len` items (nothing to learn from).
+    """
+    windows = validation_windows(arts.user_items, n_users=n_users, seed=seed)
+    if len(windows) < 20:
+        raise ValueError(f"{arts.dataset}: {len(windows)} users with 3+ items; training the fusion needs "
+                         "at least 20 (keep the default weights)")
+    holdout = without_targets(arts, windows)
+    rng = random.Random(seed)
+    feats = []
+    for n, w in enumerate(windows):
+        feats.append(window_features(holdout, w, rng)[1])
+        if progress:
+            progress(n + 1, len(windows))
+    half = len(feats) // 2
+    first = _fit(feats[:half], seed)
+    metrics = {"default_ndcg@10": round(ndcg10_of(feats[half:], DEFAULT_WEIGHTS), 4),
+               "fitted_ndcg@10": round(ndcg10_of(feats[half:], first), 4),
+               "n_split_half": float(len(feats) - half)}
+    return FittedFusion(weights=_fit(feats, seed), dataset=arts.dataset, catalogue_hash=catalog_hash(arts.catalog),
+                        events_hash=sequences_hash(arts.user_items), n_windows=len(windows), seed=seed,
+                        metrics=metrics, fitted_at=datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def save_fusion(fusion: FittedFusion, folder: Path) -> Path:
+    """Write ``fusion.json`` (with its sha256) into the dataset's index folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FUSION_FILE
+    body = {k: v for k, v in asdict(fusion).items() if k != "stale"}
+    path.write_text(json.dumps({**body, "sha256": fusion.sha256()}, indent=2), encoding="utf-8")
+    return path
+
+
+def load_fusion(folder: Path, dataset: str, catalogue_hash: str,
+                user_items: Mapping[str, Sequence[str]]) -> FittedFusion | None:
+    """The dataset's fitted weights, or None when `shoplens train` never ran for it.
+
+    Raises:
+        ArtifactMismatchError: the file was fitted for another dataset, or was edited (sha256);
+            the message names both sides and the fix. Events or items changed since training
+            only mark it `stale`.
+    """
+    path = folder / FUSION_FILE
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text(encoding="utf-8"))
+    stored_sha = d.pop("sha256", None)
+    fusion = FittedFusion(**d)
+    fix = f"re-run `shoplens train --dataset {dataset}` (or delete {path})"
+    if fusion.sha256() != stored_sha:
+        raise ArtifactMismatchError(f"{path}: sha256 does not match its content; {fix}")
+    if fusion.dataset != dataset:
+        raise ArtifactMismatchError(f"{path} was fitted for dataset {fusion.dataset!r}, not {dataset!r}; {fix}")
+    fusion.stale = (fusion.events_hash != sequences_hash(user_items)
+                    or fusion.catalogue_hash != catalogue_hash)
+    return fusion
