@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -150,8 +150,8 @@ async def next_item(ctx: ToolContext, args: NextItemArgs) -> ToolResult:
     uid = _customer_or_result(ctx, args.customer_id)
     if not isinstance(uid, str):
         return uid
-    base = ctx.next_item_config or NextItemConfig()
-    cfg = NextItemConfig(**{**base.__dict__, "k": args.k})
+    base = ctx.next_item_config or ctx.service.next_item_config()  # the API's, from Settings
+    cfg = replace(base, k=args.k)
     try:
         pred = await ctx.service.next_item(ctx.dataset, uid, config=cfg)
     except UnknownUserError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import gradio as gr
@@ -36,9 +37,6 @@ EXAMPLES = [
     "Find products like a red retrospot lunch bag",
 ]
 MAX_QUESTION_CHARS = 500
-# Interactive default: retrieval fusion ranks the candidates (seconds, not minutes on 2 CPU
-# cores); the model routes and writes the answer from the cited events.
-CHAT_NEXT_ITEM = NextItemConfig(k=5, use_llm_ranking=False, explain=False)
 
 Outputs = tuple[Any, ...]
 log = logging.getLogger(__name__)
@@ -52,7 +50,11 @@ class ChatController:
         self.runtime = runtime
         self.service = ShopLensService(runtime, use_model=use_model)
         self.use_model = use_model
-        self.config = next_item_config or CHAT_NEXT_ITEM
+        # Interactive default: the served configuration (the API's), with retrieval fusion
+        # ranking (seconds, not minutes on 2 CPU cores); the model routes and writes the answer
+        # from the cited events.
+        self.config = next_item_config or replace(self.service.next_item_config(k=5), use_llm_ranking=False,
+                                                  explain=False)
         self.heartbeat_s = heartbeat_s
 
     def datasets(self) -> list[str]:
