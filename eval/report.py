@@ -147,6 +147,12 @@ def compare(run_dirs: Sequence[Path], out: Path | None = None) -> str:
     rows: dict[str, dict[str, Any]] = {}
     kinds: dict[str, tuple[Any, ...]] = {}
     for d in map(Path, run_dirs):
+        if d.is_file() and d.suffix == ".json":  # an exported result file (`shoplens eval export`)
+            data = json.loads(d.read_text())
+            rows[d.name] = data["metrics"]
+            run = data["config"]
+            kinds[d.name] = (run.get("dataset"), run.get("protocol"), run.get("candidates"), run.get("split"))
+            continue
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: no such run folder")
         mp = d / "metrics.json"
@@ -159,7 +165,7 @@ def compare(run_dirs: Sequence[Path], out: Path | None = None) -> str:
         cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
         run = cfg.get("run", {})
         kinds[d.name] = (run.get("dataset"), run.get("protocol"), run.get("candidates"), run.get("split"))
-    target = Path(out) if out else Path(run_dirs[0])
+    target = Path(out) if out else Path(run_dirs[0]) if Path(run_dirs[0]).is_dir() else Path(run_dirs[0]).parent
     target.mkdir(parents=True, exist_ok=True)
     _plot(target / "compare.png", rows, published=True)
     first = Path(run_dirs[0])
@@ -177,7 +183,10 @@ def compare(run_dirs: Sequence[Path], out: Path | None = None) -> str:
 
 
 def _case_ndcg10(run_dir: Path) -> dict[str, float]:
-    """Per-case NDCG@10 (x100) of a run, keyed by user (and case index for repeated users)."""
+    """Per-case NDCG@10 (x100) of a run folder or an exported result file, keyed by user (and
+    case index for repeated users)."""
+    if run_dir.is_file():
+        return {k: float(v) for k, v in json.loads(run_dir.read_text())["ndcg@10_per_case"].items()}
     out: dict[str, float] = {}
     for ln in (run_dir / "cases.jsonl").read_text().splitlines():
         if ln.strip():
@@ -206,3 +215,35 @@ def paired_difference(first: Path, other: Path, n_boot: int = 5000, seed: int = 
             "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0,
             "ci95": (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))),
             "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
+
+
+EXPORT_CONFIG_KEYS = ("dataset", "protocol", "candidates", "split", "users", "ranker", "prompt", "seed",
+                      "position", "permutations", "hybrid_val_users", "hybrid_w", "sasrec", "no_llm",
+                      "untrained", "llm_scorer")
+
+
+def export_run(run_dir: Path, out_dir: Path) -> Path:
+    """A small, committable summary of a next-item run: its configuration (run fields, model id
+    and sha256, prompt and its sha256, git commit), metrics, and per-case NDCG@10 x100, so paired
+    differences can be recomputed without the model or the run folder (`shoplens eval compare
+    a.json b.json`). Written to ``out_dir/<run name>.json``.
+
+    Raises:
+        FileNotFoundError: not a finished run folder.
+    """
+    run_dir = Path(run_dir)
+    mp, cp = run_dir / "metrics.json", run_dir / "config.json"
+    if not (mp.exists() and cp.exists()):
+        raise FileNotFoundError(f"{run_dir}: not a finished run folder (no metrics.json / config.json)")
+    cfg = json.loads(cp.read_text())
+    run = cfg.get("run", {})
+    keep = {k: run[k] for k in EXPORT_CONFIG_KEYS if k in run}
+    for k in ("model_id", "model_sha256", "prompt", "prompt_sha256", "hybrid_w", "git_commit", "fusion"):
+        if k in cfg:
+            keep[k] = cfg[k]
+    body = {"run": run_dir.name, "config": keep, "metrics": json.loads(mp.read_text()),
+            "ndcg@10_per_case": {k: round(v, 4) for k, v in _case_ndcg10(run_dir).items()}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{run_dir.name}.json"
+    path.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return path

@@ -341,6 +341,25 @@ def test_paired_difference_hand_computed(tmp_path: Path) -> None:
     assert p["se"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2) / math.sqrt(3))
 
 
+async def test_exported_results_reproduce_the_paired_difference_without_the_runs(tmp_path: Path) -> None:
+    from eval.report import compare, export_run, paired_difference
+
+    a = await arun_next_item(_config(tmp_path, ranker="pop", out="a"), suite=_suite(), progress=False)
+    b = await arun_next_item(_config(tmp_path, ranker="llm-perm", out="b"), suite=_suite(),
+                             model=FakeModel(responder=_letter), progress=False)
+    fa, fb = export_run(a, tmp_path / "results"), export_run(b, tmp_path / "results")
+    data = json.loads(fb.read_text())
+    assert data["config"]["ranker"] == "llm-perm" and data["metrics"] == json.loads((b / "metrics.json").read_text())
+    assert len(data["ndcg@10_per_case"]) == 8 and "responses" not in fb.read_text()  # small: no raw outputs
+    from_runs, from_files = paired_difference(a, b), paired_difference(fa, fb)
+    assert from_files["n"] == from_runs["n"] == 8
+    assert from_files["diff"] == pytest.approx(from_runs["diff"], abs=1e-3)
+    assert from_files["ci95"] == pytest.approx(from_runs["ci95"], abs=1e-3)
+    assert "| b.json | 8 |" in compare([fa, fb])
+    result = CliRunner().invoke(eval_app, ["export", str(tmp_path / "nope"), "--to", str(tmp_path)])
+    assert result.exit_code == 2 and "not a finished run folder" in result.output
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--protocol", "llmrank", "--repurchase", "--ranker", "pop"],
      "error: --repurchase applies to --protocol full / leave-last-basket (got --protocol llmrank --ranker pop)"),

@@ -36,6 +36,7 @@ EVAL_EXAMPLES: dict[str, str] = {
     "next-item": "shoplens eval next-item --dataset amazon-games --protocol llmrank --users 200 --ranker fused",
     "rescore": "shoplens eval rescore runs/<run>",
     "compare": "shoplens eval compare runs/<a> runs/<b>",
+    "export": "shoplens eval export runs/<run> --to docs/results",
     "sentiment": "shoplens eval sentiment --set zh --n 150 --ranker llm",
     "aspects": "shoplens eval aspects --n 60",
     "intent": "shoplens eval intent --session --cut k3",
@@ -139,6 +140,22 @@ def rescore_cmd(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+@eval_app.command("export")
+def export_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="finished next-item run folders")],
+    to: Annotated[Path, typer.Option(help="where the result files go")] = Path("docs/results"),
+) -> None:
+    """Write small result files (config, metrics, per-user NDCG@10) to commit beside the docs."""
+    from eval.report import export_run
+
+    for d in run_dirs:
+        try:
+            typer.echo(export_run(d, to))
+        except FileNotFoundError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from e
 
 
 @eval_app.command("compare")
