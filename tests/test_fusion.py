@@ -67,8 +67,23 @@ def test_the_informative_source_gets_the_largest_weight(arts: DatasetArtifacts) 
     m = fusion.metrics
     # on the held-out half the fitted weights rank at least as well as the hand-set ones
     assert m["fitted_ndcg@10"] >= m["default_ndcg@10"] - 1e-9 and m["fitted_ndcg@10"] > 50.0
+    assert "kept_defaults" not in m and m["n_random"] == 60.0  # one random set per held-out window
     assert fusion.catalogue_hash == catalog_hash(arts.catalog)
     assert fit_fusion(arts, n_users=120, seed=1).weights == w  # seeded: the same fit
+
+
+def test_weights_that_rank_worse_than_the_defaults_are_never_served(
+    arts: DatasetArtifacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.tasks import fusion as fusion_mod
+
+    # a fit that inverts the informative source (what biased negatives once taught it)
+    monkeypatch.setattr(fusion_mod, "_fit", lambda feats, seed: {"covisit": -5.0, "embedding": 0.0,
+                                                                  "similar_users": 0.0, "popularity": 0.0})
+    fusion = fit_fusion(arts, n_users=60, seed=0)
+    assert fusion.weights == DEFAULT_WEIGHTS and fusion.metrics["kept_defaults"] == 1.0
+    assert fusion.metrics["fitted_ndcg@10_random"] < fusion.metrics["default_ndcg@10_random"]
+    assert "the defaults are kept" in fusion.note()
 
 
 def test_windows_hold_out_the_last_item_and_the_refit_never_sees_it(arts: DatasetArtifacts) -> None:
