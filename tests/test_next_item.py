@@ -211,6 +211,28 @@ async def test_pointwise_scorer_asks_each_candidate_once_and_moves_a_yes_to_the_
     assert len(heads) == 1
 
 
+async def test_a_callers_candidates_beyond_n_candidates_are_ranked_after_the_model_scored_head(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    def yes_to_gloves(call: FakeCall) -> Completion:
+        asked = call.messages[1]["content"].split("Candidate product: ")[1].split("\n")[0]
+        p = 0.97 if asked == "Garden gloves" else 0.02
+        return Completion(text="Yes", top_logprobs=[{"Yes": math.log(p), "No": math.log(1 - p)}])
+
+    mine = ["g2", "t2", "c2", "l1", "g1", "g3", "b1", "b2"]
+    model = scripted_model([], verbalizer=yes_to_gloves)
+    cfg = NextItemConfig(k=len(mine), n_candidates=3, explain=False, llm_scorer="pointwise")
+    pred = await NextItemService(model).predict("u1", u1_events, artifacts, cfg, candidates=mine)
+    got = [i.item_id for i in pred.items]
+    assert sorted(got) == sorted(mine)  # every candidate the caller sent, none dropped, none added
+    assert len(model.calls) == 3  # the model scored only the fusion's best 3
+    asked = {c.messages[1]["content"].split("Candidate product: ")[1].split("\n")[0] for c in model.calls}
+    head = {i.item_id for i in pred.items[:3]}
+    assert {CATALOG[i] for i in head} == asked  # the scored head stays on top ...
+    assert [i.score for i in pred.items] == sorted((i.score for i in pred.items), reverse=True)
+    assert all("llm" not in i.source_scores or i.item_id in head for i in pred.items)  # ... the tail unscored
+
+
 @pytest.mark.parametrize(
     ("bad", "error_text"),
     [

@@ -109,6 +109,8 @@ class NextItemService:
             exclude = set() if cfg.repurchase else set(hist.purchased_items)
             cands = generator.generate(item_seq, n=cfg.n_candidates, user_id=user_id, exclude=exclude)
         cold = not events
+        # the model scores the best n_candidates by fusion (all of them unless a caller sent more)
+        head, tail = cands[: cfg.n_candidates], cands[cfg.n_candidates:]
         prompts: list[str] = []
         if len(cands) < cfg.k:
             trace.notes.append(f"only {len(cands)} candidates exist for k={cfg.k}")
@@ -119,13 +121,13 @@ class NextItemService:
             if self.model is None:
                 trace.degraded.append("no model configured: ranked by retrieval fusion only")
             else:
-                titles = {c.item_id: artifacts.title(c.item_id) for c in cands}
+                titles = {c.item_id: artifacts.title(c.item_id) for c in head}
                 try:
                     if cfg.llm_scorer == "pointwise":
                         tpl = load_prompt(cfg.pointwise_prompt)
                         prompts.append(tpl.ref)
                         pw = await pointwise_scores(self.model, tpl, {**hist.prompt_vars(), "verb": "buy"},
-                                                    [c.item_id for c in cands], titles)
+                                                    [c.item_id for c in head], titles)
                         llm_scores = pw.p_yes
                         calls, usage, latency = pw.calls, pw.usage, pw.model_latency_s
                         if pw.answered < 0.5:
@@ -134,7 +136,7 @@ class NextItemService:
                         tpl = load_prompt(cfg.rank_prompt)
                         prompts.append(tpl.ref)
                         res = await verbalizer_scores(
-                            self.model, tpl, hist.prompt_vars(), [c.item_id for c in cands][: len(LABELS)],
+                            self.model, tpl, hist.prompt_vars(), [c.item_id for c in head][: len(LABELS)],
                             titles, permutations=cfg.permutations, seed=cfg.seed,
                         )
                         llm_scores = res.scores
@@ -146,7 +148,11 @@ class NextItemService:
                     trace.model_latency_s += latency
                 except ModelUnavailableError as e:
                     trace.degraded.append(f"model unavailable for ranking ({e}); retrieval fusion only")
-        ranked = _fuse(cands, llm_scores, cfg.llm_weight, artifacts.review_penalties)[: cfg.k]
+        ranked = _fuse(head, llm_scores, cfg.llm_weight, artifacts.review_penalties)
+        if tail:  # a caller's candidates beyond the model's n_candidates: after the head, by fusion
+            floor = min((sc for _, sc in ranked), default=1.0)
+            ranked += [(c, round(sc * floor, 6)) for c, sc in _fuse(tail, {}, 0.0, artifacts.review_penalties)]
+        ranked = ranked[: cfg.k]
 
         # --- explanations ---------------------------------------------------------------
         reasons: dict[str, tuple[str, list[str]]] = {}
