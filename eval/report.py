@@ -165,7 +165,8 @@ def compare(run_dirs: Sequence[Path], out: Path | None = None) -> str:
         cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
         run = cfg.get("run", {})
         kinds[d.name] = (run.get("dataset"), run.get("protocol"), run.get("candidates"), run.get("split"))
-    target = Path(out) if out else Path(run_dirs[0]) if Path(run_dirs[0]).is_dir() else Path(run_dirs[0]).parent
+    # the plot goes beside the first run, or (for exported files, which sit in the docs) to runs/compare
+    target = Path(out) if out else Path(run_dirs[0]) if Path(run_dirs[0]).is_dir() else Path("runs") / "compare"
     target.mkdir(parents=True, exist_ok=True)
     _plot(target / "compare.png", rows, published=True)
     first = Path(run_dirs[0])
