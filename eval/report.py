@@ -205,7 +205,7 @@ def paired_difference(first: Path, other: Path, n_boot: int = 5000, seed: int = 
         ``better`` / ``worse`` (users where other is higher / lower). All x100.
     """
     a, b = _case_ndcg10(first), _case_ndcg10(other)
-    keys = [k for k in a if k in b]
+    keys = sorted(k for k in a if k in b)  # the same bootstrap from a run folder or its export
     d = np.array([b[k] - a[k] for k in keys])
     if not len(d):
         return {"run": other.name, "n": 0}
