@@ -186,15 +186,17 @@ async def test_model_preference_moves_an_item_to_the_top(
     assert pred.meta.prompt_versions == ["next_item_rank.v1"]
 
 
+def yes_to_gloves(call: FakeCall) -> Completion:
+    """A pointwise answer: P(yes) 0.97 for the garden gloves, 0.02 for anything else."""
+    asked = call.messages[1]["content"].split("Candidate product: ")[1].split("\n")[0]
+    p = 0.97 if asked == "Garden gloves" else 0.02
+    return Completion(text="Yes" if p > 0.5 else "No", usage=Usage(200, 1, cached_tokens=150),
+                      top_logprobs=[{"Yes": math.log(p), "No": math.log(1 - p)}])
+
+
 async def test_pointwise_scorer_asks_each_candidate_once_and_moves_a_yes_to_the_top(
     artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
 ) -> None:
-    def yes_to_gloves(call: FakeCall) -> Completion:
-        asked = call.messages[1]["content"].split("Candidate product: ")[1].split("\n")[0]
-        p = 0.97 if asked == "Garden gloves" else 0.02
-        return Completion(text="Yes" if p > 0.5 else "No", usage=Usage(200, 1, cached_tokens=150),
-                          top_logprobs=[{"Yes": math.log(p), "No": math.log(1 - p)}])
-
     cands = candidate_ids(artifacts, u1_events)
     assert "g2" in cands and cands[0] != "g2"
     model = scripted_model([], verbalizer=yes_to_gloves)
@@ -214,11 +216,6 @@ async def test_pointwise_scorer_asks_each_candidate_once_and_moves_a_yes_to_the_
 async def test_a_callers_candidates_beyond_n_candidates_are_ranked_after_the_model_scored_head(
     artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
 ) -> None:
-    def yes_to_gloves(call: FakeCall) -> Completion:
-        asked = call.messages[1]["content"].split("Candidate product: ")[1].split("\n")[0]
-        p = 0.97 if asked == "Garden gloves" else 0.02
-        return Completion(text="Yes", top_logprobs=[{"Yes": math.log(p), "No": math.log(1 - p)}])
-
     mine = ["g2", "t2", "c2", "l1", "g1", "g3", "b1", "b2"]
     model = scripted_model([], verbalizer=yes_to_gloves)
     cfg = NextItemConfig(k=len(mine), n_candidates=3, explain=False, llm_scorer="pointwise")
