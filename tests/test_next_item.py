@@ -403,3 +403,12 @@ def test_items_with_mostly_negative_recent_reviews_are_down_ranked() -> None:
     assert [(c.item_id, s) for c, s in ranked] == [("B", 0.8), ("A", 0.75)]
     assert review_note("A", penalties) == " Down-ranked: 5 of 6 recent reviews are negative."
     assert review_note("B", penalties) == ""
+
+
+async def test_duplicate_candidate_ids_are_ranked_once_and_the_shortfall_is_noted(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    pred = await NextItemService(None).predict("u1", u1_events, artifacts, NextItemConfig(k=3, explain=False),
+                                               candidates=["g2", "g2", "t2"])
+    assert sorted(i.item_id for i in pred.items) == ["g2", "t2"]
+    assert len(pred.items) == 2 and "only 2 candidates exist for k=3" in pred.meta.notes
