@@ -63,7 +63,7 @@ class DataMethods:
     def index_states(self) -> dict[str, str]:
         return self.state.index_states()
 
-    # ---- events ---------------------------------------------------------------------------
+    # ---- training -------------------------------------------------------------------------
     def train(self, dataset: str, *, users: int = 2000, seed: int = 0,
               progress: Callable[[int, int], None] | None = None) -> tuple[FittedFusion, Path]:
         """Fit the dataset's next-item fusion weights (`agent.tasks.fusion`), save them beside
@@ -78,6 +78,7 @@ class DataMethods:
         arts.fusion_weights, arts.fusion_note = fusion.weights, fusion.note()
         return fusion, path
 
+    # ---- events ---------------------------------------------------------------------------
     async def ingest_events(self, dataset: str, events: Sequence[Any], *,
                             max_text_chars: int | None = None) -> IngestResult:
         """Validate each raw event on its own, mask PII (`Settings.mask_pii`), pseudonymise user
