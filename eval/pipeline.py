@@ -74,11 +74,11 @@ class PipelineRanker(_SyncMixin):
         runtime: from `pipeline_runtime` (store = training sequences only).
         dataset: the dataset name in that store.
         model: the (cached) model, or None for the pipeline without the LLM.
-        llm_scorer: the served pipeline's LLM scorer.
+        llm_scorer: the LLM scorer; None: the served setting (`Settings.llm_scorer`).
     """
 
     def __init__(self, runtime: Runtime, dataset: str, model: Any = None, *,
-                 llm_scorer: LlmScorer = "pointwise", name: str = "pipeline") -> None:
+                 llm_scorer: LlmScorer | None = None, name: str = "pipeline") -> None:
         self.runtime = runtime
         self.dataset = dataset
         self.name = name
@@ -92,7 +92,7 @@ class PipelineRanker(_SyncMixin):
         self.service = ShopLensService(runtime, use_model=use_model, explain=False,
                                        model_provider=provider if use_model else None)
         base = self.service.next_item_config(k=1, use_model=use_model)
-        self.config: NextItemConfig = replace(base, explain=False, llm_scorer=llm_scorer)
+        self.config: NextItemConfig = replace(base, explain=False, llm_scorer=llm_scorer or base.llm_scorer)
 
     def describe(self) -> dict[str, Any]:
         """What config.json records: the served configuration and the store it ranks from."""

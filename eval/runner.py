@@ -65,7 +65,8 @@ class RunConfig:
         untrained: ``pipeline`` with the hand-set default fusion weights; otherwise the weights
             are fitted once on the pipeline store (`ShopLensService.train`, as ``shoplens
             train`` does), which holds no evaluated target.
-        llm_scorer: ``pipeline``'s LLM scorer (``pointwise`` or ``verbalizer``).
+        llm_scorer: ``pipeline``'s LLM scorer (``pointwise`` or ``verbalizer``); None: the
+            served setting (``Settings.llm_scorer``), so the default run measures what users get.
         prompt: prompt reference; None: the ranker's default.
         permutations: verbalizer passes (``llm-perm`` / ``hybrid``; ``llm`` always uses 1).
         position: ``shuffle`` (published protocol), ``first`` or ``last`` (position-bias check).
@@ -99,7 +100,7 @@ class RunConfig:
     repurchase: bool = False
     no_llm: bool = False
     untrained: bool = False
-    llm_scorer: str = "pointwise"
+    llm_scorer: str | None = None
     model_profile: str | None = None
     name: str | None = None
     out: Path | None = None
@@ -120,7 +121,7 @@ class RunConfig:
         for k in ("sasrec", "fusion_drop", "repurchase", "no_llm", "untrained"):  # added later: resumable
             if d[k] in (None, False):
                 d.pop(k)
-        if self.ranker != "pipeline":
+        if self.ranker != "pipeline" or self.llm_scorer is None:
             d.pop("llm_scorer")
         return d
 

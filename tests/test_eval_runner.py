@@ -201,8 +201,8 @@ async def test_pipeline_ranker_is_the_served_service_with_the_case_candidates(tm
     no_llm = await arun_next_item(_config(tmp_path, ranker="pipeline", out="p0", no_llm=True, untrained=True,
                                           extra=extra), suite=suite, progress=False)
     model = FakeModel(responder=_oracle_yes(suite))
-    with_llm = await arun_next_item(_config(tmp_path, ranker="pipeline", out="p1", extra=extra),
-                                    suite=suite, model=model, progress=False)
+    with_llm = await arun_next_item(_config(tmp_path, ranker="pipeline", out="p1", llm_scorer="pointwise",
+                                            extra=extra), suite=suite, model=model, progress=False)
     cfg = json.loads((with_llm / "config.json").read_text())
     assert cfg["pipeline"]["llm_scorer"] == "pointwise" and cfg["pipeline"]["use_llm_ranking"]
     # 4 users are too few to fit the fusion: the served defaults, and config.json says why

@@ -64,7 +64,8 @@ def next_item_cmd(
     no_llm: Annotated[bool, typer.Option("--no-llm", help="pipeline without the model")] = False,
     untrained: Annotated[bool, typer.Option("--untrained", help="pipeline with the hand-set fusion "
                                             "weights (default: fitted on the training data)")] = False,
-    llm_scorer: Annotated[LlmScorer, typer.Option(help="pipeline's LLM scorer")] = "pointwise",
+    llm_scorer: Annotated[LlmScorer | None, typer.Option(
+        help="pipeline's LLM scorer (default: the served setting, SHOPLENS_LLM_SCORER)")] = None,
     prompt: Annotated[str | None, typer.Option(help="prompt ref, e.g. next_item_rank_titles.v1")] = None,
     seed: Annotated[int, typer.Option(help="case shuffle + tie-break seed (LLMRank: 2023)")] = 2023,
     position: Annotated[Position, typer.Option(help="where the target sits in the candidate list "
