@@ -17,28 +17,27 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.ingest._common import SYNTHETIC_START
 from agent.settings import load_settings
 from agent.tasks.next_item import LlmScorer, NextItemConfig
 from eval.cache import Recorder
 from eval.llm_rankers import RankOutcome, _SyncMixin
 from eval.protocols import RankingCase
 
-# The synthetic clock of title-only sequences (no timestamps survive in LLMRank's files): the
-# n-th item of a sequence at START + n days, as the loaders do (agent/ingest/_common.py).
-START = datetime(2020, 1, 1, tzinfo=UTC)
-
 
 def sequence_events(user_id: str, items: list[str] | tuple[str, ...]) -> list[BehaviorEvent]:
-    """One purchase per item, a day apart, oldest first."""
+    """One purchase per item, a day apart, oldest first, on the loaders' synthetic clock for
+    title-only sequences (`agent.ingest._common.SYNTHETIC_START`: no timestamps survive in
+    LLMRank's files)."""
     return [BehaviorEvent(user_id=user_id, item_id=i, event_type="purchase",
-                          timestamp=START + timedelta(days=n)) for n, i in enumerate(items)]
+                          timestamp=SYNTHETIC_START + timedelta(days=n)) for n, i in enumerate(items)]
 
 
 def pipeline_runtime(workspace: Path, dataset: str, train_by_user: dict[str, list[str]],

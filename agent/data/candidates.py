@@ -104,6 +104,22 @@ class CandidateGenerator:
         self.popularity = popularity
         self.weights = dict(weights or DEFAULT_WEIGHTS)
 
+    def _similar_users(self, history: Sequence[str], user_id: str | None) -> list[tuple[str, float]]:
+        """(user id, cosine) of the 20 nearest other users with positive similarity to the
+        history's user vector (its last 50 items); [] on cold start or an empty user index."""
+        if not len(self.user_index):
+            return []
+        u = user_vector(list(history)[-50:], self.item_index)
+        if u is None:
+            return []
+        return [(o, sim) for o, sim in self.user_index.search(u[None, :], 21)[0] if o != user_id and sim > 0]
+
+    def _fused(self, scaled: Mapping[str, float]) -> float:
+        """The weighted sum of one candidate's scaled source scores, over the sum of |weights|
+        (learned weights may be negative)."""
+        wsum = sum(abs(w) for w in self.weights.values()) or 1.0
+        return sum(self.weights.get(s, 0.0) * v for s, v in scaled.items()) / wsum
+
     def source_scores(
         self, history: Sequence[str], *, user_id: str | None = None, per_source: int = 100
     ) -> dict[str, dict[str, float]]:
@@ -120,16 +136,10 @@ class CandidateGenerator:
                     if sim > 0:
                         out["embedding"][item] = max(out["embedding"].get(item, 0.0), w * sim)
         out["covisit"] = self.covisit.score(list(history), top_n=per_source)
-        # similar users
-        if len(self.user_index):
-            u = user_vector(list(history)[-50:], self.item_index)
-            if u is not None:
-                for other, sim in self.user_index.search(u[None, :], 21)[0]:
-                    if other == user_id or sim <= 0:
-                        continue
-                    items = self.user_items.get(other, ())
-                    for rank, item in enumerate(reversed(list(dict.fromkeys(items))[-30:])):
-                        out["similar_users"][item] = out["similar_users"].get(item, 0.0) + sim * 0.97**rank
+        for other, sim in self._similar_users(history, user_id):
+            items = self.user_items.get(other, ())
+            for rank, item in enumerate(reversed(list(dict.fromkeys(items))[-30:])):
+                out["similar_users"][item] = out["similar_users"].get(item, 0.0) + sim * 0.97**rank
         pop = self.popularity.top(per_source)
         out["popularity"] = self.popularity.score(pop, log=True)
         return out
@@ -154,15 +164,10 @@ class CandidateGenerator:
                 out["embedding"][item] = max(0.0, float(best))
         if history:
             out["covisit"] = self.covisit.score(list(history), candidates=ids)
-        if len(self.user_index):
-            u = user_vector(list(history)[-50:], self.item_index)
-            if u is not None:
-                wanted = set(ids)
-                for other, sim in self.user_index.search(u[None, :], 21)[0]:
-                    if other == user_id or sim <= 0:
-                        continue
-                    for item in wanted.intersection(self.user_items.get(other, ())):
-                        out["similar_users"][item] += sim
+        wanted = set(ids)
+        for other, sim in self._similar_users(history, user_id):
+            for item in wanted.intersection(self.user_items.get(other, ())):
+                out["similar_users"][item] += sim
         out["popularity"] = self.popularity.score(ids, log=True)
         return out
 
@@ -174,12 +179,10 @@ class CandidateGenerator:
         id). Ids are de-duplicated; none is dropped: an id no source knows scores 0."""
         raw = self.candidate_scores(history, item_ids, user_id=user_id)
         scaled = {s: max_scale(v) for s, v in raw.items()}
-        wsum = sum(abs(w) for w in self.weights.values()) or 1.0  # learned weights may be < 0
         cands = []
         for item in dict.fromkeys(item_ids):
             src = {s: round(scaled[s].get(item, 0.0), 6) for s in SOURCES}
-            fused = sum(self.weights.get(s, 0.0) * v for s, v in src.items()) / wsum
-            cands.append(Candidate(item, src, fused))
+            cands.append(Candidate(item, src, self._fused(src)))
         return sorted(cands, key=lambda c: (-c.fused, c.item_id))
 
     def generate(
@@ -203,8 +206,7 @@ class CandidateGenerator:
                     continue
                 cand = pool.setdefault(item, Candidate(item))
                 cand.source_scores[source] = round(sc, 6)
-        wsum = sum(abs(w) for w in self.weights.values()) or 1.0  # learned weights may be < 0
         for cand in pool.values():
-            cand.fused = sum(self.weights.get(s, 0.0) * v for s, v in cand.source_scores.items()) / wsum
+            cand.fused = self._fused(cand.source_scores)
         ranked = sorted(pool.values(), key=lambda c: (-c.fused, c.item_id))
         return ranked[:n]
