@@ -279,6 +279,9 @@ async def test_handler_yields_and_shows_evidence_when_the_model_is_down(tmp_path
     assert sum(len(c.get_offsets()) for c in figs[-1].axes[0].collections) == 4  # all 4 events drawn
     assert list(tables[-1]["item_id"]) and "covisit" in tables[-1].columns  # evidence shown anyway
     assert "most likely to buy next" in chat[-1]["content"]
+    # the last frame carries every panel whole (Gradio sends a run's last values in full), so a
+    # mid-stream update the browser missed is restored at the end
+    assert hasattr(outs[-1][2], "axes") and list(outs[-1][3]["item_id"]) == list(tables[-1]["item_id"])
 
 
 async def test_handler_always_yields_even_when_a_tool_crashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,7 +87,12 @@ class ChatController:
         dirty = set(panels)
         status = status_line("info", "working…", lang)
 
-        def frame() -> Outputs:
+        def frame(final: bool = False) -> Outputs:
+            # The last frame re-sends every panel: Gradio sends a run's last values whole at the
+            # end (earlier frames are diffs), so a panel update the browser missed mid-stream
+            # (seen as an empty candidate table on a loaded 2-core box) is restored.
+            if final:
+                dirty.update(k for k, v in panels.items() if v is not None)
             out = tuple(panels[k] if k in dirty else gr.update() for k in ("timeline", "items", "breakdown", "details"))
             dirty.clear()
             return (history, status, *out)
@@ -127,12 +132,12 @@ class ChatController:
                                                      f"comes from retrieval only: {ev.text}", lang)
                     else:
                         status = status_line("ok", "done", lang)
-                yield frame()
+                yield frame(final=ev.kind == "done")
         except Exception as e:  # noqa: BLE001 - the UI must answer; the log keeps the trace
             log.exception("chat turn failed")
             history[-1] = {"role": "assistant", "content": safe_md(answer or f"Sorry, that failed: {e}")}
             status = status_line("warn", f"error: {type(e).__name__}: {e}", lang)
-            yield frame()
+            yield frame(final=True)
 
 
 def build_chat_app(runtime: Runtime, *, use_model: bool = True,
