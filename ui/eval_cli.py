@@ -13,12 +13,18 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from agent.app.feedback import FeedbackReport, FeedbackSummary
+from agent.app.runtime import Runtime
+from agent.app.service import ShopLensService
 from agent.llm.base import ModelUnavailableError
+from agent.settings import load_settings
 from agent.tasks.next_item import LlmScorer
 from eval.runner import RunConfig, run_next_item
 from eval.runs import rescore
-from ui.options import Profile
+from ui.options import Profile, Workspace
 
 # The closed value sets of `eval next-item` (eval.runner.RANKERS, eval.protocols; checked equal
 # in tests/test_cli_help.py), as Literal types so --help lists them.
@@ -42,6 +48,7 @@ EVAL_EXAMPLES: dict[str, str] = {
     "intent": "shoplens eval intent --session --cut k3",
     "churn": "shoplens eval churn --cases 150",
     "audience": "shoplens eval audience --items 30 -n 50",
+    "feedback": "shoplens eval feedback --dataset online-retail",
 }
 
 FUSION_RANKERS = ("fused", "fused-sasrec", "hybrid", "hybrid-pointwise")  # fitted fusion (--drop)
@@ -175,6 +182,66 @@ def compare_cmd(
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
+
+
+@eval_app.command("feedback")
+def feedback_cmd(
+    dataset: Annotated[str | None, typer.Option(help="only this dataset's recommendations (default: all)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout (the same as GET /v1/feedback/report)")]
+    = False,
+    workspace: Workspace = None,
+) -> None:
+    """Click-through of served recommendations, replayed from the feedback log.
+
+    Impressions, clicks and purchases clients sent to POST /v1/feedback, by answer stage
+    (fast, refined, explained, precomputed): CTR with its 95% Wilson interval, purchase rate,
+    and CTR by shown position. Only logged impressions count as impressions. No model is called.
+    """
+    rt = Runtime(load_settings(workspace=workspace))
+    store = rt.feedback
+    try:
+        report = ShopLensService(rt, use_model=False).feedback_report(dataset)
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+        return
+    out, err = Console(), Console(stderr=True)
+    if not report.overall.recommendations:
+        err.print(f"no recommendations logged{f' for {dataset}' if dataset else ''} in {rt.settings.workspace}")
+        return
+    for table in _feedback_tables(report):
+        out.print(table)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _feedback_tables(report: FeedbackReport) -> list[Table]:
+    """The report as two rich tables: counts and rates by stage, then CTR by shown position."""
+    groups: list[tuple[str, FeedbackSummary]] = [*report.by_stage.items(), ("all", report.overall)]
+    title = f"Feedback{f' on {report.dataset}' if report.dataset else ''}"
+    counts = Table(title=title, title_justify="left")
+    for col in ("stage", "recommendations", "impressions", "clicks", "purchases", "CTR", "CTR 95% CI",
+                "purchase rate", "clicks w/o impression"):
+        counts.add_column(col, justify="left" if col == "stage" else "right")
+    for name, s in groups:
+        ci = "-" if s.ctr_ci95 is None else f"{_pct(s.ctr_ci95[0])} - {_pct(s.ctr_ci95[1])}"
+        counts.add_row(name, f"{s.recommendations:,}", f"{s.impressions:,}", f"{s.clicks:,}", f"{s.purchases:,}",
+                       _pct(s.ctr), ci, _pct(s.purchase_rate), f"{s.clicks_without_impression:,}")
+    by_pos = Table(title="CTR by shown position (clicks / impressions)", title_justify="left")
+    by_pos.add_column("position", justify="right")
+    for name, _ in groups:
+        by_pos.add_column(name, justify="right")
+    for p in range(1, len(report.overall.by_position) + 1):
+        cells = []
+        for _, s in groups:
+            row = s.by_position[p - 1] if p <= len(s.by_position) else None
+            cells.append("-" if row is None or not (row.impressions or row.clicks)
+                         else f"{_pct(row.ctr)} ({row.clicks}/{row.impressions})")
+        by_pos.add_row(str(p), *cells)
+    return [counts, by_pos]
 
 
 if __name__ == "__main__":

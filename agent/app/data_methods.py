@@ -1,5 +1,6 @@
 """The facade's data methods (part of `ShopLensService`): ingest, export, forget, datasets,
-training the next-item fusion, and the churn segment (a baseline ranking, no model call).
+training the next-item fusion, recommendation feedback, and the churn segment (a baseline
+ranking, no model call).
 
 Writes hold the runtime's one write lock (ingest order and deletes stay simple) and drop the
 dataset's shared caches afterwards, whichever surface made them.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.app.events import Pseudonyms, validate_events
+from agent.app.feedback import FeedbackEvent, FeedbackKind, FeedbackReport
 from agent.app.results import DatasetSummary, IngestResult, UserEventsPage
 from agent.data.artifacts import drop_user_from_artifacts
 from agent.domain.errors import RequestError, UnknownUserError
@@ -144,6 +146,7 @@ class DataMethods:
         if not store.has_user(dataset, uid):
             raise UnknownUserError(dataset, user_id)
         n = store.delete_user(dataset, uid)
+        self.runtime.feedback.forget_user(dataset, sorted({uid, user_id}))  # what was shown to them
         try:
             arts = self.runtime.artifacts(dataset)
         except ValueError as e:  # no catalogue, so no artifacts that could hold the user
@@ -151,6 +154,40 @@ class DataMethods:
             return n
         drop_user_from_artifacts(arts, uid, self.runtime.settings.index_dir(dataset))
         return n
+
+    # ---- recommendation feedback ----------------------------------------------------------
+    async def record_feedback_event(self, recommendation_id: str, item_id: str, kind: FeedbackKind,
+                                    at: float | None = None) -> FeedbackEvent:
+        """Record an impression, click or purchase of an item a recommendation showed (against
+        the list it showed last), off the event loop. No model call.
+
+        Args:
+            recommendation_id: the id a next-item answer carries.
+            at: when it happened, unix seconds (default: now).
+
+        Returns:
+            The stored event, with the item's 1-based shown position and the answer's stage.
+
+        Raises:
+            RequestError: unknown recommendation id, or the item was not in its list (the
+                message names the field and the fix).
+        """
+        return await asyncio.to_thread(self.runtime.feedback.record_event, recommendation_id, item_id, kind, at)
+
+    async def record_feedback(self, recommendation_id: str, item_id: str, kind: FeedbackKind,
+                              at: float | None = None) -> int:
+        """`record_feedback_event`, returning only the item's 1-based shown position.
+
+        Raises:
+            RequestError: see `record_feedback_event`.
+        """
+        return (await self.record_feedback_event(recommendation_id, item_id, kind, at)).position
+
+    def feedback_report(self, dataset: str | None = None) -> FeedbackReport:
+        """Click-through of what was shown, overall and by answer stage (see
+        `agent.app.feedback.FeedbackStore.replay`). Blocking SQLite reads: call it from a
+        worker thread in async code."""
+        return self.runtime.feedback.replay(dataset)
 
     # ---- churn segment --------------------------------------------------------------------
     def churn_segment(self, dataset: str, start: datetime, end: datetime, *, n: int = 10

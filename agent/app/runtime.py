@@ -18,6 +18,7 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
+from agent.app.feedback import FeedbackStore
 from agent.app.model_holder import ModelHolder, ModelSource
 from agent.app.state import AppState
 from agent.data.artifacts import DatasetArtifacts, build_artifacts, catalog_hash, load_artifacts
@@ -85,6 +86,12 @@ class Runtime:
     @cached_property
     def store(self) -> EventStore:
         return EventStore(self.settings.db_path)
+
+    @cached_property
+    def feedback(self) -> FeedbackStore:
+        """What each recommendation showed and the feedback logged against it
+        (``<workspace>/feedback.sqlite3``), opened on first use; `aclose` closes it."""
+        return FeedbackStore(self.settings.workspace / "feedback.sqlite3")
 
     @cached_property
     def state(self) -> AppState:
@@ -241,10 +248,11 @@ class Runtime:
                                  timeout_s=s.llm_timeout_s, model_id=profile.name)
 
     async def aclose(self) -> None:
-        """Close the model client and stop the embedded server (the server is stopped even if
-        the client was bound to an event loop that has since closed)."""
+        """Close the model client, stop the embedded server (even if the client was bound to an
+        event loop that has since closed) and close the feedback store (reopened on next use)."""
         model, self._model, self._guarded = self._model, None, None
         server, self._server = self._server, None
+        feedback: FeedbackStore | None = self.__dict__.pop("feedback", None)
         try:
             if model is not None:
                 aclose = getattr(model, "aclose", None)  # fakes have nothing to close
@@ -254,6 +262,8 @@ class Runtime:
         finally:
             if server is not None:
                 server.stop()
+            if feedback is not None:
+                feedback.close()
 
     @property
     def workspace(self) -> Path:

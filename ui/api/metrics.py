@@ -25,3 +25,5 @@ class Metrics:
                                      registry=r)
         self.events_ingested = Counter("shoplens_events_ingested_total", "events by ingest outcome",
                                        ["outcome"], registry=r)
+        self.feedback = Counter("shoplens_feedback_total", "feedback events by kind and stage", ["kind", "stage"],
+                                registry=r)

@@ -1,0 +1,319 @@
+"""Recommendation feedback: what was shown, and what the user did with it.
+
+Every next-item answer carries a recommendation id (uuid4 hex). The service logs the list it
+showed under that id (`FeedbackStore.log_recommendation`); clients then report impressions,
+clicks and purchases against it (`FeedbackStore.record`, ``POST /v1/feedback``), and the eval
+harness replays the log into click-through numbers by answer stage (`FeedbackStore.replay`,
+``GET /v1/feedback/report``, ``shoplens eval feedback``).
+
+A progressive answer is logged more than once under one id (fast, then refined or explained);
+each log replaces the shown list, and feedback counts against the list shown last, at that
+position, labelled with that stage.
+
+Storage: SQLite in WAL mode, ``<workspace>/feedback.sqlite3``, one connection shared by every
+thread behind a lock (writes are one short row each).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from agent.domain.errors import RequestError
+
+Stage = Literal["fast", "refined", "explained", "precomputed"]
+"""How an answer was made: "fast" (retrieval fusion, no model), "refined" (LLM-ranked),
+"explained" (LLM-ranked with the model's reasons), "precomputed" (served from a batch run)."""
+FeedbackKind = Literal["impression", "click", "purchase"]
+STAGES: tuple[Stage, ...] = ("fast", "refined", "explained", "precomputed")
+KINDS: tuple[FeedbackKind, ...] = ("impression", "click", "purchase")
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS recommendations (
+    rec_id TEXT PRIMARY KEY,
+    dataset TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    stage TEXT NOT NULL,            -- the stage of the list shown last
+    items TEXT NOT NULL,            -- JSON list of item ids, in shown order
+    created_at REAL NOT NULL,       -- unix seconds, first log
+    updated_at REAL NOT NULL        -- unix seconds, last log (a progressive upgrade)
+);
+CREATE INDEX IF NOT EXISTS recommendations_dataset ON recommendations (dataset);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rec_id TEXT NOT NULL REFERENCES recommendations (rec_id),
+    item_id TEXT NOT NULL,
+    kind TEXT NOT NULL,             -- impression | click | purchase
+    position INTEGER NOT NULL,      -- 1-based, in the list shown when the feedback arrived
+    stage TEXT NOT NULL,            -- that list's stage
+    at REAL NOT NULL                -- unix seconds, the client's time or the arrival time
+);
+CREATE INDEX IF NOT EXISTS feedback_rec ON feedback (rec_id);
+"""
+
+
+class FeedbackEvent(BaseModel):
+    """One recorded feedback event, as stored."""
+
+    recommendation_id: str
+    item_id: str
+    kind: FeedbackKind
+    position: int = Field(ge=1, description="1-based position of the item in the list shown")
+    stage: Stage = Field(description="the stage of the list shown when the feedback arrived")
+    at: float = Field(description="unix seconds")
+
+
+class PositionCTR(BaseModel):
+    """Click-through at one shown position (position bias shows up here)."""
+
+    position: int = Field(ge=1)
+    impressions: int
+    clicks: int
+    ctr: float | None = Field(description="clicks / impressions; None without impressions")
+
+
+class FeedbackSummary(BaseModel):
+    """Counts and rates over one group of recommendations (a stage, or all).
+
+    Impressions are only the impression events clients logged: an answer's shown items are NOT
+    assumed seen, so a client that logs no impressions gets no CTR (and its clicks show up in
+    `clicks_without_impression`).
+    """
+
+    recommendations: int = Field(description="recommendation ids logged (by the stage shown last)")
+    impressions: int = Field(description="impression events")
+    clicks: int = Field(description="click events")
+    purchases: int = Field(description="purchase events")
+    clicks_without_impression: int = Field(
+        description="click events with no impression event for the same recommendation, item and stage")
+    ctr: float | None = Field(description="clicks / impressions; None without impressions")
+    ctr_ci95: tuple[float, float] | None = Field(
+        description="95% Wilson interval of the CTR; None without impressions or when clicks exceed them")
+    purchase_rate: float | None = Field(description="purchases / impressions; None without impressions")
+    by_position: list[PositionCTR] = Field(description="CTR at positions 1..k, k the deepest position seen")
+
+
+class FeedbackReport(BaseModel):
+    """Click-through of what was shown, overall and by answer stage."""
+
+    dataset: str | None = Field(description="the dataset replayed; None: every dataset")
+    overall: FeedbackSummary
+    by_stage: dict[Stage, FeedbackSummary] = Field(
+        description="one summary per stage that has recommendations or feedback, in the order "
+                    "fast, refined, explained, precomputed")
+
+
+def rate(num: int, den: int) -> float | None:
+    """`num / den`, or None when `den` is 0 (no denominator, no rate)."""
+    return num / den if den else None
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float] | None:
+    """The Wilson score interval of a binomial proportion.
+
+    Args:
+        successes: k, with 0 <= k <= n.
+        trials: n.
+        z: the normal quantile (default 1.96: a two-sided 95% interval).
+
+    Returns:
+        (low, high), both probabilities in [0, 1]; None when `trials` is 0.
+
+    Raises:
+        ValueError: k < 0 or k > n.
+
+    Source: E. B. Wilson, "Probable inference, the law of succession, and statistical
+    inference", JASA 22 (1927); e.g. 2 of 10 gives (0.0567, 0.5098).
+    """
+    if not 0 <= successes <= max(trials, 0):
+        raise ValueError(f"successes must be in [0, trials]; got {successes} of {trials}")
+    if trials == 0:
+        return None
+    p, n, z2 = successes / trials, trials, z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class FeedbackStore:
+    """What each recommendation showed, and the feedback logged against it (SQLite, WAL).
+
+    Thread-safe: one connection (``check_same_thread=False``) behind a lock. Call from a worker
+    thread in async code (the service uses `asyncio.to_thread`).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        with self._lock, self._conn:
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ---- writes ---------------------------------------------------------------------------
+    def log_recommendation(self, rec_id: str, dataset: str, user_id: str, item_ids: Sequence[str],
+                           stage: str) -> None:
+        """Record the list shown under `rec_id`, or replace it (a progressive answer upgraded
+        from "fast" to "refined"/"explained"): feedback from now on counts against this list.
+        The first log's dataset, user and ``created_at`` are kept; ``updated_at`` moves.
+
+        Args:
+            rec_id: the recommendation id the answer carries (uuid4 hex).
+            item_ids: the shown items, best first (position 1 first).
+            stage: one of "fast", "refined", "explained", "precomputed" (see `Stage`).
+
+        Raises:
+            ValueError: an unknown stage.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}; got {stage!r}")
+        now = time.time()
+        with self._lock, self._conn:
+            self._conn.execute(
+                "INSERT INTO recommendations (rec_id, dataset, user_id, stage, items, created_at, updated_at) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(rec_id) DO UPDATE SET "
+                "stage = excluded.stage, items = excluded.items, updated_at = excluded.updated_at",
+                (rec_id, dataset, user_id, stage, json.dumps(list(item_ids)), now, now),
+            )
+
+    def record_event(self, rec_id: str, item_id: str, kind: FeedbackKind, at: float | None = None) -> FeedbackEvent:
+        """Store one feedback event against the list `rec_id` showed last.
+
+        Args:
+            kind: "impression", "click" or "purchase".
+            at: when it happened, unix seconds (default: now).
+
+        Returns:
+            The stored event: the item's 1-based shown position and the list's stage.
+
+        Raises:
+            RequestError: `rec_id` was never logged (param ``recommendation_id``, code
+                ``unknown_recommendation``), the item was not in its list (param ``item_id``,
+                code ``item_not_shown``), or `kind` is unknown (param ``kind``).
+        """
+        if kind not in KINDS:
+            raise RequestError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}", param="kind")
+        when = time.time() if at is None else float(at)
+        if not math.isfinite(when):
+            raise RequestError(f"timestamp must be finite unix seconds; got {at!r}", param="timestamp")
+        with self._lock, self._conn:
+            row = self._conn.execute("SELECT items, stage FROM recommendations WHERE rec_id = ?",
+                                     (rec_id,)).fetchone()
+            if row is None:
+                raise RequestError(f"recommendation_id {rec_id!r} not found: send the id returned by "
+                                   "POST /v1/next-item", param="recommendation_id", code="unknown_recommendation")
+            items, stage = json.loads(row[0]), row[1]
+            if item_id not in items:
+                raise RequestError(f"item_id {item_id!r} was not shown in recommendation {rec_id!r}; "
+                                   f"shown: {', '.join(items)}", param="item_id", code="item_not_shown")
+            position = items.index(item_id) + 1
+            self._conn.execute("INSERT INTO feedback (rec_id, item_id, kind, position, stage, at) "
+                               "VALUES (?,?,?,?,?,?)", (rec_id, item_id, kind, position, stage, when))
+        return FeedbackEvent(recommendation_id=rec_id, item_id=item_id, kind=kind, position=position,
+                             stage=stage, at=when)
+
+    def record(self, rec_id: str, item_id: str, kind: FeedbackKind, at: float | None = None) -> int:
+        """`record_event`, returning only the item's 1-based shown position.
+
+        Raises:
+            RequestError: see `record_event`.
+        """
+        return self.record_event(rec_id, item_id, kind, at).position
+
+    def forget_user(self, dataset: str, user_ids: Sequence[str]) -> int:
+        """Delete the recommendations (and their feedback) logged for these ids of one user.
+
+        Returns:
+            How many recommendations were deleted.
+        """
+        if not user_ids:
+            return 0
+        marks = ",".join("?" * len(user_ids))
+        with self._lock, self._conn:
+            where = f"SELECT rec_id FROM recommendations WHERE dataset = ? AND user_id IN ({marks})"
+            self._conn.execute(f"DELETE FROM feedback WHERE rec_id IN ({where})", (dataset, *user_ids))
+            cur = self._conn.execute(f"DELETE FROM recommendations WHERE dataset = ? AND user_id IN ({marks})",
+                                     (dataset, *user_ids))
+            return cur.rowcount
+
+    # ---- replay ---------------------------------------------------------------------------
+    def replay(self, dataset: str | None = None) -> FeedbackReport:
+        """Replay the log into click-through numbers, overall and by stage.
+
+        Feedback is grouped by the stage recorded with each event (the list shown when it
+        arrived); recommendations by the stage of the list they showed last. Only logged
+        impression events count as impressions: shown items are not assumed seen. A click
+        counts as "without impression" when no impression event exists for the same
+        recommendation, item and stage (in any order in time).
+
+        Args:
+            dataset: only recommendations of this dataset; None: all.
+        """
+        ds_where, args = ("WHERE r.dataset = ?", (dataset,)) if dataset is not None else ("", ())
+        with self._lock:
+            recs = self._conn.execute(f"SELECT r.stage, COUNT(*) FROM recommendations r {ds_where} GROUP BY r.stage",
+                                      args).fetchall()
+            events = self._conn.execute(
+                f"SELECT f.rec_id, f.item_id, f.kind, f.position, f.stage FROM feedback f "
+                f"JOIN recommendations r ON r.rec_id = f.rec_id {ds_where}", args).fetchall()
+        n_recs: dict[str, int] = dict(recs)
+        by_stage: dict[str, list[tuple[str, str, str, int]]] = defaultdict(list)
+        for rec_id, item_id, kind, position, stage in events:
+            by_stage[stage].append((rec_id, item_id, kind, position))
+        stages = [s for s in STAGES if n_recs.get(s) or by_stage.get(s)]
+        summaries = {s: _summary(n_recs.get(s, 0), by_stage.get(s, [])) for s in stages}
+        overall = _combine(list(summaries.values()), sum(n_recs.values()))
+        return FeedbackReport(dataset=dataset, overall=overall, by_stage=summaries)
+
+
+def _summary(recommendations: int, events: list[tuple[str, str, str, int]]) -> FeedbackSummary:
+    """One stage's numbers from its events, (rec_id, item_id, kind, position) each."""
+    seen = {(r, i) for r, i, k, _ in events if k == "impression"}
+    counts = {k: sum(1 for e in events if e[2] == k) for k in KINDS}
+    orphans = sum(1 for r, i, k, _ in events if k == "click" and (r, i) not in seen)
+    pos: dict[int, dict[str, int]] = defaultdict(lambda: {"impression": 0, "click": 0})
+    for _, _, kind, p in events:
+        if kind in ("impression", "click"):
+            pos[p][kind] += 1
+    return _make(recommendations, counts["impression"], counts["click"], counts["purchase"], orphans,
+                 {p: (c["impression"], c["click"]) for p, c in pos.items()})
+
+
+def _combine(parts: list[FeedbackSummary], recommendations: int) -> FeedbackSummary:
+    """The overall summary: every stage's counts added (positions added position by position)."""
+    pos: dict[int, tuple[int, int]] = {}
+    for s in parts:
+        for p in s.by_position:
+            imp, clk = pos.get(p.position, (0, 0))
+            pos[p.position] = (imp + p.impressions, clk + p.clicks)
+    return _make(recommendations, sum(s.impressions for s in parts), sum(s.clicks for s in parts),
+                 sum(s.purchases for s in parts), sum(s.clicks_without_impression for s in parts), pos)
+
+
+def _make(recommendations: int, impressions: int, clicks: int, purchases: int, orphans: int,
+          pos: dict[int, tuple[int, int]]) -> FeedbackSummary:
+    by_position = []
+    for p in range(1, max(pos, default=0) + 1):  # every position down to the deepest seen
+        imp, clk = pos.get(p, (0, 0))
+        by_position.append(PositionCTR(position=p, impressions=imp, clicks=clk, ctr=rate(clk, imp)))
+    ci = wilson_interval(clicks, impressions) if clicks <= impressions else None
+    return FeedbackSummary(recommendations=recommendations, impressions=impressions, clicks=clicks,
+                           purchases=purchases, clicks_without_impression=orphans, ctr=rate(clicks, impressions),
+                           ctr_ci95=ci, purchase_rate=rate(purchases, impressions), by_position=by_position)
