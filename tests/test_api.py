@@ -282,6 +282,57 @@ def test_next_item_ranks_exactly_the_callers_candidates(api: httpx.Client) -> No
     assert set(pred["items"][0]["source_scores"]) >= {"embedding", "covisit", "similar_users", "popularity"}
 
 
+def sse_events(api: httpx.Client, path: str) -> list[tuple[str, str]]:
+    """(event, data) pairs of a Server-Sent Events stream, read to its end."""
+    out, name, data = [], "message", []
+    with api.stream("GET", path, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif not line and data:
+                out.append((name, "\n".join(data)))
+                name, data = "message", []
+    return out
+
+
+def test_progressive_next_item_fast_first_then_poll_stream_and_feedback(api: httpx.Client, fake: FakeLLM) -> None:
+    fake.mode = "hang"  # the model does not answer until released
+    t0 = time.monotonic()
+    r = api.post("/v1/next-item", json={"dataset": DATASET, "user_id": USER, "k": 3, "wait_s": 0})
+    fast_s = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    fast = r.json()
+    assert fast["refinement"]["state"] == "running" and fast["refinement"]["stage"] == "fast", fast["refinement"]
+    assert fast_s < 1.5  # answered while the model hangs (the guard would give up only after 1.5 s)
+    assert {i["reason_source"] for i in fast["items"]} == {"fallback"}
+    rid = fast["recommendation_id"]
+    fake.mode = "ok"
+    fake.release.set()
+    events = sse_events(api, f"/v1/next-item/{rid}/events")
+    names = [e for e, _ in events]
+    assert names == ["fast", "refined", "explained", "reason", "reason", "reason", "done"], names
+    assert json.loads(events[0][1])["items"] == fast["items"]
+    explained = json.loads(events[2][1])
+    assert [json.loads(d)["item_id"] for e, d in events if e == "reason"] == [i["item_id"] for i in explained["items"]]
+    assert json.loads(events[-1][1])["state"] == "done"
+    polled = api.get(f"/v1/next-item/{rid}").json()
+    assert polled["refinement"]["stage"] == "explained" and polled["items"] == explained["items"]
+    # feedback counts against what the id shows now: the explained list
+    top = explained["items"][0]["item_id"]
+    fb = api.post("/v1/feedback", json={"recommendation_id": rid, "item_id": top, "kind": "click"})
+    assert fb.status_code == 200 and fb.json()["position"] == 1 and fb.json()["stage"] == "explained", fb.text
+    assert_envelope(api.get(f"/v1/next-item/{'f' * 32}"), 404, code="unknown_recommendation",
+                    param="recommendation_id")
+    # a blocking call's answer has an id too, pollable at once
+    r = api.post("/v1/next-item", json={"dataset": DATASET, "user_id": USER, "k": 2, "use_llm": False})
+    body = r.json()
+    assert body["refinement"]["state"] == "skipped" and body["refinement"]["stage"] == "fast"
+    assert api.get(f"/v1/next-item/{body['recommendation_id']}").json()["items"] == body["items"]
+
+
 def test_readyz_tells_the_truth(api: httpx.Client, fake: FakeLLM) -> None:
     r = httpx.get(f"{api.base_url}/readyz")  # public
     assert r.status_code == 200, r.text

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Literal
@@ -31,6 +31,7 @@ from agent.app.data_methods import DataMethods
 from agent.app.events import Pseudonyms, check_candidates, parse_as_of
 from agent.app.model_holder import ModelSource, ModelWatch
 from agent.app.policy import P, Run, mark_unavailable, run_task
+from agent.app.progressive import Job, NextItemAnswer, ProgressiveJobs, Stage, stage_of
 from agent.app.results import SentimentBatch, SentimentBatchMeta
 from agent.app.runtime import Runtime
 from agent.domain.errors import RequestError, UnknownUserError
@@ -182,10 +183,13 @@ class ShopLensService(DataMethods):
 
     async def next_item(self, dataset: str, user_id: str, *, events: Sequence[BehaviorEvent] | None = None,
                         config: NextItemConfig | None = None, as_of: datetime | str | float | None = None,
-                        use_model: bool | None = None,
-                        candidates: Sequence[str] | None = None) -> NextItemPrediction:
+                        use_model: bool | None = None, candidates: Sequence[str] | None = None,
+                        on_ranked: Callable[[NextItemPrediction], Awaitable[None]] | None = None,
+                        ) -> NextItemPrediction:
         """Top-k next items for a stored user or for inline events (then the store is not read);
-        with `candidates`, a ranking of exactly those catalogue ids instead of retrieved ones.
+        with `candidates`, a ranking of exactly those catalogue ids instead of retrieved ones;
+        `on_ranked` is awaited with the ranking before the explanation call (see
+        `NextItemService.predict`).
 
         Raises:
             UnknownDatasetError / UnknownUserError / RequestError: caller mistakes.
@@ -208,7 +212,8 @@ class ShopLensService(DataMethods):
 
         async def run(model: ChatModel | None, why: str | None) -> NextItemPrediction:
             pred = await NextItemService(model, model_sha256=sha).predict(uid, hist, arts, cfg, as_of=when,
-                                                                          candidates=candidates)
+                                                                          candidates=candidates,
+                                                                          on_ranked=on_ranked)
             return mark_unavailable(pred, why)
 
         async def fallback() -> NextItemPrediction:
@@ -222,6 +227,88 @@ class ShopLensService(DataMethods):
                               min_retry_after_s=self.min_retry_after_s)
         pred.user_id = user_id
         return pred
+
+    # ---- progressive next item --------------------------------------------------------------
+    @property
+    def progressive(self) -> ProgressiveJobs:
+        """The runtime's progressive answers, by recommendation id."""
+        return self.state.progressive
+
+    def answered(self, dataset: str, user_id: str, pred: NextItemPrediction, *, asked_model: bool) -> NextItemAnswer:
+        """A finished answer (a blocking call's) under a recommendation id: pollable and logged for
+        feedback like a progressive one."""
+        stage = stage_of(pred)
+        why = None if asked_model else "the model was not asked for (use_llm=false)"
+        job = self.progressive.start(dataset, user_id, pred, None, why_not=why, stage=stage)
+        if asked_model and stage == "fast":
+            job.state, job.error = "failed", pred.meta.degraded_reason or "the model did not score"
+        self._shown(job, stage, pred)
+        return job.snapshot()
+
+    async def next_item_progressive(
+        self, dataset: str, user_id: str, *, events: Sequence[BehaviorEvent] | None = None, k: int = 5,
+        repurchase: bool = False, as_of: datetime | str | float | None = None,
+        candidates: Sequence[str] | None = None, use_model: bool | None = None, wait_s: float = 0.0,
+    ) -> NextItemAnswer:
+        """The served pipeline without the model at once (milliseconds), refined by the model in
+        the background: the LLM-scored ranking (stage ``refined``), then the model's reasons
+        (``explained``, in the ``background`` model lane).
+
+        Args:
+            wait_s: seconds to wait for the refinement before answering with what is there
+                (0: the fast answer at once). Poll `progressive.get(id)` for the rest.
+
+        Returns:
+            The latest stage's answer with its `recommendation_id` and `refinement` state.
+
+        Raises:
+            UnknownDatasetError / UnknownUserError / RequestError: caller mistakes (raised before
+            anything is started).
+        """
+        use = self._use(use_model)
+        fast_cfg = self.next_item_config(k=k, repurchase=repurchase, use_model=False)
+        fast = await self.next_item(dataset, user_id, events=events, config=fast_cfg, as_of=as_of,
+                                    use_model=False, candidates=candidates)
+        refine = None
+        why_not = None
+        if not use:
+            why_not = "the model was not asked for (use_llm=false)"
+        elif fast.cold_start:
+            why_not = "cold start: no history for the model to read; popularity ranking"
+        else:
+            cfg = replace(self.next_item_config(k=k, repurchase=repurchase, use_model=True),
+                          explain_lane="background")
+
+            async def refine(job: Job) -> None:
+                async def ranked(pred: NextItemPrediction) -> None:
+                    if stage_of(pred) == "refined":
+                        pred.user_id = user_id
+                        await job.advance("refined", pred)
+                        self._shown(job, "refined", pred)
+
+                pred = await self.next_item(dataset, user_id, events=events, config=cfg, as_of=as_of,
+                                            use_model=True, candidates=candidates, on_ranked=ranked)
+                stage = stage_of(pred)
+                if stage == "fast":
+                    await job.finish("failed", pred.meta.degraded_reason or "the model did not score")
+                    return
+                await job.advance(stage, pred)
+                self._shown(job, stage, pred)
+                await job.finish("done", pred.meta.degraded_reason if pred.meta.degraded else None)
+
+        job = self.progressive.start(dataset, user_id, fast, refine, why_not)
+        self._shown(job, "fast", fast)
+        if wait_s > 0 and not job.finished:
+            await job.wait(wait_s)
+        return job.snapshot()
+
+    def _shown(self, job: Job, stage: Stage, pred: NextItemPrediction) -> None:
+        """Log what this recommendation id shows now (feedback counts against the last list)."""
+        try:
+            self.runtime.feedback.log_recommendation(job.id, job.dataset, job.user_id,
+                                                     [i.item_id for i in pred.items], stage)
+        except Exception:  # noqa: BLE001 - a feedback log failure must not fail the answer
+            log.exception("could not log recommendation %s", job.id)
 
     # ---- intent, session intent, churn, profile, audience -----------------------------------
     async def intent(self, dataset: str, user_id: str, item_id: str, *, as_of: datetime | str | float | None = None,

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from agent.app.baselines import Baselines
+from agent.app.progressive import ProgressiveJobs
 from agent.app.results import DatasetSummary
 from agent.domain.errors import RequestError, UnknownDatasetError
 from agent.domain.schemas import CatalogItem
@@ -38,6 +39,7 @@ class AppState:
         self.indexes: dict[str, str] = {}  # dataset -> "loading" | "ready" | "unusable: ..." | "failed: ..."
         self.index_locks: dict[str, asyncio.Lock] = {}
         self.write_lock = asyncio.Lock()  # one writer at a time: ingest order and deletes stay simple
+        self.progressive = ProgressiveJobs()  # progressive next-item answers, by recommendation id
         self.baselines = Baselines(runtime.store, runtime.workspace / "tasks", self.catalog)
 
     # ---- datasets ---------------------------------------------------------------------------

@@ -74,6 +74,19 @@ class UnknownUserError(CallerError, LookupError):
         super().__init__(f"no user {user_id!r} in dataset {dataset!r}{hint}", param="user_id")
 
 
+class UnknownRecommendationError(CallerError, LookupError):
+    """A recommendation id this server never gave out, or has forgotten."""
+
+    status = 404
+    default_code = "unknown_recommendation"
+
+    def __init__(self, rec_id: str, ttl_s: float):
+        self.rec_id = rec_id
+        super().__init__(f"recommendation_id {rec_id!r} not found: it was never returned by POST "
+                         f"/v1/next-item on this server, or is older than {ttl_s:g} s (ask again)",
+                         param="recommendation_id")
+
+
 # ---- runtime failures --------------------------------------------------------------------------
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, cast
@@ -33,6 +34,7 @@ from agent.llm.pointwise import pointwise_scores
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 from agent.llm.verbalizer import LABELS, verbalizer_scores
+from agent.llm.wrappers import Lane, lane
 
 LlmScorer = Literal["verbalizer", "pointwise"]
 
@@ -54,6 +56,7 @@ class NextItemConfig:
     rank_prompt: str = "next_item_rank.v1"
     pointwise_prompt: str = "next_item_pointwise.v1"
     explain_prompt: str = "next_item_explain.v1"
+    explain_lane: Lane | None = None  # the explanation call's model lane; None: the caller's
     source_weights: dict[str, float] | None = None
     seed: int = 0
 
@@ -79,6 +82,7 @@ class NextItemService:
         *,
         as_of: datetime | None = None,
         candidates: Sequence[str] | None = None,
+        on_ranked: Callable[[NextItemPrediction], Awaitable[None]] | None = None,
     ) -> NextItemPrediction:
         """Predict the user's next k items.
 
@@ -89,6 +93,8 @@ class NextItemService:
             candidates: rank exactly these catalogue item ids (a recommender's own candidate
                 set, or an evaluation protocol's) instead of retrieving candidates; the same
                 sources score them, the same LLM scorer and fusion rank them. None: retrieve.
+            on_ranked: awaited with the final ranking (template reasons) before the explanation
+                call, when one follows: a progressive answer shows it while the reasons come.
 
         Returns:
             A `NextItemPrediction` with exactly k distinct candidate items (fewer only when fewer
@@ -158,11 +164,19 @@ class NextItemService:
         reasons: dict[str, tuple[str, list[str]]] = {}
         summary = ""
         summary_source: Literal["model", "fallback"] = "fallback"
+
+        def assemble() -> NextItemPrediction:
+            return self._assemble(user_id, hist, ranked, llm_scores, reasons, summary, summary_source,
+                                  artifacts, cfg, cold, trace, prompts, t0)
+
         if cfg.explain and ranked and not cold and self.model is not None:
+            if on_ranked is not None:  # the ranking is final here; reasons come next
+                await on_ranked(assemble())
             tpl = load_prompt(cfg.explain_prompt)
             prompts.append(tpl.ref)
             try:
-                expl = await self._explain(tpl, hist, ranked, artifacts, cfg, trace)
+                with lane(cfg.explain_lane) if cfg.explain_lane else nullcontext():
+                    expl = await self._explain(tpl, hist, ranked, artifacts, cfg, trace)
                 labels = LABELS[: len(ranked)]
                 for lab, (cand, _) in zip(labels, ranked, strict=True):
                     r = next(x for x in expl.reasons if x.item == lab)
@@ -174,7 +188,16 @@ class NextItemService:
                 trace.degraded.append(f"explanation invalid after {e.attempts} attempts: {e.errors[:2]}")
         elif cfg.explain and self.model is None and not cold and not trace.degraded:
             trace.degraded.append("no model configured: generic retrieval reasons")
+        return assemble()
 
+    def _assemble(
+        self, user_id: str, hist: HistoryView, ranked: list[tuple[Candidate, float]],
+        llm_scores: dict[str, float], reasons: dict[str, tuple[str, list[str]]], summary: str,
+        summary_source: Literal["model", "fallback"], artifacts: DatasetArtifacts, cfg: NextItemConfig,
+        cold: bool, trace: CallTrace, prompts: list[str], t0: float,
+    ) -> NextItemPrediction:
+        """The validated answer from the ranking and whatever reasons the model gave so far (the
+        others get the retrieval template, labelled `reason_source="fallback"`)."""
         items = []
         for rank, (cand, score) in enumerate(ranked, start=1):
             src = dict(cand.source_scores)
@@ -197,7 +220,7 @@ class NextItemService:
             summary = fallback_summary(hist, cold)
         meta = Meta(
             task="next_item",
-            prompt_versions=prompts,
+            prompt_versions=list(prompts),
             model_id=getattr(self.model, "model_id", None),
             model_sha256=self.model_sha256,
             attempts=trace.attempts,

@@ -51,6 +51,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None) -> FastAPI
             yield
         finally:
             warm.cancel()
+            await ctx.service.progressive.aclose()  # running refinements end with the model
             await holder.aclose()
             await runtime.aclose()
 

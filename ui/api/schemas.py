@@ -50,6 +50,12 @@ class NextItemRequest(BaseModel):
         default=None, min_length=1, max_length=200,
         description="rank exactly these catalogue item ids (your own candidate set) instead of "
         "retrieving candidates; k is capped at their number")
+    wait_s: float | None = Field(
+        default=None, ge=0, le=300,
+        description="progressive answer: the served pipeline without the model comes back at once "
+        "(milliseconds) or after waiting up to this many seconds for the model's refinement; poll "
+        "GET /v1/next-item/{recommendation_id} or follow .../events (SSE) for the rest. Omitted: "
+        "wait for the whole explained answer (up to the server's deadline)")
 
 
 # The raw events are validated one by one in the route, so one bad event does not reject the
