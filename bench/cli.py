@@ -29,8 +29,8 @@ from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
 from agent.settings import PROJECT_ROOT, load_settings
 from eval.runs import git_commit, run_folder, timestamp
 
-SECTIONS = ("e2e", "ranking", "prefix", "retrieval", "concurrency", "ingest")
-MODEL_SECTIONS = {"e2e", "ranking", "prefix", "concurrency"}
+SECTIONS = ("e2e", "progressive", "ranking", "prefix", "retrieval", "concurrency", "ingest")
+MODEL_SECTIONS = {"e2e", "progressive", "ranking", "prefix", "concurrency"}
 DEMO_USERS = ("17850", "12347", "13047")  # `shoplens demo`'s customers, first three
 err = Console(stderr=True)
 
@@ -52,6 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vllm-base-url", help="also run the concurrency section against this server")
     p.add_argument("--users", default=",".join(DEMO_USERS),
                    help="Online Retail customers for the end-to-end and prefix sections")
+    p.add_argument("--fast-users", type=int, default=200,
+                   help="customers sampled for the fast-path latency (progressive section)")
     p.add_argument("--games-users", type=int, default=5, help="Games-200 users for ranking")
     p.add_argument("--permutations", type=int, default=1,
                    help="verbalizer passes in the ranking comparison (1 = LlamaRec's single pass)")
@@ -138,6 +140,13 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
                     err.print(report.summary())
                 await section("e2e", pipeline.end_to_end(rt, model, "online-retail", users,
                                                          fig["rates"]))
+            if "progressive" in a.sections:
+                from bench import progressive
+
+                if report := rt.ensure_ingested("online-retail"):
+                    err.print(report.summary())
+                await section("progressive", progressive.progressive(
+                    rt, model, "online-retail", users, fig["rates"], fast_users=a.fast_users))
             if "ranking" in a.sections:
                 await section("ranking", pipeline.ranking_vs_generation(
                     model, settings.data_dir, a.games_users, permutations=a.permutations))

@@ -72,6 +72,25 @@ def tables(fig: dict[str, Any]) -> list[tuple[str, Row, list[Row]]]:
         srows = [[k, _ms(v), _pct(v / tot)] for k, v in st.items()]
         srows.append(["retrieval alone (candidate generation)", _ms(e["retrieval_only"]["p50"]), "p50"])
         out.append(("Where the time goes (mean per request)", ["stage", "time", "share"], srows))
+    pg = fig.get("progressive")
+    if pg:
+        def _opt(x: float | None) -> str:
+            return _ms(x) if x is not None else "-"
+
+        rows = [[r["user"], _ms(r["fast_s"]), _opt(r["refined_s"]), _ms(r["rank_estimate_s"]),
+                 _opt(r["explained_s"]), _ms(r["rank_estimate_s"] + r["explain_estimate_s"]), r["state"]]
+                for r in pg["records"]]
+        rows.append(["time / limit", "", _x(pg["refined_vs_limit"]), "", _x(pg["explained_vs_limit"]), "", ""])
+        out.append((f"Progressive next-item, {pg['dataset']} ({_load(pg)})",
+                    ["customer", "fast answer", "LLM-refined ranking", "limit (rates)", "explained",
+                     "limit (rates)", "refinement"], rows))
+        fi, fb = pg["fast_idle"], pg.get("fast_busy")
+        frows = [["model idle", str(fi["n"]), _ms(fi["p50"]), _ms(fi["p95"])]]
+        if fb:
+            frows.append(["model busy refining", str(fb["n"]), _ms(fb["p50"]), _ms(fb["p95"])])
+            frows.append(["busy / idle (p95)", "", "", _x(pg["busy_vs_idle_p95"])])
+        out.append((f"Fast path (no model), {pg['catalogue_items']} items", ["condition", "requests", "p50", "p95"],
+                    frows))
     r = fig.get("ranking")
     if r:
         rows = [[name, _ms(r[name]["time"]["mean"]), _ms(r[name]["time"]["p50"]),

@@ -161,3 +161,23 @@ async def test_every_stage_shown_is_logged_for_feedback(tmp_path: Path) -> None:
     assert await svc.record_feedback(ans.recommendation_id, top, "click") == 1
     report = svc.feedback_report(DS)
     assert report.by_stage["explained"].clicks == 1 and report.by_stage["explained"].impressions == 1
+
+
+async def test_bench_section_times_each_stage_against_the_rate_limit(tmp_path: Path) -> None:
+    from bench.progressive import progressive
+    from bench.report import tables
+
+    model = GatedModel()
+    model.rank_gate.set(), model.explain_gate.set()
+    rt = make_runtime(tmp_path, model)
+    rates = {"pp_tok_s": 100.0, "gen_tok_s": 10.0, "gen_json_tok_s": 5.0}
+    res = await progressive(rt, model, DS, [USER, "12347"], rates, k=3, fast_users=4)
+    r = res["records"][0]
+    assert r["state"] == "done" and r["calls"] == 3
+    assert r["fast_s"] <= r["refined_s"] <= r["explained_s"]
+    # two verbalizer calls of 50 prompt + 1 completion tokens; one explanation of 80 + 20
+    assert r["rank_estimate_s"] == pytest.approx(2 * (50 / 100 + 1 / 10))
+    assert r["explain_estimate_s"] == pytest.approx(80 / 100 + 20 / 5)
+    assert res["fast_idle"]["n"] == 4 and res["catalogue_items"] == 7
+    titles = [t for t, _, _ in tables({"progressive": res})]
+    assert titles[0].startswith("Progressive next-item") and titles[1].startswith("Fast path (no model), 7 items")
