@@ -127,7 +127,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
             else:
                 model = await rt.model()  # type: ignore[assignment]
             fig["model"] = {"id": model.model_id, "base_url": a.base_url or "embedded",
-                            "sha256": rt.model_sha256, "dialect": model.dialect,
+                            "sha256": rt.model_sha256, "dialect": getattr(getattr(model, "inner", model), "dialect", None),
                             "startup_s": time.perf_counter() - t0,
                             "threads": settings.llm_threads, "ctx": settings.llm_ctx}
             err.print(f"model {model.model_id} ready ({fig['model']['startup_s']:.1f} s); "
