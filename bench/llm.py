@@ -41,6 +41,7 @@ class CallRecord:
     prompt_tokens: int
     completion_tokens: int
     messages: list[Message] = field(repr=False, default_factory=list)
+    cached_tokens: int = 0  # of prompt_tokens, reused from the server's prefix cache
 
     @property
     def seconds(self) -> float:
@@ -73,7 +74,7 @@ class TimedModel:
                                          temperature=temperature, top_logprobs=top_logprobs)
         kind = "verbalizer" if top_logprobs > 0 else "structured" if schema else "text"
         self.calls.append(CallRecord(kind, t0, time.perf_counter(), comp.usage.prompt_tokens,
-                                     comp.usage.completion_tokens, messages))
+                                     comp.usage.completion_tokens, messages, comp.usage.cached_tokens))
         return comp
 
 

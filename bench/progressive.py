@@ -27,7 +27,9 @@ from bench.stats import load_average, model_time_estimate, ratio, summarize
 
 
 def _estimate(calls: Sequence[CallRecord], rates: dict[str, Any]) -> float:
-    return sum(model_time_estimate(c.prompt_tokens, c.completion_tokens, rates["pp_tok_s"],
+    """The calls' model time at the model's own rates (seconds): the prompt tokens the server
+    had to evaluate (not those it reused from its prefix cache) plus the generated ones."""
+    return sum(model_time_estimate(c.prompt_tokens - c.cached_tokens, c.completion_tokens, rates["pp_tok_s"],
                                    rates["gen_json_tok_s" if c.kind == "structured" else "gen_tok_s"])
                for c in calls)
 
@@ -102,6 +104,7 @@ async def progressive(rt: Runtime, model: ChatModel, dataset: str, users: Sequen
             "explain_model_s": sum(c.seconds for c in expl_calls),
             "explain_estimate_s": _estimate(expl_calls, rates),
             "prompt_tokens": sum(c.prompt_tokens for c in calls),
+            "cached_tokens": sum(c.cached_tokens for c in calls),
             "completion_tokens": sum(c.completion_tokens for c in calls),
             "calls": len(calls),
         })

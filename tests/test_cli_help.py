@@ -37,9 +37,10 @@ def _commands(group: click.Group) -> list[str]:
 def test_top_level_help_lists_every_command_with_one_line_and_an_example() -> None:
     lines = _help()
     assert lines[0] == "Usage: shoplens [OPTIONS] COMMAND [ARGS]..."
-    assert "  recommend  Predict a user's next k items (JSON on stdout)." in lines
-    assert "  churn      Churn risk: P(no purchase in N days), drivers, action." in lines
-    assert "  eval       Offline evaluation, rescore and compare." in lines
+    assert "  recommend   Predict a user's next k items (JSON on stdout)." in lines
+    assert "  precompute  Precompute explained next-item answers for many users." in lines
+    assert "  churn       Churn risk: P(no purchase in N days), drivers, action." in lines
+    assert "  eval        Offline evaluation, rescore and compare." in lines
     names = _commands(typer.main.get_command(app))  # type: ignore[arg-type]
     assert names == list(COMMANDS)  # every command registered is listed, in this order
     listed = lines[lines.index("Commands:") + 1:lines.index("  Examples:") - 1]

@@ -33,7 +33,7 @@ from agent.ingest.generic import load_generic
 from agent.llm.base import ModelUnavailableError
 from agent.settings import load_settings
 from agent.tasks.next_item import LlmScorer, NextItemConfig, prediction_json
-from ui import sentiment_cli, serve_llm_cli, tasks_cli
+from ui import precompute_cli, sentiment_cli, serve_llm_cli, tasks_cli
 from ui.eval_cli import EVAL_EXAMPLES, eval_app
 from ui.options import DataDir, IngestDataset, Profile, Workspace
 
@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "datasets": "shoplens datasets",
     "train": "shoplens train --dataset online-retail",
     "recommend": "shoplens recommend --dataset online-retail --user 17850 -k 5",
+    "precompute": "shoplens precompute --dataset online-retail --active-since 2011-11-01 --limit 200",
     "intent": "shoplens intent --dataset taobao --user 1000 --item 5120034",
     "churn": "shoplens churn --dataset online-retail --user 12347 --as-of 2011-09-01",
     "profile": "shoplens profile --dataset online-retail --user 17850",
@@ -363,6 +364,7 @@ app.add_typer(eval_app, name="eval", help="Offline evaluation, rescore and compa
               epilog=examples_epilog(list(EVAL_EXAMPLES.values()), "Examples"))
 sentiment_cli.register(app)
 tasks_cli.register(app)
+precompute_cli.register(app)
 serve_llm_cli.register(app)
 eval_app.command("sentiment")(sentiment_cli.eval_sentiment_cmd)
 eval_app.command("aspects")(sentiment_cli.eval_aspects_cmd)

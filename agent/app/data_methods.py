@@ -103,8 +103,25 @@ class DataMethods:
         async with self.state.write_lock:
             stored = await asyncio.to_thread(self.runtime.store.add_events, dataset, good)
             self.state.forget(dataset)
+        if stored:
+            await self.mark_stale(dataset, [e.user_id for e in good])
         return IngestResult(dataset=dataset, received=len(events), stored=stored, duplicates=len(good) - stored,
                             rejected=len(events) - len(good), event_ids=[e.event_id for e in good], errors=errors)
+
+    async def mark_stale(self, dataset: str, user_ids: Sequence[str]) -> int:
+        """Flag the precomputed next-item answers of these stored user ids stale and queue them
+        for a refresh (`agent.app.answers.AnswerStore.mark_stale`); users without one are
+        skipped, so an ingest pays one indexed lookup per batch of ids. A failure is logged, never
+        raised: the events are stored, and staleness is also detected from the events hash.
+
+        Returns:
+            How many users were marked.
+        """
+        try:
+            return await asyncio.to_thread(self.runtime.answers.mark_stale, dataset, user_ids)
+        except Exception:  # noqa: BLE001 - the ingest succeeded; a stored answer is checked when served
+            log.exception("could not mark stored answers stale for %d users of %s", len(user_ids), dataset)
+            return 0
 
     async def user_events(self, dataset: str, user_id: str, *, offset: int = 0, limit: int = 1_000) -> UserEventsPage:
         """A page of a user's stored events, oldest first (review text as stored: masked), with
@@ -147,6 +164,7 @@ class DataMethods:
             raise UnknownUserError(dataset, user_id)
         n = store.delete_user(dataset, uid)
         self.runtime.feedback.forget_user(dataset, sorted({uid, user_id}))  # what was shown to them
+        self.runtime.answers.forget_user(dataset, [uid])  # their precomputed answers and queued refreshes
         try:
             arts = self.runtime.artifacts(dataset)
         except ValueError as e:  # no catalogue, so no artifacts that could hold the user

@@ -18,6 +18,7 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
+from agent.app.answers import AnswerStore
 from agent.app.feedback import FeedbackStore
 from agent.app.model_holder import ModelHolder, ModelSource
 from agent.app.state import AppState
@@ -92,6 +93,12 @@ class Runtime:
         """What each recommendation showed and the feedback logged against it
         (``<workspace>/feedback.sqlite3``), opened on first use; `aclose` closes it."""
         return FeedbackStore(self.settings.workspace / "feedback.sqlite3")
+
+    @cached_property
+    def answers(self) -> AnswerStore:
+        """Precomputed next-item answers and the refresh queue (``<workspace>/answers.sqlite3``,
+        `agent.app.answers`), opened on first use; `aclose` closes it."""
+        return AnswerStore(self.settings.workspace / "answers.sqlite3")
 
     @cached_property
     def state(self) -> AppState:
@@ -249,10 +256,12 @@ class Runtime:
 
     async def aclose(self) -> None:
         """Close the model client, stop the embedded server (even if the client was bound to an
-        event loop that has since closed) and close the feedback store (reopened on next use)."""
+        event loop that has since closed) and close the feedback and answer stores (reopened on next
+        use)."""
         model, self._model, self._guarded = self._model, None, None
         server, self._server = self._server, None
         feedback: FeedbackStore | None = self.__dict__.pop("feedback", None)
+        answers: AnswerStore | None = self.__dict__.pop("answers", None)
         try:
             if model is not None:
                 aclose = getattr(model, "aclose", None)  # fakes have nothing to close
@@ -264,6 +273,8 @@ class Runtime:
                 server.stop()
             if feedback is not None:
                 feedback.close()
+            if answers is not None:
+                answers.close()
 
     @property
     def workspace(self) -> Path:

@@ -20,13 +20,22 @@ whose answer is the model's work.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
+from agent.app.answers import (
+    BatchError,
+    NextItemBatch,
+    StoredAnswer,
+    pipeline_version,
+    stale_reason,
+)
 from agent.app.data_methods import DataMethods
 from agent.app.events import Pseudonyms, check_candidates, parse_as_of
 from agent.app.model_holder import ModelSource, ModelWatch
@@ -34,7 +43,7 @@ from agent.app.policy import P, Run, mark_unavailable, run_task
 from agent.app.progressive import Job, NextItemAnswer, ProgressiveJobs, Stage, stage_of
 from agent.app.results import SentimentBatch, SentimentBatchMeta
 from agent.app.runtime import Runtime
-from agent.domain.errors import RequestError, UnknownUserError
+from agent.domain.errors import CallerError, RequestError, UnknownUserError
 from agent.domain.pii import mask_pii
 from agent.domain.predictions import (
     AudiencePrediction,
@@ -48,8 +57,10 @@ from agent.domain.predictions import (
 )
 from agent.domain.schemas import BehaviorEvent
 from agent.llm.base import ChatModel, ModelUnavailableError
+from agent.llm.servers.embedded import PROFILES
 from agent.tasks.audience import AudienceService, rank_users
 from agent.tasks.churn import ChurnService
+from agent.tasks.fusion import FUSION_FILE
 from agent.tasks.intent import IntentService
 from agent.tasks.next_item import NextItemConfig, NextItemService
 from agent.tasks.profile import ProfileService, catalogue_prices
@@ -309,6 +320,129 @@ class ShopLensService(DataMethods):
                                                      [i.item_id for i in pred.items], stage)
         except Exception:  # noqa: BLE001 - a feedback log failure must not fail the answer
             log.exception("could not log recommendation %s", job.id)
+
+    # ---- precomputed next item (agent.app.answers; the runner and worker: agent.app.precompute) --
+    def next_item_version(self, dataset: str, *, k: int, use_model: bool) -> str:
+        """`agent.app.answers.pipeline_version` of the served next-item configuration for this
+        dataset: its fusion weights as this process ranks with them (else as ``fusion.json`` holds
+        them), its item-index manifest, and the configured model (the packaged GGUF's sha256, or
+        ``SHOPLENS_LLM_MODEL`` for a server). Reads two small files; starts nothing."""
+        s = self.runtime.settings
+        arts = self.runtime.loaded_artifacts(dataset)
+        folder = s.index_dir(dataset)
+        if arts is not None:
+            weights = arts.fusion_weights
+        else:
+            try:
+                weights = json.loads((folder / FUSION_FILE).read_text(encoding="utf-8"))["weights"]
+            except FileNotFoundError:
+                weights = None
+        try:
+            manifest: str | None = hashlib.sha256((folder / "items" / "manifest.json").read_bytes()).hexdigest()
+        except FileNotFoundError:
+            manifest = None
+        model = s.llm_model if s.llm_base_url else PROFILES[s.llm_profile].sha256
+        return pipeline_version(self.next_item_config(k=k, use_model=use_model), model=model,
+                                fusion_weights=weights, index_manifest_sha256=manifest)
+
+    def active_users(self, dataset: str, *, since: datetime | str | float | None = None,
+                     limit: int | None = None) -> list[str]:
+        """Stored user ids of a dataset, sorted; with `since`, only those with an event at or after
+        it (a precompute run's users). Blocking SQLite reads.
+
+        Raises:
+            UnknownDatasetError: the dataset was never ingested.
+            RequestError: `since` is not a time (param ``as_of``).
+        """
+        self.require_dataset(dataset)
+        return self.runtime.store.user_ids(dataset, since=parse_as_of(since), limit=limit)
+
+    async def stored_next_item(self, dataset: str, user_id: str, k: int = 5) -> StoredAnswer | None:
+        """The precomputed answer for this user and k (``shoplens precompute``, or the refresh
+        worker), in milliseconds, under a new recommendation id logged with stage
+        ``precomputed``; None when there is none (then compute one: `next_item`).
+
+        A stale answer (the user's events or the pipeline changed since, see
+        `agent.app.answers.stale_reason`) is still served, with `stale` and `stale_reason`, and
+        its user is queued for a refresh. `meta.notes` says when it was computed and whether it is
+        stale.
+        """
+        uid = self.stored_id(user_id)
+        found = await asyncio.to_thread(self._stored_lookup, dataset, uid, k)
+        if found is None:
+            return None
+        pred, computed_at, why = found
+        pred.user_id = user_id
+        when = datetime.fromtimestamp(computed_at, tz=UTC).isoformat(timespec="seconds")
+        pred.meta.notes.append(f"precomputed at {when}; " + (f"stale: {why}; a refresh is queued" if why else "fresh"))
+        stage = stage_of(pred)
+        job = self.progressive.start(dataset, user_id, pred, None, stage=stage,
+                                     why_not="precomputed without the model" if stage == "fast" else None)
+        try:
+            self.runtime.feedback.log_recommendation(job.id, dataset, user_id, [i.item_id for i in pred.items],
+                                                     "precomputed")
+        except Exception:  # noqa: BLE001 - a feedback log failure must not fail the answer
+            log.exception("could not log recommendation %s", job.id)
+        return StoredAnswer(**dict(job.snapshot()), computed_at=round(computed_at, 3), stale=why is not None,
+                            stale_reason=why)
+
+    def _stored_lookup(self, dataset: str, uid: str, k: int) -> tuple[NextItemPrediction, float, str | None] | None:
+        """(the stored prediction, computed_at, why it is stale or None); a stale one is queued."""
+        answers = self.runtime.answers
+        entry = answers.get(dataset, uid, k)
+        if entry is None:
+            return None
+        sha = self.runtime.store.user_events_sha256(dataset, uid)
+        if sha is None:  # the user's events are gone: nothing to serve for them
+            return None
+        why = stale_reason(entry, sha, self.next_item_version(dataset, k=k, use_model=entry.use_model))
+        if why is not None:
+            answers.enqueue(dataset, uid)
+        return entry.prediction, entry.computed_at, why
+
+    async def next_item_batch(self, dataset: str, user_ids: Sequence[str], *, k: int = 5, use_model: bool = False,
+                              stored: bool = True, concurrency: int = 4) -> NextItemBatch:
+        """Next-item answers for many stored users: each user's precomputed answer when `stored`
+        and there is one, else one computed now with the served configuration (`use_model`: with
+        the model; each such user costs a full model answer). A user that cannot be answered (an
+        unknown user, ...) gets an error entry; the others are answered.
+
+        Args:
+            concurrency: users computed at once (the model guard bounds the model calls anyway).
+
+        Raises:
+            UnknownDatasetError: the dataset was never ingested (no user could be answered).
+        """
+        await asyncio.to_thread(self.require_dataset, dataset)
+        gate = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(user_id: str) -> NextItemAnswer:
+            async with gate:
+                if stored:
+                    ans = await self.stored_next_item(dataset, user_id, k)
+                    if ans is not None:
+                        return ans
+                cfg = self.next_item_config(k=k, use_model=use_model)
+                pred = await self.next_item(dataset, user_id, config=cfg, use_model=use_model)
+                return self.answered(dataset, user_id, pred, asked_model=use_model)
+
+        results = await asyncio.gather(*(one(u) for u in user_ids), return_exceptions=True)
+        answers: list[StoredAnswer | NextItemAnswer] = []
+        errors: list[BatchError] = []
+        for user_id, r in zip(user_ids, results, strict=True):
+            if isinstance(r, NextItemAnswer):
+                answers.append(r)
+            elif isinstance(r, UnknownUserError):  # never lists other users' ids
+                errors.append(BatchError(user_id=user_id, code=r.code, message=f"no user {user_id!r} in {dataset!r}"))
+            elif isinstance(r, CallerError):
+                errors.append(BatchError(user_id=user_id, code=r.code, message=str(r)))
+            elif isinstance(r, Exception):
+                log.error("next-item batch: user %r failed", user_id, exc_info=r)
+                errors.append(BatchError(user_id=user_id, code="internal_error",
+                                         message=f"{type(r).__name__}: {r}"))
+            else:  # a BaseException (cancellation): not one user's problem
+                raise r
+        return NextItemBatch(answers=answers, errors=errors)
 
     # ---- intent, session intent, churn, profile, audience -----------------------------------
     async def intent(self, dataset: str, user_id: str, item_id: str, *, as_of: datetime | str | float | None = None,

@@ -6,6 +6,7 @@ one transaction so an interrupted ingest leaves either the whole batch or none o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -183,6 +184,35 @@ class EventStore:
         if not rows and not self.has_user(dataset, user_id):
             raise UnknownUserError(dataset, user_id, self.similar_user_ids(dataset, user_id))
         return [_row_to_event(r) for r in rows]
+
+    def user_events_sha256(self, dataset: str, user_id: str) -> str | None:
+        """sha256 hex of a user's stored event ids and timestamps, in stored order (time, then
+        ingest order): it changes when an event is added or deleted. None when the user has no
+        events. One indexed range read; no event is parsed.
+        """
+        rows = self._conn().execute(
+            "SELECT event_id, ts FROM events WHERE dataset = ? AND user_id = ? ORDER BY ts, seq",
+            (dataset, user_id),
+        )
+        h, n = hashlib.sha256(), 0
+        for event_id, ts in rows:
+            h.update(f"{event_id}\x1f{ts!r}\x1e".encode())
+            n += 1
+        return h.hexdigest() if n else None
+
+    def user_ids(self, dataset: str, *, since: datetime | None = None, limit: int | None = None) -> list[str]:
+        """The dataset's user ids, sorted; with `since`, only users with an event at or after it;
+        with `limit`, the first `limit` of them."""
+        sql = "SELECT DISTINCT user_id FROM events WHERE dataset = ?"
+        args: list[object] = [dataset]
+        if since is not None:
+            sql += " AND ts >= ?"
+            args.append(since.timestamp())
+        sql += " ORDER BY user_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [r[0] for r in self._conn().execute(sql, args)]
 
     def has_user(self, dataset: str, user_id: str) -> bool:
         row = self._conn().execute(

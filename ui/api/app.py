@@ -2,7 +2,8 @@
 
 The routes (ui/api/routes/) validate, call the one service facade (`agent.app.service`), and
 render; errors map onto the one envelope in `ui/api/errors.py`. The lifespan starts the model and
-loads every dataset's indexes in the background, so the server answers (degraded) while they load.
+loads every dataset's indexes in the background, so the server answers (degraded) while they load,
+and runs the refresh worker that recomputes precomputed answers whose users got new events.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from agent.app.precompute import RefreshWorker
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from ui.api.config import ApiSettings
@@ -41,16 +43,23 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None) -> FastAPI
         service=ShopLensService(runtime, model_provider=holder.get, min_retry_after_s=settings.retry_after_s),
     )
 
+    # The refresh worker computes with the same runtime (indexes, model guard and lanes) and model
+    # holder as the routes; its model calls go in the batch lane, behind every request's.
+    worker = RefreshWorker(ShopLensService(runtime, model_provider=holder.get), poll_s=settings.refresh_poll_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not ctx.auth.hashes and not ctx.auth.allow_anonymous:
             log.warning("no API keys configured: every protected route answers 401 (set SHOPLENS_API_KEYS)")
         holder.start()
         warm = asyncio.create_task(ctx.service.warm_up(), name="shoplens-warm-indexes")
+        if settings.refresh_worker:
+            worker.start()
         try:
             yield
         finally:
             warm.cancel()
+            await worker.stop()  # a refresh in flight stays queued for the next start
             await ctx.service.progressive.aclose()  # running refinements end with the model
             await holder.aclose()
             await runtime.aclose()
@@ -65,6 +74,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None) -> FastAPI
         openapi_url="/openapi.json" if settings.public_docs else None,
     )
     app.state.api = ctx
+    app.state.refresh_worker = worker
     install_error_handlers(app)
     app.add_middleware(ApiMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     for router in ROUTERS:

@@ -65,6 +65,19 @@ class ApiSettings(BaseSettings):
     # ... and waits at most this long for it (a probe must not hang as long as a real call may).
     readyz_timeout_s: float = Field(default=30.0, gt=0)
 
+    # --- precomputed answers (`shoplens precompute`) ---------------------------------------
+    # Refresh stored next-item answers in the background when POST /v1/events marks their users
+    # stale (agent.app.precompute.RefreshWorker, in the model's batch lane). Off: stale answers
+    # are served flagged `stale` until the next `shoplens precompute`.
+    refresh_worker: bool = True
+    # Seconds between looks at an empty refresh queue: a refresh starts at most this long after
+    # the events arrive; one indexed SQLite read per look.
+    refresh_poll_s: float = Field(default=2.0, gt=0)
+    # Users per POST /v1/next-item/batch. Stored answers and answers without the model take
+    # milliseconds each; with use_llm each user is a full model answer (seconds to a minute on
+    # a CPU model), so keep batches that ask for the model small.
+    max_batch_users: int = Field(default=100, ge=1, le=10_000)
+
     # --- personal data ---------------------------------------------------------------------
     # SHOPLENS_PSEUDONYMISE_KEY and SHOPLENS_MASK_PII are the agent's `Settings` too: the
     # service pseudonymises and masks for every surface.

@@ -56,6 +56,24 @@ class NextItemRequest(BaseModel):
         "(milliseconds) or after waiting up to this many seconds for the model's refinement; poll "
         "GET /v1/next-item/{recommendation_id} or follow .../events (SSE) for the rest. Omitted: "
         "wait for the whole explained answer (up to the server's deadline)")
+    stored: bool = Field(
+        default=False, description="serve the user's precomputed answer (`shoplens precompute`) in "
+        "milliseconds when there is one, with `computed_at` and `stale`; else (or with events, "
+        "candidates, as_of or repurchase) answer as without it")
+
+
+class NextItemBatchRequest(BaseModel):
+    """Top-k next items for many stored users at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    user_ids: list[UserId] = Field(min_length=1, max_length=10_000, description="stored users; more than the "
+                                   "server's SHOPLENS_MAX_BATCH_USERS (default 100) is refused with 413")
+    k: int = Field(default=5, ge=1, le=20, description="how many items")
+    use_llm: bool = Field(default=False, description="for users without a stored answer: true asks the model "
+                          "(a full model answer per user: slow); false: the served pipeline without it")
+    stored: bool = Field(default=True, description="serve each user's precomputed answer when there is one")
 
 
 # The raw events are validated one by one in the route, so one bad event does not reject the

@@ -1,5 +1,6 @@
-"""Next-item: POST /v1/next-item (blocking or progressive), GET /v1/next-item/{id} (poll) and
-GET /v1/next-item/{id}/events (Server-Sent Events: each stage, then each model reason, then done)."""
+"""Next-item: POST /v1/next-item (blocking, progressive or stored), POST /v1/next-item/batch (many
+users), GET /v1/next-item/{id} (poll) and GET /v1/next-item/{id}/events (Server-Sent Events: each
+stage, then each model reason, then done)."""
 
 from __future__ import annotations
 
@@ -10,25 +11,35 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from sse_starlette import EventSourceResponse
 
+from agent.app.answers import NextItemBatch, StoredAnswer
 from agent.app.events import parse_as_of
 from agent.app.progressive import NextItemAnswer
 from ui.api.deps import CLIENT, WITH_404, Api, Service
-from ui.api.schemas import NextItemRequest
+from ui.api.errors import ApiError
+from ui.api.schemas import NextItemBatchRequest, NextItemRequest
 
 router = APIRouter(tags=["tasks"])
 RecId = Annotated[str, Path(min_length=1, max_length=64, description="the answer's recommendation_id")]
 
 
-@router.post("/v1/next-item", response_model=NextItemAnswer, dependencies=CLIENT, responses=WITH_404)
+@router.post("/v1/next-item", response_model=StoredAnswer | NextItemAnswer, dependencies=CLIENT,
+             responses=WITH_404)
 async def next_item(body: NextItemRequest, api: Api, svc: Service) -> NextItemAnswer:
     """Top-k next items, each with a reason citing the user's own events.
 
     Without `wait_s`: the whole explained answer; when the model is slow, down or loading it comes
     from retrieval fusion with `meta.degraded=true` and the reason. With `wait_s`: the served
     pipeline without the model at once (or the model's refinement if it is ready within `wait_s`),
-    `refinement.state` says whether the model is still working."""
+    `refinement.state` says whether the model is still working. With `stored`: the precomputed
+    answer when there is one (`computed_at`, `stale`), else as without it."""
     if body.events is not None:
         api.check_events(len(body.events), (e.review_text for e in body.events))
+    plain = body.events is None and body.candidates is None and body.as_of is None and not body.repurchase
+    if body.stored and plain:
+        stored = await svc.stored_next_item(body.dataset, body.user_id, body.k)
+        if stored is not None:
+            api.count("/v1/next-item", stored)
+            return stored
     when = parse_as_of(body.as_of)
     k = min(body.k, len(body.candidates)) if body.candidates else body.k
     if body.wait_s is not None:
@@ -42,6 +53,24 @@ async def next_item(body: NextItemRequest, api: Api, svc: Service) -> NextItemAn
                                use_model=body.use_llm, candidates=body.candidates)
     api.count("/v1/next-item", pred)
     return svc.answered(body.dataset, body.user_id, pred, asked_model=body.use_llm)
+
+
+@router.post("/v1/next-item/batch", response_model=NextItemBatch, dependencies=CLIENT, responses=WITH_404)
+async def next_item_batch(body: NextItemBatchRequest, api: Api, svc: Service) -> NextItemBatch:
+    """Top-k next items for many stored users: each user's precomputed answer when `stored` and
+    there is one (milliseconds), else the served pipeline now (without the model unless
+    `use_llm`). `answers` are in request order; a user that cannot be answered (e.g. unknown) is
+    in `errors` with its code, and the others are still answered. 404 only for an unknown
+    dataset; 413 above SHOPLENS_MAX_BATCH_USERS users."""
+    limit = api.settings.max_batch_users
+    if len(body.user_ids) > limit:
+        raise ApiError(413, f"{len(body.user_ids)} users exceed the limit of {limit} per batch "
+                       "(SHOPLENS_MAX_BATCH_USERS)", code="too_many_users", param="user_ids")
+    out = await svc.next_item_batch(body.dataset, body.user_ids, k=body.k, use_model=body.use_llm,
+                                    stored=body.stored)
+    for ans in out.answers:
+        api.count("/v1/next-item/batch", ans)
+    return out
 
 
 @router.get("/v1/next-item/{recommendation_id}", response_model=NextItemAnswer, dependencies=CLIENT,
