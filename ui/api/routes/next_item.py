@@ -60,8 +60,8 @@ async def next_item_batch(body: NextItemBatchRequest, api: Api, svc: Service) ->
     """Top-k next items for many stored users: each user's precomputed answer when `stored` and
     there is one (milliseconds), else the served pipeline now (without the model unless
     `use_llm`). `answers` are in request order; a user that cannot be answered (e.g. unknown) is
-    in `errors` with its code, and the others are still answered. 404 only for an unknown
-    dataset; 413 above SHOPLENS_MAX_BATCH_USERS users."""
+    in `errors` with its code, and the others are still answered. The whole request fails only
+    for an unknown dataset (422 `unknown_dataset`) or above SHOPLENS_MAX_BATCH_USERS users (413)."""
     limit = api.settings.max_batch_users
     if len(body.user_ids) > limit:
         raise ApiError(413, f"{len(body.user_ids)} users exceed the limit of {limit} per batch "
