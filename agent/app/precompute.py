@@ -143,7 +143,7 @@ async def precompute(service: ShopLensService, dataset: str, users: Sequence[str
         for user_id in todo:  # shared iterator: each user is taken by one worker
             await one(user_id)
             bar.update(1)
-            bar.set_postfix(done=report.done, fresh=report.skipped_fresh, failed=report.failed)
+            bar.set_postfix(done=report.done, fresh=report.skipped_fresh, failed=report.failed, refresh=False)
 
     try:
         async with asyncio.TaskGroup() as tg:
