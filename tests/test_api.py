@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 
 from agent.app.runtime import Runtime
 from agent.data.store import EventStore
+from agent.domain.predictions import explanation_schema_enums
 from agent.settings import Settings
 from ui.api import ApiSettings, create_app
 from ui.api.testing import free_port, live_server
@@ -79,8 +80,7 @@ def _completion(body: dict[str, Any]) -> dict[str, Any]:
     schema = fmt.get("schema")
     logprobs = None
     if schema:  # the explanation call: one valid reason per label, citing the last event
-        item = schema["properties"]["reasons"]["items"]["properties"]
-        labels, refs = item["item"]["enum"], item["evidence"]["items"]["enum"]
+        labels, refs = explanation_schema_enums(schema)
         content = json.dumps({
             "reasons": [{"item": lab, "reason": "Matches the customer's recent purchase.", "evidence": [refs[-1]]}
                         for lab in labels],

@@ -14,6 +14,7 @@ import pytest
 
 from agent.data.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
 from agent.data.store import EventStore
+from agent.domain.predictions import explanation_json_schema, explanation_schema_enums
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import Completion, ModelUnavailableError, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
@@ -160,9 +161,9 @@ async def test_happy_path(artifacts: DatasetArtifacts, u1_events: list[BehaviorE
     assert meta.model_latency_s == pytest.approx(0.02)
     # the explanation call is schema-constrained to the 5 labels and the 5 event refs
     (call,) = explain_calls(model)
-    props = call.schema["properties"]["reasons"]["items"]["properties"]
-    assert props["item"]["enum"] == ["A", "B", "C", "D", "E"]
-    assert props["evidence"]["items"]["enum"] == ["E1", "E2", "E3", "E4", "E5"]
+    labels, refs = explanation_schema_enums(call.schema)
+    assert labels == ["A", "B", "C", "D", "E"]  # one slot per product, in rank order
+    assert refs == ["E1", "E2", "E3", "E4", "E5"]
     assert call.top_logprobs == 0
 
 
@@ -355,8 +356,7 @@ async def test_window_limits_refs(artifacts: DatasetArtifacts, u1_events: list[B
     pred = await NextItemService(model).predict(
         "u1", u1_events, artifacts, NextItemConfig(k=2, window=2))
     (call,) = explain_calls(model)
-    assert call.schema["properties"]["reasons"]["items"]["properties"]["evidence"]["items"][
-        "enum"] == ["E1", "E2"]
+    assert explanation_schema_enums(call.schema)[1] == ["E1", "E2"]
     # E1 is the oldest *shown* event: the cart of t1 (4th of 5 events)
     assert (pred.items[0].evidence[0].item_id, pred.items[0].evidence[0].event_type) == ("t1", "cart")
 
@@ -412,3 +412,14 @@ async def test_duplicate_candidate_ids_are_ranked_once_and_the_shortfall_is_note
                                                candidates=["g2", "g2", "t2"])
     assert sorted(i.item_id for i in pred.items) == ["g2", "t2"]
     assert len(pred.items) == 2 and "only 2 candidates exist for k=3" in pred.meta.notes
+
+
+def test_explanation_grammar_fixes_one_slot_per_product_in_order() -> None:
+    """llama.cpp's JSON-schema grammar (the embedded server's) gets one tuple slot per label:
+    a missing or repeated product cannot be generated (it used to cost a repair call)."""
+    gbnf = pytest.importorskip("llama_cpp.llama_grammar", reason="llama-cpp-python not installed: make setup")
+    schema = explanation_json_schema(["A", "B"], ["E1", "E2"])
+    grammar = gbnf.json_schema_to_gbnf(json.dumps(schema))
+    assert 'reasons ::= "[" space reasons-tuple-0 "," space reasons-tuple-1 "]" space' in grammar
+    assert 'reasons-tuple-1-item ::= "\\"B\\""' in grammar
+    assert explanation_schema_enums(schema) == (["A", "B"], ["E1", "E2"])

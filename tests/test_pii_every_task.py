@@ -22,6 +22,7 @@ from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.chat.router import ChatAgent
 from agent.chat.tools import ToolContext
+from agent.domain.predictions import explanation_schema_enums
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import Completion, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
@@ -51,8 +52,7 @@ def respond(call: FakeCall) -> Reply:
         return Completion(text="A", top_logprobs=[TOP], usage=Usage(50, 1), model="fake")
     props = (call.schema or {}).get("properties", {})
     if "reasons" in props:  # next-item explanation: one reason per label, citing the last event
-        item = props["reasons"]["items"]["properties"]
-        labels, refs = item["item"]["enum"], item["evidence"]["items"]["enum"]
+        labels, refs = explanation_schema_enums(call.schema or {})
         ans: dict[str, Any] = {"reasons": [{"item": lab, "reason": "Matches recent purchases.", "evidence": [refs[-1]]}
                                            for lab in labels], "intent_summary": "Buys home decorations."}
     elif "tool" in props:  # chat routing: the tool the question names, ids from the pre-parser's enums

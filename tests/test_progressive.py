@@ -16,6 +16,7 @@ import pytest
 from agent.app.progressive import Job, ProgressiveJobs, stage_of
 from agent.app.service import ShopLensService
 from agent.domain.errors import UnknownRecommendationError
+from agent.domain.predictions import explanation_schema_enums
 from agent.domain.schemas import BehaviorEvent
 from agent.llm.base import Completion, Message, ModelUnavailableError, Usage
 from agent.llm.verbalizer import LABELS
@@ -42,8 +43,7 @@ class GatedModel:
         if self.fail is not None:
             raise self.fail
         if schema:  # one valid reason per label, citing the last event
-            item = schema["properties"]["reasons"]["items"]["properties"]
-            labels, refs = item["item"]["enum"], item["evidence"]["items"]["enum"]
+            labels, refs = explanation_schema_enums(schema)
             text = json.dumps({"reasons": [{"item": lab, "reason": f"Bought with {refs[-1]}.", "evidence": [refs[-1]]}
                                            for lab in labels], "intent_summary": "Restocking the shop."})
             return Completion(text=text, usage=Usage(80, 20), model=self.model_id)

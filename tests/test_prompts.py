@@ -153,6 +153,19 @@ def test_snapshot_next_item_explain_v1() -> None:
     check_snapshot("next_item_explain.v1", as_text(messages))
 
 
+def test_snapshot_next_item_explain_v2_shares_the_ranking_prompts_prefix() -> None:
+    hist = fixed_history()
+    items = [{"label": "A", "title": "RED HANGING HEART T-LIGHT HOLDER", "hint": ""}]
+    messages = render(load_prompt("next_item_explain.v2"), items=items, **hist.prompt_vars())
+    check_snapshot("next_item_explain.v2", as_text(messages))
+    rank = render(load_prompt("next_item_rank.v1"), candidates=[{"label": "A", "title": "X"}], verb="buy",
+                  **hist.prompt_vars())
+    # the same system text and the same history block: the server reuses the ranking call's prefix
+    assert messages[0] == rank[0]
+    head = rank[1]["content"].split("Candidate products:")[0]
+    assert len(head) > 200 and messages[1]["content"].startswith(head)
+
+
 def _session_prompt_vars() -> dict[str, object]:
     from datetime import timedelta
 

@@ -56,6 +56,8 @@ class NextItemConfig:
     rank_prompt: str = "next_item_rank.v1"
     pointwise_prompt: str = "next_item_pointwise.v1"
     explain_prompt: str = "next_item_explain.v1"
+    explain_max_words: int = 25  # a reason's cap (the schema allows 8 characters a word)
+    summary_max_chars: int = 400
     explain_lane: Lane | None = None  # the explanation call's model lane; None: the caller's
     source_weights: dict[str, float] | None = None
     seed: int = 0
@@ -254,9 +256,11 @@ class NextItemService:
         messages = render(tpl, items=items, **hist.prompt_vars())
         return await structured_call(
             self.model, messages, Explanation,
-            json_schema=explanation_json_schema(labels, hist.refs),
+            json_schema=explanation_json_schema(labels, hist.refs, max_words=cfg.explain_max_words,
+                                                summary_max_chars=cfg.summary_max_chars),
             context={"labels": labels, "refs": set(hist.refs)},
-            max_attempts=cfg.max_attempts, max_tokens=70 * len(labels) + 120, trace=trace,
+            max_attempts=cfg.max_attempts, max_tokens=(2 * cfg.explain_max_words + 20) * len(labels) + 120,
+            trace=trace,
         )
 
 

@@ -104,35 +104,49 @@ class Explanation(BaseModel):
         return self
 
 
-def explanation_json_schema(labels: list[str], refs: list[str], max_words: int = 25) -> dict[str, Any]:
-    """JSON schema for constrained decoding: labels and refs as enums, so the grammar itself
-    prevents invented items and events. Kept to the subset llama.cpp and vLLM both enforce."""
+def explanation_json_schema(labels: list[str], refs: list[str], max_words: int = 25,
+                            summary_max_chars: int = 400) -> dict[str, Any]:
+    """JSON schema for constrained decoding: one reason per label, in the labels' order
+    (``prefixItems``: position i can only be label i, so the grammar itself rules out a missing
+    or repeated product, which cost a whole repair call on a CPU), event refs as an enum, so no
+    invented events. Kept to the subset llama.cpp and vLLM both enforce (llama.cpp reads
+    ``prefixItems`` only when there is no ``items``).
+
+    Args:
+        labels: the products' letters, best first (``A``, ``B``, ...).
+        refs: the event references the history shows (``E1`` ...).
+        max_words: a reason's cap, as ``maxLength = 8 * max_words`` characters.
+        summary_max_chars: the intent summary's cap (characters).
+    """
+
+    def reason(label: str) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {
+                "item": {"type": "string", "enum": [label]},
+                "reason": {"type": "string", "maxLength": max_words * 8},
+                "evidence": {"type": "array", "minItems": 1, "maxItems": 3,
+                             "items": {"type": "string", "enum": refs}},
+            },
+            "required": ["item", "reason", "evidence"],
+            "additionalProperties": False,
+        }
+
     return {
         "title": "Explanation",
         "type": "object",
         "properties": {
-            "reasons": {
-                "type": "array",
-                "minItems": len(labels),
-                "maxItems": len(labels),
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "item": {"type": "string", "enum": labels},
-                        "reason": {"type": "string", "maxLength": max_words * 8},
-                        "evidence": {
-                            "type": "array",
-                            "minItems": 1,
-                            "maxItems": 3,
-                            "items": {"type": "string", "enum": refs},
-                        },
-                    },
-                    "required": ["item", "reason", "evidence"],
-                    "additionalProperties": False,
-                },
-            },
-            "intent_summary": {"type": "string", "maxLength": 400},
+            "reasons": {"type": "array", "minItems": len(labels), "maxItems": len(labels),
+                        "prefixItems": [reason(lab) for lab in labels]},
+            "intent_summary": {"type": "string", "maxLength": summary_max_chars},
         },
         "required": ["reasons", "intent_summary"],
         "additionalProperties": False,
     }
+
+
+def explanation_schema_enums(schema: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(labels in order, event refs) of a schema from `explanation_json_schema`."""
+    slots = schema["properties"]["reasons"]["prefixItems"]
+    labels = [slot["properties"]["item"]["enum"][0] for slot in slots]
+    return labels, slots[0]["properties"]["evidence"]["items"]["enum"] if slots else []
