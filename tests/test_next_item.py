@@ -154,7 +154,7 @@ async def test_happy_path(artifacts: DatasetArtifacts, u1_events: list[BehaviorE
 
     meta = pred.meta
     assert meta.attempts == 3 == len(model.calls)  # 2 verbalizer passes + 1 explanation
-    assert meta.prompt_versions == ["next_item_rank.v1", "next_item_explain.v1"]
+    assert meta.prompt_versions == ["next_item_rank.v1", "next_item_explain.v2"]
     assert meta.model_id == "fake-model" and meta.model_sha256 == "abc123"
     assert meta.prompt_tokens == 2 * 120 + 10 and meta.completion_tokens == 2 * 1 + 5
     assert not meta.degraded and meta.degraded_reason is None

@@ -106,3 +106,25 @@ def test_real_model_next_item_for_real_customer(runtime: Runtime) -> None:
     assert "llm" in pred.items[0].source_scores
     assert not pred.meta.degraded, pred.meta.degraded_reason
     assert pred.summary_source == "model" and len(pred.intent_summary) > 20
+
+
+def test_real_model_progressive_answer_reaches_every_stage(runtime: Runtime) -> None:
+    """The API's progressive path with the real model: the fast answer before any model call,
+    then the LLM-refined ranking, then the model's reasons for that same ranking."""
+    from agent.app.service import ShopLensService
+
+    async def run() -> tuple[list[str], list[tuple[str, list[str], set[str]]], str, str | None]:
+        svc = ShopLensService(runtime)
+        ans = await svc.next_item_progressive("online-retail", CUSTOMER, k=3, wait_s=0)
+        job = svc.progressive.get(ans.recommendation_id)
+        seen = []
+        async for stage, pred in job.follow():
+            seen.append((stage, [i.item_id for i in pred.items], {i.reason_source for i in pred.items}))
+        return [i.item_id for i in ans.items], seen, job.state, job.error
+
+    fast, seen, state, error = asyncio.run(run())
+    assert state == "done", error
+    assert [s for s, _, _ in seen] == ["fast", "refined", "explained"]
+    assert seen[0][1] == fast and seen[0][2] == {"fallback"}
+    assert seen[1][1] == seen[2][1]  # the reasons explain the refined ranking, in its order
+    assert seen[2][2] == {"model"}

@@ -55,9 +55,11 @@ class NextItemConfig:
     window: int = 20  # events shown to the model
     rank_prompt: str = "next_item_rank.v1"
     pointwise_prompt: str = "next_item_pointwise.v1"
-    explain_prompt: str = "next_item_explain.v1"
-    explain_max_words: int = 25  # a reason's cap (the schema allows 8 characters a word)
-    summary_max_chars: int = 400
+    # v2 shares the ranking prompt's prefix and caps reasons: one explanation call took 34 s
+    # mean vs v1's 63 s on 3 customers (docs/results.md, 2026-12-06)
+    explain_prompt: str = "next_item_explain.v2"
+    explain_max_words: int = 15  # a reason's cap (the schema allows 8 characters a word)
+    summary_max_chars: int = 240
     explain_lane: Lane | None = None  # the explanation call's model lane; None: the caller's
     source_weights: dict[str, float] | None = None
     seed: int = 0
