@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from agent.app.progressive import NextItemAnswer
+from agent.data.sqlite import LockedSqlite
 from agent.domain.predictions import NextItemPrediction
 from agent.llm.prompting import load_prompt
 from agent.tasks.next_item import NextItemConfig
@@ -188,23 +187,12 @@ def stale_reason(entry: StoredEntry, events_sha256: str, version: str) -> str | 
     return None
 
 
-class AnswerStore:
+class AnswerStore(LockedSqlite):
     """Stored next-item answers and the refresh queue (SQLite, WAL). Thread-safe: one connection
     (``check_same_thread=False``) behind a lock."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        with self._lock, self._conn:
-            self._conn.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        super().__init__(path, _SCHEMA)
 
     # ---- answers ----------------------------------------------------------------------------
     def put(self, dataset: str, user_id: str, pred: NextItemPrediction, *, use_model: bool, events_sha256: str,

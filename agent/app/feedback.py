@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,6 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from agent.data.sqlite import LockedSqlite
 from agent.domain.errors import RequestError
 
 Stage = Literal["fast", "refined", "explained", "precomputed"]
@@ -146,7 +145,7 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-class FeedbackStore:
+class FeedbackStore(LockedSqlite):
     """What each recommendation showed, and the feedback logged against it (SQLite, WAL).
 
     Thread-safe: one connection (``check_same_thread=False``) behind a lock. Call from a worker
@@ -154,18 +153,7 @@ class FeedbackStore:
     """
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        with self._lock, self._conn:
-            self._conn.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        super().__init__(path, _SCHEMA)
 
     # ---- writes ---------------------------------------------------------------------------
     def log_recommendation(self, rec_id: str, dataset: str, user_id: str, item_ids: Sequence[str],
