@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from agent.app.feedback import KINDS, STAGES, FeedbackKind, FeedbackStore, Stage, wilson_interval
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
-from agent.domain.errors import RequestError
+from agent.domain.errors import RequestError, UnknownRecommendationError
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.fake import FakeModel
 from agent.settings import Settings
@@ -153,10 +153,10 @@ def test_replacing_a_recommendation_moves_positions_and_stage(store: FeedbackSto
 
 def test_unknown_ids_and_unshown_items_are_refused_with_the_field_and_the_fix(store: FeedbackStore) -> None:
     store.log_recommendation("r1", "shop", "u1", ["a", "b", "c"], "explained")
-    with pytest.raises(RequestError) as e:
+    with pytest.raises(UnknownRecommendationError) as e:
         store.record("nope", "a", "click")
     assert e.value.message == "recommendation_id 'nope' not found: send the id returned by POST /v1/next-item"
-    assert (e.value.param, e.value.code, e.value.status) == ("recommendation_id", "unknown_recommendation", 422)
+    assert (e.value.param, e.value.code, e.value.status) == ("recommendation_id", "unknown_recommendation", 404)
     with pytest.raises(RequestError) as e:
         store.record("r1", "zz", "click")
     assert e.value.message == "item_id 'zz' was not shown in recommendation 'r1'; shown: a, b, c"
@@ -198,7 +198,7 @@ def test_forget_user_drops_what_was_shown_to_them(tmp_path: Path) -> None:
     assert asyncio.run(svc.forget_user("shop", "u1")) == 3
     report = svc.feedback_report("shop")
     assert (report.overall.recommendations, report.overall.impressions) == (1, 0)
-    with pytest.raises(RequestError, match="'r1' not found"):
+    with pytest.raises(UnknownRecommendationError, match="'r1' not found"):
         rt.feedback.record("r1", "i3", "click")
 
 
@@ -299,9 +299,10 @@ def test_the_api_refuses_bad_feedback_with_the_envelope(tmp_path: Path, body: di
     with client as c:
         rt.feedback.log_recommendation("r1", "shop", "u1", ["a", "b"], "refined")
         r = c.post("/v1/feedback", json=body, headers=CLIENT)
-        assert r.status_code == 422, r.text
+        unknown = code == "unknown_recommendation"  # 404, as GET /v1/next-item/{id} answers it
+        assert r.status_code == (404 if unknown else 422), r.text
         err = r.json()["error"]
-        assert err["param"] == param and err["type"] == "invalid_request_error"
+        assert err["param"] == param and err["type"] == ("not_found_error" if unknown else "invalid_request_error")
         if code is not None:
             assert err["code"] == code
         if message is not None:

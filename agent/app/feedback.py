@@ -27,7 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from agent.data.sqlite import LockedSqlite
-from agent.domain.errors import RequestError
+from agent.domain.errors import RequestError, UnknownRecommendationError
 
 Stage = Literal["fast", "refined", "explained", "precomputed"]
 """How an answer was made: "fast" (retrieval fusion, no model), "refined" (LLM-ranked),
@@ -205,8 +205,8 @@ class FeedbackStore(LockedSqlite):
             row = self._conn.execute("SELECT items, stage FROM recommendations WHERE rec_id = ?",
                                      (rec_id,)).fetchone()
             if row is None:
-                raise RequestError(f"recommendation_id {rec_id!r} not found: send the id returned by "
-                                   "POST /v1/next-item", param="recommendation_id", code="unknown_recommendation")
+                raise UnknownRecommendationError(rec_id, message=f"recommendation_id {rec_id!r} not found: "
+                                                 "send the id returned by POST /v1/next-item")
             items, stage = json.loads(row[0]), row[1]
             if item_id not in items:
                 raise RequestError(f"item_id {item_id!r} was not shown in recommendation {rec_id!r}; "

@@ -80,10 +80,10 @@ class UnknownRecommendationError(CallerError, LookupError):
     status = 404
     default_code = "unknown_recommendation"
 
-    def __init__(self, rec_id: str, ttl_s: float):
+    def __init__(self, rec_id: str, ttl_s: float | None = None, message: str | None = None):
         self.rec_id = rec_id
-        super().__init__(f"recommendation_id {rec_id!r} not found: it was never returned by POST "
-                         f"/v1/next-item on this server, or is older than {ttl_s:g} s (ask again)",
+        super().__init__(message or f"recommendation_id {rec_id!r} not found: it was never returned by "
+                         f"POST /v1/next-item on this server, or is older than {ttl_s or 0:g} s (ask again)",
                          param="recommendation_id")
 
 
