@@ -114,13 +114,19 @@ def test_real_model_progressive_answer_reaches_every_stage(runtime: Runtime) -> 
     from agent.app.service import ShopLensService
 
     async def run() -> tuple[list[str], list[tuple[str, list[str], set[str]]], str, str | None]:
-        svc = ShopLensService(runtime)
-        ans = await svc.next_item_progressive("online-retail", CUSTOMER, k=3, wait_s=0)
-        job = svc.progressive.get(ans.recommendation_id)
-        seen = []
-        async for stage, pred in job.follow():
-            seen.append((stage, [i.item_id for i in pred.items], {i.reason_source for i in pred.items}))
-        return [i.item_id for i in ans.items], seen, job.state, job.error
+        # a runtime of its own over the same workspace: the module's runtime holds a model client
+        # bound to an earlier test's event loop (each test runs its own asyncio.run)
+        rt = Runtime(runtime.settings)
+        try:
+            svc = ShopLensService(rt)
+            ans = await svc.next_item_progressive("online-retail", CUSTOMER, k=3, wait_s=0)
+            job = svc.progressive.get(ans.recommendation_id)
+            seen = []
+            async for stage, pred in job.follow():
+                seen.append((stage, [i.item_id for i in pred.items], {i.reason_source for i in pred.items}))
+            return [i.item_id for i in ans.items], seen, job.state, job.error
+        finally:
+            await rt.aclose()
 
     fast, seen, state, error = asyncio.run(run())
     assert state == "done", error
