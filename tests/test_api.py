@@ -387,6 +387,9 @@ BAD_FIELDS = [
     ({"candidates": [""]}, "candidates[0]"),
     ({"candidates": "85123A"}, "candidates"),
     ({"candidates": ["85123A", "NOT-AN-ITEM"]}, "candidates[1]"),  # not in the catalogue
+    ({"wait_s": -1}, "wait_s"),
+    ({"wait_s": 301}, "wait_s"),  # beyond the server's request deadline
+    ({"wait_s": "soon"}, "wait_s"),
 ]
 
 
@@ -394,6 +397,17 @@ BAD_FIELDS = [
 def test_wrong_values_name_the_exact_field(api: httpx.Client, change: dict[str, Any], param: str) -> None:
     body = {"dataset": DATASET, "user_id": "new-user", "use_llm": False} | change
     assert_envelope(api.post("/v1/next-item", json=body), 422, param=param)
+
+
+def test_polling_refuses_bad_ids_and_waits_with_the_field(api: httpx.Client) -> None:
+    rid = api.post("/v1/next-item", json={"dataset": DATASET, "user_id": USER, "k": 2, "use_llm": False,
+                                          "wait_s": 0}).json()["recommendation_id"]
+    assert_envelope(api.get(f"/v1/next-item/{rid}?wait_s=61"), 422, param="wait_s")
+    assert_envelope(api.get(f"/v1/next-item/{'x' * 65}"), 422, param="recommendation_id")
+    assert_envelope(api.get(f"/v1/next-item/{'0' * 32}/events"), 404, code="unknown_recommendation")
+    # feedback on an item this answer did not show is refused, naming the field
+    assert_envelope(api.post("/v1/feedback", json={"recommendation_id": rid, "item_id": "NOT-SHOWN",
+                                                   "kind": "click"}), 422, code="item_not_shown", param="item_id")
 
 
 @pytest.mark.parametrize("raw", [b'{"dataset": "online-retail", "user', b"{", b"\\xff\\xfe", b'{"k": 1,}'])
