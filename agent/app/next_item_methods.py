@@ -20,8 +20,9 @@ from agent.app.answers import (
     stale_reason,
 )
 from agent.app.events import check_candidates, parse_as_of
+from agent.app.feedback import Stage as ShownStage
 from agent.app.policy import mark_unavailable, run_task
-from agent.app.progressive import Job, NextItemAnswer, ProgressiveJobs, Stage, stage_of
+from agent.app.progressive import Job, NextItemAnswer, ProgressiveJobs, stage_of
 from agent.app.service_base import ServiceBase
 from agent.domain.errors import CallerError, UnknownUserError
 from agent.domain.predictions import (
@@ -170,7 +171,7 @@ class NextItemMethods(ServiceBase):
             await job.wait(wait_s)
         return job.snapshot()
 
-    def _shown(self, job: Job, stage: Stage, pred: NextItemPrediction) -> None:
+    def _shown(self, job: Job, stage: ShownStage, pred: NextItemPrediction) -> None:
         """Log what this recommendation id shows now (feedback counts against the last list)."""
         try:
             self.runtime.feedback.log_recommendation(job.id, job.dataset, job.user_id,
@@ -235,11 +236,7 @@ class NextItemMethods(ServiceBase):
         stage = stage_of(pred)
         job = self.progressive.start(dataset, user_id, pred, None, stage=stage,
                                      why_not="precomputed without the model" if stage == "fast" else None)
-        try:
-            self.runtime.feedback.log_recommendation(job.id, dataset, user_id, [i.item_id for i in pred.items],
-                                                     "precomputed")
-        except Exception:  # noqa: BLE001 - a feedback log failure must not fail the answer
-            log.exception("could not log recommendation %s", job.id)
+        self._shown(job, "precomputed", pred)
         return StoredAnswer(**dict(job.snapshot()), computed_at=round(computed_at, 3), stale=why is not None,
                             stale_reason=why)
 
