@@ -191,14 +191,15 @@ def test_pipeline_version_names_what_changes_an_answer() -> None:
     assert v(replace(base, explain_lane="batch")) == v()  # where the call waits, not what it says
     for changed in (replace(base, k=6), replace(base, window=10), replace(base, llm_scorer="pointwise"),
                     replace(base, permutations=1), replace(base, n_candidates=30), replace(base, repurchase=True),
-                    replace(base, source_weights={"covisit": 1.0}), replace(base, explain=False)):
+                    replace(base, source_weights={"covisit": 1.0}), replace(base, explain=False),
+                    replace(base, explain_max_words=25), replace(base, summary_max_chars=400)):
         assert v(changed) != v(), changed
     assert v(model="m2") != v()
     assert v(fusion_weights={"covisit": 1.0}) != v() != v(fusion_weights={"covisit": 2.0})
     assert v(index_manifest_sha256="b") != v()
     plain = replace(base, use_llm_ranking=False, explain=False)
     assert v(plain, model="m2") == v(plain)  # an answer without the model does not depend on it
-    assert v(replace(plain, permutations=1, max_attempts=5)) == v(plain)
+    assert v(replace(plain, permutations=1, max_attempts=5, explain_max_words=25)) == v(plain)
 
 
 async def test_a_pipeline_change_makes_stored_answers_stale(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weight
     * the `NextItemConfig` fields that change an answer: k, repurchase, n_candidates, window,
       source_weights, seed, use_llm_ranking and explain; when the model ranks, llm_scorer,
       llm_weight, permutations (verbalizer only) and the scorer's prompt; when it explains,
-      max_attempts and the explanation prompt. Prompts go in by name and content sha256, so an
+      max_attempts, the explanation prompt and its length caps. Prompts go in by name and content sha256, so an
       edited template counts even under its old name;
     * `model`: the packaged GGUF's sha256, or the served model's id; only when the model ranks or
       explains (an answer without the model does not depend on it);
@@ -106,7 +106,8 @@ def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weight
         if c.llm_scorer == "verbalizer":
             parts["permutations"] = c.permutations
     if c.explain:
-        parts |= {"max_attempts": c.max_attempts, "explain_prompt": _prompt_id(c.explain_prompt)}
+        parts |= {"max_attempts": c.max_attempts, "explain_prompt": _prompt_id(c.explain_prompt),
+                  "explain_max_words": c.explain_max_words, "summary_max_chars": c.summary_max_chars}
     if c.use_llm_ranking or c.explain:
         parts["model"] = model
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)

@@ -56,7 +56,7 @@ class NextItemConfig:
     rank_prompt: str = "next_item_rank.v1"
     pointwise_prompt: str = "next_item_pointwise.v1"
     # v2 shares the ranking prompt's prefix and caps reasons: one explanation call took 34 s
-    # mean vs v1's 63 s on 3 customers (docs/results.md, 2026-12-06)
+    # mean vs v1's 63 s on 3 customers (docs/bench.md section 7, docs/results/explain-v1-v2-ab.jsonl)
     explain_prompt: str = "next_item_explain.v2"
     explain_max_words: int = 15  # a reason's cap (the schema allows 8 characters a word)
     summary_max_chars: int = 240
