@@ -187,8 +187,8 @@ class DataMethods:
             The stored event, with the item's 1-based shown position and the answer's stage.
 
         Raises:
-            RequestError: unknown recommendation id, or the item was not in its list (the
-                message names the field and the fix).
+            UnknownRecommendationError: unknown recommendation id (404).
+            RequestError: the item was not in its list (the message names the field and the fix).
         """
         return await asyncio.to_thread(self.runtime.feedback.record_event, recommendation_id, item_id, kind, at)
 
@@ -197,7 +197,7 @@ class DataMethods:
         """`record_feedback_event`, returning only the item's 1-based shown position.
 
         Raises:
-            RequestError: see `record_feedback_event`.
+            UnknownRecommendationError / RequestError: see `record_feedback_event`.
         """
         return (await self.record_feedback_event(recommendation_id, item_id, kind, at)).position
 

@@ -192,9 +192,10 @@ class FeedbackStore(LockedSqlite):
             The stored event: the item's 1-based shown position and the list's stage.
 
         Raises:
-            RequestError: `rec_id` was never logged (param ``recommendation_id``, code
-                ``unknown_recommendation``), the item was not in its list (param ``item_id``,
-                code ``item_not_shown``), or `kind` is unknown (param ``kind``).
+            UnknownRecommendationError: `rec_id` was never logged (404, param
+                ``recommendation_id``).
+            RequestError: the item was not in its list (param ``item_id``, code
+                ``item_not_shown``), or `kind` is unknown (param ``kind``).
         """
         if kind not in KINDS:
             raise RequestError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}", param="kind")
