@@ -28,7 +28,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 step "installing ShopLens and its dependencies"
-$PIP install -e '.[api,dev,ui]'
+$PIP install -e '.[api,dev,ui,batch]'   # batch: Ray, for precompute --ray-address and its test
 
 # The chat's browser test drives Debian's Chromium through Playwright (a browser download by
 # `playwright install` is not possible here). Needs root, as on CI and the dev machines.
