@@ -6,7 +6,8 @@
   (`agent.app.answers.AnswerStore`) as it is made, so a killed run loses at most the answers in
   flight, and a rerun skips users whose stored answer is still fresh (the same events hash and
   pipeline version, no stale flag). Returns a `PrecomputeReport` (throughput, model calls,
-  tokens).
+  tokens). `agent.app.precompute_ray.precompute_on_ray` is the same run fanned out over Ray
+  and several model replicas; both share `compute_answer`, `store_answer` and `is_fresh`.
 * `RefreshWorker`: the API's background task that recomputes users queued by
   ``POST /v1/events`` (`ShopLensService.mark_stale`) or by serving a stale answer.
 
@@ -20,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 from tqdm import tqdm
@@ -56,6 +58,8 @@ class PrecomputeReport(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: list[PrecomputeError] = Field(default_factory=list, description=f"the first {MAX_ERRORS} failures")
+    replicas: dict[str, int] = Field(default_factory=dict, description="answers computed per model base URL "
+                                     "(runs on Ray only, `agent.app.precompute_ray`)")
 
     @property
     def users_per_hour(self) -> float | None:
@@ -67,15 +71,32 @@ class PrecomputeReport(BaseModel):
         return self.seconds / self.done if self.done else None
 
 
-async def compute_and_store(service: ShopLensService, dataset: str, user_id: str, k: int, *,
-                            use_model: bool) -> NextItemPrediction:
+@dataclass(frozen=True)
+class ComputedAnswer:
+    """One user's answer and what it was made from: all `AnswerStore.put` needs, so the process
+    that computes it (a Ray actor) need not be the one that stores it.
+
+    Attributes:
+        stored_id: the user's stored (pseudonymised when configured) id, the store's key.
+        prediction: the answer.
+        events_sha256: the user's events hash read before the answer was made.
+        version: `ShopLensService.next_item_version` in the process that made it.
+    """
+
+    stored_id: str
+    prediction: NextItemPrediction
+    events_sha256: str
+    version: str
+
+
+async def compute_answer(service: ShopLensService, dataset: str, user_id: str, k: int, *,
+                         use_model: bool) -> ComputedAnswer:
     """One user's answer with the served configuration (`ShopLensService.next_item_config`), in
-    the model's ``batch`` lane, stored with the events hash read before it was made (so events
-    arriving meanwhile make it stale, never falsely fresh) and committed before this returns. An
-    answer that wanted the model and was made without it is stored flagged stale.
+    the model's ``batch`` lane, with the events hash read before it was made (so events arriving
+    meanwhile make it stale, never falsely fresh). Stores nothing (`store_answer` does).
 
     Raises:
-        UnknownDatasetError / UnknownUserError: caller mistakes (nothing is stored).
+        UnknownDatasetError / UnknownUserError: caller mistakes.
     """
     uid = service.stored_id(user_id)
     await service.ensure_indexes(dataset)  # the fusion weights the version names are the ones loaded
@@ -86,9 +107,44 @@ async def compute_and_store(service: ShopLensService, dataset: str, user_id: str
     cfg = service.next_item_config(k=k, use_model=use_model)
     with lane("batch"):
         pred = await service.next_item(dataset, user_id, config=cfg, use_model=use_model)
-    await asyncio.to_thread(service.runtime.answers.put, dataset, uid, pred, use_model=use_model, events_sha256=sha,
-                            version=version, stale=use_model and pred.meta.degraded)
-    return pred
+    return ComputedAnswer(uid, pred, sha, version)
+
+
+def store_answer(service: ShopLensService, dataset: str, answer: ComputedAnswer, *, use_model: bool) -> None:
+    """Commit `answer` to the answer store (blocking SQLite write); an answer that wanted the model
+    and was made without it is stored flagged stale."""
+    service.runtime.answers.put(dataset, answer.stored_id, answer.prediction, use_model=use_model,
+                                events_sha256=answer.events_sha256, version=answer.version,
+                                stale=use_model and answer.prediction.meta.degraded)
+
+
+async def compute_and_store(service: ShopLensService, dataset: str, user_id: str, k: int, *,
+                            use_model: bool) -> NextItemPrediction:
+    """`compute_answer`, then `store_answer`: committed before this returns.
+
+    Raises:
+        UnknownDatasetError / UnknownUserError: caller mistakes (nothing is stored).
+    """
+    answer = await compute_answer(service, dataset, user_id, k, use_model=use_model)
+    await asyncio.to_thread(store_answer, service, dataset, answer, use_model=use_model)
+    return answer.prediction
+
+
+def count_done(report: PrecomputeReport, pred: NextItemPrediction) -> None:
+    """Add one computed and stored answer to `report` (its model calls and tokens)."""
+    m = pred.meta
+    report.done += 1
+    report.degraded += int(report.use_model and m.degraded)
+    report.model_calls += m.attempts
+    report.prompt_tokens += m.prompt_tokens
+    report.completion_tokens += m.completion_tokens
+
+
+def count_failed(report: PrecomputeReport, user_id: str, error: str) -> None:
+    """Add one user with no answer to `report`; the first `MAX_ERRORS` are listed."""
+    report.failed += 1
+    if len(report.errors) < MAX_ERRORS:
+        report.errors.append(PrecomputeError(user_id=user_id, error=error))
 
 
 async def precompute(service: ShopLensService, dataset: str, users: Sequence[str], k: int = 5, *,
@@ -120,7 +176,7 @@ async def precompute(service: ShopLensService, dataset: str, users: Sequence[str
     bar = tqdm(total=len(users), unit="user", desc=f"precompute {dataset}", disable=not progress)
 
     async def one(user_id: str) -> None:
-        if resume and await asyncio.to_thread(_fresh, service, dataset, user_id, k, use_model):
+        if resume and await asyncio.to_thread(is_fresh, service, dataset, user_id, k, use_model):
             report.skipped_fresh += 1
             return
         try:
@@ -128,16 +184,9 @@ async def precompute(service: ShopLensService, dataset: str, users: Sequence[str
         except Exception as e:  # noqa: BLE001 - one user's failure is reported, the run goes on
             if not isinstance(e, CallerError):
                 log.error("precompute: user %r failed", user_id, exc_info=e)
-            report.failed += 1
-            if len(report.errors) < MAX_ERRORS:
-                report.errors.append(PrecomputeError(user_id=user_id, error=f"{type(e).__name__}: {e}"))
+            count_failed(report, user_id, f"{type(e).__name__}: {e}")
             return
-        m = pred.meta
-        report.done += 1
-        report.degraded += int(use_model and m.degraded)
-        report.model_calls += m.attempts
-        report.prompt_tokens += m.prompt_tokens
-        report.completion_tokens += m.completion_tokens
+        count_done(report, pred)
 
     async def worker() -> None:
         for user_id in todo:  # shared iterator: each user is taken by one worker
@@ -155,7 +204,9 @@ async def precompute(service: ShopLensService, dataset: str, users: Sequence[str
     return report
 
 
-def _fresh(service: ShopLensService, dataset: str, user_id: str, k: int, use_model: bool) -> bool:
+def is_fresh(service: ShopLensService, dataset: str, user_id: str, k: int, use_model: bool) -> bool:
+    """Whether `user_id` (caller or stored id) has a stored answer for this k that is still fresh:
+    the same events hash and pipeline version as now, no stale flag (blocking SQLite reads)."""
     uid = service.stored_id(user_id)
     entry = service.runtime.answers.get(dataset, uid, k)
     if entry is None:
