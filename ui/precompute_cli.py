@@ -7,11 +7,13 @@ stderr; `--json` puts the report on stdout.
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from agent.app.precompute import PrecomputeReport, precompute
@@ -31,7 +33,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _fail(msg: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {msg}")
+    err.print(f"[bold red]error:[/] {escape(msg)}")  # a message's [brackets] are text, not markup
     return typer.Exit(code)
 
 
@@ -60,7 +62,16 @@ def precompute_cmd(
     no_resume: Annotated[bool, typer.Option("--no-resume", help="recompute users whose stored answer is "
                                             "still fresh")] = False,
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="users in flight at once (1 for a CPU model; "
-                                             "more for vLLM)")] = 1,
+                                             "more for vLLM); with --ray-address, per actor")] = 1,
+    ray_address: Annotated[str | None, typer.Option(
+        help="run on Ray: 'local' (a Ray on this machine), 'auto' (this node's cluster) or "
+             "ray://HEAD:10001; needs the 'batch' extra")] = None,
+    base_url: Annotated[list[str] | None, typer.Option(
+        help="a model server (vLLM replica) base URL, e.g. http://127.0.0.1:8001/v1; repeat it with "
+             "--ray-address to deal the users round-robin over several (default: SHOPLENS_LLM_BASE_URL)")] = None,
+    actors_per_replica: Annotated[int | None, typer.Option(
+        min=1, max=16, help="with --ray-address: Ray actors per replica, each holding its own copy of the "
+                            "indexes [default: 1]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="the report as JSON on stdout")] = False,
     workspace: Workspace = None,
     profile: Profile = None,
@@ -71,6 +82,8 @@ def precompute_cmd(
     a hash of the user's events and the pipeline version; POST /v1/next-item with "stored": true
     and POST /v1/next-item/batch serve them in milliseconds. A rerun skips users whose stored
     answer is still fresh, so an interrupted run resumes. Model calls go in the batch lane.
+    With --ray-address the users are computed by Ray actors, one pool per --base-url replica
+    (docs/deploy.md, "Production layout"); this process still checks freshness and stores.
     """
     try:
         chosen = read_users(users, users_file)
@@ -79,8 +92,21 @@ def precompute_cmd(
         raise _fail(str(e)) from e
     except ValueError as e:
         raise _fail(f"--active-since: {e}") from e
-    rt = Runtime(load_settings(workspace=workspace, llm_profile=profile))
+    urls = base_url or []
+    if ray_address is None and len(urls) > 1:
+        raise _fail(f"--base-url was given {len(urls)} times: several replicas need --ray-address (e.g. "
+                    "--ray-address local; one Ray actor pool per replica); without Ray give one --base-url")
+    if ray_address is None and actors_per_replica is not None:
+        raise _fail("--actors-per-replica needs --ray-address")
+    settings = load_settings(workspace=workspace, llm_profile=profile, llm_base_url=urls[0] if urls else None)
+    rt = Runtime(settings)
     svc = ShopLensService(rt, use_model=not no_llm)
+    if ray_address is not None:
+        report = _on_ray(svc, dataset, chosen, since, limit, k, use_model=not no_llm, resume=not no_resume,
+                         concurrency=concurrency, ray_address=ray_address, base_urls=urls,
+                         actors_per_replica=actors_per_replica or 1)
+        _show(report, as_json)
+        return
 
     async def go() -> PrecomputeReport:
         try:
@@ -103,6 +129,46 @@ def precompute_cmd(
         err.print("[yellow]interrupted[/]: the answers made so far are stored; run the same command again "
                   "to resume")
         raise typer.Exit(130) from None
+    _show(report, as_json)
+
+
+def _on_ray(svc: ShopLensService, dataset: str, chosen: list[str] | None, since: datetime | None,
+            limit: int | None, k: int, *, use_model: bool, resume: bool, concurrency: int, ray_address: str,
+            base_urls: list[str], actors_per_replica: int) -> PrecomputeReport:
+    """The run on Ray (`agent.app.precompute_ray`); flags are checked before Ray starts."""
+    from agent.app import precompute_ray  # Ray only on this path
+
+    rt = svc.runtime
+    try:
+        precompute_ray.import_ray()
+        precompute_ray.check_ray_address(ray_address)
+        replicas = precompute_ray.replica_urls(base_urls, rt.settings, use_model=use_model)
+        ids = chosen
+        if ids is None:
+            ids = svc.active_users(dataset, since=since, limit=limit)
+        elif limit is not None:
+            ids = ids[:limit]
+        err.print(f"{len(ids):,} users of {dataset} over {len(replicas)} replica(s) on Ray ({ray_address}); "
+                  f"answers in {rt.answers.path}")
+        with precompute_ray.ray_session(ray_address):
+            return precompute_ray.precompute_on_ray(svc, dataset, ids, k, base_urls=base_urls, use_model=use_model,
+                                                    resume=resume, concurrency=concurrency,
+                                                    actors_per_replica=actors_per_replica)
+    except CallerError as e:
+        raise _fail(str(e)) from e
+    except ConnectionError as e:
+        raise _fail(f"--ray-address {ray_address}: {e}", code=1) from e
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: the answers made so far are stored; run the same command again "
+                  "to resume")
+        raise typer.Exit(130) from None
+    finally:
+        asyncio.run(rt.aclose())
+
+
+def _show(report: PrecomputeReport, as_json: bool) -> None:
+    """The throughput table and the first failures on stderr; the report as JSON on stdout with
+    --json. Exits 1 when every user failed."""
     err.print(report_table(report))
     for e in report.errors[:5]:
         err.print(f"[red]failed[/] {e.user_id}: {e.error}")
@@ -131,6 +197,7 @@ def report_table(r: PrecomputeReport) -> Table:
         ("model calls", f"{r.model_calls:,}"),
         ("tokens (prompt + completion)", f"{r.prompt_tokens:,} + {r.completion_tokens:,}"),
         ("tokens per user", f"{(r.prompt_tokens + r.completion_tokens) / r.done:,.0f}" if r.done else "-"),
+        *((f"computed via {url}", f"{n:,}") for url, n in sorted(r.replicas.items())),
     ]
     for name, value in rows:
         t.add_row(name, value)
