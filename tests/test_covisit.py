@@ -114,6 +114,9 @@ def test_popularity(tmp_path: Path) -> None:
     assert pop.score(["a", "zz"], log=True) == pytest.approx({"a": math.log(4), "zz": 0.0})
     # ties broken by id
     assert Popularity().fit([["y", "x"]]).top() == ["x", "y"]
+    # the order is sorted once and reused; a refit (new counts) is sorted again
+    assert pop.top(1) == ["c"] and pop.fit([["b"], ["b"], ["a"]]).top(3) == ["b", "a"]
+    assert pop.top(5, exclude=["b"]) == ["a"]
     pop.save(tmp_path / "pop.json")
     back = Popularity.load(tmp_path / "pop.json")
     assert back.count == pop.count and back.total == pop.total
