@@ -1,7 +1,7 @@
 """``python -m bench``: run the selected sections, print tables, save figures and a plot.
 
     python -m bench                                   # everything, embedded 1.5B
-    python -m bench --only retrieval,ingest           # no model needed
+    python -m bench --only retrieval,fastpath,ingest  # no model needed
     python -m bench --model 0.5b --only e2e,prefix
     python -m bench --base-url http://gpu:8000/v1 --only e2e,ranking,prefix,concurrency
 
@@ -29,7 +29,7 @@ from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
 from agent.settings import PROJECT_ROOT, load_settings
 from eval.runs import git_commit, run_folder, timestamp
 
-SECTIONS = ("e2e", "progressive", "ranking", "prefix", "retrieval", "concurrency", "ingest")
+SECTIONS = ("e2e", "progressive", "ranking", "prefix", "retrieval", "fastpath", "fault", "concurrency", "ingest")
 MODEL_SECTIONS = {"e2e", "progressive", "ranking", "prefix", "concurrency"}
 DEMO_USERS = ("17850", "12347", "13047")  # `shoplens demo`'s customers, first three
 err = Console(stderr=True)
@@ -60,6 +60,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="10000,100000,1000000", help="synthetic catalogue sizes")
     p.add_argument("--hnsw-max", type=int, default=100_000,
                    help="largest size that also gets an HNSW index (its build is slow on 2 cores)")
+    p.add_argument("--fastpath-sizes", default="10000,100000",
+                   help="synthetic shop sizes (items) for the fast path end to end (fastpath section)")
+    p.add_argument("--fault-seconds", type=float, default=60.0,
+                   help="fault section: seconds of load; the model server is killed after a third")
     p.add_argument("--queries", type=int, default=200, help="retrieval queries per index")
     p.add_argument("--concurrency", default="1,2,4,8", help="concurrency levels")
     p.add_argument("--requests-per-level", type=int, default=2,
@@ -172,6 +176,16 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
         await section("retrieval", asyncio.to_thread(
             retrieval.retrieval_scaling, _ints(a.sizes), hnsw_max=a.hnsw_max,
             n_queries=a.queries, log=err.print))
+    if "fault" in a.sections:  # its own `shoplens serve` and model server, after ours stopped
+        from bench import fault
+
+        await section("fault", asyncio.to_thread(fault.model_killed, settings, seconds=a.fault_seconds,
+                                                 kill_at_s=a.fault_seconds / 3))
+    if "fastpath" in a.sections:
+        from bench import fastpath
+
+        await section("fastpath", asyncio.to_thread(fastpath.fast_path_scale, _ints(a.fastpath_sizes),
+                                                    requests=a.fast_users))
     if "ingest" in a.sections:
         await section("ingest", asyncio.to_thread(ingest_mod.ingest_throughput, settings.data_dir))
         await section("index_build", asyncio.to_thread(ingest_mod.index_build, settings.data_dir,

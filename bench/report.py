@@ -119,6 +119,31 @@ def tables(fig: dict[str, Any]) -> list[tuple[str, Row, list[Row]]]:
                     f"{ret['omp_threads']} threads ({_load(ret['rows'][0])})",
                     ["items", "index", "p50", "p95", f"recall@{ret['k']}", "speed-up vs flat",
                      "build", "memory / 1M items"], rows))
+    fp = fig.get("fastpath")
+    if fp:
+        sizes = list(fp["sizes"].values())
+        base = sizes[0]["fast"]["p50"]
+        rows = [[f"{s['items']:,}", f"{s['customers']:,}", f"{s['events']:,}",
+                 f"{s['index_kinds']['items']}/{s['index_kinds']['users']}", f"{s['index_s']:.1f} s",
+                 str(s["fast"]["n"]), _ms(s["fast"]["p50"]), _ms(s["fast"]["p95"]),
+                 _x(s["fast"]["p50"] / base if base else None)] for s in sizes]
+        out.append((f"Fast path end to end (served pipeline, no model), synthetic shops ({_load(sizes[-1])})",
+                    ["items", "customers", "events", "index (items/users)", "index build", "requests",
+                     "p50", "p95", f"p50 vs {sizes[0]['items']:,} items"], rows))
+    fl = fig.get("fault")
+    if fl:
+        rows = []
+        for phase, label in (("model_up", "model up"), ("after_kill", "model server killed")):
+            ph = fl["phases"][phase]
+            f = ph["fast"] or {}
+            rows.append([label, str(ph["requests"]), str(ph["http_5xx"]), _ms(f["p50"]) if f else "-",
+                         _ms(f["p95"]) if f else "-",
+                         ", ".join(f"{k} {v}" for k, v in sorted(ph["refinement_states"].items()))])
+        rows.append(["p95 killed / up", "", "", "", _x(fl["p95_after_vs_before"]), ""])
+        out.append((f"Fast path while the model server is killed at {fl['killed_at_s']:.0f} s of "
+                    f"{fl['seconds']:.0f} s, {fl['workers']} clients; events posted {fl['events_posted']}, "
+                    f"accepted {fl['events_accepted']}, missing after {fl['events_missing']} ({_load(fl)})",
+                    ["phase", "requests", "5xx", "p50", "p95", "refinement states"], rows))
     server = (fig.get("model") or {}).get("base_url", "embedded")
     for key, label in (("concurrency", "embedded server" if server == "embedded" else server),
                        ("concurrency_vllm", "vLLM")):
