@@ -70,6 +70,22 @@ def test_sessions_split_at_a_30_minute_gap() -> None:
     assert split_sessions([]) == []
 
 
+def sev(minutes: float, session: str | None) -> BehaviorEvent:
+    return BehaviorEvent(user_id="u", item_id="A", event_type="view", timestamp=T0 + timedelta(minutes=minutes),
+                         session_id=session)
+
+
+def test_session_ids_decide_where_events_carry_them() -> None:
+    # s1 at 0 and 5; s2 at 6 (1 min later: the gap rule would merge it); s2 again at 100 (95 min
+    # later: the gap rule would split it); then two events without an id, 40 min apart (gap rule).
+    evs = [sev(0, "s1"), sev(5, "s1"), sev(6, "s2"), sev(100, "s2"), sev(101, None), sev(141, None)]
+    assert [[int((e.timestamp - T0).total_seconds() // 60) for e in s] for s in split_sessions(evs)] == [
+        [0, 5], [6, 100, 101], [141]]
+    # features follow the ids: the current session s2 is 2 events over 94 min, one session before it
+    f = session_features([sev(0, "s1"), sev(5, "s1"), sev(6, "s2"), sev(100, "s2")], T0 + timedelta(minutes=101))
+    assert (f.n_events, f.past_sessions, f.length_min) == (2, 1, 94.0)
+
+
 def test_session_features_hand_computed() -> None:
     as_of = T0 + timedelta(minutes=130)  # the purchase at 130 is not before as_of
     f = session_features(EVENTS, as_of, CATALOG)

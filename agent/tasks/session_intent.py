@@ -1,8 +1,9 @@
 """Session-level purchase intent: P(the user buys anything in the current session, or within a
 stated horizon), with the session's evidence cited.
 
-A user's events are split into sessions by an inactivity gap (`SESSION_GAP`); the current session
-is the one holding the last events before the as-of time. Session features (`session_features`)
+A user's events are split into sessions by the data's `session_id` where events carry one, and
+by an inactivity gap (`SESSION_GAP`, 30 minutes) where they do not (`split_sessions`); the current
+session is the one holding the last events before the as-of time. Session features (`session_features`)
 are computed in code from events strictly before the as-of time. The probability machinery is the
 per-item intent's (`agent.tasks.intent`): a logistic baseline on the features, blended in logit space
 with the model's yes/no verbalizer probability; a second, schema-constrained call names the stage
@@ -42,10 +43,24 @@ SESSION_FEATURES = ["log_events", "log_views", "log_carts", "log_favs", "bought_
 
 
 def split_sessions(events: Sequence[BehaviorEvent], gap: timedelta = SESSION_GAP) -> list[list[BehaviorEvent]]:
-    """Split one user's events (oldest first) where two consecutive events are `gap` or more apart."""
+    """Split one user's events (oldest first) into sessions.
+
+    The data's own `session_id` decides when both consecutive events carry one: a new id starts
+    a new session, the same id continues it however long the pause (a shop's session id is the
+    ground truth; the gap rule only guesses it). Otherwise (either event has no id) the
+    inactivity rule applies: a pause of `gap` (30 min) or more starts a new session.
+    """
     out: list[list[BehaviorEvent]] = []
     for e in events:
-        if out and e.timestamp - out[-1][-1].timestamp < gap:
+        prev = out[-1][-1] if out else None
+        if prev is None:
+            out.append([e])
+        elif e.session_id is not None and prev.session_id is not None:
+            if e.session_id == prev.session_id:
+                out[-1].append(e)
+            else:
+                out.append([e])
+        elif e.timestamp - prev.timestamp < gap:
             out[-1].append(e)
         else:
             out.append([e])

@@ -140,8 +140,9 @@ class PurchaseIntentRequest(BaseModel):
 
 class SessionIntentRequest(BaseModel):
     """Will this stored user buy anything later in the current session (or within `horizon_hours`
-    of `as_of`)? The current session holds the user's last events before `as_of`; a session ends
-    after 30 minutes without activity."""
+    of `as_of`)? The current session holds the user's last events before `as_of`. Sessions follow
+    the events' `session_id` where they carry one, else a session ends after 30 minutes without
+    activity."""
 
     model_config = ConfigDict(extra="forbid")
 
