@@ -9,6 +9,7 @@ embedder, as in tests/test_precompute.py's HTTP tests. The CLI tests below start
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,29 @@ def test_ray_fans_out_over_two_replicas_stores_what_the_local_path_stores_and_re
     asyncio.run(local_svc.runtime.aclose())
     for r in (rt, rt2):
         asyncio.run(r.aclose())
+
+
+def test_cli_on_ray_without_the_model_one_pool_of_two_actors(workspace: Path, local_ray: None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOPLENS_EMBEDDER", "hashing-64")  # as the workspace was indexed
+    monkeypatch.delenv("SHOPLENS_LLM_BASE_URL", raising=False)
+    args = ["--dataset", DATASET, "--workspace", str(workspace), "--ray-address", "local", "--no-llm", "--limit", "6",
+            "-k", "4", "--actors-per-replica", "2", "--concurrency", "2", "--json"]
+    r = CliRunner().invoke(app, ["precompute", *args], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout[r.stdout.index("{"):])
+    assert (report["done"], report["failed"], report["model_calls"]) == (6, 0, 0)
+    assert report["replicas"] == {"(no model)": 6} and "computed via (no model)" in r.output
+    rt = Runtime(Settings(workspace=workspace, embedder="hashing-64"))
+    users = rt.store.user_ids(DATASET)
+    stored = [u for u in users if rt.answers.get(DATASET, u, 4) is not None]
+    assert len(stored) == 6
+    assert all(e is not None and {i.reason_source for i in e.prediction.items} == {"fallback"}
+               for e in (rt.answers.get(DATASET, u, 4) for u in stored))
+    r = CliRunner().invoke(app, ["precompute", *args], env={"COLUMNS": "200"})
+    again = json.loads(r.stdout[r.stdout.index("{"):])
+    assert r.exit_code == 0 and (again["done"], again["skipped_fresh"]) == (0, 6)
+    asyncio.run(rt.aclose())
 
 
 # ---- flags, checked before anything starts ---------------------------------------------------------

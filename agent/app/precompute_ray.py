@@ -307,7 +307,8 @@ def _run(ray: Any, service: ShopLensService, dataset: str, todo: list[str], repl
             compute=ray.data.ActorPoolStrategy(size=actors_per_replica)))
     returned: set[str] = set()
     try:
-        for row in pools[0].union(*pools[1:]).iter_rows():
+        rows = pools[0].union(*pools[1:]) if len(pools) > 1 else pools[0]
+        for row in rows.iter_rows():
             user_id = str(row["user_id"])
             returned.add(user_id)
             _store_row(service, dataset, row, report)
@@ -315,7 +316,8 @@ def _run(ray: Any, service: ShopLensService, dataset: str, todo: list[str], repl
             bar.set_postfix(done=report.done, fresh=report.skipped_fresh, failed=report.failed, refresh=False)
     except Exception as e:  # noqa: BLE001 - a task Ray gave up on: its users are reported, the rest kept
         log.error("precompute on Ray: the run failed after %d of %d users", len(returned), len(todo), exc_info=e)
-        why = f"not computed: the Ray run failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = f"not computed: the Ray run failed: {type(e).__name__}" + (f": {first}" if first else "")
         for user_id in todo:
             if user_id not in returned:
                 count_failed(report, user_id, why[:500])
