@@ -7,15 +7,17 @@ candidate sources, their scaling and fusion weights, the LLM scorer (``NextItemC
 and the final blend are the served code; nothing here ranks.
 
 What users of the served pipeline get is also what its store and indexes hold, so the store is
-built from the protocol's training sequences only (no evaluated target: `Suite.train_by_user`),
-under ``<workspace>/pipeline/<dataset>-<hash>/`` (built once, then reused: the FAISS indexes
-carry their manifests as in production).
+built from the protocol's training data only (no evaluated target): `pipeline_runtime` from
+title-only sequences (`Suite.train_by_user`, LLMRank's files), `store_runtime` from a stored
+dataset's real events (`eval.store_suite`), under ``<workspace>/pipeline/<dataset>-<hash>/``
+(built once, then reused: the FAISS indexes carry their manifests as in production).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -66,22 +68,64 @@ def pipeline_runtime(workspace: Path, dataset: str, train_by_user: dict[str, lis
     return rt
 
 
+def store_runtime(workspace: Path, dataset: str, train_events: Mapping[str, Sequence[BehaviorEvent]],
+                  catalog: Mapping[str, CatalogItem], *, embedder: str | None = None) -> Runtime:
+    """A Runtime whose store holds exactly `train_events` (real events: types, times, baskets)
+    and the dataset's whole `catalog` (titles, categories, brands, prices).
+
+    The folder, ``<workspace>/pipeline/<dataset>-<hash>``, is keyed by a hash of the event ids and
+    the catalogue's text, so another protocol, user sample or cut-off never reuses another's
+    store. `embedder`: the item embedder (default: the served setting, ``auto``).
+
+    Raises:
+        ValueError: no training events.
+    """
+    if not any(train_events.values()):
+        raise ValueError(f"dataset {dataset!r}: the protocol leaves no training events")
+    h = hashlib.sha256()
+    for u in sorted(train_events):
+        h.update(f"{u}\x1f{' '.join(e.event_id for e in train_events[u])}\x1e".encode())
+    for i in sorted(catalog):
+        h.update(f"{i}\x1f{catalog[i].text()}\x1e".encode())
+    folder = workspace / "pipeline" / f"{dataset}-{h.hexdigest()[:12]}"
+    rt = Runtime(load_settings(workspace=folder, embedder=embedder))
+    if not rt.store.has_dataset(dataset):
+        rt.store.add_items(dataset, list(catalog.values()))
+        rt.store.add_events(dataset, [e for evs in train_events.values() for e in evs])
+    return rt
+
+
 class PipelineRanker(_SyncMixin):
     """Ranks a case with `ShopLensService.next_item` (inline history, the case's candidates).
 
+    A case whose ``source`` is ``full`` (the whole catalogue, more ids than a request may send)
+    is answered as the API answers without candidates: the pipeline retrieves from the whole
+    catalogue itself and returns its top `full_k` (the rest of the catalogue is unranked).
+
     Args:
-        runtime: from `pipeline_runtime` (store = training sequences only).
+        runtime: from `pipeline_runtime` or `store_runtime` (store = training data only).
         dataset: the dataset name in that store.
         model: the (cached) model, or None for the pipeline without the LLM.
         llm_scorer: the LLM scorer; None: the served setting (`Settings.llm_scorer`).
+        histories: user id -> the case's history as real events (a stored dataset's); users not
+            in it get their item ids as purchases on the synthetic clock (`sequence_events`).
+        source: rank by this one served source (``covisit``, ``embedding``, ``similar_users``,
+            ``popularity``: weight 1, the others 0) instead of the fused sources.
+        repurchase: ``full`` cases: history purchases may be recommended.
+        full_k: how many items a ``full`` case's answer ranks.
     """
 
     def __init__(self, runtime: Runtime, dataset: str, model: Any = None, *,
-                 llm_scorer: LlmScorer | None = None, name: str = "pipeline") -> None:
+                 llm_scorer: LlmScorer | None = None, name: str = "pipeline",
+                 histories: Mapping[str, Sequence[BehaviorEvent]] | None = None, source: str | None = None,
+                 repurchase: bool = False, full_k: int = 20) -> None:
         self.runtime = runtime
         self.dataset = dataset
         self.name = name
         self.model = model
+        self.histories = histories or {}
+        self.source = source
+        self.full_k = full_k
         use_model = model is not None
         self._rec: Recorder | None = None  # the current case's recorder (cases run one at a time)
 
@@ -91,23 +135,29 @@ class PipelineRanker(_SyncMixin):
         self.service = ShopLensService(runtime, use_model=use_model, explain=False,
                                        model_provider=provider if use_model else None)
         base = self.service.next_item_config(k=1, use_model=use_model)
-        self.config: NextItemConfig = replace(base, explain=False, llm_scorer=llm_scorer or base.llm_scorer)
+        self.config: NextItemConfig = replace(base, explain=False, llm_scorer=llm_scorer or base.llm_scorer,
+                                              repurchase=repurchase,
+                                              source_weights={source: 1.0} if source else None)
 
     def describe(self) -> dict[str, Any]:
         """What config.json records: the served configuration and the store it ranks from."""
         c = self.config
         return {"pipeline": {"use_llm_ranking": c.use_llm_ranking, "llm_scorer": c.llm_scorer,
                              "llm_weight": c.llm_weight, "window": c.window,
-                             "source_weights": c.source_weights or "served defaults",
+                             "source_weights": c.source_weights or "the dataset's fusion (see fusion)",
+                             "single_source": self.source, "repurchase": c.repurchase,
                              "store": str(self.runtime.settings.workspace)}}
 
     async def arank(self, case: RankingCase) -> RankOutcome:
         t0 = time.perf_counter()
-        cfg = replace(self.config, k=len(case.candidates), n_candidates=len(case.candidates))
+        full = case.source == "full"
+        n = self.full_k if full else len(case.candidates)
+        cfg = replace(self.config, k=n, n_candidates=n)
         rec = self._rec = Recorder(self.model) if self.model is not None else None
-        pred = await self.service.next_item(self.dataset, case.user_id,
-                                            events=sequence_events(case.user_id, case.history),
-                                            candidates=list(case.candidates), config=cfg)
+        stored = self.histories.get(case.user_id)
+        events = list(stored) if stored is not None else sequence_events(case.user_id, case.history)
+        pred = await self.service.next_item(self.dataset, case.user_id, events=events,
+                                            candidates=None if full else list(case.candidates), config=cfg)
         m = pred.meta
         return RankOutcome(
             ranking=[(it.item_id, it.score) for it in pred.items],

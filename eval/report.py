@@ -68,7 +68,45 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     m["latency_p95_s"] = _pct(lat, 95)
     m["wall_s"] = round(sum(r["wall_s"] for r in records), 3)
     m["wall_s_per_case"] = round(m["wall_s"] / n, 4)
+    if all("candidate_hit" in r for r in records):  # generic protocols (eval/store_suite.py)
+        m.update(_store_metrics(records))
     return m
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``values`` (resampling cases, seeded)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        m = float(v.mean()) if len(v) else 0.0
+        return m, m
+    means = v[np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _store_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The generic protocols' extra figures, all percent of ALL cases unless named ``n_``:
+
+    * ``candidate_recall@K``: cases whose held-out item is in the served candidate generator's top
+      K (K = ``candidate_k``, the candidate count): the ceiling of any reranker of its candidates;
+    * ``ndcg@10_ci95``: 95% bootstrap interval of NDCG@10 over cases;
+    * ``target_in_history_rate`` and NDCG@10 on the cases whose target is new to the user
+      (``ndcg@10_new_items``, over ``n_new_items`` cases): a repeat target is easy against
+      never-touched negatives, so both are shown.
+    """
+    k = records[0].get("candidate_k", 20)
+    n = len(records)
+    per = [100.0 * ndcg_at_k(r["ranking"], set(r["relevant"]), 10) for r in records]
+    lo, hi = bootstrap_ci(per)
+    out: dict[str, Any] = {
+        f"candidate_recall@{k}": round(100.0 * sum(bool(r["candidate_hit"]) for r in records) / n, 4),
+        "ndcg@10_ci95": [round(lo, 4), round(hi, 4)],
+    }
+    if all("target_in_history" in r for r in records):
+        new = [p for p, r in zip(per, records, strict=True) if not r["target_in_history"]]
+        out["target_in_history_rate"] = round(100.0 * (n - len(new)) / n, 4)
+        out["n_new_items"] = len(new)
+        out["ndcg@10_new_items"] = round(sum(new) / len(new), 4) if new else None
+    return out
 
 
 def _plot(path: Path, series: dict[str, dict[str, Any]], published: bool = True) -> None:
@@ -99,10 +137,18 @@ def _plot(path: Path, series: dict[str, dict[str, Any]], published: bool = True)
     plt.close(fig)
 
 
+UNITS = ("Units: NDCG@K, HR@K, MRR, hit@K_valid_all_users, retrieval_recall@20 (cases whose held-out item "
+         "is among the ranked candidates) and candidate_recall@K (cases whose held-out item the served "
+         "candidate generator retrieves in its top K) are percentages (x100, 0-100) of ALL cases (an invalid "
+         "or unretrieved answer is a miss, never dropped); valid_rate is a percentage of the cases a ranker "
+         "answered; tokens are per case; latency and wall times are seconds.")
+
+
 def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
-    """A markdown table: one row per run, the headline metrics as columns."""
+    """A markdown table: one row per run, the headline metrics as columns (percent, see `UNITS`)."""
+    recall = sorted({k for m in rows.values() for k in m if k.startswith("candidate_recall@")})
     cols = [f"ndcg@{k}" for k in KS] + [f"hr@{k}" for k in KS] + [
-        "mrr", "valid_rate", "hit@1_valid_all_users", "retrieval_recall@20", "mean_prompt_tokens",
+        "mrr", "valid_rate", "hit@1_valid_all_users", "retrieval_recall@20", *recall, "mean_prompt_tokens",
         "mean_completion_tokens", "latency_p50_s", "latency_p95_s", "wall_s_per_case", "n_cases"]
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in rows.items():
@@ -123,9 +169,11 @@ def write_report(run_dir: Path, meta: dict[str, Any], metrics: dict[str, Any]) -
     text = [
         f"# {run_dir.name}", "",
         "```json", json.dumps(cfg, indent=2), "```", "",
+        *_headline(meta, metrics),
         metrics_table({meta.get("ranker", "run"): metrics}), "",
         "Metrics x100 over ALL cases (invalid or unretrieved answers are misses); latency is the "
         "model time per case in seconds (cached calls report the original latency).", "",
+        UNITS, "",
         "![NDCG@K](ndcg_at_k.png)", "",
         "What was fitted on what:", "", "```json",
         json.dumps(meta.get("fitted_on", {}), indent=2, default=str)[:4000], "```",
@@ -136,6 +184,24 @@ def write_report(run_dir: Path, meta: dict[str, Any], metrics: dict[str, Any]) -
     path = run_dir / "report.md"
     path.write_text("\n".join(text) + "\n")
     return path
+
+
+def _headline(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
+    """Generic protocols: the figures in words, with their units, n and the ceiling beside them."""
+    recall = next((k for k in m if k.startswith("candidate_recall@")), None)
+    if recall is None:
+        return []
+    lo, hi = m["ndcg@10_ci95"]
+    lines = [f"- NDCG@10 = {m['ndcg@10']:.2f} % (95% bootstrap CI {lo:.2f} - {hi:.2f}), HR@10 = "
+             f"{m['hr@10']:.2f} %, MRR = {m['mrr']:.2f} %, over n = {m['n_cases']} cases",
+             f"- candidate recall@{recall.split('@')[1]} = {m[recall]:.2f} %: the share of cases whose held-out "
+             "item the served candidate generator retrieves (the ceiling of any reranker of its candidates)"]
+    if m.get("target_in_history_rate") is not None:
+        new = m.get("ndcg@10_new_items")
+        lines.append(f"- {m['target_in_history_rate']:.2f} % of targets are items the user touched before; "
+                     f"NDCG@10 on the {m['n_new_items']} new-item targets = "
+                     f"{'-' if new is None else f'{new:.2f} %'}")
+    return [*lines, ""]
 
 
 def compare(run_dirs: Sequence[Path], out: Path | None = None) -> str:
@@ -220,7 +286,7 @@ def paired_difference(first: Path, other: Path, n_boot: int = 5000, seed: int = 
 
 EXPORT_CONFIG_KEYS = ("dataset", "protocol", "candidates", "split", "users", "ranker", "prompt", "seed",
                       "position", "permutations", "hybrid_val_users", "hybrid_w", "sasrec", "no_llm",
-                      "untrained", "llm_scorer")
+                      "untrained", "llm_scorer", "n_candidates", "min_history", "cutoff", "source")
 
 
 def export_run(run_dir: Path, out_dir: Path) -> Path:

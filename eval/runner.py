@@ -1,8 +1,8 @@
 """The offline next-item harness: a configuration in, a reproducible run folder out.
 
-``run_next_item(config)`` builds the cases of one protocol (:func:`build_suite`), builds the
-ranker, ranks every case and writes
-``runs/<timestamp>-<name>/``:
+``run_next_item(config)`` checks the configuration (:func:`eval.suites.check_config`: nothing is
+created for one that cannot run), builds the cases of one protocol (:func:`build_suite`), builds
+the ranker, ranks every case and writes ``<workspace>/runs/<timestamp>-<name>/`` (or ``--out``):
 
 * ``config.json``: protocol, dataset, candidate source, users, seed, ranker, prompt ref + sha,
   model id + sha256, git commit, and what was fitted on what.
@@ -33,7 +33,15 @@ from tqdm import tqdm
 from eval.llm_rankers import RankOutcome
 from eval.report import compute_metrics, write_report
 from eval.runs import git_commit, read_jsonl, run_folder
-from eval.suites import Suite, _workspace, build_suite, fit_fusion, fusion_names
+from eval.suites import (
+    Suite,
+    _workspace,
+    build_suite,
+    check_config,
+    default_ranker,
+    fit_fusion,
+    fusion_names,
+)
 
 __all__ = ["RANKERS", "RankerSetup", "RunConfig", "Suite", "arun_next_item", "build_suite",
            "make_ranker", "read_cases", "rescore", "run_next_item"]
@@ -54,13 +62,21 @@ class RunConfig:
     """One evaluation run. Everything that changes a number is in here (and in config.json).
 
     Attributes:
-        dataset: ``amazon-games``, ``amazon-industrial`` or ``online-retail``.
-        protocol: ``llmrank``, ``full`` or ``leave-last-basket``.
-        candidates: candidate source for ``llmrank`` (``random``, ``bm25``, ... from
-            ``Games-200/``, or ``6k-random`` / ``6k-pop``).
-        users: evaluate the first N users (None: all).
+        dataset: a built-in eval dataset (``amazon-games``, ``amazon-industrial``,
+            ``online-retail``) or any dataset in the workspace's store.
+        protocol: built-in ``llmrank`` / ``full`` (amazon-games, amazon-industrial) and Online
+            Retail's ``leave-last-basket``; on any stored dataset ``leave-one-out``,
+            ``leave-last-basket`` or ``temporal`` (`eval.store_protocols`).
+        candidates: ``llmrank``: LLMRank's candidate file (``random``, ``bm25``, ... from
+            ``Games-200/``, or ``6k-random`` / ``6k-pop``); generic protocols: ``random`` (the
+            target + ``n_candidates - 1`` random untouched items), ``retrieved`` (the served
+            candidate generator's top ``n_candidates``; the target may be missing) or ``full``
+            (the whole catalogue).
+        users: evaluate the first N users (None: all); generic protocols: a seeded sample of N
+            eligible users.
         ranker: one of :data:`RANKERS`; ``pipeline`` is the served next-item pipeline
-            (`eval.pipeline`), with the model unless ``no_llm``.
+            (`eval.pipeline`), with the model unless ``no_llm``. None: `default_ranker`
+            (``fused`` on the built-in protocols, ``pipeline`` on the generic ones).
         no_llm: ``pipeline`` without the model (its retrieval fusion alone).
         untrained: ``pipeline`` with the hand-set default fusion weights; otherwise the weights
             are fitted once on the pipeline store (`ShopLensService.train`, as ``shoplens
@@ -80,6 +96,14 @@ class RunConfig:
             validation users without this source.
         repurchase: ``full`` / ``leave-last-basket``: history items may be retrieved as
             candidates (next-basket data repeats purchases; Amazon leave-one-out does not).
+        n_candidates: generic protocols: candidates per case, and the K of the served
+            generator's recall@K reported beside every metric (LLMRank: 20).
+        min_history: generic protocols: distinct history items a user needs to be evaluated.
+        cutoff: ``temporal``: the start of the test period (ISO-8601 or unix seconds); None:
+            the time before which 90% of the events lie.
+        source: ``pipeline``: rank by one served source (``covisit``, ``embedding``,
+            ``similar_users``, ``popularity``) instead of the fusion: its single-source ablation.
+        runs_dir: where run folders go; None: ``<workspace>/runs``.
     """
 
     dataset: str = "amazon-games"
@@ -87,7 +111,7 @@ class RunConfig:
     candidates: str = "random"
     split: str = "test"
     users: int | None = 200
-    ranker: str = "fused"
+    ranker: str | None = None
     prompt: str | None = None
     seed: int = 2023
     position: str = "shuffle"
@@ -102,15 +126,30 @@ class RunConfig:
     untrained: bool = False
     llm_scorer: str | None = None
     model_profile: str | None = None
+    n_candidates: int = 20
+    min_history: int = 1
+    cutoff: str | None = None
+    source: str | None = None
     name: str | None = None
     out: Path | None = None
-    runs_dir: Path = PROJECT_ROOT / "runs"
+    runs_dir: Path | None = None
     data_dir: Path | None = None
     workspace: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.ranker is None:
+            self.ranker = default_ranker(self.dataset, self.protocol, self.candidates)
+
+    @property
+    def ranker_name(self) -> str:
+        """The ranker (resolved in ``__post_init__``, so never None after construction)."""
+        assert self.ranker is not None
+        return self.ranker
+
     def run_name(self) -> str:
-        ranker = self.ranker + ("-no-llm" if self.no_llm else "") + ("-untrained" if self.untrained else "")
+        ranker = (self.ranker_name + (f"-{self.source}" if self.source else "") + ("-no-llm" if self.no_llm else "")
+                  + ("-untrained" if self.untrained else ""))
         return self.name or f"{self.dataset}-{self.protocol}-{self.candidates}-{ranker}"
 
     def identity(self) -> dict[str, Any]:
@@ -121,13 +160,17 @@ class RunConfig:
         for k in ("sasrec", "fusion_drop", "repurchase", "no_llm", "untrained"):  # added later: resumable
             if d[k] in (None, False):
                 d.pop(k)
+        for k, default in (("n_candidates", 20), ("min_history", 1), ("cutoff", None), ("source", None)):
+            if d[k] == default:  # added with the generic protocols: older runs resume
+                d.pop(k)
         if self.ranker != "pipeline" or self.llm_scorer is None:
             d.pop("llm_scorer")
         return d
 
 
 def _run_dir(config: RunConfig) -> Path:
-    return run_folder(config.run_name(), config.out, Path(config.runs_dir), create=False)
+    runs = Path(config.runs_dir) if config.runs_dir is not None else _workspace(config) / "runs"
+    return run_folder(config.run_name(), config.out, runs, create=False)
 
 
 def read_cases(run_dir: Path) -> list[dict[str, Any]]:
@@ -135,13 +178,22 @@ def read_cases(run_dir: Path) -> list[dict[str, Any]]:
     return sorted({r["i"]: r for r in read_jsonl(Path(run_dir) / "cases.jsonl")}.values(), key=lambda r: r["i"])
 
 
+RECORD_MAX_IDS = 1000  # a whole-catalogue case records its first ranked ids and its candidate count
+
+
 def case_record(i: int, case: Any, outcome: RankOutcome | None, wall_s: float,
-                relevant: Sequence[str], retrieved: bool) -> dict[str, Any]:
+                relevant: Sequence[str], retrieved: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One line of ``cases.jsonl``. A case with more than :data:`RECORD_MAX_IDS` candidates (the
+    whole catalogue) records the candidate count instead of the ids, and the first
+    ``RECORD_MAX_IDS`` of its ranking (every metric is at K <= 20; MRR beyond is 0)."""
     ranking = outcome.ranking if outcome else [(c, 0.0) for c in case.candidates]
+    big = len(case.candidates) > RECORD_MAX_IDS
+    if big:
+        ranking = ranking[:RECORD_MAX_IDS]
     return {
         "i": i,
         "user": case.user_id,
-        "candidates": list(case.candidates),
+        "candidates": {"n": len(case.candidates)} if big else list(case.candidates),
         "target": case.target,
         "relevant": list(relevant),
         "retrieved": retrieved,
@@ -154,6 +206,7 @@ def case_record(i: int, case: Any, outcome: RankOutcome | None, wall_s: float,
         "latency_s": round(outcome.model_latency_s, 4) if outcome else 0.0,
         "wall_s": round(wall_s, 4),
         "extra": outcome.extra if outcome else {},
+        **(extra or {}),
     }
 
 
@@ -165,9 +218,18 @@ async def _rank(ranker: Any, case: Any) -> RankOutcome:
 
 async def arun_next_item(config: RunConfig, *, model: Any = None, suite: Suite | None = None,
                          progress: bool = True) -> Path:
-    """Async :func:`run_next_item`; ``model`` overrides the configured one (tests: FakeModel)."""
+    """Async :func:`run_next_item`; ``model`` overrides the configured one (tests: FakeModel).
+
+    Nothing is created until the configuration is checked, the cases are built and the ranker is
+    ready: a run that cannot start leaves no folder behind.
+    """
+    if config.ranker_name not in RANKERS:
+        raise ValueError(f"--ranker {config.ranker}: unknown; known: {', '.join(RANKERS)}")
+    if config.source is not None and config.ranker != "pipeline":
+        raise ValueError(f"--source applies to --ranker pipeline (got --ranker {config.ranker})")
+    if suite is None:
+        check_config(config)
     run_dir = _run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
@@ -177,6 +239,7 @@ async def arun_next_item(config: RunConfig, *, model: Any = None, suite: Suite |
     suite = suite or build_suite(config)
     setup = await suite.make_ranker(config, model)
     ranker = setup.ranker
+    run_dir.mkdir(parents=True, exist_ok=True)
     done = {r["i"] for r in read_cases(run_dir)}
     meta = {
         "run": config.identity(),
@@ -199,7 +262,8 @@ async def arun_next_item(config: RunConfig, *, model: Any = None, suite: Suite |
         for n, (i, (case, relevant, retrieved)) in enumerate(todo, start=1):
             t0 = time.perf_counter()
             outcome = await _rank(ranker, case) if retrieved else None
-            rec = case_record(i, case, outcome, time.perf_counter() - t0, relevant, retrieved)
+            rec = case_record(i, case, outcome, time.perf_counter() - t0, relevant, retrieved,
+                              suite.case_extra[i] if suite.case_extra else None)
             if outcome is not None and outcome.prompt and not (run_dir / "prompt_sample.txt").exists():
                 (run_dir / "prompt_sample.txt").write_text(
                     "\n\n".join(f"### {m['role']}\n{m['content']}" for m in outcome.prompt) + "\n")
@@ -262,7 +326,7 @@ async def make_ranker(suite: Suite, config: RunConfig, model: Any = None) -> Ran
         choose_hybrid_weight,
     )
 
-    name = config.ranker
+    name = config.ranker_name
     if name not in RANKERS:
         raise ValueError(f"unknown ranker {name!r}; known: {', '.join(RANKERS)}")
     if name == "random":
@@ -324,7 +388,7 @@ def _fusion(suite: Suite, config: RunConfig) -> tuple[Any, dict[str, Any]]:
     ``hybrid`` given ``config.sasrec``) or ``config.fusion_drop`` the weights are refit on the
     suite's validation users (:func:`eval.suites.fit_fusion`).
     """
-    sasrec = config.ranker == "fused-sasrec" or (config.ranker.startswith("hybrid") and bool(config.sasrec))
+    sasrec = config.ranker == "fused-sasrec" or (config.ranker_name.startswith("hybrid") and bool(config.sasrec))
     if not sasrec and config.fusion_drop is None:
         return suite.fused, {"fusion_sources": [s.name for s in suite.fused.scorers]}
     names = fusion_names(suite, sasrec=sasrec, drop=config.fusion_drop)
@@ -336,14 +400,17 @@ def _fusion(suite: Suite, config: RunConfig) -> tuple[Any, dict[str, Any]]:
 
 
 async def _pipeline(suite: Suite, config: RunConfig, model: Any) -> RankerSetup:
-    """The served pipeline over a store of the suite's training sequences (eval/pipeline.py)."""
+    """The served pipeline over a store of the suite's training data (eval/pipeline.py): the
+    suite's own runtime (generic protocols), else one over its training sequences."""
     import asyncio
 
     from agent.app.service import ShopLensService
     from eval.pipeline import PipelineRanker, pipeline_runtime
 
-    rt = await asyncio.to_thread(pipeline_runtime, _workspace(config), config.dataset, suite.train_by_user,
-                                 suite.titles, embedder=config.extra.get("embedder"))
+    rt = suite.runtime
+    if rt is None:
+        rt = await asyncio.to_thread(pipeline_runtime, _workspace(config), config.dataset, suite.train_by_user,
+                                     suite.titles, embedder=config.extra.get("embedder"))
     info: dict[str, Any] = {}
     if config.untrained:
         rt.artifacts(config.dataset).fusion_weights = None  # the served defaults
@@ -361,7 +428,9 @@ async def _pipeline(suite: Suite, config: RunConfig, model: Any) -> RankerSetup:
         cached, model_info = await _cached_model(config, model)
         info.update(model_info)
     ranker = PipelineRanker(rt, config.dataset, cached, llm_scorer=config.llm_scorer,  # type: ignore[arg-type]
-                            name="pipeline-no-llm" if config.no_llm else "pipeline")
+                            name="pipeline-no-llm" if config.no_llm else "pipeline", histories=suite.histories,
+                            source=config.source, repurchase=config.repurchase and suite.runtime is not None,
+                            full_k=config.n_candidates)
     info.update(ranker.describe())
     return RankerSetup(ranker, cached, info)
 

@@ -10,11 +10,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from agent.data.candidates import SOURCES
 from agent.ingest import LOADERS
 from agent.llm.servers.embedded import PROFILES
 from eval import aspect_eval, sentiment_eval
 from eval.run_llmrank_baselines import GAMES200_SOURCES
 from eval.runner import RANKERS
+from eval.store_protocols import CANDIDATE_SETS, STORE_PROTOCOLS
+from eval.suites import BUILTIN_PROTOCOLS
 from ui import eval_cli, sentiment_cli
 from ui.cli import COMMANDS, app
 from ui.eval_cli import EVAL_EXAMPLES
@@ -86,7 +89,9 @@ def test_choice_sets_match_their_registries() -> None:
     assert get_args(IngestDataset) == tuple(LOADERS)
     assert set(get_args(ModelProfile)) == set(PROFILES)
     assert get_args(eval_cli.Ranker) == RANKERS
-    assert set(get_args(eval_cli.Candidates)) == {*GAMES200_SOURCES, "6k-random", "6k-pop"}
+    assert set(get_args(eval_cli.Candidates)) == {*GAMES200_SOURCES, "6k-random", "6k-pop", *CANDIDATE_SETS}
+    assert set(get_args(eval_cli.Protocol)) == {*STORE_PROTOCOLS, *BUILTIN_PROTOCOLS}
+    assert set(get_args(eval_cli.ServedSource)) == set(SOURCES)
     assert get_args(sentiment_cli.SentimentSet) == sentiment_eval.SETS
     assert get_args(sentiment_cli.SentimentRanker) == sentiment_eval.RANKERS
     assert get_args(sentiment_cli.AspectsRanker) == aspect_eval.RANKERS

@@ -1,7 +1,7 @@
 """`shoplens eval`: the offline harness from the command line (thin: flags in, eval/ called).
 
-Each run writes runs/<timestamp>-<name>/ (config, per-case records, metrics, report) and
-resumes when interrupted. Also runnable alone: ``python -m ui.eval_cli next-item ...``.
+Each run writes <workspace>/runs/<timestamp>-<name>/ (config, per-case records, metrics, report)
+and resumes when interrupted. Also runnable alone: ``python -m ui.eval_cli next-item ...``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from agent.settings import load_settings
 from agent.tasks.next_item import LlmScorer
 from eval.runner import RunConfig, run_next_item
 from eval.runs import rescore
+from eval.suites import is_builtin
 from ui.options import Profile, Workspace
 
 # The closed value sets of `eval next-item` (eval.runner.RANKERS, eval.protocols; checked equal
@@ -31,15 +32,18 @@ from ui.options import Profile, Workspace
 Ranker = Literal["pipeline", "random", "pop", "covisit", "bm25", "embedding", "fused", "fused-sasrec",
                  "llm", "llm-perm", "llm-generate", "llm-fewshot", "llm-pointwise", "hybrid",
                  "hybrid-pointwise"]
-EvalDataset = Literal["amazon-games", "amazon-industrial", "online-retail"]
-Protocol = Literal["llmrank", "full", "leave-last-basket"]
-Candidates = Literal["random", "bm25", "pop", "bpr", "gru4rec", "sasrec", "bert", "6k-random", "6k-pop"]
+Protocol = Literal["leave-one-out", "leave-last-basket", "temporal", "llmrank", "full"]
+Candidates = Literal["random", "retrieved", "full", "bm25", "pop", "bpr", "gru4rec", "sasrec", "bert", "6k-random",
+                     "6k-pop"]
+ServedSource = Literal["covisit", "embedding", "similar_users", "popularity"]  # agent.data.candidates.SOURCES
+# --protocol left out: the dataset's built-in protocol, else leave-one-out
+DEFAULT_PROTOCOL = {"amazon-games": "llmrank", "amazon-industrial": "full", "online-retail": "leave-last-basket"}
 Split = Literal["test", "valid"]
 Position = Literal["shuffle", "first", "last"]
 
 # Every `shoplens eval` command with the example its --help shows.
 EVAL_EXAMPLES: dict[str, str] = {
-    "next-item": "shoplens eval next-item --dataset amazon-games --protocol llmrank --users 200 --ranker fused",
+    "next-item": "shoplens eval next-item --dataset my-shop --protocol leave-one-out --candidates random --ranker pop",
     "rescore": "shoplens eval rescore runs/<run>",
     "compare": "shoplens eval compare runs/<a> runs/<b>",
     "export": "shoplens eval export runs/<run> --to docs/results",
@@ -59,18 +63,38 @@ eval_app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_m
 
 @eval_app.command("next-item")
 def next_item_cmd(
-    dataset: Annotated[EvalDataset, typer.Option(help="dataset with an offline protocol")] = "amazon-games",
-    protocol: Annotated[Protocol, typer.Option(help="LLMRank's candidate lists, the full catalogue, or "
-                                               "Online Retail's last basket")] = "llmrank",
-    candidates: Annotated[Candidates, typer.Option(help="llmrank candidate file: Games-200 lists or the "
-                                                   "6k-item ones")] = "random",
+    dataset: Annotated[str, typer.Option(help="any dataset in the workspace's store (shoplens ingest), or the "
+                                         "built-in amazon-games / amazon-industrial files")] = "amazon-games",
+    protocol: Annotated[Protocol | None, typer.Option(
+        help="leave-one-out (last item held out), leave-last-basket (last purchase basket), temporal "
+             "(events after --cutoff are test) on any stored dataset; built-in: llmrank (amazon-games), full "
+             "(amazon-games, amazon-industrial). Default: amazon-games llmrank, amazon-industrial full, "
+             "online-retail its built-in leave-last-basket, any other dataset leave-one-out")] = None,
+    candidates: Annotated[Candidates, typer.Option(
+        help="what is ranked: random (the target + N-1 random items the user never touched), retrieved (the "
+             "served candidate generator's top N: the target may be missing), full (the whole catalogue); "
+             "llmrank: a Games-200 candidate file or 6k-random / 6k-pop. online-retail's leave-last-basket "
+             "with random is the built-in protocol (its own 20 retrieved by the fused sources)")] = "random",
     split: Annotated[Split, typer.Option(help="amazon-industrial split")] = "test",
-    users: Annotated[int, typer.Option(help="evaluate the first N users (0: all)")] = 200,
-    ranker: Annotated[Ranker, typer.Option(help="pipeline (the served next-item pipeline, as the API "
-                                           "answers), a baseline, the fusion, or a model ranker")] = "fused",
+    users: Annotated[int, typer.Option(help="evaluate the first N users (0: all); generic protocols: a seeded "
+                                       "sample of N eligible users")] = 200,
+    ranker: Annotated[Ranker | None, typer.Option(
+        help="pipeline (the served next-item pipeline, as the API answers), a baseline, the fusion, or a model "
+             "ranker. Default: pipeline (with the model; --no-llm without) on leave-one-out, temporal and a "
+             "stored dataset's leave-last-basket; fused on the built-in llmrank / full and online-retail's "
+             "built-in leave-last-basket")] = None,
     no_llm: Annotated[bool, typer.Option("--no-llm", help="pipeline without the model")] = False,
-    untrained: Annotated[bool, typer.Option("--untrained", help="pipeline with the hand-set fusion "
-                                            "weights (default: fitted on the training data)")] = False,
+    untrained: Annotated[bool, typer.Option("--untrained", help="pipeline (and, on a stored dataset, the "
+                                            "candidate generator) with the hand-set fusion weights (default: "
+                                            "fitted on the training data)")] = False,
+    source: Annotated[ServedSource | None, typer.Option(
+        help="pipeline ranked by this one served source alone (its single-source ablation)")] = None,
+    n_candidates: Annotated[int, typer.Option(help="generic protocols: candidates per case, and K of the "
+                                              "generator's recall@K")] = 20,
+    min_history: Annotated[int, typer.Option(help="generic protocols: distinct items a history needs "
+                                             "(users with fewer are skipped and counted)")] = 1,
+    cutoff: Annotated[str | None, typer.Option(
+        help="temporal: start of the test period, ISO-8601 or unix seconds (default: 90% of events before)")] = None,
     llm_scorer: Annotated[LlmScorer | None, typer.Option(
         help="pipeline's LLM scorer (default: the served setting, SHOPLENS_LLM_SCORER)")] = None,
     prompt: Annotated[str | None, typer.Option(help="prompt ref, e.g. next_item_rank_titles.v1")] = None,
@@ -90,25 +114,36 @@ def next_item_cmd(
     repurchase: Annotated[bool, typer.Option(
         "--repurchase", help="full / leave-last-basket: history items may be candidates")] = False,
     name: Annotated[str | None, typer.Option(help="run name (folder suffix)")] = None,
-    out: Annotated[Path | None, typer.Option(help="run folder; an existing one with the same config resumes")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default: <workspace>/runs/<time>-<name>); an "
+                                             "existing one with the same config resumes")] = None,
+    workspace: Workspace = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Next-item ranking: HR@K, NDCG@K under one protocol.
 
     Ranks the next item for N users with one ranker and writes a run folder (config, cases with
-    raw responses, metrics, report); an interrupted run resumes with the same --out.
+    raw responses, metrics, report; metrics in percent); an interrupted run resumes with the same
+    --out. On a stored dataset every report also gives the served candidate generator's recall@N.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    protocol = protocol or DEFAULT_PROTOCOL.get(dataset, "leave-one-out")  # type: ignore[assignment]
+    assert protocol is not None
     cfg = RunConfig(dataset=dataset, protocol=protocol, candidates=candidates, split=split,
                     users=users or None, ranker=ranker, prompt=prompt, seed=seed, position=position,
                     permutations=permutations, hybrid_val_users=hybrid_val_users, hybrid_w=hybrid_w,
                     fewshot_k=fewshot_k, model_profile=profile, name=name, out=out, no_llm=no_llm,
-                    untrained=untrained, llm_scorer=llm_scorer)
+                    untrained=untrained, llm_scorer=llm_scorer, n_candidates=n_candidates,
+                    min_history=min_history, cutoff=cutoff, source=source, workspace=workspace)
+    ranker = cfg.ranker  # type: ignore[assignment]
+    generic = not is_builtin(cfg)
     misuse = ("--no-llm applies to --ranker pipeline" if no_llm and ranker != "pipeline"
-              else "--untrained applies to --ranker pipeline" if untrained and ranker != "pipeline"
+              else "--untrained applies to --ranker pipeline" if untrained and ranker != "pipeline" and not generic
+              else "--source applies to --ranker pipeline" if source and ranker != "pipeline"
               else "--repurchase applies to --protocol full / leave-last-basket" if repurchase and protocol == "llmrank"
               else "--drop applies to --ranker fused, fused-sasrec, hybrid or hybrid-pointwise" if drop and ranker not in FUSION_RANKERS
               else "--sasrec applies to --ranker fused-sasrec, hybrid or hybrid-pointwise" if sasrec and ranker not in SASREC_RANKERS
+              else "--n-candidates, --min-history and --cutoff apply to --protocol leave-one-out, leave-last-basket "
+                   "or temporal" if not generic and (n_candidates != 20 or min_history != 1 or cutoff)
               else None)
     if misuse:
         typer.echo(f"error: {misuse} (got --protocol {protocol} --ranker {ranker})", err=True)
