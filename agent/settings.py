@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     llm_profile: Literal["1.5b", "0.5b"] = "1.5b"
     llm_threads: int = Field(default=2, ge=1, le=256)  # llama.cpp's default is 1; we have 2 cores
     llm_ctx: int = Field(default=4096, ge=512, le=131072)  # history + 20 candidates fit in ~1.5k
+    # The embedded model server's niceness (0-19). It shares the cores with the process serving
+    # the fast path, so the scheduler should run the fast path first: with 10, the fast path under
+    # 4 clients while the model refined was p50/p95 63/181 ms vs 99/222 ms with 0 (`python -m
+    # bench --only fault`, one 20 s phase each, docs/bench.md section 7). A lone CLI call is unaffected.
+    llm_nice: int = Field(default=10, ge=0, le=19)
     llm_timeout_s: float = Field(default=120.0, gt=0)  # one completion on 2 cores can take ~60 s
     llm_max_attempts: int = Field(default=2, ge=1, le=5)  # one call + one repair, then fallback
     llm_startup_timeout_s: float = Field(default=180.0, gt=0)  # model load is ~5-20 s; headroom

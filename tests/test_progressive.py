@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from agent.app.progressive import Job, ProgressiveJobs, stage_of
+from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.domain.errors import UnknownRecommendationError
 from agent.domain.predictions import explanation_schema_enums
 from agent.domain.schemas import BehaviorEvent
-from agent.llm.base import Completion, Message, ModelUnavailableError, Usage
+from agent.llm.base import ChatModel, Completion, Message, ModelUnavailableError, Usage
 from agent.llm.verbalizer import LABELS
-from tests.test_chat import DS, make_runtime
+from tests.test_chat import DS, FakeRuntime, make_runtime
 
 USER = "17850"
 
@@ -120,6 +121,38 @@ async def test_a_failing_model_fails_the_refinement_and_the_fast_answer_stands(t
     assert ans.refinement.state == "failed" and ans.refinement.stage == "fast"
     assert "server down" in (ans.refinement.error or "")
     assert ans.meta.degraded is False  # the fast answer is what it says: the pipeline without the model
+
+
+class GuardedFakeRuntime(FakeRuntime):
+    """The tiny shop's runtime with the real `Runtime.model` (the guard) over the fake."""
+
+    model = Runtime.model
+
+    async def connect_model(self) -> ChatModel:
+        assert not isinstance(self.fake, Exception)
+        return self.fake
+
+
+async def test_a_model_known_down_is_not_asked_again_until_its_cool_down_ends(tmp_path: Path) -> None:
+    """Behind the real guard: the first refinement fails and starts the cool-down; refinements
+    asked for during it are skipped at once with the reason (they could only recompute the fast
+    answer), and the model is called again once it ends."""
+    model = GatedModel(fail=ModelUnavailableError("connection refused"))
+    model.rank_gate.set(), model.explain_gate.set()
+    rt = make_runtime(tmp_path, model)
+    rt.settings.model_cooldown_s, rt.settings.model_retries = 0.3, 0
+    rt.__class__ = GuardedFakeRuntime  # this instance only: the real guard over the fake
+    svc = ShopLensService(rt)
+    first = await svc.next_item_progressive(DS, USER, k=3, wait_s=10)
+    assert first.refinement.state == "failed" and len(model.calls) == 1
+    second = await svc.next_item_progressive(DS, USER, k=3, wait_s=10)
+    assert second.refinement.state == "skipped" and len(model.calls) == 1
+    assert (second.refinement.error or "").startswith("model failing (")
+    assert "connection refused" in second.refinement.error and "ask again later" in second.refinement.error
+    assert second.items == first.items  # the fast answer stands
+    await asyncio.sleep(0.35)
+    third = await svc.next_item_progressive(DS, USER, k=3, wait_s=10)
+    assert third.refinement.state == "failed" and len(model.calls) == 2
 
 
 async def test_without_the_model_nothing_is_started(tmp_path: Path) -> None:

@@ -72,6 +72,19 @@ class ModelHolder:
         self.state, self.error = "ready", None
         log.info("model %s ready after %.1f s", model.model_id, time.perf_counter() - t0)
 
+    def unavailable(self) -> str | None:
+        """Why `get` would raise right now without trying anything, or None (it would hand the
+        model out, or start loading it). Pure."""
+        if self._model is not None:
+            return None
+        if self.state == "disabled":
+            return "the model is not started on this server"
+        if self.state == "loading":
+            return "the model is still loading"
+        if self.state == "failed" and time.monotonic() - self._failed_at < self.runtime.settings.model_cooldown_s:
+            return f"the model failed to start ({self.error})"
+        return None
+
     async def get(self) -> ChatModel:
         """The guarded model.
 

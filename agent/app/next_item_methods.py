@@ -145,6 +145,10 @@ class NextItemMethods(ServiceBase):
             why_not = "the model was not asked for (use_llm=false)"
         elif fast.cold_start:
             why_not = "cold start: no history for the model to read; popularity ranking"
+        elif (down := self.runtime.model_down()) is not None:
+            # a refinement now would fail at once and only run the pipeline again without the
+            # model, taking CPU from the fast path (seen with the model server killed under load)
+            why_not = f"{down}: the fast answer stands; ask again later for the model's refinement"
         else:
             cfg = replace(self.next_item_config(k=k, repurchase=repurchase, use_model=True),
                           explain_lane="background")

@@ -206,6 +206,15 @@ class Runtime:
                                   probe_timeout_s=probe_timeout_s)
         return self.holder
 
+    def model_down(self) -> str | None:
+        """Why a model call would fail at once right now, or None (it would be tried): the
+        background holder's model still loading, failed to start or disabled, or the guard
+        cooling down after a failure. Starts and waits for nothing: the fast path asks it before
+        starting a refinement that could only recompute the fast answer."""
+        if self.holder is not None and (why := self.holder.unavailable()) is not None:
+            return why
+        return self._guarded.cooling_down() if self._guarded is not None else None
+
     def model_source(self) -> ModelSource:
         """Where services get the model: the background holder when a server started one, else
         `model` (which starts the model and waits for it)."""
@@ -248,7 +257,7 @@ class Runtime:
         self.model_sha256 = profile.sha256
         s.workspace.mkdir(parents=True, exist_ok=True)
         self._server = EmbeddedServer(path, model_alias=profile.name, n_threads=s.llm_threads,
-                                      n_ctx=s.llm_ctx, log_path=s.workspace / "llm-server.log")
+                                      n_ctx=s.llm_ctx, log_path=s.workspace / "llm-server.log", nice=s.llm_nice)
         self._server.spawn()  # from the event-loop thread, which lives as long as the process
         await asyncio.to_thread(self._server.wait_ready, s.llm_startup_timeout_s)
         return OpenAICompatModel(self._server.base_url, profile.name, "llamacpp",

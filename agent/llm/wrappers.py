@@ -182,6 +182,12 @@ class GuardedModel:
         self.down_until = 0.0
         self.last_error: str | None = None
 
+    def cooling_down(self) -> str | None:
+        """Why calls are refused right now (after a failure, for `GuardConfig.cooldown_s`), or
+        None when a call would be tried. Pure: no call, no I/O."""
+        left = self.down_until - time.monotonic()
+        return f"model failing ({self.last_error}); retried in {left:.1f} s" if left > 0 else None
+
     def _check_cooldown(self) -> None:
         now = time.monotonic()
         if now < self.down_until:

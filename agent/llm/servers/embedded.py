@@ -182,8 +182,10 @@ class EmbeddedServer(ServerProcess):
         n_threads: int = 2,
         n_ctx: int = 4096,
         log_path: Path | None = None,
+        nice: int = 0,
     ):
         super().__init__(log_path=log_path)
+        self.nice = nice  # > 0: the API's fast path, on the same cores, goes before the model
         self.model_path = model_path
         self.model_alias = model_alias
         self.n_threads = n_threads

@@ -59,6 +59,7 @@ class ServerProcess:
     poll_s = 0.5  # between readiness probes
     stop_grace_s = 10.0  # SIGTERM -> SIGKILL
     own_process_group = False  # True: signal the whole group (a server with worker children)
+    nice = 0  # the child's scheduling niceness (0-19); see EmbeddedServer for why it may be raised
     no_log = "(no log)"  # what an error says instead of the log tail when there is no log file
 
     def __init__(self, *, log_path: Path | None = None):
@@ -123,8 +124,15 @@ class ServerProcess:
             out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child from here on
         else:
             out = self.default_output()
+        nice = self.nice
+
+        def setup_child() -> None:  # pragma: no cover - runs in the child
+            die_with_parent()
+            if nice:
+                os.nice(nice)
+
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.environment(),
-                                      start_new_session=self.own_process_group, preexec_fn=die_with_parent)
+                                      start_new_session=self.own_process_group, preexec_fn=setup_child)
         atexit.register(self.stop)
 
     def wait_ready(self, timeout_s: float = 180.0) -> Self:
