@@ -27,9 +27,12 @@ the answer store needs no shared disk and has one writer; the actors only read.
 
 What a cluster needs: ShopLens installed at the same version on every node (with the ``batch``
 extra; Ray itself at the pinned version), and the workspace (the event store
-``shoplens.sqlite3`` and ``indexes/``) at the same path on every node: shared storage, or a copy
-made after the last ingest. The settings travel pickled with the actors (the pseudonymisation key
-included: actors map caller ids to stored ids). Prefer ``ray job submit -- shoplens precompute
+``shoplens.sqlite3`` and ``indexes/``) at the same path on every node: a copy on each node's
+local disk made after the last ingest (SQLite's WAL mode needs every reader on one host, so not
+over NFS). An actor whose copy lags makes answers whose events hash no longer matches the
+driver's store: they are served as stale and the next run redoes them. The settings travel
+pickled with the actors (the pseudonymisation key included: actors map caller ids to stored
+ids). Prefer ``ray job submit -- shoplens precompute
 --ray-address auto ...`` on the head node to a ``ray://`` client from outside the cluster.
 
 Ray is the optional ``batch`` extra, imported only here and only when called (`import_ray`).
@@ -316,8 +319,11 @@ def _run(ray: Any, service: ShopLensService, dataset: str, todo: list[str], repl
             bar.set_postfix(done=report.done, fresh=report.skipped_fresh, failed=report.failed, refresh=False)
     except Exception as e:  # noqa: BLE001 - a task Ray gave up on: its users are reported, the rest kept
         log.error("precompute on Ray: the run failed after %d of %d users", len(returned), len(todo), exc_info=e)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        why = f"not computed: the Ray run failed: {type(e).__name__}" + (f": {first}" if first else "")
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        # the first line says what failed; with a remote traceback (an actor that died), the last
+        # line is the exception that killed it
+        said = lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "") if lines else ""
+        why = f"not computed: the Ray run failed: {type(e).__name__}" + (f": {said}" if said else "")
         for user_id in todo:
             if user_id not in returned:
                 count_failed(report, user_id, why[:500])
