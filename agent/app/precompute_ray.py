@@ -319,7 +319,8 @@ def _run(ray: Any, service: ShopLensService, dataset: str, todo: list[str], repl
             bar.set_postfix(done=report.done, fresh=report.skipped_fresh, failed=report.failed, refresh=False)
     except Exception as e:  # noqa: BLE001 - a task Ray gave up on: its users are reported, the rest kept
         log.error("precompute on Ray: the run failed after %d of %d users", len(returned), len(todo), exc_info=e)
-        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours its remote tracebacks
+        lines = [x.strip() for x in text.splitlines() if x.strip()]
         # the first line says what failed; with a remote traceback (an actor that died), the last
         # line is the exception that killed it
         said = lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "") if lines else ""
