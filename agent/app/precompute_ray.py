@@ -280,7 +280,7 @@ def precompute_on_ray(service: ShopLensService, dataset: str, users: Sequence[st
 
 
 def _load_indexes(service: ShopLensService, dataset: str) -> None:
-    """`ShopLensState.ensure_indexes` without an event loop: the dataset's artifacts, loaded (or
+    """`AppState.ensure_indexes` without an event loop: the dataset's artifacts, loaded (or
     built) once in this process."""
     service.require_dataset(dataset)
     try:
