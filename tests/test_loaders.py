@@ -266,15 +266,14 @@ def test_generic_csv_mapping_and_row_errors(tmp_path):
         "invalid event: timestamp (value_error)": 1,
         "invalid event: user_id (missing)": 1,
         "invalid event: quantity (int_parsing)": 1,
-        "invalid catalogue item: title (missing)": 1,
     }
     assert r.examples["invalid event: timestamp (value_error)"] == [2]
     msgs = [str(e) for e in res.errors]
-    assert "catalogue item row 2: title: Field required" in msgs
+    assert "catalogue rows without a title: 0 titled from brand + category, 1 'Item <id>'" in r.notes
     assert any(m.startswith("event row 2: timestamp: ") and "yesterday" in m for m in msgs)
     assert "event row 3: user_id: Field required" in msgs
     assert any(m.startswith("event row 4: quantity: ") for m in msgs)
-    assert {i.item_id: i.title for i in res.items} == {"A": "Alpha", "E": "Item E"}
+    assert {i.item_id: i.title for i in res.items} == {"A": "Alpha", "B": "Item B", "E": "Item E"}
 
 
 def test_generic_jsonl_identity_mapping(tmp_path):
@@ -297,9 +296,9 @@ def test_generic_jsonl_identity_mapping(tmp_path):
 def test_generic_mapping_errors(tmp_path):
     path = tmp_path / "e.csv"
     path.write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="unknown fields"):
+    with pytest.raises(ValueError, match="unknown field 'usr' \\(did you mean user_id\\?\\)"):
         load_generic(path, {"usr": "a"})
-    with pytest.raises(ValueError, match="'customer' \\(for user_id\\)"):
+    with pytest.raises(ValueError, match="no column 'customer' \\(mapped to user_id\\)"):
         load_generic(path, {"user_id": "customer"})
     parquet = tmp_path / "e.parquet"
     parquet.write_text("")

@@ -6,11 +6,16 @@ reason. `ingest` writes a `LoadResult` into an `EventStore`, idempotently.
 
     result = load_dataset("online-retail", Settings().data_dir)
     report = ingest(store, "online-retail", result)
+
+    result = load_generic(Path("export.csv"), build_column_map(["event_time=timestamp"]), dataset="my-shop")
+    report = ingest(store, check_dataset_name("my-shop"), result)   # the mapping is saved with it
+    saved_mapping(store, "my-shop")                                 # ... and read back for reuse
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,10 +25,12 @@ from typing import TypeVar
 from tqdm.auto import tqdm
 
 from agent.data.store import EventStore
+from agent.domain.errors import RequestError
 from agent.ingest._common import DATA_HINT, LoadResult, RowError
 from agent.ingest.amazon_beauty import load_amazon_beauty
 from agent.ingest.amazon_games import load_amazon_games
 from agent.ingest.amazon_industrial import load_amazon_industrial
+from agent.ingest.mapping import ColumnMap, column_map
 from agent.ingest.online_retail import load_online_retail
 from agent.ingest.report import LoadReport
 from agent.ingest.taobao import load_taobao
@@ -34,8 +41,10 @@ __all__ = [
     "LoadReport",
     "LoadResult",
     "RowError",
+    "check_dataset_name",
     "ingest",
     "load_dataset",
+    "saved_mapping",
 ]
 
 # name -> loader(data_dir). `data_dir` is the shared data folder (Settings().data_dir), whose
@@ -96,6 +105,36 @@ class IngestReport(LoadReport):
             + f"\n  ingest: {self.events_new:,} new events, {self.events_already_present:,} "
             f"already present; {self.items_written:,} items written"
         )
+
+
+# A dataset name is a folder name under <workspace>/indexes and a key in URLs: keep it plain.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_dataset_name(name: str) -> str:
+    """`name` if it can name a user's own dataset.
+
+    Raises:
+        RequestError: not 1-64 letters, digits, ``.``, ``_`` or ``-`` (starting with a letter or
+            digit), or the name of a built-in dataset (param ``name``).
+    """
+    if not _NAME.match(name):
+        raise RequestError(f"dataset name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with "
+                           "a letter or digit (e.g. my-shop)", param="name")
+    if name in LOADERS:
+        raise RequestError(f"{name!r} is a built-in dataset (load it with `shoplens ingest {name}`); give your "
+                           "own data another --name", param="name")
+    return name
+
+
+def saved_mapping(store: EventStore, name: str) -> ColumnMap | None:
+    """The column mapping last used to ingest `name` (saved in its ingest record), or None when
+    the dataset was never ingested from a user's file."""
+    record = store.last_ingest(name) or {}
+    source = record.get("source")
+    if not isinstance(source, dict) or not isinstance(source.get("mapping"), dict):
+        return None
+    return column_map(source["mapping"], where=f"the mapping saved with {name!r}")
 
 
 _T = TypeVar("_T")

@@ -177,6 +177,12 @@ class RowSink:
         loc = ".".join(str(p) for p in first["loc"]) or "row"
         self.report.drop(f"invalid {what}: {loc} ({first['type']})", row)
 
+    def fail(self, row: int, field: str, message: str, what: str = "event", kind: str = "value_error") -> None:
+        """Count a row a loader rejected before validation (e.g. an unreadable timestamp), under
+        the same reason a validation error on `field` would give."""
+        self.errors.append(RowError(row, field, message, what))
+        self.report.drop(f"invalid {what}: {field} ({kind})", row)
+
     def has_item(self, item_id: str) -> bool:
         return item_id in self._items
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -11,7 +12,9 @@ class LoadReport:
     """Counts of rows read, events and items kept, and rows dropped per reason.
 
     `examples` keeps the first few row numbers (1-based, header excluded) per drop reason so a
-    user can open the file and look.
+    user can open the file and look. `source` describes a user's own export (`load_generic`): the
+    files, the mapping used (`ColumnMap` data, reusable as a mapping file), what became of every
+    column, and where the times came from; empty for the built-in datasets.
     """
 
     dataset: str
@@ -22,6 +25,7 @@ class LoadReport:
     dropped: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
 
     def drop(self, reason: str, row: int | None = None, n: int = 1) -> None:
         """Count `n` rows dropped for `reason`; remember up to 5 example row numbers."""
@@ -36,7 +40,7 @@ class LoadReport:
         return sum(self.dropped.values())
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "dataset": self.dataset,
             "rows_read": self.rows_read,
             "events_kept": self.events_kept,
@@ -47,6 +51,9 @@ class LoadReport:
             "examples": self.examples,
             "notes": self.notes,
         }
+        if self.source:
+            d["source"] = self.source
+        return d
 
     def summary(self) -> str:
         """Human-readable multi-line summary for the CLI."""
@@ -58,4 +65,11 @@ class LoadReport:
             ex = self.examples.get(reason)
             lines.append(f"  dropped {n:,}: {reason}" + (f" (e.g. rows {ex})" if ex else ""))
         lines.extend(f"  note: {n}" for n in self.notes)
+        if self.source.get("times"):
+            lines.append(f"  times: {self.source['times']}")
+        for what in ("columns", "catalog_columns"):
+            if self.source.get(what):
+                title = "columns" if what == "columns" else "catalogue columns"
+                lines.append(f"  {title}:")
+                lines.extend(f"    {col}: {role}" for col, role in self.source[what].items())
         return "\n".join(lines)
