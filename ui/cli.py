@@ -21,6 +21,7 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -28,14 +29,15 @@ from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.domain.errors import CallerError, UnknownUserError
 from agent.domain.predictions import NextItemPrediction
-from agent.ingest import ingest
-from agent.ingest.generic import load_generic
+from agent.ingest import ingest, saved_mapping
+from agent.ingest.generic import NoValidEventsError, load_generic
+from agent.ingest.mapping import build_column_map
 from agent.llm.base import ModelUnavailableError
 from agent.settings import load_settings
 from agent.tasks.next_item import LlmScorer, NextItemConfig, prediction_json
 from ui import precompute_cli, sentiment_cli, serve_llm_cli, tasks_cli
 from ui.eval_cli import EVAL_EXAMPLES, eval_app
-from ui.options import DataDir, IngestDataset, Profile, Workspace
+from ui.options import DataDir, EventTypeChoice, IngestDataset, Profile, Workspace, note_degraded
 
 # Every command in the order `shoplens --help` lists them, with the example it shows.
 COMMANDS: dict[str, str] = {
@@ -86,7 +88,7 @@ def _runtime(workspace: Path | None, data_dir: Path | None = None, profile: str 
 
 
 def _fail(msg: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {msg}")
+    err.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False)  # unwrapped: fixes stay copyable
     return typer.Exit(code)
 
 
@@ -100,23 +102,73 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at I
 
 @app.command("ingest")
 def ingest_cmd(
-    dataset: Annotated[IngestDataset, typer.Argument(help="the real dataset to load")],
+    dataset: Annotated[IngestDataset | None, typer.Argument(
+        help="a built-in dataset to load; or give your own file with --events and --name")] = None,
+    events: Annotated[Path | None, typer.Option(help="your events export (.csv/.tsv/.jsonl, optionally .gz)")] = None,
+    catalog: Annotated[Path | None, typer.Option(help="your catalogue (.csv/.tsv/.jsonl), with --events")] = None,
+    name: Annotated[str | None, typer.Option(help="the dataset name to store your data under, with --events")] = None,
+    map_: Annotated[list[str] | None, typer.Option(
+        "--map", help="COLUMN=FIELD, repeatable (e.g. --map event_time=timestamp); a column named like a "
+        "field needs none")] = None,
+    map_file: Annotated[Path | None, typer.Option(help="a YAML/JSON mapping file (see docs/your-data.md); "
+                                                  "--map flags override it")] = None,
+    header: Annotated[str | None, typer.Option(help="a headerless CSV: its column names, comma-separated")] = None,
+    time_format: Annotated[str | None, typer.Option(
+        help="strptime format for timestamps the built-in forms do not read, e.g. '%m/%d/%Y %H:%M'")] = None,
+    order_column: Annotated[str | None, typer.Option(
+        help="no timestamps: a column that orders each user's rows (times become synthetic, labelled)")] = None,
+    file_order: Annotated[bool, typer.Option(
+        "--file-order", help="no timestamps: each user's rows are in file order (times become synthetic)")] = False,
+    event_type: Annotated[EventTypeChoice | None, typer.Option(
+        help="the event type of every row, for a file without a type column")] = None,
     workspace: Workspace = None,
     data_dir: DataDir = None,
     no_index: Annotated[bool, typer.Option("--no-index", help="skip building FAISS indexes")] = False,
 ) -> None:
-    """Load a real dataset into the store and build its indexes.
+    """Load a built-in dataset or your own export; build indexes.
 
-    Reads the dataset from the shared data folder into SQLite (every dropped row is counted
-    with its reason) and builds the FAISS item and user indexes.
+    A built-in dataset is read from the shared data folder. Your own export (--events, --name) is
+    mapped with --map/--map-file; the report accounts for every column and every dropped row, and
+    the mapping is saved with the dataset (a later ingest under the same --name reuses it). Every
+    task then takes --dataset NAME. Walk-through: docs/your-data.md.
     """
+    own = (events, name, map_, map_file, header, time_format, order_column, file_order or None, event_type, catalog)
+    if dataset is not None and any(x is not None for x in own):
+        raise _fail(f"{dataset} is a built-in dataset: drop the --events/--map flags, or load your file "
+                    "with --events FILE --name NAME")
+    if dataset is None and (events is None or name is None):
+        raise _fail("give a built-in dataset (e.g. shoplens ingest online-retail) or your own file with "
+                    "--events FILE --name NAME")
     rt = _runtime(workspace, data_dir)
+    if dataset is not None:
+        try:
+            report = rt.ingest(dataset, rebuild_index=not no_index)
+        except (ValueError, FileNotFoundError) as e:
+            raise _fail(str(e)) from e
+        err.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+        err.print(f"store: {rt.store.counts(dataset)} at {rt.settings.db_path}", markup=False, soft_wrap=True)
+        return
+    assert events is not None and name is not None
     try:
-        report = rt.ingest(dataset, rebuild_index=not no_index)
+        saved = saved_mapping(rt.store, name) if map_file is None else None
+        if saved is not None:
+            err.print(f"starting from the mapping saved with {name!r} (flags override it): "
+                      f"{json.dumps(saved.model_dump(exclude_defaults=True))}", markup=False, highlight=False,
+                      soft_wrap=True)
+        cmap = build_column_map(map_ or [], map_file, base=saved, header=header.split(",") if header else None,
+                                time_format=time_format, order_column=order_column, file_order=file_order,
+                                event_type=event_type)
+        own_report = rt.ingest_file(name, events, mapping=cmap, catalog=catalog, rebuild_index=not no_index)
+    except NoValidEventsError as e:
+        err.print(e.report.summary(), markup=False, highlight=False, soft_wrap=True)
+        raise _fail(str(e)) from e
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
-    err.print(report.summary())
-    err.print(f"store: {rt.store.counts(dataset)} at {rt.settings.db_path}")
+    err.print(own_report.summary(), markup=False, highlight=False, soft_wrap=True)
+    err.print(f"mapping saved with {name!r}: {json.dumps(own_report.source['mapping'])}", markup=False,
+              highlight=False, soft_wrap=True)
+    err.print(f"store: {rt.store.counts(name)} at {rt.settings.db_path}; next: shoplens recommend --dataset "
+              f"{name} --user <id> --no-llm", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("datasets")
@@ -221,6 +273,11 @@ def recommend_cmd(
         pred = asyncio.run(_predict(rt, dataset, user, cfg, use_model=not no_llm))
     except CallerError as e:  # unknown dataset or user, inline events of other users
         raise _fail(str(e)) from e
+    note_degraded(pred.meta)
+    templated = sum(it.reason_source != "model" for it in pred.items)
+    if templated and not pred.meta.degraded:  # --no-llm, or a cold start: not degraded, still said
+        why = "--no-llm: ranked by retrieval fusion" if no_llm else "; ".join(pred.meta.notes[:1]) or "no model reasons"
+        typer.echo(f"note: template reasons for {templated} of {len(pred.items)} items ({why})", err=True)
     print(prediction_json(pred))
 
 

@@ -22,9 +22,10 @@ from typing import Annotated, Any, Literal
 import typer
 from tqdm import tqdm
 
+from agent.app.results import SentimentBatchMeta
 from agent.tasks.opinion import GroupTrend, sentiment_trends
 from agent.tasks.sentiment import SentimentFailure, SentimentResult
-from ui.options import Profile, Workspace
+from ui.options import Profile, Workspace, note_degraded
 
 # eval.sentiment_eval.SETS / RANKERS and eval.aspect_eval.RANKERS (tests/test_cli_help.py keeps them equal)
 SentimentSet = Literal["zh", "amazon_cells", "laptops", "beauty", "hostile"]
@@ -94,6 +95,10 @@ def sentiment_cmd(
             raise _fail(f"no events for dataset {dataset!r}; run `shoplens ingest {dataset}` first")
         trends = sentiment_trends(rt.store, dataset, by=by, window_days=days, min_count=min_count,
                                   turn_pts=turn_pts)
+        if not trends and next(rt.store.iter_events(dataset, event_types=("review",)), None) is None:
+            typer.echo(f"note: dataset {dataset!r} has no review events: trends read events of type review (their "
+                       "rating, else their text); ingest review rows with --map COLUMN=event_type or "
+                       "--event-type review", err=True)
         if as_json:
             typer.echo(json.dumps([t.as_dict() for t in trends[:top]], indent=2, ensure_ascii=False))
         else:
@@ -113,7 +118,7 @@ async def _score(rt: Any, texts: list[str] | None, file: Path | None, column: st
     try:
         if texts:
             batch = await svc.sentiment(texts, aspects=True if aspects is None else aspects)
-            _warn_degraded(batch.meta.degraded_reason if batch.meta.by_lexicon and not no_llm else None)
+            _warn_degraded(batch.meta)
             typer.echo(json.dumps([r.model_dump(mode="json") for r in batch.results], indent=2, ensure_ascii=False))
             return
         assert file is not None
@@ -122,7 +127,7 @@ async def _score(rt: Any, texts: list[str] | None, file: Path | None, column: st
         batch = await svc.sentiment([r.get(column) for r in rows], aspects=bool(aspects),
                                     on_done=lambda i, r: bar.update(1), deadline_s=None)  # a file: no overall deadline
         bar.close()
-        _warn_degraded(batch.meta.degraded_reason if batch.meta.by_lexicon and not no_llm else None)
+        _warn_degraded(batch.meta)
         out = out or file.with_suffix(".scored.csv")
         summary = write_scored(out, rows, fields, batch.results)
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -130,9 +135,9 @@ async def _score(rt: Any, texts: list[str] | None, file: Path | None, column: st
         await rt.aclose()
 
 
-def _warn_degraded(reason: str | None) -> None:
-    if reason:
-        typer.echo(f"warning: {reason}; those texts were judged by the labelled lexicon baseline", err=True)
+def _warn_degraded(meta: SentimentBatchMeta) -> None:
+    """One stderr line when any text was judged by the lexicon fallback (--no-llm included)."""
+    note_degraded(meta, f"answer for {meta.by_lexicon} of {meta.n} texts")
 
 
 def read_rows(path: Path, column: str) -> tuple[list[dict[str, str]], list[str]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -42,6 +43,16 @@ PRIORS: dict[str, Callable[[], LogisticBaseline]] = {
     "session_intent": default_session_baseline,
     "churn": default_churn_baseline,
 }
+
+
+def drop_fitted_baselines(folder: Path, dataset: str) -> list[Path]:
+    """Delete the baselines cached for `dataset` (``<task>-<horizon>-<dataset>.json`` under
+    `folder`): after an ingest they were fitted on old events. Returns the deleted paths."""
+    pattern = re.compile(rf"^(intent|session_intent|churn)-[^-]+-{re.escape(dataset)}\.json$")
+    gone = [p for p in folder.glob("*.json") if pattern.match(p.name)] if folder.is_dir() else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 class Baselines:

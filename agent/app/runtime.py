@@ -19,13 +19,16 @@ from functools import cached_property
 from pathlib import Path
 
 from agent.app.answers import AnswerStore
+from agent.app.baselines import drop_fitted_baselines
 from agent.app.feedback import FeedbackStore
 from agent.app.model_holder import ModelHolder, ModelSource
 from agent.app.state import AppState
 from agent.data.artifacts import DatasetArtifacts, build_artifacts, catalog_hash, load_artifacts
 from agent.data.store import EventStore
 from agent.domain.text import has_cjk
-from agent.ingest import ingest, load_dataset
+from agent.ingest import IngestReport, LoadResult, check_dataset_name, ingest, load_dataset
+from agent.ingest.generic import NoValidEventsError, load_generic
+from agent.ingest.mapping import ColumnMap
 from agent.ingest.report import LoadReport
 from agent.llm.base import ChatModel, Usage
 from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
@@ -131,9 +134,34 @@ class Runtime:
 
     # ---- data ---------------------------------------------------------------------------
     def ingest(self, dataset: str, *, rebuild_index: bool = True, show_progress: bool = True) -> LoadReport:
-        """Load a dataset from `settings.data_dir`, store it, and (re)build its indexes."""
-        result = load_dataset(dataset, self.settings.data_dir)
-        report = ingest(self.store, dataset, result)
+        """Load a built-in dataset from `settings.data_dir`, store it, and (re)build its indexes."""
+        return self.store_loaded(dataset, load_dataset(dataset, self.settings.data_dir),
+                                 rebuild_index=rebuild_index, show_progress=show_progress)
+
+    def ingest_file(self, name: str, events: Path, *, mapping: ColumnMap, catalog: Path | None = None,
+                    rebuild_index: bool = True, show_progress: bool = True) -> IngestReport:
+        """Load a user's own export (`agent.ingest.generic.load_generic`) into the dataset `name`,
+        store it (the mapping is saved in its ingest record) and (re)build its indexes.
+
+        Raises:
+            RequestError: a bad name (`check_dataset_name`), a mapping the file does not fit
+                (`MissingFieldsError` names the field, the columns and the fix).
+            NoValidEventsError: every row was dropped (carries the load report).
+            FileNotFoundError, ValueError: a missing file, an unknown format.
+        """
+        result = load_generic(events, mapping, catalog_path=catalog, dataset=check_dataset_name(name))
+        if not result.events:
+            raise NoValidEventsError(events, result.report)
+        return self.store_loaded(name, result, rebuild_index=rebuild_index, show_progress=show_progress)
+
+    def store_loaded(self, dataset: str, result: LoadResult, *, rebuild_index: bool = True,
+                     show_progress: bool = True) -> IngestReport:
+        """Write a loader's result into the store (idempotent), (re)build the dataset's indexes and
+        drop what was fitted on its old events when any event is new (cached task baselines; this
+        process's caches always)."""
+        report = ingest(self.store, dataset, result, progress=show_progress)
+        if report.events_new:
+            drop_fitted_baselines(self.workspace / "tasks", dataset)
         if rebuild_index:
             self._artifacts[dataset] = build_artifacts(
                 self.store, dataset, self.embedder_for(dataset), self.settings.index_dir(dataset),
