@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import sqlite3
+from typing import Any
 
 import pytest
 
@@ -134,3 +135,29 @@ def test_real_model_progressive_answer_reaches_every_stage(runtime: Runtime) -> 
     assert seen[0][1] == fast and seen[0][2] == {"fallback"}
     assert seen[1][1] == seen[2][1]  # the reasons explain the refined ranking, in its order
     assert seen[2][2] == {"model"}
+
+
+def test_real_model_precompute_stores_an_explained_answer_and_resumes(runtime: Runtime) -> None:
+    """`shoplens precompute`'s runner with the real model on one customer: an explained answer is
+    stored with the events hash and served back stored; a rerun finds it fresh and computes
+    nothing."""
+    from agent.app.precompute import precompute
+    from agent.app.service import ShopLensService
+
+    async def run() -> tuple[Any, Any, Any]:
+        rt = Runtime(runtime.settings)  # its own model client (see the progressive test)
+        try:
+            svc = ShopLensService(rt)
+            first = await precompute(svc, "online-retail", [CUSTOMER], 3, progress=False)
+            again = await precompute(svc, "online-retail", [CUSTOMER], 3, progress=False)
+            stored = await svc.stored_next_item("online-retail", CUSTOMER, k=3)
+            return first, again, stored
+        finally:
+            await rt.aclose()
+
+    first, again, stored = asyncio.run(run())
+    assert (first.done, first.failed, first.degraded) == (1, 0, 0), first.errors
+    assert first.model_calls >= 3 and first.prompt_tokens > 500
+    assert (again.done, again.skipped_fresh) == (0, 1)
+    assert stored is not None and stored.stale is False
+    assert {i.reason_source for i in stored.items} == {"model"} and len(stored.items) == 3
