@@ -145,8 +145,8 @@ def test_derived_catalogue_titles_from_brand_and_category(rees: Path) -> None:
     assert items["44600062"].category is None
     notes = res.report.notes
     assert ("4 event items without a catalogue row (no catalogue given): derived from the events, 0 with a "
-            "title column, 4 titled from brand + category, 0 'Item <id>'") in notes
-    assert "1 items have several price values in the events; the median is the catalogue's" in notes
+            "title column, 4 titled from brand/category, 0 'Item <id>'") in notes
+    assert "1 item has several price values in the events; the median is the catalogue's" in notes
 
 
 def test_derived_title_rules() -> None:
@@ -168,7 +168,7 @@ def test_a_catalogue_wins_over_event_attributes_and_fills_missing_titles(tmp_pat
     assert titles["17200506"] == "sofa (item 17200506)"  # not in the catalogue: from the events
     assert res.report.source["catalog_columns"] == {"product_id": "item_id", "name": "title", "brand": "brand",
                                                     "category_code": "category"}
-    assert "2 catalogue items also have attributes in the events; the catalogue's are kept" in res.report.notes
+    assert "2 catalogue items have attributes in the events too; the catalogue's are kept" in res.report.notes
 
 
 def test_a_mapping_file_yaml_or_json_equals_the_flags_and_flags_override_it(tmp_path: Path, rees: Path) -> None:

@@ -269,7 +269,7 @@ def test_generic_csv_mapping_and_row_errors(tmp_path):
     }
     assert r.examples["invalid event: timestamp (value_error)"] == [2]
     msgs = [str(e) for e in res.errors]
-    assert "catalogue rows without a title: 0 titled from brand + category, 1 'Item <id>'" in r.notes
+    assert "catalogue rows without a title: 0 titled from brand/category, 1 'Item <id>'" in r.notes
     assert any(m.startswith("event row 2: timestamp: ") and "yesterday" in m for m in msgs)
     assert "event row 3: user_id: Field required" in msgs
     assert any(m.startswith("event row 4: quantity: ") for m in msgs)

@@ -293,7 +293,7 @@ def _load_catalog(table: Table, cm: ColumnMap, sink: RowSink, report: LoadReport
         report.examples[f"catalogue: {reason}"] = cat_report.examples.get(reason, [])
     report.notes.append(f"catalogue {table.path.name}: {cat_report.rows_read} rows read")
     if derived or placeholder:
-        report.notes.append(f"catalogue rows without a title: {derived:,} titled from brand + category, "
+        report.notes.append(f"catalogue rows without a title: {derived:,} titled from brand/category, "
                             f"{placeholder:,} 'Item <id>'")
     return kept
 
@@ -324,18 +324,23 @@ def _add_event_items(sink: RowSink, attrs: ItemAttributes, catalogued: set[str],
         where = "the catalogue lacks" if catalog_given else "no catalogue given"
         report.notes.append(
             f"{len(missing):,} event items without a catalogue row ({where}): derived from the events, "
-            f"{kinds['title']:,} with a title column, {kinds['brand + category']:,} titled from brand + "
-            f"category, {kinds['placeholder']:,} 'Item <id>'")
+            f"{kinds['title']:,} with a title column, {kinds['brand + category']:,} titled from brand/category, "
+            f"{kinds['placeholder']:,} 'Item <id>'")
     if attrs.bad_prices:
         report.notes.append(f"{attrs.bad_prices:,} price values were not numbers (not used)")
     for field, n in attrs.ambiguous().items():
         rule = "the median" if field == "price" else "the most frequent"
-        report.notes.append(f"{n:,} items have several {field} values in the events; {rule} is the "
+        report.notes.append(f"{_items(n)} several {field} values in the events; {rule} is the "
                             "catalogue's")
     overlap = sum(1 for i in catalogued if i in attrs)
     if overlap:
-        report.notes.append(f"{overlap:,} catalogue items also have attributes in the events; the "
+        report.notes.append(f"{_items(overlap, 'catalogue item')} attributes in the events too; the "
                             "catalogue's are kept")
+
+
+def _items(n: int, noun: str = "item") -> str:
+    """'1 item has' / '3 items have'."""
+    return f"{n:,} {noun} has" if n == 1 else f"{n:,} {noun}s have"
 
 
 def _str(v: object) -> str | None:
