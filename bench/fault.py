@@ -1,6 +1,7 @@
 """The fast path while the model is killed: a real `shoplens serve` (uvicorn, the embedded model
 server it starts) under a steady load of progressive next-item requests and event writes, with
-the model server SIGKILLed part-way.
+the model server SIGKILLed part-way; and how long until /readyz is ready again (the API restarts
+its model server: `agent.app.model_holder.ModelHolder`).
 
 What is measured, per phase (model up / after the kill): HTTP statuses (a 5xx is a failure),
 fast-answer latency, the refinement states the answers report, and whether every event the API
@@ -89,13 +90,25 @@ async def _load(url: str, dataset: str, users: list[str], items: list[str], *, s
     accepted: dict[str, set[str]] = {}
     n_events = 0
 
-    async def killer() -> None:
+    back_at: list[float] = []
+
+    async def killer(client: httpx.AsyncClient) -> None:
         await asyncio.sleep(kill_at_s)
         pids = model_server_pids(serve_pid)
         for p in pids:
             os.kill(p, signal.SIGKILL)
         killed_at.append(time.perf_counter() - t_start)
         samples.append({"kind": "kill", "pids": pids, "t": killed_at[0]})
+        # until /readyz says ready again: the model server restarted and answered a probe
+        await asyncio.sleep(1.0)
+        while time.perf_counter() - t_start < seconds + 120:
+            try:
+                if (await client.get("/readyz", timeout=40)).status_code == 200:
+                    back_at.append(time.perf_counter() - t_start)
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(1.0)
 
     async def worker(w: int, client: httpx.AsyncClient) -> None:
         nonlocal n_events
@@ -132,7 +145,7 @@ async def _load(url: str, dataset: str, users: list[str], items: list[str], *, s
             await asyncio.sleep(pause_s)
 
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
-        kill = asyncio.create_task(killer())
+        kill = asyncio.create_task(killer(client))
         await asyncio.gather(*(worker(w, client) for w in range(workers)))
         await kill
         # every accepted event must be stored: read each user's events back through the API
@@ -152,6 +165,7 @@ async def _load(url: str, dataset: str, users: list[str], items: list[str], *, s
             missing += len(ids - stored)
         ready = (await client.get("/readyz")).status_code
     out: dict[str, Any] = {"killed_at_s": killed_at[0] if killed_at else None,
+                           "model_back_after_s": back_at[0] - killed_at[0] if back_at and killed_at else None,
                            "killed_pids": next((s["pids"] for s in samples if s["kind"] == "kill"), []),
                            "events_posted": n_events, "events_accepted": sum(map(len, accepted.values())),
                            "events_missing": missing, "readyz_after": ready, "phases": {}}

@@ -140,6 +140,8 @@ def tables(fig: dict[str, Any]) -> list[tuple[str, Row, list[Row]]]:
                          _ms(f["p95"]) if f else "-",
                          ", ".join(f"{k} {v}" for k, v in sorted(ph["refinement_states"].items()))])
         rows.append(["p95 killed / up", "", "", "", _x(fl["p95_after_vs_before"]), ""])
+        back = fl.get("model_back_after_s")
+        rows.append(["model ready again after the kill", "", "", "", "-" if back is None else f"{back:.1f} s", ""])
         out.append((f"Fast path while the model server is killed at {fl['killed_at_s']:.0f} s of "
                     f"{fl['seconds']:.0f} s, {fl['workers']} clients; events posted {fl['events_posted']}, "
                     f"accepted {fl['events_accepted']}, missing after {fl['events_missing']} ({_load(fl)})",

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WATCH_S = 1.0  # how often a ready holder checks that the embedded model server is still running
+RESTART_BACKOFF_S = (1.0, 60.0)  # first wait after a failed restart, doubling up to the second
+
 State = Literal["idle", "loading", "ready", "failed", "disabled"]
 ModelSource = Callable[[], Awaitable[ChatModel]]
 
@@ -52,6 +55,9 @@ class ModelHolder:
         self._task: asyncio.Task[None] | None = None
         self._model: ChatModel | None = None
         self._probe: tuple[float, bool, str] | None = None
+        self.restarts = 0  # times the embedded model server died and was started again
+        self.restarting: str | None = None  # why, while a restart is under way
+        self._watch_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Begin loading in the background (no-op while loading, ready or disabled)."""
@@ -71,10 +77,42 @@ class ModelHolder:
         self._model = model
         self.state, self.error = "ready", None
         log.info("model %s ready after %.1f s", model.model_id, time.perf_counter() - t0)
+        self._watch_task = asyncio.create_task(self._watch(), name="shoplens-model-watch")
+
+    async def _watch(self) -> None:
+        """Supervise the embedded model server: when it exits (a crash, the OOM killer, kill -9),
+        reap it and start it again on the same port, with a doubling wait between failed tries
+        (`RESTART_BACKOFF_S`). Meanwhile model calls fail fast (the guard's cool-down) and
+        answers are the labelled retrieval-only ones; `restarts` and `restarting` are reported
+        by /readyz and /metrics. A remote server (vLLM) is not ours to restart: nothing to watch."""
+        while True:
+            await asyncio.sleep(WATCH_S)
+            code = self.runtime.model_server_exit_code()
+            if code is None:
+                continue
+            self.restarts += 1
+            self.restarting = f"the embedded model server exited with code {code}; restart {self.restarts} under way"
+            self._probe = None
+            log.error("%s", self.restarting)
+            wait_s = RESTART_BACKOFF_S[0]
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    await self.runtime.restart_model_server()
+                    break
+                except ModelUnavailableError as e:
+                    log.error("model server restart failed (next try in %.0f s): %s", wait_s, e)
+                    await asyncio.sleep(wait_s)
+                    wait_s = min(2 * wait_s, RESTART_BACKOFF_S[1])
+            log.warning("embedded model server restarted in %.1f s (restart %d)", time.perf_counter() - t0,
+                        self.restarts)
+            self.restarting, self._probe = None, None
 
     def unavailable(self) -> str | None:
         """Why `get` would raise right now without trying anything, or None (it would hand the
         model out, or start loading it). Pure."""
+        if self.restarting is not None:
+            return self.restarting
         if self._model is not None:
             return None
         if self.state == "disabled":
@@ -109,6 +147,8 @@ class ModelHolder:
         now = time.monotonic()
         if self._probe and now - self._probe[0] < self.probe_cache_s:
             return self._probe[1], self._probe[2]
+        if self.restarting is not None:
+            return False, self.restarting
         try:
             model = await self.get()
             async with asyncio.timeout(self.probe_timeout_s):
@@ -122,6 +162,10 @@ class ModelHolder:
         return ok, why
 
     async def aclose(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
         if self._task is not None and not self._task.done():
             self._task.cancel()
             # shutting down: the load's result (or its failure) no longer matters

@@ -234,6 +234,26 @@ class Runtime:
                                   probe_timeout_s=probe_timeout_s)
         return self.holder
 
+    def model_server_exit_code(self) -> int | None:
+        """The embedded model server's exit code once it died on its own (reaped: no zombie is
+        left), else None: running, never started, stopped by `aclose`, or a remote server."""
+        return self._server.exit_code() if self._server is not None else None
+
+    async def restart_model_server(self) -> None:
+        """Start the embedded model server again, on the same port (the model client keeps its
+        base URL), and wait until it answers. Call it from the event-loop thread: the server's
+        parent-death signal belongs to the thread that forks it.
+
+        Raises:
+            RuntimeError: no embedded server was ever started in this runtime.
+            ModelUnavailableError: it exited again or was not ready within
+                `llm_startup_timeout_s` (it is stopped; call again to retry).
+        """
+        if self._server is None:
+            raise RuntimeError("no embedded model server to restart")
+        self._server.spawn()
+        await asyncio.to_thread(self._server.wait_ready, self.settings.llm_startup_timeout_s)
+
     def model_down(self) -> str | None:
         """Why a model call would fail at once right now, or None (it would be tried): the
         background holder's model still loading, failed to start or disabled, or the guard

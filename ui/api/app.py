@@ -37,6 +37,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None) -> FastAPI
     runtime.add_observer(MetricsObserver(metrics))  # every guarded call, the chat's at /ui included
     holder = runtime.background_model(start=settings.start_model, retry_after_s=settings.retry_after_s,
                                       probe_cache_s=settings.readyz_cache_s, probe_timeout_s=settings.readyz_timeout_s)
+    metrics.model_restarts.set_function(lambda: holder.restarts)
     ctx = ApiContext(
         runtime=runtime, settings=settings, metrics=metrics, auth=Authenticator(settings),
         limiter=RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst), holder=holder,

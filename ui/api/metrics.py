@@ -23,6 +23,9 @@ class Metrics:
                                 "answers made without (part of) the model", ["route"], registry=r)
         self.model_in_flight = Gauge("shoplens_model_calls_in_flight", "model calls running or waiting",
                                      registry=r)
+        # set by the app to read ModelHolder.restarts at scrape time (a gauge: counted in the holder)
+        self.model_restarts = Gauge("shoplens_model_server_restarts", "times the embedded model server died "
+                                    "and was started again since this process started", registry=r)
         self.events_ingested = Counter("shoplens_events_ingested_total", "events by ingest outcome",
                                        ["outcome"], registry=r)
         self.feedback = Counter("shoplens_feedback_total", "feedback events by kind and stage", ["kind", "stage"],

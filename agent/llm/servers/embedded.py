@@ -209,7 +209,8 @@ class EmbeddedServer(ServerProcess):
             ) from e
 
     def command(self) -> list[str]:
-        self.port = free_port()
+        if self.port is None:  # a restart keeps the port, so clients' base URL stays valid
+            self.port = free_port()
         return llamacpp_command(self.model_path, model_alias=self.model_alias, port=self.port,
                                 n_threads=self.n_threads, n_ctx=self.n_ctx)
 

@@ -195,6 +195,12 @@ class ServerProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def exit_code(self) -> int | None:
+        """The exit code once the spawned server has exited on its own (negative: killed by that
+        signal); the process is reaped, so no zombie is left. None while it runs, and when it was
+        never spawned or was stopped on purpose."""
+        return self._proc.poll() if self._proc is not None else None
+
     def _log_tail(self, n: int = 3000) -> str:
         if self.log_path and self.log_path.exists():
             return self.log_path.read_text(errors="replace")[-n:]

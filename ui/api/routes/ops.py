@@ -35,7 +35,8 @@ async def readyz(api: Api, svc: Service) -> Any:
             {"error": {"message": "not ready: " + "; ".join(problems), "type": "service_unavailable",
                        "param": None, "code": "not_ready"}},
             status_code=503, headers={"Retry-After": str(api.settings.retry_after_s)})
-    return Readiness(ready=True, model={"state": api.holder.state, "probe": why}, indexes=idx)
+    return Readiness(ready=True, model={"state": api.holder.state, "probe": why, "restarts": api.holder.restarts},
+                     indexes=idx)
 
 
 @router.get("/metrics", dependencies=OPERATOR, responses=ERROR_RESPONSES, response_class=Response)
