@@ -267,6 +267,7 @@ def test_next_item_with_model_is_explained_and_counted_in_metrics(api: httpx.Cli
     m = api.get("/metrics", headers=OP).text
     assert 'shoplens_http_requests_total{method="POST",route="/v1/next-item",status="200"}' in m
     assert 'shoplens_model_tokens_total{kind="prompt"}' in m
+    assert "shoplens_model_server_restarts 0.0" in m
     assert "shoplens_model_call_duration_seconds_bucket" in m
 
 
@@ -337,6 +338,7 @@ def test_readyz_tells_the_truth(api: httpx.Client, fake: FakeLLM) -> None:
     r = httpx.get(f"{api.base_url}/readyz")  # public
     assert r.status_code == 200, r.text
     assert r.json()["indexes"] == {DATASET: "ready"}
+    assert r.json()["model"]["restarts"] == 0  # a remote server: never restarted by the API
     fake.mode = "error"
     time.sleep(0.6)
     r = httpx.get(f"{api.base_url}/readyz")
