@@ -49,8 +49,9 @@ def write(path: Path, text: str) -> Path:
     ("1569888000", None, MIDNIGHT, "unix seconds"),
     ("1569888000000", None, MIDNIGHT, "unix milliseconds"),
     ("1569888000.5", None, MIDNIGHT + timedelta(seconds=0.5), "unix seconds"),
-    ("01/10/2019 00:00", "%d/%m/%Y %H:%M", MIDNIGHT, "--time-format %d/%m/%Y %H:%M"),
-    ("10/1/2019 8:26", "%m/%d/%Y %H:%M", MIDNIGHT + timedelta(hours=8, minutes=26), "--time-format %m/%d/%Y %H:%M"),
+    ("01/10/2019 00:00", "%d/%m/%Y %H:%M", MIDNIGHT, "with --time-format '%d/%m/%Y %H:%M'"),
+    ("10/1/2019 8:26", "%m/%d/%Y %H:%M", MIDNIGHT + timedelta(hours=8, minutes=26),
+     "with --time-format '%m/%d/%Y %H:%M'"),
 ])
 def test_each_timestamp_form_round_trips(tmp_path: Path, value: str, fmt: str | None, expected: datetime,
                                          form: str) -> None:
@@ -123,12 +124,18 @@ def test_flags_map_columns_and_every_column_is_accounted_for(rees: Path) -> None
     assert "    user_session: session_id" in summary and "    category_id: ignored" in summary
 
 
-def test_an_ignored_column_that_looks_like_a_field_gets_a_hint(rees: Path) -> None:
+def test_an_ignored_column_that_looks_like_a_field_gets_a_hint(tmp_path: Path, rees: Path) -> None:
     res = load_generic(rees, build_column_map(["product_id=item_id", "event_time=timestamp"]))
     cols = res.report.source["columns"]
     assert cols["user_session"] == "ignored (maybe --map user_session=session_id)"
     assert cols["category_code"] == "ignored (maybe --map category_code=category)"
     assert all(e.session_id is None for e in res.events)
+    # only aliases and near-identical names get a hint (Amazon's 'style' is not a 'title')
+    path = write(tmp_path / "r.csv", "user_id,item_id,event_type,timestamp,style,summary,Brands\n"
+                                     "u,i,review,1569888000,x,y,z\n")
+    cols = load_generic(path, ColumnMap()).report.source["columns"]
+    assert (cols["style"], cols["summary"], cols["Brands"]) == (
+        "ignored", "ignored", "ignored (maybe --map Brands=brand)")
 
 
 def test_derived_catalogue_titles_from_brand_and_category(rees: Path) -> None:

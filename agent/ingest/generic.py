@@ -102,7 +102,7 @@ def _roles(columns: list[str], fmap: Mapping[str, str], cm: ColumnMap, *, events
         if events and col == cm.order_column:
             roles[col] = "order column (synthetic times)"
         elif field is None:
-            guess = next((f for f in unmapped if suggest_column(f, [col], stem=False) == col), None)
+            guess = next((f for f in unmapped if suggest_column(f, [col], stem=False, cutoff=0.85) == col), None)
             roles[col] = f"ignored (maybe --map {col}={guess})" if guess else "ignored"
         elif not events:
             roles[col] = field

@@ -84,19 +84,19 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def suggest_column(field: str, columns: Iterable[str], *, stem: bool = True) -> str | None:
+def suggest_column(field: str, columns: Iterable[str], *, stem: bool = True, cutoff: float = 0.6) -> str | None:
     """The file column most likely meant for `field`, or None when none is close.
 
-    A known alias wins (``CustomerID`` for user_id), then the closest name by difflib (ratio >= 0.6
-    on lower-case letters and digits), then (with `stem`) a column containing the field's stem
-    (``user`` for user_id).
+    A known alias wins (``CustomerID`` for user_id), then the closest name by difflib (ratio >=
+    `cutoff` on lower-case letters and digits), then (with `stem`) a column containing the field's
+    stem (``user`` for user_id).
     """
     cols = [c for c in columns if c]
     by_norm = {_norm(c): c for c in reversed(cols)}  # the first column wins on equal names
     for alias in ALIASES.get(field, ()):
         if alias in by_norm:
             return by_norm[alias]
-    close = difflib.get_close_matches(_norm(field), list(by_norm), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(_norm(field), list(by_norm), n=1, cutoff=cutoff)
     if close:
         return by_norm[close[0]]
     if not stem:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import datetime
 
 from agent.domain.schemas import parse_timestamp
 
@@ -73,7 +73,7 @@ class TimeReader:
                 dt = datetime.strptime(s, self.time_format)
             except ValueError as e:
                 raise ValueError(f"timestamp {s!r} does not match --time-format {self.time_format!r}") from e
-            return parse_timestamp(dt), f"--time-format {self.time_format}", dt.tzinfo is None
+            return parse_timestamp(dt), f"with --time-format {self.time_format!r}", dt.tzinfo is None
         if _NUMBER.match(s):
             return parse_timestamp(s), _unit(float(s)), False
         if _DATE_ONLY.match(s):
@@ -98,7 +98,3 @@ class TimeReader:
 def _unit(num: float) -> str:
     return "unix milliseconds" if abs(num) > _MS_THRESHOLD else "unix seconds"
 
-
-def utc(dt: datetime) -> datetime:
-    """`dt` as aware UTC (naive taken as UTC)."""
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
