@@ -182,7 +182,8 @@ def datasets_cmd(
         print(json.dumps({"datasets": [d.model_dump() for d in rows]}, indent=2, ensure_ascii=False))
         return
     if not rows:
-        err.print("no datasets yet: run `shoplens ingest online-retail`")
+        err.print("no datasets yet: run `shoplens ingest online-retail`, or load your own export with "
+                  "`shoplens ingest --events FILE --name NAME` (docs/your-data.md)", markup=False, soft_wrap=True)
         return
     table = Table(title="Datasets", title_justify="left")
     for col, just in (("dataset", "left"), ("users", "right"), ("items", "right"), ("events", "right"),

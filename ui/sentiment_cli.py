@@ -92,7 +92,8 @@ def sentiment_cmd(
         except ValueError as e:
             raise _fail(str(e)) from e
         if not rt.store.counts(dataset)["events"]:
-            raise _fail(f"no events for dataset {dataset!r}; run `shoplens ingest {dataset}` first")
+            raise _fail(f"no events for dataset {dataset!r}; load it first: `shoplens ingest {dataset}` (a built-in) "
+                        f"or `shoplens ingest --events FILE --name {dataset}` (your own export)")
         trends = sentiment_trends(rt.store, dataset, by=by, window_days=days, min_count=min_count,
                                   turn_pts=turn_pts)
         if not trends and next(rt.store.iter_events(dataset, event_types=("review",)), None) is None:
