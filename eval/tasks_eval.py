@@ -1,7 +1,8 @@
-"""Offline evals for purchase intent (Taobao), churn (Online Retail) and audience targeting
-(Online Retail, held-out last month). Each writes ``runs/<ts>-<task>/``: config.json (prompt ref +
-sha, model id, seed), cases.jsonl (per-case raw responses; an interrupted run resumes from it),
-metrics.json and report.md with a calibration plot.
+"""Offline evals for purchase intent (Taobao, or any stored dataset), churn (Online Retail, or any
+stored dataset) and audience targeting (Online Retail, held-out last month). Each writes
+``<workspace>/runs/<ts>-<task>/``: config.json (prompt ref + sha, model id, seed), cases.jsonl
+(per-case raw responses; an interrupted run resumes from it), metrics.json and report.md with a
+calibration plot.
 
 Protocols (no leakage: features only from events strictly before the cut-off):
 
@@ -10,6 +11,9 @@ Protocols (no leakage: features only from events strictly before the cut-off):
   logistic regression), test cut-off 2017-12-02 00:00 (the last two days are the label period).
 * churn: users with >= 1 purchase before the as-of date; label = no purchase in the next 90
   days. RFM baseline trained at 2011-06-01, tested at 2011-09-01.
+* any other stored dataset (`--dataset`): the same rows and labels with cut-offs derived from
+  the data (`derived_cutoffs`): the test label period is the dataset's last horizon, the
+  training label period the horizon before it.
 * audience: month 2011-11-09 .. 2011-12-09 held out; indexes built on earlier events only.
 """
 
@@ -37,7 +41,13 @@ from agent.tasks.churn import ChurnService, rfm_vector
 from agent.tasks.common import Blend, LogisticBaseline, logit
 from agent.tasks.intent import IntentService
 from agent.tasks.profile import catalogue_prices
-from agent.tasks.rows import churn_rows, fit_churn_baseline, fit_intent_baseline, intent_rows
+from agent.tasks.rows import (
+    churn_rows,
+    fit_churn_baseline,
+    fit_intent_baseline,
+    intent_rows,
+    robust_end,
+)
 from eval.metrics import (
     calibration_bins,
     expected_calibration_error,
@@ -109,8 +119,37 @@ def cross_fit_blend(y: Sequence[int], p_base: Sequence[float], p_model: Sequence
 # ---- run folders ---------------------------------------------------------------------------------
 
 
-def _run_dir(task: str, out: Path | None) -> Path:
-    return run_folder(task, out)
+def _run_dir(task: str, out: Path | None, workspace: Path | None = None) -> Path:
+    """``out``, else ``<workspace>/runs/<time>-<task>`` (created)."""
+    return run_folder(task, out, Path(workspace) / "runs" if workspace is not None else None)
+
+
+def derived_cutoffs(store: Any, dataset: str, horizon: timedelta) -> tuple[datetime, datetime]:
+    """(training cut-off, test cut-off) for a dataset without published ones: the test cut-off is
+    the dataset's end (`robust_end`) minus ``horizon``, so its label period is the data's last
+    horizon; the training cut-off is one horizon earlier, so training labels end where the test
+    features begin.
+
+    Raises:
+        ValueError: the dataset is unknown or has no events (naming ``--dataset`` and those that exist).
+    """
+    if not store.has_dataset(dataset):
+        raise ValueError(f"--dataset {dataset}: no such dataset in the store (datasets there: "
+                         f"{', '.join(store.datasets()) or 'none'}); load it with `shoplens ingest`")
+    end = robust_end(store, dataset)
+    return end - 2 * horizon, end - horizon
+
+
+def _fit(fit: Any, rows: list[Any], what: str, flag: str) -> LogisticBaseline:
+    """The task's baseline, or a ValueError that says which rows and which flag to change."""
+    if not rows:
+        raise ValueError(f"no {what}; try another {flag}")
+    try:
+        return fit(rows, what)  # type: ignore[no-any-return]
+    except ValueError as e:  # one class only
+        rate = sum(r.label for r in rows) / len(rows)
+        raise ValueError(f"{what}: {len(rows)} rows, positive rate {rate:.0%}: one class only, no baseline "
+                         f"can be fitted; try another {flag}") from e
 
 
 def _done_cases(d: Path) -> dict[str, dict[str, Any]]:
@@ -211,7 +250,7 @@ async def _binary_eval(task: str, settings: Settings, rows: list[Any], base: Log
                        budget_s: float | None = None, extra_scorers: dict[str, list[float]] | None = None) -> Path:
     """`extra_scorers`: name -> a probability per row (trivial baselines), scored on all rows.
     A row's case id is its `case_id` attribute, else "user|item"."""
-    d = _run_dir(task, out)
+    d = _run_dir(task, out, settings.workspace)
     y = [r.label for r in rows]
     pb = [base.predict(vec(r)) for r in rows]
     metrics: dict[str, Any] = {"baseline_all": binary_metrics(y, pb)}
@@ -266,39 +305,68 @@ def intent_case_record(label: int, p: Any, explained: bool) -> dict[str, Any]:
 
 
 def run_intent_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, out: Path | None = None,
-                    n_explain: int = 10, budget_s: float | None = None) -> Path:
+                    n_explain: int = 10, budget_s: float | None = None, dataset: str = "taobao",
+                    horizon_hours: float = INTENT_HORIZON_H) -> Path:
+    """Purchase intent per (user, item) pair: the baseline on every test row, the model on a sample.
+
+    ``taobao`` keeps its published cut-offs (48 h); any other stored dataset gets
+    `derived_cutoffs` with ``horizon_hours``.
+
+    Raises:
+        ValueError: an unknown dataset, no rows, or rows of one class (the message names the flag).
+    """
     rt = Runtime(settings)
-    store, ds = rt.store, "taobao"
+    store, ds = rt.store, dataset
+    if ds == "taobao" and horizon_hours == INTENT_HORIZON_H:
+        train_cut, cut = INTENT_TRAIN_CUTOFF, INTENT_TEST_CUTOFF
+    else:
+        train_cut, cut = derived_cutoffs(store, ds, timedelta(hours=horizon_hours))
     catalog = store.items(ds)
-    train = intent_rows(store, ds, INTENT_TRAIN_CUTOFF, INTENT_HORIZON_H, catalog)
-    test = intent_rows(store, ds, INTENT_TEST_CUTOFF, INTENT_HORIZON_H, catalog)
-    base = fit_intent_baseline(train, f"taobao pairs at {INTENT_TRAIN_CUTOFF:%Y-%m-%d} (China time), 48 h")
-    cut = INTENT_TEST_CUTOFF
+    train = intent_rows(store, ds, train_cut, horizon_hours, catalog)
+    test = intent_rows(store, ds, cut, horizon_hours, catalog)
+    base = _fit(fit_intent_baseline, train, f"{ds} pairs at {train_cut:%Y-%m-%d %H:%M %z}, {horizon_hours:g} h",
+                "--horizon-hours (intent pairs need views, carts or favourites)")
+    if not test:
+        raise ValueError(f"no {ds} test pairs before {cut:%Y-%m-%d %H:%M %z}; try another --horizon-hours")
 
     async def predict(model: Any, r: Any, explain: bool) -> dict[str, Any]:
         evs = store.user_events(ds, r.user_id, before=cut)
         p = await IntentService(model, base, explain=explain).predict(r.user_id, r.item_id, evs, catalog, as_of=cut,
-                                                                      horizon_hours=INTENT_HORIZON_H, dataset=ds)
+                                                                      horizon_hours=horizon_hours, dataset=ds)
         return intent_case_record(r.label, p, explain)
 
     return asyncio.run(_binary_eval(
         "intent", settings, test, base, lambda r: r.funnel.vector(), n_model, seed, out, predict, 1 / 3,
         ["purchase_intent.v1", "purchase_intent_explain.v1"],
-        {"dataset": ds, "train_cutoff": INTENT_TRAIN_CUTOFF, "test_cutoff": cut, "horizon_h": INTENT_HORIZON_H,
+        {"dataset": ds, "train_cutoff": train_cut, "test_cutoff": cut, "horizon_h": horizon_hours,
          "n_train": len(train), "train_positives": sum(r.label for r in train), "n_test": len(test),
          "test_positives": sum(r.label for r in test), "sample": "positives oversampled to 1/3"}, n_explain, budget_s))
 
 
 def run_churn_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, out: Path | None = None,
-                   n_explain: int = 10, budget_s: float | None = None) -> Path:
+                   n_explain: int = 10, budget_s: float | None = None, dataset: str = "online-retail",
+                   horizon_days: int = 90) -> Path:
+    """Churn (no purchase within ``horizon_days``): the RFM baseline on every buyer, the model on a
+    sample. ``online-retail`` keeps its published dates (90 days); any other stored dataset gets
+    `derived_cutoffs`.
+
+    Raises:
+        ValueError: an unknown dataset, no buyers, or one class only (the message names the flag).
+    """
     rt = Runtime(settings)
-    store, ds = rt.store, "online-retail"
+    store, ds = rt.store, dataset
+    if ds == "online-retail" and horizon_days == 90:
+        train_as_of, as_of = CHURN_TRAIN_AS_OF, CHURN_TEST_AS_OF
+    else:
+        train_as_of, as_of = derived_cutoffs(store, ds, timedelta(days=horizon_days))
     catalog = store.items(ds)
     prices = catalogue_prices(catalog)
-    train = churn_rows(store, ds, CHURN_TRAIN_AS_OF, 90, catalog)
-    test = churn_rows(store, ds, CHURN_TEST_AS_OF, 90, catalog)
-    base = fit_churn_baseline(train, f"online-retail users at {CHURN_TRAIN_AS_OF:%Y-%m-%d}, 90 d")
-    as_of = CHURN_TEST_AS_OF
+    train = churn_rows(store, ds, train_as_of, horizon_days, catalog)
+    test = churn_rows(store, ds, as_of, horizon_days, catalog)
+    base = _fit(fit_churn_baseline, train, f"{ds} users at {train_as_of:%Y-%m-%d}, {horizon_days} d",
+                "--horizon-days (churn rows need purchases)")
+    if not test:
+        raise ValueError(f"no {ds} buyers before {as_of:%Y-%m-%d}; try another --horizon-days")
 
     async def predict(model: Any, r: Any, explain: bool) -> dict[str, Any]:
         evs = store.user_events(ds, r.user_id, before=as_of)
@@ -312,7 +380,7 @@ def run_churn_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, out
     return asyncio.run(_binary_eval(
         "churn", settings, test, base, lambda r: rfm_vector(r.features), n_model, seed, out, predict, None,
         ["churn_risk.v1", "churn_explain.v1"],
-        {"dataset": ds, "train_as_of": CHURN_TRAIN_AS_OF, "test_as_of": as_of, "horizon_days": 90,
+        {"dataset": ds, "train_as_of": train_as_of, "test_as_of": as_of, "horizon_days": horizon_days,
          "n_train": len(train), "train_churn_rate": sum(r.label for r in train) / len(train),
          "n_test": len(test), "test_churn_rate": sum(r.label for r in test) / len(test)}, n_explain, budget_s))
 
@@ -340,7 +408,7 @@ def _tune_weights(idx: AudienceIndex, month: dict[str, set[str]], items: list[st
 def run_audience_eval(settings: Settings, *, n_items: int = 30, n: int = 50, out: Path | None = None,
                       tune: bool = True) -> Path:
     """Retrieval-only (the model scores only the top few in the service; not evaluated here)."""
-    d = _run_dir("audience", out)
+    d = _run_dir("audience", out, settings.workspace)
     rt = Runtime(settings)
     ds = "online-retail"
     start, end = AUDIENCE_MONTH
