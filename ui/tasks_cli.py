@@ -173,9 +173,12 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
                     cut: Annotated[str, typer.Option(help="with --session: k<N> (after the first N events) "
                                                      "or first-cart")] = "k3",
                     horizon_hours: Annotated[float | None, typer.Option(
-                        help="with --session: label = a purchase within this many hours of the cut "
-                             "(default: later in the same session)")] = None) -> None:
-    """Taobao purchase intent: AUC, Brier, calibration vs baseline.
+                        help="label = a purchase within this many hours of the cut (default: 48 per item; "
+                             "with --session, later in the same session)")] = None,
+                    dataset: Annotated[str, typer.Option(
+                        help="stored dataset; taobao keeps its published cut-offs, any other gets its "
+                             "last horizon as the test label period")] = "taobao") -> None:
+    """Purchase intent (Taobao or --dataset): AUC, Brier, calibration vs baseline.
 
     ROC AUC, PR AUC, Brier score and calibration; the model blend against the logistic baseline.
 
@@ -189,7 +192,7 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
         try:
             run = run_session_intent_eval(settings, rule=cut, horizon_hours=_horizon(horizon_hours),
                                           n_model=n if model else 0, seed=seed, out=out,
-                                          n_explain=min(explain, n), budget_s=budget_s)
+                                          n_explain=min(explain, n), budget_s=budget_s, dataset=dataset)
         except ValueError as e:  # a bad --cut, or too few labelled sessions for this horizon
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from e
@@ -197,20 +200,37 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
         return
     from eval.tasks_eval import run_intent_eval
 
-    typer.echo(str(run_intent_eval(settings, n_model=(150 if cases is None else cases) if model else 0,
-                                   seed=seed, out=out, n_explain=explain, budget_s=budget_s)))
+    try:
+        run = run_intent_eval(settings, n_model=(150 if cases is None else cases) if model else 0, seed=seed,
+                              out=out, n_explain=explain, budget_s=budget_s, dataset=dataset,
+                              horizon_hours=48.0 if horizon_hours is None else horizon_hours)
+    except ValueError as e:  # an unknown dataset, or no labelled pairs of both classes
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(str(run))
 
 
 def eval_churn_cmd(cases: Cases = 150, model: UseModel = True, seed: int = 0, out: Out = None,
-                   explain: Explain = 10, budget_s: Budget = None, workspace: Workspace = None) -> None:
-    """Online Retail churn at 2011-09-01: model vs RFM baseline.
+                   explain: Explain = 10, budget_s: Budget = None, workspace: Workspace = None,
+                   dataset: Annotated[str, typer.Option(
+                       help="stored dataset; online-retail keeps its published dates, any other gets its last "
+                            "horizon as the test label period")] = "online-retail",
+                   horizon_days: Annotated[int, typer.Option(help="churned = no purchase in this many days")] = 90,
+                   ) -> None:
+    """Churn (Online Retail or --dataset): model vs RFM baseline.
 
-    The RFM baseline is trained at 2011-06-01; the label is no purchase in the next 90 days.
+    Online Retail: the RFM baseline is trained at 2011-06-01 and tested at 2011-09-01; the label
+    is no purchase in the next 90 days. Another dataset: tested one horizon before its end.
     """
     from eval.tasks_eval import run_churn_eval
 
-    typer.echo(str(run_churn_eval(load_settings(workspace=workspace), n_model=cases if model else 0,
-                                  seed=seed, out=out, n_explain=explain, budget_s=budget_s)))
+    try:
+        run = run_churn_eval(load_settings(workspace=workspace), n_model=cases if model else 0, seed=seed, out=out,
+                             n_explain=explain, budget_s=budget_s, dataset=dataset, horizon_days=horizon_days)
+    except ValueError as e:  # an unknown dataset, or no buyers of both classes
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(str(run))
 
 
 def eval_audience_cmd(items: Annotated[int, typer.Option(help="most-bought items of the held-out month")] = 30,
