@@ -237,3 +237,46 @@ def test_candidate_recall_and_repeat_targets_from_records() -> None:
     assert m["n_new_items"] == 2 and m["ndcg@10_new_items"] == 50.0
     lo, hi = m["ndcg@10_ci95"]
     assert lo <= m["ndcg@10"] <= hi
+
+
+def _shop(ws: Path) -> None:
+    """A toy shop over 60 days: 30 loyal users buy every 5 days; 30 lapsing users view items every
+    5 days and buy only in their first 30 days. Dataset ``shop``."""
+    events = []
+    for u in range(60):
+        loyal = u < 30
+        for day in range(0, 60, 5):
+            minutes = day * 1440 + u
+            events.append(_ev(f"s{u}", f"i{(u + day) % 7}", minutes, "view"))
+            if loyal or day < 30:
+                events.append(_ev(f"s{u}", f"i{(u + day) % 7}", minutes + 30))
+    store = EventStore(ws / "shoplens.sqlite3")
+    store.add_items("shop", [CatalogItem(item_id=f"i{j}", title=f"Toy item {j}") for j in range(7)])
+    store.add_events("shop", events)
+    store.close()
+
+
+def test_churn_and_intent_evals_take_any_stored_dataset(ws: Path) -> None:
+    """`shoplens eval churn|intent --dataset NAME`: cut-offs from the data's last horizon, the
+    baseline on every row (no model), the run under the workspace; an unknown dataset is refused
+    with the datasets that exist."""
+    from ui.cli import app
+
+    _shop(ws)
+    r = CliRunner().invoke(app, ["eval", "churn", "--dataset", "shop", "--horizon-days", "14", "--no-model",
+                                 "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output
+    run_dir = Path(r.output.strip().splitlines()[-1])
+    assert run_dir.parent == ws / "runs"
+    cfg = json.loads((run_dir / "config.json").read_text())
+    # the data ends on day 55: test as of day ~41, training as of day ~27; the lapsing half's last
+    # purchase is on day 25, so both label periods see them churn and the loyal half buy
+    assert cfg["dataset"] == "shop" and cfg["horizon_days"] == 14
+    assert cfg["n_test"] == 60 and cfg["test_churn_rate"] == 0.5 and cfg["train_churn_rate"] == 0.5
+    r = CliRunner().invoke(app, ["eval", "intent", "--dataset", "shop", "--horizon-hours", "240", "--no-model",
+                                 "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((Path(r.output.strip().splitlines()[-1]) / "config.json").read_text())
+    assert cfg["dataset"] == "shop" and cfg["horizon_h"] == 240 and cfg["n_test"] > 0
+    r = CliRunner().invoke(app, ["eval", "churn", "--dataset", "nope", "--no-model", "--workspace", str(ws)])
+    assert r.exit_code == 2 and "--dataset nope: no such dataset" in r.output and "shop" in r.output
