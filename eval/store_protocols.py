@@ -16,6 +16,13 @@ same item count as one item, as the served artifacts count them (`agent.data.art
   item after the cut-off that differs from their last item before it; every user's events before
   the cut-off are the training data.
 
+Cold targets are left out (:func:`warm_only`, counted): a held-out item that no training event
+holds would be the only never-counted item among candidates drawn from the catalogue (every
+catalogue item of an ingested export has at least one event), so "zero count" alone would
+find it; measured on the Taobao sample, that artifact put popularity below random and lifted
+learned fusions by tens of NDCG points. Candidates are therefore drawn from the items of the
+training events (the training catalogue), which every kept target belongs to.
+
 Candidate sets (:func:`random_candidates`, :func:`full_candidates`) follow LLMRank: the relevant
 items plus items the user never interacted with, sampled with a per-user seeded RNG.
 """
@@ -179,6 +186,34 @@ def _temporal(uid: str, evs: list[BehaviorEvent], min_history: int,
     if target is None:
         return None, "no new item after the cut-off"
     return HeldOut(uid, tuple(history), (target,)), ""
+
+
+COLD = "target never in the training events (cold item)"
+
+
+def warm_only(split: Split, by_user: Mapping[str, Sequence[BehaviorEvent]]) -> Split:
+    """``split`` without the cases whose held-out items no training event could hold: an item is
+    warm for a user when it occurs in an event other than the user's own held-out part (for
+    ``temporal``: in an event before the cut-off). A basket keeps its warm items; a case with none
+    left is skipped and counted under :data:`COLD`."""
+    kept: dict[str, HeldOut] = {}
+    skipped = Counter(split.skipped)
+    if split.protocol == "temporal":
+        assert split.cutoff is not None
+        before = {e.item_id for evs in by_user.values() for e in evs if e.timestamp < split.cutoff}
+    else:
+        total = Counter(e.item_id for evs in by_user.values() for e in evs)
+    for uid, case in split.cases.items():
+        if split.protocol == "temporal":
+            warm = [i for i in case.relevant if i in before]
+        else:
+            removed = Counter(e.item_id for e in list(by_user[uid])[len(case.history):])
+            warm = [i for i in case.relevant if total[i] - removed[i] >= 1]
+        if warm:
+            kept[uid] = HeldOut(uid, case.history, tuple(warm))
+        else:
+            skipped[COLD] += 1
+    return Split(split.protocol, kept, skipped, split.n_users, split.cutoff)
 
 
 def training_events(by_user: Mapping[str, Sequence[BehaviorEvent]], held: Mapping[str, HeldOut],

@@ -33,6 +33,7 @@ import numpy as np
 from agent.domain.schemas import BehaviorEvent, parse_timestamp
 from eval.protocols import RankingCase
 from eval.store_protocols import (
+    COLD,
     HeldOut,
     collapse,
     full_candidates,
@@ -41,6 +42,7 @@ from eval.store_protocols import (
     sample_users,
     split_events,
     training_events,
+    warm_only,
 )
 
 if TYPE_CHECKING:
@@ -126,8 +128,8 @@ def build_store_suite(config: RunConfig) -> Suite:
     source_rt = Runtime(load_settings(workspace=config.workspace, data_dir=config.data_dir))
     data = read_store(source_rt, config.dataset)
     source_rt.store.close()
-    split = split_events(data.by_user, config.protocol, min_history=config.min_history,
-                         cutoff=parse_cutoff(config.cutoff))
+    split = warm_only(split_events(data.by_user, config.protocol, min_history=config.min_history,
+                                   cutoff=parse_cutoff(config.cutoff)), data.by_user)
     if not split.cases:
         raise ValueError(f"--dataset {config.dataset} --protocol {config.protocol}: no user qualifies "
                          f"({dict(split.skipped)})" + ("; try --min-history 1" if config.min_history > 1 else "")
@@ -138,9 +140,17 @@ def build_store_suite(config: RunConfig) -> Suite:
     held = {u: split.cases[u] for u in [*users, *val_users]}
     train = training_events(data.by_user, held, config.protocol, split.cutoff)
     catalog = data.catalog or {}
-    catalogue = sorted(catalog)
+    # the training catalogue: negatives and the full candidate set come from it (see warm_only)
+    catalogue = sorted({e.item_id for evs in train.values() for e in evs} & set(catalog))
+    known = set(catalogue)
+    for u in held:  # a target held out by other sampled users only is cold now
+        split.cases[u] = HeldOut(u, held[u].history, tuple(i for i in held[u].relevant if i in known))
+    for group in (users, val_users):
+        group[:] = [u for u in group if split.cases[u].relevant]
+    cold_now = len(held) - len(users) - len(val_users)
     if config.candidates == "random" and len(catalogue) < n:
-        raise ValueError(f"--n-candidates {n}: the catalogue of {config.dataset} has {len(catalogue)} items")
+        raise ValueError(f"--n-candidates {n}: the training events of {config.dataset} hold {len(catalogue)} "
+                         "items")
 
     embedder = config.extra.get("embedder")
     rt = store_runtime(_workspace(config), config.dataset, train, catalog, embedder=embedder)
@@ -188,6 +198,11 @@ def build_store_suite(config: RunConfig) -> Suite:
         "evaluated_users": len(cases), "sampled": f"{len(users)} of {len(split.cases)} eligible users, seed "
         f"{config.seed}" + (f"; {skipped_small} left out: fewer than {n} untouched items" if skipped_small else ""),
         "min_history": config.min_history,
+        "cold_targets": f"{split.skipped.get(COLD, 0)} eligible users skipped: their held-out item is in no "
+                        f"training event (candidates come from the {len(catalogue)} items of the training "
+                        f"events, of {len(catalog)} in the catalogue)"
+                        + (f"; {cold_now} more sampled users dropped: their target was another sampled "
+                           "user's held-out item only" if cold_now else ""),
         "counts": "popularity, co-visitation, indexes and fusion on the training events only: "
                   + ("every event before the cut-off" if config.protocol == "temporal" else
                      "all events minus each evaluated and validation user's held-out part"),

@@ -25,6 +25,7 @@ from eval.store_protocols import (
     random_candidates,
     split_events,
     training_events,
+    warm_only,
 )
 from ui.eval_cli import eval_app
 
@@ -34,7 +35,8 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)
 TITLES = {"a": "Apple", "b": "Banana", "c": "Cherry", "d": "Damson", "e": "Elderberry", "f": "Feijoa",
           "g": "Guava", "h": "Huckleberry"}
 # Background users buy one item each (too short to be evaluated): popularity a 6, b 5, c 4, d 3,
-# e 2. Evaluated users (leave-one-out: the last item is held out):
+# e 2. Evaluated users (leave-one-out: the last item is held out); u4's f is bought by nobody else,
+# so it is a cold target: u4 is skipped and counted, and u4's events stay training events.
 EVALUATED = {"u1": "ga", "u2": "gc", "u3": "ghe", "u4": "gf"}
 
 
@@ -79,39 +81,49 @@ def _ndcg(*ranks: int | None) -> float:
 
 
 def test_pop_on_the_whole_catalogue_by_hand(ws: Path) -> None:
-    """Full catalogue, history items left out. Training counts: a 6, b 5, c 4, d 3, e 2, h 1 (u3's
-    history), f 0; no held-out item is counted (u1's a would make it 7). Ranks: u1's a 1st,
-    u2's c 3rd, u3's e 5th (g, h are history), u4's f last of a b c d e h f = 7th."""
+    """Full catalogue, history items left out. Training counts: a 6, b 5, c 4, g 4, d 3, e 2, f 1
+    and h 1 (u4's and u3's); no held-out item is counted (u1's a would make it 7). Ranks: u1's a
+    1st, u2's c 3rd, u3's e 5th (g, h are history)."""
     m, run_dir = _eval(ws, "--protocol", "leave-one-out", "--candidates", "full", "--ranker", "pop")
-    assert m["n_cases"] == 4
-    assert m["ndcg@10"] == pytest.approx(_ndcg(1, 3, 5, 7), abs=1e-4)  # 55.5047
-    assert m["hr@1"] == 25.0 and m["hr@5"] == 75.0 and m["hr@10"] == 100.0
-    assert m["mrr"] == pytest.approx(100 * (1 + 1 / 3 + 1 / 5 + 1 / 7) / 4, abs=1e-4)
-    # the served generator's top 20: every item with a training count (popularity source) but f,
-    # which nothing links to u4's history: 3 of 4 held-out items retrieved
-    assert m["candidate_recall@20"] == 75.0
-    assert {r["user"]: r["candidate_hit"] for r in read_cases(run_dir)} == {"u1": True, "u2": True, "u3": True,
-                                                                             "u4": False}
+    assert m["n_cases"] == 3
+    assert m["ndcg@10"] == pytest.approx(_ndcg(1, 3, 5), abs=1e-4)  # 62.8951
+    assert m["hr@1"] == pytest.approx(100 / 3, abs=1e-4) and m["hr@5"] == 100.0
+    assert m["mrr"] == pytest.approx(100 * (1 + 1 / 3 + 1 / 5) / 3, abs=1e-4)
+    # the served generator's top 20 holds every item with a training count (its popularity source)
+    assert m["candidate_recall@20"] == 100.0
     cfg = json.loads((run_dir / "config.json").read_text())
-    assert cfg["fitted_on"]["skipped_users"] == {"fewer than 2 items (consecutive repeats collapsed)": 20}
+    assert cfg["fitted_on"]["skipped_users"] == {"fewer than 2 items (consecutive repeats collapsed)": 20,
+                                                 "target never in the training events (cold item)": 1}
     assert run_dir.parent == ws / "runs"  # under the workspace, not the project tree
     report = (run_dir / "report.md").read_text()
-    assert "NDCG@10 = 55.50 %" in report and "candidate recall@20 = 75.00 %" in report
+    assert "NDCG@10 = 62.90 %" in report and "candidate recall@20 = 100.00 %" in report
     assert "Units: NDCG@K, HR@K, MRR" in report
+
+
+def test_candidate_recall_by_hand(ws: Path) -> None:
+    """The served generator's top 3 with the default weights (3 users are too few to train):
+    for history g, co-visitation (g -> h in u3's, g -> f in u4's training sequence) and similar
+    users (u3, u4) lift f and h far above popularity's a (0.1 weight): top 3 = f, h, a, so u1's a
+    is retrieved and u2's c is not; for u3 (g, h bought, excluded) f, then a, b: e is not.
+    1 of 3 = 33.33 %."""
+    m, run_dir = _eval(ws, "--protocol", "leave-one-out", "--candidates", "full", "--n-candidates", "3",
+                       "--ranker", "pop")
+    assert {r["user"]: r["candidate_hit"] for r in read_cases(run_dir)} == {"u1": True, "u2": False, "u3": False}
+    assert m["candidate_recall@3"] == pytest.approx(100 / 3, abs=1e-4)
+    assert m["ndcg@10"] == pytest.approx(_ndcg(1, 3, 5), abs=1e-4)  # pop ranks the whole catalogue anyway
 
 
 def test_served_pipeline_without_the_model_by_hand(ws: Path) -> None:
     """The served pipeline ranked by its popularity source alone answers the whole catalogue as the
-    API does: its own top 20, history purchases excluded. Same ranks as pop for u1-u3; u4's f is
-    never retrieved, so it is a miss. The default fusion runs on the same cases."""
+    API does: its own top 20, history purchases excluded: the same ranks as pop (1, 3, 5). The
+    default fusion runs on the same cases."""
     single, _ = _eval(ws, "--protocol", "leave-one-out", "--candidates", "full", "--ranker", "pipeline",
                       "--no-llm", "--source", "popularity")
-    assert single["ndcg@10"] == pytest.approx(_ndcg(1, 3, 5, None), abs=1e-4)  # 47.1713
-    assert single["candidate_recall@20"] == 75.0
+    assert single["ndcg@10"] == pytest.approx(_ndcg(1, 3, 5), abs=1e-4)
+    assert single["candidate_recall@20"] == 100.0
     fused, run_dir = _eval(ws, "--protocol", "leave-one-out", "--candidates", "full", "--ranker", "pipeline",
                            "--no-llm")
-    assert fused["n_cases"] == 4 and fused["valid_rate"] == 100.0 and fused["candidate_recall@20"] == 75.0
-    assert fused["hr@20"] == 75.0  # u4's f is beyond any ranking of the pipeline
+    assert fused["n_cases"] == 3 and fused["valid_rate"] == 100.0 and fused["candidate_recall@20"] == 100.0
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["pipeline"]["use_llm_ranking"] is False and cfg["ranker"] == "pipeline"
 
@@ -138,7 +150,9 @@ def test_retrieved_candidates_are_the_served_answer(ws: Path) -> None:
         assert set(rec["candidates"]) == asyncio.run(served(rec["user"]))
         assert rec["retrieved"] == rec["candidate_hit"]
     hits = {r["user"]: r["candidate_hit"] for r in recs}
-    assert m["candidate_recall@3"] == 100 * sum(hits.values()) / 4 == m["retrieval_recall@20"]
+    assert hits == {"u1": True, "u2": False, "u3": False}  # as in test_candidate_recall_by_hand
+    assert m["candidate_recall@3"] == pytest.approx(100 / 3, abs=1e-4) and m["retrieval_recall@20"] == m[
+        "candidate_recall@3"]
     asyncio.run(svc.runtime.aclose())
 
 
@@ -154,7 +168,7 @@ def test_an_invalid_run_leaves_no_folder(ws: Path) -> None:
         assert r.exit_code == 2 and message in r.output, r.output
         assert not (ws / "runs").exists() and not out.exists()
     r = CliRunner().invoke(eval_app, ["next-item", "--dataset", "toy", "--ranker", "pop", "--workspace", str(ws)])
-    assert r.exit_code == 2 and "--n-candidates 20: the catalogue of toy has 8 items" in r.output
+    assert r.exit_code == 2 and "--n-candidates 20: the training events of toy hold 8 items" in r.output
     assert not (ws / "runs").exists()
 
 
@@ -204,6 +218,11 @@ def test_split_rules_by_hand() -> None:
     assert [e.item_id for e in train["v"]] == ["a", "x"] and len(train["u"]) == 4
     train = training_events(by_user, tmp.cases, "temporal", cut)
     assert [e.item_id for e in train["u"]] == ["x", "a", "b"] and [e.item_id for e in train["v"]] == ["a", "x"]
+    # cold targets: u's b and v's e occur in no other event (u's viewed-then-bought b stays warm in
+    # the basket protocol: the view is history); v's basket keeps nothing (c, d nowhere else)
+    assert warm_only(loo, by_user).cases == {} and list(warm_only(basket, by_user).cases) == ["u"]
+    assert warm_only(basket, by_user).skipped["target never in the training events (cold item)"] == 1
+    assert warm_only(tmp, by_user).cases == {}  # v's c is not bought before the cut-off
 
 
 def test_random_candidates_follow_llmrank() -> None:
