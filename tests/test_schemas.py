@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from agent.domain.schemas import EVENT_TYPES, BehaviorEvent, CatalogItem, parse_timestamp
@@ -90,6 +92,52 @@ def test_future_rejected_but_an_hour_ahead_is_tolerated() -> None:
 def test_unparseable_timestamps_rejected(value: object) -> None:
     with pytest.raises(ValueError):
         parse_timestamp(value)
+
+
+# The ends of the calendar with an offset: converting to UTC leaves datetime's range (issue 17,
+# "Calendar edges crash the server"). Each must be a ValueError (a 422 at the field), not an
+# OverflowError (a 500, and the whole batch lost).
+CALENDAR_EDGES = ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"]
+
+
+@pytest.mark.parametrize("value", CALENDAR_EDGES)
+def test_calendar_edges_with_an_offset_are_out_of_range(value: str) -> None:
+    with pytest.raises(ValueError, match=r"out of range.*ISO-8601") as e:
+        parse_timestamp(value)
+    assert value in str(e.value)
+    aware = datetime.fromisoformat(value)  # a datetime object takes the same path
+    with pytest.raises(ValueError, match="out of range"):
+        parse_timestamp(aware)
+
+
+@pytest.mark.parametrize("value", CALENDAR_EDGES)
+def test_calendar_edges_fail_event_validation_at_the_timestamp(value: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        event(timestamp=value)
+    assert [err["loc"] for err in e.value.errors()] == [("timestamp",)]
+
+
+_OFFSETS = st.timedeltas(min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59))
+_TZ = st.builds(timezone, _OFFSETS)
+# Weighted towards the calendar's ends, where an offset pushes the UTC instant out of range.
+_AWARE = st.one_of(st.datetimes(max_value=datetime(1, 1, 2), timezones=_TZ),
+                   st.datetimes(min_value=datetime(9999, 12, 30), timezones=_TZ),
+                   st.datetimes(timezones=_TZ))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ts=st.one_of(_AWARE, st.datetimes(), _AWARE.map(datetime.isoformat),
+                    _AWARE.map(lambda d: d.isoformat().replace("+00:00", "Z")),
+                    st.integers(), st.floats(), st.integers().map(str)))
+def test_parse_timestamp_raises_only_value_error(ts: object) -> None:
+    """Any datetime, with any offset, as an object or an ISO string, and any number: an aware UTC
+    datetime in [1995, now + 1 day] or a ValueError, never another exception."""
+    try:
+        out = parse_timestamp(ts)
+    except ValueError:
+        return
+    assert out.utcoffset() == timedelta(0)
+    assert datetime(1995, 1, 1, tzinfo=UTC) <= out <= datetime.now(UTC) + timedelta(days=1)
 
 
 def test_event_timestamp_goes_through_the_parser() -> None:

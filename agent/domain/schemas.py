@@ -50,8 +50,10 @@ def parse_timestamp(value: object) -> datetime:
     magnitude, > 1e11), ISO-8601 strings (naive ones are taken as UTC), and datetimes.
 
     Raises:
-        ValueError: unparseable, before 1995-01-01, or more than one day in the future; the
-            message says which and how to fix it.
+        ValueError: unparseable, out of datetime's range (in UTC; e.g. year 1 at +14:00),
+            before 1995-01-01, or more than one day in the future; the message says which and
+            how to fix it. Nothing else is raised (pydantic turns a ValueError into a field
+            error; any other exception would escape validation as a server error).
     """
     if isinstance(value, datetime):
         ts = value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -85,13 +87,26 @@ def parse_timestamp(value: object) -> datetime:
                 ) from e
             if ts.tzinfo is None:
                 ts = ts.replace(tzinfo=UTC)
-    ts = ts.astimezone(UTC)
+    try:
+        ts = ts.astimezone(UTC)
+    except OverflowError as e:  # year 1 at +14:00 or 9999-12-31 at -14:00: no UTC datetime holds it
+        raise ValueError(
+            f"timestamp {_shown(value)} is out of range: in UTC it falls outside years 1-9999; "
+            "give a time between 1995 and now as unix seconds/ms or ISO-8601 (e.g. 2011-12-09T12:50:00Z)"
+        ) from e
     if ts < MIN_PLAUSIBLE_TS:
         raise ValueError(f"timestamp {ts.isoformat()} is before 1995: check the unit or format")
     now = datetime.now(UTC)
     if (ts - now).total_seconds() > 86_400:
         raise ValueError(f"timestamp {ts.isoformat()} is in the future (now {now:%Y-%m-%d})")
     return ts
+
+
+def _shown(value: object) -> str:
+    """A timestamp as the caller wrote it: a string as is, a datetime in ISO-8601, else repr."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value if isinstance(value, str) else repr(value)
 
 
 class BehaviorEvent(BaseModel):
