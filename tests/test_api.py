@@ -401,6 +401,41 @@ def test_wrong_values_name_the_exact_field(api: httpx.Client, change: dict[str, 
     assert_envelope(api.post("/v1/next-item", json=body), 422, param=param)
 
 
+# The ends of the calendar with an offset leave datetime's range when converted to UTC (issue 17:
+# they were a 500 inside the handler, and a batch holding one lost its valid events too).
+CALENDAR_EDGES = ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"]
+
+
+@pytest.mark.parametrize("edge", CALENDAR_EDGES)
+@pytest.mark.parametrize(("where", "param"), [("inline", "events[1].timestamp"), ("as_of", "as_of")])
+def test_calendar_edges_are_422_naming_the_field(api: httpx.Client, edge: str, where: str, param: str) -> None:
+    body: dict[str, Any] = {"dataset": DATASET, "user_id": "new-user", "use_llm": False}
+    if where == "inline":
+        body["events"] = [event(0), event(1, timestamp=edge)]
+    else:
+        body |= {"events": [event(0)], "as_of": edge}
+    err = assert_envelope(api.post("/v1/next-item", json=body), 422, param=param)
+    assert edge in err["message"] and "out of range" in err["message"], err
+    if where == "as_of":  # the task routes read as_of through the same parser
+        r = api.post("/v1/churn", json={"dataset": DATASET, "user_id": USER, "as_of": edge, "use_llm": False})
+        assert_envelope(r, 422, param="as_of")
+
+
+def test_ingest_keeps_the_valid_events_of_a_batch_holding_calendar_edges(api: httpx.Client) -> None:
+    batch = [event(0, user_id="edge-1"), event(1, user_id="edge-1", timestamp=CALENDAR_EDGES[0]),
+             event(2, user_id="edge-1"), event(3, user_id="edge-1", timestamp=CALENDAR_EDGES[1])]
+    r = api.post("/v1/events", json={"dataset": DATASET, "events": batch})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["received"], out["stored"], out["rejected"]) == (4, 2, 2)
+    assert [(e["index"], e["param"]) for e in out["errors"]] == [(1, "events[1].timestamp"), (3, "events[3].timestamp")]
+    assert all("out of range" in e["message"] for e in out["errors"]), out["errors"]
+    stored = api.get("/v1/users/edge-1/events", params={"dataset": DATASET}).json()["events"]
+    assert len(stored) == 2
+    only_bad = api.post("/v1/events", json={"dataset": DATASET, "events": [event(0, timestamp=CALENDAR_EDGES[1])]})
+    assert_envelope(only_bad, 422, param="events[0].timestamp")
+
+
 def test_polling_refuses_bad_ids_and_waits_with_the_field(api: httpx.Client) -> None:
     rid = api.post("/v1/next-item", json={"dataset": DATASET, "user_id": USER, "k": 2, "use_llm": False,
                                           "wait_s": 0}).json()["recommendation_id"]
