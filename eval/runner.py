@@ -1,6 +1,6 @@
 """The offline next-item harness: a configuration in, a reproducible run folder out.
 
-``run_next_item(config)`` checks the configuration (:func:`eval.suites.check_config`: nothing is
+``run_next_item(config)`` checks the configuration (:func:`eval.run_checks.check_config`: nothing is
 created for one that cannot run), builds the cases of one protocol (:func:`build_suite`), builds
 the ranker, ranks every case and writes ``<workspace>/runs/<timestamp>-<name>/`` (or ``--out``):
 
@@ -32,16 +32,9 @@ from tqdm import tqdm
 
 from eval.llm_rankers import RankOutcome
 from eval.report import compute_metrics, write_report
+from eval.run_checks import check_config, default_ranker
 from eval.runs import git_commit, read_jsonl, run_folder
-from eval.suites import (
-    Suite,
-    _workspace,
-    build_suite,
-    check_config,
-    default_ranker,
-    fit_fusion,
-    fusion_names,
-)
+from eval.suites import Suite, _workspace, build_suite, fit_fusion, fusion_names
 
 __all__ = ["RANKERS", "RankerSetup", "RunConfig", "Suite", "arun_next_item", "build_suite",
            "make_ranker", "read_cases", "rescore", "run_next_item"]

@@ -145,7 +145,7 @@ def _fit(fit: Any, rows: list[Any], what: str, flag: str) -> LogisticBaseline:
     if not rows:
         raise ValueError(f"no {what}; try another {flag}")
     try:
-        return fit(rows, what)  # type: ignore[no-any-return]
+        return fit(rows, what)
     except ValueError as e:  # one class only
         rate = sum(r.label for r in rows) / len(rows)
         raise ValueError(f"{what}: {len(rows)} rows, positive rate {rate:.0%}: one class only, no baseline "

@@ -14,10 +14,10 @@ from agent.data.candidates import SOURCES
 from agent.ingest import LOADERS
 from agent.llm.servers.embedded import PROFILES
 from eval import aspect_eval, sentiment_eval
+from eval.run_checks import BUILTIN_PROTOCOLS
 from eval.run_llmrank_baselines import GAMES200_SOURCES
 from eval.runner import RANKERS
 from eval.store_protocols import CANDIDATE_SETS, STORE_PROTOCOLS
-from eval.suites import BUILTIN_PROTOCOLS
 from ui import eval_cli, sentiment_cli
 from ui.cli import COMMANDS, app
 from ui.eval_cli import EVAL_EXAMPLES

@@ -22,9 +22,9 @@ from agent.app.service import ShopLensService
 from agent.llm.base import ModelUnavailableError
 from agent.settings import load_settings
 from agent.tasks.next_item import LlmScorer
+from eval.run_checks import is_builtin
 from eval.runner import RunConfig, run_next_item
 from eval.runs import rescore
-from eval.suites import is_builtin
 from ui.options import Profile, Workspace
 
 # The closed value sets of `eval next-item` (eval.runner.RANKERS, eval.protocols; checked equal
