@@ -51,7 +51,8 @@ def make_meta(task: str, model: ChatModel | None, trace: CallTrace, prompts: lis
               model_sha256: str | None = None, notes: list[str] | None = None) -> Meta:
     return Meta(
         task=task, prompt_versions=prompts, model_id=getattr(model, "model_id", None),
-        model_sha256=model_sha256, attempts=trace.attempts, prompt_tokens=trace.usage.prompt_tokens,
+        model_sha256=model_sha256, attempts=trace.attempts, salvaged=trace.salvaged,
+        prompt_tokens=trace.usage.prompt_tokens,
         completion_tokens=trace.usage.completion_tokens, latency_s=round(time.perf_counter() - t0, 4),
         model_latency_s=round(trace.model_latency_s, 4), degraded=bool(trace.degraded),
         degraded_reason="; ".join(trace.degraded) or None, notes=trace.notes + (notes or []),

@@ -248,6 +248,7 @@ class NextItemService:
             model_id=getattr(self.model, "model_id", None),
             model_sha256=self.model_sha256,
             attempts=trace.attempts,
+            salvaged=trace.salvaged,
             prompt_tokens=trace.usage.prompt_tokens,
             completion_tokens=trace.usage.completion_tokens,
             latency_s=round(time.perf_counter() - t0, 4),

@@ -38,6 +38,8 @@ class Meta(BaseModel):
     model_id: str | None = None
     model_sha256: str | None = None
     attempts: int = Field(default=0, ge=0, description="model calls made, repairs included")
+    salvaged: int = Field(default=0, ge=0, description="model replies accepted after a lenient JSON parse "
+                          "(code fence, think block, quotes, trailing commas, whitespace run) instead of a repair")
     prompt_tokens: int = Field(default=0, ge=0)
     completion_tokens: int = Field(default=0, ge=0)
     latency_s: float = Field(default=0.0, ge=0, description="wall time of the whole request")

@@ -182,7 +182,7 @@ class SentimentAnalyzer:
                     meta.notes.append(f"aspects unavailable: {e}")  # next polarity call re-checks the server
             else:
                 meta.notes.append("aspects need the model; none extracted")
-        meta.attempts = trace.attempts
+        meta.attempts, meta.salvaged = trace.attempts, trace.salvaged
         meta.prompt_tokens, meta.completion_tokens = trace.usage.prompt_tokens, trace.usage.completion_tokens
         meta.model_latency_s = trace.model_latency_s
         meta.latency_s = time.perf_counter() - t0
