@@ -50,7 +50,8 @@ GUARD: dict[str, Any] = dict(model_call_timeout_s=1.5, model_retries=1, model_co
 
 
 class FakeLLM:
-    """Answers chat completions like llama-cpp-python's server; `mode` is ok | hang | error."""
+    """Answers chat completions like llama-cpp-python's server; `mode` is ok | hang | error |
+    fenced (structured answers wrapped in a Markdown code fence, as some models reply)."""
 
     def __init__(self) -> None:
         self.mode = "ok"
@@ -72,10 +73,10 @@ class FakeLLM:
             if self.mode == "error":
                 from fastapi.responses import JSONResponse
                 return JSONResponse({"error": "boom"}, status_code=500)
-            return _completion(body)
+            return _completion(body, fenced=self.mode == "fenced")
 
 
-def _completion(body: dict[str, Any]) -> dict[str, Any]:
+def _completion(body: dict[str, Any], *, fenced: bool = False) -> dict[str, Any]:
     fmt = body.get("response_format") or {}
     schema = fmt.get("schema")
     logprobs = None
@@ -86,6 +87,8 @@ def _completion(body: dict[str, Any]) -> dict[str, Any]:
                         for lab in labels],
             "intent_summary": "Buys home decorations and gifts regularly.",
         })
+        if fenced:
+            content = f"```json\n{content}\n```"
     else:  # the verbalizer's 1-token call with top log-probabilities
         content = "A"
         tops = [{"token": t, "logprob": lp, "bytes": None} for t, lp in [("A", -0.3), ("B", -1.2), ("C", -2.0)]]
@@ -269,6 +272,19 @@ def test_next_item_with_model_is_explained_and_counted_in_metrics(api: httpx.Cli
     assert 'shoplens_model_tokens_total{kind="prompt"}' in m
     assert "shoplens_model_server_restarts 0.0" in m
     assert "shoplens_model_call_duration_seconds_bucket" in m
+
+
+def test_fenced_model_reply_is_salvaged_not_repaired_and_counted_in_metrics(api: httpx.Client,
+                                                                          fake: FakeLLM) -> None:
+    fake.mode = "fenced"
+    r = api.post("/v1/next-item", json={"dataset": DATASET, "user_id": USER, "k": 3})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta"]
+    assert not meta["degraded"] and meta["salvaged"] == 1, meta
+    assert {i["reason_source"] for i in r.json()["items"]} == {"model"}
+    assert len([p for p in fake.prompts if "Your JSON answer was invalid" in p]) == 0  # no repair round
+    m = api.get("/metrics", headers=OP).text
+    assert 'shoplens_salvaged_replies_total{route="/v1/next-item"} 1.0' in m
 
 
 def test_next_item_ranks_exactly_the_callers_candidates(api: httpx.Client) -> None:

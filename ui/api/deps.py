@@ -31,9 +31,13 @@ class ApiContext:
     service: ShopLensService
 
     def count(self, route: str, pred: Any) -> None:
-        """Count a degraded answer in ``shoplens_degraded_answers_total{route}``."""
+        """Count a degraded answer in ``shoplens_degraded_answers_total{route}`` and its salvaged
+        model replies in ``shoplens_salvaged_replies_total{route}``."""
         if pred.meta.degraded:
             self.metrics.degraded.labels(route).inc()
+        salvaged = getattr(pred.meta, "salvaged", 0)  # a sentiment batch's meta has none
+        if salvaged:
+            self.metrics.salvaged.labels(route).inc(salvaged)
 
     def check_events(self, n: int, texts: Iterable[str | None] = ()) -> None:
         """The request-size limits of an event list (413s).

@@ -21,6 +21,9 @@ class Metrics:
         self.model_tokens = Counter("shoplens_model_tokens_total", "model tokens", ["kind"], registry=r)
         self.degraded = Counter("shoplens_degraded_answers_total",
                                 "answers made without (part of) the model", ["route"], registry=r)
+        self.salvaged = Counter("shoplens_salvaged_replies_total",
+                                "model replies accepted after a lenient JSON parse instead of a repair round "
+                                "(meta.salvaged of the answers served)", ["route"], registry=r)
         self.model_in_flight = Gauge("shoplens_model_calls_in_flight", "model calls running or waiting",
                                      registry=r)
         # set by the app to read ModelHolder.restarts at scrape time (a gauge: counted in the holder)
