@@ -62,6 +62,8 @@ SALVAGEABLE: dict[str, str | Completion] = {
     "whitespace run to the token limit": cut(STRICT[:-1] + WHITESPACE_RUN),
     "whitespace run after a comma": cut(STRICT[:-1] + "," + WHITESPACE_RUN),
     "valid object then text": STRICT + "\n\nLet me know if you need more.",
+    "unquoted keys (read by json-repair)": '{label: "high", reason: "Reorders mugs every month, none since May.", '
+                                           'evidence: ["E2", "E3"]}',
 }
 
 
