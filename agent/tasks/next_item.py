@@ -188,19 +188,19 @@ class NextItemService:
                 await on_ranked(assemble())
             tpl = load_prompt(cfg.explain_prompt)
             prompts.append(tpl.ref)
+            messages = self._explain_messages(tpl, hist, ranked, artifacts)
             before = Usage(trace.usage.prompt_tokens, trace.usage.completion_tokens, trace.usage.cached_tokens)
             attempts_before = trace.attempts
             try:
                 with lane(cfg.explain_lane) if cfg.explain_lane else nullcontext():
                     try:
-                        expl = await self._explain(tpl, hist, ranked, artifacts, cfg, trace)
+                        expl = await self._explain(messages, hist, len(ranked), cfg, trace)
                     finally:
                         spent = Usage(trace.usage.prompt_tokens - before.prompt_tokens,
                                       trace.usage.completion_tokens - before.completion_tokens,
                                       trace.usage.cached_tokens - before.cached_tokens)
                         trace.steps.append(_step("explain", trace.attempts - attempts_before, spent,
-                                                 estimate_prompt_tokens(self._explain_messages(tpl, hist, ranked, artifacts)),
-                                                 cfg))
+                                                 estimate_prompt_tokens(messages), cfg))
                 labels = LABELS[: len(ranked)]
                 for lab, (cand, _) in zip(labels, ranked, strict=True):
                     r = next(x for x in expl.reasons if x.item == lab)
@@ -264,18 +264,17 @@ class NextItemService:
         )
 
     async def _explain(
-        self, tpl, hist: HistoryView, ranked: list[tuple[Candidate, float]],
-        artifacts: DatasetArtifacts, cfg: NextItemConfig, trace: CallTrace,
+        self, messages: list[Message], hist: HistoryView, n_items: int, cfg: NextItemConfig, trace: CallTrace,
     ) -> Explanation:
-        """One constrained call, then up to `max_attempts - 1` repairs with the errors fed back.
+        """One constrained call with the rendered explanation prompt (`_explain_messages`, for
+        `n_items` ranked items), then up to `max_attempts - 1` repairs with the errors fed back.
 
         Raises:
             OutputValidationError: still invalid after the last attempt.
             ModelUnavailableError: from the model.
         """
         assert self.model is not None
-        labels = LABELS[: len(ranked)]
-        messages = self._explain_messages(tpl, hist, ranked, artifacts)
+        labels = LABELS[:n_items]
         return await structured_call(
             self.model, messages, Explanation,
             json_schema=explanation_json_schema(labels, hist.refs, max_words=cfg.explain_max_words,
