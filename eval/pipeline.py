@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -55,17 +55,11 @@ def pipeline_runtime(workspace: Path, dataset: str, train_by_user: dict[str, lis
     if not train_by_user:
         raise ValueError("the served pipeline needs the protocol's training sequences; this suite "
                          "has none (supported: --protocol llmrank on amazon-games)")
-    h = hashlib.sha256()
-    for u in sorted(train_by_user):
-        h.update(f"{u}\x1f{' '.join(train_by_user[u])}\x1e".encode())
-    for i in sorted(titles):
-        h.update(f"{i}\x1f{titles[i]}\x1e".encode())
-    folder = workspace / "pipeline" / f"{dataset}-{h.hexdigest()[:12]}"
-    rt = Runtime(load_settings(workspace=folder, embedder=embedder))
-    if not rt.store.has_dataset(dataset):
-        rt.store.add_items(dataset, [CatalogItem(item_id=i, title=t) for i, t in titles.items()])
-        rt.store.add_events(dataset, [e for u, seq in train_by_user.items() for e in sequence_events(u, seq)])
-    return rt
+    return _keyed_runtime(
+        workspace, dataset, embedder,
+        {u: " ".join(train_by_user[u]) for u in train_by_user}, titles,
+        lambda: [CatalogItem(item_id=i, title=t) for i, t in titles.items()],
+        lambda: [e for u, seq in train_by_user.items() for e in sequence_events(u, seq)])
 
 
 def store_runtime(workspace: Path, dataset: str, train_events: Mapping[str, Sequence[BehaviorEvent]],
@@ -82,16 +76,29 @@ def store_runtime(workspace: Path, dataset: str, train_events: Mapping[str, Sequ
     """
     if not any(train_events.values()):
         raise ValueError(f"dataset {dataset!r}: the protocol leaves no training events")
+    return _keyed_runtime(
+        workspace, dataset, embedder,
+        {u: " ".join(e.event_id for e in train_events[u]) for u in train_events},
+        {i: catalog[i].text() for i in catalog},
+        lambda: list(catalog.values()), lambda: [e for evs in train_events.values() for e in evs])
+
+
+def _keyed_runtime(workspace: Path, dataset: str, embedder: str | None, users: Mapping[str, str],
+                   items: Mapping[str, str], catalog: Callable[[], list[CatalogItem]],
+                   events: Callable[[], list[BehaviorEvent]]) -> Runtime:
+    """A Runtime in ``<workspace>/pipeline/<dataset>-<hash>``, the hash taken over `users` (user
+    id -> its training sequence as text) and `items` (item id -> its text), both in id order;
+    its store is filled with `catalog()` and `events()` the first time only."""
     h = hashlib.sha256()
-    for u in sorted(train_events):
-        h.update(f"{u}\x1f{' '.join(e.event_id for e in train_events[u])}\x1e".encode())
-    for i in sorted(catalog):
-        h.update(f"{i}\x1f{catalog[i].text()}\x1e".encode())
+    for u in sorted(users):
+        h.update(f"{u}\x1f{users[u]}\x1e".encode())
+    for i in sorted(items):
+        h.update(f"{i}\x1f{items[i]}\x1e".encode())
     folder = workspace / "pipeline" / f"{dataset}-{h.hexdigest()[:12]}"
     rt = Runtime(load_settings(workspace=folder, embedder=embedder))
     if not rt.store.has_dataset(dataset):
-        rt.store.add_items(dataset, list(catalog.values()))
-        rt.store.add_events(dataset, [e for evs in train_events.values() for e in evs])
+        rt.store.add_items(dataset, catalog())
+        rt.store.add_events(dataset, events())
     return rt
 
 
