@@ -140,3 +140,23 @@ async def test_train_through_the_facade_changes_what_answers_say(tmp_path: Path)
     assert fusion.weights != DEFAULT_WEIGHTS
     await rt.aclose()
     await rt2.aclose()
+
+
+def test_weights_fitted_before_a_source_existed_are_not_served(arts: DatasetArtifacts) -> None:
+    from dataclasses import replace
+
+    fusion = fit_fusion(arts, n_users=40, seed=0)
+    assert set(fusion.weights) == set(DEFAULT_WEIGHTS)  # every current source, "recent" included
+    weights, note = fusion.served()
+    assert weights == fusion.weights and note == fusion.note()
+    # a fusion.json written before the `recent` source: serving it would give that source 0
+    old = replace(fusion, weights={k: v for k, v in fusion.weights.items() if k != "recent"})
+    assert old.missing_sources == ["recent"]
+    weights, note = old.served()
+    assert weights is None
+    assert "predate source(s) recent" in note and "shoplens train --dataset chain-shop" in note
+    # training that kept the defaults serves the current defaults, not a copy frozen in the file
+    kept = replace(fusion, weights={"covisit": 1.0}, metrics={**fusion.metrics, "kept_defaults": 1.0})
+    assert kept.missing_sources and kept.served()[0] is None
+    kept_all = replace(fusion, metrics={**fusion.metrics, "kept_defaults": 1.0})
+    assert kept_all.served() == (None, kept_all.note())

@@ -423,3 +423,36 @@ def test_explanation_grammar_fixes_one_slot_per_product_in_order() -> None:
     assert 'reasons ::= "[" space reasons-tuple-0 "," space reasons-tuple-1 "]" space' in grammar
     assert 'reasons-tuple-1-item ::= "\\"B\\""' in grammar
     assert explanation_schema_enums(schema) == (["A", "B"], ["E1", "E2"])
+
+
+def test_recent_source_sums_decayed_events_per_item() -> None:
+    from agent.data.candidates import recent_scores
+
+    # u1's items oldest first; ages from the newest: c1 0, t1 1 and 2, m1 3 and 4 (decay 0.95)
+    got = recent_scores(["m1", "m1", "t1", "t1", "c1"])
+    assert got == pytest.approx({"c1": 1.0, "t1": 0.95 + 0.9025, "m1": 0.857375 + 0.81450625})
+    assert recent_scores(["a", "b", "c"], window=2) == pytest.approx({"b": 0.95, "c": 1.0})
+    assert recent_scores([]) == {}
+
+
+async def test_recently_touched_items_come_back_with_a_reason_that_cites_their_own_event(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    from agent.data.candidates import Candidate
+    from agent.domain.history import build_history
+    from agent.tasks.next_item import fallback_reason
+
+    # ranked by the recent source alone: t1 (viewed, carted) 1.8525, c1 (viewed) 1.0, scaled by
+    # t1's; m1 was bought, so it is excluded like every purchase
+    pred = await NextItemService(None).predict("u1", u1_events, artifacts,
+                                               NextItemConfig(k=3, source_weights={"recent": 1.0}))
+    assert [i.item_id for i in pred.items[:2]] == ["t1", "c1"]
+    assert pred.items[0].source_scores["recent"] == 1.0
+    assert pred.items[1].source_scores["recent"] == round(1.0 / 1.8525, 6)
+    assert "m1" not in {i.item_id for i in pred.items}
+    # the template reason names the candidate's own latest event (t1's cart is E4), not a neighbour
+    hist = build_history("u1", u1_events, artifacts.catalog)
+    text, refs = fallback_reason(Candidate("t1", {"recent": 1.0, "covisit": 0.2}), hist, artifacts, cold=False)
+    assert (text, refs) == ("[retrieval fallback] Recently added to cart by this customer (E4).", ["E4"])
+    text, refs = fallback_reason(Candidate("c1", {"recent": 1.0}), hist, artifacts, cold=False)
+    assert (text, refs) == ("[retrieval fallback] Recently viewed by this customer (E5).", ["E5"])

@@ -358,3 +358,17 @@ def test_batch_answers_every_user_it_can_and_names_the_one_it_cannot(api: httpx.
     r = api.post("/v1/next-item/batch", json={"dataset": DATASET, "user_ids": [USER] * 4})  # the limit is 3 here
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_users"
     assert r.json()["error"]["param"] == "user_ids"
+
+
+def test_the_default_source_weights_go_into_the_pipeline_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.app import answers
+
+    cfg = NextItemConfig(k=3, use_llm_ranking=False, explain=False)
+    before = pipeline_version(cfg, model=None, fusion_weights=None, index_manifest_sha256="m")
+    # a source added to (or a weight changed in) the hand-set defaults makes stored answers stale
+    monkeypatch.setattr(answers, "DEFAULT_WEIGHTS", {**answers.DEFAULT_WEIGHTS, "recent": 0.0})
+    assert pipeline_version(cfg, model=None, fusion_weights=None, index_manifest_sha256="m") != before
+    # fitted weights are keyed by value, whatever the defaults are
+    fitted = {"covisit": 1.0}
+    assert (pipeline_version(cfg, model=None, fusion_weights=fitted, index_manifest_sha256="m")
+            != pipeline_version(cfg, model=None, fusion_weights=None, index_manifest_sha256="m"))

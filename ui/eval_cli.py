@@ -35,7 +35,7 @@ Ranker = Literal["pipeline", "random", "pop", "covisit", "bm25", "embedding", "f
 Protocol = Literal["leave-one-out", "leave-last-basket", "temporal", "llmrank", "full"]
 Candidates = Literal["random", "retrieved", "full", "bm25", "pop", "bpr", "gru4rec", "sasrec", "bert", "6k-random",
                      "6k-pop"]
-ServedSource = Literal["covisit", "embedding", "similar_users", "popularity"]  # agent.data.candidates.SOURCES
+ServedSource = Literal["covisit", "embedding", "similar_users", "popularity", "recent"]  # agent.data.candidates.SOURCES
 # --protocol left out: the dataset's built-in protocol, else leave-one-out
 DEFAULT_PROTOCOL = {"amazon-games": "llmrank", "amazon-industrial": "full", "online-retail": "leave-last-basket"}
 Split = Literal["test", "valid"]

@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from agent.app.progressive import NextItemAnswer
+from agent.data.candidates import DEFAULT_WEIGHTS
 from agent.data.sqlite import LockedSqlite
 from agent.domain.predictions import NextItemPrediction
 from agent.llm.prompting import load_prompt
@@ -81,7 +82,8 @@ def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weight
     * `model`: the packaged GGUF's sha256, or the served model's id; only when the model ranks or
       explains (an answer without the model does not depend on it);
     * `fusion_weights`: the dataset's fitted source weights (``fusion.json`` from
-      ``shoplens train``); None: the hand-set defaults;
+      ``shoplens train``); None: the hand-set `DEFAULT_WEIGHTS`, which go in by value (a
+      default changed or a source added counts);
     * `index_manifest_sha256`: sha256 of the dataset's item-index manifest (embedder, catalogue
       hash), so an index rebuilt for another catalogue or embedder counts.
 
@@ -97,7 +99,7 @@ def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weight
         "format": PIPELINE_FORMAT, "k": c.k, "repurchase": c.repurchase, "n_candidates": c.n_candidates,
         "window": c.window, "source_weights": c.source_weights, "seed": c.seed,
         "use_llm_ranking": c.use_llm_ranking, "explain": c.explain,
-        "fusion_weights": dict(fusion_weights) if fusion_weights is not None else None,
+        "fusion_weights": dict(fusion_weights) if fusion_weights is not None else {"defaults": DEFAULT_WEIGHTS},
         "index_manifest": index_manifest_sha256,
     }
     if c.use_llm_ranking:

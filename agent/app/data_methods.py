@@ -77,7 +77,7 @@ class DataMethods:
         arts = self.runtime.artifacts(dataset)
         fusion = fit_fusion(arts, n_users=users, seed=seed, progress=progress)
         path = save_fusion(fusion, self.runtime.settings.index_dir(dataset))
-        arts.fusion_weights, arts.fusion_note = fusion.weights, fusion.note()
+        arts.fusion_weights, arts.fusion_note = fusion.served()
         return fusion, path
 
     # ---- events ---------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -31,7 +30,7 @@ from agent.domain.predictions import (
 from agent.domain.schemas import BehaviorEvent
 from agent.llm.base import ChatModel
 from agent.llm.servers.embedded import PROFILES
-from agent.tasks.fusion import FUSION_FILE
+from agent.tasks.fusion import read_fusion
 from agent.tasks.next_item import NextItemConfig, NextItemService
 
 log = logging.getLogger(__name__)
@@ -197,7 +196,7 @@ class NextItemMethods(ServiceBase):
             weights = arts.fusion_weights
         else:
             try:
-                weights = json.loads((folder / FUSION_FILE).read_text(encoding="utf-8"))["weights"]
+                weights = read_fusion(folder).served()[0]
             except FileNotFoundError:
                 weights = None
         try:

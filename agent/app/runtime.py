@@ -197,7 +197,7 @@ class Runtime:
             )
             fusion = load_fusion(folder, dataset, catalog_hash(arts.catalog), arts.user_items)
             if fusion is not None:
-                arts.fusion_weights, arts.fusion_note = fusion.weights, fusion.note()
+                arts.fusion_weights, arts.fusion_note = fusion.served()
         return self._artifacts[dataset]
 
     def loaded_artifacts(self, dataset: str) -> DatasetArtifacts | None:

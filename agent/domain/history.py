@@ -22,6 +22,13 @@ _VERB = {
     "purchase": "bought",
     "review": "reviewed",
 }
+
+
+def event_verb(event_type: str) -> str:
+    """The past-tense verb of an event type ("view" -> "viewed"); an unknown type as given."""
+    return _VERB.get(event_type, event_type)
+
+
 _STOP = {
     "of", "and", "the", "a", "set", "with", "in", "for", "to", "design", "small", "large",
     "mini", "pack", "box", "assorted", "colour", "new", "vintage", "&", "-", "+",

@@ -1,7 +1,7 @@
 """Learned fusion of the next-item sources: `shoplens train --dataset X`.
 
-The served candidate generator fuses four sources (embedding, co-visitation, similar users,
-popularity) with one weight each. Without training it uses `agent.data.candidates.DEFAULT_WEIGHTS`
+The served candidate generator fuses five sources (embedding, co-visitation, similar users,
+popularity, recently touched) with one weight each. Without training it uses `agent.data.candidates.DEFAULT_WEIGHTS`
 (set by hand on Online Retail). `fit_fusion` learns the weights of a dataset from its own
 history, leave-one-out (the protocol of SASRec / LLMRank evaluation):
 
@@ -90,6 +90,22 @@ class FittedFusion:
         return (f"fusion: fitted by `shoplens train` on {self.n_windows} windows ({self.fitted_at[:10]})"
                 f"{gain}{old}")
 
+    @property
+    def missing_sources(self) -> list[str]:
+        """Sources of the served generator (`SOURCES`) these weights have none for: they were
+        fitted before the source existed."""
+        return [s for s in SOURCES if s not in self.weights]
+
+    def served(self) -> tuple[dict[str, float] | None, str]:
+        """(weights to rank with, the `meta.notes` line). None means the current defaults: when
+        training kept them, or when the file predates a source (serving it would give that
+        source weight 0 without a word)."""
+        if self.missing_sources:
+            return None, (f"fusion: the weights fitted by `shoplens train` ({self.fitted_at[:10]}) predate "
+                          f"source(s) {', '.join(self.missing_sources)}; default source weights until "
+                          f"`shoplens train --dataset {self.dataset}` reruns")
+        return (None if self.metrics.get("kept_defaults") else self.weights), self.note()
+
 
 def sequences_hash(user_items: Mapping[str, Sequence[str]]) -> str:
     """sha256 (first 16 hex) of every user's item sequence, users sorted."""
@@ -120,11 +136,13 @@ def without_targets(arts: DatasetArtifacts, windows: Sequence[Window]) -> Datase
 
 def window_features(arts: DatasetArtifacts, w: Window, rng: random.Random, *, n: int = 20
                     ) -> dict[str, np.ndarray]:
-    """A window's training sets, each ``(candidates, 4)`` scaled source scores in `SOURCES`
+    """A window's training sets, each ``(candidates, len(SOURCES))`` scaled source scores in `SOURCES`
     order with the target in row 0:
 
     * ``random``: the target and ``n - 1`` random catalogue items (LLMRank's protocol);
-    * ``retrieved``: the served retrieval pool of `n` items, only when it holds the target.
+    * ``retrieved``: the served retrieval pool of `n` items, only when it holds the target. The
+      whole history is excluded (windows carry item ids, not event types, so the served rule,
+      "purchases excluded", cannot be applied): the `recent` source is learned from random sets.
 
     Negatives are never chosen by the scores being fitted unless the target was chosen the same
     way: a pool of top-scored negatives beside an always-added target teaches the model that a
@@ -218,6 +236,22 @@ def save_fusion(fusion: FittedFusion, folder: Path) -> Path:
     return path
 
 
+def _read(path: Path) -> tuple[FittedFusion, str | None]:
+    d = json.loads(path.read_text(encoding="utf-8"))
+    stored_sha = d.pop("sha256", None)
+    return FittedFusion(**d), stored_sha
+
+
+def read_fusion(folder: Path) -> FittedFusion:
+    """``fusion.json`` of a dataset's index folder as written, without the checks of
+    `load_fusion` (for a version key that must not load the dataset).
+
+    Raises:
+        FileNotFoundError: `shoplens train` never ran for it.
+    """
+    return _read(folder / FUSION_FILE)[0]
+
+
 def load_fusion(folder: Path, dataset: str, catalogue_hash: str,
                 user_items: Mapping[str, Sequence[str]]) -> FittedFusion | None:
     """The dataset's fitted weights, or None when `shoplens train` never ran for it.
@@ -230,9 +264,7 @@ def load_fusion(folder: Path, dataset: str, catalogue_hash: str,
     path = folder / FUSION_FILE
     if not path.exists():
         return None
-    d = json.loads(path.read_text(encoding="utf-8"))
-    stored_sha = d.pop("sha256", None)
-    fusion = FittedFusion(**d)
+    fusion, stored_sha = _read(path)
     fix = f"re-run `shoplens train --dataset {dataset}` (or delete {path})"
     if fusion.sha256() != stored_sha:
         raise ArtifactMismatchError(f"{path}: sha256 does not match its content; {fix}")

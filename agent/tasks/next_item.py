@@ -19,7 +19,7 @@ from typing import Literal, cast
 
 from agent.data.artifacts import DatasetArtifacts
 from agent.data.candidates import Candidate
-from agent.domain.history import HistoryView, build_history
+from agent.domain.history import HistoryView, build_history, event_verb
 from agent.domain.predictions import (
     Evidence,
     Explanation,
@@ -394,6 +394,8 @@ def _hint(c: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> str:
         return f"similar to {anchor}"
     if best == "similar_users":
         return "bought by similar customers" + (f"; closest to {anchor}" if anchor else "")
+    if best == "recent" and line is not None and line.event.item_id == c.item_id:
+        return f"recently {event_verb(line.event.event_type)} by this customer ({ref})"
     return "a best-seller" + (f"; closest to {anchor}" if anchor else "")
 
 
@@ -407,7 +409,12 @@ def _evidence(hist: HistoryView, ref: str) -> Evidence | None:
 
 
 def _anchor(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> str | None:
-    """The shown event whose item best explains the candidate (co-visitation, then similarity)."""
+    """The shown event whose item best explains the candidate: the candidate's own latest event
+    when the `recent` source leads its scores, else co-visitation, then similarity."""
+    if max(cand.source_scores.items(), key=lambda kv: kv[1], default=(None, 0))[0] == "recent":
+        own = next((x.ref for x in reversed(hist.lines) if x.event.item_id == cand.item_id), None)
+        if own is not None:
+            return own
     best_ref, best = None, 0.0
     cv = artifacts.covisit
     cvec = artifacts.item_index.vector(cand.item_id)
@@ -435,6 +442,8 @@ def fallback_reason(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifa
         text = f"Similar to {anchor} ({ref}) in this customer's history."
     elif src == "similar_users":
         text = "Bought by customers with similar purchase histories" + (f"; related to {anchor} ({ref})." if anchor else ".")
+    elif src == "recent" and line is not None and line.event.item_id == cand.item_id:
+        text = f"Recently {event_verb(line.event.event_type)} by this customer ({ref})."
     else:
         text = "A best-seller in this shop" + (f"; related to {anchor} ({ref})." if anchor else ".")
     return "[retrieval fallback] " + text, [ref] if ref else []

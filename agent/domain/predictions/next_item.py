@@ -21,7 +21,7 @@ class RankedItem(BaseModel):
     title: str
     score: float = Field(ge=0, le=1, description="fused score, higher is better")
     source_scores: dict[str, float] = Field(
-        description="per-source scores in [0, 1] (embedding, covisit, similar_users, popularity, llm)"
+        description="per-source scores in [0, 1] (embedding, covisit, similar_users, popularity, recent, llm)"
     )
     reason: str
     reason_source: Literal["model", "fallback"]
