@@ -160,3 +160,21 @@ def test_weights_fitted_before_a_source_existed_are_not_served(arts: DatasetArti
     assert kept.missing_sources and kept.served()[0] is None
     kept_all = replace(fusion, metrics={**fusion.metrics, "kept_defaults": 1.0})
     assert kept_all.served() == (None, kept_all.note())
+
+
+def test_windows_whose_target_no_other_event_holds_are_skipped(tmp_path: Path) -> None:
+    store = EventStore(tmp_path / "events.sqlite")
+    cold = {f"cold{k}": f"gamma{k} gadget" for k in range(30)}
+    store.add_items(DS, [CatalogItem(item_id=i, title=t) for i, t in {**TITLES, **cold}.items()])
+    # 30 users whose last item occurs in no other event: after the hold-out it has no count at all
+    extra = [BehaviorEvent(user_id=f"c{k}", item_id=item, event_type="purchase",
+                           timestamp=T0 + timedelta(days=200 + k, hours=n))
+             for k in range(30) for n, item in enumerate(["i0", "i7", f"cold{k}"])]
+    store.add_events(DS, [*chain_events(), *extra])
+    a = build_artifacts(store, DS, HashingEmbedder(64), tmp_path / "indexes" / DS, show_progress=False)
+    store.close()
+    fusion = fit_fusion(a, n_users=500, seed=0)  # every one of the 180 users
+    assert fusion.n_windows == 180
+    assert fusion.metrics["n_cold_targets_skipped"] == 30.0
+    # 150 warm windows, split in half: 75 held-out random sets
+    assert fusion.metrics["n_random"] == 75.0

@@ -6,7 +6,8 @@ popularity, recently touched) with one weight each. Without training it uses `ag
 history, leave-one-out (the protocol of SASRec / LLMRank evaluation):
 
 1. validation windows: for up to `n_users` users (seeded) with at least `min_len` items, the
-   last item is the target and the rest the history;
+   last item is the target and the rest the history; a window whose target no other event holds
+   (a cold item) is skipped, as the eval harness skips it;
 2. the sources are refit WITHOUT those targets (co-visitation, popularity and the user index
    from the sequences minus each window's last item; the item embeddings are reused), so no
    feature has seen the answer;
@@ -134,12 +135,13 @@ def without_targets(arts: DatasetArtifacts, windows: Sequence[Window]) -> Datase
                    user_index=build_user_index(seqs, arts.item_index), review_penalties={})
 
 
-def window_features(arts: DatasetArtifacts, w: Window, rng: random.Random, *, n: int = 20
-                    ) -> dict[str, np.ndarray]:
+def window_features(arts: DatasetArtifacts, w: Window, rng: random.Random, *, n: int = 20,
+                    negatives: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """A window's training sets, each ``(candidates, len(SOURCES))`` scaled source scores in `SOURCES`
     order with the target in row 0:
 
-    * ``random``: the target and ``n - 1`` random catalogue items (LLMRank's protocol);
+    * ``random``: the target and ``n - 1`` random items of `negatives` (default: the catalogue)
+      the user never touched (LLMRank's protocol);
     * ``retrieved``: the served retrieval pool of `n` items, only when it holds the target. The
       whole history is excluded (windows carry item ids, not event types, so the served rule,
       "purchases excluded", cannot be applied): the `recent` source is learned from random sets.
@@ -156,7 +158,8 @@ def window_features(arts: DatasetArtifacts, w: Window, rng: random.Random, *, n:
         scored = {c.item_id: c.source_scores for c in gen.score(w.history, ids, user_id=w.user_id)}
         return np.asarray([[scored[i][s] for s in SOURCES] for i in ids], dtype=np.float64)
 
-    easy = rng.sample([i for i in arts.catalog if i not in seen], min(n - 1, max(0, len(arts.catalog) - len(seen))))
+    pool_ids = [i for i in (arts.catalog if negatives is None else negatives) if i not in seen]
+    easy = rng.sample(pool_ids, min(n - 1, len(pool_ids)))
     out["random"] = rows([w.target, *easy])
     pool = [c.item_id for c in gen.generate(w.history, n=n, user_id=w.user_id, exclude=set(w.history))]
     if w.target in pool:
@@ -196,19 +199,28 @@ def fit_fusion(arts: DatasetArtifacts, *, n_users: int = 2000, seed: int = 0,
         raise ValueError(f"{arts.dataset}: {len(windows)} users with 3+ items; training the fusion needs "
                          "at least 20 (keep the default weights)")
     holdout = without_targets(arts, windows)
+    # a target no other event holds is cold: every count-based source scores it 0, below any
+    # counted negative, so a fit on it learns "uncounted wins" (negative popularity weight).
+    # Skipped, and negatives come from counted items, as in the eval harness (eval.store_protocols.warm_only)
+    warm = [w for w in windows if holdout.popularity.count.get(w.target, 0) > 0]
+    counted = sorted(i for i in arts.catalog if holdout.popularity.count.get(i, 0) > 0)
     rng = random.Random(seed)
     sets: list[dict[str, np.ndarray]] = []
-    for k, w in enumerate(windows):
-        sets.append(window_features(holdout, w, rng))
+    for k, w in enumerate(warm):
+        sets.append(window_features(holdout, w, rng, negatives=counted))
         if progress:
-            progress(k + 1, len(windows))
+            progress(k + 1, len(warm))
+    if len(sets) < 20:
+        raise ValueError(f"{arts.dataset}: {len(sets)} of {len(windows)} validation windows have a target "
+                         "another event holds; training the fusion needs at least 20 (keep the default weights)")
     half = len(sets) // 2
 
     def flat(part: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
         return [f for d in part for f in d.values()]
 
     first = _fit(flat(sets[:half]), seed)
-    metrics: dict[str, float] = {"n_split_half": float(len(sets) - half)}
+    metrics: dict[str, float] = {"n_split_half": float(len(sets) - half),
+                                 "n_cold_targets_skipped": float(len(windows) - len(warm))}
     for kind in ("random", "retrieved"):
         held = [d[kind] for d in sets[half:] if kind in d]
         metrics[f"n_{kind}"] = float(len(held))
