@@ -96,34 +96,44 @@ def test_replay_gives_hand_computed_ctr_by_stage_and_position(store: FeedbackSto
     assert r.dataset == "shop"
     assert list(r.by_stage) == ["fast", "refined", "explained"]  # no precomputed answers logged
     fast, refined, explained = r.by_stage["fast"], r.by_stage["refined"], r.by_stage["explained"]
-    # fast: A and E; 3 impressions (A), clicks i2 and m1, m1 never had an impression
-    assert (fast.recommendations, fast.impressions, fast.clicks, fast.purchases) == (2, 3, 2, 1)
-    assert fast.clicks_without_impression == 1
-    assert fast.ctr == pytest.approx(2 / 3) and fast.purchase_rate == pytest.approx(1 / 3)
-    assert [(p.position, p.impressions, p.clicks) for p in fast.by_position] == [(1, 1, 1), (2, 1, 1), (3, 1, 0)]
+    # fast: A and E; 3 shown items (A's), click events i2 and m1; m1 never had an impression, so it
+    # is an orphan click and only i2 counts: CTR 1/3, Wilson (0.0615, 0.7923), m1's position 1 unclicked
+    assert (fast.recommendations, fast.impressions, fast.clicks, fast.purchases) == (2, 3, 1, 1)
+    assert (fast.clicks_without_impression, fast.repeat_clicks) == (1, 0)
+    assert fast.ctr == pytest.approx(1 / 3) and fast.purchase_rate == pytest.approx(1 / 3)
+    assert fast.ctr_ci95 == pytest.approx((0.0615, 0.7923), abs=5e-5)
+    assert [(p.position, p.impressions, p.clicks) for p in fast.by_position] == [(1, 1, 0), (2, 1, 1), (3, 1, 0)]
     assert refined.ctr == 0.5 and refined.clicks_without_impression == 0
     assert [(p.position, p.ctr) for p in refined.by_position] == [(1, 1.0), (2, 0.0)]
     assert explained.ctr == 0.0 and explained.ctr_ci95 == pytest.approx((0.0, 0.5615), abs=5e-5)
     assert explained.purchase_rate == 0.0
-    # overall: 8 impressions, 3 clicks (i2, j1, m1); dataset "other" left out
+    # overall: 8 shown items, 2 of them clicked (i2, j1; m1 is an orphan): CTR 2/8, Wilson (0.0715, 0.5907);
+    # dataset "other" left out. Positions: 1 = i1 j1 k1 (j1 clicked), 2 = i2 j2 k2 (i2), 3 = i3 k3
     o = r.overall
-    assert (o.recommendations, o.impressions, o.clicks, o.purchases, o.clicks_without_impression) == (4, 8, 3, 1, 1)
-    assert o.ctr == 0.375 and o.ctr_ci95 == pytest.approx((0.1368, 0.6943), abs=5e-5)
-    assert [(p.position, p.impressions, p.clicks) for p in o.by_position] == [(1, 3, 2), (2, 3, 1), (3, 2, 0)]
-    assert o.by_position[0].ctr == pytest.approx(2 / 3)
-    everything = store.replay()
+    assert (o.recommendations, o.impressions, o.clicks, o.purchases, o.clicks_without_impression) == (4, 8, 2, 1, 1)
+    assert o.ctr == 0.25 and o.ctr_ci95 == pytest.approx((0.0715, 0.5907), abs=5e-5)
+    assert [(p.position, p.impressions, p.clicks) for p in o.by_position] == [(1, 3, 1), (2, 3, 1), (3, 2, 0)]
+    assert o.by_position[0].ctr == pytest.approx(1 / 3)
+    everything = store.replay()  # + D: x1 shown and clicked
     assert everything.dataset is None
-    assert (everything.overall.recommendations, everything.overall.impressions, everything.overall.clicks) == (5, 9, 4)
+    assert (everything.overall.recommendations, everything.overall.impressions, everything.overall.clicks) == (5, 9, 3)
     assert store.replay("nobody").overall.recommendations == 0 and store.replay("nobody").by_stage == {}
 
 
-def test_more_clicks_than_impressions_give_a_ctr_but_no_interval(store: FeedbackStore) -> None:
-    store.log_recommendation("r", "shop", "u", ["a", "b"], "fast")
-    store.record("r", "a", "impression")
-    store.record("r", "a", "click")
-    store.record("r", "b", "click")
+def test_orphan_and_repeat_clicks_are_reported_beside_a_ctr_that_never_exceeds_one(store: FeedbackStore) -> None:
+    store.log_recommendation("r", "shop", "u", ["a", "b", "c"], "fast")
+    for item, kind in [("a", "impression"), ("a", "impression"), ("b", "impression"), ("a", "click"),
+                       ("a", "click"), ("a", "click"), ("c", "click"), ("c", "click")]:
+        store.record("r", item, kind)  # type: ignore[arg-type]
     s = store.replay().overall
-    assert s.ctr == 2.0 and s.ctr_ci95 is None and s.clicks_without_impression == 1
+    # 3 impression events, 5 click events (counting events, CTR would be 5/3 = 167%).
+    # Shown items: a, b (a's second impression is the same shown item) -> impressions 2.
+    # Clicks: a once (its 2nd and 3rd clicks are repeats: 2); c was never shown (2 orphans) -> clicks 1.
+    # 1 + 2 + 2 = 5 click events; CTR 1/2; Wilson(1, 2): centre 0.5, half
+    # 1.96 / (1 + 3.8415/2) * sqrt(0.25/2 + 3.8415/16) = 0.67106 * 0.60423 = 0.40547 -> (0.0945, 0.9055)
+    assert (s.impressions, s.clicks, s.repeat_clicks, s.clicks_without_impression) == (2, 1, 2, 2)
+    assert s.ctr == 0.5 and s.ctr_ci95 == pytest.approx((0.0945, 0.9055), abs=5e-5)
+    assert [(p.position, p.impressions, p.clicks, p.ctr) for p in s.by_position] == [(1, 1, 1, 1.0), (2, 1, 0, 0.0)]
 
 
 def test_replacing_a_recommendation_moves_positions_and_stage(store: FeedbackStore, tmp_path: Path) -> None:
@@ -170,13 +180,14 @@ def test_unknown_ids_and_unshown_items_are_refused_with_the_field_and_the_fix(st
 
 
 def test_concurrent_writers_lose_nothing(store: FeedbackStore) -> None:
-    store.log_recommendation("r", "shop", "u", ["a", "b"], "fast")
+    for n in range(200):
+        store.log_recommendation(f"r{n}", "shop", "u", ["a", "b"], "fast")
 
-    def work() -> None:
-        for _ in range(50):
-            store.record("r", "a", "impression")
+    def work(first: int) -> None:
+        for n in range(first, first + 50):
+            store.record(f"r{n}", "a", "impression")
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
+    threads = [threading.Thread(target=work, args=(first,)) for first in range(0, 200, 50)]
     for t in threads:
         t.start()
     for t in threads:
@@ -215,7 +226,7 @@ def test_the_runtime_opens_one_store_in_the_workspace_and_reopens_it_after_close
     asyncio.run(rt.aclose())
     with pytest.raises(sqlite3.ProgrammingError):  # closed
         first.replay()
-    assert rt.feedback is not first and rt.feedback.replay().by_stage["precomputed"].clicks == 1
+    assert rt.feedback is not first and rt.feedback.replay().by_stage["precomputed"].clicks_without_impression == 1
 
 
 # ---- the API -----------------------------------------------------------------------------------
@@ -328,10 +339,10 @@ def test_the_cli_prints_the_report_as_json_and_as_tables(tmp_path: Path) -> None
     lines = r.stdout.splitlines()
     fast = next(x for x in lines if x.startswith("│ fast "))
     cells = [c.strip() for c in fast.strip("│").split("│")]
-    assert cells == ["fast", "2", "3", "2", "1", "66.7%", "20.8% - 93.9%", "33.3%", "1"]
+    assert cells == ["fast", "2", "3", "1", "1", "33.3%", "6.1% - 79.2%", "33.3%", "1", "0"]
     total = next(x for x in lines if x.startswith("│ all "))
-    assert [c.strip() for c in total.strip("│").split("│")][5:7] == ["37.5%", "13.7% - 69.4%"]
-    assert "CTR by shown position" in r.stdout and "66.7% (2/3)" in r.stdout
+    assert [c.strip() for c in total.strip("│").split("│")][5:7] == ["25.0%", "7.1% - 59.1%"]
+    assert "CTR by shown position" in r.stdout and "33.3% (1/3)" in r.stdout
 
 
 def test_the_cli_says_when_nothing_was_logged(tmp_path: Path) -> None:

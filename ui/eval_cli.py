@@ -230,7 +230,9 @@ def feedback_cmd(
 
     Impressions, clicks and purchases clients sent to POST /v1/feedback, by answer stage
     (fast, refined, explained, precomputed): CTR with its 95% Wilson interval, purchase rate,
-    and CTR by shown position. Only logged impressions count as impressions. No model is called.
+    and CTR by shown position. CTR is shown items clicked / shown items, where a shown item is
+    one with a logged impression; clicks without one, and repeat clicks, are counted beside it
+    and never raise the CTR. No model is called.
     """
     rt = Runtime(load_settings(workspace=workspace))
     store = rt.feedback
@@ -259,12 +261,13 @@ def _feedback_tables(report: FeedbackReport) -> list[Table]:
     title = f"Feedback{f' on {report.dataset}' if report.dataset else ''}"
     counts = Table(title=title, title_justify="left")
     for col in ("stage", "recommendations", "impressions", "clicks", "purchases", "CTR", "CTR 95% CI",
-                "purchase rate", "clicks w/o impression"):
+                "purchase rate", "clicks w/o impression", "repeat clicks"):
         counts.add_column(col, justify="left" if col == "stage" else "right")
     for name, s in groups:
         ci = "-" if s.ctr_ci95 is None else f"{_pct(s.ctr_ci95[0])} - {_pct(s.ctr_ci95[1])}"
         counts.add_row(name, f"{s.recommendations:,}", f"{s.impressions:,}", f"{s.clicks:,}", f"{s.purchases:,}",
-                       _pct(s.ctr), ci, _pct(s.purchase_rate), f"{s.clicks_without_impression:,}")
+                       _pct(s.ctr), ci, _pct(s.purchase_rate), f"{s.clicks_without_impression:,}",
+                       f"{s.repeat_clicks:,}")
     by_pos = Table(title="CTR by shown position (clicks / impressions)", title_justify="left")
     by_pos.add_column("position", justify="right")
     for name, _ in groups:

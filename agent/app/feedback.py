@@ -73,32 +73,43 @@ class FeedbackEvent(BaseModel):
 
 
 class PositionCTR(BaseModel):
-    """Click-through at one shown position (position bias shows up here)."""
+    """Click-through at one shown position (position bias shows up here).
+
+    Counted over shown items (see `FeedbackSummary`): an item sits at the position of its first
+    impression event."""
 
     position: int = Field(ge=1)
-    impressions: int
-    clicks: int
-    ctr: float | None = Field(description="clicks / impressions; None without impressions")
+    impressions: int = Field(description="shown items at this position")
+    clicks: int = Field(description="of them, the ones clicked at least once")
+    ctr: float | None = Field(description="clicks / impressions, in [0, 1]; None without impressions")
 
 
 class FeedbackSummary(BaseModel):
     """Counts and rates over one group of recommendations (a stage, or all).
 
-    Impressions are only the impression events clients logged: an answer's shown items are NOT
-    assumed seen, so a client that logs no impressions gets no CTR (and its clicks show up in
-    `clicks_without_impression`).
+    The unit is the *shown item*: a distinct (recommendation, item, stage) triple with at least
+    one impression event. Clients' impression events are the only evidence of an item being
+    seen (an answer's listed items are NOT assumed seen, so a client that logs no impressions
+    gets no CTR). A shown item counts once in `impressions` however many impression events it
+    has, and once in `clicks` however many times it was clicked, so CTR is a proportion in
+    [0, 1]. Click events that cannot count are reported beside it: on an item with no impression
+    (`clicks_without_impression`) or on a shown item already clicked (`repeat_clicks`); so
+    click events = clicks + clicks_without_impression + repeat_clicks.
     """
 
     recommendations: int = Field(description="recommendation ids logged (by the stage shown last)")
-    impressions: int = Field(description="impression events")
-    clicks: int = Field(description="click events")
+    impressions: int = Field(description="shown items: distinct (recommendation, item, stage) with an impression event")
+    clicks: int = Field(description="shown items clicked at least once")
     purchases: int = Field(description="purchase events")
     clicks_without_impression: int = Field(
-        description="click events with no impression event for the same recommendation, item and stage")
-    ctr: float | None = Field(description="clicks / impressions; None without impressions")
+        description="click events with no impression event for the same recommendation, item and stage "
+                    "(orphan clicks; not in `clicks`)")
+    repeat_clicks: int = Field(description="click events on a shown item after its first click (not in `clicks`)")
+    ctr: float | None = Field(description="clicks / impressions, in [0, 1]; None without impressions")
     ctr_ci95: tuple[float, float] | None = Field(
-        description="95% Wilson interval of the CTR; None without impressions or when clicks exceed them")
-    purchase_rate: float | None = Field(description="purchases / impressions; None without impressions")
+        description="95% Wilson interval of the CTR (clicks of impressions); None without impressions")
+    purchase_rate: float | None = Field(
+        description="shown items purchased at least once / impressions, in [0, 1]; None without impressions")
     by_position: list[PositionCTR] = Field(description="CTR at positions 1..k, k the deepest position seen")
 
 
@@ -247,10 +258,12 @@ class FeedbackStore(LockedSqlite):
         """Replay the log into click-through numbers, overall and by stage.
 
         Feedback is grouped by the stage recorded with each event (the list shown when it
-        arrived); recommendations by the stage of the list they showed last. Only logged
-        impression events count as impressions: shown items are not assumed seen. A click
-        counts as "without impression" when no impression event exists for the same
-        recommendation, item and stage (in any order in time).
+        arrived); recommendations by the stage of the list they showed last. Counts are of
+        shown items, distinct (recommendation, item, stage) triples with an impression event
+        (shown items are not assumed seen), so CTR never exceeds 1 (see `FeedbackSummary`). A
+        click counts as "without impression" when no impression event exists for the same
+        recommendation, item and stage (in any order in time); a later click on an item
+        already clicked is a repeat click.
 
         Args:
             dataset: only recommendations of this dataset; None: all.
@@ -261,48 +274,57 @@ class FeedbackStore(LockedSqlite):
                                       args).fetchall()
             events = self._conn.execute(
                 f"SELECT f.rec_id, f.item_id, f.kind, f.position, f.stage FROM feedback f "
-                f"JOIN recommendations r ON r.rec_id = f.rec_id {ds_where}", args).fetchall()
+                f"JOIN recommendations r ON r.rec_id = f.rec_id {ds_where} ORDER BY f.id", args).fetchall()
         n_recs: dict[str, int] = dict(recs)
-        by_stage: dict[str, list[tuple[str, str, str, int]]] = defaultdict(list)
-        for rec_id, item_id, kind, position, stage in events:
-            by_stage[stage].append((rec_id, item_id, kind, position))
+        by_stage: dict[str, list[_Event]] = defaultdict(list)
+        for event in events:
+            by_stage[event[4]].append(event)
         stages = [s for s in STAGES if n_recs.get(s) or by_stage.get(s)]
         summaries = {s: _summary(n_recs.get(s, 0), by_stage.get(s, [])) for s in stages}
-        overall = _combine(list(summaries.values()), sum(n_recs.values()))
+        overall = _summary(sum(n_recs.values()), [e for s in stages for e in by_stage[s]])
         return FeedbackReport(dataset=dataset, overall=overall, by_stage=summaries)
 
 
-def _summary(recommendations: int, events: list[tuple[str, str, str, int]]) -> FeedbackSummary:
-    """One stage's numbers from its events, (rec_id, item_id, kind, position) each."""
-    seen = {(r, i) for r, i, k, _ in events if k == "impression"}
-    counts = {k: sum(1 for e in events if e[2] == k) for k in KINDS}
-    orphans = sum(1 for r, i, k, _ in events if k == "click" and (r, i) not in seen)
-    pos: dict[int, dict[str, int]] = defaultdict(lambda: {"impression": 0, "click": 0})
-    for _, _, kind, p in events:
-        if kind in ("impression", "click"):
-            pos[p][kind] += 1
-    return _make(recommendations, counts["impression"], counts["click"], counts["purchase"], orphans,
-                 {p: (c["impression"], c["click"]) for p, c in pos.items()})
+_Event = tuple[str, str, str, int, str]
+"""One stored feedback event as replayed: (rec_id, item_id, kind, position, stage)."""
 
 
-def _combine(parts: list[FeedbackSummary], recommendations: int) -> FeedbackSummary:
-    """The overall summary: every stage's counts added (positions added position by position)."""
+def _summary(recommendations: int, events: list[_Event]) -> FeedbackSummary:
+    """The numbers of one group of events (a stage, or all), in the order they were stored.
+
+    A shown item is a (rec_id, item_id, stage) with an impression event, at the position of its
+    first one; clicks and purchases count once per shown item (see `FeedbackSummary`).
+    """
+    shown: dict[tuple[str, str, str], int] = {}
+    for rec_id, item_id, kind, position, stage in events:
+        if kind == "impression":
+            shown.setdefault((rec_id, item_id, stage), position)
+    clicked: set[tuple[str, str, str]] = set()
+    purchased: set[tuple[str, str, str]] = set()
+    orphans = repeats = purchases = 0
+    for rec_id, item_id, kind, _, stage in events:
+        key = (rec_id, item_id, stage)
+        if kind == "click":
+            if key not in shown:
+                orphans += 1
+            elif key in clicked:
+                repeats += 1
+            else:
+                clicked.add(key)
+        elif kind == "purchase":
+            purchases += 1
+            if key in shown:
+                purchased.add(key)
     pos: dict[int, tuple[int, int]] = {}
-    for s in parts:
-        for p in s.by_position:
-            imp, clk = pos.get(p.position, (0, 0))
-            pos[p.position] = (imp + p.impressions, clk + p.clicks)
-    return _make(recommendations, sum(s.impressions for s in parts), sum(s.clicks for s in parts),
-                 sum(s.purchases for s in parts), sum(s.clicks_without_impression for s in parts), pos)
-
-
-def _make(recommendations: int, impressions: int, clicks: int, purchases: int, orphans: int,
-          pos: dict[int, tuple[int, int]]) -> FeedbackSummary:
+    for key, p in shown.items():
+        imp, clk = pos.get(p, (0, 0))
+        pos[p] = (imp + 1, clk + (key in clicked))
     by_position = []
     for p in range(1, max(pos, default=0) + 1):  # every position down to the deepest seen
         imp, clk = pos.get(p, (0, 0))
         by_position.append(PositionCTR(position=p, impressions=imp, clicks=clk, ctr=rate(clk, imp)))
-    ci = wilson_interval(clicks, impressions) if clicks <= impressions else None
+    impressions, clicks = len(shown), len(clicked)
     return FeedbackSummary(recommendations=recommendations, impressions=impressions, clicks=clicks,
-                           purchases=purchases, clicks_without_impression=orphans, ctr=rate(clicks, impressions),
-                           ctr_ci95=ci, purchase_rate=rate(purchases, impressions), by_position=by_position)
+                           purchases=purchases, clicks_without_impression=orphans, repeat_clicks=repeats,
+                           ctr=rate(clicks, impressions), ctr_ci95=wilson_interval(clicks, impressions),
+                           purchase_rate=rate(len(purchased), impressions), by_position=by_position)
