@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from agent.domain.history import OWNED_EVENT_TYPES
 from agent.domain.schemas import BehaviorEvent, parse_timestamp
 from eval.protocols import RankingCase
 from eval.store_protocols import (
@@ -103,9 +104,9 @@ def served_top(runtime: Runtime, dataset: str, history: Sequence[BehaviorEvent],
                *, repurchase: bool = False) -> list[str]:
     """The served candidate generator's top ``n`` for one history: the same call, weights and
     exclusions as `NextItemService.predict` without a candidate list (purchases in the history are
-    excluded unless ``repurchase``)."""
+    excluded unless ``repurchase``; reviews count as purchases: `OWNED_EVENT_TYPES`)."""
     arts = runtime.artifacts(dataset)
-    exclude = set() if repurchase else {e.item_id for e in history if e.event_type == "purchase"}
+    exclude = set() if repurchase else {e.item_id for e in history if e.event_type in OWNED_EVENT_TYPES}
     return [c.item_id for c in arts.generator().generate([e.item_id for e in history], n=n, user_id=user_id,
                                                          exclude=exclude)]
 

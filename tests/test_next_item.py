@@ -456,3 +456,18 @@ async def test_recently_touched_items_come_back_with_a_reason_that_cites_their_o
     assert (text, refs) == ("[retrieval fallback] Recently added to cart by this customer (E4).", ["E4"])
     text, refs = fallback_reason(Candidate("c1", {"recent": 1.0}), hist, artifacts, cold=False)
     assert (text, refs) == ("[retrieval fallback] Recently viewed by this customer (E5).", ["E5"])
+
+
+async def test_a_reviewed_item_counts_as_owned_and_is_excluded_like_a_purchase(
+    store: EventStore, artifacts: DatasetArtifacts
+) -> None:
+    # review-only data (the Amazon review sets): the reviewer has the item
+    events = [BehaviorEvent(user_id="u6", item_id="g1", event_type="view", timestamp="2011-12-05T10:00:00Z"),
+              BehaviorEvent(user_id="u6", item_id="g2", event_type="review", timestamp="2011-12-05T11:00:00Z",
+                            rating=5, review_text="Sturdy gloves")]
+    svc = NextItemService(None)
+    plain = await svc.predict("u6", events, artifacts, NextItemConfig(k=11))
+    assert "g2" not in {i.item_id for i in plain.items}
+    assert "g1" in {i.item_id for i in plain.items}  # only viewed: still a candidate
+    again = await svc.predict("u6", events, artifacts, NextItemConfig(k=11, repurchase=True))
+    assert "g2" in {i.item_id for i in again.items}

@@ -14,7 +14,7 @@ Sources (all built from the store by `agent.data.artifacts`):
   docs/results.md), and no other source can return an item the user already has.
 
 Each source's scores are scaled to [0, 1] by its maximum for this user, then fused by a
-weighted sum. Already-bought items are excluded unless repurchase is asked for.
+weighted sum. Already-bought (or reviewed) items are excluded unless repurchase is asked for.
 """
 
 from __future__ import annotations

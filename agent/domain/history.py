@@ -23,6 +23,11 @@ _VERB = {
     "review": "reviewed",
 }
 
+# Event types that mean the user has the item: a review is written by an owner (the Amazon
+# review datasets are purchase logs with text). Next-item retrieval excludes these items unless
+# repurchase is asked for; viewed, carted or favourited items stay candidates.
+OWNED_EVENT_TYPES = frozenset({"purchase", "review"})
+
 
 def event_verb(event_type: str) -> str:
     """The past-tense verb of an event type ("view" -> "viewed"); an unknown type as given."""
@@ -71,7 +76,7 @@ class HistoryView:
     lines: list[EventLine]
     profile: dict[str, object]
     seen_items: set[str] = field(default_factory=set)
-    purchased_items: set[str] = field(default_factory=set)
+    purchased_items: set[str] = field(default_factory=set)  # OWNED_EVENT_TYPES: bought or reviewed
 
     def resolve(self, ref: str) -> EventLine | None:
         for line in self.lines:
@@ -170,5 +175,5 @@ def build_history(
         lines=lines,
         profile=profile,
         seen_items={e.item_id for e in events},
-        purchased_items={e.item_id for e in events if e.event_type == "purchase"},
+        purchased_items={e.item_id for e in events if e.event_type in OWNED_EVENT_TYPES},
     )
