@@ -417,6 +417,45 @@ def test_wrong_values_name_the_exact_field(api: httpx.Client, change: dict[str, 
     assert_envelope(api.post("/v1/next-item", json=body), 422, param=param)
 
 
+# pydantic's lax mode read JSON true as 1 (and "5" as 5): {"k": true} asked for one item, a
+# boolean as_of meant unix second 1. Numbers in request bodies are strict now.
+NOT_NUMBERS = [
+    ("/v1/next-item", {"k": True}, "k"),
+    ("/v1/next-item", {"k": False}, "k"),
+    ("/v1/next-item", {"k": "5"}, "k"),
+    ("/v1/next-item", {"wait_s": True}, "wait_s"),
+    ("/v1/next-item", {"as_of": True}, "as_of"),
+    ("/v1/next-item", {"events": [event(0, quantity=True)]}, "events[0].quantity"),
+    ("/v1/next-item", {"events": [event(0, unit_price=True)]}, "events[0].unit_price"),
+    ("/v1/next-item", {"events": [event(0, rating=True)]}, "events[0].rating"),
+    ("/v1/next-item/batch", {"user_ids": [USER], "k": True}, "k"),
+    ("/v1/purchase-intent", {"user_id": USER, "item_id": "85123A", "horizon_hours": True}, "horizon_hours"),
+    ("/v1/session-intent", {"user_id": USER, "horizon_hours": True}, "horizon_hours"),
+    ("/v1/churn", {"user_id": USER, "horizon_days": True}, "horizon_days"),
+    ("/v1/churn", {"user_id": USER, "as_of": False}, "as_of"),
+    ("/v1/audience", {"item_id": "85123A", "n": True}, "n"),
+    ("/v1/events", {"events": [event(0, quantity=True)]}, "events[0].quantity"),
+]
+
+
+@pytest.mark.parametrize(("route", "change", "param"), NOT_NUMBERS)
+def test_a_boolean_or_a_string_is_not_a_number_422_naming_the_field(api: httpx.Client, route: str,
+                                                                    change: dict[str, Any], param: str) -> None:
+    body: dict[str, Any] = {"dataset": DATASET, "use_llm": False}
+    if route.startswith("/v1/next-item") and "user_ids" not in change:
+        body["user_id"] = "new-user"
+    if route == "/v1/events":
+        body.pop("use_llm")
+    err = assert_envelope(api.post(route, json=body | change), 422, param=param)
+    assert f"{param}: " in err["message"], err
+
+
+def test_a_boolean_feedback_timestamp_is_422_naming_the_field(api: httpx.Client) -> None:
+    body = {"recommendation_id": "r1", "item_id": "85123A", "kind": "click", "timestamp": True}
+    err = assert_envelope(api.post("/v1/feedback", json=body), 422, param="timestamp")
+    assert "boolean" in err["message"], err
+
+
 # The ends of the calendar with an offset leave datetime's range when converted to UTC (issue 17:
 # they were a 500 inside the handler, and a batch holding one lost its valid events too).
 CALENDAR_EDGES = ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"]

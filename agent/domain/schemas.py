@@ -139,6 +139,14 @@ class BehaviorEvent(BaseModel):
             v = str(int(v)) if float(v).is_integer() else str(v)
         return v.strip() if isinstance(v, str) else v
 
+    @field_validator("quantity", "unit_price", "rating", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v: object) -> object:
+        # lax mode would read JSON true as 1 (a quantity of one, a 1-star rating)
+        if isinstance(v, bool):
+            raise ValueError("a boolean is not a number")
+        return v
+
     @field_validator("event_type", mode="before")
     @classmethod
     def _normalise_type(cls, v: object) -> object:

@@ -24,6 +24,18 @@ DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
                                    examples=["online-retail"], description="an ingested dataset")]
 UserId = Annotated[str, Field(min_length=1, max_length=256, examples=["17850"])]
 
+# Numbers in request bodies are strict (`strict=True` on each int and float field): pydantic's lax
+# mode reads JSON true as 1 and "5" as 5, so {"k": true} would ask for one item. An int field
+# takes only a JSON integer; a float field a JSON number. Timestamps (`as_of`, `timestamp`) take a
+# string or a number, and refuse a boolean with `not_a_boolean`.
+
+
+def not_a_boolean(value: object) -> object:
+    """A timestamp as given, unless it is a boolean (lax mode would read true as unix second 1)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a timestamp: send ISO-8601 or unix seconds/ms")
+    return value
+
 
 ApiEvent = Annotated[BehaviorEvent, BeforeValidator(guard_timestamp)]
 
@@ -35,12 +47,13 @@ class NextItemRequest(BaseModel):
 
     dataset: DatasetName
     user_id: UserId
-    k: int = Field(default=5, ge=1, le=20, description="how many items")
+    k: int = Field(default=5, ge=1, le=20, strict=True, description="how many items")
     events: list[ApiEvent] | None = Field(
         default=None, description="the user's events, for users the store has not seen (all with this "
         "user_id); when given, the store is not read")
     as_of: Annotated[
         str | int | float | None,
+        BeforeValidator(not_a_boolean),
         WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}],
                         "description": "only events strictly before this time (ISO-8601 or unix s/ms)"}),
     ] = None
@@ -51,7 +64,7 @@ class NextItemRequest(BaseModel):
         description="rank exactly these catalogue item ids (your own candidate set) instead of "
         "retrieving candidates; k is capped at their number")
     wait_s: float | None = Field(
-        default=None, ge=0, le=300,
+        default=None, ge=0, le=300, strict=True,
         description="progressive answer: the served pipeline without the model comes back at once "
         "(milliseconds) or after waiting up to this many seconds for the model's refinement; poll "
         "GET /v1/next-item/{recommendation_id} or follow .../events (SSE) for the rest. Omitted: "
@@ -70,7 +83,7 @@ class NextItemBatchRequest(BaseModel):
     dataset: DatasetName
     user_ids: list[UserId] = Field(min_length=1, max_length=10_000, description="stored users; more than the "
                                    "server's SHOPLENS_MAX_BATCH_USERS (default 100) is refused with 413")
-    k: int = Field(default=5, ge=1, le=20, description="how many items")
+    k: int = Field(default=5, ge=1, le=20, strict=True, description="how many items")
     use_llm: bool = Field(default=False, description="for users without a stored answer: true asks the model "
                           "(a full model answer per user: slow); false: the served pipeline without it")
     stored: bool = Field(default=True, description="serve each user's precomputed answer when there is one")
@@ -118,6 +131,7 @@ class Readiness(BaseModel):
 
 AsOf = Annotated[
     str | int | float | None,
+    BeforeValidator(not_a_boolean),
     WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}, {"type": "null"}],
                     "description": "only events strictly before this time (ISO-8601 or unix s/ms)"}),
 ]
@@ -134,7 +148,7 @@ class PurchaseIntentRequest(BaseModel):
     user_id: UserId
     item_id: ItemId
     as_of: AsOf = None
-    horizon_hours: float = Field(default=48.0, gt=0, le=24 * 90)
+    horizon_hours: float = Field(default=48.0, gt=0, le=24 * 90, strict=True)
     use_llm: UseLlm = True
 
 
@@ -149,7 +163,7 @@ class SessionIntentRequest(BaseModel):
     dataset: DatasetName
     user_id: UserId
     as_of: AsOf = None
-    horizon_hours: float | None = Field(default=None, gt=0, le=24 * 90,
+    horizon_hours: float | None = Field(default=None, gt=0, le=24 * 90, strict=True,
                                         description="default (null): the rest of the current session")
     use_llm: UseLlm = True
 
@@ -162,7 +176,7 @@ class ChurnRequest(BaseModel):
     dataset: DatasetName
     user_id: UserId
     as_of: AsOf = Field(default=None, description="default: the dataset's last event time")
-    horizon_days: int = Field(default=90, ge=1, le=730)
+    horizon_days: int = Field(default=90, ge=1, le=730, strict=True)
     use_llm: UseLlm = True
 
 
@@ -201,7 +215,7 @@ class AudienceRequest(BaseModel):
     dataset: DatasetName
     item_id: ItemId | None = None
     campaign_text: str | None = Field(default=None, min_length=1, max_length=2_000)
-    n: int = Field(default=50, ge=1, le=500)
+    n: int = Field(default=50, ge=1, le=500, strict=True)
     use_llm: UseLlm = True
 
 

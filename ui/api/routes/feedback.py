@@ -11,7 +11,7 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from agent.app.events import out_of_range_timestamp
 from agent.app.feedback import FeedbackKind, FeedbackReport, Stage
@@ -19,7 +19,7 @@ from agent.domain.errors import RequestError
 from agent.domain.schemas import parse_timestamp
 from ui.api.deps import CLIENT, OPERATOR, Api, Service
 from ui.api.errors import ERROR_RESPONSES
-from ui.api.schemas import DatasetName, ItemId
+from ui.api.schemas import DatasetName, ItemId, not_a_boolean
 
 router = APIRouter(tags=["feedback"])
 
@@ -27,6 +27,7 @@ RecommendationId = Annotated[str, Field(min_length=1, max_length=64, examples=["
                                         description="the `recommendation_id` of a POST /v1/next-item answer")]
 When = Annotated[
     str | int | float | None,
+    BeforeValidator(not_a_boolean),
     WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}, {"type": "null"}],
                     "description": "when it happened (ISO-8601 or unix s/ms); default: when it arrives"}),
 ]
