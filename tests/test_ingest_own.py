@@ -383,6 +383,32 @@ def test_cli_ingest_own_export_then_every_task(tmp_path: Path, monkeypatch: pyte
     assert r.exit_code == 0 and "has no review events" in r.stderr
 
 
+def test_cli_recommend_events_takes_the_ingest_mapping_flags(tmp_path: Path) -> None:
+    from ui.cli import app
+
+    ws, export = tmp_path / "ws", _export(tmp_path)
+    runner = CliRunner()
+    base = ["recommend", "--events", str(export), "--user", "user3", "-k", "2", "--no-llm", "--workspace", str(ws)]
+    r = runner.invoke(app, base, env=ENV)  # the raw export: its columns need mapping, as for ingest
+    assert r.exit_code == 2
+    assert "fix: --map product_id=item_id --map event_time=timestamp" in r.stderr
+    flags = [x for m in REES_MAP for x in ("--map", m)]
+    r = runner.invoke(app, [*base, *flags], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    assert "read 64 rows -> 64 events, 6 items" in r.stderr
+    body = json.loads(r.stdout)
+    assert body["dataset"].startswith("file-") and len(body["items"]) == 2
+    assert all(it["title"].endswith(f"(item {it['item_id']})") for it in body["items"])  # derived titles
+    # the same file under the same mapping is the same dataset: nothing new on a second call
+    again = runner.invoke(app, [*base, *flags], env=ENV)
+    assert again.exit_code == 0 and json.loads(again.stdout)["dataset"] == body["dataset"]
+    assert "0 new events, 64 already present" in again.stderr
+    # the mapping flags belong to --events
+    r = runner.invoke(app, ["recommend", "--dataset", "x", "--user", "u", "--map", "a=item_id",
+                            "--workspace", str(ws)], env=ENV)
+    assert r.exit_code == 2 and "go with --events" in r.stderr
+
+
 def test_cli_recommend_prints_one_stderr_line_when_the_model_is_unreachable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from agent.app.runtime import Runtime

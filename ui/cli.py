@@ -29,15 +29,28 @@ from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.domain.errors import CallerError, UnknownUserError
 from agent.domain.predictions import NextItemPrediction
-from agent.ingest import ingest, saved_mapping
-from agent.ingest.generic import NoValidEventsError, load_generic
-from agent.ingest.mapping import build_column_map
+from agent.ingest import saved_mapping
+from agent.ingest.generic import NoValidEventsError
+from agent.ingest.mapping import ColumnMap, build_column_map
 from agent.llm.base import ModelUnavailableError
 from agent.settings import load_settings
 from agent.tasks.next_item import LlmScorer, NextItemConfig, prediction_json
 from ui import precompute_cli, sentiment_cli, serve_llm_cli, tasks_cli
 from ui.eval_cli import EVAL_EXAMPLES, eval_app
-from ui.options import DataDir, EventTypeChoice, IngestDataset, Profile, Workspace, note_degraded
+from ui.options import (
+    DataDir,
+    FileOrder,
+    Header,
+    IngestDataset,
+    MapFile,
+    MapFlags,
+    OrderColumn,
+    Profile,
+    RowEventType,
+    TimeFormat,
+    Workspace,
+    note_degraded,
+)
 
 # Every command in the order `shoplens --help` lists them, with the example it shows.
 COMMANDS: dict[str, str] = {
@@ -107,20 +120,13 @@ def ingest_cmd(
     events: Annotated[Path | None, typer.Option(help="your events export (.csv/.tsv/.jsonl, optionally .gz)")] = None,
     catalog: Annotated[Path | None, typer.Option(help="your catalogue (.csv/.tsv/.jsonl), with --events")] = None,
     name: Annotated[str | None, typer.Option(help="the dataset name to store your data under, with --events")] = None,
-    map_: Annotated[list[str] | None, typer.Option(
-        "--map", help="COLUMN=FIELD, repeatable (e.g. --map event_time=timestamp); a column named like a "
-        "field needs none")] = None,
-    map_file: Annotated[Path | None, typer.Option(help="a YAML/JSON mapping file (see docs/your-data.md); "
-                                                  "--map flags override it")] = None,
-    header: Annotated[str | None, typer.Option(help="a headerless CSV: its column names, comma-separated")] = None,
-    time_format: Annotated[str | None, typer.Option(
-        help="strptime format for timestamps the built-in forms do not read, e.g. '%m/%d/%Y %H:%M'")] = None,
-    order_column: Annotated[str | None, typer.Option(
-        help="no timestamps: a column that orders each user's rows (times become synthetic, labelled)")] = None,
-    file_order: Annotated[bool, typer.Option(
-        "--file-order", help="no timestamps: each user's rows are in file order (times become synthetic)")] = False,
-    event_type: Annotated[EventTypeChoice | None, typer.Option(
-        help="the event type of every row, for a file without a type column")] = None,
+    map_: MapFlags = None,
+    map_file: MapFile = None,
+    header: Header = None,
+    time_format: TimeFormat = None,
+    order_column: OrderColumn = None,
+    file_order: FileOrder = False,
+    event_type: RowEventType = None,
     workspace: Workspace = None,
     data_dir: DataDir = None,
     no_index: Annotated[bool, typer.Option("--no-index", help="skip building FAISS indexes")] = False,
@@ -236,8 +242,16 @@ def recommend_cmd(
     dataset: Annotated[str | None, typer.Option(help="an ingested dataset")] = None,
     user: Annotated[str | None, typer.Option(help="user id (in the dataset, or in --events)")] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=20, help="how many items")] = 5,
-    events: Annotated[Path | None, typer.Option(help="your own events file (.jsonl/.csv)")] = None,
+    events: Annotated[Path | None, typer.Option(help="your own events file (.jsonl/.csv/.tsv, optionally .gz), "
+                                                "mapped like `shoplens ingest --events`")] = None,
     catalog: Annotated[Path | None, typer.Option(help="your own catalogue (.csv/.jsonl), with --events")] = None,
+    map_: MapFlags = None,
+    map_file: MapFile = None,
+    header: Header = None,
+    time_format: TimeFormat = None,
+    order_column: OrderColumn = None,
+    file_order: FileOrder = False,
+    event_type: RowEventType = None,
     no_llm: Annotated[bool, typer.Option("--no-llm", help="retrieval fusion only, no model")] = False,
     repurchase: Annotated[bool, typer.Option(help="allow items the user already bought")] = False,
     permutations: Annotated[int | None, typer.Option(min=1, max=10, help="verbalizer passes "
@@ -252,15 +266,28 @@ def recommend_cmd(
     """Predict a user's next k items (JSON on stdout).
 
     Retrieval candidates scored by the model and fused with the retrieval scores; each item has
-    a reason citing the user's events. --events/--catalog use your own files. The configuration
-    is the one the API and the chat use (settings), with these flags on top.
+    a reason citing the user's events. --events/--catalog use your own files, read with the
+    mapping flags of `shoplens ingest` and stored under a content-addressed dataset name
+    (file-<hash>); for more than one request, `shoplens ingest --events FILE --name NAME` once and
+    --dataset NAME after. The configuration is the one the API and the chat use (settings), with
+    these flags on top.
     """
     if (dataset is None) == (events is None):
         raise _fail("give either --dataset (with --user) or --events (with optional --catalog)")
+    mapping = (map_, map_file, header, time_format, order_column, file_order or None, event_type, catalog)
+    if events is None and any(x is not None for x in mapping):
+        raise _fail("--catalog and the mapping flags (--map, --map-file, --header, --time-format, "
+                    "--order-column, --file-order, --event-type) go with --events")
     rt = _runtime(workspace, data_dir, profile)
     if events is not None:
         try:
-            dataset, user = _ingest_file(rt, events, catalog, user)
+            cmap = build_column_map(map_ or [], map_file, header=header.split(",") if header else None,
+                                    time_format=time_format, order_column=order_column, file_order=file_order,
+                                    event_type=event_type)
+            dataset, user = _ingest_file(rt, events, catalog, user, cmap)
+        except NoValidEventsError as e:
+            err.print(e.report.summary(), markup=False, highlight=False, soft_wrap=True)
+            raise _fail(str(e)) from e
         except (ValueError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
     elif user is None:
@@ -282,16 +309,22 @@ def recommend_cmd(
     print(prediction_json(pred))
 
 
-def _ingest_file(rt: Runtime, events: Path, catalog: Path | None, user: str | None) -> tuple[str, str]:
-    """Store a user's own files under a content-addressed dataset name; return (dataset, user)."""
-    h = hashlib.sha256(events.read_bytes() + (catalog.read_bytes() if catalog else b"")).hexdigest()[:10]
+def _ingest_file(rt: Runtime, events: Path, catalog: Path | None, user: str | None,
+                 mapping: ColumnMap) -> tuple[str, str]:
+    """Store a user's own files under a content-addressed dataset name (the files' bytes and the
+    mapping: another mapping of the same file is another dataset); return (dataset, user).
+
+    Raises:
+        NoValidEventsError: every row was dropped (carries the load report).
+        ValueError: more than one user in the file and no `user`.
+    """
+    h = hashlib.sha256(events.read_bytes() + (catalog.read_bytes() if catalog else b"")
+                       + mapping.model_dump_json(exclude_defaults=True).encode()).hexdigest()[:10]
     name = f"file-{h}"
-    result = load_generic(events, {}, catalog_path=catalog, dataset=name)
-    err.print(result.report.summary())
-    if not result.events:
-        raise ValueError(f"{events}: no valid events (see the report above)")
-    ingest(rt.store, name, result, progress=False)
-    users = sorted({e.user_id for e in result.events})
+    report = rt.ingest_file(name, events, mapping=mapping, catalog=catalog, rebuild_index=False,
+                            show_progress=False)
+    err.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+    users = rt.store.user_ids(name)
     if user is None:
         if len(users) > 1:
             raise ValueError(f"{events} holds {len(users)} users; pick one with --user (e.g. {users[0]})")

@@ -26,6 +26,23 @@ DataDir = Annotated[Path | None, typer.Option(help="shared data folder (default 
 Profile = Annotated[ModelProfile | None, typer.Option(help="embedded model profile (default: 1.5b)")]
 NoLLM = Annotated[bool, typer.Option("--no-llm", help="answer without the model (baseline + template reasons)")]
 
+# How a user's own export maps onto events: the same flags for `shoplens ingest --events` and
+# `shoplens recommend --events` (agent.ingest.mapping.build_column_map; docs/your-data.md).
+MapFlags = Annotated[list[str] | None, typer.Option(
+    "--map", help="COLUMN=FIELD, repeatable (e.g. --map event_time=timestamp); a column named like a "
+    "field needs none")]
+MapFile = Annotated[Path | None, typer.Option(help="a YAML/JSON mapping file (see docs/your-data.md); "
+                                              "--map flags override it")]
+Header = Annotated[str | None, typer.Option(help="a headerless CSV: its column names, comma-separated")]
+TimeFormat = Annotated[str | None, typer.Option(
+    help="strptime format for timestamps the built-in forms do not read, e.g. '%m/%d/%Y %H:%M'")]
+OrderColumn = Annotated[str | None, typer.Option(
+    help="no timestamps: a column that orders each user's rows (times become synthetic, labelled)")]
+FileOrder = Annotated[bool, typer.Option(
+    "--file-order", help="no timestamps: each user's rows are in file order (times become synthetic)")]
+RowEventType = Annotated[EventTypeChoice | None, typer.Option(
+    help="the event type of every row, for a file without a type column")]
+
 
 class _Degradable(Protocol):
     degraded: bool
