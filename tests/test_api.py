@@ -574,6 +574,28 @@ def test_ingest_with_no_valid_event_is_422(api: httpx.Client) -> None:
     assert_envelope(api.post("/v1/events", json={"dataset": DATASET, "events": []}), 422, param="events")
 
 
+def test_ingest_into_an_unknown_dataset_is_refused_unless_asked_to_create_it(tmp_path: Path) -> None:
+    """A misspelt dataset name used to start a new dataset silently; now it takes "create": true."""
+    with serve_app(tmp_path) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        err = assert_envelope(c.post("/v1/events", json={"dataset": "shop", "events": [event(0)]}), 422,
+                              code="unknown_dataset", param="dataset")
+        assert err["message"].startswith("unknown dataset 'shop'; ingested: []"), err
+        r = c.post("/v1/events", json={"dataset": "shop", "events": [event(0)], "create": True})
+        assert r.status_code == 200 and r.json()["stored"] == 1, r.text
+        assert c.post("/v1/events", json={"dataset": "shop", "events": [event(1)]}).json()["stored"] == 1
+        assert c.post("/v1/events", json={"dataset": "shop", "events": [event(2)], "create": True}
+                      ).json()["stored"] == 1  # create on an existing dataset just ingests
+        err = assert_envelope(c.post("/v1/events", json={"dataset": "shpo", "events": [event(3)]}), 422,
+                              code="unknown_dataset", param="dataset")
+        assert err["message"] == ("unknown dataset 'shpo'; ingested: ['shop']; to create it, send the batch again "
+                                  'with "create": true (POST /v1/events), or load a file with '
+                                  "`shoplens ingest --events FILE --name shpo`")
+        assert [d["name"] for d in c.get("/v1/datasets").json()["datasets"]] == ["shop"]
+        assert c.get("/v1/users/new-user/events", params={"dataset": "shop"}).json()["total"] == 3
+        create = c.get("/openapi.json").json()["components"]["schemas"]["IngestRequest"]["properties"]["create"]
+        assert create["default"] is False and "misspelt" in create["description"]
+
+
 def test_concurrent_ingests_of_the_same_batch_are_stored_once(api: httpx.Client) -> None:
     batch = [event(i, user_id="conc") for i in range(200)]
     with ThreadPoolExecutor(8) as pool:
@@ -622,8 +644,8 @@ def test_ingest_is_durable_across_kill_9(tmp_path: Path) -> None:
             assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
             time.sleep(0.2)
         batch = [event(i, user_id="durable") for i in range(50)]
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/events", json={"dataset": "api-only", "events": batch},
-                       headers=AUTH)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/events",
+                       json={"dataset": "api-only", "events": batch, "create": True}, headers=AUTH)
         assert r.json()["stored"] == 50
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)

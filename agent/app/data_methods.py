@@ -21,7 +21,7 @@ from agent.app.events import Pseudonyms, validate_events
 from agent.app.feedback import FeedbackEvent, FeedbackKind, FeedbackReport
 from agent.app.results import DatasetSummary, IngestResult, UserEventsPage
 from agent.data.artifacts import drop_user_from_artifacts
-from agent.domain.errors import RequestError, UnknownUserError
+from agent.domain.errors import RequestError, UnknownDatasetError, UnknownUserError
 from agent.domain.schemas import BehaviorEvent
 from agent.tasks.churn import default_churn_baseline, rfm_vector
 from agent.tasks.common import LogisticBaseline
@@ -81,7 +81,7 @@ class DataMethods:
         return fusion, path
 
     # ---- events ---------------------------------------------------------------------------
-    async def ingest_events(self, dataset: str, events: Sequence[Any], *,
+    async def ingest_events(self, dataset: str, events: Sequence[Any], *, create: bool = False,
                             max_text_chars: int | None = None) -> IngestResult:
         """Validate each raw event on its own, mask PII (`Settings.mask_pii`), pseudonymise user
         ids, and store the good ones (committed before this returns). Idempotent by `event_id`
@@ -89,11 +89,20 @@ class DataMethods:
 
         Args:
             events: raw event objects (dicts), as a client sent them.
+            create: store under `dataset` even when it does not exist yet (it is created). False:
+                an unknown dataset is refused, so a misspelt name never starts a new dataset.
             max_text_chars: review text longer than this is refused for that event.
 
         Raises:
+            UnknownDatasetError: `dataset` does not exist and `create` is False (param
+                ``dataset``; the message lists the datasets and how to create one).
             RequestError: no event is valid (names the first error's field).
         """
+        if not create and not await asyncio.to_thread(self.runtime.store.has_dataset, dataset):
+            known = await asyncio.to_thread(self.runtime.store.datasets)
+            raise UnknownDatasetError(dataset, known, hint=(
+                'to create it, send the batch again with "create": true (POST /v1/events), or load a '
+                f"file with `shoplens ingest --events FILE --name {dataset}`"))
         good, errors = validate_events(events, pseudonyms=self.pseudonyms, mask=self.runtime.settings.mask_pii,
                                        max_text_chars=max_text_chars)
         if not good:

@@ -52,8 +52,10 @@ class UnknownDatasetError(CallerError):
 
     default_code = "unknown_dataset"
 
-    def __init__(self, dataset: str, known: list[str]):
-        super().__init__(f"unknown dataset {dataset!r}; ingested: {known}", param="dataset")
+    def __init__(self, dataset: str, known: list[str], hint: str = ""):
+        """`hint`, when given, follows the list: how to get the dataset (e.g. how to create it)."""
+        super().__init__(f"unknown dataset {dataset!r}; ingested: {known}{f'; {hint}' if hint else ''}",
+                         param="dataset")
         self.dataset = dataset
         self.known = known
 

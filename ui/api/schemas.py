@@ -99,6 +99,9 @@ class IngestRequest(BaseModel):
 
     dataset: DatasetName
     events: list[RawEvent] = Field(min_length=1, description="events; each is validated on its own")
+    create: bool = Field(default=False, description="create `dataset` if it does not exist; false (default): "
+                         "an unknown dataset is refused with 422 `unknown_dataset`, so a misspelt name never "
+                         "starts a new dataset")
 
 
 class IngestResponse(IngestResult):

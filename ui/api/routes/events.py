@@ -19,9 +19,12 @@ DatasetQuery = Annotated[DatasetName, Query()]
 async def ingest_events(body: IngestRequest, api: Api, svc: Service) -> IngestResponse:
     """Batch ingest. Each event is validated on its own: good ones are stored (committed to
     SQLite before this response), bad ones come back in `errors`. Idempotent by `event_id`
-    (client-given, or a content hash). 422 only when no event is valid."""
+    (client-given, or a content hash). 422 when no event is valid, or when `dataset` does not
+    exist (`unknown_dataset`; the message lists the datasets): send `"create": true` to start a
+    new dataset, or load a file with `shoplens ingest --events FILE --name NAME`."""
     api.check_events(len(body.events))
-    out = await svc.ingest_events(body.dataset, body.events, max_text_chars=api.settings.max_text_chars)
+    out = await svc.ingest_events(body.dataset, body.events, create=body.create,
+                                  max_text_chars=api.settings.max_text_chars)
     api.metrics.events_ingested.labels("stored").inc(out.stored)
     api.metrics.events_ingested.labels("duplicate").inc(out.duplicates)
     api.metrics.events_ingested.labels("rejected").inc(out.rejected)
