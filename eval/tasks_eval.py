@@ -1,5 +1,5 @@
-"""Offline evals for purchase intent (Taobao, or any stored dataset), churn (Online Retail, or any
-stored dataset) and audience targeting (Online Retail, held-out last month). Each writes
+"""Offline evals for purchase intent (Taobao, or any stored dataset) and churn (Online Retail, or
+any stored dataset); audience targeting is in `eval.audience_eval`. Each writes
 ``<workspace>/runs/<ts>-<task>/``: config.json (prompt ref + sha, model id, seed), cases.jsonl
 (per-case raw responses; an interrupted run resumes from it), metrics.json and report.md with a
 calibration plot.
@@ -14,18 +14,15 @@ Protocols (no leakage: features only from events strictly before the cut-off):
 * any other stored dataset (`--dataset`): the same rows and labels with cut-offs derived from
   the data (`derived_cutoffs`): the test label period is the dataset's last horizon, the
   training label period the horizon before it.
-* audience: month 2011-11-09 .. 2011-12-09 held out; indexes built on earlier events only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import random
 import time
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -36,7 +33,6 @@ import numpy as np
 from agent.app.runtime import Runtime
 from agent.llm.prompting import load_prompt
 from agent.settings import Settings
-from agent.tasks.audience import AudienceIndex, category_popularity_baseline, rank_users
 from agent.tasks.churn import ChurnService, rfm_vector
 from agent.tasks.common import Blend, LogisticBaseline, logit
 from agent.tasks.intent import IntentService
@@ -51,9 +47,6 @@ from agent.tasks.rows import (
 from eval.metrics import (
     calibration_bins,
     expected_calibration_error,
-    hit_rate_at_k,
-    ndcg_at_k,
-    recall_at_k,
 )
 from eval.runs import read_jsonl, run_folder
 
@@ -64,7 +57,6 @@ INTENT_TEST_CUTOFF = datetime(2017, 12, 2, tzinfo=CHINA)
 INTENT_HORIZON_H = 48.0
 CHURN_TRAIN_AS_OF = datetime(2011, 6, 1, tzinfo=UTC)
 CHURN_TEST_AS_OF = datetime(2011, 9, 1, tzinfo=UTC)
-AUDIENCE_MONTH = (datetime(2011, 11, 9, tzinfo=UTC), datetime(2011, 12, 10, tzinfo=UTC))
 
 # ---- metrics (plain functions) ---------------------------------------------------------------
 
@@ -124,6 +116,18 @@ def _run_dir(task: str, out: Path | None, workspace: Path | None = None) -> Path
     return run_folder(task, out, Path(workspace) / "runs" if workspace is not None else None)
 
 
+def require_dataset(store: Any, dataset: str) -> None:
+    """Refuse a dataset the store does not hold, before any work.
+
+    Raises:
+        ValueError: the store has no such dataset (naming ``--dataset``, those that exist and
+            ``shoplens ingest``).
+    """
+    if not store.has_dataset(dataset):
+        raise ValueError(f"--dataset {dataset}: no such dataset in the store (datasets there: "
+                         f"{', '.join(store.datasets()) or 'none'}); load it with `shoplens ingest`")
+
+
 def derived_cutoffs(store: Any, dataset: str, horizon: timedelta) -> tuple[datetime, datetime]:
     """(training cut-off, test cut-off) for a dataset without published ones: the test cut-off is
     the dataset's end (`robust_end`) minus ``horizon``, so its label period is the data's last
@@ -133,9 +137,7 @@ def derived_cutoffs(store: Any, dataset: str, horizon: timedelta) -> tuple[datet
     Raises:
         ValueError: the dataset is unknown or has no events (naming ``--dataset`` and those that exist).
     """
-    if not store.has_dataset(dataset):
-        raise ValueError(f"--dataset {dataset}: no such dataset in the store (datasets there: "
-                         f"{', '.join(store.datasets()) or 'none'}); load it with `shoplens ingest`")
+    require_dataset(store, dataset)
     end = robust_end(store, dataset)
     return end - 2 * horizon, end - horizon
 
@@ -383,81 +385,3 @@ def run_churn_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, out
         {"dataset": ds, "train_as_of": train_as_of, "test_as_of": as_of, "horizon_days": horizon_days,
          "n_train": len(train), "train_churn_rate": sum(r.label for r in train) / len(train),
          "n_test": len(test), "test_churn_rate": sum(r.label for r in test) / len(test)}, n_explain, budget_s))
-
-
-def _month_buyers(events: Sequence[Any], start: datetime, end: datetime) -> dict[str, set[str]]:
-    month: dict[str, set[str]] = defaultdict(set)
-    for e in events:
-        if e.event_type == "purchase" and start <= e.timestamp < end:
-            month[e.item_id].add(e.user_id)
-    return month
-
-
-def _tune_weights(idx: AudienceIndex, month: dict[str, set[str]], items: list[str], n: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Grid over fusion weights (each of 0, 1, 2, 4), best mean NDCG@n on a validation month."""
-    grid = [dict(zip(("repeat", "co_purchase", "similar_users"), w, strict=True))
-            for w in itertools.product((0, 1, 2, 4), repeat=3) if any(w)]
-    scores = []
-    for w in grid:
-        vals = [ndcg_at_k([u for u, _, _ in rank_users(idx, i, n=n, weights=w)], month[i], n) for i in items]
-        scores.append((float(np.mean(vals)), w))
-    best = max(scores, key=lambda x: x[0])
-    return best[1], {"validation_items": len(items), "best_val_ndcg": round(best[0], 4), "weights": best[1]}
-
-
-def run_audience_eval(settings: Settings, *, n_items: int = 30, n: int = 50, out: Path | None = None,
-                      tune: bool = True) -> Path:
-    """Retrieval-only (the model scores only the top few in the service; not evaluated here)."""
-    d = _run_dir("audience", out, settings.workspace)
-    rt = Runtime(settings)
-    ds = "online-retail"
-    start, end = AUDIENCE_MONTH
-    catalog = rt.store.items(ds)
-    item_index = rt.artifacts(ds).item_index  # content only (titles); behaviour comes from before `start`
-    t0 = time.perf_counter()
-    events = list(rt.store.iter_events(ds))
-    idx = AudienceIndex.build(events, catalog, item_index, cutoff=start)
-    purchases = [(e.user_id, e.item_id) for e in events if e.event_type == "purchase" and e.timestamp < start]
-    month = _month_buyers(events, start, end)
-    top = [i for i, _ in Counter({i: len(u) for i, u in month.items()}).most_common(n_items)]
-    tuned, val_info = None, {}
-    if tune:  # fusion weights picked on the month before, with an index built before that month
-        v_start = start - timedelta(days=31)
-        v_idx = AudienceIndex.build(events, catalog, item_index, cutoff=v_start)
-        v_month = _month_buyers(events, v_start, start)
-        v_top = [i for i, _ in Counter({i: len(u) for i, u in v_month.items()}).most_common(n_items)]
-        tuned, val_info = _tune_weights(v_idx, v_month, v_top, n)
-    build_s = time.perf_counter() - t0
-    scorers = {"fused (weights before tuning: 0.4/0.35/0.25)": {"repeat": 0.4, "co_purchase": 0.35, "similar_users": 0.25}, "repeat only": {"repeat": 1.0},
-               "co_purchase only": {"co_purchase": 1.0}, "similar_users only": {"similar_users": 1.0}}
-    if tuned:
-        scorers["fused (weights tuned on the previous month)"] = tuned
-    res: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    with (d / "cases.jsonl").open("w") as fh:
-        for item in top:
-            rel = month[item]
-            new = rel - set(idx.buyers.get(item, {}))
-            lists = {name: [u for u, _, _ in rank_users(idx, item, n=n, weights=w)] for name, w in scorers.items()}
-            lists["category popularity (baseline)"] = category_popularity_baseline(purchases, catalog, item, n=n)
-            for name, ranked in lists.items():
-                for tag, r in (("all", rel), ("new", new)):
-                    if not r:
-                        continue
-                    res[name][f"HR@{n} {tag}"].append(hit_rate_at_k(ranked, r, n))
-                    res[name][f"Recall@{n} {tag}"].append(recall_at_k(ranked, r, n))
-                    res[name][f"NDCG@{n} {tag}"].append(ndcg_at_k(ranked, r, n))
-            fh.write(json.dumps({"case_id": item, "title": idx.title(item), "n_buyers": len(rel), "n_new": len(new),
-                                 "ranked": lists}) + "\n")
-    metrics = {name: {k: round(float(np.mean(v)), 4) for k, v in m.items()} for name, m in res.items()}
-    metrics["_info"] = {"items": len(top), "n": n, "build_seconds": round(build_s, 1), "tuning": val_info,
-                        "seconds_per_item": round((time.perf_counter() - t0 - build_s) / max(1, len(top)), 3)}
-    config = {"task": "audience", "dataset": ds, "held_out": [start, end], "n_items": n_items, "n": n,
-              "item_index": item_index.manifest.__dict__, "note": "user index, co-visitation and buyers from events "
-              "before the month only; item vectors are title embeddings"}
-    keys = [f"HR@{n} all", f"Recall@{n} all", f"NDCG@{n} all", f"Recall@{n} new", f"NDCG@{n} new"]
-    lines = ["| ranker | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
-    lines += [f"| {k} | " + " | ".join(f"{v.get(c, float('nan')):.4f}" for c in keys) + " |"
-              for k, v in metrics.items() if not k.startswith("_")]
-    report = (f"# audience eval\n\nHeld-out {start:%Y-%m-%d}..{end:%Y-%m-%d}, {len(top)} most-bought items; "
-              "'new' = month buyers who had not bought the item before.\n\n" + "\n".join(lines) + "\n")
-    return _write(d, config, metrics, report)

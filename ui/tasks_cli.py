@@ -13,7 +13,7 @@ import math
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel
@@ -233,16 +233,42 @@ def eval_churn_cmd(cases: Cases = 150, model: UseModel = True, seed: int = 0, ou
     typer.echo(str(run))
 
 
-def eval_audience_cmd(items: Annotated[int, typer.Option(help="most-bought items of the held-out month")] = 30,
-                      n: Annotated[int, typer.Option("-n", "--n", help="top-N")] = 50, out: Out = None,
-                      workspace: Workspace = None) -> None:
-    """Online Retail audience: HR@N, NDCG@N on a held-out month.
+# eval.audience_eval.AUDIENCE_EVENT_TYPES: the events that may define an item's audience.
+AudienceEventType = Literal["purchase", "cart", "favourite", "view", "review"]
 
-    Against the category-popularity baseline; indexes are built on earlier events only.
+
+def eval_audience_cmd(items: Annotated[int, typer.Option(
+                          min=1, help="evaluate the items with the largest held-out audiences, at most this many")] = 30,
+                      n: Annotated[int, typer.Option("-n", "--n", min=1, help="top-N users ranked per item")] = 50,
+                      out: Annotated[Path | None, typer.Option(
+                          help="run folder (default <workspace>/runs/<time>-audience); its files are "
+                               "rewritten")] = None,
+                      workspace: Workspace = None,
+                      dataset: Annotated[str, typer.Option(
+                          help="stored dataset; online-retail keeps its published month 2011-11-09..12-09, any "
+                               "other gets its last --days as the held-out period")] = "online-retail",
+                      days: Annotated[int | None, typer.Option(
+                          min=1, help="held-out period = the last N days before the data's end, tuned on the N "
+                                      "days before that (default 30; online-retail without --days: its "
+                                      "published month)")] = None,
+                      event_type: Annotated[AudienceEventType, typer.Option(
+                          help="the events that make a user part of an item's audience (review for "
+                               "review-only data such as amazon-beauty)")] = "purchase") -> None:
+    """Audience targeting (Online Retail or --dataset): HR@N, NDCG@N on a held-out period.
+
+    The audience of an item = the users with an --event-type event on it in the held-out period;
+    the fused sources against the category-popularity baseline, with indexes built on earlier
+    events only. Metrics are fractions in [0, 1].
     """
-    from eval.tasks_eval import run_audience_eval
+    from eval.audience_eval import run_audience_eval
 
-    typer.echo(str(run_audience_eval(load_settings(workspace=workspace), n_items=items, n=n, out=out)))
+    try:
+        run = run_audience_eval(load_settings(workspace=workspace), dataset=dataset, days=days,
+                                event_type=event_type, n_items=items, n=n, out=out)
+    except ValueError as e:  # an unknown dataset, or no such events in the held-out period
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(str(run))
 
 
 if __name__ == "__main__":  # python -m ui.tasks_cli <command> ...

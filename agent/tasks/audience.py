@@ -18,7 +18,7 @@ import math
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -39,7 +39,7 @@ from retrieval.index import VectorIndex
 
 Source = Literal["repeat", "co_purchase", "similar_users"]
 # Item targeting: tuned on Online Retail 2011-10-09..11-08 (index built before it) by grid search
-# (eval/tasks_eval.py); the user-index source scored 0 there, so it only drives campaign texts.
+# (eval/audience_eval.py); the user-index source scored 0 there, so it only drives campaign texts.
 DEFAULT_WEIGHTS: dict[str, float] = {"repeat": 0.5, "co_purchase": 0.5, "similar_users": 0.0}
 CAMPAIGN_WEIGHTS: dict[str, float] = {"co_purchase": 0.5, "similar_users": 0.5}  # not evaluated
 HALF_LIFE_DAYS = 90.0  # a purchase 90 days before the cut-off counts half
@@ -51,7 +51,8 @@ class AudienceIndex:
     """What targeting needs, built from events strictly before `cutoff`.
 
     Attributes:
-        buyers: item id -> {user id: recency-weighted purchase count}.
+        buyers: item id -> {user id: recency-weighted purchase count} (or a count of the
+            `build` call's ``event_types``).
         user_activity: user id -> recency-weighted purchase count over all items (cold start).
     """
 
@@ -65,11 +66,14 @@ class AudienceIndex:
 
     @classmethod
     def build(cls, events: Iterable[BehaviorEvent], catalog: Mapping[str, CatalogItem], item_index: VectorIndex,
-              *, cutoff: datetime | None = None) -> AudienceIndex:
+              *, cutoff: datetime | None = None, event_types: Collection[str] = ("purchase",)) -> AudienceIndex:
         """Fit co-visitation, buyers and a user index on events before `cutoff` (all if None).
 
         `events` must be ordered by (user, time), as `EventStore.iter_events` yields them. The item
         index is content only (titles), so it carries no behaviour from after the cut-off.
+        `event_types` are the events that make a user one of an item's "buyers" (purchases by
+        default; the audience eval passes e.g. ``("cart",)`` for click-stream data with few
+        purchases); co-visitation and the user index use every event either way.
         """
         seqs: dict[str, list[str]] = defaultdict(list)
         buyers: dict[str, dict[str, float]] = defaultdict(dict)
@@ -86,7 +90,7 @@ class AudienceIndex:
             s = seqs[e.user_id]
             if not s or s[-1] != e.item_id:
                 s.append(e.item_id)
-            if e.event_type == "purchase" and last_ts is not None:
+            if e.event_type in event_types and last_ts is not None:
                 w = 0.5 ** ((last_ts - e.timestamp).total_seconds() / 86_400 / HALF_LIFE_DAYS)
                 buyers[e.item_id][e.user_id] = buyers[e.item_id].get(e.user_id, 0.0) + w
                 activity[e.user_id] += w
