@@ -11,6 +11,11 @@ server, the refresh worker polling every 50 ms.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from agent.app.answers import AnswerStore, pipeline_version
 from agent.app.precompute import PrecomputeReport, RefreshWorker, precompute
@@ -34,6 +40,7 @@ from agent.tasks.next_item import NextItemConfig
 from tests.test_api import AUTH, DATASET, USER, agent_settings, fake_llm, serve_app  # noqa: F401 - a fixture
 from tests.test_chat import CATALOG, DS, EVENTS, FakeRuntime, make_runtime
 from tests.test_progressive import GatedModel
+from ui.cli import app as cli_app
 
 SHOP_USERS = ["17850", "17851", "12347", "13047", "14000"]
 CALLS_PER_USER = 3  # two verbalizer permutations (the settings' default) and one explanation
@@ -113,6 +120,94 @@ async def test_unknown_users_are_reported_and_the_run_goes_on(tmp_path: Path) ->
     assert (report.done, report.failed) == (2, 1)
     assert report.errors[0].user_id == "nobody" and "UnknownUserError" in report.errors[0].error
     assert report.model_calls == 0 and svc.runtime.answers.count(DS) == 2
+
+
+# ---- the CLI: exit status -------------------------------------------------------------------------
+
+
+def test_the_cli_exits_1_when_any_user_failed_and_names_the_file_listing_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It exited 0 unless every user failed, so a run that lost users looked like a success."""
+    shop(tmp_path, BatchModel())
+    monkeypatch.setenv("SHOPLENS_EMBEDDER", "hashing-64")
+
+    def run(users: str, *more: str) -> Any:
+        return CliRunner().invoke(cli_app, ["precompute", "--dataset", DS, "--workspace", str(tmp_path), "--no-llm",
+                                            "-k", "3", "--users", users, *more], env={"COLUMNS": "200"})
+
+    failed = tmp_path / "precompute" / f"{DS}.k3.failed.jsonl"
+    r = run("17850,nobody,12347", "--json")
+    assert r.exit_code == 1, r.output
+    assert r.stderr.splitlines()[-1] == (f"error: 1 of 3 users failed (no answer stored for them); every failure "
+                                         f"is listed in {failed}")
+    report = json.loads(r.stdout)
+    assert (report["done"], report["failed"], report["failures_file"]) == (2, 1, str(failed))
+    rows = [json.loads(line) for line in failed.read_text().splitlines()]
+    assert [x["user_id"] for x in rows] == ["nobody"] and rows[0]["error"].startswith("UnknownUserError: ")
+    r = run("17850,nobody,12347")  # the rerun: two answers fresh, the unknown user fails again
+    assert r.exit_code == 1 and "1 of 3 users failed" in r.stderr
+    assert len(failed.read_text().splitlines()) == 1  # this run's failures, not appended to the last run's
+    r = run("17850,12347")
+    assert r.exit_code == 0, r.output
+    assert not failed.exists()  # no failure left: the old list would name users that now have answers
+    assert "users failed" not in r.stderr
+
+
+_STOPPED_CHILD = """
+import sys
+from pathlib import Path
+
+import ui.precompute_cli as cli
+from tests.test_chat import DS, FakeRuntime
+from tests.test_precompute import CALLS_PER_USER, SHOP_USERS, BatchModel
+from ui.cli import app
+
+ws = Path(sys.argv[1])
+
+
+class Hanging(BatchModel):
+    async def complete(self, messages, **kw):
+        if len(self.lanes) + 1 == self.hang_at:  # the call that never returns: say so, then hang
+            (ws / "hanging").touch()
+        return await super().complete(messages, **kw)
+
+
+cli.Runtime = lambda settings: FakeRuntime(settings, Hanging(hang_at=2 * CALLS_PER_USER + 1))
+app(["precompute", "--dataset", DS, "--workspace", str(ws), "-k", "3", "--users", ",".join(SHOP_USERS)])
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_cli_with_one_line_no_traceback_and_a_rerun_resumes(tmp_path: Path,
+                                                                               signum: signal.Signals) -> None:
+    """SIGTERM raised SystemExit wherever the interpreter was: no word said, and a traceback when
+    it landed inside a task. Now both signals cancel the run: 128 + the signal, one line."""
+    shop(tmp_path, BatchModel())
+    (tmp_path / "child.py").write_text(_STOPPED_CHILD)
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "SHOPLENS_EMBEDDER": "hashing-64", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "hanging").exists():  # two users stored, the third one's model call hangs
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    stopped = [line for line in stderr.splitlines() if "stopped" in line]
+    assert stopped == [f"stopped by {signum.name}: the answers made so far are stored; run the same command "
+                       "again to resume"], stderr
+    model = BatchModel()
+    svc = ShopLensService(FakeRuntime(Settings(workspace=tmp_path, embedder="hashing-64"), model))
+    assert svc.runtime.answers.count(DS) == 2  # what was stored before the signal
+    report = asyncio.run(precompute(svc, DS, SHOP_USERS, 3, progress=False))
+    assert (report.done, report.skipped_fresh, report.failed) == (3, 2, 0)
 
 
 # ---- staleness and the refresh worker -----------------------------------------------------------

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 from tqdm import tqdm
@@ -58,6 +60,9 @@ class PrecomputeReport(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: list[PrecomputeError] = Field(default_factory=list, description=f"the first {MAX_ERRORS} failures")
+    failures_file: str | None = Field(
+        default=None, description="where every failure of this run is written, one JSON object "
+        "({user_id, error}) a line, as it happens; the file exists only when a user failed. None: not written")
     replicas: dict[str, int] = Field(default_factory=dict, description="answers computed per model base URL "
                                      "(runs on Ray only, `agent.app.precompute_ray`)")
 
@@ -141,15 +146,35 @@ def count_done(report: PrecomputeReport, pred: NextItemPrediction) -> None:
 
 
 def count_failed(report: PrecomputeReport, user_id: str, error: str) -> None:
-    """Add one user with no answer to `report`; the first `MAX_ERRORS` are listed."""
+    """Add one user with no answer to `report`; the first `MAX_ERRORS` are listed, and every one
+    is appended to `report.failures_file` when it is set (flushed at once, so a run that is
+    stopped keeps the record of what failed before)."""
     report.failed += 1
     if len(report.errors) < MAX_ERRORS:
         report.errors.append(PrecomputeError(user_id=user_id, error=error))
+    if report.failures_file is not None:
+        with open(report.failures_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"user_id": user_id, "error": error}) + "\n")
+
+
+def failures_path(workspace: Path, dataset: str, k: int) -> Path:
+    """The default failures file of a precompute run: ``<workspace>/precompute/<dataset>.k<k>.failed.jsonl``."""
+    return workspace / "precompute" / f"{dataset}.k{k}.failed.jsonl"
+
+
+def start_report(dataset: str, k: int, use_model: bool, users: int, failures: Path | None) -> PrecomputeReport:
+    """An empty report for a run; with `failures`, the previous run's file there is removed (it
+    would name users this run may answer) and its folder made."""
+    if failures is not None:
+        failures.parent.mkdir(parents=True, exist_ok=True)
+        failures.unlink(missing_ok=True)
+    return PrecomputeReport(dataset=dataset, k=k, use_model=use_model, users=users,
+                            failures_file=str(failures) if failures is not None else None)
 
 
 async def precompute(service: ShopLensService, dataset: str, users: Sequence[str], k: int = 5, *,
                      use_model: bool = True, resume: bool = True, progress: bool = True,
-                     concurrency: int = 1) -> PrecomputeReport:
+                     concurrency: int = 1, failures: Path | None = None) -> PrecomputeReport:
     """Compute and store next-item answers for `users` (caller or stored ids) with the served
     configuration, in the model's ``batch`` lane, with a progress bar (tqdm, stderr).
 
@@ -159,10 +184,12 @@ async def precompute(service: ShopLensService, dataset: str, users: Sequence[str
         concurrency: users in flight at once. 1 on a CPU model server (calls queue behind one
             another anyway); more for a server that batches requests (vLLM), bounded again by the
             model guard's concurrency cap.
+        failures: a file to write every failed user to, one JSON object a line (see
+            `PrecomputeReport.failures_file`; e.g. `failures_path`); None: none written.
 
     Returns:
-        The run's report. A user that cannot be answered is counted in `failed` and listed in
-        `errors`; the run goes on.
+        The run's report. A user that cannot be answered is counted in `failed`, listed in
+        `errors` and written to `failures`; the run goes on.
 
     Raises:
         UnknownDatasetError / RequestError: the dataset was never ingested or cannot be indexed.
@@ -170,7 +197,7 @@ async def precompute(service: ShopLensService, dataset: str, users: Sequence[str
             far is kept.
     """
     await service.ensure_indexes(dataset)
-    report = PrecomputeReport(dataset=dataset, k=k, use_model=use_model, users=len(users))
+    report = start_report(dataset, k, use_model, len(users), failures)
     t0 = time.perf_counter()
     todo = iter(users)
     bar = tqdm(total=len(users), unit="user", desc=f"precompute {dataset}", disable=not progress)

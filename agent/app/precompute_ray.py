@@ -47,6 +47,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -59,6 +60,7 @@ from agent.app.precompute import (
     count_done,
     count_failed,
     is_fresh,
+    start_report,
     store_answer,
 )
 from agent.app.runtime import Runtime
@@ -217,7 +219,8 @@ class AnswerActor:
 
 def precompute_on_ray(service: ShopLensService, dataset: str, users: Sequence[str], k: int = 5, *,
                       base_urls: Sequence[str] = (), use_model: bool = True, resume: bool = True,
-                      progress: bool = True, concurrency: int = 1, actors_per_replica: int = 1) -> PrecomputeReport:
+                      progress: bool = True, concurrency: int = 1, actors_per_replica: int = 1,
+                      failures: Path | None = None) -> PrecomputeReport:
     """`agent.app.precompute.precompute` on Ray: compute and store next-item answers for `users`
     (caller or stored ids) over the model replicas (see the module docstring for the split).
     Blocking: call it inside `ray_session`, outside a running event loop (or from a thread).
@@ -236,6 +239,8 @@ def precompute_on_ray(service: ShopLensService, dataset: str, users: Sequence[st
             empty: the configured ``llm_base_url``.
         concurrency: users in flight at once per actor.
         actors_per_replica: actors (each with its own copy of the indexes) per replica.
+        failures: a file to write every failed user to, one JSON object a line (as
+            `agent.app.precompute.precompute`); None: none written.
 
     Returns:
         The run's report, with `replicas`: answers computed per base URL. A user that cannot be
@@ -259,7 +264,7 @@ def precompute_on_ray(service: ShopLensService, dataset: str, users: Sequence[st
                            "--base-url) so its pipeline version names the model the replicas serve",
                            param="base_url")
     _load_indexes(service, dataset)
-    report = PrecomputeReport(dataset=dataset, k=k, use_model=use_model, users=len(users))
+    report = start_report(dataset, k, use_model, len(users), failures)
     t0 = time.perf_counter()
     bar = tqdm(total=len(users), unit="user", desc=f"precompute {dataset} on Ray", disable=not progress)
     try:
