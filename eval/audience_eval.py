@@ -151,8 +151,9 @@ def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", day
 
     Raises:
         ValueError: a bad ``--event-type``, ``--days``, ``--items`` or ``-n``, an unknown dataset,
-            or no ``event_type`` events in the held-out period (the message counts the dataset's
-            events per type and when they happened). Checked before any run folder is created.
+            no ``event_type`` events in the held-out period (the message counts the dataset's
+            events per type and when they happened), or an audience none of whom has an event
+            before the period. Checked before any run folder is created.
     """
     if event_type not in AUDIENCE_EVENT_TYPES:
         raise ValueError(f"--event-type {event_type}: choose one of {', '.join(AUDIENCE_EVENT_TYPES)}")
@@ -170,6 +171,14 @@ def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", day
         raise ValueError(f"--dataset {ds} has no {event_type} events in the held-out period {_span(periods.held_out)} "
                          f"({what}); its events: {_event_summary(events)}. Try a longer --days or another "
                          f"--event-type ({', '.join(AUDIENCE_EVENT_TYPES)})")
+    top = _largest(held, n_items)
+    known_users = {e.user_id for e in events if e.timestamp < start}
+    members = set().union(*(held[i] for i in top))
+    if not members & known_users:  # every figure would be 0 by construction
+        raise ValueError(f"--dataset {ds}: none of the {len(members)} users with {event_type} events on the "
+                         f"{_items(len(top))} evaluated in the held-out period {_span(periods.held_out)} has an "
+                         f"earlier event ({len(known_users)} users have one), so no ranker can find them; the period "
+                         "starts before most of the data: try a shorter --days")
     d = _run_dir("audience", out, settings.workspace)
     catalog = store.items(ds)
     item_index = rt.artifacts(ds).item_index  # content only (titles); behaviour comes from before `start`
@@ -177,8 +186,6 @@ def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", day
     kinds = (event_type,)
     idx = AudienceIndex.build(events, catalog, item_index, cutoff=start, event_types=kinds)
     before = [(e.user_id, e.item_id) for e in events if e.event_type == event_type and e.timestamp < start]
-    known_users = {e.user_id for e in events if e.timestamp < start}
-    top = _largest(held, n_items)
     skipped: dict[str, Any] = {
         "events_at_or_after_held_out_end": sum(e.timestamp >= end for e in events),
         "items_beyond_n_items": max(0, len(held) - len(top)), "items_without_new_audience": 0, "tuning": None}

@@ -141,7 +141,7 @@ def test_cart_audience_without_validation_carts_skips_tuning(ws: Path) -> None:
     assert repeat["Recall@5 new"] == 0.0
 
 
-def test_unknown_dataset_and_empty_period_are_refused_before_a_run_folder(ws: Path) -> None:
+def test_unknown_dataset_empty_period_and_cold_audience_are_refused_before_a_run_folder(ws: Path) -> None:
     with pytest.raises(ValueError, match="--dataset nope: no such dataset") as e:
         run_audience_eval(_settings(ws), dataset="nope")
     assert "shop" in str(e.value) and "shoplens ingest" in str(e.value)
@@ -153,6 +153,9 @@ def test_unknown_dataset_and_empty_period_are_refused_before_a_run_folder(ws: Pa
     assert "--days" in msg and "--event-type" in msg
     with pytest.raises(ValueError, match="no favourite events"):
         run_audience_eval(_settings(ws), dataset="shop", days=10, event_type="favourite")
+    # days 3..40: the only audience (n1's view of b on day 3) has no earlier event: all zeros by construction
+    with pytest.raises(ValueError, match="none of the 1 users with view events on the 1 item evaluated in the held-out period 2024-01-04"):
+        run_audience_eval(_settings(ws), dataset="shop", days=37, event_type="view")
     assert not (ws / "runs").exists()
 
 
