@@ -436,3 +436,28 @@ def test_baselines_are_cached_per_horizon(store: EventStore, monkeypatch: pytest
     assert (store.path.parent / "tasks" / f"churn-90d-{DS}.json").exists()
     assert ts.horizon_key("intent", None) == "48h" and ts.horizon_key("session_intent", None) == "session"
     assert ts.horizon_key("session_intent", 24.0) == "24h" and ts.horizon_key("churn", 60) == "60d"
+
+
+async def test_audience_on_review_only_data_counts_reviewers_as_buyers(tmp_path: Path) -> None:
+    from agent.app.runtime import Runtime
+    from agent.app.service import ShopLensService
+
+    rt = Runtime(Settings(workspace=tmp_path / "ws", embedder="hashing-64"))
+    ds = "reviews-only"
+    rt.store.add_items(ds, [CatalogItem(item_id=i, title=t) for i, t in
+                            {"p1": "Lavender hand cream", "p2": "Rose face mask", "p3": "Argan hair oil"}.items()])
+    day = datetime(2018, 1, 1, tzinfo=UTC)
+    rows = [("r1", "p1", 0), ("r1", "p1", 30), ("r3", "p2", 1), ("r3", "p3", 2), ("r2", "p1", 40)]
+    rt.store.add_events(ds, [BehaviorEvent(user_id=u, item_id=i, event_type="review", rating=5,
+                                           review_text="lovely", timestamp=day + timedelta(days=d))
+                             for u, i, d in rows])
+    try:
+        pred = await ShopLensService(rt, use_model=False).audience(ds, item_id="p1", n=3)
+    finally:
+        await rt.aclose()
+    # r1 reviewed p1 on days 0 and 30, r2 on day 40 (the last event): with the 90-day half-life
+    # r1 weighs 0.5**(40/90) + 0.5**(10/90) = 1.66074 and r2 1.0, so r2's repeat score scales to
+    # 1 / 1.66074 = 0.60214. The repeat source sees them only because a review counts as having p1
+    assert [u.user_id for u in pred.users[:2]] == ["r1", "r2"]
+    assert pred.users[0].source_scores["repeat"] == pytest.approx(1.0)
+    assert pred.users[1].source_scores["repeat"] == pytest.approx(0.60214, abs=1e-4)

@@ -18,6 +18,7 @@ from agent.app.baselines import Baselines
 from agent.app.progressive import ProgressiveJobs
 from agent.app.results import DatasetSummary
 from agent.domain.errors import RequestError, UnknownDatasetError
+from agent.domain.history import OWNED_EVENT_TYPES
 from agent.domain.schemas import CatalogItem
 from agent.tasks.audience import AudienceIndex
 from agent.tasks.rows import robust_end
@@ -74,13 +75,15 @@ class AppState:
         return self.dataset_ends[dataset]
 
     def audience_index(self, dataset: str) -> AudienceIndex:
-        """The dataset's artifacts (item/user FAISS indexes, co-visitation) plus its buyers,
-        recency-weighted with a 90-day half-life; built once."""
+        """The dataset's artifacts (item/user FAISS indexes, co-visitation) plus its buyers (users
+        with a purchase or a review of the item: `OWNED_EVENT_TYPES`), recency-weighted with a
+        90-day half-life; built once."""
         if dataset not in self.audience:
             arts = self.runtime.artifacts(dataset)
             buyers: dict[str, dict[str, float]] = defaultdict(dict)
             activity: dict[str, float] = defaultdict(float)
-            purchases = list(self.runtime.store.iter_events(dataset, event_types=("purchase",)))
+            # a reviewer has the item too (review-only data such as Amazon's is a purchase log)
+            purchases = list(self.runtime.store.iter_events(dataset, event_types=tuple(sorted(OWNED_EVENT_TYPES))))
             last = max((e.timestamp for e in purchases), default=None)
             for e in purchases:
                 w = 0.5 ** ((last - e.timestamp).total_seconds() / 86_400 / 90.0) if last else 1.0
