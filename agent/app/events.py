@@ -3,6 +3,8 @@
 * `validate_events`: raw event dicts -> the events to store (each validated on its own; PII
   masked; user ids pseudonymised; the content-hash id computed over what is stored) plus one
   `EventError` per problem, with the field path (``events[3].timestamp``).
+* `as_stored` / `unique_events`: one event as the store keeps it (its stored id), and a list
+  with each id once, as the store keeps it: the one dedup rule, for inline events too.
 * `Pseudonyms`: caller id <-> stored id under the operator's key.
 * `parse_as_of`: a caller's ``as_of`` (ISO-8601 or unix s/ms) as a datetime.
 * `loc_to_param` / `describe_errors`: pydantic error locations as field paths (the API's error
@@ -115,21 +117,45 @@ def validate_event(raw: Any, index: int, *, pseudonyms: Pseudonyms, mask: bool,
         return None, [EventError(index=index, param=f"events[{index}].review_text", code="text_too_long",
                                  message=f"{len(text)} characters exceed {max_text_chars}")]
     try:
-        ev = BehaviorEvent.model_validate(guard_timestamp(raw))
-        changes: dict[str, Any] = {}
-        if pseudonyms.active:
-            changes["user_id"] = pseudonyms.stored(ev.user_id)
-        if mask and ev.review_text:
-            masked = mask_pii(ev.review_text)
-            if masked != ev.review_text:
-                changes["review_text"] = masked
-        if changes:
-            # The content hash is recomputed over what is stored, so it never encodes a raw id.
-            data = ev.model_dump() | changes | {"event_id": raw.get("event_id") or ""}
-            ev = BehaviorEvent.model_validate(data)
+        ev = as_stored(BehaviorEvent.model_validate(guard_timestamp(raw)), pseudonyms=pseudonyms, mask=mask)
     except ValidationError as e:
         return None, [EventError(index=index, **d) for d in describe_errors(e.errors(), ("events", index))]
     return ev, []
+
+
+def as_stored(ev: BehaviorEvent, *, pseudonyms: Pseudonyms, mask: bool) -> BehaviorEvent:
+    """The event as the store keeps it: user id pseudonymised, review text masked (with `mask`),
+    and its `event_id` the client's, else the content hash recomputed over what is stored (so it
+    never encodes a raw id). An event the store would key the same is the same event.
+
+    Raises:
+        ValidationError: the changed event is invalid (not expected: the changes keep the types).
+    """
+    changes: dict[str, Any] = {}
+    if pseudonyms.active and (uid := pseudonyms.stored(ev.user_id)) != ev.user_id:
+        changes["user_id"] = uid
+    if mask and ev.review_text and (masked := mask_pii(ev.review_text)) != ev.review_text:
+        changes["review_text"] = masked
+    if not changes:
+        return ev
+    client_id = "" if ev.event_id == ev.content_hash() else ev.event_id
+    return BehaviorEvent.model_validate(ev.model_dump() | changes | {"event_id": client_id})
+
+
+def unique_events(events: Iterable[BehaviorEvent]) -> tuple[list[BehaviorEvent], int]:
+    """The events with each `event_id` once, the first kept, as the store keeps them
+    (``INSERT OR IGNORE`` on (dataset, event_id)); and how many were dropped. Give events
+    through `as_stored` first, so ids are the ones the store would have."""
+    seen: set[str] = set()
+    out: list[BehaviorEvent] = []
+    dropped = 0
+    for e in events:
+        if e.event_id in seen:
+            dropped += 1
+        else:
+            seen.add(e.event_id)
+            out.append(e)
+    return out, dropped
 
 
 def validate_events(raws: Sequence[Any], *, pseudonyms: Pseudonyms, mask: bool,

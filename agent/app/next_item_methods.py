@@ -55,7 +55,8 @@ class NextItemMethods(ServiceBase):
                         use_model: bool | None = None, candidates: Sequence[str] | None = None,
                         on_ranked: Callable[[NextItemPrediction], Awaitable[None]] | None = None,
                         ) -> NextItemPrediction:
-        """Top-k next items for a stored user or for inline events (then the store is not read);
+        """Top-k next items for a stored user or for inline events (then the store is not read;
+        each event_id counts once, see `history`);
         with `candidates`, a ranking of exactly those catalogue ids instead of retrieved ones;
         `on_ranked` is awaited with the ranking before the explanation call (see
         `NextItemService.predict`).
@@ -66,15 +67,14 @@ class NextItemMethods(ServiceBase):
         use = self._use(use_model)
         when = parse_as_of(as_of)
         uid = self.stored_id(user_id)
-        if events and self.pseudonyms.active:
-            events = [e.model_copy(update={"user_id": self.stored_id(e.user_id)}) for e in events]
         await self.state.ensure_indexes(dataset)
         cfg = config or self.next_item_config(use_model=use)
         arts = self.runtime.artifacts(dataset)
         if candidates is not None:
             check_candidates(candidates, arts.catalog)
+        notes: list[str] = []
         try:
-            hist = self.history(dataset, uid, events, before=when)
+            hist = self.history(dataset, uid, events, before=when, notes=notes)
         except UnknownUserError as e:
             raise self._unknown(e, user_id) from e
         sha = self.runtime.model_sha256
@@ -83,14 +83,14 @@ class NextItemMethods(ServiceBase):
             pred = await NextItemService(model, model_sha256=sha).predict(uid, hist, arts, cfg, as_of=when,
                                                                           candidates=candidates,
                                                                           on_ranked=on_ranked)
-            return mark_unavailable(pred, why)
+            return mark_unavailable(pred, why, notes)
 
         async def fallback() -> NextItemPrediction:
             pred = await NextItemService(None, model_sha256=sha).predict(
                 uid, hist, arts, replace(cfg, use_llm_ranking=False, explain=False), as_of=when,
                 candidates=candidates)
             pred.meta.degraded_reason = "ranked by retrieval fusion only"
-            return pred
+            return mark_unavailable(pred, None, notes)
 
         pred = await run_task(self._source(), run, use_model=use, deadline_s=self.deadline, fallback=fallback,
                               min_retry_after_s=self.min_retry_after_s)

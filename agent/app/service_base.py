@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from agent.app.data_methods import DataMethods
-from agent.app.events import Pseudonyms
+from agent.app.events import Pseudonyms, as_stored, unique_events
 from agent.app.model_holder import ModelSource
 from agent.app.policy import P, Run, run_task
 from agent.app.runtime import Runtime
@@ -82,21 +82,32 @@ class ServiceBase(DataMethods):
         return uid
 
     def history(self, dataset: str, user_id: str, events: Sequence[BehaviorEvent] | None = None,
-                *, before: datetime | None = None) -> list[BehaviorEvent]:
+                *, before: datetime | None = None, notes: list[str] | None = None) -> list[BehaviorEvent]:
         """Inline events (sorted oldest first) if given, else the stored user's events; `user_id`
         is the stored id. Review text is passed through `mask_pii` here, so e-mails and phone
         numbers never reach a prompt, whichever way the events came in.
+
+        Inline events are taken as the store would keep them (`as_stored`: caller ids
+        pseudonymised, the stored `event_id`) and each `event_id` counts once (`unique_events`,
+        the store's rule), so a retried or repeated batch does not double the history; how many
+        were dropped goes into `notes`.
 
         Raises:
             UnknownUserError: no inline events and the store has no such user.
             RequestError: inline events name other users.
         """
         if events:
-            others = sorted({e.user_id for e in events} - {user_id})
+            s = self.runtime.settings
+            stored = [as_stored(e, pseudonyms=self.pseudonyms, mask=s.mask_pii) for e in events]
+            others = sorted({e.user_id for e in stored} - {user_id})
             if others:
                 raise RequestError(f"inline events belong to other users {others[:3]}; "
                                    f"all must have user_id {user_id!r}", param="events")
-            ordered = sorted(events, key=lambda e: e.timestamp)
+            unique, dropped = unique_events(stored)
+            if dropped and notes is not None:
+                notes.append(f"inline events: {dropped} of {len(stored)} repeated an earlier event_id (the "
+                             "client's, else the content hash of an identical event) and were counted once")
+            ordered = sorted(unique, key=lambda e: e.timestamp)
             return _masked([e for e in ordered if before is None or e.timestamp < before])
         return _masked(self.runtime.store.user_events(dataset, user_id, before=before))
 

@@ -50,7 +50,8 @@ class NextItemRequest(BaseModel):
     k: int = Field(default=5, ge=1, le=20, strict=True, description="how many items")
     events: list[ApiEvent] | None = Field(
         default=None, description="the user's events, for users the store has not seen (all with this "
-        "user_id); when given, the store is not read")
+        "user_id); when given, the store is not read. Each event_id counts once, as in POST /v1/events "
+        "(the client's, else the content hash), so a retried batch is not doubled; meta.notes says so")
     as_of: Annotated[
         str | int | float | None,
         BeforeValidator(not_a_boolean),
