@@ -63,7 +63,13 @@ class DataMethods:
         await self.state.warm_up()
 
     def index_states(self) -> dict[str, str]:
+        """Every stored dataset's index state (`AppState.index_state`). Blocking SQLite reads."""
         return self.state.index_states()
+
+    def readiness(self) -> tuple[dict[str, str], list[str]]:
+        """(every dataset's index state, why the instance is not ready; [] when it is): see
+        `AppState.readiness`. Blocking SQLite reads."""
+        return self.state.readiness()
 
     # ---- training -------------------------------------------------------------------------
     def train(self, dataset: str, *, users: int = 2000, seed: int = 0,

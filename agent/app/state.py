@@ -38,6 +38,9 @@ class AppState:
         self.audience: dict[str, AudienceIndex] = {}
         self.dataset_ends: dict[str, datetime] = {}
         self.indexes: dict[str, str] = {}  # dataset -> "loading" | "ready" | "unusable: ..." | "failed: ..."
+        # the startup warm-up: True while it lists the datasets, then the ones it has yet to load
+        self.warm_listing = False
+        self.warming: set[str] = set()
         self.index_locks: dict[str, asyncio.Lock] = {}
         self.write_lock = asyncio.Lock()  # one writer at a time: ingest order and deletes stay simple
         self.progressive = ProgressiveJobs()  # progressive next-item answers, by recommendation id
@@ -131,32 +134,70 @@ class AppState:
             self.indexes[dataset] = "ready"
 
     async def warm_up(self) -> None:
-        """Load every stored dataset's indexes (failures are recorded in `indexes`)."""
-        for d in await asyncio.to_thread(self.runtime.store.datasets):
-            try:
-                await self.ensure_indexes(d)
-            except Exception as e:  # recorded in self.indexes and reported by readiness checks
-                log.warning("indexes for %s not loaded: %s", d, e)
+        """Load every stored dataset's indexes (failures are recorded in `indexes`). Until each
+        dataset stored at start is loaded (or has failed), `readiness` says not ready."""
+        self.warm_listing = True
+        try:
+            datasets = await asyncio.to_thread(self.runtime.store.datasets)
+            self.warming = set(datasets)
+            self.warm_listing = False
+            for d in datasets:
+                try:
+                    await self.ensure_indexes(d)
+                except Exception as e:  # recorded in self.indexes and reported by readiness checks
+                    log.warning("indexes for %s not loaded: %s", d, e)
+                finally:
+                    self.warming.discard(d)
+        finally:
+            self.warm_listing, self.warming = False, set()
+
+    def index_state(self, dataset: str, *, has_items: bool | None = None) -> str:
+        """One stored dataset's index state, as /v1/datasets and /readyz report it: ``ready``
+        (loaded in this process), ``loading`` (being loaded or built now), ``built`` (on disk;
+        loaded by the first request), ``not built`` (the first request builds it), ``unusable:
+        ...`` (no catalogue: nothing to index) or ``failed: ...``. Blocking: a file check and at
+        most one indexed lookup (`has_items`, when the caller has not counted the items)."""
+        state = self.indexes.get(dataset)
+        if self.runtime.loaded_artifacts(dataset) is not None or state == "ready":
+            return "ready"
+        if state is not None and (state == "loading" or state.startswith("failed")):
+            return state
+        if not (self.runtime.store.has_items(dataset) if has_items is None else has_items):
+            return (f"unusable: no catalogue; next-item and audience need one (`shoplens ingest --events FILE "
+                    f"--name {dataset}` derives it from the file's events, or add --catalog FILE)")
+        # an earlier "unusable" (no catalogue then) is stale now that there are items: the next request builds
+        manifest = self.runtime.settings.index_dir(dataset) / "items" / "manifest.json"
+        return "built" if manifest.exists() else "not built"
 
     def index_states(self) -> dict[str, str]:
-        """Every stored dataset's index state: ``ready``, ``loading``, ``not loaded``, ``unusable: ...``
-        or ``failed: ...``."""
-        return {d: "not loaded" for d in self.runtime.store.datasets()} | self.indexes
+        """Every stored dataset's `index_state`."""
+        return {d: self.index_state(d) for d in self.runtime.store.datasets()}
+
+    def readiness(self) -> tuple[dict[str, str], list[str]]:
+        """(every stored dataset's `index_state`, why the instance is not ready: [] when it is).
+
+        Not ready while the startup warm-up is loading the datasets stored at start, and when
+        no dataset can serve (every one failed). A dataset created or changed since (for example
+        by ``POST /v1/events`` with ``create``) never holds the others back: it is ``not built``
+        or ``loading`` until a request builds it, or ``unusable`` without a catalogue. Blocking.
+        """
+        states = self.index_states()
+        if self.warm_listing:
+            return states, ["indexes: listing the datasets to load at startup"]
+        problems = [f"indexes {d}: {states.get(d, 'not loaded')} (startup warm-up)" for d in sorted(self.warming)]
+        if not problems and states and all(v.startswith("failed") for v in states.values()):
+            problems = [f"indexes {d}: {v}" for d, v in states.items()] + ["no dataset can serve"]
+        return states, problems
 
     def summary(self, dataset: str) -> DatasetSummary:
         """Counts, index state and embedder of one stored dataset.
 
-        `indexes`: ``ready`` (loaded in this process), ``built`` (on disk, loaded on first use),
-        ``not built``, ``loading``, ``unusable: ...`` or ``failed: ...``. `embedder`: the one the
-        indexes were built with, else the one a build would use.
+        `indexes`: `index_state`. `embedder`: the one the indexes were built with, else the one a
+        build would use.
         """
         counts = self.runtime.store.counts(dataset)
         manifest = self.runtime.settings.index_dir(dataset) / "items" / "manifest.json"
-        state = self.indexes.get(dataset)
-        if self.runtime.loaded_artifacts(dataset) is not None:
-            state = "ready"
-        elif state is None:
-            state = "built" if manifest.exists() else "not built"
+        state = self.index_state(dataset, has_items=counts["items"] > 0)
         embedder = None
         if manifest.exists():
             try:

@@ -159,6 +159,11 @@ class EventStore:
             for table in ("items", "events")
         )
 
+    def has_items(self, dataset: str) -> bool:
+        """True when the dataset has a catalogue (one indexed lookup)."""
+        row = self._conn().execute("SELECT 1 FROM items WHERE dataset = ? LIMIT 1", (dataset,)).fetchone()
+        return row is not None
+
     def counts(self, dataset: str) -> dict[str, int]:
         c = self._conn()
         n_events, n_users = c.execute(

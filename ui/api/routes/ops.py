@@ -24,12 +24,13 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses=R503)
 async def readyz(api: Api, svc: Service) -> Any:
-    """Ready: the model answered a real 1-token completion (cached a few seconds) and every
-    dataset with a catalogue has its indexes loaded. No key needed; 503 says why not."""
+    """Ready: the model answered a real 1-token completion (cached a few seconds), the startup
+    warm-up has loaded the datasets stored at start, and some dataset can serve; `indexes` names
+    each dataset's state (a dataset created since is ``not built`` until its first request
+    builds it, and keeps no other dataset from serving). No key needed; 503 says why not."""
     ok, why = await api.holder.probe()
-    idx = await asyncio.to_thread(svc.index_states)
-    pending = [d for d, v in idx.items() if v in ("loading", "not loaded") or v.startswith("failed")]
-    problems = ([] if ok else [f"model: {why}"]) + [f"indexes {d}: {idx[d]}" for d in pending]
+    idx, pending = await asyncio.to_thread(svc.readiness)
+    problems = ([] if ok else [f"model: {why}"]) + pending
     if problems:
         return JSONResponse(
             {"error": {"message": "not ready: " + "; ".join(problems), "type": "service_unavailable",
