@@ -214,8 +214,10 @@ def test_auth_401_without_key_403_with_wrong_key(api: httpx.Client, method: str,
 def test_metrics_need_an_operator_key_and_client_routes_a_client_key(api: httpx.Client) -> None:
     url = str(api.base_url)
     assert httpx.get(f"{url}/metrics", headers=OP).status_code == 200
-    assert_envelope(httpx.get(f"{url}/metrics", headers=AUTH), 403, code="operator_key_required")
-    assert_envelope(httpx.get(f"{url}/v1/datasets", headers=OP), 403, code="invalid_api_key")
+    err = assert_envelope(httpx.get(f"{url}/metrics", headers=AUTH), 403, code="insufficient_scope")
+    assert "`operator` scope" in err["message"]
+    err = assert_envelope(httpx.get(f"{url}/v1/datasets", headers=OP), 403, code="insufficient_scope")
+    assert "`predict` scope" in err["message"]
 
 
 def test_datasets_lists_counts_index_state_and_embedder(api: httpx.Client, workspace: Path) -> None:

@@ -422,9 +422,15 @@ def serve_cmd(
     Uses the embedded model unless SHOPLENS_LLM_BASE_URL points at a server; routes and
     examples are in docs/api.md.
     """
-    from ui.api import serve
+    from pydantic import ValidationError
 
-    serve(host, port, load_settings(workspace=workspace, llm_profile=profile), with_ui=ui)
+    from ui.api import ApiSettings, serve
+
+    try:
+        api = ApiSettings()
+    except ValidationError as e:  # e.g. a key entry with an unknown scope, named by its position
+        raise _fail("; ".join(x["msg"].removeprefix("Value error, ") for x in e.errors())) from None
+    serve(host, port, load_settings(workspace=workspace, llm_profile=profile), api, with_ui=ui)
 
 
 @app.command("ui")

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from agent.app.precompute import RefreshWorker
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
-from ui.api.config import ApiSettings
+from ui.api.config import CLIENT_SCOPES, SCOPES, ApiSettings
 from ui.api.deps import ApiContext
 from ui.api.errors import install_error_handlers
 from ui.api.metrics import Metrics
@@ -52,6 +52,12 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not ctx.auth.hashes and not ctx.auth.allow_anonymous:
             log.warning("no API keys configured: every protected route answers 401 (set SHOPLENS_API_KEYS)")
+        if unscoped := settings.unscoped_key_count():
+            one = unscoped == 1
+            log.info("%d SHOPLENS_API_KEYS %s no scopes and %s every client scope (%s), as before scopes "
+                     "existed; append :scope+scope to an entry to narrow it (docs/api.md#scopes)", unscoped,
+                     "entry names" if one else "entries name", "keeps" if one else "keep",
+                     ", ".join(s for s in SCOPES if s in CLIENT_SCOPES))
         holder.start()
         warm = asyncio.create_task(ctx.service.warm_up(), name="shoplens-warm-indexes")
         if settings.refresh_worker:

@@ -9,27 +9,42 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
+# What a key may do. predict: every prediction route (next-item with its batch, poll and SSE,
+# the task routes, /v1/datasets) and the chat at /ui; events:write: POST /v1/events and
+# POST /v1/feedback; users: GET/DELETE /v1/users/...; operator: /metrics and
+# /v1/feedback/report. /healthz and /readyz need no key (orchestrators send none).
+Scope = Literal["predict", "events:write", "users", "operator"]
+SCOPES: tuple[Scope, ...] = get_args(Scope)
+# A SHOPLENS_API_KEYS entry without scopes keeps what a client key always had; operator stays
+# a deliberate grant (SHOPLENS_OPERATOR_KEYS, or ":operator"), so a scraper's key reads no user data.
+CLIENT_SCOPES: frozenset[Scope] = frozenset({"predict", "events:write", "users"})
+OPERATOR_SCOPES: frozenset[Scope] = frozenset({"operator"})
+# "sha256:<64 hex>" optionally followed by ":scope+scope" (the scope names contain ':' themselves,
+# so the hash's fixed length is what delimits them).
+_ENTRY = re.compile(r"^sha256:([0-9a-f]{64})(?::(.*))?$", re.IGNORECASE)
 # Fields that moved to the agent's Settings: passing one here is a mistake, not a no-op.
 MOVED_TO_SETTINGS = ("model_call_timeout_s", "model_retries", "model_max_concurrency", "model_cooldown_s",
                      "request_timeout_s", "pseudonymise_key", "mask_pii")
 
 
 class ApiSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SHOPLENS_", extra="ignore")
+    # hide_input_in_errors: a validation error must never echo the environment (plaintext keys).
+    model_config = SettingsConfigDict(env_prefix="SHOPLENS_", extra="ignore", hide_input_in_errors=True)
 
     # --- auth ------------------------------------------------------------------------------
     # Comma-separated. An entry "sha256:<64 hex>" is the sha256 of a key (preferred: the
-    # plaintext never reaches the server's environment); any other entry is a plaintext key,
-    # hashed at startup and then dropped. `python -m ui.api.keys` makes a key and its hash.
+    # plaintext never reaches the server's environment); "sha256:<64 hex>:predict+users" gives
+    # that key only those scopes (SCOPES); without scopes a key has CLIENT_SCOPES, as every
+    # key had before scopes existed. Any other entry is a plaintext key (no scopes), hashed at
+    # startup and then dropped. `python -m ui.api.keys --scope predict` makes a key and its entry.
     api_keys: SecretStr = SecretStr("")
-    # Operator keys (same forms, comma-separated): the only keys /metrics accepts. A client key
-    # gets 403 there, so scraping needs a key that reads no user data.
+    # Operator keys (the same forms, without scopes): keys with the operator scope only, for
+    # /metrics and /v1/feedback/report, so scraping needs a key that reads no user data.
     operator_keys: SecretStr = SecretStr("")
     # Without keys every protected route answers 401; this opens them (local development only).
     allow_anonymous: bool = False
@@ -94,24 +109,77 @@ class ApiSettings(BaseSettings):
                              "not ApiSettings; the environment names are unchanged")
         return data
 
-    def key_hashes(self) -> frozenset[str]:
-        """sha256 hex digests of the client keys (plaintext entries hashed here)."""
-        return _hashes(self.api_keys)
+    @model_validator(mode="after")
+    def _keys_parse(self) -> ApiSettings:
+        self.key_scopes()  # a malformed entry is a startup error, not a key that never matches
+        return self
 
-    def operator_key_hashes(self) -> frozenset[str]:
-        """sha256 hex digests of the operator keys (plaintext entries hashed here)."""
-        return _hashes(self.operator_keys)
+    def key_scopes(self) -> dict[str, frozenset[Scope]]:
+        """sha256 hex digest -> scopes, for every configured key (plaintext entries hashed here;
+        a key listed twice, or in both lists, has the union of its scopes).
+
+        Raises:
+            ValueError: a malformed entry, named by its variable and 1-based position (never by
+                its text, which may be a plaintext key), with the valid scopes.
+        """
+        out: dict[str, frozenset[Scope]] = {}
+        for var, keys, default in (("SHOPLENS_API_KEYS", self.api_keys, CLIENT_SCOPES),
+                                   ("SHOPLENS_OPERATOR_KEYS", self.operator_keys, OPERATOR_SCOPES)):
+            for digest, scopes in parse_key_entries(keys.get_secret_value(), default, var=var,
+                                                    scoped=var == "SHOPLENS_API_KEYS"):
+                out[digest] = out.get(digest, frozenset()) | scopes
+        return out
+
+    def unscoped_key_count(self) -> int:
+        """How many SHOPLENS_API_KEYS entries name no scopes (and so have CLIENT_SCOPES)."""
+        entries = [e.strip() for e in self.api_keys.get_secret_value().split(",") if e.strip()]
+        return sum(1 for e in entries if (m := _ENTRY.match(e)) is None or m.group(2) is None)
 
 
-def _hashes(keys: SecretStr) -> frozenset[str]:
-    out = set()
-    for entry in keys.get_secret_value().split(","):
-        entry = entry.strip()
+def parse_key_entries(text: str, default: frozenset[Scope], *, var: str,
+                      scoped: bool = True) -> list[tuple[str, frozenset[Scope]]]:
+    """(sha256 hex digest, scopes) per entry of a comma-separated key list.
+
+    Args:
+        text: the variable's value: entries "sha256:<64 hex>", "sha256:<64 hex>:scope+scope"
+            or a plaintext key; empty entries are skipped.
+        default: the scopes of an entry that names none.
+        var: the variable's name, for error messages.
+        scoped: whether entries may name scopes.
+
+    Raises:
+        ValueError: "<var> entry <n>: ..." for a malformed hash, an empty or unknown scope, or
+            scopes where they are not allowed; the entry's text is never repeated.
+    """
+    valid = ", ".join(SCOPES)
+    out: list[tuple[str, frozenset[Scope]]] = []
+    for n, raw in enumerate(text.split(","), start=1):
+        entry = raw.strip()
         if not entry:
             continue
-        m = _HASH.match(entry.lower())
-        out.add(m.group(1) if m else hash_key(entry))
-    return frozenset(out)
+        where = f"{var} entry {n}"
+        m = _ENTRY.match(entry)
+        if m is None:
+            if entry.lower().startswith("sha256:"):
+                raise ValueError(f"{where} starts with 'sha256:' but is not sha256:<64 hex digits>[:scopes]; "
+                                 "`python -m ui.api.keys` prints a well-formed entry")
+            out.append((hash_key(entry), default))
+            continue
+        digest, spec = m.group(1).lower(), m.group(2)
+        if spec is None:
+            out.append((digest, default))
+            continue
+        if not scoped:
+            raise ValueError(f"{where} names scopes; {var} entries are operator keys without scopes: "
+                             "put a scoped key in SHOPLENS_API_KEYS (sha256:<hex>:operator)")
+        names = [s.strip() for s in spec.split("+")]
+        bad = [s for s in names if s not in SCOPES]
+        if not spec.strip() or bad:
+            what = "has an empty scope" if not spec.strip() or "" in bad else f"has unknown scope {bad[0][:32]!r}"
+            raise ValueError(f"{where} {what}; valid scopes: {valid} (joined with '+', e.g. "
+                             "sha256:<hex>:predict+events:write)")
+        out.append((digest, frozenset(s for s in SCOPES if s in names)))
+    return out
 
 
 def hash_key(key: str) -> str:

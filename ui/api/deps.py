@@ -1,5 +1,6 @@
 """What the routes share, as FastAPI dependencies: the one service facade, the API's context
-(settings, metrics, the model holder) and the two key checks (client keys; operator keys)."""
+(settings, metrics, the model holder), the key check per scope (PREDICT, EVENTS_WRITE, USERS,
+OPERATOR; USERS also marks the request for the audit line)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
 
 from agent.app.model_holder import ModelHolder
 from agent.app.runtime import Runtime
@@ -15,7 +16,7 @@ from agent.app.service import ShopLensService
 from ui.api.config import ApiSettings
 from ui.api.errors import ERROR_RESPONSES, ApiError, ErrorEnvelope
 from ui.api.metrics import Metrics
-from ui.api.security import Authenticator, RateLimiter, require_key, require_operator
+from ui.api.security import Authenticator, RateLimiter, require_key
 
 
 @dataclass
@@ -67,8 +68,25 @@ def get_service(request: Request) -> ShopLensService:
 
 Api = Annotated[ApiContext, Depends(get_api)]
 Service = Annotated[ShopLensService, Depends(get_service)]
-CLIENT = [Depends(require_key)]
-OPERATOR = [Depends(require_operator)]
+
+
+def audit_user_access(request: Request) -> None:
+    """Mark a request to a user's data for the audit line `ui.api.middleware` writes when it
+    ends (with its status, so refused and failed requests are audited too): the user's stored
+    id (pseudonymised when SHOPLENS_PSEUDONYMISE_KEY is set), dataset and action."""
+    ctx: ApiContext = request.app.state.api
+    user_id = str(request.path_params.get("user_id", ""))
+    request.state.audit = {"action": "delete" if request.method == "DELETE" else "read",
+                           "user_id": ctx.service.stored_id(user_id) if user_id else None,
+                           "dataset": request.query_params.get("dataset")}
+
+
+# One scope per route (docs/api.md#scopes). The audit mark comes before the key check, so a
+# request refused for its key is audited too.
+PREDICT = [Security(require_key, scopes=["predict"])]
+EVENTS_WRITE = [Security(require_key, scopes=["events:write"])]
+USERS = [Depends(audit_user_access), Security(require_key, scopes=["users"])]
+OPERATOR = [Security(require_key, scopes=["operator"])]
 
 R404: dict[int | str, dict[str, Any]] = {404: {"model": ErrorEnvelope, "description": "unknown user (or dataset)"}}
 R503: dict[int | str, dict[str, Any]] = {503: {"model": ErrorEnvelope, "description": "not ready (see Retry-After)"}}

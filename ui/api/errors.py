@@ -139,7 +139,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorEnvelope, "description": d}
-    for s, d in [(400, "malformed JSON"), (401, "missing API key"), (403, "wrong API key"),
+    for s, d in [(400, "malformed JSON"), (401, "missing API key"),
+                 (403, "unknown API key, or one without the route's scope"),
                  (413, "body, batch or text too large"), (422, "invalid input"),
                  (429, "rate limited (see Retry-After)")]
 }

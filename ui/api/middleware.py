@@ -1,4 +1,5 @@
-"""The outermost layer: request id, body size limit, metrics, one JSON log line per request.
+"""The outermost layer: request id, body size limit, metrics, one JSON log line per request,
+and one audit line (logger ``shoplens.api.audit``) per request to a user's data.
 
 A plain ASGI middleware (no BaseHTTPMiddleware), so it also wraps errors: an exception that
 escapes the app becomes the 500 envelope here, still with its X-Request-ID.
@@ -21,6 +22,9 @@ from ui.api.metrics import Metrics
 
 log = logging.getLogger("shoplens.api")
 access_log = logging.getLogger("shoplens.api.access")
+# Every read or delete of a user's data (GET/DELETE /v1/users/...), allowed or refused: who (key
+# id), whose (stored user id: pseudonymised when configured), what (route, action) and the outcome.
+audit_log = logging.getLogger("shoplens.api.audit")
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
@@ -81,11 +85,21 @@ class ApiMiddleware:
             route = _route_template(scope)
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(scope["method"], route, str(status)).observe(dt)
+            state = scope.get("state") or {}
+            audit = state.get("audit")
+            # A user-data path holds the caller's raw user id: its line has the route instead, and
+            # the audit line has the stored (pseudonymised) id.
             access_log.info("request", extra={"fields": {
-                "request_id": rid, "method": scope["method"], "path": scope["path"], "route": route, "status": status,
+                "request_id": rid, "method": scope["method"], "path": route if audit else scope["path"],
+                "route": route, "status": status,
                 "duration_ms": round(dt * 1000, 1),
-                "key_id": (scope.get("state") or {}).get("key_id"),
+                "key_id": state.get("key_id"),
             }})
+            if audit is not None:
+                audit_log.info("user data access", extra={"fields": {
+                    "audit": True, "request_id": rid, **audit, "key_id": state.get("key_id"),
+                    "method": scope["method"], "route": route, "status": status,
+                }})
             request_id_var.reset(token)
 
     async def _buffer(self, receive: Receive) -> Receive:

@@ -1,4 +1,11 @@
-"""API keys (stored hashed, compared in constant time) and a per-key token-bucket rate limit."""
+"""API keys (stored hashed, compared in constant time) with scopes, and a per-key token-bucket
+rate limit.
+
+Routes declare the scope they need as ``Security(require_key, scopes=["users"])`` (see
+`ui.api.deps`): no key or none configured is 401, an unknown key 403 ``invalid_api_key``, a
+key without the scope 403 ``insufficient_scope`` naming it. The chat at /ui is checked by the
+same `Authenticator` (`ui.api.chat_gate`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,13 @@ import hmac
 import math
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 
-from ui.api.config import ApiSettings, hash_key
+from ui.api.config import SCOPES, ApiSettings, Scope, hash_key
 from ui.api.errors import ApiError
 
 # Declares the scheme in the OpenAPI document; the checking is ours (401 vs 403, envelope).
@@ -64,88 +72,84 @@ class RateLimiter:
 
 
 class Authenticator:
-    """Checks `Authorization: Bearer <key>` against the configured key hashes: client keys for
-    the data routes, operator keys (a separate list) for /metrics."""
+    """Checks a key against the configured key hashes and their scopes (`ApiSettings.key_scopes`):
+    the one check behind every protected route and the chat at /ui."""
 
     def __init__(self, settings: ApiSettings):
-        self.hashes = sorted(settings.key_hashes())
-        self.operator_hashes = sorted(settings.operator_key_hashes())
+        self.scopes: dict[str, frozenset[Scope]] = settings.key_scopes()
+        self.hashes = sorted(self.scopes)
         self.allow_anonymous = settings.allow_anonymous and not self.hashes
 
-    @staticmethod
-    def _match(digest: str, hashes: list[str]) -> str | None:
+    def _match(self, digest: str) -> str | None:
         # Compare against every hash, without an early exit, so timing says nothing.
         match = None
-        for h in hashes:
+        for h in self.hashes:
             if hmac.compare_digest(digest, h):
                 match = h
         return match
 
-    @staticmethod
-    def _digest(creds: HTTPAuthorizationCredentials | None) -> str:
-        if creds is None or not creds.credentials:
-            raise ApiError(401, "missing API key: send `Authorization: Bearer <key>`",
-                           code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
-        return hash_key(creds.credentials)
-
-    def key_id(self, creds: HTTPAuthorizationCredentials | None) -> str:
-        """A short, non-secret id of the caller's client key (first 12 hex of its hash) for logs
-        and rate limits.
+    def identify(self, key: str | None) -> str:
+        """The sha256 hex digest of a configured key.
 
         Raises:
             ApiError: 401 no key (or none configured), 403 a key that matches none.
         """
-        if self.allow_anonymous:
-            return "anonymous"
         if not self.hashes:
             raise ApiError(401, "no API keys are configured on this server: the operator sets "
                            "SHOPLENS_API_KEYS (see docs/api.md)", code="no_keys_configured",
                            headers={"WWW-Authenticate": "Bearer"})
-        match = self._match(self._digest(creds), self.hashes)
+        if not key:
+            raise ApiError(401, "missing API key: send `Authorization: Bearer <key>`",
+                           code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+        match = self._match(hash_key(key))
         if match is None:
             raise ApiError(403, "invalid API key", code="invalid_api_key")
-        return match[:12]
+        return match
 
-    def operator_id(self, creds: HTTPAuthorizationCredentials | None) -> str:
-        """The id of the caller's operator key (first 12 hex of its hash).
+    def check_scopes(self, digest: str, needed: Iterable[str]) -> str:
+        """The key id (first 12 hex of its hash) of a configured key that has every `needed` scope.
 
         Raises:
-            ApiError: 401 no key (or no operator keys configured), 403 a client key
-                (``operator_key_required``) or a key that matches none.
+            ApiError: 403 ``insufficient_scope`` naming the first scope the key lacks.
         """
-        if self.allow_anonymous and not self.operator_hashes:
+        have = self.scopes.get(digest, frozenset())
+        for scope in needed:
+            if scope not in have:
+                raise ApiError(403, f"this key lacks the `{scope}` scope this route needs (it has: "
+                               f"{', '.join(s for s in SCOPES if s in have) or 'none'}); the operator grants "
+                               "scopes in SHOPLENS_API_KEYS (docs/api.md#scopes)", code="insufficient_scope",
+                               headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'})
+        return digest[:12]
+
+    def authorize(self, key: str | None, needed: Iterable[str]) -> str:
+        """The key id of `key` when it is configured and has every `needed` scope; "anonymous"
+        when the server runs without keys and SHOPLENS_ALLOW_ANONYMOUS is set.
+
+        Raises:
+            ApiError: 401 no key (or none configured), 403 an unknown key (``invalid_api_key``)
+                or one without a needed scope (``insufficient_scope``, naming it).
+        """
+        if self.allow_anonymous:
             return "anonymous"
-        if not self.operator_hashes:
-            raise ApiError(401, "no operator keys are configured on this server: the operator sets "
-                           "SHOPLENS_OPERATOR_KEYS (see docs/api.md)", code="no_keys_configured",
-                           headers={"WWW-Authenticate": "Bearer"})
-        digest = self._digest(creds)
-        match = self._match(digest, self.operator_hashes)
-        if match is not None:
-            return match[:12]
-        if self._match(digest, self.hashes) is not None:
-            raise ApiError(403, "this is a client key; this route needs an operator key "
-                           "(SHOPLENS_OPERATOR_KEYS)", code="operator_key_required")
-        raise ApiError(403, "invalid API key", code="invalid_api_key")
+        return self.check_scopes(self.identify(key), needed)
 
 
 async def require_key(
-    request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),  # noqa: B008
+    request: Request, security_scopes: SecurityScopes,
+    creds: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),  # noqa: B008
 ) -> str:
-    """FastAPI dependency: authenticate a client key, then rate-limit; returns the key id."""
-    api = request.app.state.api
-    key_id = api.auth.key_id(creds)
-    request.state.key_id = key_id
-    api.limiter.check(key_id)
-    return key_id
+    """FastAPI dependency, used as ``Security(require_key, scopes=[...])``: authenticate the
+    bearer key, check it has the route's scopes, then rate-limit; returns the key id.
 
-
-async def require_operator(
-    request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),  # noqa: B008
-) -> str:
-    """FastAPI dependency: authenticate an operator key, then rate-limit; returns the key id."""
+    A known key's id is on ``request.state.key_id`` (the access and audit lines) even when the
+    key is refused for a scope it lacks."""
     api = request.app.state.api
-    key_id = api.auth.operator_id(creds)
-    request.state.key_id = key_id
+    auth: Authenticator = api.auth
+    if auth.allow_anonymous:
+        key_id = request.state.key_id = "anonymous"
+    else:
+        digest = auth.identify(creds.credentials if creds else None)
+        request.state.key_id = digest[:12]
+        key_id = auth.check_scopes(digest, security_scopes.scopes)
     api.limiter.check(key_id)
     return key_id

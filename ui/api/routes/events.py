@@ -1,4 +1,5 @@
-"""Events in and out: POST /v1/events, GET /v1/users/{user_id}/events, DELETE /v1/users/{user_id}."""
+"""Events in and out: POST /v1/events (scope events:write), GET /v1/users/{user_id}/events and
+DELETE /v1/users/{user_id} (scope users; each request leaves one audit line, see ui.api.middleware)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from ui.api.deps import CLIENT, WITH_404, Api, Service
+from ui.api.deps import EVENTS_WRITE, USERS, WITH_404, Api, Service
 from ui.api.errors import ERROR_RESPONSES
 from ui.api.schemas import DatasetName, DeleteResponse, IngestRequest, IngestResponse, UserEvents
 
-router = APIRouter(tags=["events"], dependencies=CLIENT)
+router = APIRouter(tags=["events"])
 UserPath = Annotated[str, Path(min_length=1, max_length=256)]
 DatasetQuery = Annotated[DatasetName, Query()]
 
 
-@router.post("/v1/events", response_model=IngestResponse, responses=ERROR_RESPONSES)
+@router.post("/v1/events", response_model=IngestResponse, dependencies=EVENTS_WRITE, responses=ERROR_RESPONSES)
 async def ingest_events(body: IngestRequest, api: Api, svc: Service) -> IngestResponse:
     """Batch ingest. Each event is validated on its own: good ones are stored (committed to
     SQLite before this response), bad ones come back in `errors`. Idempotent by `event_id`
@@ -31,7 +32,7 @@ async def ingest_events(body: IngestRequest, api: Api, svc: Service) -> IngestRe
     return IngestResponse(**dict(out))
 
 
-@router.get("/v1/users/{user_id}/events", response_model=UserEvents, responses=WITH_404)
+@router.get("/v1/users/{user_id}/events", response_model=UserEvents, dependencies=USERS, responses=WITH_404)
 async def user_events(
     user_id: UserPath, dataset: DatasetQuery, svc: Service,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -41,7 +42,7 @@ async def user_events(
     return UserEvents(**dict(await svc.user_events(dataset, user_id, offset=offset, limit=limit)))
 
 
-@router.delete("/v1/users/{user_id}", response_model=DeleteResponse, responses=WITH_404)
+@router.delete("/v1/users/{user_id}", response_model=DeleteResponse, dependencies=USERS, responses=WITH_404)
 async def delete_user(user_id: UserPath, dataset: DatasetQuery, svc: Service) -> DeleteResponse:
     """Delete a user's events and remove the user from the retrieval indexes (user index,
     similar-user lists, refitted co-visitation and popularity), saved to disk."""

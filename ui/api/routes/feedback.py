@@ -1,4 +1,4 @@
-"""Recommendation feedback: POST /v1/feedback (client keys), GET /v1/feedback/report (operator keys).
+"""Recommendation feedback: POST /v1/feedback (scope events:write), GET /v1/feedback/report (scope operator).
 
 Every next-item answer carries a `recommendation_id`; clients report what the user saw
 (impressions), clicked and bought against it. Each event is counted in
@@ -17,7 +17,7 @@ from agent.app.events import out_of_range_timestamp
 from agent.app.feedback import FeedbackKind, FeedbackReport, Stage
 from agent.domain.errors import RequestError
 from agent.domain.schemas import parse_timestamp
-from ui.api.deps import CLIENT, OPERATOR, Api, Service
+from ui.api.deps import EVENTS_WRITE, OPERATOR, Api, Service
 from ui.api.errors import ERROR_RESPONSES
 from ui.api.schemas import DatasetName, ItemId, not_a_boolean
 
@@ -70,7 +70,7 @@ def _unix_seconds(value: str | int | float | None) -> float | None:
         raise RequestError(f"timestamp: {e}", code="invalid_timestamp", param="timestamp") from e
 
 
-@router.post("/v1/feedback", response_model=FeedbackResponse, dependencies=CLIENT, responses=ERROR_RESPONSES)
+@router.post("/v1/feedback", response_model=FeedbackResponse, dependencies=EVENTS_WRITE, responses=ERROR_RESPONSES)
 async def feedback(body: FeedbackRequest, api: Api, svc: Service) -> FeedbackResponse:
     """Record an impression, click or purchase of an item a recommendation showed.
 
@@ -89,7 +89,7 @@ async def feedback(body: FeedbackRequest, api: Api, svc: Service) -> FeedbackRes
             responses=ERROR_RESPONSES)
 async def feedback_report(svc: Service, dataset: Annotated[DatasetName | None, Query()] = None) -> FeedbackReport:
     """Click-through of what was shown, overall and by answer stage: impressions, clicks,
-    purchases, CTR with its 95% Wilson interval, and CTR by shown position. Operator keys only.
+    purchases, CTR with its 95% Wilson interval, and CTR by shown position. Needs the operator scope.
     The same report as `shoplens eval feedback --json`."""
     return await asyncio.to_thread(svc.feedback_report, dataset)
 

@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse
 from agent.app.answers import NextItemBatch, StoredAnswer
 from agent.app.events import parse_as_of
 from agent.app.progressive import NextItemAnswer
-from ui.api.deps import CLIENT, WITH_404, Api, Service
+from ui.api.deps import PREDICT, WITH_404, Api, Service
 from ui.api.errors import ApiError
 from ui.api.schemas import NextItemBatchRequest, NextItemRequest
 
@@ -22,7 +22,7 @@ router = APIRouter(tags=["tasks"])
 RecId = Annotated[str, Path(min_length=1, max_length=64, description="the answer's recommendation_id")]
 
 
-@router.post("/v1/next-item", response_model=StoredAnswer | NextItemAnswer, dependencies=CLIENT,
+@router.post("/v1/next-item", response_model=StoredAnswer | NextItemAnswer, dependencies=PREDICT,
              responses=WITH_404)
 async def next_item(body: NextItemRequest, api: Api, svc: Service) -> NextItemAnswer:
     """Top-k next items, each with a reason citing the user's own events.
@@ -55,7 +55,7 @@ async def next_item(body: NextItemRequest, api: Api, svc: Service) -> NextItemAn
     return svc.answered(body.dataset, body.user_id, pred, asked_model=body.use_llm)
 
 
-@router.post("/v1/next-item/batch", response_model=NextItemBatch, dependencies=CLIENT, responses=WITH_404)
+@router.post("/v1/next-item/batch", response_model=NextItemBatch, dependencies=PREDICT, responses=WITH_404)
 async def next_item_batch(body: NextItemBatchRequest, api: Api, svc: Service) -> NextItemBatch:
     """Top-k next items for many stored users: each user's precomputed answer when `stored` and
     there is one (milliseconds), else the served pipeline now (without the model unless
@@ -73,7 +73,7 @@ async def next_item_batch(body: NextItemBatchRequest, api: Api, svc: Service) ->
     return out
 
 
-@router.get("/v1/next-item/{recommendation_id}", response_model=NextItemAnswer, dependencies=CLIENT,
+@router.get("/v1/next-item/{recommendation_id}", response_model=NextItemAnswer, dependencies=PREDICT,
             responses=WITH_404)
 async def next_item_poll(
     recommendation_id: RecId, svc: Service,
@@ -88,7 +88,7 @@ async def next_item_poll(
     return job.snapshot()
 
 
-@router.get("/v1/next-item/{recommendation_id}/events", dependencies=CLIENT, responses=WITH_404,
+@router.get("/v1/next-item/{recommendation_id}/events", dependencies=PREDICT, responses=WITH_404,
             response_class=EventSourceResponse)
 async def next_item_events(recommendation_id: RecId, svc: Service) -> EventSourceResponse:
     """Server-Sent Events: `fast`, `refined` and `explained` (each the whole answer at that stage,

@@ -12,7 +12,7 @@ from agent.domain.predictions import (
     SessionIntentPrediction,
     UserProfile,
 )
-from ui.api.deps import CLIENT, R503_MODEL, WITH_404, Api, Service
+from ui.api.deps import PREDICT, R503_MODEL, WITH_404, Api, Service
 from ui.api.errors import ERROR_RESPONSES, ApiError
 from ui.api.schemas import (
     AudienceRequest,
@@ -24,7 +24,7 @@ from ui.api.schemas import (
     SessionIntentRequest,
 )
 
-router = APIRouter(tags=["tasks"], dependencies=CLIENT)
+router = APIRouter(tags=["tasks"], dependencies=PREDICT)
 
 
 @router.post("/v1/purchase-intent", response_model=IntentPrediction, responses=WITH_404)
