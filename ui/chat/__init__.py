@@ -1,8 +1,8 @@
 """The merchandiser chat UI (Gradio). Thin: it calls `agent.chat.router.ChatAgent` and renders.
 
 Entry points for the CLI: `build_chat_app(runtime)` (a `gr.Blocks`), `mount_chat(fastapi_app,
-runtime, path="/ui")` for ``shoplens serve`` and `launch(host, port, settings)` for
-``shoplens ui``. Gradio is imported on first use (the ``ui`` extra), never at package import.
+runtime, path="/ui")` for ``shoplens serve`` (which puts the mount behind the API's keys, scope
+`predict`: `ui.api.chat_gate`) and `launch(host, port, settings)` for ``shoplens ui``. Gradio is imported on first use (the ``ui`` extra), never at package import.
 """
 
 from __future__ import annotations

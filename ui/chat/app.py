@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -180,7 +180,15 @@ def build_chat_app(runtime: Runtime, *, use_model: bool = True,
     return app
 
 
-def mount_chat(fastapi_app: Any, runtime: Runtime, path: str = "/ui", **kwargs: Any) -> Any:
-    """Mount the chat on an existing FastAPI app (beside the JSON API); returns the app."""
+def mount_chat(fastapi_app: Any, runtime: Runtime, path: str = "/ui", *,
+               auth_dependency: Callable[[Any], str | None] | None = None, **kwargs: Any) -> Any:
+    """Mount the chat on an existing FastAPI app (beside the JSON API); returns the app.
+
+    `auth_dependency` (request -> user id or None) is Gradio's: None refuses its routes with 401.
+    `shoplens serve` mounts it with `ui.api.chat_gate.mount_gated_chat`, which passes
+    `gradio_user` here and puts the whole mount behind the API's keys; `kwargs` go to
+    `build_chat_app`.
+    """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    return gr.mount_gradio_app(fastapi_app, build_chat_app(runtime, **kwargs).queue(), path=path)
+    return gr.mount_gradio_app(fastapi_app, build_chat_app(runtime, **kwargs).queue(), path=path,
+                               auth_dependency=auth_dependency)
