@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     # How the model scores next-item candidates: "verbalizer" (letter labels, `permutations`
     # calls) or "pointwise" (one yes/no call per candidate, position-free; docs/results.md).
     llm_scorer: Literal["verbalizer", "pointwise"] = "verbalizer"
+    # The model's share of the served next-item score: final = w * model + (1 - w) * retrieval
+    # fusion (NextItemConfig.llm_weight). 0.5 is set by hand and no dataset has shown a
+    # significant gain from it; on Online Retail (leave-one-out, 20 random candidates, n=100) it
+    # cost NDCG@10 (docs/results.md), so measure yours with `shoplens eval next-item --ranker
+    # pipeline` and lower it. 0 keeps the model's scores in `source_scores` without moving the
+    # ranking.
+    llm_weight: float = Field(default=0.5, ge=0.0, le=1.0)
 
     @classmethod
     def settings_customise_sources(

@@ -471,3 +471,25 @@ async def test_a_reviewed_item_counts_as_owned_and_is_excluded_like_a_purchase(
     assert "g1" in {i.item_id for i in plain.items}  # only viewed: still a candidate
     again = await svc.predict("u6", events, artifacts, NextItemConfig(k=11, repurchase=True))
     assert "g2" in {i.item_id for i in again.items}
+
+
+async def test_the_served_llm_weight_comes_from_settings_and_zero_keeps_the_retrieval_order(
+    tmp_path: Path, artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    from dataclasses import replace
+
+    from agent.app.runtime import Runtime
+    from agent.app.service import ShopLensService
+    from agent.settings import Settings
+
+    cfg = ShopLensService(Runtime(Settings(workspace=tmp_path / "a", llm_weight=0.0)),
+                          use_model=False).next_item_config(k=5)
+    assert cfg.llm_weight == 0.0
+    assert ShopLensService(Runtime(Settings(workspace=tmp_path / "b")), use_model=False
+                           ).next_item_config(k=5).llm_weight == 0.5
+    # w = 0: the model is asked and its scores are kept, but the order is retrieval's alone
+    model = scripted_model([], verbalizer=label_reply)
+    pred = await NextItemService(model).predict("u1", u1_events, artifacts,
+                                                replace(NextItemConfig(k=5, explain=False), llm_weight=0.0))
+    assert [i.item_id for i in pred.items] == candidate_ids(artifacts, u1_events)[:5]
+    assert all("llm" in i.source_scores for i in pred.items)

@@ -41,12 +41,13 @@ class NextItemMethods(ServiceBase):
 
     # ---- next item ------------------------------------------------------------------------
     def next_item_config(self, *, k: int = 5, repurchase: bool = False, use_model: bool = True) -> NextItemConfig:
-        """The next-item configuration from `Settings` (candidates, LLM scorer, permutations, window,
-        attempts): the one configuration the API, the CLI and the chat start from."""
+        """The next-item configuration from `Settings` (candidates, LLM scorer and weight,
+        permutations, window, attempts): the one configuration the API, the CLI, the chat and the
+        eval harness's `--ranker pipeline` start from."""
         s = self.runtime.settings
         return NextItemConfig(k=k, repurchase=repurchase, use_llm_ranking=use_model, explain=use_model,
                               n_candidates=max(s.n_candidates, k), permutations=s.permutations,
-                              llm_scorer=s.llm_scorer, window=s.history_window,
+                              llm_scorer=s.llm_scorer, llm_weight=s.llm_weight, window=s.history_window,
                               max_attempts=s.llm_max_attempts,
                               prompt_budget_tokens=s.prompt_budget_tokens or None)
 
