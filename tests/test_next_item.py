@@ -456,6 +456,13 @@ async def test_recently_touched_items_come_back_with_a_reason_that_cites_their_o
     assert (text, refs) == ("[retrieval fallback] Recently added to cart by this customer (E4).", ["E4"])
     text, refs = fallback_reason(Candidate("c1", {"recent": 1.0}), hist, artifacts, cold=False)
     assert (text, refs) == ("[retrieval fallback] Recently viewed by this customer (E5).", ["E5"])
+    # the user's own event explains the item even when another source scores it higher (an item
+    # is always its own nearest embedding neighbour)
+    text, refs = fallback_reason(Candidate("c1", {"embedding": 1.0, "recent": 0.3}), hist, artifacts, cold=False)
+    assert (text, refs) == ("[retrieval fallback] Recently viewed by this customer (E5).", ["E5"])
+    # an item the user never touched is explained by a neighbour, never by itself
+    text, refs = fallback_reason(Candidate("c2", {"embedding": 1.0}), hist, artifacts, cold=False)
+    assert not text.startswith("[retrieval fallback] Recently") and refs != []
 
 
 async def test_a_reviewed_item_counts_as_owned_and_is_excluded_like_a_purchase(
@@ -493,3 +500,14 @@ async def test_the_served_llm_weight_comes_from_settings_and_zero_keeps_the_retr
                                                 replace(NextItemConfig(k=5, explain=False), llm_weight=0.0))
     assert [i.item_id for i in pred.items] == candidate_ids(artifacts, u1_events)[:5]
     assert all("llm" in i.source_scores for i in pred.items)
+
+
+async def test_an_item_the_catalogue_lacks_is_never_recommended(artifacts: DatasetArtifacts) -> None:
+    # POST /v1/events takes any item id; the user's last event names one the catalogue lacks
+    events = [BehaviorEvent(user_id="u7", item_id="t1", event_type="view", timestamp="2011-12-05T10:00:00Z"),
+              BehaviorEvent(user_id="u7", item_id="NOT-IN-CATALOG", event_type="view",
+                            timestamp="2011-12-05T11:00:00Z")]
+    pred = await NextItemService(None).predict("u7", events, artifacts, NextItemConfig(k=5))
+    assert "NOT-IN-CATALOG" not in {i.item_id for i in pred.items}
+    assert "t1" in {i.item_id for i in pred.items}  # the catalogue item the user viewed comes back
+    assert "1 item(s) of this history are not in the catalogue and are never recommended" in pred.meta.notes

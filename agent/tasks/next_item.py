@@ -123,7 +123,13 @@ class NextItemService:
             cands = generator.score(item_seq, candidates, user_id=user_id)
         else:
             exclude = set() if cfg.repurchase else set(hist.purchased_items)
-            cands = generator.generate(item_seq, n=cfg.n_candidates, user_id=user_id, exclude=exclude)
+            # only catalogue items are recommended: events may name items the catalogue lacks
+            # (POST /v1/events accepts any id), and `recent` and co-visitation would return them
+            unknown = {i for i in item_seq if i not in artifacts.catalog}
+            cands = generator.generate(item_seq, n=cfg.n_candidates, user_id=user_id, exclude=exclude | unknown)
+            if unknown:
+                trace.notes.append(f"{len(unknown)} item(s) of this history are not in the catalogue and are "
+                                   "never recommended")
         cold = not events
         # the model scores the best n_candidates by fusion (all of them unless a caller sent more)
         head, tail = cands[: cfg.n_candidates], cands[cfg.n_candidates:]
@@ -387,6 +393,8 @@ def _hint(c: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> str:
     best = max(c.source_scores.items(), key=lambda kv: kv[1], default=(None, 0))[0]
     ref = _anchor(c, hist, artifacts)
     line = hist.resolve(ref) if ref else None
+    if line is not None and line.event.item_id == c.item_id:
+        return f"recently {event_verb(line.event.event_type)} by this customer ({ref})"
     anchor = f"{ref}: {artifacts.title(line.event.item_id)}" if line else None
     if best == "covisit" and anchor:
         return f"often bought with {anchor}"
@@ -394,8 +402,6 @@ def _hint(c: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> str:
         return f"similar to {anchor}"
     if best == "similar_users":
         return "bought by similar customers" + (f"; closest to {anchor}" if anchor else "")
-    if best == "recent" and line is not None and line.event.item_id == c.item_id:
-        return f"recently {event_verb(line.event.event_type)} by this customer ({ref})"
     return "a best-seller" + (f"; closest to {anchor}" if anchor else "")
 
 
@@ -408,13 +414,20 @@ def _evidence(hist: HistoryView, ref: str) -> Evidence | None:
                     timestamp=e.timestamp.isoformat(), summary=line.text)
 
 
+def _own_ref(cand: Candidate, hist: HistoryView) -> str | None:
+    """The candidate's own latest shown event when the `recent` source scored it (the user
+    touched the item itself: that, not a neighbour, is what explains it), else None."""
+    if cand.source_scores.get("recent", 0.0) <= 0:
+        return None
+    return next((x.ref for x in reversed(hist.lines) if x.event.item_id == cand.item_id), None)
+
+
 def _anchor(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> str | None:
-    """The shown event whose item best explains the candidate: the candidate's own latest event
-    when the `recent` source leads its scores, else co-visitation, then similarity."""
-    if max(cand.source_scores.items(), key=lambda kv: kv[1], default=(None, 0))[0] == "recent":
-        own = next((x.ref for x in reversed(hist.lines) if x.event.item_id == cand.item_id), None)
-        if own is not None:
-            return own
+    """The shown event whose item best explains the candidate: its own latest event when the
+    user touched it (`_own_ref`), else by co-visitation, then similarity."""
+    own = _own_ref(cand, hist)
+    if own is not None:
+        return own
     best_ref, best = None, 0.0
     cv = artifacts.covisit
     cvec = artifacts.item_index.vector(cand.item_id)
@@ -436,14 +449,14 @@ def fallback_reason(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifa
     line = hist.resolve(ref) if ref else None
     src = max(cand.source_scores.items(), key=lambda kv: kv[1], default=("popularity", 0))[0]
     anchor = artifacts.title(line.event.item_id) if line else None
-    if src == "covisit" and anchor:
+    if line is not None and line.event.item_id == cand.item_id:  # the user touched it (_own_ref)
+        text = f"Recently {event_verb(line.event.event_type)} by this customer ({ref})."
+    elif src == "covisit" and anchor:
         text = f"Customers who bought {anchor} ({ref}) often bought this too."
     elif src == "embedding" and anchor:
         text = f"Similar to {anchor} ({ref}) in this customer's history."
     elif src == "similar_users":
         text = "Bought by customers with similar purchase histories" + (f"; related to {anchor} ({ref})." if anchor else ".")
-    elif src == "recent" and line is not None and line.event.item_id == cand.item_id:
-        text = f"Recently {event_verb(line.event.event_type)} by this customer ({ref})."
     else:
         text = "A best-seller in this shop" + (f"; related to {anchor} ({ref})." if anchor else ".")
     return "[retrieval fallback] " + text, [ref] if ref else []
