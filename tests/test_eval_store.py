@@ -299,3 +299,14 @@ def test_churn_and_intent_evals_take_any_stored_dataset(ws: Path) -> None:
     assert cfg["dataset"] == "shop" and cfg["horizon_h"] == 240 and cfg["n_test"] > 0
     r = CliRunner().invoke(app, ["eval", "churn", "--dataset", "nope", "--no-model", "--workspace", str(ws)])
     assert r.exit_code == 2 and "--dataset nope: no such dataset" in r.output and "shop" in r.output
+
+
+def test_the_cli_warns_when_fewer_users_ran_or_random_targets_are_mostly_repeats() -> None:
+    from ui.eval_cli import _run_warnings
+
+    assert _run_warnings({"n_cases": 50, "target_in_history_rate": 20.0}, 50, "random") == []
+    fewer, repeats = _run_warnings({"n_cases": 17, "target_in_history_rate": 100.0}, 50, "random")
+    assert fewer.startswith("17 of the 50 users asked for were evaluated")
+    assert repeats.startswith("100% of the targets are items the user touched before")
+    # retrieved candidates hold touched items too: no repeat warning there; --users 0 means all
+    assert _run_warnings({"n_cases": 17, "target_in_history_rate": 100.0}, None, "retrieved") == []

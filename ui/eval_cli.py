@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -166,8 +166,27 @@ def next_item_cmd(
         typer.echo(f"error: {e}\nthe cases done so far are kept: re-run with the same flags and "
                    "--out <run folder> to resume", err=True)
         raise typer.Exit(3) from e
-    typer.echo((run_dir / "metrics.json").read_text())
+    text = (run_dir / "metrics.json").read_text()
+    typer.echo(text)
+    for line in _run_warnings(json.loads(text), users, cfg.candidates):
+        typer.echo(f"note: {line}", err=True)
     typer.echo(f"run folder: {run_dir}", err=True)
+
+
+def _run_warnings(metrics: dict[str, Any], users: int | None, candidates: str) -> list[str]:
+    """What a reader of the metrics must know before trusting them: fewer users evaluated than
+    asked for, and random candidate sets whose targets are mostly items the user touched before
+    (the negatives never are, so "touched before?" alone ranks those targets first)."""
+    out = []
+    n = int(metrics.get("n_cases", 0))
+    if users and n < users:
+        out.append(f"{n} of the {users} users asked for were evaluated; report.md and config.json say "
+                   "why the others were skipped")
+    repeat = float(metrics.get("target_in_history_rate", 0.0))
+    if candidates == "random" and repeat >= 50.0:
+        out.append(f"{repeat:.0f}% of the targets are items the user touched before, and random negatives never "
+                   "are: these figures reward 'touched before?' (see ndcg@10_new_items, and --candidates retrieved)")
+    return out
 
 
 @eval_app.command("rescore")
