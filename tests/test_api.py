@@ -437,6 +437,12 @@ NOT_NUMBERS = [
     ("/v1/churn", {"user_id": USER, "as_of": False}, "as_of"),
     ("/v1/audience", {"item_id": "85123A", "n": True}, "n"),
     ("/v1/events", {"events": [event(0, quantity=True)]}, "events[0].quantity"),
+    # booleans are strict too: "yes" or 0 is not false/true (a typo'd dataset must not be created)
+    ("/v1/events", {"dataset": "typo-shop", "create": "yes", "events": [event(0)]}, "create"),
+    ("/v1/events", {"dataset": "typo-shop", "create": 1, "events": [event(0)]}, "create"),
+    ("/v1/next-item", {"use_llm": 0}, "use_llm"),
+    ("/v1/next-item", {"repurchase": "false"}, "repurchase"),
+    ("/v1/churn", {"user_id": USER, "use_llm": "no"}, "use_llm"),
 ]
 
 

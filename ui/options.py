@@ -41,7 +41,8 @@ OrderColumn = Annotated[str | None, typer.Option(
 FileOrder = Annotated[bool, typer.Option(
     "--file-order", help="no timestamps: each user's rows are in file order (times become synthetic)")]
 RowEventType = Annotated[EventTypeChoice | None, typer.Option(
-    help="the event type of every row, for a file without a type column")]
+    help="the event type of rows without one: every row of a file without a type column, or the "
+    "blank cells of its type column (a filled cell keeps its value)")]
 
 
 class _Degradable(Protocol):

@@ -74,7 +74,9 @@ def build_artifacts(
     """
     catalog = store.items(dataset)
     if not catalog:
-        raise ValueError(f"dataset {dataset!r} has no items in the store: run `shoplens ingest {dataset}`")
+        raise ValueError(f"dataset {dataset!r} has no items in the store: load its catalogue with "
+                         f"`shoplens ingest --events FILE [--catalog ITEMS] --name {dataset}` (a built-in "
+                         "dataset: `shoplens ingest <name>`)")
     ids = sorted(catalog)
     chash = catalog_hash(catalog)
     texts = [catalog[i].text() for i in ids]

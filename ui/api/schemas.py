@@ -27,7 +27,8 @@ UserId = Annotated[str, Field(min_length=1, max_length=256, examples=["17850"])]
 # Numbers in request bodies are strict (`strict=True` on each int and float field): pydantic's lax
 # mode reads JSON true as 1 and "5" as 5, so {"k": true} would ask for one item. An int field
 # takes only a JSON integer; a float field a JSON number. Timestamps (`as_of`, `timestamp`) take a
-# string or a number, and refuse a boolean with `not_a_boolean`.
+# string or a number, and refuse a boolean with `not_a_boolean`. Booleans are strict the same way:
+# only JSON true/false, so "create": "yes" or "use_llm": 0 is a 422, not a guess.
 
 
 def not_a_boolean(value: object) -> object:
@@ -58,8 +59,8 @@ class NextItemRequest(BaseModel):
         WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}],
                         "description": "only events strictly before this time (ISO-8601 or unix s/ms)"}),
     ] = None
-    repurchase: bool = Field(default=False, description="allow items the user already bought")
-    use_llm: bool = Field(default=True, description="false: retrieval fusion only, no model")
+    repurchase: bool = Field(strict=True, default=False, description="allow items the user already bought")
+    use_llm: bool = Field(strict=True, default=True, description="false: retrieval fusion only, no model")
     candidates: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         default=None, min_length=1, max_length=200,
         description="rank exactly these catalogue item ids (your own candidate set) instead of "
@@ -71,6 +72,7 @@ class NextItemRequest(BaseModel):
         "GET /v1/next-item/{recommendation_id} or follow .../events (SSE) for the rest. Omitted: "
         "wait for the whole explained answer (up to the server's deadline)")
     stored: bool = Field(
+        strict=True,
         default=False, description="serve the user's precomputed answer (`shoplens precompute`) in "
         "milliseconds when there is one, with `computed_at` and `stale`; else (or with events, "
         "candidates, as_of or repurchase) answer as without it")
@@ -85,9 +87,9 @@ class NextItemBatchRequest(BaseModel):
     user_ids: list[UserId] = Field(min_length=1, max_length=10_000, description="stored users; more than the "
                                    "server's SHOPLENS_MAX_BATCH_USERS (default 100) is refused with 413")
     k: int = Field(default=5, ge=1, le=20, strict=True, description="how many items")
-    use_llm: bool = Field(default=False, description="for users without a stored answer: true asks the model "
+    use_llm: bool = Field(strict=True, default=False, description="for users without a stored answer: true asks the model "
                           "(a full model answer per user: slow); false: the served pipeline without it")
-    stored: bool = Field(default=True, description="serve each user's precomputed answer when there is one")
+    stored: bool = Field(strict=True, default=True, description="serve each user's precomputed answer when there is one")
 
 
 # The raw events are validated one by one in the route, so one bad event does not reject the
@@ -100,7 +102,7 @@ class IngestRequest(BaseModel):
 
     dataset: DatasetName
     events: list[RawEvent] = Field(min_length=1, description="events; each is validated on its own")
-    create: bool = Field(default=False, description="create `dataset` if it does not exist; false (default): "
+    create: bool = Field(strict=True, default=False, description="create `dataset` if it does not exist; false (default): "
                          "an unknown dataset is refused with 422 `unknown_dataset`, so a misspelt name never "
                          "starts a new dataset")
 
@@ -139,7 +141,7 @@ AsOf = Annotated[
     WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}, {"type": "null"}],
                     "description": "only events strictly before this time (ISO-8601 or unix s/ms)"}),
 ]
-UseLlm = Annotated[bool, Field(description="false: answer without the model (baseline / template / lexicon)")]
+UseLlm = Annotated[bool, Field(strict=True, description="false: answer without the model (baseline / template / lexicon)")]
 ItemId = Annotated[str, Field(min_length=1, max_length=256, examples=["85123A"])]
 
 
@@ -203,7 +205,7 @@ class SentimentRequest(BaseModel):
 
     texts: list[Annotated[str, Field(min_length=1, max_length=20_000)]] = Field(
         min_length=1, examples=[["Arrived broken, support never answered.", "Lovely mug, fast delivery."]])
-    aspects: bool = Field(default=False, description="also extract aspect-level sentiment (one more model call each)")
+    aspects: bool = Field(strict=True, default=False, description="also extract aspect-level sentiment (one more model call each)")
     use_llm: UseLlm = True
 
 

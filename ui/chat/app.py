@@ -77,7 +77,7 @@ class ChatController:
             yield history, status_line("warn", f"Questions are limited to {MAX_QUESTION_CHARS} characters.", lang), *nothing
             return
         if not dataset or dataset not in self.datasets():
-            yield history, status_line("warn", f"Pick an ingested dataset ({', '.join(self.datasets()) or 'none yet: run shoplens ingest'}).", lang), *nothing
+            yield history, status_line("warn", f"Pick an ingested dataset ({', '.join(self.datasets()) or 'none yet: run shoplens ingest --events FILE --name NAME'}).", lang), *nothing
             return
         history += [{"role": "user", "content": safe_md(question)}, {"role": "assistant", "content": "…"}]
         answer = ""
