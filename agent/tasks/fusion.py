@@ -192,7 +192,8 @@ def fit_fusion(arts: DatasetArtifacts, *, n_users: int = 2000, seed: int = 0,
     """Learn the source weights of `arts`'s dataset (see the module docstring).
 
     Raises:
-        ValueError: fewer than 20 users with `min_len` items (nothing to learn from).
+        ValueError: fewer than 20 users with `min_len` items, or fewer than 20 of their windows
+            with a target another event holds (nothing to learn from).
     """
     windows = validation_windows(arts.user_items, n_users=n_users, seed=seed)
     if len(windows) < 20:
@@ -203,6 +204,9 @@ def fit_fusion(arts: DatasetArtifacts, *, n_users: int = 2000, seed: int = 0,
     # counted negative, so a fit on it learns "uncounted wins" (negative popularity weight).
     # Skipped, and negatives come from counted items, as in the eval harness (eval.store_protocols.warm_only)
     warm = [w for w in windows if holdout.popularity.count.get(w.target, 0) > 0]
+    if len(warm) < 20:
+        raise ValueError(f"{arts.dataset}: {len(warm)} of {len(windows)} validation windows have a target "
+                         "another event holds; training the fusion needs at least 20 (keep the default weights)")
     counted = sorted(i for i in arts.catalog if holdout.popularity.count.get(i, 0) > 0)
     rng = random.Random(seed)
     sets: list[dict[str, np.ndarray]] = []
@@ -210,9 +214,6 @@ def fit_fusion(arts: DatasetArtifacts, *, n_users: int = 2000, seed: int = 0,
         sets.append(window_features(holdout, w, rng, negatives=counted))
         if progress:
             progress(k + 1, len(warm))
-    if len(sets) < 20:
-        raise ValueError(f"{arts.dataset}: {len(sets)} of {len(windows)} validation windows have a target "
-                         "another event holds; training the fusion needs at least 20 (keep the default weights)")
     half = len(sets) // 2
 
     def flat(part: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
