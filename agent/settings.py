@@ -98,12 +98,13 @@ class Settings(BaseSettings):
     # calls) or "pointwise" (one yes/no call per candidate, position-free; docs/results.md).
     llm_scorer: Literal["verbalizer", "pointwise"] = "verbalizer"
     # The model's share of the served next-item score: final = w * model + (1 - w) * retrieval
-    # fusion (NextItemConfig.llm_weight). 0.5 is set by hand and no dataset has shown a
-    # significant gain from it; on Online Retail (leave-one-out, 20 random candidates, n=100) it
-    # cost NDCG@10 (docs/results.md), so measure yours with `shoplens eval next-item --ranker
-    # pipeline` and lower it. 0 keeps the model's scores in `source_scores` without moving the
-    # ranking.
-    llm_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    # fusion (NextItemConfig.llm_weight). Unset (the default): each dataset's own weight, fitted
+    # on its validation users by `shoplens train --dataset X --llm` and served only when its
+    # cross-fitted paired gain is significant, else 0 (agent/tasks/llm_weight.py). A hand-set
+    # 0.5 cost NDCG@10 on Online Retail (-10.85 [-15.75, -6.00], n=100; docs/results.md), so a
+    # value here overrides every dataset's fit: use it to measure, not to serve. At 0 the model
+    # does not rank (it still explains).
+    llm_weight: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @classmethod
     def settings_customise_sources(

@@ -75,6 +75,9 @@ async def progressive(rt: Runtime, model: ChatModel, dataset: str, users: Sequen
     everyone = list(arts.user_index.ids)  # every customer with history in the index
     sample = random.Random(seed).sample(sorted(everyone), min(fast_users, len(everyone)))
     res["catalogue_items"] = len(arts.catalog)
+    # the served model weight: at 0 (no fitted gain) the model only explains, so there is no
+    # "refined" stage to time
+    res["llm_weight"], res["llm_weight_note"] = arts.llm_weight, arts.llm_weight_note
     await _fast_samples(service, dataset, sample[:5], k)  # warm the lazy paths
     idle = await _fast_samples(service, dataset, sample, k)
 

@@ -114,6 +114,8 @@ class PipelineRanker(_SyncMixin):
         dataset: the dataset name in that store.
         model: the (cached) model, or None for the pipeline without the LLM.
         llm_scorer: the LLM scorer; None: the served setting (`Settings.llm_scorer`).
+        llm_weight: the model's weight in the final score; None: the served one (the store's
+            fitted ``llm_weight.json``, else 0, when the model does not rank).
         histories: user id -> the case's history as real events (a stored dataset's); users not
             in it get their item ids as purchases on the synthetic clock (`sequence_events`).
         source: rank by this one served source (``covisit``, ``embedding``, ``similar_users``,
@@ -123,7 +125,7 @@ class PipelineRanker(_SyncMixin):
     """
 
     def __init__(self, runtime: Runtime, dataset: str, model: Any = None, *,
-                 llm_scorer: LlmScorer | None = None, name: str = "pipeline",
+                 llm_scorer: LlmScorer | None = None, llm_weight: float | None = None, name: str = "pipeline",
                  histories: Mapping[str, Sequence[BehaviorEvent]] | None = None, source: str | None = None,
                  repurchase: bool = False, full_k: int = 20) -> None:
         self.runtime = runtime
@@ -143,14 +145,19 @@ class PipelineRanker(_SyncMixin):
                                        model_provider=provider if use_model else None)
         base = self.service.next_item_config(k=1, use_model=use_model)
         self.config: NextItemConfig = replace(base, explain=False, llm_scorer=llm_scorer or base.llm_scorer,
+                                              llm_weight=llm_weight if llm_weight is not None else base.llm_weight,
                                               repurchase=repurchase,
                                               source_weights={source: 1.0} if source else None)
 
     def describe(self) -> dict[str, Any]:
         """What config.json records: the served configuration and the store it ranks from."""
         c = self.config
-        return {"pipeline": {"use_llm_ranking": c.use_llm_ranking, "llm_scorer": c.llm_scorer,
-                             "llm_weight": c.llm_weight, "window": c.window,
+        arts = self.runtime.artifacts(self.dataset)
+        weight = c.llm_weight if c.llm_weight is not None else arts.llm_weight
+        return {"pipeline": {"use_llm_ranking": c.use_llm_ranking and weight > 0, "llm_scorer": c.llm_scorer,
+                             "llm_weight": weight,
+                             "llm_weight_from": "the run's --llm-weight" if c.llm_weight is not None
+                             else arts.llm_weight_note, "window": c.window,
                              "source_weights": c.source_weights or "the dataset's fusion (see fusion)",
                              "single_source": self.source, "repurchase": c.repurchase,
                              "store": str(self.runtime.settings.workspace)}}

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.domain.stats import bootstrap_ci
 from eval.metrics import evaluate_rankings, mrr, ndcg_at_k
 
 KS = (1, 5, 10, 20)
@@ -71,16 +72,6 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if all("candidate_hit" in r for r in records):  # generic protocols (eval/store_suite.py)
         m.update(_store_metrics(records))
     return m
-
-
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of ``values`` (resampling cases, seeded)."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) < 2:
-        m = float(v.mean()) if len(v) else 0.0
-        return m, m
-    means = v[np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def _store_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

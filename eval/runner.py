@@ -76,6 +76,9 @@ class RunConfig:
             train`` does), which holds no evaluated target.
         llm_scorer: ``pipeline``'s LLM scorer (``pointwise`` or ``verbalizer``); None: the
             served setting (``Settings.llm_scorer``), so the default run measures what users get.
+        llm_weight: ``pipeline``'s model weight in the final score; None: what is served (the
+            pipeline store's fitted ``llm_weight.json``, else 0: the model does not rank). Set it
+            to measure the model's paired gain at a weight, beside ``no_llm``.
         prompt: prompt reference; None: the ranker's default.
         permutations: verbalizer passes (``llm-perm`` / ``hybrid``; ``llm`` always uses 1).
         position: ``shuffle`` (published protocol), ``first`` or ``last`` (position-bias check).
@@ -118,6 +121,7 @@ class RunConfig:
     no_llm: bool = False
     untrained: bool = False
     llm_scorer: str | None = None
+    llm_weight: float | None = None
     model_profile: str | None = None
     n_candidates: int = 20
     min_history: int = 1
@@ -158,6 +162,8 @@ class RunConfig:
                 d.pop(k)
         if self.ranker != "pipeline" or self.llm_scorer is None:
             d.pop("llm_scorer")
+        if d["llm_weight"] is None:  # added later: older runs resume
+            d.pop("llm_weight")
         return d
 
 
@@ -421,6 +427,7 @@ async def _pipeline(suite: Suite, config: RunConfig, model: Any) -> RankerSetup:
         cached, model_info = await _cached_model(config, model)
         info.update(model_info)
     ranker = PipelineRanker(rt, config.dataset, cached, llm_scorer=config.llm_scorer,  # type: ignore[arg-type]
+                            llm_weight=config.llm_weight,
                             name="pipeline-no-llm" if config.no_llm else "pipeline", histories=suite.histories,
                             source=config.source, repurchase=config.repurchase and suite.runtime is not None,
                             full_k=config.n_candidates)

@@ -301,6 +301,41 @@ def test_next_item_ranks_exactly_the_callers_candidates(api: httpx.Client) -> No
     assert set(pred["items"][0]["source_scores"]) >= {"embedding", "covisit", "similar_users", "popularity"}
 
 
+def test_a_fitted_model_weight_makes_the_api_rank_with_the_model_for_that_model_only(
+    tmp_path: Path, fake: FakeLLM, fake_llm: tuple[FakeLLM, str]
+) -> None:
+    """``llm_weight.json`` as `shoplens train --llm` writes it when the model showed a gain: the
+    served answer is refined by the model; fitted for another model, it is not."""
+    from dataclasses import replace
+
+    from agent.tasks.llm_weight import FittedLlmWeight, save_llm_weight
+
+    rt = Runtime(agent_settings(tmp_path, fake_llm[1]))
+    rt.ingest(DATASET, show_progress=False)
+    scorer, prompt = rt.scorer_identity()
+    fitted = FittedLlmWeight(weight=0.5, best_weight=0.5, dataset=DATASET, catalogue_hash="c", events_hash="e",
+                             model=rt.model_identity(), scorer=scorer, prompt=prompt, n_windows=30, n_sets=50,
+                             seed=0, metrics={"gain": 2.5, "ci_low": 0.4, "ci_high": 4.6}, fitted_at="2026-12-06T00:00:00")
+    folder = rt.settings.index_dir(DATASET)
+    save_llm_weight(fitted, folder)
+    body = {"dataset": DATASET, "user_id": USER, "k": 3, "wait_s": 0}
+    with serve_app(tmp_path, fake_llm[1]) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        rid = c.post("/v1/next-item", json=body).json()["recommendation_id"]
+        names = [e for e, _ in sse_events(c, f"/v1/next-item/{rid}/events")]
+        assert names[:3] == ["fast", "refined", "explained"], names
+        notes = c.get(f"/v1/next-item/{rid}").json()["meta"]["notes"]
+        assert ("model ranking weight 0.5 (cross-fitted paired NDCG@10 gain +2.50 [+0.40, +4.60] over the pipeline "
+                "without the model, best weight 0.5, 30 validation windows, 2026-12-06)") in notes
+    save_llm_weight(replace(fitted, model="another-model"), folder)
+    with serve_app(tmp_path, fake_llm[1]) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        rid = c.post("/v1/next-item", json=body).json()["recommendation_id"]
+        names = [e for e, _ in sse_events(c, f"/v1/next-item/{rid}/events")]
+        assert names[:2] == ["fast", "explained"], names
+        notes = c.get(f"/v1/next-item/{rid}").json()["meta"]["notes"]
+        assert any(n.startswith("model ranking off (weight 0): llm_weight.json was fitted for model another-model")
+                   for n in notes), notes
+
+
 def sse_events(api: httpx.Client, path: str) -> list[tuple[str, str]]:
     """(event, data) pairs of a Server-Sent Events stream, read to its end."""
     out, name, data = [], "message", []
@@ -332,9 +367,11 @@ def test_progressive_next_item_fast_first_then_poll_stream_and_feedback(api: htt
     fake.release.set()
     events = sse_events(api, f"/v1/next-item/{rid}/events")
     names = [e for e, _ in events]
-    assert names == ["fast", "refined", "explained", "reason", "reason", "reason", "done"], names
+    # no weight was fitted for this dataset: the model does not rank, it explains the fast order
+    assert names == ["fast", "explained", "reason", "reason", "reason", "done"], names
     assert json.loads(events[0][1])["items"] == fast["items"]
-    explained = json.loads(events[2][1])
+    explained = json.loads(events[1][1])
+    assert [i["item_id"] for i in explained["items"]] == [i["item_id"] for i in fast["items"]]
     assert [json.loads(d)["item_id"] for e, d in events if e == "reason"] == [i["item_id"] for i in explained["items"]]
     assert json.loads(events[-1][1])["state"] == "done"
     polled = api.get(f"/v1/next-item/{rid}").json()

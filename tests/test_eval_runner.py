@@ -201,10 +201,19 @@ async def test_pipeline_ranker_is_the_served_service_with_the_case_candidates(tm
     no_llm = await arun_next_item(_config(tmp_path, ranker="pipeline", out="p0", no_llm=True, untrained=True,
                                           extra=extra), suite=suite, progress=False)
     model = FakeModel(responder=_oracle_yes(suite))
+    # what is served to this untrained store: the model does not rank (weight 0), so no call
+    served = await arun_next_item(_config(tmp_path, ranker="pipeline", out="p2", llm_scorer="pointwise",
+                                          extra=extra), suite=suite, model=FakeModel(), progress=False)
+    cfg = json.loads((served / "config.json").read_text())
+    assert (cfg["pipeline"]["llm_weight"], cfg["pipeline"]["use_llm_ranking"]) == (0.0, False)
+    assert "no model weight was fitted" in cfg["pipeline"]["llm_weight_from"]
+    assert read_cases(served)[0]["ranking"] == read_cases(no_llm)[0]["ranking"]
+    # the model's contribution at a weight, measured: --llm-weight
     with_llm = await arun_next_item(_config(tmp_path, ranker="pipeline", out="p1", llm_scorer="pointwise",
-                                            extra=extra), suite=suite, model=model, progress=False)
+                                            llm_weight=0.5, extra=extra), suite=suite, model=model, progress=False)
     cfg = json.loads((with_llm / "config.json").read_text())
     assert cfg["pipeline"]["llm_scorer"] == "pointwise" and cfg["pipeline"]["use_llm_ranking"]
+    assert cfg["pipeline"]["llm_weight"] == 0.5
     # 4 users are too few to fit the fusion: the served defaults, and config.json says why
     assert "4 users with 3+ items" in cfg["fusion_untrained_because"]
     assert len(model.calls) == sum(len(c.candidates) for c, _, _ in suite.cases)  # one yes/no each

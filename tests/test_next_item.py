@@ -69,8 +69,11 @@ def store(tmp_path: Path) -> Iterator[EventStore]:
 
 @pytest.fixture
 def artifacts(store: EventStore, tmp_path: Path) -> DatasetArtifacts:
-    return build_artifacts(store, DS, HashingEmbedder(64), tmp_path / "indexes" / DS,
-                           show_progress=False)
+    """A dataset whose fitted model weight is 0.5 (as `shoplens train --llm` would set it when the
+    model showed a gain): these tests are about how the model's ranking is used."""
+    arts = build_artifacts(store, DS, HashingEmbedder(64), tmp_path / "indexes" / DS, show_progress=False)
+    arts.llm_weight, arts.llm_weight_note = 0.5, "model ranking weight 0.5 (test fixture)"
+    return arts
 
 
 @pytest.fixture
@@ -394,12 +397,12 @@ async def test_more_candidates_than_labels(tmp_path: Path) -> None:
 def test_items_with_mostly_negative_recent_reviews_are_down_ranked() -> None:
     """Sentiment feeds recommendation: a penalised item loses its place and its reason says why."""
     from agent.data.candidates import Candidate
-    from agent.tasks.next_item import _fuse, review_note
+    from agent.tasks.next_item import blend, review_note
 
     a, b = Candidate("A", fused=1.0), Candidate("B", fused=0.8)
     penalties = {"A": {"n": 6, "negative": 5, "share_negative": 0.625, "penalty": 0.25}}
-    assert [c.item_id for c, _ in _fuse([a, b], {}, 0.5)] == ["A", "B"]
-    ranked = _fuse([a, b], {}, 0.5, penalties)
+    assert [c.item_id for c, _ in blend([a, b], {}, 0.5)] == ["A", "B"]
+    ranked = blend([a, b], {}, 0.5, penalties)
     assert [(c.item_id, s) for c, s in ranked] == [("B", 0.8), ("A", 0.75)]
     assert review_note("A", penalties) == " Down-ranked: 5 of 6 recent reviews are negative."
     assert review_note("B", penalties) == ""
@@ -480,7 +483,7 @@ async def test_a_reviewed_item_counts_as_owned_and_is_excluded_like_a_purchase(
     assert "g2" in {i.item_id for i in again.items}
 
 
-async def test_the_served_llm_weight_comes_from_settings_and_zero_keeps_the_retrieval_order(
+async def test_an_untrained_dataset_is_not_ranked_by_the_model_which_still_explains(
     tmp_path: Path, artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
 ) -> None:
     from dataclasses import replace
@@ -489,17 +492,31 @@ async def test_the_served_llm_weight_comes_from_settings_and_zero_keeps_the_retr
     from agent.app.service import ShopLensService
     from agent.settings import Settings
 
-    cfg = ShopLensService(Runtime(Settings(workspace=tmp_path / "a", llm_weight=0.0)),
-                          use_model=False).next_item_config(k=5)
-    assert cfg.llm_weight == 0.0
+    # the served configuration leaves the weight to the dataset unless a setting fixes it
     assert ShopLensService(Runtime(Settings(workspace=tmp_path / "b")), use_model=False
-                           ).next_item_config(k=5).llm_weight == 0.5
-    # w = 0: the model is asked and its scores are kept, but the order is retrieval's alone
+                           ).next_item_config(k=5).llm_weight is None
+    assert ShopLensService(Runtime(Settings(workspace=tmp_path / "a", llm_weight=0.3)),
+                           use_model=False).next_item_config(k=5).llm_weight == 0.3
+    untrained = replace(artifacts, llm_weight=0.0, llm_weight_note="")
+    model = scripted_model([explanation(["A", "B", "C", "D", "E"], [["E5"]] * 5)])
+    pred = await NextItemService(model).predict("u1", u1_events, untrained, NextItemConfig(k=5))
+    # no verbalizer call at all: the order is retrieval's, the reasons are the model's
+    assert [c.schema is None for c in model.calls] == [False]
+    assert [i.item_id for i in pred.items] == candidate_ids(artifacts, u1_events)[:5]
+    assert not any("llm" in i.source_scores for i in pred.items)
+    assert all(i.reason_source == "model" for i in pred.items)
+    assert pred.meta.prompt_versions == ["next_item_explain.v2"]
+    assert ("model ranking off (weight 0): no model weight was fitted for 'shop'; `shoplens train --dataset "
+            "shop --llm` measures one on validation users") in pred.meta.notes
+    # the same at weight 0 set by configuration, said as such
     model = scripted_model([], verbalizer=label_reply)
     pred = await NextItemService(model).predict("u1", u1_events, artifacts,
-                                                replace(NextItemConfig(k=5, explain=False), llm_weight=0.0))
-    assert [i.item_id for i in pred.items] == candidate_ids(artifacts, u1_events)[:5]
-    assert all("llm" in i.source_scores for i in pred.items)
+                                                NextItemConfig(k=5, explain=False, llm_weight=0.0))
+    assert model.calls == [] and "model ranking off: weight 0 set by configuration" in pred.meta.notes
+    # and a fitted weight ranks: the dataset's note is carried
+    model = scripted_model([], verbalizer=label_reply)
+    pred = await NextItemService(model).predict("u1", u1_events, artifacts, NextItemConfig(k=5, explain=False))
+    assert len(model.calls) == 2 and "model ranking weight 0.5 (test fixture)" in pred.meta.notes
 
 
 async def test_an_item_the_catalogue_lacks_is_never_recommended(artifacts: DatasetArtifacts) -> None:

@@ -43,7 +43,7 @@ from tests.test_progressive import GatedModel
 from ui.cli import app as cli_app
 
 SHOP_USERS = ["17850", "17851", "12347", "13047", "14000"]
-CALLS_PER_USER = 3  # two verbalizer permutations (the settings' default) and one explanation
+CALLS_PER_USER = 1  # the explanation: the model does not rank a dataset without a fitted weight
 
 
 class BatchModel(GatedModel):
@@ -99,7 +99,7 @@ async def test_precompute_resumes_after_being_killed(tmp_path: Path) -> None:
     assert (report.done, report.skipped_fresh, report.failed, report.degraded) == (3, 2, 0, 0)
     assert len(model2.lanes) == 3 * CALLS_PER_USER == report.model_calls  # only the three left
     assert set(model2.lanes) == {"batch"}  # behind every interactive and background call
-    assert (report.prompt_tokens, report.completion_tokens) == (3 * (50 + 50 + 80), 3 * (1 + 1 + 20))
+    assert (report.prompt_tokens, report.completion_tokens) == (3 * 80, 3 * 20)  # the explanation's
     assert report.users_per_hour is not None and report.users_per_hour > 0
     for u, e in kept.items():  # the survivors were not recomputed
         again = svc2.runtime.answers.get(DS, u, 3)
@@ -280,7 +280,8 @@ def test_pipeline_version_names_what_changes_an_answer() -> None:
     base = NextItemConfig(k=5)
 
     def v(cfg: NextItemConfig = base, **kw: Any) -> str:
-        return pipeline_version(cfg, **({"model": "m1", "fusion_weights": None, "index_manifest_sha256": "a"} | kw))
+        return pipeline_version(cfg, **({"model": "m1", "fusion_weights": None, "index_manifest_sha256": "a",
+                                          "llm_weight": 0.5} | kw))
 
     assert v() == v() and len(v()) == 16
     assert v(replace(base, explain_lane="batch")) == v()  # where the call waits, not what it says
@@ -292,6 +293,10 @@ def test_pipeline_version_names_what_changes_an_answer() -> None:
     assert v(model="m2") != v()
     assert v(fusion_weights={"covisit": 1.0}) != v() != v(fusion_weights={"covisit": 2.0})
     assert v(index_manifest_sha256="b") != v()
+    assert v(llm_weight=0.3) != v() != v(replace(base, llm_weight=0.3))  # the dataset's weight, or the caller's
+    # at weight 0 the model does not rank: nothing of the ranking call counts
+    unranked = {"llm_weight": 0.0}
+    assert v(replace(base, llm_scorer="pointwise", permutations=1), **unranked) == v(**unranked) != v()
     plain = replace(base, use_llm_ranking=False, explain=False)
     assert v(plain, model="m2") == v(plain)  # an answer without the model does not depend on it
     assert v(replace(plain, permutations=1, max_attempts=5, explain_max_words=25)) == v(plain)
@@ -398,7 +403,7 @@ def test_stored_answer_is_served_then_refreshed_after_post_events(api: httpx.Cli
                                                                   fake_llm: tuple[Any, str]) -> None:  # noqa: F811
     fake, url = fake_llm
     report = precompute_in_another_process(workspace, url, [USER], 3)
-    assert (report.done, report.model_calls) == (1, 2)  # one verbalizer pass (permutations=1), one explanation
+    assert (report.done, report.model_calls) == (1, 1)  # the explanation (the model does not rank: no fitted weight)
     entry = AnswerStore(workspace / "answers.sqlite3").get(DATASET, USER, 3)
     assert entry is not None
 

@@ -61,8 +61,13 @@ class GatedModel:
         yield ""
 
 
-def service(tmp_path: Path, model: GatedModel | Exception) -> ShopLensService:
-    return ShopLensService(make_runtime(tmp_path, model))
+def service(tmp_path: Path, model: GatedModel | Exception, *, llm_weight: float = 0.5) -> ShopLensService:
+    """The tiny shop with a fitted model weight of `llm_weight` (as `shoplens train --llm` saves
+    it when the model showed a gain; 0: it did not, or was never fitted)."""
+    rt = make_runtime(tmp_path, model)
+    arts = rt.artifacts(DS)
+    arts.llm_weight, arts.llm_weight_note = llm_weight, f"model ranking weight {llm_weight:g} (test)"
+    return ShopLensService(rt)
 
 
 async def until(job: Job, stage: str, timeout_s: float = 10.0) -> None:
@@ -168,6 +173,18 @@ async def test_without_the_model_nothing_is_started(tmp_path: Path) -> None:
     assert model.calls == ["rank", "rank", "explain"]  # two verbalizer permutations, one explanation
 
 
+async def test_a_dataset_without_a_fitted_weight_goes_from_fast_straight_to_explained(tmp_path: Path) -> None:
+    model = GatedModel()
+    model.rank_gate.set(), model.explain_gate.set()
+    svc = service(tmp_path, model, llm_weight=0.0)
+    fast = await svc.next_item(DS, USER, use_model=False)
+    ans = await svc.next_item_progressive(DS, USER, k=3, wait_s=5)
+    assert ans.refinement.state == "done" and ans.refinement.stage == "explained"
+    assert model.calls == ["explain"]  # the model never ranked
+    assert [i.item_id for i in ans.items] == [i.item_id for i in fast.items[:3]]  # the fast order stands
+    assert "model ranking weight 0 (test)" in ans.meta.notes
+
+
 async def test_the_number_of_refinements_at_once_is_bounded(tmp_path: Path) -> None:
     model = GatedModel()
     svc = service(tmp_path, model)
@@ -202,7 +219,7 @@ async def test_bench_section_times_each_stage_against_the_rate_limit(tmp_path: P
 
     model = GatedModel()
     model.rank_gate.set(), model.explain_gate.set()
-    rt = make_runtime(tmp_path, model)
+    rt = service(tmp_path, model).runtime  # a dataset the model ranks (fitted weight 0.5)
     rates = {"pp_tok_s": 100.0, "gen_tok_s": 10.0, "gen_json_tok_s": 5.0}
     res = await progressive(rt, model, DS, [USER, "12347"], rates, k=3, fast_users=4)
     r = res["records"][0]

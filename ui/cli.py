@@ -14,9 +14,10 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -206,6 +207,9 @@ def train_cmd(
     dataset: Annotated[str, typer.Option(help="an ingested dataset")],
     users: Annotated[int, typer.Option(min=20, help="leave-one-out validation users to fit on")] = 2000,
     seed: Annotated[int, typer.Option(help="which users, which random negatives")] = 0,
+    llm: Annotated[bool, typer.Option("--llm", help="also fit the model's share of the score on validation "
+                                      "windows (runs the model: ~25 s a window on 2 cores)")] = False,
+    llm_windows: Annotated[int, typer.Option(min=5, help="validation windows the model scores, with --llm")] = 30,
     workspace: Workspace = None,
 ) -> None:
     """Fit next-item fusion weights to a dataset (leave-one-out).
@@ -214,18 +218,25 @@ def train_cmd(
 
     Saves fusion.json beside the dataset's indexes; recommend, the API and the chat use it from
     then on (each answer's meta.notes says which weights ranked it).
+
+    With --llm, also measures the model's ranking on validation windows and saves
+    llm_weight.json: the model ranks a dataset only when its paired gain over the pipeline
+    without it is significant (95% CI above 0); otherwise its weight stays 0 and it only explains.
+    An interrupted --llm run resumes where it stopped.
     """
     from tqdm import tqdm
 
-    svc = ShopLensService(_runtime(workspace), use_model=False)
+    svc = ShopLensService(_runtime(workspace), use_model=llm)
+
+    def ticker(bar: Any) -> Callable[[int, int], None]:
+        def tick(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        return tick
+
     bar = tqdm(desc="validation windows", unit="user")
-
-    def tick(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
     try:
-        fusion, path = svc.train(dataset, users=users, seed=seed, progress=tick)
+        fusion, path = svc.train(dataset, users=users, seed=seed, progress=ticker(bar))
     except ValueError as e:
         raise _fail(str(e)) from e
     finally:
@@ -234,6 +245,28 @@ def train_cmd(
     err.print(f"fitted on {fusion.n_windows} windows; weights {fusion.weights}")
     err.print(f"held-out half ({int(m['n_split_half'])} windows): NDCG@10 default weights "
               f"{m['default_ndcg@10']:.2f} -> fitted {m['fitted_ndcg@10']:.2f}")
+    err.print(f"saved {path}")
+    if not llm:
+        return
+    bar = tqdm(desc="model weight: validation windows", unit="window")
+
+    async def fit() -> Any:
+        try:
+            return await svc.train_llm_weight(dataset, windows=llm_windows, seed=seed, progress=ticker(bar))
+        finally:
+            await svc.runtime.aclose()  # the embedded model server started for the fit
+
+    try:
+        fitted, path = asyncio.run(fit())
+    except (ValueError, ModelUnavailableError) as e:
+        raise _fail(str(e)) from e
+    finally:
+        bar.close()
+    by_w = fitted.metrics["mean_by_weight"]
+    assert isinstance(by_w, dict)
+    err.print("mean NDCG@10 by model weight: " + ", ".join(f"{w}: {v:.2f}" for w, v in by_w.items()))
+    err.print(f"{fitted.verdict()}\nserved weight: {fitted.weight:g}"
+              + ("" if fitted.weight else " (the model explains; it does not rank)"))
     err.print(f"saved {path}")
 
 

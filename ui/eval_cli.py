@@ -97,6 +97,9 @@ def next_item_cmd(
         help="temporal: start of the test period, ISO-8601 or unix seconds (default: 90% of events before)")] = None,
     llm_scorer: Annotated[LlmScorer | None, typer.Option(
         help="pipeline's LLM scorer (default: the served setting, SHOPLENS_LLM_SCORER)")] = None,
+    llm_weight: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="pipeline's model weight in the final score (default: the served one: the "
+        "store's fitted weight from `shoplens train --llm`, else 0, when the model does not rank)")] = None,
     prompt: Annotated[str | None, typer.Option(help="prompt ref, e.g. next_item_rank_titles.v1")] = None,
     seed: Annotated[int, typer.Option(help="case shuffle + tie-break seed (LLMRank: 2023)")] = 2023,
     position: Annotated[Position, typer.Option(help="where the target sits in the candidate list "
@@ -132,13 +135,15 @@ def next_item_cmd(
                     users=users or None, ranker=ranker, prompt=prompt, seed=seed, position=position,
                     permutations=permutations, hybrid_val_users=hybrid_val_users, hybrid_w=hybrid_w,
                     fewshot_k=fewshot_k, model_profile=profile, name=name, out=out, no_llm=no_llm,
-                    untrained=untrained, llm_scorer=llm_scorer, n_candidates=n_candidates,
+                    untrained=untrained, llm_scorer=llm_scorer, llm_weight=llm_weight, n_candidates=n_candidates,
                     min_history=min_history, cutoff=cutoff, source=source, workspace=workspace)
     ranker = cfg.ranker  # type: ignore[assignment]
     generic = not is_builtin(cfg)
     misuse = ("--no-llm applies to --ranker pipeline" if no_llm and ranker != "pipeline"
               else "--untrained applies to --ranker pipeline" if untrained and ranker != "pipeline" and not generic
               else "--source applies to --ranker pipeline" if source and ranker != "pipeline"
+              else "--llm-weight applies to --ranker pipeline with the model" if llm_weight is not None
+              and (ranker != "pipeline" or no_llm)
               else "--repurchase applies to --protocol full / leave-last-basket" if repurchase and protocol == "llmrank"
               else "--drop applies to --ranker fused, fused-sasrec, hybrid or hybrid-pointwise" if drop and ranker not in FUSION_RANKERS
               else "--sasrec applies to --ranker fused-sasrec, hybrid or hybrid-pointwise" if sasrec and ranker not in SASREC_RANKERS

@@ -67,7 +67,7 @@ CREATE INDEX IF NOT EXISTS refresh_due ON refresh_queue (not_before, enqueued_at
 
 
 def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weights: Mapping[str, float] | None,
-                     index_manifest_sha256: str | None) -> str:
+                     index_manifest_sha256: str | None, llm_weight: float = 0.0) -> str:
     """A short hash of everything besides the user's own events that decides a next-item answer.
     A stored answer made under another version is stale.
 
@@ -85,7 +85,10 @@ def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weight
       ``shoplens train``); None: the hand-set `DEFAULT_WEIGHTS`, which go in by value (a
       default changed or a source added counts);
     * `index_manifest_sha256`: sha256 of the dataset's item-index manifest (embedder, catalogue
-      hash), so an index rebuilt for another catalogue or embedder counts.
+      hash), so an index rebuilt for another catalogue or embedder counts;
+    * `llm_weight`: the dataset's served model weight (``llm_weight.json``), used when
+      ``config.llm_weight`` is None; at 0 the model does not rank, so nothing of the ranking
+      call goes in.
 
     Left out: `explain_lane` (where the call waits, not what it says), timeouts, the model guard's
     bounds, and other users' events (the similar-user and co-visitation sources change only when
@@ -95,22 +98,24 @@ def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weight
         16 hex digits.
     """
     c = config
+    weight = c.llm_weight if c.llm_weight is not None else llm_weight
+    ranks = c.use_llm_ranking and weight > 0
     parts: dict[str, object] = {
         "format": PIPELINE_FORMAT, "k": c.k, "repurchase": c.repurchase, "n_candidates": c.n_candidates,
         "window": c.window, "source_weights": c.source_weights, "seed": c.seed,
-        "use_llm_ranking": c.use_llm_ranking, "explain": c.explain,
+        "use_llm_ranking": ranks, "explain": c.explain,
         "fusion_weights": dict(fusion_weights) if fusion_weights is not None else {"defaults": DEFAULT_WEIGHTS},
         "index_manifest": index_manifest_sha256,
     }
-    if c.use_llm_ranking:
+    if ranks:
         prompt = c.pointwise_prompt if c.llm_scorer == "pointwise" else c.rank_prompt
-        parts |= {"llm_scorer": c.llm_scorer, "llm_weight": c.llm_weight, "rank_prompt": _prompt_id(prompt)}
+        parts |= {"llm_scorer": c.llm_scorer, "llm_weight": weight, "rank_prompt": _prompt_id(prompt)}
         if c.llm_scorer == "verbalizer":
             parts["permutations"] = c.permutations
     if c.explain:
         parts |= {"max_attempts": c.max_attempts, "explain_prompt": _prompt_id(c.explain_prompt),
                   "explain_max_words": c.explain_max_words, "summary_max_chars": c.summary_max_chars}
-    if c.use_llm_ranking or c.explain:
+    if ranks or c.explain:
         parts["model"] = model
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

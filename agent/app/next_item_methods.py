@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from agent.app.answers import (
     BatchError,
@@ -23,14 +25,26 @@ from agent.app.feedback import Stage as ShownStage
 from agent.app.policy import mark_unavailable, run_task
 from agent.app.progressive import Job, NextItemAnswer, ProgressiveJobs, stage_of
 from agent.app.service_base import ServiceBase
+from agent.data.artifacts import catalog_hash
 from agent.domain.errors import CallerError, UnknownUserError
+from agent.domain.history import OWNED_EVENT_TYPES
 from agent.domain.predictions import (
     NextItemPrediction,
 )
 from agent.domain.schemas import BehaviorEvent
 from agent.llm.base import ChatModel
-from agent.llm.servers.embedded import PROFILES
-from agent.tasks.fusion import read_fusion
+from agent.tasks.fusion import held_out_windows, read_fusion, sequences_hash
+from agent.tasks.llm_weight import (
+    PARTIAL_FILE,
+    FittedLlmWeight,
+    ScoredSet,
+    append_partial,
+    choose_weight,
+    read_partial,
+    run_key,
+    save_llm_weight,
+    window_table,
+)
 from agent.tasks.next_item import NextItemConfig, NextItemService
 
 log = logging.getLogger(__name__)
@@ -97,6 +111,99 @@ class NextItemMethods(ServiceBase):
                               min_retry_after_s=self.min_retry_after_s)
         pred.user_id = user_id
         return pred
+
+    # ---- the model's weight, fitted on validation users (agent.tasks.llm_weight) ---------------
+    async def train_llm_weight(self, dataset: str, *, windows: int = 30, seed: int = 0,
+                               kinds: Sequence[str] = ("random", "retrieved"),
+                               progress: Callable[[int, int], None] | None = None,
+                               ) -> tuple[FittedLlmWeight, Path]:
+        """Fit the model's share of the dataset's next-item score on `windows` validation windows
+        and save ``llm_weight.json`` (see `agent.tasks.llm_weight` for the procedure); this
+        process serves it from now on, others when they load the dataset.
+
+        Each window's candidate sets go through `NextItemService.predict` with the served
+        configuration (scorer, prompt, history window, prompt budget), the dataset's fusion, and
+        the model ranking at weight 1 to read its scores; sets already scored by an interrupted
+        run with the same data, model, scorer and seed are read back from
+        ``llm_weight.partial.jsonl`` (resume). About 2 x 10-15 s of model time per window with the
+        embedded 1.5B verbalizer on 2 cores.
+
+        Args:
+            windows: validation windows to score (warm targets, seeded, as ``shoplens train``).
+            kinds: candidate sets per window: ``random`` (the target and n-1 counted items the
+                user never touched) and/or ``retrieved`` (the served pool, when it holds the target).
+
+        Raises:
+            ValueError: too few users or warm windows, unknown `kinds`, or fewer than 5 windows
+                the model scored.
+            ModelUnavailableError: the model cannot be reached.
+        """
+        unknown = sorted(set(kinds) - {"random", "retrieved"})
+        if unknown or not kinds:
+            raise ValueError(f"kinds {unknown or list(kinds)}: use random and/or retrieved")
+        arts = self.runtime.artifacts(dataset)
+        ho = held_out_windows(arts, seed=seed, what="fitting the model weight")
+        chosen = ho.warm[:windows]
+        base = self.next_item_config(k=1, use_model=True)
+        n = base.n_candidates
+        cfg = replace(base, k=n, n_candidates=n, explain=False, use_llm_ranking=True, llm_weight=1.0)
+        scorer, prompt = self.runtime.scorer_identity()
+        model_id = self.runtime.model_identity()
+        key = run_key({"dataset": dataset, "events": sequences_hash(arts.user_items),
+                       "catalogue": catalog_hash(arts.catalog), "model": model_id, "scorer": scorer,
+                       "prompt": prompt, "seed": seed, "n": n, "window": cfg.window,
+                       "fusion": arts.fusion_weights, "budget": cfg.prompt_budget_tokens})
+        folder = self.runtime.settings.index_dir(dataset)
+        partial = folder / PARTIAL_FILE
+        sets = read_partial(partial, key)
+        have = {(x.user_id, x.target, x.kind) for x in sets}
+        svc = NextItemService(await self.runtime.model(), model_sha256=self.runtime.model_sha256)
+        gen = ho.artifacts.generator()
+        rng = random.Random(seed)
+        unscored = 0
+        for k, w in enumerate(chosen):
+            events = self.history(dataset, w.user_id)
+            while events and events[-1].item_id == w.target:  # the held-out target's events
+                events.pop()
+            seq = [e.item_id for e in events]
+            seen = set(seq) | {w.target}
+            negatives = [i for i in ho.counted if i not in seen]
+            easy = rng.sample(negatives, min(n - 1, len(negatives)))  # drawn even when resumed
+            cand_sets: dict[str, list[str]] = {}
+            if "random" in kinds:
+                cand_sets["random"] = [w.target, *easy]
+            if "retrieved" in kinds:
+                owned = {e.item_id for e in events if e.event_type in OWNED_EVENT_TYPES}
+                pool = [c.item_id for c in gen.generate(seq, n=n, user_id=w.user_id, exclude=owned)]
+                if w.target in pool:
+                    cand_sets["retrieved"] = pool
+            for kind, ids in cand_sets.items():
+                if (w.user_id, w.target, kind) in have:
+                    continue
+                pred = await svc.predict(w.user_id, events, ho.artifacts, cfg, candidates=ids)
+                llm = {i.item_id: i.source_scores["llm"] for i in pred.items if "llm" in i.source_scores}
+                if not llm:  # the model did not score (unreachable, or no labels): not saved, retried on resume
+                    unscored += 1
+                    continue
+                fused = {c.item_id: c.fused for c in gen.score(seq, ids, user_id=w.user_id)}
+                scored = ScoredSet(user_id=w.user_id, target=w.target, kind=kind, fused=fused, llm=llm)
+                append_partial(partial, key, scored)
+                sets.append(scored)
+            if progress:
+                progress(k + 1, len(chosen))
+        ids, table = window_table(sets)
+        choice = choose_weight(table, seed=seed)
+        metrics: dict[str, object] = {**asdict(choice), "sets_by_kind": {kd: sum(x.kind == kd for x in sets)
+                                                                         for kd in kinds},
+                                      "unscored_sets": unscored, "kinds": list(kinds)}
+        fitted = FittedLlmWeight(weight=choice.served, best_weight=choice.best, dataset=dataset,
+                                 catalogue_hash=catalog_hash(arts.catalog), events_hash=sequences_hash(arts.user_items),
+                                 model=model_id, scorer=scorer, prompt=prompt, n_windows=len(ids), n_sets=len(sets),
+                                 seed=seed, metrics=metrics, fitted_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        path = save_llm_weight(fitted, folder)
+        partial.unlink(missing_ok=True)
+        arts.llm_weight, arts.llm_weight_note = self.runtime.served_llm_weight(dataset)
+        return fitted, path
 
     # ---- progressive next item --------------------------------------------------------------
     @property
@@ -187,9 +294,10 @@ class NextItemMethods(ServiceBase):
     # ---- precomputed next item (agent.app.answers; the runner and worker: agent.app.precompute) --
     def next_item_version(self, dataset: str, *, k: int, use_model: bool) -> str:
         """`agent.app.answers.pipeline_version` of the served next-item configuration for this
-        dataset: its fusion weights as this process ranks with them (else as ``fusion.json`` holds
-        them), its item-index manifest, and the configured model (the packaged GGUF's sha256, or
-        ``SHOPLENS_LLM_MODEL`` for a server). Reads two small files; starts nothing."""
+        dataset: its fusion weights and model weight as this process ranks with them (else as
+        ``fusion.json`` and ``llm_weight.json`` hold them), its item-index manifest, and the
+        configured model (the packaged GGUF's sha256, or ``SHOPLENS_LLM_MODEL`` for a server).
+        Reads three small files; starts nothing."""
         s = self.runtime.settings
         arts = self.runtime.loaded_artifacts(dataset)
         folder = s.index_dir(dataset)
@@ -204,9 +312,9 @@ class NextItemMethods(ServiceBase):
             manifest: str | None = hashlib.sha256((folder / "items" / "manifest.json").read_bytes()).hexdigest()
         except FileNotFoundError:
             manifest = None
-        model = s.llm_model if s.llm_base_url else PROFILES[s.llm_profile].sha256
-        return pipeline_version(self.next_item_config(k=k, use_model=use_model), model=model,
-                                fusion_weights=weights, index_manifest_sha256=manifest)
+        llm_weight = arts.llm_weight if arts is not None else self.runtime.served_llm_weight(dataset)[0]
+        return pipeline_version(self.next_item_config(k=k, use_model=use_model), model=self.runtime.model_identity(),
+                                fusion_weights=weights, index_manifest_sha256=manifest, llm_weight=llm_weight)
 
     def active_users(self, dataset: str, *, since: datetime | str | float | None = None,
                      limit: int | None = None) -> list[str]:

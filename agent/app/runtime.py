@@ -32,10 +32,13 @@ from agent.ingest.mapping import ColumnMap
 from agent.ingest.report import LoadReport
 from agent.llm.base import ChatModel, Usage
 from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
+from agent.llm.prompting import load_prompt
 from agent.llm.servers.embedded import PROFILES, EmbeddedServer, assemble_model
 from agent.llm.wrappers import GuardConfig, GuardedModel, Lane, ModelObserver, NullObserver
 from agent.settings import Settings
 from agent.tasks.fusion import load_fusion
+from agent.tasks.llm_weight import load_llm_weight, served_llm_weight
+from agent.tasks.next_item import NextItemConfig
 from agent.tasks.opinion import penalties_from_events
 from retrieval.embedder import Embedder, make_embedder
 from retrieval.index import IndexMismatchError
@@ -198,7 +201,32 @@ class Runtime:
             fusion = load_fusion(folder, dataset, catalog_hash(arts.catalog), arts.user_items)
             if fusion is not None:
                 arts.fusion_weights, arts.fusion_note = fusion.served()
+            arts.llm_weight, arts.llm_weight_note = self.served_llm_weight(dataset)
         return self._artifacts[dataset]
+
+    def model_identity(self) -> str:
+        """What names the configured model without starting it: the packaged GGUF's sha256, or
+        ``SHOPLENS_LLM_MODEL`` for a server."""
+        s = self.settings
+        return s.llm_model if s.llm_base_url else PROFILES[s.llm_profile].sha256
+
+    def scorer_identity(self) -> tuple[str, str]:
+        """(the configured next-item LLM scorer, its prompt as ``name@sha256``)."""
+        s = self.settings
+        ref = NextItemConfig.pointwise_prompt if s.llm_scorer == "pointwise" else NextItemConfig.rank_prompt
+        return s.llm_scorer, f"{ref}@{load_prompt(ref).sha256}"
+
+    def served_llm_weight(self, dataset: str) -> tuple[float, str]:
+        """(the model weight this process serves `dataset` with, the `meta.notes` line): the
+        fitted ``llm_weight.json`` when it was fitted for this model, scorer and prompt and
+        showed a significant gain, else 0 (`agent.tasks.llm_weight`).
+
+        Raises:
+            ArtifactMismatchError: ``llm_weight.json`` belongs to another dataset or was edited.
+        """
+        scorer, prompt = self.scorer_identity()
+        fitted = load_llm_weight(self.settings.index_dir(dataset), dataset)
+        return served_llm_weight(fitted, dataset, model=self.model_identity(), scorer=scorer, prompt=prompt)
 
     def loaded_artifacts(self, dataset: str) -> DatasetArtifacts | None:
         """The dataset's artifacts if this process has loaded them, else None (builds nothing)."""

@@ -43,6 +43,10 @@ class DatasetArtifacts:
     # carry about them; None: the hand-set DEFAULT_WEIGHTS
     fusion_weights: dict[str, float] | None = None
     fusion_note: str = ""
+    # the model's share of the next-item score served for this dataset (`shoplens train --llm`,
+    # agent.tasks.llm_weight: 0 until validation users show a significant gain), and its note
+    llm_weight: float = 0.0
+    llm_weight_note: str = ""
 
     def generator(self, weights: dict[str, float] | None = None) -> CandidateGenerator:
         """The candidate generator with `weights`, else the trained ones, else the defaults."""

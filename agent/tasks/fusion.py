@@ -187,6 +187,44 @@ def _fit(feats: Sequence[np.ndarray], seed: int) -> dict[str, float]:
     return {s: round(float(c), 6) for s, c in zip(SOURCES, lr.coef_[0], strict=True)}
 
 
+@dataclass
+class HeldOut:
+    """Validation windows and the sources refit without their targets (`held_out_windows`)."""
+
+    artifacts: DatasetArtifacts  # every source refit without the windows' targets
+    windows: list[Window]  # every validation window
+    warm: list[Window]  # those whose target another event holds (the ones fitted on)
+    counted: list[str]  # catalogue ids another event holds (the negatives), sorted
+
+
+def held_out_windows(arts: DatasetArtifacts, *, n_users: int = 2000, seed: int = 0,
+                     what: str = "training the fusion") -> HeldOut:
+    """Leave-one-out validation windows of up to `n_users` users (seeded), the sources refit
+    without their targets, and which windows are warm: the cases `fit_fusion` and the LLM-weight
+    fit (`agent.tasks.llm_weight`) learn from.
+
+    A target no other event holds is cold: every count-based source scores it 0, below any
+    counted negative, so a fit on it learns "uncounted wins" (negative popularity weight). Such
+    windows are not fitted on, and negatives come from counted items, as in the eval harness
+    (`eval.store_protocols.warm_only`).
+
+    Raises:
+        ValueError: fewer than 20 users with 3+ items, or fewer than 20 warm windows; the message
+            names `what` needed them.
+    """
+    windows = validation_windows(arts.user_items, n_users=n_users, seed=seed)
+    if len(windows) < 20:
+        raise ValueError(f"{arts.dataset}: {len(windows)} users with 3+ items; {what} needs "
+                         "at least 20 (keep the default weights)")
+    holdout = without_targets(arts, windows)
+    warm = [w for w in windows if holdout.popularity.count.get(w.target, 0) > 0]
+    if len(warm) < 20:
+        raise ValueError(f"{arts.dataset}: {len(warm)} of {len(windows)} validation windows have a target "
+                         f"another event holds; {what} needs at least 20 (keep the default weights)")
+    counted = sorted(i for i in arts.catalog if holdout.popularity.count.get(i, 0) > 0)
+    return HeldOut(holdout, windows, warm, counted)
+
+
 def fit_fusion(arts: DatasetArtifacts, *, n_users: int = 2000, seed: int = 0,
                progress: Callable[[int, int], None] | None = None) -> FittedFusion:
     """Learn the source weights of `arts`'s dataset (see the module docstring).
@@ -195,19 +233,8 @@ def fit_fusion(arts: DatasetArtifacts, *, n_users: int = 2000, seed: int = 0,
         ValueError: fewer than 20 users with `min_len` items, or fewer than 20 of their windows
             with a target another event holds (nothing to learn from).
     """
-    windows = validation_windows(arts.user_items, n_users=n_users, seed=seed)
-    if len(windows) < 20:
-        raise ValueError(f"{arts.dataset}: {len(windows)} users with 3+ items; training the fusion needs "
-                         "at least 20 (keep the default weights)")
-    holdout = without_targets(arts, windows)
-    # a target no other event holds is cold: every count-based source scores it 0, below any
-    # counted negative, so a fit on it learns "uncounted wins" (negative popularity weight).
-    # Skipped, and negatives come from counted items, as in the eval harness (eval.store_protocols.warm_only)
-    warm = [w for w in windows if holdout.popularity.count.get(w.target, 0) > 0]
-    if len(warm) < 20:
-        raise ValueError(f"{arts.dataset}: {len(warm)} of {len(windows)} validation windows have a target "
-                         "another event holds; training the fusion needs at least 20 (keep the default weights)")
-    counted = sorted(i for i in arts.catalog if holdout.popularity.count.get(i, 0) > 0)
+    ho = held_out_windows(arts, n_users=n_users, seed=seed)
+    holdout, windows, warm, counted = ho.artifacts, ho.windows, ho.warm, ho.counted
     rng = random.Random(seed)
     sets: list[dict[str, np.ndarray]] = []
     for k, w in enumerate(warm):

@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal, cast
 
@@ -48,7 +48,10 @@ class NextItemConfig:
     # "verbalizer": letter labels, one call per permutation (LlamaRec); "pointwise": one yes/no
     # call per candidate over a shared history prefix, position-free (agent/llm/pointwise.py)
     llm_scorer: LlmScorer = "verbalizer"
-    llm_weight: float = 0.5  # final = w * llm + (1 - w) * retrieval fusion
+    # final = w * llm + (1 - w) * retrieval fusion. None: the dataset's served weight
+    # (`DatasetArtifacts.llm_weight`: fitted by `shoplens train --llm`, else 0). At 0 the model
+    # does not rank (no scoring call); it still explains.
+    llm_weight: float | None = None
     use_llm_ranking: bool = True
     explain: bool = True
     repurchase: bool = False
@@ -131,6 +134,13 @@ class NextItemService:
                 trace.notes.append(f"{len(unknown)} item(s) of this history are not in the catalogue and are "
                                    "never recommended")
         cold = not events
+        weight = cfg.llm_weight if cfg.llm_weight is not None else artifacts.llm_weight
+        if cfg.use_llm_ranking and self.model is not None and not cold:
+            trace.notes.append((artifacts.llm_weight_note or untrained_note(artifacts.dataset))
+                               if cfg.llm_weight is None else f"model ranking weight {weight:g}, set by configuration" if weight > 0
+                               else "model ranking off: weight 0 set by configuration")
+        # from here on the configuration as applied: at weight 0 the model does not rank at all
+        cfg = replace(cfg, use_llm_ranking=cfg.use_llm_ranking and weight > 0, llm_weight=weight)
         # the model scores the best n_candidates by fusion (all of them unless a caller sent more)
         head, tail = cands[: cfg.n_candidates], cands[cfg.n_candidates:]
         prompts: list[str] = []
@@ -174,10 +184,10 @@ class NextItemService:
                     trace.steps.append(_step("rank", calls, usage, estimates.get("rank", 0), cfg))
                 except ModelUnavailableError as e:
                     trace.degraded.append(f"model unavailable for ranking ({e}); retrieval fusion only")
-        ranked = _fuse(head, llm_scores, cfg.llm_weight, artifacts.review_penalties)
+        ranked = blend(head, llm_scores, weight, artifacts.review_penalties)
         if tail:  # a caller's candidates beyond the model's n_candidates: after the head, by fusion
             floor = min((sc for _, sc in ranked), default=1.0)
-            ranked += [(c, round(sc * floor, 6)) for c, sc in _fuse(tail, {}, 0.0, artifacts.review_penalties)]
+            ranked += [(c, round(sc * floor, 6)) for c, sc in blend(tail, {}, 0.0, artifacts.review_penalties)]
         ranked = ranked[: cfg.k]
 
         # --- explanations ---------------------------------------------------------------
@@ -355,7 +365,13 @@ def _step(name: str, calls: int, usage: Usage, estimate: int, cfg: NextItemConfi
                      prompt_budget=cfg.prompt_budget_tokens)
 
 
-def _fuse(
+def untrained_note(dataset: str) -> str:
+    """The `meta.notes` line of a dataset no model weight was fitted for (`agent.tasks.llm_weight`)."""
+    return (f"model ranking off (weight 0): no model weight was fitted for {dataset!r}; "
+            f"`shoplens train --dataset {dataset} --llm` measures one on validation users")
+
+
+def blend(
     cands: list[Candidate], llm: dict[str, float], w: float,
     penalties: dict[str, dict[str, float]] | None = None,
 ) -> list[tuple[Candidate, float]]:
