@@ -79,6 +79,9 @@ class RunConfig:
         llm_weight: ``pipeline``'s model weight in the final score; None: what is served (the
             pipeline store's fitted ``llm_weight.json``, else 0: the model does not rank). Set it
             to measure the model's paired gain at a weight, beside ``no_llm``.
+        fit_llm_weight: ``pipeline``: first fit the model weight on this many validation windows
+            of the pipeline store (`ShopLensService.train_llm_weight`, as ``shoplens train --llm``
+            does; the store holds no evaluated target), then rank with what that serves.
         prompt: prompt reference; None: the ranker's default.
         permutations: verbalizer passes (``llm-perm`` / ``hybrid``; ``llm`` always uses 1).
         position: ``shuffle`` (published protocol), ``first`` or ``last`` (position-bias check).
@@ -122,6 +125,7 @@ class RunConfig:
     untrained: bool = False
     llm_scorer: str | None = None
     llm_weight: float | None = None
+    fit_llm_weight: int | None = None
     model_profile: str | None = None
     n_candidates: int = 20
     min_history: int = 1
@@ -162,8 +166,9 @@ class RunConfig:
                 d.pop(k)
         if self.ranker != "pipeline" or self.llm_scorer is None:
             d.pop("llm_scorer")
-        if d["llm_weight"] is None:  # added later: older runs resume
-            d.pop("llm_weight")
+        for k in ("llm_weight", "fit_llm_weight"):  # added later: older runs resume
+            if d[k] is None:
+                d.pop(k)
         return d
 
 
@@ -426,6 +431,8 @@ async def _pipeline(suite: Suite, config: RunConfig, model: Any) -> RankerSetup:
     if not config.no_llm:
         cached, model_info = await _cached_model(config, model)
         info.update(model_info)
+        if config.fit_llm_weight:
+            info["llm_weight_fit"] = await _fit_llm_weight(rt, config, cached)
     ranker = PipelineRanker(rt, config.dataset, cached, llm_scorer=config.llm_scorer,  # type: ignore[arg-type]
                             llm_weight=config.llm_weight,
                             name="pipeline-no-llm" if config.no_llm else "pipeline", histories=suite.histories,
@@ -433,6 +440,36 @@ async def _pipeline(suite: Suite, config: RunConfig, model: Any) -> RankerSetup:
                             full_k=config.n_candidates)
     info.update(ranker.describe())
     return RankerSetup(ranker, cached, info)
+
+
+async def _fit_llm_weight(rt: Any, config: RunConfig, model: Any) -> dict[str, Any]:
+    """Fit the pipeline store's model weight with the run's (cached) model, unless a fit of the
+    same size and seed is already there; returns what config.json records about it."""
+    from agent.app.service import ShopLensService
+    from agent.tasks.llm_weight import load_llm_weight
+
+    folder = rt.settings.index_dir(config.dataset)
+    done = load_llm_weight(folder, config.dataset)
+    if done is None or (done.n_windows, done.seed) != (config.fit_llm_weight, config.seed):
+
+        async def provider() -> Any:
+            return model
+
+        bar = tqdm(desc="model weight: validation windows", unit="window")
+
+        def tick(k: int, total: int) -> None:
+            bar.total = total
+            bar.update(k - bar.n)
+
+        try:
+            done, _ = await ShopLensService(rt, model_provider=provider).train_llm_weight(
+                config.dataset, windows=config.fit_llm_weight or 0, seed=config.seed, progress=tick)
+        finally:
+            bar.close()
+    arts = rt.artifacts(config.dataset)
+    arts.llm_weight, arts.llm_weight_note = rt.served_llm_weight(config.dataset)
+    return {"served_weight": arts.llm_weight, "best_weight": done.best_weight, "n_windows": done.n_windows,
+            "n_sets": done.n_sets, "metrics": done.metrics}
 
 
 async def _cached_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, Any]]:

@@ -228,3 +228,24 @@ def test_the_train_command_fits_the_fusion_then_the_model_weight_and_says_what_i
     res = CliRunner().invoke(cli.app, ["train", "--dataset", DS, "--llm", "--llm-windows", "3",
                                        "--workspace", str(tmp_path)])
     assert res.exit_code == 2 and "--llm-windows" in res.output
+
+
+async def test_the_harness_fits_the_weight_on_its_own_store_then_measures_what_that_serves(tmp_path: Path) -> None:
+    """`eval next-item --ranker pipeline --fit-llm-weight N`: the fit runs on the pipeline store
+    (training events only) with the run's model, and the ranked cases use the weight it serves."""
+    from eval.runner import RunConfig, arun_next_item, read_cases
+
+    svc = chain_service(tmp_path / "ws", FakeModel())  # the chain shop in the workspace's store
+    await svc.runtime.aclose()
+    model = FakeModel(responder=chain_verbalizer(prefer_target=True))
+    cfg = RunConfig(dataset=DS, protocol="leave-one-out", candidates="random", users=20, ranker="pipeline",
+                    seed=0, fit_llm_weight=10, workspace=tmp_path / "ws", out=tmp_path / "run",
+                    extra={"embedder": "hashing-64"})
+    run = await arun_next_item(cfg, model=model, progress=False)
+    info = json.loads((run / "config.json").read_text())
+    fit = info["llm_weight_fit"]
+    assert fit["n_windows"] == 10 and fit["served_weight"] == info["pipeline"]["llm_weight"]
+    # co-visitation already ranks the chain perfectly on this store: nothing for the model to add
+    assert fit["metrics"]["mean_by_weight"]["0"] == 100.0 and fit["served_weight"] == 0.0
+    assert not any("llm" in s for r in read_cases(run) for s in r["extra"]["source_scores"].values())
+    assert len(model.calls) == 2 * fit["n_sets"]  # the fit's verbalizer passes; the cases asked nothing

@@ -84,7 +84,9 @@ def test_real_model_next_item_for_real_customer(runtime: Runtime) -> None:
         model = await runtime.model()
         events = runtime.store.user_events("online-retail", CUSTOMER)
         svc = NextItemService(model, model_sha256=runtime.model_sha256)
-        return await svc.predict(CUSTOMER, events, runtime.artifacts("online-retail"), NextItemConfig(k=5))
+        # weight 0.5: the model's ranking path (served where `shoplens train --llm` found a gain)
+        return await svc.predict(CUSTOMER, events, runtime.artifacts("online-retail"),
+                                 NextItemConfig(k=5, llm_weight=0.5))
 
     pred = asyncio.run(run())
     events = runtime.store.user_events("online-retail", CUSTOMER)
@@ -117,7 +119,8 @@ def test_real_model_progressive_answer_reaches_every_stage(runtime: Runtime) -> 
     async def run() -> tuple[list[str], list[tuple[str, list[str], set[str]]], str, str | None]:
         # a runtime of its own over the same workspace: the module's runtime holds a model client
         # bound to an earlier test's event loop (each test runs its own asyncio.run)
-        rt = Runtime(runtime.settings)
+        # weight 0.5: a dataset the model ranks (else the refined stage is skipped: the model only explains)
+        rt = Runtime(runtime.settings.model_copy(update={"llm_weight": 0.5}))
         try:
             svc = ShopLensService(rt)
             ans = await svc.next_item_progressive("online-retail", CUSTOMER, k=3, wait_s=0)
@@ -157,7 +160,31 @@ def test_real_model_precompute_stores_an_explained_answer_and_resumes(runtime: R
 
     first, again, stored = asyncio.run(run())
     assert (first.done, first.failed, first.degraded) == (1, 0, 0), first.errors
-    assert first.model_calls >= 3 and first.prompt_tokens > 500
+    # no weight fitted for this slice: the model explains (one call, maybe a repair), it does not rank
+    assert 1 <= first.model_calls <= 2 and first.prompt_tokens > 500
     assert (again.done, again.skipped_fresh) == (0, 1)
     assert stored is not None and stored.stale is False
     assert {i.reason_source for i in stored.items} == {"model"} and len(stored.items) == 3
+
+
+def test_real_model_weight_fit_on_a_few_validation_windows(runtime: Runtime) -> None:
+    """`shoplens train --llm`'s fit with the packaged model on 5 validation windows of the slice:
+    every set scored by the real model, the file saved and the weight served as decided."""
+    from agent.app.service import ShopLensService
+    from agent.tasks.llm_weight import GRID, load_llm_weight
+
+    async def run() -> tuple[Any, Any]:
+        rt = Runtime(runtime.settings)  # its own model client (see the progressive test)
+        try:
+            svc = ShopLensService(rt)
+            fitted, _ = await svc.train_llm_weight("online-retail", windows=5, seed=0, kinds=("random",))
+            return fitted, rt.artifacts("online-retail").llm_weight
+        finally:
+            await rt.aclose()
+
+    fitted, served = asyncio.run(run())
+    assert fitted.n_windows == 5 and fitted.n_sets == 5 and fitted.metrics["unscored_sets"] == 0
+    assert fitted.model == PROFILES["1.5b"].sha256 and fitted.scorer == "verbalizer"
+    assert fitted.best_weight in GRID and served == fitted.weight
+    assert fitted.weight in (0.0, fitted.best_weight)  # served only when significant
+    assert load_llm_weight(runtime.settings.index_dir("online-retail"), "online-retail") == fitted

@@ -100,6 +100,9 @@ def next_item_cmd(
     llm_weight: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="pipeline's model weight in the final score (default: the served one: the "
         "store's fitted weight from `shoplens train --llm`, else 0, when the model does not rank)")] = None,
+    fit_llm_weight: Annotated[int | None, typer.Option(
+        min=5, help="pipeline: first fit the model weight on this many validation windows of the pipeline's "
+        "store (as `shoplens train --llm`), then rank with what it serves")] = None,
     prompt: Annotated[str | None, typer.Option(help="prompt ref, e.g. next_item_rank_titles.v1")] = None,
     seed: Annotated[int, typer.Option(help="case shuffle + tie-break seed (LLMRank: 2023)")] = 2023,
     position: Annotated[Position, typer.Option(help="where the target sits in the candidate list "
@@ -135,7 +138,8 @@ def next_item_cmd(
                     users=users or None, ranker=ranker, prompt=prompt, seed=seed, position=position,
                     permutations=permutations, hybrid_val_users=hybrid_val_users, hybrid_w=hybrid_w,
                     fewshot_k=fewshot_k, model_profile=profile, name=name, out=out, no_llm=no_llm,
-                    untrained=untrained, llm_scorer=llm_scorer, llm_weight=llm_weight, n_candidates=n_candidates,
+                    untrained=untrained, llm_scorer=llm_scorer, llm_weight=llm_weight,
+                    fit_llm_weight=fit_llm_weight, n_candidates=n_candidates,
                     min_history=min_history, cutoff=cutoff, source=source, workspace=workspace)
     ranker = cfg.ranker  # type: ignore[assignment]
     generic = not is_builtin(cfg)
@@ -144,6 +148,8 @@ def next_item_cmd(
               else "--source applies to --ranker pipeline" if source and ranker != "pipeline"
               else "--llm-weight applies to --ranker pipeline with the model" if llm_weight is not None
               and (ranker != "pipeline" or no_llm)
+              else "--fit-llm-weight applies to --ranker pipeline with the model, without --llm-weight"
+              if fit_llm_weight and (ranker != "pipeline" or no_llm or llm_weight is not None)
               else "--repurchase applies to --protocol full / leave-last-basket" if repurchase and protocol == "llmrank"
               else "--drop applies to --ranker fused, fused-sasrec, hybrid or hybrid-pointwise" if drop and ranker not in FUSION_RANKERS
               else "--sasrec applies to --ranker fused-sasrec, hybrid or hybrid-pointwise" if sasrec and ranker not in SASREC_RANKERS

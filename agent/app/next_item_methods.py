@@ -157,7 +157,7 @@ class NextItemMethods(ServiceBase):
         partial = folder / PARTIAL_FILE
         sets = read_partial(partial, key)
         have = {(x.user_id, x.target, x.kind) for x in sets}
-        svc = NextItemService(await self.runtime.model(), model_sha256=self.runtime.model_sha256)
+        svc = NextItemService(await self._source()(), model_sha256=self.runtime.model_sha256)
         gen = ho.artifacts.generator()
         rng = random.Random(seed)
         unscored = 0

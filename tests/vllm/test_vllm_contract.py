@@ -100,7 +100,7 @@ async def test_next_item_through_the_service(vllm_served: Served, tmp_path: Path
             return model
 
         pred = await ShopLensService(rt, model_provider=provider).next_item(
-            DS, "u1", config=NextItemConfig(k=3, n_candidates=8))
+            DS, "u1", config=NextItemConfig(k=3, n_candidates=8, llm_weight=0.5))  # the model ranks
 
     rank_calls = [c for c in model.log if not c.kwargs.get("schema")]
     explain_calls = [c for c in model.log if c.kwargs.get("schema")]
