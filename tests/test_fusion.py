@@ -13,13 +13,14 @@ import pytest
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.data.artifacts import DatasetArtifacts, build_artifacts, catalog_hash
-from agent.data.candidates import DEFAULT_WEIGHTS
+from agent.data.candidates import DEFAULT_WEIGHTS, SOURCES
 from agent.data.store import EventStore
 from agent.domain.errors import ArtifactMismatchError
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.settings import Settings
 from agent.tasks.fusion import (
     FUSION_FILE,
+    choose_served,
     fit_fusion,
     load_fusion,
     save_fusion,
@@ -81,9 +82,32 @@ def test_weights_that_rank_worse_than_the_defaults_are_never_served(
     monkeypatch.setattr(fusion_mod, "_fit", lambda feats, seed: {"covisit": -5.0, "embedding": 0.0,
                                                                   "similar_users": 0.0, "popularity": 0.0})
     fusion = fit_fusion(arts, n_users=60, seed=0)
-    assert fusion.weights == DEFAULT_WEIGHTS and fusion.metrics["kept_defaults"] == 1.0
-    assert fusion.metrics["fitted_ndcg@10_random"] < fusion.metrics["default_ndcg@10_random"]
-    assert "the defaults are kept" in fusion.note()
+    m = fusion.metrics
+    assert m["fitted_ndcg@10_random"] < m["default_ndcg@10_random"]
+    # on this chain, co-visitation alone beats the defaults too: it is served alone, and said
+    assert m["single_covisit_ndcg@10"] > m["default_ndcg@10"] + 0.5 and m["kept_single_source"] == 1.0
+    assert fusion.weights == {s: float(s == "covisit") for s in SOURCES}
+    assert "covisit alone ranked held-out windows better than any fusion" in fusion.note()
+
+
+def _held_out(fitted: float, default: float, **single: float) -> dict[str, float]:
+    """Held-out metrics with the same figure overall and for both kinds of set."""
+    m = {}
+    for k in ("", "_random", "_retrieved"):
+        m[f"fitted_ndcg@10{k}"], m[f"default_ndcg@10{k}"] = fitted, default
+        for src, v in single.items():
+            m[f"single_{src}_ndcg@10{k}"] = v
+    return m
+
+
+def test_the_served_choice_between_fitted_defaults_and_one_source() -> None:
+    assert choose_served(_held_out(70.0, 69.0, covisit=69.9)) == "fitted"
+    assert choose_served(_held_out(60.0, 69.0, covisit=69.2)) == "default"  # fitted worse; covisit within 0.5
+    assert choose_served(_held_out(60.0, 69.0, covisit=70.0, popularity=50.0)) == "covisit"
+    assert choose_served(_held_out(70.0, 69.0, covisit=71.0)) == "covisit"  # beats even the fitted by > 0.5
+    m = _held_out(70.0, 69.0, covisit=71.0)
+    m["single_covisit_ndcg@10_retrieved"] = 60.0  # but worse on the served kind of set: not chosen
+    assert choose_served(m) == "fitted"
 
 
 def test_windows_hold_out_the_last_item_and_the_refit_never_sees_it(arts: DatasetArtifacts) -> None:
