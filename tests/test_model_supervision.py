@@ -171,3 +171,21 @@ async def test_the_embedded_model_comes_back_after_kill_9(tmp_path: Path) -> Non
     finally:
         await holder.aclose()
         await rt.aclose()
+
+
+async def test_an_unreachable_model_server_is_not_reported_as_loading_forever(tmp_path: Path) -> None:
+    """A remote URL nothing answers on: each try fails, and a retry that is loading again says
+    which try it is and why the last one failed (it used to read "still loading" forever)."""
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
+    rt = Runtime(Settings(workspace=tmp_path, llm_base_url=url, llm_dialect="auto", model_cooldown_s=0))
+    holder = ModelHolder(rt, retry_after_s=1)
+    holder.start()
+    assert holder.unavailable() == "the model is still loading"  # the first try: nothing known yet
+    async with asyncio.timeout(10):
+        while holder.state == "loading":
+            await asyncio.sleep(0.01)
+    assert holder.state == "failed" and f"model server at {url} did not answer" in (holder.error or "")
+    with pytest.raises(Exception, match=r"still loading \(try 2; the last one failed: ModelUnavailableError: "
+                                        r"model server at http://127\.0\.0\.1:\d+/v1 did not answer"):
+        await holder.get()  # the cool-down (0 s) has passed: a second try starts
+    await rt.aclose()

@@ -55,6 +55,7 @@ class ModelHolder:
         self._task: asyncio.Task[None] | None = None
         self._model: ChatModel | None = None
         self._probe: tuple[float, bool, str] | None = None
+        self.tries = 0  # loads started; a failed one is retried on demand after the cool-down
         self.restarts = 0  # times the embedded model server died and was started again
         self.restarting: str | None = None  # why, while a restart is under way
         self._watch_task: asyncio.Task[None] | None = None
@@ -64,6 +65,7 @@ class ModelHolder:
         if self.state in ("loading", "ready", "disabled"):
             return
         self.state = "loading"
+        self.tries += 1
         self._task = asyncio.create_task(self._load(), name="shoplens-model-load")
 
     async def _load(self) -> None:
@@ -118,10 +120,18 @@ class ModelHolder:
         if self.state == "disabled":
             return "the model is not started on this server"
         if self.state == "loading":
-            return "the model is still loading"
+            return self._loading()
         if self.state == "failed" and time.monotonic() - self._failed_at < self.runtime.settings.model_cooldown_s:
             return f"the model failed to start ({self.error})"
         return None
+
+    def _loading(self) -> str:
+        """'the model is still loading', with the last failure when this is a retry (an
+        unreachable server is retried after each cool-down: without it, it reads as loading
+        forever)."""
+        if self.error is None:
+            return "the model is still loading"
+        return f"the model is still loading (try {self.tries}; the last one failed: {self.error})"
 
     async def get(self) -> ChatModel:
         """The guarded model.
@@ -139,7 +149,7 @@ class ModelHolder:
         if self.state == "idle":
             self.start()
         if self.state == "loading":
-            raise ModelUnavailableError("the model is still loading", retry_after_s=self.retry_after_s)
+            raise ModelUnavailableError(self._loading(), retry_after_s=self.retry_after_s)
         raise ModelUnavailableError(f"the model failed to start ({self.error})", retry_after_s=self.retry_after_s)
 
     async def probe(self) -> tuple[bool, str]:
