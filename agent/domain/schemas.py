@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal, get_args
 
@@ -178,6 +179,20 @@ class BehaviorEvent(BaseModel):
         return hashlib.sha1(raw.encode("utf-8")).hexdigest()
 
 
+# Line breaks and other control characters (C0, DEL, NEL, the Unicode line/paragraph separators)
+_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of line breaks and control characters replaced by one space.
+
+    Catalogue text is rendered into prompts one item per line: a title holding a line break
+    could otherwise forge prompt lines ("B. <another product>", "Ignore previous
+    instructions..."). Text without such characters is returned unchanged (so catalogue hashes,
+    and the indexes keyed by them, stay the same)."""
+    return _BREAKS.sub(" ", text).strip() if _BREAKS.search(text) else text
+
+
 class CatalogItem(BaseModel):
     """A product in a catalogue. Only `item_id` and `title` are required."""
 
@@ -196,6 +211,11 @@ class CatalogItem(BaseModel):
         if isinstance(v, int) and not isinstance(v, bool):
             return str(v)
         return v.strip() if isinstance(v, str) else v
+
+    @field_validator("title", "category", "brand", mode="before")
+    @classmethod
+    def _one_line(cls, v: object) -> object:
+        return one_line(v) if isinstance(v, str) else v
 
     def text(self) -> str:
         """The text embedded for retrieval: title, category and brand (description excluded:
