@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +25,13 @@ from agent.tasks.llm_weight import (
     GRID,
     LLM_WEIGHT_FILE,
     PARTIAL_FILE,
+    SETS_FILE,
     FittedLlmWeight,
     ScoredSet,
     choose_weight,
     load_llm_weight,
     ndcg10_of_set,
+    recheck,
     save_llm_weight,
     served_llm_weight,
 )
@@ -156,6 +158,8 @@ async def test_an_oracle_model_earns_a_weight_and_the_dataset_is_then_ranked_by_
     assert fit.n_windows == 12 and fit.weight > 0 and fit.metrics["ci_low"] > 0  # type: ignore[operator]
     assert fit.metrics["mean_by_weight"]["1"] == 100.0  # type: ignore[index]  # the oracle alone is perfect
     assert not (path.parent / PARTIAL_FILE).exists()  # a finished fit leaves no partial file
+    rechecked = asdict(recheck(path.parent / SETS_FILE))  # its kept sets give the saved choice back
+    assert rechecked == {k: fit.metrics[k] for k in rechecked}
     # two verbalizer permutations per scored set, nothing else (no explanations)
     assert len(model.calls) == 2 * fit.n_sets and all(c.schema is None for c in model.calls)
     # served from now on: a question to the pipeline is ranked by the model, and says so

@@ -36,6 +36,7 @@ from agent.llm.base import ChatModel
 from agent.tasks.fusion import held_out_windows, read_fusion, sequences_hash
 from agent.tasks.llm_weight import (
     PARTIAL_FILE,
+    SETS_FILE,
     FittedLlmWeight,
     ScoredSet,
     append_partial,
@@ -201,7 +202,7 @@ class NextItemMethods(ServiceBase):
                                  model=model_id, scorer=scorer, prompt=prompt, n_windows=len(ids), n_sets=len(sets),
                                  seed=seed, metrics=metrics, fitted_at=datetime.now(UTC).isoformat(timespec="seconds"))
         path = save_llm_weight(fitted, folder)
-        partial.unlink(missing_ok=True)
+        partial.replace(folder / SETS_FILE)  # kept: the choice can be rechecked without the model
         arts.llm_weight, arts.llm_weight_note = self.runtime.served_llm_weight(dataset)
         return fitted, path
 

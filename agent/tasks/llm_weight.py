@@ -43,6 +43,7 @@ from agent.tasks.next_item import blend, untrained_note
 
 LLM_WEIGHT_FILE = "llm_weight.json"
 PARTIAL_FILE = "llm_weight.partial.jsonl"  # scored sets of an unfinished fit (resume)
+SETS_FILE = "llm_weight.sets.jsonl"  # the finished fit's scored sets: `python -m agent.tasks.llm_weight` rechecks it
 FORMAT = "shoplens.llm_weight.v1"
 GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # GRID[0] must be 0: the baseline
 FOLDS = 5
@@ -227,3 +228,23 @@ def append_partial(path: Path, key: str, s: ScoredSet) -> None:
 def run_key(parts: Mapping[str, object]) -> str:
     """16 hex digits naming what a scored set depends on (data, model, scorer, prompt, seed)."""
     return hashlib.sha256(json.dumps(dict(parts), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recheck(sets_path: Path, seed: int = 0) -> WeightChoice:
+    """The weight choice recomputed from a fit's scored sets (``llm_weight.sets.jsonl``), no model.
+
+    Raises:
+        ValueError: fewer scored windows than `FOLDS`.
+    """
+    sets = []
+    for line in sets_path.read_text(encoding="utf-8").splitlines():
+        d = json.loads(line)
+        d.pop("key", None)
+        sets.append(ScoredSet(**d))
+    return choose_weight(window_table(sets)[1], seed=seed)
+
+
+if __name__ == "__main__":  # python -m agent.tasks.llm_weight <llm_weight.sets.jsonl> [seed]
+    import sys
+
+    print(json.dumps(asdict(recheck(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)), indent=2))
