@@ -390,9 +390,10 @@ def test_progressive_next_item_fast_first_then_poll_stream_and_feedback(api: htt
 
 
 def test_readyz_tells_the_truth(api: httpx.Client, fake: FakeLLM) -> None:
-    r = httpx.get(f"{api.base_url}/readyz")  # public
+    r = httpx.get(f"{api.base_url}/readyz")  # public: states counted, no dataset named
     assert r.status_code == 200, r.text
-    assert r.json()["indexes"] == {DATASET: "ready"}
+    assert (r.json()["indexes"], r.json()["indexes_by_state"]) == ({}, {"ready": 1})
+    assert api.get("/readyz").json()["indexes"] == {DATASET: "ready"}  # with a key: named
     assert r.json()["model"]["restarts"] == 0  # a remote server: never restarted by the API
     fake.mode = "error"
     time.sleep(0.6)

@@ -65,7 +65,7 @@ def _client(rt: Runtime) -> TestClient:
 def _ready(c: TestClient, timeout_s: float = 20.0) -> dict[str, Any]:
     """/readyz once it answers 200 (the warm-up has finished)."""
     deadline = time.monotonic() + timeout_s
-    while (r := c.get("/readyz")).status_code != 200:
+    while (r := c.get("/readyz", headers=AUTH)).status_code != 200:
         assert time.monotonic() < deadline, r.text
         time.sleep(0.05)
     return dict(r.json())
@@ -84,7 +84,7 @@ def test_a_dataset_created_through_the_api_does_not_make_the_instance_unready(tm
         assert r.status_code == 200 and r.json()["stored"] == 3, r.text
 
         # events only: nothing to index yet, said per dataset; the instance still serves DS
-        r = c.get("/readyz")
+        r = c.get("/readyz", headers=AUTH)
         assert r.status_code == 200, r.text
         idx = r.json()["indexes"]
         assert idx[DS] == "ready" and idx[NEW].startswith("unusable: no catalogue"), idx
@@ -96,14 +96,17 @@ def test_a_dataset_created_through_the_api_does_not_make_the_instance_unready(tm
 
         # a catalogue arrives (`shoplens ingest` from another process): not built, built by the first request
         _catalogue(rt, NEW)
-        r = c.get("/readyz")
+        r = c.get("/readyz", headers=AUTH)
         assert r.status_code == 200 and r.json()["indexes"] == {DS: "ready", NEW: "not built"}, r.text
         ds = {d["name"]: d for d in c.get("/v1/datasets", headers=AUTH).json()["datasets"]}
         assert (ds[NEW]["indexes"], ds[NEW]["indexes_ready"]) == ("not built", False)
         r = c.post("/v1/next-item", json={"dataset": NEW, "user_id": "n1", "k": 2}, headers=AUTH)
         assert r.status_code == 200 and r.json()["items"], r.text
-        r = c.get("/readyz")
+        r = c.get("/readyz", headers=AUTH)
         assert r.status_code == 200 and r.json()["indexes"] == {DS: "ready", NEW: "ready"}, r.text
+        # without a key: how many datasets are in which state, never their names
+        anon = c.get("/readyz").json()
+        assert (anon["indexes"], anon["indexes_by_state"], anon["names_hidden"]) == ({}, {"ready": 2}, True)
 
 
 def test_the_startup_warm_up_holds_readiness_until_the_stored_datasets_are_loaded(tmp_path: Path) -> None:
@@ -111,9 +114,11 @@ def test_the_startup_warm_up_holds_readiness_until_the_stored_datasets_are_loade
     rt.gate.clear()
     with _client(rt) as c:
         try:
-            r = c.get("/readyz")
+            r = c.get("/readyz", headers=AUTH)
             assert r.status_code == 503, r.text
             assert f"indexes {DS}:" in r.json()["error"]["message"], r.text
+            anon = c.get("/readyz").json()["error"]["message"]
+            assert "indexes <dataset>:" in anon and DS not in anon, anon
             assert "startup" in r.json()["error"]["message"], r.text
         finally:
             rt.gate.set()
@@ -126,7 +131,7 @@ def test_a_failed_dataset_is_named_and_only_no_dataset_serving_is_unready(
     rt = _runtime(tmp_path, datasets, broken=frozenset({"broken"}))
     with _client(rt) as c:
         deadline = time.monotonic() + 10
-        while (r := c.get("/readyz")).status_code != 200 and "startup" in r.json()["error"]["message"]:
+        while (r := c.get("/readyz", headers=AUTH)).status_code != 200 and "startup" in r.json()["error"]["message"]:
             assert time.monotonic() < deadline, r.text  # the warm-up has not finished
             time.sleep(0.05)
         if ready:
@@ -136,3 +141,5 @@ def test_a_failed_dataset_is_named_and_only_no_dataset_serving_is_unready(
             assert r.status_code == 503, r.text
             msg = r.json()["error"]["message"]
             assert "indexes broken: failed: RuntimeError: index file is corrupt" in msg and "no dataset can serve" in msg
+            anon = c.get("/readyz").json()["error"]["message"]
+            assert "indexes <dataset>: failed: RuntimeError: index file is corrupt" in anon and "broken" not in anon

@@ -129,7 +129,9 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     model: dict[str, Any]
-    indexes: dict[str, str]
+    indexes: dict[str, str]  # dataset -> index state; only for a request with a known API key
+    indexes_by_state: dict[str, int] = {}  # index state -> datasets in it
+    names_hidden: bool = False  # no key was sent: `indexes` is empty
     reason: str | None = None
 
 
