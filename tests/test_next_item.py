@@ -528,3 +528,21 @@ async def test_an_item_the_catalogue_lacks_is_never_recommended(artifacts: Datas
     assert "NOT-IN-CATALOG" not in {i.item_id for i in pred.items}
     assert "t1" in {i.item_id for i in pred.items}  # the catalogue item the user viewed comes back
     assert "1 item(s) of this history are not in the catalogue and are never recommended" in pred.meta.notes
+
+
+def test_template_reasons_say_bought_only_where_the_anchor_was_bought(artifacts: DatasetArtifacts) -> None:
+    from agent.data.candidates import Candidate
+    from agent.domain.history import build_history
+    from agent.tasks.next_item import fallback_reason
+
+    def reason(event_type: str, source: str) -> str:
+        events = [BehaviorEvent(user_id="u8", item_id="t1", event_type=event_type, timestamp="2011-12-05T10:00:00Z")]
+        hist = build_history("u8", events, artifacts.catalog)
+        cand = Candidate(item_id="c1", source_scores={source: 1.0, "popularity": 0.1})
+        return fallback_reason(cand, hist, artifacts, cold=False)[0]
+
+    assert reason("purchase", "covisit") == ("[retrieval fallback] Customers who bought Ceramic teapot (E1) often "
+                                             "bought this too.")
+    assert reason("view", "covisit") == ("[retrieval fallback] Customers who viewed Ceramic teapot (E1) often "
+                                         "chose this too.")
+    assert "bought" not in reason("view", "similar_users").lower()

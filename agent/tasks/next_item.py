@@ -412,12 +412,13 @@ def _hint(c: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> str:
     if line is not None and line.event.item_id == c.item_id:
         return f"recently {event_verb(line.event.event_type)} by this customer ({ref})"
     anchor = f"{ref}: {artifacts.title(line.event.item_id)}" if line else None
-    if best == "covisit" and anchor:
-        return f"often bought with {anchor}"
+    if best == "covisit" and anchor and line is not None:
+        # co-occurrence counts every event type: "bought with" only where the anchor was bought
+        return f"often {'bought' if line.event.event_type == 'purchase' else 'chosen'} with {anchor}"
     if best == "embedding" and anchor:
         return f"similar to {anchor}"
     if best == "similar_users":
-        return "bought by similar customers" + (f"; closest to {anchor}" if anchor else "")
+        return "popular with similar customers" + (f"; closest to {anchor}" if anchor else "")
     return "a best-seller" + (f"; closest to {anchor}" if anchor else "")
 
 
@@ -467,12 +468,16 @@ def fallback_reason(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifa
     anchor = artifacts.title(line.event.item_id) if line else None
     if line is not None and line.event.item_id == cand.item_id:  # the user touched it (_own_ref)
         text = f"Recently {event_verb(line.event.event_type)} by this customer ({ref})."
-    elif src == "covisit" and anchor:
-        text = f"Customers who bought {anchor} ({ref}) often bought this too."
+    elif src == "covisit" and anchor and line is not None:
+        # co-occurrence counts every event type (views too): the anchor's own verb, never "bought" for a view
+        verb = event_verb(line.event.event_type)
+        text = (f"Customers who bought {anchor} ({ref}) often bought this too." if line.event.event_type == "purchase"
+                else f"Customers who {verb} {anchor} ({ref}) often chose this too.")
     elif src == "embedding" and anchor:
         text = f"Similar to {anchor} ({ref}) in this customer's history."
     elif src == "similar_users":
-        text = "Bought by customers with similar purchase histories" + (f"; related to {anchor} ({ref})." if anchor else ".")
+        text = "Popular with customers whose histories resemble this one" + (
+            f"; related to {anchor} ({ref})." if anchor else ".")
     else:
         text = "A best-seller in this shop" + (f"; related to {anchor} ({ref})." if anchor else ".")
     return "[retrieval fallback] " + text, [ref] if ref else []
