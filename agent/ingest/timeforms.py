@@ -21,6 +21,51 @@ _SPACED_OFFSET = re.compile(r"\s+([+-]\d{2}:?\d{2})$")
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?$")
 _MS_THRESHOLD = 1e11  # as agent.domain.schemas: milliseconds pass it, seconds never do
+_DATE_TIME = re.compile(r"(\d{1,4})([/.\-])(\d{1,2})\2(\d{2,4})(?:([ T])(\d{1,2}):(\d{2})(:\d{2})?(\.\d+)?"
+                        r"(\s*[AaPp][Mm])?)?")
+
+
+def guess_format(value: str) -> tuple[str, str | None] | None:
+    """The strptime form that reads `value` (a day/month/year date, optionally with a time), and
+    the day-first alternative when the value cannot tell month from day (both parts <= 12);
+    None when no such form reads it. '3/14/2021 8:26:11' -> ('%m/%d/%Y %H:%M:%S', None)."""
+    m = _DATE_TIME.fullmatch(value.strip())
+    if not m:
+        return None
+    a, sep, b, c = m.group(1), m.group(2), m.group(3), m.group(4)
+    t = ""
+    if m.group(5):
+        t = (f"{m.group(5)}{'%I' if m.group(10) else '%H'}:%M" + (":%S" if m.group(8) else "")
+             + (".%f" if m.group(9) else "") + (f"{m.group(10)[:-2]}%p" if m.group(10) else ""))
+    year = "%Y" if len(c) == 4 else "%y"
+    if len(a) == 4:
+        forms = [f"%Y{sep}%m{sep}%d"]
+    elif int(a) > 12:
+        forms = [f"%d{sep}%m{sep}{year}"]
+    elif int(b) > 12:
+        forms = [f"%m{sep}%d{sep}{year}"]
+    else:
+        forms = [f"%m{sep}%d{sep}{year}", f"%d{sep}%m{sep}{year}"]
+    ok = []
+    for f in forms:
+        try:
+            datetime.strptime(value.strip(), f + t)
+        except ValueError:
+            continue
+        ok.append(f + t)
+    if not ok:
+        return None
+    return ok[0], (ok[1] if len(ok) > 1 else None)
+
+
+def format_hint(value: str) -> str:
+    """'e.g. '%m/%d/%Y %H:%M:%S'' for a value `guess_format` reads (naming the day-first form
+    when both fit), else a generic example."""
+    g = guess_format(value)
+    if g is None:
+        return "e.g. '%d/%m/%Y %H:%M'"
+    first, other = g
+    return f"e.g. '{first}'" + (f" (or '{other}' if the day comes first)" if other else "")
 
 
 class TimeReader:
@@ -56,7 +101,7 @@ class TimeReader:
             self.failed += 1
             if self.first_failure is None:
                 self.first_failure = str(value)
-            hint = "" if self.time_format else "; give its strptime form with --time-format, e.g. '%d/%m/%Y %H:%M'"
+            hint = "" if self.time_format else f"; give its strptime form with --time-format, {format_hint(str(value))}"
             raise ValueError(f"{e}{hint}") from e
         self.forms[form] += 1
         self.naive += naive
