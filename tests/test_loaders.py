@@ -9,7 +9,6 @@ is absent.
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -352,9 +351,7 @@ def _data_dir() -> Path:
 
 @pytest.mark.real_data
 def test_real_online_retail_cleaned_counts():
-    t0 = time.perf_counter()
-    res = load_dataset("online-retail", _data_dir())
-    elapsed = time.perf_counter() - t0
+    res = load_dataset("online-retail", _data_dir())  # its speed is measured by `make bench` (ingest)
     r = res.report
     assert r.rows_read == 541_909
     assert dict(r.dropped) == {
@@ -375,7 +372,6 @@ def test_real_online_retail_cleaned_counts():
         invoices[e.user_id].add(e.basket_id or "")
     assert sum(len(v) >= 2 for v in invoices.values()) == 2_829  # README: 2,845
     assert sum(len(v) >= 5 for v in invoices.values()) == 1_101  # README: 1,115
-    assert elapsed < 120
 
 
 @pytest.mark.real_data
