@@ -208,7 +208,7 @@ def train_cmd(
     users: Annotated[int, typer.Option(min=20, help="leave-one-out validation users to fit on")] = 2000,
     seed: Annotated[int, typer.Option(help="which users, which random negatives")] = 0,
     llm: Annotated[bool, typer.Option("--llm", help="also fit the model's share of the score on validation "
-                                      "windows (runs the model: ~25 s a window on 2 cores)")] = False,
+                                      "windows (runs the model: 25-45 s a window on 2 cores)")] = False,
     llm_windows: Annotated[int, typer.Option(min=5, help="validation windows the model scores, with --llm")] = 30,
     workspace: Workspace = None,
 ) -> None:
