@@ -153,7 +153,7 @@ class PipelineRanker(_SyncMixin):
         """What config.json records: the served configuration and the store it ranks from."""
         c = self.config
         arts = self.runtime.artifacts(self.dataset)
-        weight = c.llm_weight if c.llm_weight is not None else arts.llm_weight
+        weight = c.weight_for(arts.llm_weight)
         return {"pipeline": {"use_llm_ranking": c.use_llm_ranking and weight > 0, "llm_scorer": c.llm_scorer,
                              "llm_weight": weight,
                              "llm_weight_from": "the run's --llm-weight" if c.llm_weight is not None

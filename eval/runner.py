@@ -466,8 +466,7 @@ async def _fit_llm_weight(rt: Any, config: RunConfig, model: Any) -> dict[str, A
                 config.dataset, windows=config.fit_llm_weight or 0, seed=config.seed, progress=tick)
         finally:
             bar.close()
-    arts = rt.artifacts(config.dataset)
-    arts.llm_weight, arts.llm_weight_note = rt.served_llm_weight(config.dataset)
+    arts = rt.artifacts(config.dataset)  # its weight: loaded with it from disk, or set by the fit
     return {"served_weight": arts.llm_weight, "best_weight": done.best_weight, "n_windows": done.n_windows,
             "n_sets": done.n_sets, "metrics": done.metrics}
 

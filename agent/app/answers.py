@@ -98,7 +98,7 @@ def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weight
         16 hex digits.
     """
     c = config
-    weight = c.llm_weight if c.llm_weight is not None else llm_weight
+    weight = c.weight_for(llm_weight)
     ranks = c.use_llm_ranking and weight > 0
     parts: dict[str, object] = {
         "format": PIPELINE_FORMAT, "k": c.k, "repurchase": c.repurchase, "n_candidates": c.n_candidates,
@@ -108,12 +108,11 @@ def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weight
         "index_manifest": index_manifest_sha256,
     }
     if ranks:
-        prompt = c.pointwise_prompt if c.llm_scorer == "pointwise" else c.rank_prompt
-        parts |= {"llm_scorer": c.llm_scorer, "llm_weight": weight, "rank_prompt": _prompt_id(prompt)}
+        parts |= {"llm_scorer": c.llm_scorer, "llm_weight": weight, "rank_prompt": prompt_id(c.scorer_prompt)}
         if c.llm_scorer == "verbalizer":
             parts["permutations"] = c.permutations
     if c.explain:
-        parts |= {"max_attempts": c.max_attempts, "explain_prompt": _prompt_id(c.explain_prompt),
+        parts |= {"max_attempts": c.max_attempts, "explain_prompt": prompt_id(c.explain_prompt),
                   "explain_max_words": c.explain_max_words, "summary_max_chars": c.summary_max_chars}
     if ranks or c.explain:
         parts["model"] = model
@@ -121,7 +120,9 @@ def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weight
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _prompt_id(ref: str) -> str:
+def prompt_id(ref: str) -> str:
+    """A prompt by name and content: ``"next_item_rank.v1@<sha256, 16 hex>"`` (an edited template
+    counts even under its old name)."""
     return f"{ref}@{load_prompt(ref).sha256}"
 
 

@@ -18,7 +18,7 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
-from agent.app.answers import AnswerStore
+from agent.app.answers import AnswerStore, prompt_id
 from agent.app.baselines import drop_fitted_baselines
 from agent.app.feedback import FeedbackStore
 from agent.app.model_holder import ModelHolder, ModelSource
@@ -32,7 +32,6 @@ from agent.ingest.mapping import ColumnMap
 from agent.ingest.report import LoadReport
 from agent.llm.base import ChatModel, Usage
 from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
-from agent.llm.prompting import load_prompt
 from agent.llm.servers.embedded import PROFILES, EmbeddedServer, assemble_model
 from agent.llm.wrappers import GuardConfig, GuardedModel, Lane, ModelObserver, NullObserver
 from agent.settings import Settings
@@ -212,9 +211,8 @@ class Runtime:
 
     def scorer_identity(self) -> tuple[str, str]:
         """(the configured next-item LLM scorer, its prompt as ``name@sha256``)."""
-        s = self.settings
-        ref = NextItemConfig.pointwise_prompt if s.llm_scorer == "pointwise" else NextItemConfig.rank_prompt
-        return s.llm_scorer, f"{ref}@{load_prompt(ref).sha256}"
+        scorer = self.settings.llm_scorer
+        return scorer, prompt_id(NextItemConfig(llm_scorer=scorer).scorer_prompt)
 
     def served_llm_weight(self, dataset: str) -> tuple[float, str]:
         """(the model weight this process serves `dataset` with, the `meta.notes` line): the

@@ -73,6 +73,16 @@ class NextItemConfig:
     source_weights: dict[str, float] | None = None
     seed: int = 0
 
+    @property
+    def scorer_prompt(self) -> str:
+        """The prompt reference of the configured LLM scorer (`llm_scorer`)."""
+        return self.pointwise_prompt if self.llm_scorer == "pointwise" else self.rank_prompt
+
+    def weight_for(self, served: float) -> float:
+        """The model weight this configuration ranks with: its own `llm_weight`, else `served`
+        (the dataset's, `DatasetArtifacts.llm_weight`)."""
+        return self.llm_weight if self.llm_weight is not None else served
+
 
 class NextItemService:
     """Runs the next-item pipeline against one `ChatModel` (or none: retrieval only).
@@ -134,11 +144,14 @@ class NextItemService:
                 trace.notes.append(f"{len(unknown)} item(s) of this history are not in the catalogue and are "
                                    "never recommended")
         cold = not events
-        weight = cfg.llm_weight if cfg.llm_weight is not None else artifacts.llm_weight
+        weight = cfg.weight_for(artifacts.llm_weight)
         if cfg.use_llm_ranking and self.model is not None and not cold:
-            trace.notes.append((artifacts.llm_weight_note or untrained_note(artifacts.dataset))
-                               if cfg.llm_weight is None else f"model ranking weight {weight:g}, set by configuration" if weight > 0
-                               else "model ranking off: weight 0 set by configuration")
+            if cfg.llm_weight is None:
+                trace.notes.append(artifacts.llm_weight_note or untrained_note(artifacts.dataset))
+            elif weight > 0:
+                trace.notes.append(f"model ranking weight {weight:g}, set by configuration")
+            else:
+                trace.notes.append("model ranking off: weight 0 set by configuration")
         # from here on the configuration as applied: at weight 0 the model does not rank at all
         cfg = replace(cfg, use_llm_ranking=cfg.use_llm_ranking and weight > 0, llm_weight=weight)
         # the model scores the best n_candidates by fusion (all of them unless a caller sent more)
@@ -470,9 +483,8 @@ def fallback_reason(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifa
         text = f"Recently {event_verb(line.event.event_type)} by this customer ({ref})."
     elif src == "covisit" and anchor and line is not None:
         # co-occurrence counts every event type (views too): the anchor's own verb, never "bought" for a view
-        verb = event_verb(line.event.event_type)
-        text = (f"Customers who bought {anchor} ({ref}) often bought this too." if line.event.event_type == "purchase"
-                else f"Customers who {verb} {anchor} ({ref}) often chose this too.")
+        text = (f"Customers who {event_verb(line.event.event_type)} {anchor} ({ref}) often "
+                f"{'bought' if line.event.event_type == 'purchase' else 'chose'} this too.")
     elif src == "embedding" and anchor:
         text = f"Similar to {anchor} ({ref}) in this customer's history."
     elif src == "similar_users":
