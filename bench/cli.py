@@ -4,6 +4,7 @@
     python -m bench --only retrieval,fastpath,ingest  # no model needed
     python -m bench --model 0.5b --only e2e,prefix
     python -m bench --base-url http://gpu:8000/v1 --only e2e,ranking,prefix,concurrency
+    python -m bench --only reviews --reviews 60       # review scoring: reviews/min vs the token limit
 
 Run it alone on the machine (it is a measurement): on shared boxes wrap it in the box's lock.
 """
@@ -29,8 +30,9 @@ from agent.llm.openai_compat import OpenAICompatModel, detect_dialect
 from agent.settings import PROJECT_ROOT, load_settings
 from eval.runs import git_commit, run_folder, timestamp
 
-SECTIONS = ("e2e", "progressive", "ranking", "prefix", "retrieval", "fastpath", "fault", "concurrency", "ingest")
-MODEL_SECTIONS = {"e2e", "progressive", "ranking", "prefix", "concurrency"}
+SECTIONS = ("e2e", "progressive", "ranking", "prefix", "reviews", "retrieval", "fastpath", "fault", "concurrency",
+            "ingest")
+MODEL_SECTIONS = {"e2e", "progressive", "ranking", "prefix", "reviews", "concurrency"}
 DEMO_USERS = ("17850", "12347", "13047")  # `shoplens demo`'s customers, first three
 err = Console(stderr=True)
 
@@ -65,6 +67,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fault-seconds", type=float, default=60.0,
                    help="fault section: seconds of load; the model server is killed after a third")
     p.add_argument("--queries", type=int, default=200, help="retrieval queries per index")
+    p.add_argument("--reviews", type=int, default=60,
+                   help="reviews section: zh + en reviews scored per mode (the two-call mode gets a sixth)")
+    p.add_argument("--review-concurrency", type=int, default=1,
+                   help="reviews section: requests in flight (1 for the embedded model; 16+ for vLLM)")
     p.add_argument("--concurrency", default="1,2,4,8", help="concurrency levels")
     p.add_argument("--requests-per-level", type=int, default=2,
                    help="requests per level = max(4, this * concurrency)")
@@ -159,6 +165,13 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
                     err.print(report.summary())
                 pairs = await pipeline.prompt_pairs(rt, "online-retail", users)
                 await section("prefix", llm.prefix_caching(model, pairs))
+            if "reviews" in a.sections:
+                from bench import reviews
+
+                texts = reviews.review_mix(settings.data_dir, a.reviews)
+                await section("reviews", reviews.review_throughput(
+                    model, texts, fig["rates"], concurrency=a.review_concurrency,
+                    two_calls_n=max(1, a.reviews // 6)))
             if "concurrency" in a.sections:
                 await section("concurrency", llm.concurrency(
                     model, _ints(a.concurrency), requests_per_level=a.requests_per_level))

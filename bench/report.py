@@ -146,6 +146,20 @@ def tables(fig: dict[str, Any]) -> list[tuple[str, Row, list[Row]]]:
                     f"{fl['seconds']:.0f} s, {fl['workers']} clients; events posted {fl['events_posted']}, "
                     f"accepted {fl['events_accepted']}, missing after {fl['events_missing']} ({_load(fl)})",
                     ["phase", "requests", "5xx", "p50", "p95", "refinement states"], rows))
+    rv = fig.get("reviews")
+    if rv:
+        names = {"polarity": "polarity only (1 token)", "joint": "polarity + aspects, one call (served)",
+                 "two_calls": "polarity + aspects, two calls (before)"}
+        rows = [[names.get(m, m), str(v["n"]), f"{v['reviews_per_min']:.1f}",
+                 "-" if v["limit_reviews_per_min"] is None else f"{v['limit_reviews_per_min']:.1f}",
+                 _pct(v["measured_vs_limit"]) if v["measured_vs_limit"] is not None else "-",
+                 f"{v['calls'] / v['n']:.1f}", f"{(v['prompt_tokens'] - v['cached_tokens']) / v['calls']:.0f}",
+                 f"{v['completion_tokens'] / v['calls']:.1f}", str(v["with_aspects"])]
+                for m, v in rv["modes"].items()]
+        out.append((f"Review scoring, zh + en mix, concurrency {rv['concurrency']} ({_load(rv)}); limit = the "
+                    "calls' uncached prompt and generated tokens at this run's calibrated rates",
+                    ["mode", "reviews", "reviews/min", "limit reviews/min", "measured / limit", "calls/review",
+                     "uncached prompt tok/call", "gen tok/call", "with aspects"], rows))
     server = (fig.get("model") or {}).get("base_url", "embedded")
     for key, label in (("concurrency", "embedded server" if server == "embedded" else server),
                        ("concurrency_vllm", "vLLM")):

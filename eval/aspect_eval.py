@@ -148,17 +148,19 @@ def _sample(sentences: list[Sentence], n: int, seed: int) -> list[Sentence]:
     return random.Random(seed).sample(sentences, n)
 
 
-async def _llm_cases(todo: Sequence[Sentence], write: Any, config: dict[str, Any], profile: str | None) -> None:
+async def _llm_cases(todo: Sequence[Sentence], write: Any, config: dict[str, Any], profile: str | None,
+                     joint: bool = True) -> None:
     from agent.app.runtime import Runtime
     from agent.settings import load_settings
-    from agent.tasks.sentiment import SentimentAnalyzer
+    from agent.tasks.sentiment import SentimentAnalyzer, SentimentConfig
 
     rt = Runtime(load_settings(llm_profile=profile))
     try:
         model = await rt.model()
-        an = SentimentAnalyzer(model, model_sha256=rt.model_sha256)
-        config.update(model_id=model.model_id, model_sha256=rt.model_sha256, prompt=an.aspects_tpl.ref,
-                      prompt_sha=an.aspects_tpl.sha256)
+        an = SentimentAnalyzer(model, model_sha256=rt.model_sha256, config=SentimentConfig(joint=joint))
+        tpl = an.joint_tpl if joint else an.aspects_tpl
+        config.update(model_id=model.model_id, model_sha256=rt.model_sha256, prompt=tpl.ref,
+                      prompt_sha=tpl.sha256)
         for s in tqdm(todo, desc="aspects llm", unit="sentence"):
             t0 = time.perf_counter()
             rec: dict[str, Any] = {"id": s.id, "text": s.text, "gold": s.gold, "pred": [], "valid": False}
@@ -166,7 +168,8 @@ async def _llm_cases(todo: Sequence[Sentence], write: Any, config: dict[str, Any
                 res = await an.analyze(s.text, aspects=True)
                 rec.update(pred=[[a.aspect, a.polarity] for a in res.aspects],
                            spans=[a.span for a in res.aspects], valid=res.aspects_source == "model",
-                           notes=res.meta.notes)
+                           notes=res.meta.notes, calls=res.meta.attempts,
+                           completion_tokens=res.meta.completion_tokens)
             except Exception as e:  # one bad case never aborts the run; it counts as all misses
                 rec["error"] = f"{type(e).__name__}: {e}"
             rec["seconds"] = round(time.perf_counter() - t0, 3)
@@ -176,8 +179,13 @@ async def _llm_cases(todo: Sequence[Sentence], write: Any, config: dict[str, Any
 
 
 def run_aspect_eval(n: int = 60, *, ranker: str = "llm", seed: int = 2024, data_dir: Path | None = None,
-                    runs_dir: Path = Path("runs"), out: Path | None = None, profile: str | None = None) -> Path:
+                    runs_dir: Path = Path("runs"), out: Path | None = None, profile: str | None = None,
+                    joint: bool = True) -> Path:
     """Run one aspect-extraction eval and write its folder; resumes when `out` has cases.
+
+    Args:
+        joint: the served one-call path (`SentimentConfig.joint_prompt`); False: the older polarity pass
+            plus a JSON aspects call with one repair (`sentiment_aspects.v2`).
 
     Raises:
         ValueError: unknown `ranker`, or `out` holds a run of another configuration.
@@ -191,11 +199,14 @@ def run_aspect_eval(n: int = 60, *, ranker: str = "llm", seed: int = 2024, data_
     test = _sample(load_aspect_sentences(d / "Laptops_Test_Gold.xml.seg"), n, seed)
     run_dir = run_folder(f"aspects-{ranker}-n{n}", out, runs_dir)
     config: dict[str, Any] = {"task": "aspects", "set": "semeval14-laptops-test", "ranker": ranker, "n": n,
-                              "seed": seed, "sentence_ids": [s.id for s in test]}
+                              "seed": seed, "joint": joint if ranker == "llm" else None,
+                              "sentence_ids": [s.id for s in test]}
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        if {k: old.get(k) for k in ("ranker", "n", "seed")} != {k: config[k] for k in ("ranker", "n", "seed")}:
+        keys = ("ranker", "n", "seed", "joint")
+        was = {k: old[k] if k in old else (False if old.get("ranker") == "llm" else None) for k in keys}
+        if was != {k: config[k] for k in keys}:  # runs before "joint" was recorded used two calls
             raise ValueError(f"{run_dir} holds another configuration ({old.get('ranker')}, n={old.get('n')}, "
                              f"seed={old.get('seed')}); pick a new --out")
     cases = run_dir / "cases.jsonl"
@@ -212,7 +223,7 @@ def run_aspect_eval(n: int = 60, *, ranker: str = "llm", seed: int = 2024, data_
                 write({"id": s.id, "text": s.text, "gold": s.gold, "pred": lex.predict(s.text),
                        "valid": True, "seconds": 0.0})
         else:
-            asyncio.run(_llm_cases(todo, write, config, profile))
+            asyncio.run(_llm_cases(todo, write, config, profile, joint))
     cfg_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
     rescore(run_dir)
     return run_dir

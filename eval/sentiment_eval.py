@@ -47,6 +47,7 @@ from agent.tasks.sentiment import (
     SentimentConfig,
     clean_text,
     lexicon_probabilities,
+    parse_aspect_lines,
     prepare_text,
 )
 from eval.metrics import expected_calibration_error
@@ -317,6 +318,7 @@ class SentimentRunConfig:
     seed: int = 2024
     max_chars: int = 600  # reviews are cut for speed on 2 CPU cores (a review's first 600 chars)
     filter_instructions: bool = True  # the injection filter (off: measure the prompt alone)
+    aspects: bool = False  # the served one-call path (polarity + aspect lines, SentimentConfig.joint_prompt)
     profile: str | None = None
     out: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -336,8 +338,13 @@ async def _llm_cases(cfg: SentimentRunConfig, test: list[Case], done: set[str], 
         model = await rt.model()
         an = SentimentAnalyzer(model, model_sha256=rt.model_sha256,
                                config=SentimentConfig(filter_instructions=cfg.filter_instructions))
-        config_out.update(model_id=model.model_id, model_sha256=rt.model_sha256, prompt=an.tpl.ref,
-                          prompt_sha=an.tpl.sha256)
+        joint = cfg.aspects and not any(c.aspect for c in test)
+        if cfg.aspects and not joint:
+            raise ValueError(f"set {cfg.set!r} gives the aspect term; --aspects measures overall polarity with "
+                             "aspects in the same call (sets zh, amazon_cells, beauty, hostile)")
+        tpl = an.joint_tpl if joint else an.tpl
+        config_out.update(model_id=model.model_id, model_sha256=rt.model_sha256, prompt=tpl.ref,
+                          prompt_sha=tpl.sha256, aspects=joint)
         _write_config(cfg, config_out)
         for c in tqdm([c for c in test if c.id not in done], desc=f"sentiment {cfg.set} llm", unit="review"):
             t0 = time.perf_counter()
@@ -345,11 +352,15 @@ async def _llm_cases(cfg: SentimentRunConfig, test: list[Case], done: set[str], 
             try:
                 text, n_removed = prepare_text(c.text, cfg.max_chars, filter_instructions=cfg.filter_instructions)
                 rec["instructions_removed"] = n_removed
-                v = await an.verbalize(text, c.aspect)
+                v = await (an.verbalize_joint(text) if joint else an.verbalize(text, c.aspect))
                 probs = v.probabilities
                 rec.update(valid=v.label_mass >= an.config.min_label_mass, raw_text=v.completion.text,
                            top_logprobs=v.top, label_mass=round(v.label_mass, 6),
-                           prompt_tokens=v.completion.usage.prompt_tokens)
+                           prompt_tokens=v.completion.usage.prompt_tokens,
+                           completion_tokens=v.completion.usage.completion_tokens)
+                if joint:
+                    found, dropped = parse_aspect_lines(v.completion.text, text, an.config.joint_max_aspects)
+                    rec.update(aspects=[[a.aspect, a.polarity] for a in found], aspects_dropped=dropped)
             except Exception as e:  # one bad case never aborts the run; it counts as wrong
                 probs, rec["error"] = {}, f"{type(e).__name__}: {e}"
             rec.update(probs=probs, seconds=round(time.perf_counter() - t0, 4))

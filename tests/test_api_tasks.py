@@ -163,7 +163,7 @@ def test_sentiment_batch_with_model_keeps_order_and_reports_bad_records(api: htt
     assert bad["index"] == 1 and "empty" in bad["error"]
     assert ok2["source"] == "model"
     assert out["meta"] == {"degraded": False, "degraded_reason": None, "n": 3, "by_model": 2, "by_lexicon": 0,
-                           "failed": 1}
+                           "failed": 1, "reused": 0}
 
 
 def test_audience_with_model(api: httpx.Client, item: str) -> None:

@@ -80,3 +80,14 @@ def test_synthetic_catalogue_is_unit_norm_and_ivf_params_scale() -> None:
     assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
     assert ivf_params(10_000) == (256, 8)  # 4 sqrt(n) = 400 capped at n / 39 = 256
     assert ivf_params(1_000_000) == (4000, 80)
+
+
+def test_review_token_limit_is_the_tokens_at_the_calibrated_rates() -> None:
+    from bench.llm import CallRecord
+    from bench.reviews import token_limit_s
+
+    rates = {"pp_tok_s": 100.0, "gen_tok_s": 20.0, "gen_json_tok_s": 10.0}
+    calls = [CallRecord("verbalizer", 0, 1, prompt_tokens=330, completion_tokens=11, cached_tokens=300),
+             CallRecord("structured", 0, 1, prompt_tokens=250, completion_tokens=21, cached_tokens=0)]
+    # 30/100 + 10/20 for the joint call; 250/100 + 20/10 for the JSON call
+    assert token_limit_s(calls, rates) == pytest.approx(0.3 + 0.5 + 2.5 + 2.0)

@@ -74,8 +74,9 @@ def test_eval_commands_each_have_one_line_and_an_example() -> None:
 
 
 def test_fixed_choices_are_shown_in_help() -> None:
-    assert "  --by <item|user>          trends grouped by item or by user  [default: item]" in _help("sentiment")
-    assert "  --profile <1.5b|0.5b>     embedded model profile (default: 1.5b)" in _help("sentiment")
+    sentiment = [" ".join(ln.split()) for ln in _help("sentiment")]  # column widths follow the longest flag
+    assert "--by <item|user> trends grouped by item or by user [default: item]" in sentiment
+    assert "--profile <1.5b|0.5b> embedded model profile (default: 1.5b)" in sentiment
     assert any(x.startswith("  --position <shuffle|first|last>") for x in _help("eval", "next-item"))
     assert "  dataset <online-retail|amazon-games|amazon-industrial|amazon-beauty|taobao>" in _help("ingest")
 

@@ -21,6 +21,7 @@ from agent.llm.servers.llama_app import (
     NextTokenLogprobs,
     common_prefix,
     completion_body,
+    generated_tokens,
     is_next_token_request,
     log_softmax_top,
 )
@@ -28,10 +29,13 @@ from agent.llm.servers.llama_app import (
 MSG = [{"role": "user", "content": "Say yes or no."}]
 
 
-def test_only_one_token_logprob_requests_are_answered_here() -> None:
+def test_logprob_requests_without_a_grammar_are_answered_here() -> None:
     assert is_next_token_request({"messages": MSG, "logprobs": True, "top_logprobs": 5, "max_tokens": 1})
-    assert not is_next_token_request({"messages": MSG, "logprobs": True, "max_tokens": 2})
-    assert not is_next_token_request({"messages": MSG, "logprobs": True})  # server default: 16 tokens
+    assert is_next_token_request({"messages": MSG, "logprobs": True, "max_tokens": 2})  # label + text
+    assert generated_tokens({"messages": MSG, "logprobs": True}) == 16  # the OpenAI default
+    assert generated_tokens({"max_tokens": 1}) == 1
+    assert not is_next_token_request({"messages": MSG, "logprobs": True, "max_tokens": 9,
+                                      "response_format": {"type": "json_object"}})
     assert not is_next_token_request({"messages": MSG, "max_tokens": 1})  # no logprobs asked
     assert not is_next_token_request({"messages": MSG, "logprobs": True, "max_tokens": 1, "stream": True})
     assert not is_next_token_request({"messages": MSG, "logprobs": True, "max_tokens": 1,
@@ -80,22 +84,23 @@ class _Inner:
         await send({"type": "http.response.body", "body": data})
 
 
-def test_the_middleware_passes_other_requests_through_and_refuses_long_logprobs() -> None:
+def test_the_middleware_passes_other_requests_through_and_refuses_logprobs_with_a_grammar() -> None:
     inner = _Inner()
     app = NextTokenLogprobs(inner)
 
     async def go() -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             plain = await c.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 8})
-            long = await c.post("/v1/chat/completions", json={"messages": MSG, "logprobs": True,
-                                                              "top_logprobs": 3, "max_tokens": 5})
+            long = await c.post("/v1/chat/completions", json={
+                "messages": MSG, "logprobs": True, "top_logprobs": 3, "max_tokens": 5,
+                "response_format": {"type": "json_object"}})
             return plain, long
 
     plain, long = asyncio.run(go())
     assert plain.status_code == 200 and plain.json() == {"echo": True}
     assert inner.seen == [{"messages": MSG, "max_tokens": 8}]  # the body was replayed intact
     assert long.status_code == 400
-    assert long.json()["error"]["param"] == "max_tokens"  # and never reached the inner app
+    assert long.json()["error"]["param"] == "logprobs"  # and never reached the inner app
     assert len(inner.seen) == 1
 
 
@@ -116,18 +121,20 @@ def test_real_server_next_token_logprobs_and_prefix_reuse(tmp_path: Path) -> Non
     def ask(item: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": history + f"Will they buy '{item}' next? Answer yes or no."}]
 
-    async def go() -> tuple[Any, Any, Any]:
+    async def go() -> tuple[Any, Any, Any, Any]:
         with EmbeddedServer(path, model_alias=profile.name, log_path=tmp_path / "server.log") as srv:
             model = OpenAICompatModel(srv.base_url, profile.name, dialect="llamacpp", timeout_s=300)
             try:
                 first = await model.complete(ask("a ceramic tea kettle"), max_tokens=1, top_logprobs=10)
                 second = await model.complete(ask("car engine oil"), max_tokens=1, top_logprobs=10)
                 greedy = await model.complete(ask("car engine oil"), max_tokens=1)  # llama.cpp's own path
-                return first, second, greedy
+                # the joint review call's shape: first-token log-probabilities, then more text
+                joint = await model.complete(ask("car engine oil"), max_tokens=12, top_logprobs=5)
+                return first, second, greedy, joint
             finally:
                 await model.aclose()
 
-    first, second, greedy = asyncio.run(go())
+    first, second, greedy, joint = asyncio.run(go())
     for comp in (first, second):
         top = comp.top_logprobs[0]
         assert len(top) == 10
@@ -141,3 +148,7 @@ def test_real_server_next_token_logprobs_and_prefix_reuse(tmp_path: Path) -> Non
     assert second.usage.prompt_tokens > 60
     assert first.usage.cached_tokens < 10  # a fresh server: nothing to reuse but maybe BOS
     assert second.usage.cached_tokens >= 50, second.usage
+    # logprobs with max_tokens > 1: the first position's alternatives, and the greedy text after them
+    assert len(joint.top_logprobs) == 1 and len(joint.top_logprobs[0]) == 5
+    assert joint.text.startswith(next(iter(joint.top_logprobs[0]))), (joint.text, joint.top_logprobs)
+    assert joint.usage.completion_tokens > 1 and joint.usage.cached_tokens >= 50

@@ -33,11 +33,14 @@ from agent.tasks.opinion import (
 from agent.tasks.sentiment import (
     AspectsAnswer,
     SentimentAnalyzer,
+    SentimentConfig,
     SentimentFailure,
     SentimentResult,
+    clause_with,
     clean_text,
     detect_language,
     lexicon_polarity,
+    parse_aspect_lines,
     prepare_text,
     remove_instructions,
     verbalizer_probabilities,
@@ -145,12 +148,13 @@ def test_aspect_span_must_be_a_substring_of_the_review() -> None:
 def test_aspects_are_repaired_once_then_labelled_unavailable() -> None:
     bad = '{"aspects":[{"aspect":"price","polarity":"positive","span":"cheap price"}]}'
     good = '{"aspects":[{"aspect":"battery","polarity":"negative","span":"battery died"}]}'
+    two_calls = SentimentConfig(joint=False)
     fake = FakeModel.with_replies([lp(0.1, 0.8, 0.1), bad, good])
-    r = run(SentimentAnalyzer(fake).analyze("The battery died in a day."))
+    r = run(SentimentAnalyzer(fake, config=two_calls).analyze("The battery died in a day."))
     assert r.aspects_source == "model" and r.aspects[0].aspect == "battery"
     assert "not an exact substring" in fake.calls[2].messages[-1]["content"]  # the repair message
     fake2 = FakeModel.with_replies([lp(0.1, 0.8, 0.1), bad, bad])
-    r2 = run(SentimentAnalyzer(fake2).analyze("The battery died in a day."))
+    r2 = run(SentimentAnalyzer(fake2, config=two_calls).analyze("The battery died in a day."))
     assert r2.aspects == [] and r2.aspects_source == "unavailable" and r2.polarity == "negative"
     assert any("aspects unavailable" in n for n in r2.meta.notes)
 
@@ -158,9 +162,64 @@ def test_aspects_are_repaired_once_then_labelled_unavailable() -> None:
 def test_an_aspects_timeout_keeps_the_polarity_and_the_model_for_the_next_review() -> None:
     fake = FakeModel.with_replies([lp(0.9, 0.05, 0.05), ModelUnavailableError("Request timed out."),
                                    lp(0.05, 0.9, 0.05), '{"aspects": []}'])
-    out = run(SentimentAnalyzer(fake).analyze_batch(["great", "awful"], aspects=True))
+    out = run(SentimentAnalyzer(fake, config=SentimentConfig(joint=False)).analyze_batch(["great", "awful"],
+                                                                                         aspects=True))
     assert [(o.polarity, o.source, o.aspects_source) for o in out] == [  # type: ignore[union-attr]
         ("positive", "model", "unavailable"), ("negative", "model", "model")]
+
+
+# ---- one call per review: the label, then aspect lines (sentiment_joint.v2) --------------------
+
+
+def joint(pos: float, neg: float, neu: float, text: str, finish: str = "stop") -> Completion:
+    """A joint answer: the label token's log-probabilities at position 0, then `text`."""
+    c = lp(pos, neg, neu)
+    return Completion(text=text, top_logprobs=c.top_logprobs, usage=Usage(60, 9), latency_s=0.01,
+                      model="fake", finish_reason=finish)
+
+
+def test_one_call_gives_polarity_and_aspects() -> None:
+    review = "The battery dies in two hours, but the screen is bright."
+    fake = FakeModel.with_replies([joint(0.2, 0.5, 0.3, "negative\nbattery | negative\nScreen | positive")])
+    r = run(SentimentAnalyzer(fake).analyze(review))
+    assert len(fake.calls) == 1 and fake.calls[0].top_logprobs == 20 and fake.calls[0].max_tokens == 40
+    assert fake.calls[0].schema is None  # plain text: a label, then 'term | label' lines
+    assert r.polarity == "negative" and r.confidence == pytest.approx(0.5, abs=1e-4)
+    assert [(a.aspect, a.polarity, a.span) for a in r.aspects] == [
+        ("battery", "negative", "The battery dies in two hours"), ("screen", "positive", "but the screen is bright")]
+    assert r.aspects_source == "model" and r.meta.prompt_versions == ["sentiment_joint.v2"]
+    assert r.meta.completion_tokens == 9 and r.meta.attempts == 1
+
+
+def test_parse_aspect_lines_keeps_what_the_review_says_and_notes_the_rest() -> None:
+    review = "质量很好，物流也快，就是价格有点贵"
+    answer = ("positive\n质量 | positive\n- 物流 ｜ 正面。\n服务 | positive\n价格 | bad\n"
+              "质量 | negative\nno bar here\n价格 | Negative.")
+    aspects, notes = parse_aspect_lines(answer, review, max_aspects=3)
+    assert [(a.aspect, a.polarity, a.span) for a in aspects] == [
+        ("质量", "positive", "质量很好"), ("物流", "positive", "物流也快"), ("价格", "negative", "就是价格有点贵")]
+    assert notes == ["aspect '服务' does not occur in the review: dropped",
+                     "aspect '价格': label 'bad' is not positive/negative/neutral: dropped",
+                     "aspect line 'no bar here' is not 'term | label': dropped"]
+    capped, capped_notes = parse_aspect_lines(answer, review, max_aspects=1)
+    assert [a.aspect for a in capped] == ["质量"]
+    assert capped_notes[-1] == "more than 1 aspects: '物流' and later ones dropped"
+    assert parse_aspect_lines("neutral", review) == ([], [])
+    assert clause_with("A: b, c", "x") is None
+
+
+def test_a_joint_answer_that_is_not_a_label_falls_back_without_aspects() -> None:
+    fake = FakeModel.with_replies([Completion(text="Sure! Here", top_logprobs=[{"Sure": -0.01, "The": -5.0}])])
+    r = run(SentimentAnalyzer(fake).analyze("The battery died."))
+    assert r.source == "lexicon" and r.meta.degraded and r.aspects == [] and r.aspects_source == "unavailable"
+    assert "aspects need the model; none extracted" in r.meta.notes
+
+
+def test_a_capped_joint_answer_drops_the_cut_line_and_says_so() -> None:
+    fake = FakeModel.with_replies([joint(0.8, 0.1, 0.1, "positive\nscreen | positive\nkeyb", finish="length")])
+    r = run(SentimentAnalyzer(fake).analyze("Great screen and keyboard"))
+    assert [a.aspect for a in r.aspects] == ["screen"]
+    assert any("40-token cap" in n for n in r.meta.notes)
 
 
 # ---- untrusted text ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     shoplens sentiment --text "质量很好，物流也快" --text "Arrived broken, support never answered"
     shoplens sentiment --file reviews.csv --column review --out scored.csv
+    shoplens sentiment --file reviews.csv --base-url http://gpu:8000/v1 --concurrency 16
     shoplens sentiment --dataset amazon-beauty --by item --window 90d
     shoplens eval sentiment --set zh --n 300 --ranker llm
 
@@ -16,15 +17,20 @@ import csv
 import json
 import re
 import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 from tqdm import tqdm
 
-from agent.app.results import SentimentBatchMeta
+from agent.app.results import SentimentBatch, SentimentBatchMeta
+from agent.app.sentiment_scores import REUSED_NOTE
 from agent.tasks.opinion import GroupTrend, sentiment_trends
-from agent.tasks.sentiment import SentimentFailure, SentimentResult
+from agent.tasks.sentiment import Polarity, SentimentFailure, SentimentResult, lexicon_polarity
 from ui.options import Profile, Workspace, note_degraded
 
 # eval.sentiment_eval.SETS / RANKERS and eval.aspect_eval.RANKERS (tests/test_cli_help.py keeps them equal)
@@ -66,9 +72,16 @@ def sentiment_cmd(
     min_count: Annotated[int, typer.Option(help="reviews needed in each of the last two windows")] = 5,
     turn_pts: Annotated[float, typer.Option(help="negative-share change (points) that flags a turn")] = 20.0,
     top: Annotated[int, typer.Option(help="trend rows to show")] = 20,
-    aspects: Annotated[bool | None, typer.Option("--aspects/--no-aspects",
-                                                 help="aspect sentiment (default: on for --text, off for --file)")] = None,
+    aspects: Annotated[bool, typer.Option("--aspects/--no-aspects",
+                                          help="aspect terms in the same model call as the polarity")] = True,
     no_llm: Annotated[bool, typer.Option("--no-llm", help="lexicon baseline only (labelled degraded)")] = False,
+    base_url: Annotated[str | None, typer.Option(
+        help="an OpenAI-compatible model server (vLLM) instead of the embedded model")] = None,
+    concurrency: Annotated[int, typer.Option(
+        min=1, help="model requests in flight (1 suits the embedded 2-core model; a vLLM server takes 16+)")] = 1,
+    store: Annotated[bool, typer.Option(
+        "--store/--no-store", help="reuse and keep scores in <workspace>/sentiment_scores.sqlite3 (a re-run "
+        "scores only new reviews; an interrupted run resumes)")] = True,
     workspace: Workspace = None,
     profile: Profile = None,
     as_json: Annotated[bool, typer.Option("--json", help="trends as JSON")] = False,
@@ -76,8 +89,11 @@ def sentiment_cmd(
     """Review sentiment and aspects; batch CSV; opinion trends.
 
     --text: polarity, confidence, language and aspects per review (JSON). --file: a CSV scored
-    into a new CSV, with a progress bar. --dataset: per-item (or per-user) negative-share trends
-    over time windows, with turned groups flagged.
+    into a new CSV (progress with rate and ETA; stored scores reused, so a re-run scores only new
+    rows), then a summary: counts per polarity, top aspects, failed rows. --dataset: per-item (or
+    per-user) negative-share trends over time windows, with turned groups flagged; reviews without
+    a rating are scored by the model (stored: only new ones are scored) and each group's top
+    aspects in the last window are listed.
     """
     modes = sum(x is not None and x != [] for x in (text, file, dataset))
     if modes != 1:
@@ -85,7 +101,11 @@ def sentiment_cmd(
     from agent.app.runtime import Runtime
     from agent.settings import load_settings
 
-    rt = Runtime(load_settings(workspace=workspace, llm_profile=profile))
+    overrides: dict[str, Any] = {"llm_base_url": base_url}
+    if concurrency > 1:  # the model guard's own cap must let that many requests through
+        overrides["model_max_concurrency"] = concurrency
+    rt = Runtime(load_settings(workspace=workspace, llm_profile=profile, **overrides))
+    opts = _ScoreOptions(aspects=aspects, no_llm=no_llm, concurrency=concurrency, store=store)
     if dataset is not None:
         try:
             days = parse_window(window)
@@ -94,8 +114,7 @@ def sentiment_cmd(
         if not rt.store.counts(dataset)["events"]:
             raise _fail(f"no events for dataset {dataset!r}; load it first: `shoplens ingest {dataset}` (a built-in) "
                         f"or `shoplens ingest --events FILE --name {dataset}` (your own export)")
-        trends = sentiment_trends(rt.store, dataset, by=by, window_days=days, min_count=min_count,
-                                  turn_pts=turn_pts)
+        trends = asyncio.run(_dataset_trends(rt, dataset, by, days, min_count, turn_pts, opts))
         if not trends and next(rt.store.iter_events(dataset, event_types=("review",)), None) is None:
             typer.echo(f"note: dataset {dataset!r} has no review events: trends read events of type review (their "
                        "rating, else their text); ingest review rows with --map COLUMN=event_type or "
@@ -106,34 +125,115 @@ def sentiment_cmd(
             typer.echo(render_trends(trends[:top], days, len(trends)))
         return
     try:
-        asyncio.run(_score(rt, text, file, column, out, aspects, no_llm))
+        asyncio.run(_score(rt, text, file, column, out, opts))
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise _fail(str(e)) from e
 
 
-async def _score(rt: Any, texts: list[str] | None, file: Path | None, column: str, out: Path | None,
-                 aspects: bool | None, no_llm: bool) -> None:
+@dataclass
+class _ScoreOptions:
+    aspects: bool
+    no_llm: bool
+    concurrency: int
+    store: bool
+
+
+async def _score_texts(rt: Any, texts: list[Any], opts: _ScoreOptions, desc: str) -> SentimentBatch:
+    """Score `texts` as a batch job: stored scores first, then the model; progress with rate and
+    ETA on stderr; no overall deadline (each model call is still bounded by the guard)."""
+    from agent.app.sentiment_scores import FILE_NAME, SentimentScoreStore
     from agent.app.service import ShopLensService
 
-    svc = ShopLensService(rt, use_model=not no_llm)
+    svc = ShopLensService(rt, use_model=not opts.no_llm)
+    scores = SentimentScoreStore(rt.settings.workspace / FILE_NAME) if opts.store and not opts.no_llm else None
+    bar = tqdm(total=len(texts), desc=desc, unit="review", file=sys.stderr, smoothing=0.1)
+    reused = 0
+
+    def tick(i: int, r: SentimentResult | SentimentFailure) -> None:
+        nonlocal reused
+        if isinstance(r, SentimentResult) and REUSED_NOTE in r.meta.notes:
+            reused += 1
+            bar.set_postfix(stored=reused, refresh=False)
+        bar.update(1)
+
+    try:
+        return await svc.sentiment(texts, aspects=opts.aspects, on_done=tick, deadline_s=None, scores=scores,
+                                   concurrency=opts.concurrency)
+    finally:
+        bar.close()
+        if scores is not None:
+            scores.close()
+
+
+async def _score(rt: Any, texts: list[str] | None, file: Path | None, column: str, out: Path | None,
+                 opts: _ScoreOptions) -> None:
+    from agent.app.service import ShopLensService
+
     try:
         if texts:
-            batch = await svc.sentiment(texts, aspects=True if aspects is None else aspects)
+            batch = await ShopLensService(rt, use_model=not opts.no_llm).sentiment(texts, aspects=opts.aspects)
             _warn_degraded(batch.meta)
             typer.echo(json.dumps([r.model_dump(mode="json") for r in batch.results], indent=2, ensure_ascii=False))
             return
         assert file is not None
         rows, fields = read_rows(file, column)
-        bar = tqdm(total=len(rows), desc="sentiment", unit="review", file=sys.stderr)
-        batch = await svc.sentiment([r.get(column) for r in rows], aspects=bool(aspects),
-                                    on_done=lambda i, r: bar.update(1), deadline_s=None)  # a file: no overall deadline
-        bar.close()
+        t0 = time.perf_counter()
+        batch = await _score_texts(rt, [r.get(column) for r in rows], opts, "sentiment")
         _warn_degraded(batch.meta)
         out = out or file.with_suffix(".scored.csv")
         summary = write_scored(out, rows, fields, batch.results)
+        seconds = time.perf_counter() - t0
+        summary.update(reused_stored=batch.meta.reused, scored_now=batch.meta.n - batch.meta.reused,
+                       seconds=round(seconds, 1),
+                       reviews_per_minute=round(60 * batch.meta.n / seconds, 1) if seconds > 0 else None)
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     finally:
         await rt.aclose()
+
+
+async def _dataset_trends(rt: Any, dataset: str, by: Literal["item", "user"], days: int, min_count: int,
+                          turn_pts: float, opts: _ScoreOptions, n_windows: int = 4) -> list[GroupTrend]:
+    """Trends over the reported windows: ratings where given, else the model's (stored) polarity;
+    with aspects, each group's top aspects in the last window (from every review text there)."""
+    reviews = [e for e in rt.store.iter_events(dataset, event_types=("review",))]
+    if not reviews:
+        return []
+    end = max(e.timestamp for e in reviews)
+    start = end - timedelta(days=days * n_windows)
+    in_windows = [e for e in reviews if start < e.timestamp <= end and e.review_text and e.review_text.strip()]
+    need = [e for e in in_windows if e.rating is None or opts.aspects]
+    by_text: dict[str, SentimentResult] = {}
+    if need and not opts.no_llm:
+        texts = list(dict.fromkeys(e.review_text for e in need if e.review_text))
+        try:
+            batch = await _score_texts(rt, texts, opts, f"reviews of {dataset}")
+        finally:
+            await rt.aclose()
+        _warn_degraded(batch.meta)
+        by_text = {t: r for t, r in zip(texts, batch.results, strict=True) if isinstance(r, SentimentResult)}
+        typer.echo(f"note: {len(texts)} review texts in the windows: {batch.meta.reused} from stored scores, "
+                   f"{len(texts) - batch.meta.reused} scored now", err=True)
+
+    def scorer(text: str) -> Polarity:
+        r = by_text.get(text)
+        return r.polarity if r is not None else lexicon_polarity(text)
+
+    trends = sentiment_trends(rt.store, dataset, by=by, window_days=days, min_count=min_count, turn_pts=turn_pts,
+                              n_windows=n_windows, scorer=scorer)
+    if opts.aspects and by_text:
+        last_start = end - timedelta(days=days)
+        per_group: dict[str, Counter[tuple[str, str]]] = {}
+        for e in in_windows:
+            r = by_text.get(e.review_text or "")
+            if r is None or e.timestamp <= last_start:
+                continue
+            c = per_group.setdefault(e.item_id if by == "item" else e.user_id, Counter())
+            c.update((a.aspect.lower(), a.polarity) for a in r.aspects)
+        for t in trends:
+            if t.key in per_group:
+                t.extra["top_aspects_last_window"] = [
+                    {"aspect": a, "polarity": p, "n": n} for (a, p), n in per_group[t.key].most_common(5)]
+    return trends
 
 
 def _warn_degraded(meta: SentimentBatchMeta) -> None:
@@ -158,9 +258,12 @@ def read_rows(path: Path, column: str) -> tuple[list[dict[str, str]], list[str]]
 
 def write_scored(out: Path, rows: list[dict[str, str]], fields: list[str],
                  results: list[SentimentResult | SentimentFailure]) -> dict[str, Any]:
-    """Write rows + polarity/confidence/language/source/aspects/error columns; return a summary."""
+    """Write rows + polarity/confidence/language/source/aspects/error columns; return a summary:
+    counts per polarity, the 10 most frequent aspect terms (lower-cased) with their polarity
+    counts, and the failed rows by their line number in the file (header = line 1)."""
     extra = ["polarity", "confidence", "language", "source", "aspects", "error"]
     counts: dict[str, int] = {}
+    aspect_counts: dict[str, Counter[str]] = {}
     bad: list[dict[str, Any]] = []
     with out.open("w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields + [x for x in extra if x not in fields])
@@ -171,11 +274,15 @@ def write_scored(out: Path, rows: list[dict[str, str]], fields: list[str],
                 w.writerow({**row, "error": r.error})
                 continue
             counts[r.polarity] = counts.get(r.polarity, 0) + 1
+            for a in r.aspects:
+                aspect_counts.setdefault(a.aspect.lower(), Counter())[a.polarity] += 1
             w.writerow({**row, "polarity": r.polarity, "confidence": f"{r.confidence:.4f}", "language": r.language,
                         "source": r.source, "aspects": json.dumps([a.model_dump() for a in r.aspects], ensure_ascii=False),
                         "error": ""})
     degraded = sum(1 for r in results if isinstance(r, SentimentResult) and r.meta.degraded)
+    top = sorted(aspect_counts.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:10]
     return {"out": str(out), "rows": len(rows), "scored": len(rows) - len(bad), "polarity_counts": counts,
+            "top_aspects": [{"aspect": a, "n": sum(c.values()), **dict(sorted(c.items()))} for a, c in top],
             "degraded": degraded, "bad_rows": bad}
 
 
@@ -191,6 +298,11 @@ def render_trends(trends: list[GroupTrend], window_days: int, total: int) -> str
         cells = "  ".join(f"{(f'{100 * w.share_negative:.0f}%/{w.n}' if w.n else '-'):>9}" for w in t.windows)
         flag = f"{t.turned.upper()}: {t.reason}" if t.turned else ""
         lines.append(f"{t.key:<14} {t.n_reviews:>5}  {cells}  {flag}")
+        tops = t.extra.get("top_aspects_last_window")
+        if tops:
+            sign = {"positive": "+", "negative": "-", "neutral": "~"}
+            lines.append(" " * 16 + "last window's aspects: " + ", ".join(
+                f"{a['aspect']} {sign[a['polarity']]}{a['n']}" for a in tops))
     return "\n".join(lines)
 
 
@@ -200,6 +312,8 @@ def eval_sentiment_cmd(
     ranker: Annotated[SentimentRanker, typer.Option(help="the model, or a baseline")] = "llm",
     seed: Annotated[int, typer.Option(help="sampling/split seed")] = 2024,
     max_chars: Annotated[int, typer.Option(help="reviews cut to this many characters")] = 600,
+    aspects: Annotated[bool, typer.Option(
+        "--aspects", help="the served one-call path: polarity with aspect lines after it (sentiment_joint.v2)")] = False,
     profile: Profile = None,
     out: Annotated[Path | None, typer.Option(help="run folder; an existing one resumes")] = None,
 ) -> None:
@@ -211,7 +325,7 @@ def eval_sentiment_cmd(
 
     try:
         run_dir = run_sentiment(SentimentRunConfig(set=set_, n=n, ranker=ranker, seed=seed, max_chars=max_chars,
-                                                   profile=profile, out=out))
+                                                   aspects=aspects, profile=profile, out=out))
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
     typer.echo(str(run_dir))
@@ -222,6 +336,8 @@ def eval_aspects_cmd(
     n: Annotated[int, typer.Option(help="test sentences (0: all 418)")] = 60,
     ranker: Annotated[AspectsRanker, typer.Option(help="the model, or SemEval-2014's train lexicon")] = "llm",
     seed: Annotated[int, typer.Option(help="sampling seed")] = 2024,
+    two_calls: Annotated[bool, typer.Option(
+        "--two-calls", help="the older path: polarity pass + JSON aspects call (sentiment_aspects.v2)")] = False,
     profile: Profile = None,
     out: Annotated[Path | None, typer.Option(help="run folder; an existing one resumes")] = None,
 ) -> None:
@@ -232,7 +348,7 @@ def eval_aspects_cmd(
     from eval.aspect_eval import run_aspect_eval
 
     try:
-        run_dir = run_aspect_eval(n, ranker=ranker, seed=seed, profile=profile, out=out)
+        run_dir = run_aspect_eval(n, ranker=ranker, seed=seed, profile=profile, out=out, joint=not two_calls)
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
     typer.echo(str(run_dir))

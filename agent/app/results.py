@@ -30,6 +30,7 @@ class SentimentBatchMeta(BaseModel):
     by_model: int
     by_lexicon: int
     failed: int = Field(description="texts that could not be judged (see their `error`)")
+    reused: int = Field(default=0, description="texts answered from stored scores (no model call)")
 
 
 class SentimentBatch(BaseModel):

@@ -31,6 +31,7 @@ from agent.app.model_holder import ModelWatch
 from agent.app.next_item_methods import NextItemMethods
 from agent.app.policy import mark_unavailable
 from agent.app.results import SentimentBatch, SentimentBatchMeta
+from agent.app.sentiment_scores import SentimentScoreStore
 from agent.domain.errors import RequestError
 from agent.domain.predictions import (
     AudiencePrediction,
@@ -192,16 +193,21 @@ class ShopLensService(NextItemMethods):
     # ---- sentiment ------------------------------------------------------------------------
     async def sentiment(self, texts: Sequence[object], *, aspects: bool = False, use_model: bool | None = None,
                         on_done: Callable[[int, SentimentResult | SentimentFailure], None] | None = None,
-                        deadline_s: float | None | Literal["service"] = "service") -> SentimentBatch:
+                        deadline_s: float | None | Literal["service"] = "service",
+                        scores: SentimentScoreStore | None = None, concurrency: int = 1) -> SentimentBatch:
         """Polarity (and optionally aspects) of each text, in order. Texts are cleaned (HTML,
         personal data, instruction-like sentences) before the model sees them; a text that cannot
         be judged is a `SentimentFailure`, never an abort. Without the model, or once it fails or
         the deadline passes, the rest is judged by the labelled lexicon fallback.
 
         Args:
-            on_done: called with (index, result) as each text is judged (a progress bar).
+            on_done: called with (index, result) as each text is judged (a progress bar); stored
+                scores are reported first.
             deadline_s: the whole batch's deadline in seconds; "service": the service's deadline;
                 None: none (a file batch; each model call is still bounded by the guard).
+            scores: stored scores to reuse and to add to as each text is judged (a re-run scores
+                only new texts; an interrupted run resumes). None: nothing stored.
+            concurrency: model requests in flight at once (a vLLM server takes many).
         """
         use = self._use(use_model)
         watch = ModelWatch(self._source(), self.min_retry_after_s)
@@ -214,16 +220,29 @@ class ShopLensService(NextItemMethods):
                 why = f"model unavailable: {e}"
         limit = self.deadline if deadline_s == "service" else deadline_s
         done: dict[int, SentimentResult | SentimentFailure] = {}
+        analyzer = SentimentAnalyzer(model, model_sha256=self.runtime.model_sha256 or (model and model.model_id),
+                                     unavailable_reason=why)
+        keys = {i: analyzer.score_key(t, aspects) for i, t in enumerate(texts) if isinstance(t, str)} \
+            if scores is not None and model is not None else {}
 
         def record(i: int, r: SentimentResult | SentimentFailure) -> None:
             done[i] = r
+            if scores is not None and i in keys and isinstance(r, SentimentResult):
+                scores.put(keys[i], r)
             if on_done is not None:
                 on_done(i, r)
 
+        stored = scores.get_many(list(keys.values())) if scores is not None and keys else {}
+        for i, k in keys.items():
+            if k in stored:
+                done[i] = stored[k].model_copy(deep=True)
+                if on_done is not None:
+                    on_done(i, done[i])
+        todo = [i for i in range(len(texts)) if i not in done]
         try:
             async with asyncio.timeout(limit):
-                await SentimentAnalyzer(model, model_sha256=self.runtime.model_sha256, unavailable_reason=why
-                                        ).analyze_batch(texts, aspects=aspects, on_done=record)
+                await analyzer.analyze_batch([texts[i] for i in todo], aspects=aspects, on_done=record,
+                                             concurrency=concurrency, indices=todo)
         except TimeoutError:  # the rest of the batch from the lexicon, labelled
             lex = SentimentAnalyzer(None, unavailable_reason=f"model did not answer within {limit:g} s")
             for i in range(len(texts)):
@@ -234,7 +253,8 @@ class ShopLensService(NextItemMethods):
         reasons = [r.meta.degraded_reason for r in ok if r.meta.degraded and r.meta.degraded_reason]
         meta = SentimentBatchMeta(degraded=bool(reasons), degraded_reason=reasons[0] if reasons else None,
                                   n=len(texts), by_model=sum(r.source == "model" for r in ok),
-                                  by_lexicon=sum(r.source == "lexicon" for r in ok), failed=len(texts) - len(ok))
+                                  by_lexicon=sum(r.source == "lexicon" for r in ok), failed=len(texts) - len(ok),
+                                  reused=len(texts) - len(todo))
         return SentimentBatch(results=results, meta=meta)
 
 

@@ -18,7 +18,8 @@ from agent.domain.text import Language
 Polarity = Literal["negative", "neutral", "positive"]
 POLARITIES: tuple[Polarity, ...] = get_args(Polarity)
 _ALIASES = {"pos": "positive", "neg": "negative", "neu": "neutral", "1": "positive", "+1": "positive",
-            "0": "neutral", "-1": "negative"}
+            "0": "neutral", "-1": "negative", "正面": "positive", "积极": "positive", "负面": "negative",
+            "消极": "negative", "中性": "neutral"}
 
 
 def normalise_polarity(v: object) -> object:

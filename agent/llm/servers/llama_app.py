@@ -14,8 +14,13 @@ Run as ``python -m agent.llm.servers.llama_app <llama_cpp.server flags>`` (the s
   once), the rest is evaluated, and the top-N log-probabilities of the next token come from one
   vocabulary-sized row. The answer is an ordinary OpenAI ``chat.completion`` (one token), with
   ``usage.prompt_tokens_details.cached_tokens`` saying how much of the prompt was reused.
-* ``logprobs`` with ``max_tokens`` > 1 answers 400 (log-probabilities of generated text need
-  ``logits_all``; no ShopLens path asks for them).
+* A chat completion with ``logprobs=true`` and ``max_tokens`` > 1 (the joint review call of
+  `agent.tasks.sentiment`: a label word, then aspect lines) gets the same first-token
+  log-probabilities, then llama-cpp-python's own greedy generation continues from the evaluated
+  prompt (its generate() keeps the common prefix, so the prompt is not evaluated twice). The
+  answer's ``logprobs.content`` holds the **first generated token only** (the rest would need
+  ``logits_all``); ShopLens reads only that position. ``logprobs`` together with a grammar or
+  ``response_format`` answers 400.
 
 The same requests to vLLM (``--max-logprobs``, prefix caching) are already cheap: the adapter
 sends them unchanged, so the model seam does not know which server it talks to.
@@ -38,13 +43,17 @@ MAX_TOP_LOGPROBS = 20  # the OpenAI API's cap; vLLM's default --max-logprobs
 
 
 def is_next_token_request(body: dict[str, Any]) -> bool:
-    """True for the requests answered here: logprobs for exactly one token, no grammar, no
-    tools, no streaming (pure; unit-tested)."""
+    """True for the requests answered here: logprobs asked, no grammar, no tools, no streaming
+    (pure; unit-tested). Whether text follows the first token is `max_tokens` (see
+    `generated_tokens`)."""
     if not body.get("logprobs") or body.get("stream"):
         return False
-    if body.get("response_format") or body.get("grammar") or body.get("tools") or body.get("functions"):
-        return False
-    return int(body.get("max_tokens") or 16) <= 1
+    return not (body.get("response_format") or body.get("grammar") or body.get("tools") or body.get("functions"))
+
+
+def generated_tokens(body: dict[str, Any]) -> int:
+    """How many tokens a request may generate (the OpenAI default when unset: 16)."""
+    return max(1, int(body.get("max_tokens") or 16))
 
 
 def log_softmax_top(logits: np.ndarray, n: int) -> list[tuple[int, float]]:
@@ -118,8 +127,16 @@ class NextTokenScorer:
         return out, len(toks), reuse
 
 
-def completion_body(model: str, top: list[tuple[str, float]], prompt_tokens: int, cached: int) -> dict[str, Any]:
-    """An OpenAI ``chat.completion`` of one token with its top log-probabilities (pure)."""
+def completion_body(model: str, top: list[tuple[str, float]], prompt_tokens: int, cached: int,
+                    text: str | None = None, completion_tokens: int = 1,
+                    finish_reason: str = "length") -> dict[str, Any]:
+    """An OpenAI ``chat.completion`` with the first token's top log-probabilities (pure).
+
+    Args:
+        top: (token text, logprob) of the first generated token, best first.
+        text: the whole generated text when more than one token was generated (default: the
+            top token alone).
+    """
     entries = [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in top]
     first = entries[0]
     return {
@@ -129,12 +146,12 @@ def completion_body(model: str, top: list[tuple[str, float]], prompt_tokens: int
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": first["token"]},
+            "message": {"role": "assistant", "content": first["token"] if text is None else text},
             "logprobs": {"content": [{**first, "top_logprobs": entries}]},
-            "finish_reason": "length",
+            "finish_reason": finish_reason,
         }],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1,
-                  "total_tokens": prompt_tokens + 1,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens,
                   "prompt_tokens_details": {"cached_tokens": cached}},
     }
 
@@ -166,10 +183,11 @@ class NextTokenLogprobs:
             body = json.loads(raw or b"{}")
         except ValueError:
             body = None
-        if isinstance(body, dict) and body.get("logprobs") and not is_next_token_request(body) \
-                and int(body.get("max_tokens") or 16) > 1:
-            await _send_json(send, *_error(400, "this server returns log-probabilities of one "
-                                           "token only: send max_tokens=1", "max_tokens"))
+        if isinstance(body, dict) and body.get("logprobs") and not body.get("stream") \
+                and not is_next_token_request(body):
+            await _send_json(send, *_error(400, "this server returns log-probabilities only for free "
+                                           "text: drop response_format/grammar/tools or logprobs",
+                                           "logprobs"))
             return
         if not (isinstance(body, dict) and is_next_token_request(body)):
             replayed = False
@@ -209,7 +227,18 @@ class NextTokenLogprobs:
                 top, n_prompt, cached = await run_in_threadpool(scorer.top_logprobs, messages, n)
             except ValueError as e:
                 return _error(400, str(e), "messages")
-        return 200, completion_body(str(body.get("model") or "model"), top, n_prompt, cached)
+            max_tokens = generated_tokens(body)
+            if max_tokens == 1:
+                return 200, completion_body(str(body.get("model") or "model"), top, n_prompt, cached)
+            # llama-cpp-python's generate() keeps the prompt just evaluated (common prefix), so this
+            # re-evaluates one token and then decodes greedily, under the same model lock.
+            gen = await run_in_threadpool(lambda: llama.create_chat_completion(
+                messages=messages, max_tokens=max_tokens, temperature=0.0, stop=body.get("stop")))
+        choice, usage = gen["choices"][0], gen.get("usage") or {}
+        return 200, completion_body(
+            str(body.get("model") or "model"), top, n_prompt, cached, text=choice["message"].get("content") or "",
+            completion_tokens=int(usage.get("completion_tokens") or 1),
+            finish_reason=str(choice.get("finish_reason") or "stop"))
 
 
 async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:

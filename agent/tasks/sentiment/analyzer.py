@@ -1,11 +1,16 @@
-"""The sentiment analyzer: polarity from a verbalizer, aspects from one structured call, a labelled fallback.
+"""The sentiment analyzer: polarity from a verbalizer, aspects in the same call, a labelled fallback.
 
-Polarity and confidence come from ONE forward pass (``max_tokens=1``, top log-probabilities):
-the prompt asks for one word, ``positive``/``negative``/``neutral``, each a single Qwen2.5
-token, and the softmax over those three tokens at the first answer position is the
-distribution (a verbalizer, as in `agent.llm.verbalizer`). Aspect-level sentiment (aspect term,
-polarity, exact span) comes from one schema-constrained `structured_call`, with the cleaned
-review as validation context so every span must be a real substring.
+Polarity and confidence come from the first answer token's top log-probabilities: the prompt
+asks for one word, ``positive``/``negative``/``neutral``, each a single Qwen2.5 token, and the
+softmax over those three tokens at the first answer position is the distribution (a
+verbalizer, as in `agent.llm.verbalizer`).
+
+With aspects on, the same call goes on writing (``sentiment_joint.v2``): after the label, one
+``term | label`` line per judged aspect, capped at `SentimentConfig.joint_max_tokens`. Each term
+must occur in the review (an invented one is dropped and said in ``meta.notes``); its span is the
+review's clause that holds it, found by code, so it is always an exact substring. One call per
+review, a constant system prefix the server reuses (issue 20). The older two-call path (polarity
+pass + a schema-constrained JSON aspects call with one repair) stays behind ``joint=False``.
 
 Review text is untrusted: HTML is stripped, entities unescaped, e-mail addresses and phone
 numbers masked, and the text is put between fixed delimiters as data. When the model is down
@@ -14,10 +19,15 @@ the answer comes from a small lexicon and says so (`meta.degraded`); nothing is 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from agent.domain.predictions import (
@@ -28,6 +38,7 @@ from agent.domain.predictions import (
     SentimentFailure,
     SentimentResult,
     aspects_json_schema,
+    normalise_polarity,
 )
 from agent.domain.text import detect_language
 from agent.llm.base import ChatModel, Completion, ModelUnavailableError, OutputValidationError
@@ -67,11 +78,86 @@ class Verbalized:
     top: dict[str, float]
 
 
+_CLAUSE = re.compile(r"[^,.;:!?，。；：！？、\n]+")
+_ASPECT_LINE = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*)?(?P<term>.+?)\s*[|｜]\s*(?P<label>[^|｜]+?)\s*$")
+
+
+def clause_with(text: str, term: str) -> str | None:
+    """The first clause of `text` (split at , . ; : ! ? and their CJK forms) that holds `term`
+    (case-insensitive), stripped: an exact substring of `text`. None when no clause holds it
+    (e.g. a term spanning punctuation); then the term itself is the span."""
+    low = term.lower()
+    for m in _CLAUSE.finditer(text):
+        if low in m.group().lower():
+            return m.group().strip()
+    return None
+
+
+MAX_TERM_WORDS = 5  # an aspect term is a noun phrase (SemEval-2014's are 1-4 words); longer is a clause
+
+
+def parse_aspect_lines(answer: str, text: str, max_aspects: int = 3) -> tuple[list[AspectSentiment], list[str]]:
+    """The aspects of a joint answer: lines 2.. of `answer` as ``term | label``.
+
+    A line is kept when its label is a polarity, its term occurs in `text` (case-insensitive,
+    quotes stripped) and has at most `MAX_TERM_WORDS` words; duplicates (same term, any case)
+    keep the first. Nothing is dropped
+    silently: every rejected line gets a note.
+
+    Args:
+        answer: the model's text (line 1, the overall label, is skipped unless it holds a ``|``).
+        text: the cleaned review the model saw.
+        max_aspects: keep at most this many.
+
+    Returns:
+        (aspects in the model's order, notes for the lines not kept).
+    """
+    lines = [ln for ln in answer.splitlines() if ln.strip()]
+    if lines and "|" not in lines[0] and "｜" not in lines[0]:
+        lines = lines[1:]
+    out: list[AspectSentiment] = []
+    notes: list[str] = []
+    seen: set[str] = set()
+    low_text = text.lower()
+    for ln in lines:
+        m = _ASPECT_LINE.match(ln)
+        if m is None:
+            notes.append(f"aspect line {ln.strip()[:60]!r} is not 'term | label': dropped")
+            continue
+        term = m.group("term").strip().strip("\"'“”‘’「」")
+        label = m.group("label").strip().lower().rstrip(".。")
+        with contextlib.suppress(ValueError):  # 'Positive', 'neg', '负面' -> the closed label
+            label = str(normalise_polarity(label))
+        if label not in POLARITIES:
+            notes.append(f"aspect {term[:40]!r}: label {label[:20]!r} is not positive/negative/neutral: dropped")
+        elif not term or term.lower() not in low_text:
+            notes.append(f"aspect {term[:40]!r} does not occur in the review: dropped")
+        elif len(term.split()) > MAX_TERM_WORDS:
+            notes.append(f"aspect {term[:40]!r} is a clause, not a term (> {MAX_TERM_WORDS} words): dropped")
+        elif term.lower() in seen:
+            continue
+        elif len(out) >= max_aspects:
+            notes.append(f"more than {max_aspects} aspects: {term[:40]!r} and later ones dropped")
+            break
+        else:
+            seen.add(term.lower())
+            i = low_text.index(term.lower())
+            written = text[i:i + len(term)]  # the review's own casing
+            out.append(AspectSentiment.model_validate(
+                {"aspect": written, "polarity": label, "span": clause_with(text, written) or written},
+                context={"text": text}))
+    return out, notes
+
+
 @dataclass
 class SentimentConfig:
     """Everything that changes an answer (recorded by the eval harness)."""
 
     prompt: str = "sentiment.v1"
+    joint: bool = True  # aspects in the polarity call (sentiment_joint.v2); False: two calls
+    joint_prompt: str = "sentiment_joint.v2"  # v2: a term is a short noun phrase, never the product
+    joint_max_tokens: int = 40  # hard cap: label + 3 aspect lines of ~6-10 tokens
+    joint_max_aspects: int = 3
     aspects_prompt: str = "sentiment_aspects.v2"  # v2: terms as written (v1 answered "quality")
     top_logprobs: int = 20  # vLLM's default cap; the three labels are always near the top
     min_label_mass: float = 0.01  # below this the model did not answer with a label -> fallback
@@ -97,6 +183,23 @@ class SentimentAnalyzer:
         self.down_reason = unavailable_reason if model is None else None
         self.tpl = load_prompt(self.config.prompt)
         self.aspects_tpl = load_prompt(self.config.aspects_prompt)
+        self.joint_tpl = load_prompt(self.config.joint_prompt)
+
+    def prompt_refs(self, aspects: bool) -> list[str]:
+        """The prompts an `analyze(..., aspects=aspects)` answer uses (recorded in `meta`,
+        and part of a stored score's key)."""
+        if aspects and self.config.joint:
+            return [self.joint_tpl.ref]
+        return [self.tpl.ref, self.aspects_tpl.ref] if aspects else [self.tpl.ref]
+
+    def score_key(self, raw_text: str, aspects: bool) -> str:
+        """A stored score's key: sha256 of the raw text and everything that changes its answer
+        (model sha256, prompts and their shas, the config, aspects on/off). A new prompt
+        version or model re-scores; an unchanged review never is (issue 20's resume)."""
+        tpls = {t.ref: t.sha256 for t in (self.tpl, self.aspects_tpl, self.joint_tpl)}
+        ident = json.dumps({"model": self.model_sha256, "prompts": tpls, "config": asdict(self.config),
+                            "aspects": aspects}, sort_keys=True)
+        return hashlib.sha256(f"{ident}\x1e{raw_text}".encode()).hexdigest()
 
     def messages(self, text: str, aspect: str | None = None) -> list[dict[str, str]]:
         """The rendered polarity prompt for already-cleaned `text`."""
@@ -116,12 +219,28 @@ class SentimentAnalyzer:
         probs, mass = verbalizer_probabilities(top)
         return Verbalized(probabilities=probs, label_mass=mass, completion=comp, top=top)
 
+    async def verbalize_joint(self, text: str) -> Verbalized:
+        """One call on already-cleaned `text`: the label's probabilities from the first token
+        and, in ``completion.text``, the aspect lines after it (parse with `parse_aspect_lines`).
+
+        Raises:
+            ModelUnavailableError: from the model (or when there is none).
+        """
+        if self.model is None:
+            raise ModelUnavailableError(self.down_reason or "no model configured")
+        comp = await self.model.complete(render(self.joint_tpl, text=text), max_tokens=self.config.joint_max_tokens,
+                                         top_logprobs=self.config.top_logprobs)
+        top = comp.top_logprobs[0] if comp.top_logprobs else {(comp.text.split() or [""])[0]: 0.0}
+        probs, mass = verbalizer_probabilities(top)
+        return Verbalized(probabilities=probs, label_mass=mass, completion=comp, top=top)
+
     async def analyze(self, raw_text: str, *, aspects: bool = True, aspect: str | None = None) -> SentimentResult:
         """Polarity (+ aspects) of one review.
 
         Args:
             raw_text: the review as received (HTML, entities and personal data are cleaned here).
-            aspects: also extract aspect-level sentiment (one more model call).
+            aspects: also extract aspect-level sentiment (in the same call with
+                `SentimentConfig.joint`, else one more schema-constrained call).
             aspect: judge the polarity toward this aspect term instead of overall.
 
         Raises:
@@ -135,22 +254,25 @@ class SentimentAnalyzer:
             raise ValueError("review text is empty after removing HTML and whitespace")
         lang = detect_language(text)
         trace = CallTrace()
-        meta = Meta(task="sentiment", prompt_versions=[self.tpl.ref])
+        joint = aspects and aspect is None and self.config.joint
+        meta = Meta(task="sentiment", prompt_versions=[self.joint_tpl.ref if joint else self.tpl.ref])
         if n_removed:
             meta.notes.append(f"{n_removed} instruction-like sentence(s) removed from the review (prompt injection)")
         if len(raw_text) > MAX_CHARS:
             meta.notes.append(f"text cut to {MAX_CHARS} characters")
         probs: dict[str, float] | None = None
+        joint_answer: Verbalized | None = None
         if self.model is not None and self.down_reason is None:
             meta.model_id, meta.model_sha256 = self.model.model_id, self.model_sha256
             try:
-                v = await self.verbalize(text, aspect)
+                v = await (self.verbalize_joint(text) if joint else self.verbalize(text, aspect))
                 trace.attempts += 1
                 trace.usage.add(v.completion.usage)
                 trace.model_latency_s += v.completion.latency_s
                 trace.raw_outputs.append(v.completion.text)
                 if v.label_mass >= self.config.min_label_mass:
                     probs = v.probabilities
+                    joint_answer = v if joint else None
                 else:
                     meta.degraded_reason = (f"model answered {v.completion.text!r}, not a label (label "
                                             f"mass {v.label_mass:.3f}); answered by the lexicon baseline")
@@ -166,9 +288,19 @@ class SentimentAnalyzer:
         polarity = max(POLARITIES, key=lambda k: probs[k])
         result_aspects: list[AspectSentiment] = []
         aspects_source: Literal["model", "not_requested", "unavailable"] = "not_requested"
-        if aspects and aspect is None:
+        if joint_answer is not None:
+            result_aspects, dropped = parse_aspect_lines(joint_answer.completion.text, text,
+                                                         self.config.joint_max_aspects)
+            aspects_source = "model"
+            meta.notes.extend(dropped)
+            if joint_answer.completion.finish_reason == "length":
+                meta.notes.append(f"answer reached the {self.config.joint_max_tokens}-token cap; a cut last "
+                                  "aspect line is dropped")
+        elif aspects and aspect is None:
             aspects_source = "unavailable"
-            if source == "model" and self.down_reason is None and self.model is not None:
+            if joint or source != "model" or self.down_reason is not None or self.model is None:
+                meta.notes.append("aspects need the model; none extracted")
+            else:
                 meta.prompt_versions.append(self.aspects_tpl.ref)
                 try:
                     ans = await structured_call(
@@ -180,13 +312,11 @@ class SentimentAnalyzer:
                     meta.notes.append(f"aspects unavailable: {e} ({'; '.join(e.errors[:3])})")
                 except ModelUnavailableError as e:  # often a timeout of the longer JSON call: the
                     meta.notes.append(f"aspects unavailable: {e}")  # next polarity call re-checks the server
-            else:
-                meta.notes.append("aspects need the model; none extracted")
         meta.attempts, meta.salvaged = trace.attempts, trace.salvaged
         meta.prompt_tokens, meta.completion_tokens = trace.usage.prompt_tokens, trace.usage.completion_tokens
         meta.model_latency_s = trace.model_latency_s
         meta.latency_s = time.perf_counter() - t0
-        if trace.raw_outputs:
+        if trace.raw_outputs and not joint:
             meta.notes.append(f"raw first token: {trace.raw_outputs[0]!r}")
         return SentimentResult(
             polarity=polarity, confidence=round(probs[polarity], 6),
@@ -197,22 +327,49 @@ class SentimentAnalyzer:
     async def analyze_batch(
         self, texts: Sequence[object], *, aspects: bool = False,
         on_done: Callable[[int, SentimentResult | SentimentFailure], None] | None = None,
+        concurrency: int = 1, indices: Sequence[int] | None = None,
     ) -> list[SentimentResult | SentimentFailure]:
-        """Judge many reviews in order; a bad record becomes a `SentimentFailure`, never an abort.
+        """Judge many reviews; a bad record becomes a `SentimentFailure`, never an abort.
 
         Once the model is found unavailable the rest of the batch uses the labelled lexicon
         fallback without waiting on the dead server again.
+
+        Args:
+            on_done: called with (index, result) as each review is judged (any order when
+                `concurrency` > 1).
+            concurrency: requests in flight at once (1 on the embedded 2-core server; a vLLM
+                server batches many).
+            indices: each text's index as reported in `on_done` and `SentimentFailure.index`
+                (default 0..n-1; a caller scoring only the unscored rows of a file passes theirs).
+
+        Returns:
+            One result per text, in the order of `texts`.
         """
-        out: list[SentimentResult | SentimentFailure] = []
-        for i, t in enumerate(texts):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        idx = list(indices) if indices is not None else list(range(len(texts)))
+        if len(idx) != len(texts):
+            raise ValueError(f"indices has {len(idx)} entries for {len(texts)} texts")
+        out: list[SentimentResult | SentimentFailure | None] = [None] * len(texts)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(pos: int) -> None:
+            t = texts[pos]
             r: SentimentResult | SentimentFailure
-            try:
-                if t is None or (isinstance(t, float) and math.isnan(t)):
-                    raise ValueError("review text is missing")
-                r = await self.analyze(t if isinstance(t, str) else str(t), aspects=aspects)
-            except (ValueError, OutputValidationError) as e:
-                r = SentimentFailure(index=i, error=str(e))
-            out.append(r)
+            async with gate:
+                try:
+                    if t is None or (isinstance(t, float) and math.isnan(t)):
+                        raise ValueError("review text is missing")
+                    r = await self.analyze(t if isinstance(t, str) else str(t), aspects=aspects)
+                except (ValueError, OutputValidationError) as e:
+                    r = SentimentFailure(index=idx[pos], error=str(e))
+            out[pos] = r
             if on_done is not None:
-                on_done(i, r)
-        return out
+                on_done(idx[pos], r)
+
+        if concurrency == 1:
+            for pos in range(len(texts)):
+                await one(pos)
+        else:
+            await asyncio.gather(*(one(pos) for pos in range(len(texts))))
+        return [r for r in out if r is not None]
