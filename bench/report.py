@@ -148,8 +148,8 @@ def tables(fig: dict[str, Any]) -> list[tuple[str, Row, list[Row]]]:
                     ["phase", "requests", "5xx", "p50", "p95", "refinement states"], rows))
     rv = fig.get("reviews")
     if rv:
-        names = {"polarity": "polarity only (1 token)", "joint": "polarity + aspects, one call (served)",
-                 "two_calls": "polarity + aspects, two calls (before)"}
+        names = {"polarity": "polarity only (1 token)", "joint": "polarity + aspects, one call (--one-call)",
+                 "two_calls": "polarity + aspects, two calls (default)"}
         rows = [[names.get(m, m), str(v["n"]), f"{v['reviews_per_min']:.1f}",
                  "-" if v["limit_reviews_per_min"] is None else f"{v['limit_reviews_per_min']:.1f}",
                  _pct(v["measured_vs_limit"]) if v["measured_vs_limit"] is not None else "-",

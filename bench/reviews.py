@@ -6,9 +6,9 @@ amazon_cells sets, first `n` of each seed-2024 test sample, no stored scores) th
 `SentimentAnalyzer.analyze_batch`, the code `shoplens sentiment --file` runs:
 
 * ``polarity``: aspects off, one ``max_tokens=1`` verbalizer call per review;
-* ``joint``: aspects on, the served one-call path (label, then ``term | label`` lines);
-* ``two_calls``: aspects on, the older polarity pass + JSON aspects call (on a smaller sample;
-  it is the "before").
+* ``joint``: aspects on, the one-call path (``--one-call``: label, then ``term | label`` lines);
+* ``two_calls``: aspects on, the served default: polarity pass + JSON aspects call (on a smaller
+  sample: it is slow).
 
 The limit of a mode is what its calls' tokens cost at the calibrated rates:
 sum over calls of (prompt_tokens - cached_tokens) / pp_tok_s + completion_tokens / gen_tok_s
@@ -64,7 +64,7 @@ async def review_throughput(model: ChatModel, texts: list[str], rates: dict[str,
         "completion_tokens", "with_aspects", "degraded"}}}.
     """
     out: dict[str, Any] = {"n": len(texts), "concurrency": concurrency, "load": load_average(), "modes": {}}
-    plans = (("polarity", False, SentimentConfig(), texts), ("joint", True, SentimentConfig(), texts),
+    plans = (("polarity", False, SentimentConfig(), texts), ("joint", True, SentimentConfig(joint=True), texts),
              ("two_calls", True, SentimentConfig(joint=False), texts[:two_calls_n]))
     for mode, aspects, cfg, sample in plans:
         if not sample:

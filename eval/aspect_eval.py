@@ -149,7 +149,7 @@ def _sample(sentences: list[Sentence], n: int, seed: int) -> list[Sentence]:
 
 
 async def _llm_cases(todo: Sequence[Sentence], write: Any, config: dict[str, Any], profile: str | None,
-                     joint: bool = True) -> None:
+                     joint: bool = False) -> None:
     from agent.app.runtime import Runtime
     from agent.settings import load_settings
     from agent.tasks.sentiment import SentimentAnalyzer, SentimentConfig
@@ -180,12 +180,12 @@ async def _llm_cases(todo: Sequence[Sentence], write: Any, config: dict[str, Any
 
 def run_aspect_eval(n: int = 60, *, ranker: str = "llm", seed: int = 2024, data_dir: Path | None = None,
                     runs_dir: Path = Path("runs"), out: Path | None = None, profile: str | None = None,
-                    joint: bool = True) -> Path:
+                    joint: bool = False) -> Path:
     """Run one aspect-extraction eval and write its folder; resumes when `out` has cases.
 
     Args:
-        joint: the served one-call path (`SentimentConfig.joint_prompt`); False: the older polarity pass
-            plus a JSON aspects call with one repair (`sentiment_aspects.v2`).
+        joint: the one-call path (`SentimentConfig.joint_prompt`, ``--one-call``); False (served):
+            the polarity pass plus a JSON aspects call with one repair (`sentiment_aspects.v2`).
 
     Raises:
         ValueError: unknown `ranker`, or `out` holds a run of another configuration.

@@ -318,7 +318,7 @@ class SentimentRunConfig:
     seed: int = 2024
     max_chars: int = 600  # reviews are cut for speed on 2 CPU cores (a review's first 600 chars)
     filter_instructions: bool = True  # the injection filter (off: measure the prompt alone)
-    aspects: bool = False  # the served one-call path (polarity + aspect lines, SentimentConfig.joint_prompt)
+    aspects: bool = False  # the one-call path (polarity + aspect lines, SentimentConfig.joint_prompt)
     profile: str | None = None
     out: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)

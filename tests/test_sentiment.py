@@ -171,6 +171,9 @@ def test_an_aspects_timeout_keeps_the_polarity_and_the_model_for_the_next_review
 # ---- one call per review: the label, then aspect lines (sentiment_joint.v2) --------------------
 
 
+ONE_CALL = SentimentConfig(joint=True)
+
+
 def joint(pos: float, neg: float, neu: float, text: str, finish: str = "stop") -> Completion:
     """A joint answer: the label token's log-probabilities at position 0, then `text`."""
     c = lp(pos, neg, neu)
@@ -181,7 +184,7 @@ def joint(pos: float, neg: float, neu: float, text: str, finish: str = "stop") -
 def test_one_call_gives_polarity_and_aspects() -> None:
     review = "The battery dies in two hours, but the screen is bright."
     fake = FakeModel.with_replies([joint(0.2, 0.5, 0.3, "negative\nbattery | negative\nScreen | positive")])
-    r = run(SentimentAnalyzer(fake).analyze(review))
+    r = run(SentimentAnalyzer(fake, config=ONE_CALL).analyze(review))
     assert len(fake.calls) == 1 and fake.calls[0].top_logprobs == 20 and fake.calls[0].max_tokens == 40
     assert fake.calls[0].schema is None  # plain text: a label, then 'term | label' lines
     assert r.polarity == "negative" and r.confidence == pytest.approx(0.5, abs=1e-4)
@@ -210,14 +213,14 @@ def test_parse_aspect_lines_keeps_what_the_review_says_and_notes_the_rest() -> N
 
 def test_a_joint_answer_that_is_not_a_label_falls_back_without_aspects() -> None:
     fake = FakeModel.with_replies([Completion(text="Sure! Here", top_logprobs=[{"Sure": -0.01, "The": -5.0}])])
-    r = run(SentimentAnalyzer(fake).analyze("The battery died."))
+    r = run(SentimentAnalyzer(fake, config=ONE_CALL).analyze("The battery died."))
     assert r.source == "lexicon" and r.meta.degraded and r.aspects == [] and r.aspects_source == "unavailable"
     assert "aspects need the model; none extracted" in r.meta.notes
 
 
 def test_a_capped_joint_answer_drops_the_cut_line_and_says_so() -> None:
     fake = FakeModel.with_replies([joint(0.8, 0.1, 0.1, "positive\nscreen | positive\nkeyb", finish="length")])
-    r = run(SentimentAnalyzer(fake).analyze("Great screen and keyboard"))
+    r = run(SentimentAnalyzer(fake, config=ONE_CALL).analyze("Great screen and keyboard"))
     assert [a.aspect for a in r.aspects] == ["screen"]
     assert any("40-token cap" in n for n in r.meta.notes)
 

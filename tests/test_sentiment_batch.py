@@ -23,9 +23,10 @@ from agent.app.service import ShopLensService
 from agent.llm.base import Completion, ModelUnavailableError, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
 from agent.settings import Settings
-from agent.tasks.sentiment import SentimentFailure, SentimentResult
+from agent.tasks.sentiment import SentimentConfig, SentimentFailure, SentimentResult
 from ui.cli import app
 
+ONE_CALL = SentimentConfig(joint=True)
 REVIEWS = ["The battery dies fast but the screen is great.", "质量很好，物流也快", "<p> </p>", "Love it!"]
 
 
@@ -60,17 +61,17 @@ def test_a_rerun_reads_stored_scores_and_a_grown_batch_scores_only_new_texts(tmp
     fake = FakeModel(responder=_reply)
     store = SentimentScoreStore(tmp_path / FILE_NAME)
     svc = _service(tmp_path, fake)
-    first = asyncio.run(svc.sentiment(REVIEWS, aspects=True, scores=store, deadline_s=None))
+    first = asyncio.run(svc.sentiment(REVIEWS, aspects=True, config=ONE_CALL, scores=store, deadline_s=None))
     assert len(fake.calls) == 3 and store.count() == 3  # the empty review fails without a call
     assert isinstance(first.results[2], SentimentFailure) and first.results[2].index == 2
-    again = asyncio.run(svc.sentiment(REVIEWS, aspects=True, scores=store, deadline_s=None))
+    again = asyncio.run(svc.sentiment(REVIEWS, aspects=True, config=ONE_CALL, scores=store, deadline_s=None))
     assert len(fake.calls) == 3 and again.meta.reused == 3  # no model call at all
     for a, b in zip(first.results, again.results, strict=True):
         if isinstance(a, SentimentResult):
             assert isinstance(b, SentimentResult) and REUSED_NOTE in b.meta.notes
             assert (b.polarity, b.confidence, b.aspects) == (a.polarity, a.confidence, a.aspects)
-    grown = asyncio.run(svc.sentiment([*REVIEWS, "Screen cracked, it dies in a day"], aspects=True, scores=store,
-                                      deadline_s=None))
+    grown = asyncio.run(svc.sentiment([*REVIEWS, "Screen cracked, it dies in a day"], aspects=True,
+                                      config=ONE_CALL, scores=store, deadline_s=None))
     assert len(fake.calls) == 4 and grown.meta.reused == 3
     assert grown.results[4].polarity == "negative"  # type: ignore[union-attr]
     # aspects off is another answer: scored again, not read from the aspects-on scores
@@ -82,7 +83,7 @@ def test_a_rerun_reads_stored_scores_and_a_grown_batch_scores_only_new_texts(tmp
 def test_lexicon_answers_are_not_stored_so_they_are_retried(tmp_path: Path) -> None:
     store = SentimentScoreStore(tmp_path / FILE_NAME)
     down = _service(tmp_path, FakeModel(responder=lambda c: ModelUnavailableError("down")))
-    out = asyncio.run(down.sentiment(REVIEWS[:2], aspects=True, scores=store, deadline_s=None))
+    out = asyncio.run(down.sentiment(REVIEWS[:2], aspects=True, config=ONE_CALL, scores=store, deadline_s=None))
     assert out.meta.by_lexicon == 2 and store.count() == 0
     store.close()
 
@@ -98,9 +99,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path: Path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        asyncio.run(svc.sentiment(texts, aspects=True, scores=store, deadline_s=None, on_done=stop_after_two))
+        asyncio.run(svc.sentiment(texts, aspects=True, config=ONE_CALL, scores=store, deadline_s=None,
+                                  on_done=stop_after_two))
     assert store.count() == 2  # each score is kept as it is made
-    out = asyncio.run(svc.sentiment(texts, aspects=True, scores=store, deadline_s=None))
+    out = asyncio.run(svc.sentiment(texts, aspects=True, config=ONE_CALL, scores=store, deadline_s=None))
     assert len(fake.calls) == 6 and out.meta.reused == 2
     store.close()
 
@@ -109,7 +111,7 @@ def test_concurrent_requests_keep_the_file_order(tmp_path: Path) -> None:
     fake = FakeModel(responder=_reply)
     seen: list[int] = []
     out = asyncio.run(_service(tmp_path, fake).sentiment(
-        [REVIEWS[0], REVIEWS[3]] * 4, aspects=True, deadline_s=None, concurrency=4,
+        [REVIEWS[0], REVIEWS[3]] * 4, aspects=True, config=ONE_CALL, deadline_s=None, concurrency=4,
         on_done=lambda i, r: seen.append(i)))
     assert [r.polarity for r in out.results] == ["negative", "positive"] * 4  # type: ignore[union-attr]
     assert sorted(seen) == list(range(8))
@@ -121,7 +123,7 @@ def test_the_file_summary_counts_polarities_aspects_and_names_failed_rows(tmp_pa
     from ui.sentiment_cli import write_scored
 
     fake = FakeModel(responder=_reply)
-    out = asyncio.run(_service(tmp_path, fake).sentiment(REVIEWS, aspects=True, deadline_s=None))
+    out = asyncio.run(_service(tmp_path, fake).sentiment(REVIEWS, aspects=True, config=ONE_CALL, deadline_s=None))
     rows = [{"review": t} for t in REVIEWS]
     summary = write_scored(tmp_path / "out.csv", rows, ["review"], out.results)
     assert summary["polarity_counts"] == {"negative": 1, "positive": 2}
@@ -145,7 +147,8 @@ def test_real_model_file_batch_reruns_from_stored_scores(tmp_path: Path) -> None
         w.writerows([[1, "The battery dies in two hours, but the screen is bright."], [2, "质量很好，物流也快"],
                      [3, "Arrived broken, support never answered."]])
     runner = CliRunner()
-    args = ["sentiment", "--workspace", str(tmp_path), "--file", str(src), "--out", str(tmp_path / "a.csv")]
+    args = ["sentiment", "--workspace", str(tmp_path), "--file", str(src), "--aspects", "--one-call",
+            "--out", str(tmp_path / "a.csv")]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     s1 = json.loads(first.stdout)
@@ -178,7 +181,7 @@ def test_dataset_trends_score_unrated_reviews_once_and_list_the_last_windows_asp
     events += [rev(10 + i, 100 + i, f"The battery dies fast ({i})") for i in range(3)]
     events += [rev(20, 150, "The battery dies fast but the screen is great.", stars=5)]
     rt.store.add_events("shop", events)
-    opts = _ScoreOptions(aspects=True, no_llm=False, concurrency=1, store=True)
+    opts = _ScoreOptions(aspects=True, no_llm=False, concurrency=1, store=True, one_call=True)
     trends = asyncio.run(_dataset_trends(rt, "shop", "item", 90, 3, 20.0, opts, n_windows=2))
     assert len(fake.calls) == 5  # five distinct texts, the rated one too (for its aspects)
     (t,) = trends

@@ -47,7 +47,7 @@ from agent.tasks.audience import AudienceService, rank_users
 from agent.tasks.churn import ChurnService
 from agent.tasks.intent import IntentService
 from agent.tasks.profile import ProfileService, catalogue_prices
-from agent.tasks.sentiment import SentimentAnalyzer
+from agent.tasks.sentiment import SentimentAnalyzer, SentimentConfig
 from agent.tasks.session_intent import SessionIntentService
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ class ShopLensService(NextItemMethods):
     async def sentiment(self, texts: Sequence[object], *, aspects: bool = False, use_model: bool | None = None,
                         on_done: Callable[[int, SentimentResult | SentimentFailure], None] | None = None,
                         deadline_s: float | None | Literal["service"] = "service",
-                        scores: SentimentScoreStore | None = None, concurrency: int = 1) -> SentimentBatch:
+                        scores: SentimentScoreStore | None = None, concurrency: int = 1,
+                        config: SentimentConfig | None = None) -> SentimentBatch:
         """Polarity (and optionally aspects) of each text, in order. Texts are cleaned (HTML,
         personal data, instruction-like sentences) before the model sees them; a text that cannot
         be judged is a `SentimentFailure`, never an abort. Without the model, or once it fails or
@@ -208,6 +209,8 @@ class ShopLensService(NextItemMethods):
             scores: stored scores to reuse and to add to as each text is judged (a re-run scores
                 only new texts; an interrupted run resumes). None: nothing stored.
             concurrency: model requests in flight at once (a vLLM server takes many).
+            config: the analyzer's settings (default `SentimentConfig()`; ``joint=True`` is the
+                one-call path).
         """
         use = self._use(use_model)
         watch = ModelWatch(self._source(), self.min_retry_after_s)
@@ -221,7 +224,7 @@ class ShopLensService(NextItemMethods):
         limit = self.deadline if deadline_s == "service" else deadline_s
         done: dict[int, SentimentResult | SentimentFailure] = {}
         analyzer = SentimentAnalyzer(model, model_sha256=self.runtime.model_sha256 or (model and model.model_id),
-                                     unavailable_reason=why)
+                                     config=config, unavailable_reason=why)
         keys = {i: analyzer.score_key(t, aspects) for i, t in enumerate(texts) if isinstance(t, str)} \
             if scores is not None and model is not None else {}
 
