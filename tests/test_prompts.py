@@ -339,6 +339,12 @@ def test_snapshot_sentiment_aspects_v1() -> None:
     check_snapshot("sentiment_aspects.v1", as_text(messages))
 
 
+@pytest.mark.parametrize("ref", ["sentiment_joint.v1", "sentiment_joint.v2"])
+def test_snapshot_sentiment_joint(ref: str) -> None:
+    messages = render(load_prompt(ref), text="The battery life is great but the 屏幕 is dim.")
+    check_snapshot(ref, as_text(messages))
+
+
 def test_snapshot_chat_route_v1() -> None:
     import asyncio
 

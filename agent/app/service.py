@@ -223,8 +223,8 @@ class ShopLensService(NextItemMethods):
                 why = f"model unavailable: {e}"
         limit = self.deadline if deadline_s == "service" else deadline_s
         done: dict[int, SentimentResult | SentimentFailure] = {}
-        analyzer = SentimentAnalyzer(model, model_sha256=self.runtime.model_sha256 or (model and model.model_id),
-                                     config=config, unavailable_reason=why)
+        analyzer = SentimentAnalyzer(model, model_sha256=self.runtime.model_sha256, config=config,
+                                     unavailable_reason=why)
         keys = {i: analyzer.score_key(t, aspects) for i, t in enumerate(texts) if isinstance(t, str)} \
             if scores is not None and model is not None else {}
 

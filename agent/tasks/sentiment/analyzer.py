@@ -198,10 +198,11 @@ class SentimentAnalyzer:
 
     def score_key(self, raw_text: str, aspects: bool) -> str:
         """A stored score's key: sha256 of the raw text and everything that changes its answer
-        (model sha256, prompts and their shas, the config, aspects on/off). A new prompt
+        (model sha256 and id, prompts and their shas, the config, aspects on/off). A new prompt
         version or model re-scores; an unchanged review never is (issue 20's resume)."""
         tpls = {t.ref: t.sha256 for t in (self.tpl, self.aspects_tpl, self.joint_tpl)}
-        ident = json.dumps({"model": self.model_sha256, "prompts": tpls, "config": asdict(self.config),
+        ident = json.dumps({"model": self.model_sha256, "model_id": self.model.model_id if self.model else None,
+                            "prompts": tpls, "config": asdict(self.config),
                             "aspects": aspects}, sort_keys=True)
         return hashlib.sha256(f"{ident}\x1e{raw_text}".encode()).hexdigest()
 
