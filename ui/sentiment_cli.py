@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from agent.app.results import SentimentBatch, SentimentBatchMeta
 from agent.app.sentiment_scores import REUSED_NOTE
-from agent.tasks.opinion import GroupTrend, sentiment_trends
+from agent.tasks.opinion import GroupTrend, trends_from_events
 from agent.tasks.sentiment import (
     Polarity,
     SentimentConfig,
@@ -212,7 +212,7 @@ async def _dataset_trends(rt: Any, dataset: str, by: Literal["item", "user"], da
                           turn_pts: float, opts: _ScoreOptions, n_windows: int = 4) -> list[GroupTrend]:
     """Trends over the reported windows: ratings where given, else the model's (stored) polarity;
     with aspects, each group's top aspects in the last window (from every review text there)."""
-    reviews = [e for e in rt.store.iter_events(dataset, event_types=("review",))]
+    reviews = list(rt.store.iter_events(dataset, event_types=("review",)))
     if not reviews:
         return []
     end = max(e.timestamp for e in reviews)
@@ -235,8 +235,8 @@ async def _dataset_trends(rt: Any, dataset: str, by: Literal["item", "user"], da
         r = by_text.get(text)
         return r.polarity if r is not None else lexicon_polarity(text)
 
-    trends = sentiment_trends(rt.store, dataset, by=by, window_days=days, min_count=min_count, turn_pts=turn_pts,
-                              n_windows=n_windows, scorer=scorer)
+    trends = trends_from_events(reviews, by=by, window_days=days, min_count=min_count, turn_pts=turn_pts,
+                                n_windows=n_windows, scorer=scorer)  # the reviews read above, not a second pass
     if opts.aspects and by_text:
         last_start = end - timedelta(days=days)
         per_group: dict[str, Counter[tuple[str, str]]] = {}

@@ -11,7 +11,7 @@ model is back. Written as each review is judged, so an interrupted run resumes w
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from agent.data.sqlite import LockedSqlite
@@ -57,17 +57,12 @@ class SentimentScoreStore(LockedSqlite):
 
     def put(self, key: str, result: SentimentResult) -> bool:
         """Keep `result` under `key` when the model made it (not degraded); True when kept."""
-        return self.put_many([(key, result)]) == 1
-
-    def put_many(self, items: Iterable[tuple[str, SentimentResult]]) -> int:
-        """`put` for many; returns how many were kept."""
-        rows = [(k, r.model_dump_json(), time.time()) for k, r in items
-                if r.source == "model" and not r.meta.degraded]
-        if rows:
-            with self._lock, self._conn:
-                self._conn.executemany("INSERT OR REPLACE INTO scores (key, result, created_at) VALUES (?, ?, ?)",
-                                       rows)
-        return len(rows)
+        if result.source != "model" or result.meta.degraded:
+            return False
+        with self._lock, self._conn:
+            self._conn.execute("INSERT OR REPLACE INTO scores (key, result, created_at) VALUES (?, ?, ?)",
+                               (key, result.model_dump_json(), time.time()))
+        return True
 
     def count(self) -> int:
         """How many scores are stored."""

@@ -189,13 +189,6 @@ class SentimentAnalyzer:
         self.aspects_tpl = load_prompt(self.config.aspects_prompt)
         self.joint_tpl = load_prompt(self.config.joint_prompt)
 
-    def prompt_refs(self, aspects: bool) -> list[str]:
-        """The prompts an `analyze(..., aspects=aspects)` answer uses (recorded in `meta`,
-        and part of a stored score's key)."""
-        if aspects and self.config.joint:
-            return [self.joint_tpl.ref]
-        return [self.tpl.ref, self.aspects_tpl.ref] if aspects else [self.tpl.ref]
-
     def score_key(self, raw_text: str, aspects: bool) -> str:
         """A stored score's key: sha256 of the raw text and everything that changes its answer
         (model sha256 and id, prompts and their shas, the config, aspects on/off). A new prompt
