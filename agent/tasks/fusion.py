@@ -33,11 +33,10 @@ answer's `meta.notes` says so.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import numpy as np
 
 from agent.data.artifacts import DatasetArtifacts, build_user_index, catalog_hash
 from agent.data.candidates import DEFAULT_WEIGHTS, SOURCES
-from agent.domain.errors import ArtifactMismatchError
+from agent.tasks.signed_json import content_sha256, load_signed, read_signed, write_signed
 from retrieval.covisit import CoVisitation
 from retrieval.popularity import Popularity
 
@@ -78,9 +77,7 @@ class FittedFusion:
     stale: bool = field(default=False, compare=False)  # the store's events changed since (not saved)
 
     def sha256(self) -> str:
-        body = json.dumps({k: v for k, v in asdict(self).items() if k not in ("fitted_at", "stale")},
-                          sort_keys=True)
-        return hashlib.sha256(body.encode()).hexdigest()
+        return content_sha256(self, exclude=("fitted_at", "stale"))
 
     def note(self) -> str:
         """The line `meta.notes` carries when these weights rank an answer."""
@@ -305,17 +302,7 @@ def fit_fusion(arts: DatasetArtifacts, *, n_users: int = 2000, seed: int = 0,
 
 def save_fusion(fusion: FittedFusion, folder: Path) -> Path:
     """Write ``fusion.json`` (with its sha256) into the dataset's index folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / FUSION_FILE
-    body = {k: v for k, v in asdict(fusion).items() if k != "stale"}
-    path.write_text(json.dumps({**body, "sha256": fusion.sha256()}, indent=2), encoding="utf-8")
-    return path
-
-
-def _read(path: Path) -> tuple[FittedFusion, str | None]:
-    d = json.loads(path.read_text(encoding="utf-8"))
-    stored_sha = d.pop("sha256", None)
-    return FittedFusion(**d), stored_sha
+    return write_signed(fusion, folder / FUSION_FILE, exclude=("stale",))
 
 
 def read_fusion(folder: Path) -> FittedFusion:
@@ -325,7 +312,7 @@ def read_fusion(folder: Path) -> FittedFusion:
     Raises:
         FileNotFoundError: `shoplens train` never ran for it.
     """
-    return _read(folder / FUSION_FILE)[0]
+    return read_signed(folder / FUSION_FILE, FittedFusion)[0]
 
 
 def load_fusion(folder: Path, dataset: str, catalogue_hash: str,
@@ -340,12 +327,7 @@ def load_fusion(folder: Path, dataset: str, catalogue_hash: str,
     path = folder / FUSION_FILE
     if not path.exists():
         return None
-    fusion, stored_sha = _read(path)
-    fix = f"re-run `shoplens train --dataset {dataset}` (or delete {path})"
-    if fusion.sha256() != stored_sha:
-        raise ArtifactMismatchError(f"{path}: sha256 does not match its content; {fix}")
-    if fusion.dataset != dataset:
-        raise ArtifactMismatchError(f"{path} was fitted for dataset {fusion.dataset!r}, not {dataset!r}; {fix}")
+    fusion = load_signed(path, FittedFusion, dataset, f"re-run `shoplens train --dataset {dataset}` (or delete {path})")
     fusion.stale = (fusion.events_hash != sequences_hash(user_items)
                     or fusion.catalogue_hash != catalogue_hash)
     return fusion

@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from agent.data.candidates import Candidate
-from agent.domain.errors import ArtifactMismatchError
 from agent.domain.stats import bootstrap_ci
 from agent.tasks.next_item import blend, untrained_note
+from agent.tasks.signed_json import content_sha256, load_signed, write_signed
 
 LLM_WEIGHT_FILE = "llm_weight.json"
 PARTIAL_FILE = "llm_weight.partial.jsonl"  # scored sets of an unfinished fit (resume)
@@ -145,8 +145,7 @@ class FittedLlmWeight:
     format: str = FORMAT
 
     def sha256(self) -> str:
-        body = json.dumps({k: v for k, v in asdict(self).items() if k != "fitted_at"}, sort_keys=True)
-        return hashlib.sha256(body.encode()).hexdigest()
+        return content_sha256(self, exclude=("fitted_at",))
 
     def verdict(self) -> str:
         """The measured gain in words: 'paired NDCG@10 gain +1.20 [+0.10, +2.30] at w=0.3 on 30 windows'."""
@@ -170,10 +169,7 @@ class FittedLlmWeight:
 
 def save_llm_weight(fitted: FittedLlmWeight, folder: Path) -> Path:
     """Write ``llm_weight.json`` (with its sha256) into the dataset's index folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LLM_WEIGHT_FILE
-    path.write_text(json.dumps({**asdict(fitted), "sha256": fitted.sha256()}, indent=2), encoding="utf-8")
-    return path
+    return write_signed(fitted, folder / LLM_WEIGHT_FILE)
 
 
 def load_llm_weight(folder: Path, dataset: str) -> FittedLlmWeight | None:
@@ -185,15 +181,7 @@ def load_llm_weight(folder: Path, dataset: str) -> FittedLlmWeight | None:
     path = folder / LLM_WEIGHT_FILE
     if not path.exists():
         return None
-    d = json.loads(path.read_text(encoding="utf-8"))
-    stored = d.pop("sha256", None)
-    fitted = FittedLlmWeight(**d)
-    fix = f"re-run `shoplens train --dataset {dataset} --llm` (or delete {path})"
-    if fitted.sha256() != stored:
-        raise ArtifactMismatchError(f"{path}: sha256 does not match its content; {fix}")
-    if fitted.dataset != dataset:
-        raise ArtifactMismatchError(f"{path} was fitted for dataset {fitted.dataset!r}, not {dataset!r}; {fix}")
-    return fitted
+    return load_signed(path, FittedLlmWeight, dataset, f"re-run `shoplens train --dataset {dataset} --llm` (or delete {path})")
 
 
 def served_llm_weight(fitted: FittedLlmWeight | None, dataset: str, *, model: str | None, scorer: str,
