@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 
 from agent.app.runtime import Runtime
 from agent.data.store import EventStore
-from agent.domain.predictions import explanation_schema_enums
+from agent.domain.predictions import explanation_schema_labels
 from agent.settings import Settings
 from ui.api import ApiSettings, create_app
 from ui.api.testing import free_port, live_server
@@ -81,10 +81,9 @@ def _completion(body: dict[str, Any], *, fenced: bool = False) -> dict[str, Any]
     schema = fmt.get("schema")
     logprobs = None
     if schema:  # the explanation call: one valid reason per label, citing the last event
-        labels, refs = explanation_schema_enums(schema)
+        labels = explanation_schema_labels(schema)
         content = json.dumps({
-            "reasons": [{"item": lab, "reason": "Matches the customer's recent purchase.", "evidence": [refs[-1]]}
-                        for lab in labels],
+            "reasons": [{"item": lab, "why": "matches the customer's recent purchase"} for lab in labels],
             "intent_summary": "Buys home decorations and gifts regularly.",
         })
         if fenced:

@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 
 from agent.data.artifacts import DatasetArtifacts, build_artifacts, load_artifacts
+from agent.data.candidates import Candidate
 from agent.data.store import EventStore
-from agent.domain.predictions import explanation_json_schema, explanation_schema_enums
+from agent.domain.history import build_history
+from agent.domain.predictions import explanation_json_schema, explanation_schema_labels
+from agent.domain.predictions.common import Verification
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import Completion, ModelUnavailableError, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
 from agent.llm.verbalizer import LABELS
-from agent.tasks.next_item import NextItemConfig, NextItemService
+from agent.tasks.next_item import NextItemConfig, NextItemService, reason_facts
 from retrieval.embedder import HashingEmbedder
 
 DS = "shop"
@@ -88,12 +91,13 @@ def label_reply(call: FakeCall) -> Completion:
     return Completion(text="A", usage=Usage(120, 1), latency_s=0.01, top_logprobs=[top])
 
 
-def explanation(labels: list[str], refs: list[list[str]] | None = None, summary: str | None = None,
+def explanation(labels: list[str], whys: dict[str, str] | None = None, summary: str | None = None,
                 ) -> str:
-    refs = refs or [["E5"]] * len(labels)
+    """The model's explanation JSON: a "why" per label (default "fits a cosy evening, reason X"),
+    and the intent summary."""
+    whys = whys or {}
     return json.dumps({
-        "reasons": [{"item": lab, "reason": f"Fits what E5 shows, reason {lab}.", "evidence": r}
-                    for lab, r in zip(labels, refs, strict=True)],
+        "reasons": [{"item": lab, "why": whys.get(lab, f"fits a cosy evening, reason {lab}")} for lab in labels],
         "intent_summary": summary or "Setting up a cosy tea corner with candles.",
     })
 
@@ -125,8 +129,7 @@ def explain_calls(model: FakeModel) -> list[FakeCall]:
 
 
 async def test_happy_path(artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]) -> None:
-    model = scripted_model([explanation(["A", "B", "C", "D", "E"],
-                                        [["E5"], ["E3", "E4"], ["E1"], ["e2"], ["E5", "E5"]])])
+    model = scripted_model([explanation(["A", "B", "C", "D", "E"])])
     svc = NextItemService(model, model_sha256="abc123")
     pred = await svc.predict("u1", u1_events, artifacts, NextItemConfig(k=5))
 
@@ -137,36 +140,38 @@ async def test_happy_path(artifacts: DatasetArtifacts, u1_events: list[BehaviorE
     assert [i.rank for i in pred.items] == [1, 2, 3, 4, 5]
     assert [i.score for i in pred.items] == sorted((i.score for i in pred.items), reverse=True)
     assert all(i.reason_source == "model" for i in pred.items)
-    assert pred.items[0].reason == "Fits what E5 shows, reason A."
+    # facts from the retrieval sources (with the cited event), then the model's "why" as a sentence
+    for lab, item in zip("ABCDE", pred.items, strict=True):
+        fact, refs = reason_facts(Candidate(item.item_id, {k: v for k, v in item.source_scores.items() if k != "llm"}),
+                                  build_history("u1", u1_events, artifacts.catalog, window=20), artifacts)
+        assert item.reason == f"{fact} Fits a cosy evening, reason {lab}."
+        assert [e.ref for e in item.evidence] == refs
     assert pred.summary_source == "model"
     assert pred.intent_summary == "Setting up a cosy tea corner with candles."
     assert not pred.cold_start and pred.dataset == DS and pred.k == 5
 
     user_event_ids = {e.event_id: e for e in u1_events}
-    for item in pred.items:
-        assert item.evidence
+    for item in pred.items:  # a best-seller with no related event cites none (never an unrelated one)
         for ev in item.evidence:
             assert ev.event_id in user_event_ids
             assert user_event_ids[ev.event_id].item_id == ev.item_id
         assert "llm" in item.source_scores
-    # refs resolve to the right events (E3, E4: the view and cart of t1); case and repeats normalised
-    assert [(e.ref, e.item_id, e.event_type) for e in pred.items[1].evidence] == [
-        ("E3", "t1", "view"), ("E4", "t1", "cart")]
-    assert [e.ref for e in pred.items[3].evidence] == ["E2"]
-    assert [e.ref for e in pred.items[4].evidence] == ["E5"]
+    # t1 (viewed E3, carted E4) cites its own latest event, the cart
+    t1 = next(i for i in pred.items if i.item_id == "t1")
+    assert [(e.ref, e.item_id, e.event_type) for e in t1.evidence] == [("E4", "t1", "cart")]
+    assert t1.reason.startswith("Recently added to cart by this customer (E4).")
 
     meta = pred.meta
     assert meta.attempts == 3 == len(model.calls)  # 2 verbalizer passes + 1 explanation
-    assert meta.prompt_versions == ["next_item_rank.v1", "next_item_explain.v2"]
+    assert meta.prompt_versions == ["next_item_rank.v1", "next_item_explain.v3"]
     assert meta.model_id == "fake-model" and meta.model_sha256 == "abc123"
     assert meta.prompt_tokens == 2 * 120 + 10 and meta.completion_tokens == 2 * 1 + 5
     assert not meta.degraded and meta.degraded_reason is None
     assert meta.model_latency_s == pytest.approx(0.02)
-    # the explanation call is schema-constrained to the 5 labels and the 5 event refs
+    assert meta.verification == Verification(checked=6, verified=6, repaired=0, replaced=0)
+    # the explanation call is schema-constrained to the 5 labels, one slot each in rank order
     (call,) = explain_calls(model)
-    labels, refs = explanation_schema_enums(call.schema)
-    assert labels == ["A", "B", "C", "D", "E"]  # one slot per product, in rank order
-    assert refs == ["E1", "E2", "E3", "E4", "E5"]
+    assert explanation_schema_labels(call.schema) == ["A", "B", "C", "D", "E"]
     assert call.top_logprobs == 0
 
 
@@ -237,8 +242,6 @@ async def test_a_callers_candidates_beyond_n_candidates_are_ranked_after_the_mod
 @pytest.mark.parametrize(
     ("bad", "error_text"),
     [
-        (explanation(["A", "B", "C"], [["E1"], ["E9"], ["E2"]]),
-         "evidence ['E9'] are not event references in the history; use only E1, E2, E3, E4, E5"),
         (explanation(["A", "B", "Z"]),
          "items ['Z'] are not recommended products; use only ['A', 'B', 'C']"),
         (explanation(["A", "B"]), "give exactly one reason for each of ['A', 'B', 'C']; missing ['C']"),
@@ -267,7 +270,7 @@ async def test_invalid_explanation_is_repaired_once(
 async def test_invalid_twice_falls_back_with_labels(
     artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
 ) -> None:
-    bad = explanation(["A", "B", "C"], [["E1"], ["E9"], ["E2"]])
+    bad = explanation(["A", "B", "Z"])
     model = scripted_model([bad, bad])
     pred = await NextItemService(model).predict("u1", u1_events, artifacts, NextItemConfig(k=3))
 
@@ -280,7 +283,7 @@ async def test_invalid_twice_falls_back_with_labels(
     assert pred.intent_summary.startswith("[retrieval fallback] 5 events")
     assert pred.meta.degraded
     assert pred.meta.degraded_reason.startswith("explanation invalid after 2 attempts")
-    assert "E9" in pred.meta.degraded_reason
+    assert "['Z'] are not recommended products" in pred.meta.degraded_reason
     assert pred.meta.attempts == 4
     assert len(explain_calls(model)) == 2  # exactly one repair, no more
 
@@ -355,11 +358,11 @@ async def test_fewer_candidates_than_k_is_noted(
 
 
 async def test_window_limits_refs(artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]) -> None:
-    model = scripted_model([explanation(["A", "B"], [["E1"], ["E2"]])])
+    model = scripted_model([explanation(["A", "B"])])
     pred = await NextItemService(model).predict(
         "u1", u1_events, artifacts, NextItemConfig(k=2, window=2))
     (call,) = explain_calls(model)
-    assert explanation_schema_enums(call.schema)[1] == ["E1", "E2"]
+    assert "E1 · " in call.messages[1]["content"] and "E3 · " not in call.messages[1]["content"]
     # E1 is the oldest *shown* event: the cart of t1 (4th of 5 events)
     assert (pred.items[0].evidence[0].item_id, pred.items[0].evidence[0].event_type) == ("t1", "cart")
 
@@ -421,11 +424,11 @@ def test_explanation_grammar_fixes_one_slot_per_product_in_order() -> None:
     """llama.cpp's JSON-schema grammar (the embedded server's) gets one tuple slot per label:
     a missing or repeated product cannot be generated (it used to cost a repair call)."""
     gbnf = pytest.importorskip("llama_cpp.llama_grammar", reason="llama-cpp-python not installed: make setup")
-    schema = explanation_json_schema(["A", "B"], ["E1", "E2"])
+    schema = explanation_json_schema(["A", "B"])
     grammar = gbnf.json_schema_to_gbnf(json.dumps(schema))
     assert 'reasons ::= "[" space reasons-tuple-0 "," space reasons-tuple-1 "]" space' in grammar
     assert 'reasons-tuple-1-item ::= "\\"B\\""' in grammar
-    assert explanation_schema_enums(schema) == (["A", "B"], ["E1", "E2"])
+    assert explanation_schema_labels(schema) == ["A", "B"]
 
 
 def test_recent_source_sums_decayed_events_per_item() -> None:
@@ -498,14 +501,14 @@ async def test_an_untrained_dataset_is_not_ranked_by_the_model_which_still_expla
     assert ShopLensService(Runtime(Settings(workspace=tmp_path / "a", llm_weight=0.3)),
                            use_model=False).next_item_config(k=5).llm_weight == 0.3
     untrained = replace(artifacts, llm_weight=0.0, llm_weight_note="")
-    model = scripted_model([explanation(["A", "B", "C", "D", "E"], [["E5"]] * 5)])
+    model = scripted_model([explanation(["A", "B", "C", "D", "E"])])
     pred = await NextItemService(model).predict("u1", u1_events, untrained, NextItemConfig(k=5))
     # no verbalizer call at all: the order is retrieval's, the reasons are the model's
     assert [c.schema is None for c in model.calls] == [False]
     assert [i.item_id for i in pred.items] == candidate_ids(artifacts, u1_events)[:5]
     assert not any("llm" in i.source_scores for i in pred.items)
     assert all(i.reason_source == "model" for i in pred.items)
-    assert pred.meta.prompt_versions == ["next_item_explain.v2"]
+    assert pred.meta.prompt_versions == ["next_item_explain.v3"]
     assert ("model ranking off (weight 0): no model weight was fitted for 'shop'; `shoplens train --dataset "
             "shop --llm` measures one on validation users") in pred.meta.notes
     # the same at weight 0 set by configuration, said as such
@@ -546,3 +549,44 @@ def test_template_reasons_say_bought_only_where_the_anchor_was_bought(artifacts:
     assert reason("view", "covisit") == ("[retrieval fallback] Customers who viewed Ceramic teapot (E1) often "
                                          "chose this too.")
     assert "bought" not in reason("view", "similar_users").lower()
+
+
+async def test_a_wrong_why_gets_one_repair_with_its_violations_fed_back(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    bad = explanation(["A", "B", "C"], {"B": "bought 7 of them with E9"})
+    model = scripted_model([bad, explanation(["A", "B", "C"])])
+    pred = await NextItemService(model).predict("u1", u1_events, artifacts, NextItemConfig(k=3))
+    first, repair = explain_calls(model)
+    assert repair.messages[: len(first.messages)] == first.messages
+    assert repair.messages[-2] == {"role": "assistant", "content": bad}
+    b_refs = [e.ref for e in pred.items[1].evidence]
+    assert repair.messages[-1]["content"] == (
+        "Some sentences of your answer are not supported by the data:\n"
+        f"- B: cites E9, which is not among its evidence {b_refs or '(none)'}\n"
+        "- B: states 7, which is not in the data; use only numbers shown\n"
+        "Reply again with the whole JSON answer, those sentences corrected and the others unchanged.")
+    assert all(i.reason_source == "model" for i in pred.items)
+    assert pred.items[1].reason.endswith(" Fits a cosy evening, reason B.")
+    assert pred.meta.verification is not None
+    assert pred.meta.verification.model_dump(exclude={"violations"}) == dict(checked=4, verified=3, repaired=1, replaced=0)
+
+
+async def test_a_sentence_wrong_after_its_repair_is_replaced_by_the_labelled_template(
+    artifacts: DatasetArtifacts, u1_events: list[BehaviorEvent]
+) -> None:
+    plain = await NextItemService(None).predict("u1", u1_events, artifacts, NextItemConfig(k=3, llm_weight=0.0))
+    third = plain.items[2].title  # the summary ranks the 3rd item first: wrong both times
+    bad = explanation(["A", "B", "C"], {"B": "bought 7 of them with E9"}, summary=f"Most likely to buy the {third}.")
+    model = scripted_model([bad, bad])
+    pred = await NextItemService(model).predict("u1", u1_events, artifacts, NextItemConfig(k=3, llm_weight=0.0))
+    assert len(explain_calls(model)) == 2  # one repair, no more
+    assert [i.reason_source for i in pred.items] == ["model", "fallback", "model"]
+    assert pred.items[1].reason.startswith("[retrieval fallback] ") and "E9" not in pred.items[1].reason
+    assert pred.summary_source == "fallback" and pred.intent_summary.startswith("[retrieval fallback] ")
+    v = pred.meta.verification
+    assert v is not None and (v.checked, v.verified, v.repaired, v.replaced) == (4, 2, 0, 2)
+    top = pred.items[0].title
+    assert (f"repair: summary: says 'Most likely' but does not name the top-ranked item '{top}' first"
+            in v.violations)
+    assert not pred.meta.degraded  # the answer is whole: two sentences are templates, said in verification

@@ -22,7 +22,7 @@ from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.chat.router import ChatAgent
 from agent.chat.tools import ToolContext
-from agent.domain.predictions import explanation_schema_enums
+from agent.domain.predictions import explanation_schema_labels
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import Completion, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
@@ -52,9 +52,9 @@ def respond(call: FakeCall) -> Reply:
         return Completion(text="A", top_logprobs=[TOP], usage=Usage(50, 1), model="fake")
     props = (call.schema or {}).get("properties", {})
     if "reasons" in props:  # next-item explanation: one reason per label, citing the last event
-        labels, refs = explanation_schema_enums(call.schema or {})
-        ans: dict[str, Any] = {"reasons": [{"item": lab, "reason": "Matches recent purchases.", "evidence": [refs[-1]]}
-                                           for lab in labels], "intent_summary": "Buys home decorations."}
+        labels = explanation_schema_labels(call.schema or {})
+        ans: dict[str, Any] = {"reasons": [{"item": lab, "why": "matches recent purchases"} for lab in labels],
+                               "intent_summary": "Buys home decorations."}
     elif "tool" in props:  # chat routing: the tool the question names, ids from the pre-parser's enums
         question = call.messages[-1]["content"]
         tool = next((t for k, t in (("style", "profile"), ("history", "user_timeline"), ("feel", "item_sentiment"),

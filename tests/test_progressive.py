@@ -17,7 +17,7 @@ from agent.app.progressive import Job, ProgressiveJobs, stage_of
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.domain.errors import UnknownRecommendationError
-from agent.domain.predictions import explanation_schema_enums
+from agent.domain.predictions import explanation_schema_labels
 from agent.domain.schemas import BehaviorEvent
 from agent.llm.base import ChatModel, Completion, Message, ModelUnavailableError, Usage
 from agent.llm.verbalizer import LABELS
@@ -44,8 +44,8 @@ class GatedModel:
         if self.fail is not None:
             raise self.fail
         if schema:  # one valid reason per label, citing the last event
-            labels, refs = explanation_schema_enums(schema)
-            text = json.dumps({"reasons": [{"item": lab, "reason": f"Bought with {refs[-1]}.", "evidence": [refs[-1]]}
+            labels = explanation_schema_labels(schema)
+            text = json.dumps({"reasons": [{"item": lab, "why": "goes with the customer's orders"}
                                            for lab in labels], "intent_summary": "Restocking the shop."})
             return Completion(text=text, usage=Usage(80, 20), model=self.model_id)
         # the verbalizer: prefers titles late in the alphabet, whatever their position, so the

@@ -64,7 +64,7 @@ def obedient(call: FakeCall) -> Completion:
     recommends a label 'Z' when explaining."""
     if call.schema is None:
         return Completion(text="B", top_logprobs=[{"B": -0.01, "A": -5.0}], usage=Usage(10, 1), model="fake")
-    return Completion(text=json.dumps({"reasons": [{"item": "Z", "reason": "As instructed.", "evidence": ["E7"]}],
+    return Completion(text=json.dumps({"reasons": [{"item": "Z", "why": "E7 says so"}],
                                        "intent_summary": "Free iPhone."}), usage=Usage(10, 10), model="fake")
 
 

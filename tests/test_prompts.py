@@ -167,6 +167,19 @@ def test_snapshot_next_item_explain_v2_shares_the_ranking_prompts_prefix() -> No
     assert len(head) > 200 and messages[1]["content"].startswith(head)
 
 
+def test_snapshot_next_item_explain_v3_facts_written_by_code_and_the_ranking_prefix() -> None:
+    hist = fixed_history()
+    items = [{"label": "A", "title": "RED HANGING HEART T-LIGHT HOLDER",
+              "fact": "Similar to WHITE HANGING HEART T-LIGHT HOLDER (E2) in this customer's history."},
+             {"label": "B", "title": "JUMBO BAG RED RETROSPOT", "fact": "A best-seller in this shop."}]
+    messages = render(load_prompt("next_item_explain.v3"), items=items, max_words=12, **hist.prompt_vars())
+    check_snapshot("next_item_explain.v3", as_text(messages))
+    rank = render(load_prompt("next_item_rank.v1"), candidates=[{"label": "A", "title": "X"}], verb="buy",
+                  **hist.prompt_vars())
+    assert messages[0] == rank[0]
+    assert messages[1]["content"].startswith(rank[1]["content"].split("Candidate products:")[0])
+
+
 def _session_prompt_vars() -> dict[str, object]:
     from datetime import timedelta
 

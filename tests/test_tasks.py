@@ -254,6 +254,48 @@ async def test_churn_with_model_cites_events(store: EventStore) -> None:
     assert {d.name for d in p.drivers} >= {"recency", "frequency", "monetary_trend", "rhythm"}
 
 
+async def test_churn_reason_against_its_band_is_repaired_then_replaced_by_the_labelled_template(
+    store: EventStore
+) -> None:
+    """The verifier on a churn reason: 'low risk' beside a high probability, a quantity the data
+    does not hold, and a product it does not cite; one repair, then the template."""
+    evs = store.user_events(DS, "u1")
+    first_title = CATALOG[evs[0].item_id].title
+    wrong = json.dumps({"action": "loyalty_reward", "reason": f"Low risk: bought 99 of {first_title} lately",
+                        "evidence": ["E4"]})
+    model = FakeModel.with_replies([yes_reply(0.05), wrong, wrong])  # P(buys again) 0.05: high risk
+    p = await ChurnService(model).predict("u1", evs, CATALOG, as_of=T0 + timedelta(days=400))
+    assert p.risk_band == "high"
+    assert p.reason_source == "fallback" and p.reason.startswith("[template] ")
+    v = p.meta.verification
+    assert v is not None and (v.checked, v.verified, v.repaired, v.replaced) == (1, 0, 0, 1)
+    assert "reason: says 'Low risk', but the probability is high" in v.violations
+    assert "reason: states 99, which is not in the data; use only numbers shown" in v.violations
+    repair = model.calls[-1].messages[-1]["content"]
+    assert "- reason: says 'Low risk', but the probability is high" in repair
+    # the same reason, corrected on the repair round, is the model's
+    right = json.dumps({"action": "win_back_offer", "reason": "No order for a long time", "evidence": ["E4"]})
+    model = FakeModel.with_replies([yes_reply(0.05), wrong, right])
+    p = await ChurnService(model).predict("u1", evs, CATALOG, as_of=T0 + timedelta(days=400))
+    assert p.reason_source == "model" and p.reason == "No order for a long time" and p.action == "win_back_offer"
+    assert p.meta.verification is not None and p.meta.verification.repaired == 1
+
+
+async def test_intent_reason_is_verified_against_the_probability() -> None:
+    evs = [ev("u", "X", "view", 0), ev("u", "X", "cart", 60)]
+    cat = {"X": CatalogItem(item_id="X", title="Blue ceramic mug"), "Y": CatalogItem(item_id="Y", title="Garden gloves set")}
+    wrong = json.dumps({"stage": "ready_to_buy", "reason": "Likely to buy the Garden gloves set soon", "evidence": ["E2"]})
+    model = FakeModel.with_replies([yes_reply(0.02), wrong, wrong])
+    p = await IntentService(model, LogisticBaseline(["log_carts"], [0.0], -4.0, 0.02)).predict(
+        "u", "X", evs, cat, as_of=T0 + timedelta(hours=2))
+    assert p.probability < 0.5 and p.reason_source == "fallback" and p.reason.startswith("[template]")
+    v = p.meta.verification
+    assert v is not None and v.replaced == 1
+    assert "reason: says 'Likely to buy', but the probability is low" in v.violations
+    assert ("reason: names 'Garden gloves set', which is not the product explained or an event it cites"
+            in v.violations)
+
+
 async def test_profile_model_claims_cite_events_and_mark_inferred(store: EventStore) -> None:
     evs = store.user_events(DS, "u1")
     model = FakeModel.with_replies(["{\"summary\": \"She buys mugs.\", \"claims\": []}", json.dumps(

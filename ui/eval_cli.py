@@ -53,6 +53,7 @@ EVAL_EXAMPLES: dict[str, str] = {
     "churn": "shoplens eval churn --cases 150",
     "audience": "shoplens eval audience --items 30 -n 50",
     "feedback": "shoplens eval feedback --dataset online-retail",
+    "faithfulness": "shoplens eval faithfulness --task next_item --dataset online-retail --n 100",
 }
 
 FUSION_RANKERS = ("fused", "fused-sasrec", "hybrid", "hybrid-pointwise")  # fitted fusion (--drop)
@@ -314,3 +315,47 @@ def _feedback_tables(report: FeedbackReport) -> list[Table]:
 
 if __name__ == "__main__":
     eval_app()
+
+
+@eval_app.command("faithfulness")
+def faithfulness_cmd(
+    task: Annotated[Literal["next_item", "churn", "intent"], typer.Option(
+        help="whose sentences: next_item (each reason's why and the intent summary), churn or intent (the reason)")
+    ] = "next_item",
+    dataset: Annotated[str, typer.Option(help="a stored dataset (shoplens ingest)")] = "online-retail",
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="answers: users sampled (seeded)")] = 100,
+    seed: int = 0,
+    k: Annotated[int, typer.Option("-k", min=1, help="next_item: items per answer")] = 5,
+    min_events: Annotated[int, typer.Option(min=1, help="skip users with fewer events")] = 3,
+    out: Annotated[Path | None, typer.Option(help="run folder; an existing one resumes")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="rewrite metrics.json and report.md from "
+                                              "--out's cases.jsonl, no model")] = False,
+    workspace: Workspace = None,
+) -> None:
+    """Faithfulness: the model's sentences against the verifier, with the real model.
+
+    For --n answers of --task from the served pipeline (the code the API, CLI and chat run):
+    the share of model-written sentences verified as written, verified after the one repair,
+    and replaced by the labelled template, with 95% Wilson intervals; unlabelled template
+    fallbacks (must be 0); and seeded wrong sentences per failure class, each of which the
+    verifier must catch. Writes cases.jsonl (resumable), metrics.json and report.md.
+    """
+    from eval.faithfulness_eval import run_faithfulness_eval, write_report
+
+    settings = load_settings(workspace=workspace)
+    try:
+        if report_only:
+            if out is None or not (out / "cases.jsonl").exists():
+                raise ValueError("--report-only needs --out with a cases.jsonl of an earlier run")
+            rt = Runtime(settings)
+            cfg = json.loads((out / "config.json").read_text())
+            arts = rt.artifacts(cfg["dataset"])
+            d = write_report(out, arts.title_index, {i: it.title for i, it in arts.catalog.items()})
+        else:
+            d = run_faithfulness_eval(settings, task=task, dataset=dataset, n=n, seed=seed, out=out, k=k,
+                                      min_events=min_events)
+    except (ValueError, ModelUnavailableError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo((d / "report.md").read_text())
+    typer.echo(f"run folder: {d}")

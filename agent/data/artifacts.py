@@ -11,6 +11,7 @@ import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from agent.data.candidates import CandidateGenerator, user_vector
 from agent.data.store import EventStore
 from agent.domain.schemas import CatalogItem
+from agent.domain.verify import TitleIndex
 from retrieval.covisit import CoVisitation
 from retrieval.embedder import Embedder
 from retrieval.index import VectorIndex, catalogue_hash
@@ -58,6 +60,12 @@ class DatasetArtifacts:
     def title(self, item_id: str) -> str:
         it = self.catalog.get(item_id)
         return it.title if it else f"item {item_id}"
+
+    @cached_property
+    def title_index(self) -> TitleIndex:
+        """Every catalogue title, for the verifier to see which products a sentence names
+        (`agent.domain.verify`); built on first use."""
+        return TitleIndex(it.title for it in self.catalog.values())
 
 
 def catalog_hash(catalog: dict[str, CatalogItem]) -> str:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from agent.domain.predictions.common import ModelStep
+from agent.domain.predictions.common import ModelStep, Verification
 from agent.llm.base import ChatModel, Completion, Message, OutputValidationError, Usage
 from agent.llm.salvage import salvage_json
 
@@ -38,6 +38,7 @@ class CallTrace:
     raw_outputs: list[str] = field(default_factory=list)
     steps: list[ModelStep] = field(default_factory=list)  # per model step, with its prompt budget
     salvaged: int = 0  # replies accepted after a lenient parse (no repair round spent)
+    verification: Verification | None = None  # the verifier's counts over the model's sentences
 
 
 def format_errors(e: ValidationError) -> list[str]:

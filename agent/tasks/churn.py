@@ -32,6 +32,7 @@ from agent.tasks.common import (
     make_meta,
 )
 from agent.tasks.profile import UserFeatures, user_features
+from agent.tasks.verified import verified_reason
 
 BAND_EDGES = (0.35, 0.65)  # probability < 0.35 low, < 0.65 medium, else high
 RFM_FEATURES = ["log_recency", "log_frequency", "log_monetary"]
@@ -137,7 +138,7 @@ class ChurnService:
                 prompts.append(etpl.ref)
                 p_now = (self.baseline.blend or Blend())(p_base, p_model)
                 answer = await self._explain(model, etpl, {**variables, "risk_band": risk_band(p_now),
-                                                           "probability": round(p_now, 2)}, hist, trace)
+                                                           "probability": round(p_now, 2)}, hist, catalog, trace)
 
         await ask_or_degrade(self.model, step, trace, what="churn answer",
                              fallback="baseline probability, rule-based action")
@@ -157,11 +158,16 @@ class ChurnService:
             meta=make_meta("churn", self.model, trace, prompts, t0, self.model_sha256))
 
     async def _explain(self, model: ChatModel, tpl: Any, variables: dict[str, Any], hist: HistoryView,
-                       trace: CallTrace) -> ChurnAnswer:
+                       catalog: Mapping[str, CatalogItem], trace: CallTrace) -> ChurnAnswer | None:
+        """The model's action and reason, the reason verified against the history, the risk band
+        and the prompt's numbers (`verified_reason`), or None: the template is shown."""
         schema = ChurnAnswer.model_json_schema()
         schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
-        return await structured_call(model, render(tpl, **variables), ChurnAnswer, json_schema=schema,
-                                     context={"refs": set(hist.refs)}, max_tokens=160, trace=trace)
+        messages, context = render(tpl, **variables), {"refs": set(hist.refs)}
+        first = await structured_call(model, messages, ChurnAnswer, json_schema=schema, context=context,
+                                      max_tokens=160, trace=trace)
+        return await verified_reason(model, messages, first, hist, catalog, trace, direction=variables["risk_band"],
+                                     json_schema=schema, context=context, max_tokens=160)
 
 
 def fallback_churn_reason(drivers: Sequence[Driver], hist: HistoryView) -> tuple[str, list[str]]:

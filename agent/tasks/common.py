@@ -56,6 +56,7 @@ def make_meta(task: str, model: ChatModel | None, trace: CallTrace, prompts: lis
         completion_tokens=trace.usage.completion_tokens, latency_s=round(time.perf_counter() - t0, 4),
         model_latency_s=round(trace.model_latency_s, 4), degraded=bool(trace.degraded),
         degraded_reason="; ".join(trace.degraded) or None, notes=trace.notes + (notes or []),
+        verification=trace.verification,
     )
 
 

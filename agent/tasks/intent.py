@@ -33,6 +33,7 @@ from agent.tasks.common import (
     evidence_from_refs,
     make_meta,
 )
+from agent.tasks.verified import verified_reason
 
 # ---- funnel features -------------------------------------------------------------------------
 
@@ -110,11 +111,16 @@ class AskedModel:
 
 
 async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_prompt: str | None,
-                           variables: dict[str, Any], hist: HistoryView, trace: CallTrace) -> AskedModel:
+                           variables: dict[str, Any], hist: HistoryView, trace: CallTrace, *,
+                           catalog: Mapping[str, CatalogItem], probability: Callable[[float | None], float],
+                           titles: Sequence[str] = ()) -> AskedModel:
     """The model side of purchase intent (per item and per session): one yes/no verbalizer call,
     then (when `explain_prompt` is given) one schema-constrained explanation whose evidence must
-    be refs of `hist`. Failures are recorded in ``trace.degraded``; nothing is raised, the caller
-    falls back to the baseline probability and a template reason."""
+    be refs of `hist`, its reason verified (`verified_reason`: the products it names are its
+    cited events' items or `titles`, its numbers are the prompt's, and its intent words agree
+    with ``probability(p_model)``, the served probability, on the side of 0.5). Failures are
+    recorded in ``trace.degraded``; nothing is raised, the caller falls back to the baseline
+    probability and a template reason."""
     out = AskedModel()
 
     async def step(m: ChatModel) -> None:
@@ -126,9 +132,14 @@ async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_pr
             out.prompts.append(etpl.ref)
             schema = IntentAnswer.model_json_schema()
             schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
-            ans = await structured_call(m, render(etpl, **variables), IntentAnswer, json_schema=schema,
-                                        context={"refs": set(hist.refs)}, max_tokens=160, trace=trace)
-            out.stage, out.reason, out.refs, out.source = ans.stage, ans.reason, ans.evidence, "model"
+            messages, context = render(etpl, **variables), {"refs": set(hist.refs)}
+            first = await structured_call(m, messages, IntentAnswer, json_schema=schema, context=context,
+                                          max_tokens=160, trace=trace)
+            ans = await verified_reason(m, messages, first, hist, catalog, trace, titles=titles,
+                                        direction="high" if probability(out.p_model) >= 0.5 else "low",
+                                        json_schema=schema, context=context)
+            if ans is not None:
+                out.stage, out.reason, out.refs, out.source = ans.stage, ans.reason, ans.evidence, "model"
 
     await ask_or_degrade(model, step, trace, what="intent answer",
                          fallback="baseline probability, template reason")
@@ -203,7 +214,8 @@ class IntentService:
         title = catalog[item_id].title if item_id in catalog else f"item {item_id}"
         variables = dict(item_title=title, f=asdict(f), horizon_hours=f"{horizon_hours:g}", **hist.prompt_vars())
         asked = await ask_intent_model(self.model, self.prob_prompt, self.explain_prompt if self.explain else None,
-                                       variables, hist, trace)
+                                       variables, hist, trace, catalog=catalog, titles=[title],
+                                       probability=lambda pm: (self.baseline.blend or Blend())(p_base, pm))
         return IntentPrediction(
             **common, **answer_fields(self.baseline, p_base, asked, hist,
                                       lambda: fallback_intent_reason(f, hist, item_id)),

@@ -3,15 +3,18 @@
 Pipeline (everything before the model call is deterministic):
 history view -> fused retrieval candidates -> LLM scores (the letter verbalizer over
 permutations, or one pointwise yes/no question per candidate: ``NextItemConfig.llm_scorer``) ->
-fusion -> top-k -> one schema-constrained explanation call -> pydantic validation with the
-labels and event refs as context -> one repair with the errors fed back -> labelled fallback.
+fusion -> top-k -> explanations: each product's facts (the customer's events it relates to, and
+how) written from the retrieval sources (`reason_facts`), plus the model's short "why" per product
+and an intent summary from one schema-constrained call -> every model sentence checked by the
+verifier (`agent.domain.verify`) -> one repair with the violations fed back -> per sentence, the
+labelled template where it is still wrong.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -28,14 +31,17 @@ from agent.domain.predictions import (
     NextItemPrediction,
     RankedItem,
     explanation_json_schema,
+    why_max_chars,
 )
 from agent.domain.schemas import BehaviorEvent
+from agent.domain.verify import Facts
 from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError, Usage
 from agent.llm.pointwise import pointwise_scores
 from agent.llm.prompting import PromptTemplate, estimate_prompt_tokens, load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 from agent.llm.verbalizer import LABELS, verbalizer_scores
 from agent.llm.wrappers import Lane, lane
+from agent.tasks.verified import Sentences, verify_answer
 
 LlmScorer = Literal["verbalizer", "pointwise"]
 
@@ -59,10 +65,11 @@ class NextItemConfig:
     window: int = 20  # events shown to the model
     rank_prompt: str = "next_item_rank.v1"
     pointwise_prompt: str = "next_item_pointwise.v1"
-    # v2 shares the ranking prompt's prefix and caps reasons: one explanation call took 34 s
-    # mean vs v1's 63 s on 3 customers (docs/bench.md section 7, docs/results/explain-v1-v2-ab.jsonl)
-    explain_prompt: str = "next_item_explain.v2"
-    explain_max_words: int = 15  # a reason's cap (the schema allows 8 characters a word)
+    # v3: facts from templates, the model's "why" per product and the summary, each verified
+    # (v2, the model's whole reason with its own event refs, named wrong products and events;
+    # v2 shared the ranking prompt's prefix: 34 s vs v1's 63 s, docs/bench.md section 7)
+    explain_prompt: str = "next_item_explain.v3"
+    explain_max_words: int = 12  # a "why"'s asked length (the schema caps it at `why_max_chars`)
     summary_max_chars: int = 240
     explain_lane: Lane | None = None  # the explanation call's model lane; None: the caller's
     # The most prompt tokens one model call may take (estimated before sending, upper bound; see
@@ -217,7 +224,7 @@ class NextItemService:
                 await on_ranked(assemble())
             tpl = load_prompt(cfg.explain_prompt)
             prompts.append(tpl.ref)
-            messages = self._explain_messages(tpl, hist, ranked, artifacts)
+            messages = self._explain_messages(tpl, hist, ranked, artifacts, cfg.explain_max_words)
             before = Usage(trace.usage.prompt_tokens, trace.usage.completion_tokens, trace.usage.cached_tokens)
             attempts_before = trace.attempts
             try:
@@ -231,10 +238,20 @@ class NextItemService:
                         trace.steps.append(_step("explain", trace.attempts - attempts_before, spent,
                                                  estimate_prompt_tokens(messages), cfg))
                 labels = LABELS[: len(ranked)]
+                checked = await verify_answer(
+                    self.model, messages, expl, lambda x: self._sentences(x, hist, ranked, artifacts, cfg.explain_max_words,
+                                                              cfg.summary_max_chars),
+                    artifacts.title_index, trace, json_schema=self._explain_schema(len(ranked), cfg),
+                    context={"labels": labels}, max_tokens=self._explain_max_tokens(len(ranked), cfg))
                 for lab, (cand, _) in zip(labels, ranked, strict=True):
-                    r = next(x for x in expl.reasons if x.item == lab)
-                    reasons[cand.item_id] = (r.reason, r.evidence)
-                summary, summary_source = expl.intent_summary, "model"
+                    ans = checked.pick.get(lab)
+                    if ans is not None:
+                        why = next(x for x in ans.reasons if x.item == lab).why
+                        fact, refs = reason_facts(cand, hist, artifacts)
+                        reasons[cand.item_id] = (f"{fact} {sentence(why)}", refs)
+                picked = checked.pick.get("summary")
+                if picked is not None:
+                    summary, summary_source = picked.intent_summary, "model"
             except ModelUnavailableError as e:
                 trace.degraded.append(f"model unavailable for explanations ({e})")
             except OutputValidationError as e:
@@ -286,6 +303,7 @@ class NextItemService:
             degraded_reason="; ".join(trace.degraded) or None,
             notes=trace.notes + (["cold start: no history, popularity ranking"] if cold else []),
             steps=list(trace.steps),
+            verification=trace.verification,
         )
         return NextItemPrediction(
             user_id=user_id, dataset=artifacts.dataset, k=cfg.k, items=items, intent_summary=summary,
@@ -303,23 +321,58 @@ class NextItemService:
             ModelUnavailableError: from the model.
         """
         assert self.model is not None
-        labels = LABELS[:n_items]
         return await structured_call(
-            self.model, messages, Explanation,
-            json_schema=explanation_json_schema(labels, hist.refs, max_words=cfg.explain_max_words,
-                                                summary_max_chars=cfg.summary_max_chars),
-            context={"labels": labels, "refs": set(hist.refs)},
-            max_attempts=cfg.max_attempts, max_tokens=(2 * cfg.explain_max_words + 20) * len(labels) + 120,
-            trace=trace,
+            self.model, messages, Explanation, json_schema=self._explain_schema(n_items, cfg),
+            context={"labels": LABELS[:n_items]}, max_attempts=cfg.max_attempts,
+            max_tokens=self._explain_max_tokens(n_items, cfg), trace=trace,
         )
 
     @staticmethod
+    def _explain_schema(n_items: int, cfg: NextItemConfig) -> dict[str, object]:
+        return explanation_json_schema(LABELS[:n_items], max_words=cfg.explain_max_words,
+                                       summary_max_chars=cfg.summary_max_chars)
+
+    @staticmethod
+    def _explain_max_tokens(n_items: int, cfg: NextItemConfig) -> int:
+        """The explanation call's cap: room for each "why" at its schema cap (~3 characters a
+        token) with its JSON, and the summary at its cap, so the grammar's string caps, not the
+        token limit, end a long answer (a reply cut by the token limit is invalid JSON)."""
+        return (why_max_chars(cfg.explain_max_words) // 3 + 16) * n_items + cfg.summary_max_chars // 3 + 40
+
+    @staticmethod
+    def _sentences(expl: Explanation, hist: HistoryView, ranked: Sequence[tuple[Candidate, float]],
+                   artifacts: DatasetArtifacts, max_words: int, summary_max_chars: int) -> Sentences:
+        """The model-written sentences of `expl` with what each may say (`Facts`): a product's
+        "why" may name that product and the items of its cited events, use their numbers, claim
+        first place only for rank 1 and popularity only where the popularity or similar-user
+        source scored it; the summary may name any ranked or shown item, and a ranking claim in
+        it must name the top item first."""
+        out: dict[str, tuple[str, Facts]] = {}
+        for rank, (lab, (cand, _)) in enumerate(zip(LABELS, ranked, strict=False), start=1):
+            why = next((x.why for x in expl.reasons if x.item == lab), None)
+            if why is None:
+                continue
+            fact, refs = reason_facts(cand, hist, artifacts)
+            lines = [x for r in refs if (x := hist.resolve(r)) is not None]
+            out[lab] = (why, replace(
+                why_facts(artifacts.title(cand.item_id), rank, cand.source_scores,
+                          [(x.ref, artifacts.title(x.event.item_id), x.text) for x in lines]),
+                max_chars=why_max_chars(max_words), echo=[fact]))
+        titles = [artifacts.title(c.item_id) for c, _ in ranked]
+        out["summary"] = (expl.intent_summary, Facts(
+            titles=titles + [artifacts.title(x.event.item_id) for x in hist.lines], refs=hist.refs,
+            numbers=[x.text for x in hist.lines] + [x.when for x in hist.lines]
+            + [str(v) for v in hist.profile.values() if isinstance(v, (int, float, str))],
+            may_rank_first=True, top_title=titles[0] if titles else None, max_chars=summary_max_chars))
+        return out
+
+    @staticmethod
     def _explain_messages(tpl: PromptTemplate, hist: HistoryView, ranked: Sequence[tuple[Candidate, float]],
-                          artifacts: DatasetArtifacts) -> list[Message]:
+                          artifacts: DatasetArtifacts, max_words: int) -> list[Message]:
         """The explanation prompt for the ranked items (labels A.. in rank order, with hints)."""
-        items = [{"label": lab, "title": artifacts.title(c.item_id), "hint": _hint(c, hist, artifacts)}
+        items = [{"label": lab, "title": artifacts.title(c.item_id), "fact": reason_facts(c, hist, artifacts)[0]}
                  for lab, (c, _) in zip(LABELS, ranked, strict=False)]
-        return render(tpl, items=items, **hist.prompt_vars())
+        return render(tpl, items=items, max_words=max_words, **hist.prompt_vars())
 
     def _prompt_estimates(self, hist: HistoryView, head: Sequence[Candidate], artifacts: DatasetArtifacts,
                           cfg: NextItemConfig) -> dict[str, int]:
@@ -339,7 +392,8 @@ class NextItemService:
             out["rank"] = estimate_prompt_tokens(msgs)
         if cfg.explain and head:
             out["explain"] = estimate_prompt_tokens(self._explain_messages(
-                load_prompt(cfg.explain_prompt), hist, [(c, 0.0) for c in head[: cfg.k]], artifacts))
+                load_prompt(cfg.explain_prompt), hist, [(c, 0.0) for c in head[: cfg.k]], artifacts,
+                cfg.explain_max_words))
         return out
 
     def _fit_budget(self, user_id: str, events: Sequence[BehaviorEvent], artifacts: DatasetArtifacts,
@@ -416,25 +470,6 @@ def review_note(item_id: str, penalties: dict[str, dict[str, float]]) -> str:
     return f" Down-ranked: {int(d['negative'])} of {int(d['n'])} recent reviews are negative."
 
 
-def _hint(c: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> str:
-    """What retrieval knows about a recommended item, with the event that anchors it, so the
-    model's reason can cite the right event instead of guessing."""
-    best = max(c.source_scores.items(), key=lambda kv: kv[1], default=(None, 0))[0]
-    ref = _anchor(c, hist, artifacts)
-    line = hist.resolve(ref) if ref else None
-    if line is not None and line.event.item_id == c.item_id:
-        return f"recently {event_verb(line.event.event_type)} by this customer ({ref})"
-    anchor = f"{ref}: {artifacts.title(line.event.item_id)}" if line else None
-    if best == "covisit" and anchor and line is not None:
-        # co-occurrence counts every event type: "bought with" only where the anchor was bought
-        return f"often {'bought' if line.event.event_type == 'purchase' else 'chosen'} with {anchor}"
-    if best == "embedding" and anchor:
-        return f"similar to {anchor}"
-    if best == "similar_users":
-        return "popular with similar customers" + (f"; closest to {anchor}" if anchor else "")
-    return "a best-seller" + (f"; closest to {anchor}" if anchor else "")
-
-
 def _evidence(hist: HistoryView, ref: str) -> Evidence | None:
     line = hist.resolve(ref)
     if line is None:
@@ -471,10 +506,13 @@ def _anchor(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> 
     return best_ref
 
 
-def fallback_reason(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifacts, cold: bool) -> tuple[str, list[str]]:
-    """A generic, truthful reason from the retrieval sources, marked as such."""
-    if cold:
-        return "[retrieval fallback] A best-seller; this customer has no history yet (cold start).", []
+def reason_facts(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifacts) -> tuple[str, list[str]]:
+    """The facts behind a recommended item, in one sentence written from the retrieval sources
+    (never by the model), and the event references it cites: the customer's own event with the
+    item, else the event whose item anchors it (`_anchor`: co-visitation, then similarity),
+    e.g. ``("Customers who bought HAND WARMER UNION JACK (E20) often bought this too.", ["E20"])``.
+    Co-occurrence counts every event type, so the anchor's own verb is used ("viewed"), never
+    "bought" for a view. Not for a cold-start user (no events: see `fallback_reason`)."""
     ref = _anchor(cand, hist, artifacts)
     line = hist.resolve(ref) if ref else None
     src = max(cand.source_scores.items(), key=lambda kv: kv[1], default=("popularity", 0))[0]
@@ -482,7 +520,6 @@ def fallback_reason(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifa
     if line is not None and line.event.item_id == cand.item_id:  # the user touched it (_own_ref)
         text = f"Recently {event_verb(line.event.event_type)} by this customer ({ref})."
     elif src == "covisit" and anchor and line is not None:
-        # co-occurrence counts every event type (views too): the anchor's own verb, never "bought" for a view
         text = (f"Customers who {event_verb(line.event.event_type)} {anchor} ({ref}) often "
                 f"{'bought' if line.event.event_type == 'purchase' else 'chose'} this too.")
     elif src == "embedding" and anchor:
@@ -492,7 +529,38 @@ def fallback_reason(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifa
             f"; related to {anchor} ({ref})." if anchor else ".")
     else:
         text = "A best-seller in this shop" + (f"; related to {anchor} ({ref})." if anchor else ".")
-    return "[retrieval fallback] " + text, [ref] if ref else []
+    return text, [ref] if ref else []
+
+
+def why_facts(title: str, rank: int, source_scores: Mapping[str, float],
+              cited: Sequence[tuple[str, str, str]]) -> Facts:
+    """What a ranked item's reason may say (`agent.domain.verify.Facts`): its own title and its
+    cited events' (`cited`: (ref, item title, event line) each, from `reason_facts`), those refs,
+    those events' numbers; first place only at rank 1; "popular" only where the popularity or
+    similar-user source scored it. From the answer alone (`RankedItem` has all of it), so
+    `shoplens eval faithfulness` rebuilds the same facts to seed wrong sentences."""
+    return Facts(titles=[title, *(t for _, t, _ in cited)], refs=[r for r, _, _ in cited],
+                 numbers=[line for _, _, line in cited], may_rank_first=rank == 1,
+                 popular=any(source_scores.get(s, 0.0) > 0 for s in ("popularity", "similar_users")))
+
+
+def fallback_reason(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifacts, cold: bool) -> tuple[str, list[str]]:
+    """The template reason, labelled ``[retrieval fallback]``: the item's facts (`reason_facts`)
+    alone, shown where the model gave no reason or its reason failed the verifier twice."""
+    if cold:
+        return "[retrieval fallback] A best-seller; this customer has no history yet (cold start).", []
+    text, refs = reason_facts(cand, hist, artifacts)
+    return "[retrieval fallback] " + text, refs
+
+
+def sentence(clause: str) -> str:
+    """A model's clause as a sentence: trimmed, first letter capitalised, one full stop
+    ("a matching winter warmer" -> "A matching winter warmer.")."""
+    c = " ".join(clause.split()).rstrip(" ,;:")
+    if not c:
+        return ""
+    c = c[0].upper() + c[1:]
+    return c if c[-1] in ".!?。！？" else c + "."
 
 
 def fallback_summary(hist: HistoryView, cold: bool) -> str:

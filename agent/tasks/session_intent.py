@@ -27,7 +27,7 @@ from agent.domain.predictions import SessionIntentPrediction
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel
 from agent.llm.structured import CallTrace
-from agent.tasks.common import LogisticBaseline, make_meta
+from agent.tasks.common import Blend, LogisticBaseline, make_meta
 from agent.tasks.intent import answer_fields, ask_intent_model
 
 # 30 minutes of inactivity ends a session: the web-analytics convention (Google Analytics'
@@ -312,7 +312,8 @@ class SessionIntentService:
         p_base = self.baseline.predict(f.vector())
         variables, hist, srefs = session_prompt(user_id, evs, catalog, as_of, f, horizon_hours, self.window)
         asked = await ask_intent_model(self.model, self.prob_prompt, self.explain_prompt if self.explain else None,
-                                       variables, hist, trace)
+                                       variables, hist, trace, catalog=catalog,
+                                       probability=lambda pm: (self.baseline.blend or Blend())(p_base, pm))
         return SessionIntentPrediction(
             **common, **answer_fields(self.baseline, p_base, asked, hist,
                                       lambda: fallback_session_reason(f, hist, srefs)),

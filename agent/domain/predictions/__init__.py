@@ -33,7 +33,8 @@ from agent.domain.predictions.next_item import (
     NextItemPrediction,
     RankedItem,
     explanation_json_schema,
-    explanation_schema_enums,
+    explanation_schema_labels,
+    why_max_chars,
 )
 from agent.domain.predictions.profile import (
     SENSITIVE,
@@ -67,6 +68,6 @@ __all__ = [
     "Lifecycle", "Meta", "NextItemPrediction", "Polarity", "PriceBand", "Probability", "ProfileAnswer",
     "ProfileClaim", "RankedItem", "RiskBand", "SentimentFailure", "SentimentResult", "SessionIntentPrediction",
     "Stage", "TargetUser", "UserProfile", "aspects_json_schema", "check_refs", "evidence_from_refs",
-    "explanation_json_schema", "explanation_schema_enums", "normalise_label", "normalise_polarity", "normalise_probability",
-    "normalise_refs", "parse_probability", "sensitive_hits",
+    "explanation_json_schema", "explanation_schema_labels", "normalise_label", "normalise_polarity", "normalise_probability",
+    "normalise_refs", "parse_probability", "sensitive_hits", "why_max_chars",
 ]

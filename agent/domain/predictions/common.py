@@ -30,6 +30,19 @@ class ModelStep(BaseModel):
                                       "the history shown was cut to fit (null: no budget)")
 
 
+class Verification(BaseModel):
+    """What the verifier (`agent.domain.verify`) found in the sentences the model wrote for this
+    answer. Each was checked before it was returned: as written, after one repair round with the
+    violations fed back, or replaced by the task's template sentence (labelled in its text)."""
+
+    checked: int = Field(ge=0, description="model-written sentences checked")
+    verified: int = Field(ge=0, description="passed as first written")
+    repaired: int = Field(ge=0, description="passed after the one repair round")
+    replaced: int = Field(ge=0, description="still wrong after the repair: the labelled template sentence is shown")
+    violations: list[str] = Field(default_factory=list, description="what was wrong, by sentence "
+                                  "('B: names ...'); 'repair:' marks a violation the repaired sentence still had")
+
+
 class Meta(BaseModel):
     """How an answer was made: enough to reproduce it and to judge it."""
 
@@ -49,6 +62,8 @@ class Meta(BaseModel):
     notes: list[str] = Field(default_factory=list)
     steps: list[ModelStep] = Field(default_factory=list, description="per model step: calls, tokens, "
                                    "estimate and budget (next-item)")
+    verification: Verification | None = Field(default=None, description="the verifier's account of the "
+                                              "model-written sentences (null: the model wrote none)")
 
 
 class Evidence(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from agent.domain.predictions.common import Evidence, Meta, check_refs
+from agent.domain.predictions.common import Evidence, Meta
 
 
 class RankedItem(BaseModel):
@@ -54,28 +54,19 @@ class NextItemPrediction(BaseModel):
 
 
 class ItemReason(BaseModel):
+    """The model's rationale for one recommended product: a short clause the answer places after
+    the product's facts (which are written from the data, not by the model)."""
+
     model_config = ConfigDict(extra="forbid")
 
     item: str = Field(description="the product's letter label")
-    reason: str = Field(min_length=3, max_length=300)
-    evidence: list[str] = Field(min_length=1, max_length=3, description="event refs like E3")
+    why: str = Field(min_length=3, max_length=300, description="what the product has in common with the "
+                     "customer's events its facts name")
 
     @field_validator("item", mode="before")
     @classmethod
     def _upper(cls, v: object) -> object:
         return v.strip().upper() if isinstance(v, str) else v
-
-    @field_validator("evidence", mode="before")
-    @classmethod
-    def _refs_upper(cls, v: object) -> object:
-        if isinstance(v, list):
-            return [x.strip().upper() if isinstance(x, str) else x for x in v]
-        return v
-
-    @field_validator("evidence")
-    @classmethod
-    def _known_refs(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        return check_refs(v, info)
 
 
 class Explanation(BaseModel):
@@ -104,18 +95,25 @@ class Explanation(BaseModel):
         return self
 
 
-def explanation_json_schema(labels: list[str], refs: list[str], max_words: int = 25,
-                            summary_max_chars: int = 400) -> dict[str, Any]:
-    """JSON schema for constrained decoding: one reason per label, in the labels' order
+def why_max_chars(max_words: int) -> int:
+    """A "why"'s schema cap in characters: room for `max_words` long words, so that only a
+    clause far over the asked length reaches it (and is then cut mid-word: a verifier violation)."""
+    return 10 * max_words
+
+
+def explanation_json_schema(labels: list[str], max_words: int = 12,
+                            summary_max_chars: int = 240) -> dict[str, Any]:
+    """JSON schema for constrained decoding: one "why" per label, in the labels' order
     (``prefixItems``: position i can only be label i, so the grammar itself rules out a missing
-    or repeated product, which cost a whole repair call on a CPU), event refs as an enum, so no
-    invented events. Kept to the subset llama.cpp and vLLM both enforce (llama.cpp reads
-    ``prefixItems`` only when there is no ``items``).
+    or repeated product, which cost a whole repair call on a CPU). Kept to the subset llama.cpp
+    and vLLM both enforce (llama.cpp reads ``prefixItems`` only when there is no ``items``).
+    The evidence is not the model's to choose: each product's facts and cited events come from
+    the pipeline's retrieval sources (`agent.tasks.next_item.reason_facts`).
 
     Args:
         labels: the products' letters, best first (``A``, ``B``, ...).
-        refs: the event references the history shows (``E1`` ...).
-        max_words: a reason's cap, as ``maxLength = 8 * max_words`` characters.
+        max_words: a "why"'s asked length, capped at `why_max_chars` characters (a clause cut
+            there is caught by the verifier).
         summary_max_chars: the intent summary's cap (characters).
     """
 
@@ -124,11 +122,9 @@ def explanation_json_schema(labels: list[str], refs: list[str], max_words: int =
             "type": "object",
             "properties": {
                 "item": {"type": "string", "enum": [label]},
-                "reason": {"type": "string", "maxLength": max_words * 8},
-                "evidence": {"type": "array", "minItems": 1, "maxItems": 3,
-                             "items": {"type": "string", "enum": refs}},
+                "why": {"type": "string", "maxLength": why_max_chars(max_words)},
             },
-            "required": ["item", "reason", "evidence"],
+            "required": ["item", "why"],
             "additionalProperties": False,
         }
 
@@ -145,8 +141,6 @@ def explanation_json_schema(labels: list[str], refs: list[str], max_words: int =
     }
 
 
-def explanation_schema_enums(schema: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(labels in order, event refs) of a schema from `explanation_json_schema`."""
-    slots = schema["properties"]["reasons"]["prefixItems"]
-    labels = [slot["properties"]["item"]["enum"][0] for slot in slots]
-    return labels, slots[0]["properties"]["evidence"]["items"]["enum"] if slots else []
+def explanation_schema_labels(schema: dict[str, Any]) -> list[str]:
+    """The labels, in order, of a schema from `explanation_json_schema`."""
+    return [slot["properties"]["item"]["enum"][0] for slot in schema["properties"]["reasons"]["prefixItems"]]

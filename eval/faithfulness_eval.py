@@ -1,0 +1,295 @@
+"""`shoplens eval faithfulness`: how the sentences the model writes fare against the verifier,
+through the same service the API, the CLI and the chat call, with the real model.
+
+Per answer (``--task next_item|churn|intent``, ``--n`` users of ``--dataset``, seeded sample):
+the verifier's counts (`Meta.verification`): model-written sentences checked, verified as
+written, repaired in the one repair round, replaced by the labelled template; and every
+returned sentence with its source. Reported (report.md, metrics.json): the shares with 95%
+Wilson intervals over sentences, the unlabelled template fallbacks (a template sentence
+without its ``[retrieval fallback]`` / ``[template]`` / ``[cold start]`` label: must be 0),
+and examples of each outcome.
+
+**Does the verifier catch what it should?** ``seeded`` (no model needed, recomputed from the
+recorded answers): each returned model sentence that passes the verifier against facts rebuilt
+from the answer alone gets one wrong clause added per failure class (a product it does not
+cite, an event it does not cite, an invented number, a first-place claim for a lower rank, a
+popularity claim without popularity data, a risk or intent word on the wrong side, a summary
+that ranks a lower item first); each must be caught. The catch rate per class is reported.
+
+Resumable: cases.jsonl is appended per answer; a rerun with the same --out skips done users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm import tqdm
+
+from agent.app.feedback import wilson_interval
+from agent.app.runtime import Runtime
+from agent.app.service import ShopLensService
+from agent.domain.verify import Direction, Facts, TitleIndex, verify_sentence
+from agent.settings import Settings
+from agent.tasks.next_item import why_facts
+from eval.runs import read_jsonl, run_folder
+
+FaithTask = Literal["next_item", "churn", "intent"]
+TASKS: tuple[FaithTask, ...] = ("next_item", "churn", "intent")
+LABELS = ("[retrieval fallback]", "[template]", "[cold start]")
+N_EXAMPLES = 3
+
+
+# ---- one answer -> one case record ---------------------------------------------------------
+
+
+def next_item_record(pred: Any) -> dict[str, Any]:
+    """A next-item answer as a case: each reason (with what `why_facts` needs) and the summary."""
+    return {
+        "sentences": [{"key": f"#{i.rank}", "text": i.reason, "source": i.reason_source, "rank": i.rank,
+                       "title": i.title, "source_scores": i.source_scores,
+                       "cited": [[e.ref, e.item_id, e.summary] for e in i.evidence]} for i in pred.items]
+        + [{"key": "summary", "text": pred.intent_summary, "source": pred.summary_source}],
+        "top_titles": [i.title for i in pred.items],
+    }
+
+
+def reason_record(pred: Any, direction: Direction) -> dict[str, Any]:
+    """A churn or intent answer as a case: its one reason, its evidence and its direction."""
+    return {"sentences": [{"key": "reason", "text": pred.reason, "source": pred.reason_source,
+                           "cited": [[e.ref, e.item_id, e.summary] for e in pred.evidence],
+                           "direction": direction}],
+            "probability": pred.probability}
+
+
+def _direction(p: float, band: str | None = None) -> Direction:
+    if band in ("low", "medium", "high"):
+        return band  # type: ignore[return-value]
+    return "high" if p >= 0.5 else "low"
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def run_faithfulness_eval(settings: Settings, *, task: FaithTask, dataset: str = "online-retail", n: int = 100,
+                          seed: int = 0, out: Path | None = None, k: int = 5, min_events: int = 3) -> Path:
+    """Ask the served pipeline for `n` answers of `task` and record the verifier's account.
+
+    Args:
+        task: next_item (k items with reasons and a summary), churn or intent (one reason each).
+        dataset: a stored dataset (`shoplens ingest` first).
+        n: users sampled (seeded); users with fewer than `min_events` events are skipped.
+        out: the run folder (default ``<workspace>/runs/<time>-faithfulness-<task>``); an existing
+            one resumes.
+
+    Returns:
+        The run folder (config.json, cases.jsonl, metrics.json, report.md).
+
+    Raises:
+        ValueError: an unknown task or dataset, or no user with `min_events` events.
+    """
+    if task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
+    rt = Runtime(settings)
+    svc = ShopLensService(rt)
+    users = svc.active_users(dataset)
+    random.Random(seed).shuffle(users)
+    sample: list[str] = []
+    for u in users:  # the seeded order, users with too short a history skipped
+        if len(sample) == n:
+            break
+        if len(rt.store.user_events(dataset, u)) >= min_events:
+            sample.append(u)
+    if not sample:
+        raise ValueError(f"no user of {dataset!r} has {min_events} events; lower --min-events")
+    d = run_folder(f"faithfulness-{task}", out, settings.workspace / "runs")
+    done = {r["user_id"] for r in read_jsonl(d / "cases.jsonl")} if (d / "cases.jsonl").exists() else set()
+    (d / "config.json").write_text(json.dumps({"task": task, "dataset": dataset, "n": n, "seed": seed, "k": k,
+                                               "min_events": min_events, "sampled": len(sample)}, indent=2))
+    asyncio.run(_ask(svc, task, dataset, [u for u in sample if u not in done], d / "cases.jsonl", k))
+    arts = rt.artifacts(dataset)
+    return write_report(d, arts.title_index, {i: it.title for i, it in arts.catalog.items()})
+
+
+async def _ask(svc: ShopLensService, task: FaithTask, dataset: str, users: Sequence[str], path: Path, k: int) -> None:
+    with path.open("a") as fh:
+        for uid in tqdm(users, desc=f"faithfulness {task}", unit="answer"):
+            t0 = time.perf_counter()
+            try:
+                if task == "next_item":
+                    pred: Any = await svc.next_item(dataset, uid, config=svc.next_item_config(k=k))
+                    rec = next_item_record(pred)
+                elif task == "churn":
+                    pred = await svc.churn(dataset, uid)
+                    rec = reason_record(pred, _direction(pred.probability, pred.risk_band))
+                else:
+                    page = await svc.user_events(dataset, uid, limit=1_000)
+                    item = page.events[-1].item_id
+                    pred = await svc.intent(dataset, uid, item)
+                    rec = reason_record(pred, _direction(pred.probability)) | {"item_id": item}
+                meta = pred.meta
+                rec |= {"verification": meta.verification.model_dump() if meta.verification else None,
+                        "degraded": meta.degraded, "degraded_reason": meta.degraded_reason,
+                        "model_id": meta.model_id}
+            except Exception as e:  # one bad case never aborts the run; it is counted
+                rec = {"error": f"{type(e).__name__}: {e}"}
+            rec |= {"user_id": uid, "task": task, "seconds": round(time.perf_counter() - t0, 2)}
+            fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+            fh.flush()
+
+
+# ---- the report (no model: from cases.jsonl) -----------------------------------------------------
+
+
+def summarise(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The verifier's counts over the recorded answers, with 95% Wilson intervals on the shares
+    of model-written sentences, and the unlabelled template fallbacks (must be 0)."""
+    ok = [r for r in recs if "error" not in r]
+    v = Counter[str]()
+    for r in ok:
+        for key in ("checked", "verified", "repaired", "replaced"):
+            v[key] += (r.get("verification") or {}).get(key, 0)
+    sentences = [s for r in ok for s in r["sentences"]]
+    unlabelled = [s["text"] for s in sentences if s["source"] != "model" and not s["text"].startswith(LABELS)]
+
+    def share(x: int) -> dict[str, Any]:
+        ci = wilson_interval(x, v["checked"])
+        return {"n": x, "share": round(x / v["checked"], 4) if v["checked"] else None,
+                "ci95": [round(c, 4) for c in ci] if ci else None}
+
+    return {"answers": len(recs), "errors": len(recs) - len(ok),
+            "answers_with_model_sentences": sum(bool((r.get("verification") or {}).get("checked")) for r in ok),
+            "degraded": sum(bool(r.get("degraded")) for r in ok),
+            "sentences_returned": len(sentences),
+            "model_sentences_checked": v["checked"], "verified_as_written": share(v["verified"]),
+            "verified_after_repair": share(v["repaired"]), "passed": share(v["verified"] + v["repaired"]),
+            "replaced_by_template": share(v["replaced"]), "unlabelled_template_fallbacks": len(unlabelled),
+            "seconds_per_answer": round(sum(r["seconds"] for r in ok) / max(1, len(ok)), 1)}
+
+
+def seeded_checks(recs: Sequence[dict[str, Any]], catalogue: TitleIndex | None, titles: dict[str, str]) -> dict[str, Any]:
+    """Wrong sentences made from the returned right ones, per failure class: caught / seeded.
+
+    Args:
+        recs: cases.jsonl records.
+        catalogue: the dataset's titles (`DatasetArtifacts.title_index`); None: an empty one.
+        titles: item id -> title (to rebuild each reason's facts from its evidence).
+    """
+    cat = catalogue or TitleIndex([])
+    caught, seeded, base_rejected = Counter[str](), Counter[str](), 0
+    for r in recs:
+        if "error" in r:
+            continue
+        tops = r.get("top_titles") or []
+        for s in r["sentences"]:
+            if s["source"] != "model":
+                continue
+            facts = _facts(s, r, titles)
+            if verify_sentence(s["text"], facts, cat):
+                base_rejected += 1  # the rebuilt facts are narrower than the pipeline's: not seeded
+                continue
+            for cls, wrong in _corruptions(s, facts, tops):
+                seeded[cls] += 1
+                caught[cls] += bool(verify_sentence(wrong, facts, cat))
+    return {"base_sentences_rejected_by_rebuilt_facts": base_rejected,
+            "classes": {c: {"seeded": seeded[c], "caught": caught[c],
+                            "rate": round(caught[c] / seeded[c], 4) if seeded[c] else None} for c in sorted(seeded)}}
+
+
+def _facts(s: dict[str, Any], r: dict[str, Any], titles: dict[str, str]) -> Facts:
+    cited = [(ref, titles.get(iid, f"item {iid}"), summary) for ref, iid, summary in s.get("cited", [])]
+    if s["key"] == "summary":
+        return Facts(titles=r.get("top_titles", []), refs=[], numbers=[], may_rank_first=True,
+                     top_title=(r.get("top_titles") or [None])[0])
+    if "rank" in s:
+        return why_facts(s["title"], s["rank"], s["source_scores"], cited)
+    extra = [titles[r["item_id"]]] if r.get("item_id") in titles else []
+    return Facts(titles=[*extra, *(t for _, t, _ in cited)], refs=[c[0] for c in cited],
+                 numbers=[c[2] for c in cited] + [str(r.get("probability", ""))], direction=s.get("direction"))
+
+
+def _corruptions(s: dict[str, Any], facts: Facts, tops: Sequence[str]) -> list[tuple[str, str]]:
+    text = s["text"].rstrip()
+    allowed = {t.lower() for t in facts.titles}
+    out: list[tuple[str, str]] = []
+    if s["key"] == "summary":
+        if len(tops) > 1:
+            out.append(("summary_ranks_a_lower_item_first", f"Most likely to buy {tops[-1]} next."))
+        return out
+    other = next((t for t in tops if t.lower() not in allowed and len(t.split()) > 1), None)
+    if other:
+        out.append(("uncited_product", f"{text} Goes well with {other}."))
+    n_ref = max((int(r[1:]) for r in facts.refs if r[1:].isdigit()), default=0) + 7
+    out.append(("uncited_event", f"{text} As E{n_ref} shows."))
+    if not facts.number_ok("977"):
+        out.append(("invented_number", f"{text} Bought 977 of them."))
+    if not facts.may_rank_first:
+        out.append(("first_place_for_a_lower_rank", f"{text} The most likely next buy."))
+    if not facts.popular and "rank" in s:
+        out.append(("popularity_without_data", f"{text} A best-seller."))
+    if facts.direction in ("high", "low"):
+        out.append(("wrong_direction", f"{text} {'Low risk' if facts.direction == 'high' else 'High risk'}."))
+    return out
+
+
+def write_report(d: Path, catalogue: TitleIndex | None = None, titles: dict[str, str] | None = None) -> Path:
+    """metrics.json and report.md from cases.jsonl (no model)."""
+    recs = read_jsonl(d / "cases.jsonl") if (d / "cases.jsonl").exists() else []
+    cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+    metrics = {"config": cfg, **summarise(recs), "seeded": seeded_checks(recs, catalogue, titles or {})}
+    (d / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    (d / "report.md").write_text(render_report(metrics, recs))
+    return d
+
+
+def _pct(x: dict[str, Any]) -> str:
+    if x.get("share") is None:
+        return "n/a"
+    lo, hi = x["ci95"]
+    return f"{100 * x['share']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={x['n']})"
+
+
+def render_report(m: dict[str, Any], recs: Sequence[dict[str, Any]]) -> str:
+    """The run's report: the verifier's shares with their intervals, the seeded catch rates and
+    examples of each outcome."""
+    cfg = m.get("config", {})
+    lines = [f"# Faithfulness: {cfg.get('task')} on {cfg.get('dataset')}", "",
+             f"Answers {m['answers']} ({m['errors']} errors, {m['degraded']} degraded), "
+             f"{m['answers_with_model_sentences']} with model sentences; {m['model_sentences_checked']} model "
+             f"sentences checked, {m['sentences_returned']} sentences returned; {m['seconds_per_answer']} s an answer.",
+             "", "| outcome of a model sentence | share [95% Wilson CI] |", "|---|---|",
+             f"| verified as written | {_pct(m['verified_as_written'])} |",
+             f"| verified after the one repair | {_pct(m['verified_after_repair'])} |",
+             f"| passed (returned as the model's) | {_pct(m['passed'])} |",
+             f"| replaced by the labelled template | {_pct(m['replaced_by_template'])} |", "",
+             f"Unlabelled template fallbacks: {m['unlabelled_template_fallbacks']}.", "",
+             "## Seeded wrong sentences (does the verifier catch what it should?)", "",
+             f"Right sentences not seeded (rejected by facts rebuilt from the answer alone): "
+             f"{m['seeded']['base_sentences_rejected_by_rebuilt_facts']}", "",
+             "| failure class | seeded | caught | rate |", "|---|---|---|---|"]
+    for c, x in m["seeded"]["classes"].items():
+        lines.append(f"| {c} | {x['seeded']} | {x['caught']} | {x['rate']} |")
+    lines += ["", "## Examples", ""]
+    by: dict[str, list[str]] = {"verified as written": [], "repaired": [], "replaced": []}
+    for r in recs:
+        v = r.get("verification") or {}
+        viol = v.get("violations", [])
+        model = [s for s in r.get("sentences", []) if s["source"] == "model"]
+        if v.get("replaced"):
+            tpl = [s["text"] for s in r["sentences"] if s["source"] != "model"][:1]
+            by["replaced"].append(f"user {r['user_id']}: {'; '.join(viol[:3])} -> shown: {tpl}")
+        elif v.get("repaired"):
+            by["repaired"].append(f"user {r['user_id']}: first round: {'; '.join(viol[:3])}")
+        elif model:
+            by["verified as written"].append(f"user {r['user_id']}: {model[0]['text']}")
+    for name, ex in by.items():
+        lines.append(f"**{name}**")
+        lines += [f"- {e}" for e in ex[:N_EXAMPLES]] or ["- (none)"]
+        lines.append("")
+    return "\n".join(lines)

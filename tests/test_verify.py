@@ -1,0 +1,102 @@
+"""The verifier (agent.domain.verify) on the wrong sentences the issue found, seeded, and on
+right ones: each wrong sentence must be caught with a message that names what is wrong, and a
+right one must pass (a verifier that flags everything would "catch" everything)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.domain.verify import Facts, TitleIndex, refs_in, verify_sentence
+
+# titles from UCI Online Retail (customer 17850's answer in the issue), plus a mixed-case one
+CATALOGUE = TitleIndex([
+    "HAND WARMER RED LOVE HEART", "HAND WARMER UNION JACK", "HOT WATER BOTTLE KEEP CALM",
+    "RETROSPOT HEART HOT WATER BOTTLE", "WHITE HANGING HEART T-LIGHT HOLDER", "RED TOADSTOOL LED NIGHT LIGHT",
+    "SET 7 BABUSHKA NESTING BOXES", "Super Mario Odyssey", "Halo", "MUG",
+])
+# the 5th item's "why": it may name itself and its cited event E20 (bought 12 x HAND WARMER UNION JACK)
+ITEM5 = Facts(titles=["RETROSPOT HEART HOT WATER BOTTLE", "HAND WARMER UNION JACK"], refs=["E20"],
+              numbers=["bought 12 × HAND WARMER UNION JACK at 1.85 each (order 536365)"])
+SUMMARY = Facts(titles=["HAND WARMER RED LOVE HEART", "HAND WARMER UNION JACK", "HOT WATER BOTTLE KEEP CALM"],
+                refs=["E1", "E2", "E20"], numbers=["bought 12 × HAND WARMER UNION JACK"], may_rank_first=True,
+                top_title="HAND WARMER RED LOVE HEART")
+
+
+@pytest.mark.parametrize(("text", "facts", "violation"), [
+    # a product the reason does not cite (the issue's T-light holder for a hot water bottle)
+    ("Same heart design as the WHITE HANGING HEART T-LIGHT HOLDER", ITEM5,
+     "names 'WHITE HANGING HEART T-LIGHT HOLDER', which is not the product explained or an event it cites"),
+    # a product named by a mixed-case catalogue title
+    ("Goes with Super Mario Odyssey", ITEM5,
+     "names 'Super Mario Odyssey', which is not the product explained or an event it cites"),
+    # the text names E2 while its evidence is E20
+    ("Bought with E2 in winter", ITEM5, "cites E2, which is not among its evidence ['E20']"),
+    # a quantity the data does not hold
+    ("Bought 6 warmers at once", ITEM5, "states 6, which is not in the data; use only numbers shown"),
+    # an upper-case run that is no title at all (a made-up product)
+    ("Pairs with the COSY WINTER RANGE", ITEM5,
+     "names 'COSY WINTER RANGE', which is not the product explained or an event it cites; quote titles exactly as given"),
+    # first place claimed for an item ranked 5th
+    ("The most likely next buy for the winter", ITEM5, "says 'most likely' of an item that is not ranked first"),
+    # an invented popularity claim (the chat's "a best-seller in the shop for several days")
+    ("A best-seller in the shop for several days", ITEM5, "says 'best-seller', but no popularity data supports it"),
+    # the summary ranks the table's #5 first
+    ("Most likely to buy a HOT WATER BOTTLE KEEP CALM next", SUMMARY,
+     "says 'Most likely' but does not name the top-ranked item 'HAND WARMER RED LOVE HEART' first"),
+    # Chinese: a half-translated title, and a title quoted in part
+    ("喜欢手 Warm器设计", ITEM5, "'Warm' is no product title here: quote product titles in full and unchanged"),
+    ("喜欢购买带有LED夜灯的红头灯", Facts(titles=["RED TOADSTOOL LED NIGHT LIGHT"]),
+     "quotes 'LED' from 'RED TOADSTOOL LED NIGHT LIGHT': in Chinese, quote product titles in full and unchanged"),
+    ("最可能购买 HOT WATER BOTTLE KEEP CALM", SUMMARY,
+     "says '最可能' but does not name the top-ranked item 'HAND WARMER RED LOVE HEART' first"),
+    # direction: a risk word against the band
+    ("Low risk: orders every month", Facts(titles=[], direction="high"), "says 'Low risk', but the probability is high"),
+    ("Likely to buy it this week", Facts(titles=[], direction="low"), "says 'Likely to buy', but the probability is low"),
+    ("High risk after a long gap", Facts(titles=[], direction="medium"), "says 'High risk', but the risk is medium"),
+])
+def test_a_wrong_sentence_is_caught_with_a_message_naming_the_fault(text: str, facts: Facts, violation: str) -> None:
+    assert violation in verify_sentence(text, facts, CATALOGUE)
+
+
+@pytest.mark.parametrize(("text", "facts"), [
+    ("Another novelty warmer for cold days", ITEM5),
+    ("Another HAND WARMER style gift, like the 12 bought in order 536365", ITEM5),  # a part of a cited title
+    ("Keeps the heart theme of the HAND WARMER UNION JACK (E20)", ITEM5),
+    ("Most likely the HAND WARMER RED LOVE HEART, then more hot water bottles", SUMMARY),
+    ("Stocking up on winter warmers: 12 HAND WARMER UNION JACK so far", SUMMARY),
+    ("Probability 82% (0.82), high risk", Facts(titles=[], numbers=["0.82"], direction="high")),
+    ("喜欢 HAND WARMER UNION JACK 这类暖手宝", ITEM5),  # a full title, verbatim, in Chinese
+    ("Unlikely to buy soon", Facts(titles=[], direction="low")),
+    ("Loves the Halo series", ITEM5),  # one-word catalogue titles are not product mentions
+])
+def test_a_right_sentence_passes(text: str, facts: Facts) -> None:
+    assert verify_sentence(text, facts, CATALOGUE) == []
+
+
+def test_numbers_match_to_the_rounding_written() -> None:
+    f = Facts(titles=[], numbers=["P 0.8235, 1,250 orders, 35.00 each"])
+    assert [f.number_ok(x) for x in ["0.82", "82%", "0.8", "80%", "1,250", "35", "35.00", "0.83", "81%", "36"]] == [
+        True, True, True, False, True, True, True, False, False, False]  # 80% is not 82%; 0.8 is 0.82 to 1 place
+
+
+def test_refs_in_keeps_order_without_repeats() -> None:
+    assert refs_in("E3 then E12, again E3; not XE4 or E") == ["E3", "E12"]
+
+
+def test_a_product_named_in_other_words_is_found() -> None:
+    cat = TitleIndex(["REGENCY CAKESTAND 3 TIER", "NATURAL SLATE HEART CHALKBOARD", "SET OF 3 CAKE TINS PANTRY DESIGN"])
+    facts = Facts(titles=["NATURAL SLATE HEART CHALKBOARD"])
+    assert verify_sentence("The customer bought a regency cakestand 3-tier last month", facts, cat) == [
+        "names 'REGENCY CAKESTAND 3 TIER' in other words, which is not the product explained or an event it cites",
+        "states 3, which is not in the data; use only numbers shown"]
+    # its own (cited) title in other words, or a part of another title, is fine
+    assert verify_sentence("Another slate heart chalkboard, natural finish", facts, cat) == []
+    assert verify_sentence("Matches the pantry design of the kitchen", facts, cat) == []
+
+
+def test_a_why_that_only_repeats_its_facts_is_caught() -> None:
+    fact = "Customers who bought SET OF 6 SPICE TINS PANTRY DESIGN (E1) often bought this too."
+    facts = Facts(titles=["SET OF 6 SPICE TINS PANTRY DESIGN"], refs=["E1"], echo=[fact])
+    assert verify_sentence(fact, facts, CATALOGUE) == [
+        "repeats the facts it follows; say what the product has in common with the cited events"]
+    assert verify_sentence("Another pantry storage piece for the same kitchen shelf", facts, CATALOGUE) == []
