@@ -182,6 +182,7 @@ def seeded_checks(recs: Sequence[dict[str, Any]], catalogue: TitleIndex | None, 
         titles: item id -> title (to rebuild each reason's facts from its evidence).
     """
     cat = catalogue or TitleIndex([])
+    spare = sorted(t for t in titles.values() if len(t.split()) >= 3)[:50]  # products to misname
     caught, seeded, base_rejected = Counter[str](), Counter[str](), 0
     for r in recs:
         if "error" in r:
@@ -194,7 +195,7 @@ def seeded_checks(recs: Sequence[dict[str, Any]], catalogue: TitleIndex | None, 
             if verify_sentence(s["text"], facts, cat):
                 base_rejected += 1  # the rebuilt facts are narrower than the pipeline's: not seeded
                 continue
-            for cls, wrong in _corruptions(s, facts, tops):
+            for cls, wrong in _corruptions(s, facts, tops, spare):
                 seeded[cls] += 1
                 caught[cls] += bool(verify_sentence(wrong, facts, cat))
     return {"base_sentences_rejected_by_rebuilt_facts": base_rejected,
@@ -209,12 +210,14 @@ def _facts(s: dict[str, Any], r: dict[str, Any], titles: dict[str, str]) -> Fact
                      top_title=(r.get("top_titles") or [None])[0])
     if "rank" in s:
         return why_facts(s["title"], s["rank"], s["source_scores"], cited)
+    # a churn or intent reason was checked against its whole prompt's numbers, which the answer
+    # does not keep: its own numbers stand in for them (it passed), an added one must not pass
     extra = [titles[r["item_id"]]] if r.get("item_id") in titles else []
     return Facts(titles=[*extra, *(t for _, t, _ in cited)], refs=[c[0] for c in cited],
-                 numbers=[c[2] for c in cited] + [str(r.get("probability", ""))], direction=s.get("direction"))
+                 numbers=[c[2] for c in cited] + [s["text"]], direction=s.get("direction"), may_rank_first=True)
 
 
-def _corruptions(s: dict[str, Any], facts: Facts, tops: Sequence[str]) -> list[tuple[str, str]]:
+def _corruptions(s: dict[str, Any], facts: Facts, tops: Sequence[str], spare: Sequence[str]) -> list[tuple[str, str]]:
     text = s["text"].rstrip()
     allowed = {t.lower() for t in facts.titles}
     out: list[tuple[str, str]] = []
@@ -222,7 +225,7 @@ def _corruptions(s: dict[str, Any], facts: Facts, tops: Sequence[str]) -> list[t
         if len(tops) > 1:
             out.append(("summary_ranks_a_lower_item_first", f"Most likely to buy {tops[-1]} next."))
         return out
-    other = next((t for t in tops if t.lower() not in allowed and len(t.split()) > 1), None)
+    other = next((t for t in [*tops, *spare] if t.lower() not in allowed and len(t.split()) > 1), None)
     if other:
         out.append(("uncited_product", f"{text} Goes well with {other}."))
     n_ref = max((int(r[1:]) for r in facts.refs if r[1:].isdigit()), default=0) + 7

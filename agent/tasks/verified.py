@@ -117,7 +117,8 @@ def cited_facts(messages: list[Message], hist: HistoryView, refs: Sequence[str],
     `direction`, risk or intent words on that side."""
     items = [x.event.item_id for r in refs if (x := hist.resolve(r)) is not None]
     return Facts(titles=[*titles, *(catalog[i].title for i in items if i in catalog)], refs=list(refs),
-                 numbers=[str(m["content"]) for m in messages], direction=direction)
+                 numbers=[str(m["content"]) for m in messages], direction=direction,
+                 may_rank_first=True)  # no ranking to contradict: "most likely to buy" is a direction word
 
 
 async def verified_reason(
