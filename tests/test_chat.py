@@ -494,3 +494,57 @@ async def test_segment_question_end_to_end_without_a_model(tmp_path: Path) -> No
     assert isinstance(results[-1], ChurnSegment) and results[-1].customers[0].customer_id == "A"
     answer = "".join(e.text for e in events if e.kind == "token")
     assert answer.startswith("Of the 3 customers who bought in 2011-10")
+
+
+# ---- the verified answer (agent/chat/checked.py) -------------------------------------------
+
+
+def test_split_sentences_keeps_list_numbers_and_decimals_whole() -> None:
+    from agent.chat.checked import split_sentences
+
+    assert split_sentences("1. LUNCH BAG at 0.85 each. Then 2. JUMBO BAG") == (["1. LUNCH BAG at 0.85 each. "],
+                                                                               "Then 2. JUMBO BAG")
+    assert split_sentences("第一句。第二句") == (["第一句。"], "第二句")
+    assert split_sentences("a line\nnext") == (["a line\n"], "next")
+
+
+async def _next_item_turn(tmp_path: Path, answers: list[str]) -> tuple[list[ChatEvent], FakeModel]:
+    fake = FakeModel.with_replies([route_reply("next_item", customer_id="17850"), *answers])
+    rt = make_runtime(tmp_path, fake)
+    cfg = NextItemConfig(k=3, use_llm_ranking=False, explain=False)
+    events = await collect(ChatAgent(ToolContext(rt, ShopLensService(rt), DS, cfg)).ask(
+        "What will customer 17850 buy next, and why?"))
+    return events, fake
+
+
+async def test_a_wrong_chat_sentence_is_never_shown_and_the_answer_is_repaired_once(tmp_path: Path) -> None:
+    plain, _ = await _next_item_turn(tmp_path / "a", ["Fine."])
+    top = next(e.result for e in plain if isinstance(e.result, NextItems)).prediction.items
+    other = next(t for i, t in CATALOG.items() if i not in {x.item_id for x in top} and "<" not in t)
+    first = f"Customer 17850 will likely buy {top[0].title}. "
+    wrong = f"It is the most likely buy after the {other}. "
+    events, fake = await _next_item_turn(tmp_path / "b", [first + wrong + "More text.", "It matches the heart theme."])
+    shown = "".join(e.text for e in events if e.kind == "token")
+    assert shown == first + "It matches the heart theme."
+    repair = fake.calls[-1].messages
+    assert repair[-2] == {"role": "assistant", "content": first + wrong}
+    assert f"names '{other}', which is not the product explained or an event it cites" in repair[-1]["content"]
+    done = events[-1]
+    assert done.answer_source == "model" and done.verification is not None
+    assert (done.verification.checked, done.verification.verified, done.verification.repaired,
+            done.verification.replaced) == (3, 2, 1, 0)
+
+
+async def test_a_chat_sentence_wrong_after_its_repair_gives_way_to_the_labelled_template(tmp_path: Path) -> None:
+    plain, _ = await _next_item_turn(tmp_path / "a", ["Fine."])
+    items = next(e.result for e in plain if isinstance(e.result, NextItems)).prediction.items
+    # the table's #3 called the most likely: the "most likely to buy ... KEEP CALM" (#5)
+    wrong = f"客户17850最可能购买 {items[-1].title}。"
+    events, _ = await _next_item_turn(tmp_path / "b", [wrong, "他会买 99 件。"])
+    shown = "".join(e.text for e in events if e.kind == "token")
+    assert items[-1].title not in shown.split("\n")[0] and "99" not in shown
+    assert shown.startswith("[template] Customer 17850 is most likely to buy next:")
+    v = events[-1].verification
+    assert v is not None and (v.checked, v.replaced) == (1, 1) and events[-1].answer_source == "template"
+    assert any(f"does not name the top-ranked item '{items[0].title}' first" in x for x in v.violations)
+    assert any(x.startswith("repair: ") and "states 99" in x for x in v.violations)

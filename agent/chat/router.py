@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, model_validator
 
+from agent.chat.checked import Outcome, chat_facts, checked_answer
 from agent.chat.preparse import Language, ParsedQuestion, detect_language, preparse
 from agent.chat.results import (
     TOOL_ALIASES,
@@ -35,7 +36,8 @@ from agent.chat.results import (
     fallback_answer,
 )
 from agent.chat.tools import TOOLS, ToolContext, run_tool
-from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError
+from agent.domain.predictions.common import Verification
+from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 
@@ -183,6 +185,7 @@ class ChatEvent:
     route: Route | None = None
     result: ToolResult | None = None
     answer_source: Literal["model", "template"] | None = None
+    verification: Verification | None = None  # done: what the verifier did to the model's sentences
 
 
 async def _heartbeat(aw: Awaitable[T], label: str, every_s: float) -> AsyncIterator[ChatEvent | T]:
@@ -230,17 +233,6 @@ async def _stream_heartbeat(chunks: AsyncIterator[str], label: str, every_s: flo
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
             await aclose()
-
-
-async def stream_text(model: ChatModel, messages: list[Message], *, max_tokens: int = 320
-                      ) -> AsyncIterator[str]:
-    """Stream a free-text answer through the model seam (`ChatModel.stream`).
-
-    Raises:
-        ModelUnavailableError: the server could not be reached or failed mid-stream.
-    """
-    async for chunk in model.stream(messages, max_tokens=max_tokens, temperature=0.2):
-        yield chunk
 
 
 class ChatAgent:
@@ -316,8 +308,12 @@ class ChatAgent:
             yield ChatEvent("done", why or "", answer_source="template")
             return
         messages = answer_messages(question, lang, route.call.tool, result)
+        catalogue = self.ctx.runtime.artifacts(self.ctx.dataset).title_index
+        out = Outcome()
+        reply_lang: Literal["en", "zh"] = "zh" if lang == "zh" else "en"
+        chunks = checked_answer(model, messages, chat_facts(result, question, catalogue), catalogue, template,
+                                reply_lang, out)
         got = False
-        chunks = stream_text(model, messages)
         try:
             async for chunk in _stream_heartbeat(chunks, "answer", self.heartbeat_s):
                 if isinstance(chunk, ChatEvent):
@@ -327,10 +323,13 @@ class ChatAgent:
                 yield ChatEvent("token", chunk)
         except ModelUnavailableError as e:
             yield ChatEvent("token", ("\n\n" if got else "") + template)
-            yield ChatEvent("done", f"model failed while answering ({e})", answer_source="template")
+            yield ChatEvent("done", f"model failed while answering ({e})", answer_source="template",
+                            verification=out.verification() if out.checked else None)
             return
         if not got:
             yield ChatEvent("token", template)
             yield ChatEvent("done", "model gave an empty answer", answer_source="template")
             return
-        yield ChatEvent("done", answer_source="model")
+        note = (f"{out.replaced} sentence(s) failed the verifier after a repair: the template answer follows"
+                if out.replaced else "")
+        yield ChatEvent("done", note, answer_source=out.source, verification=out.verification())

@@ -81,6 +81,10 @@ class TitleIndex:
                     out.append(t)
         return out
 
+    def named_as_written(self, text: str) -> list[str]:
+        """`named`, each in `text`'s own casing (the catalogue's, for a fact text)."""
+        return [_orig(text, t) for t in self.named(text)]
+
     def paraphrased(self, text: str) -> list[str]:
         """The catalogue titles (lower-cased) whose every content word is in `text`, verbatim or
         not; a title whose words are all within a longer such title is left out."""
@@ -263,6 +267,11 @@ def _orig(text: str, low_title: str) -> str:
 
 def _ref_key(ref: str) -> int:
     return int(ref[1:]) if ref[1:].isdigit() else 0
+
+
+def claims_popularity(text: str) -> bool:
+    """Whether `text` calls something a best-seller or popular (the claim `Facts.popular` allows)."""
+    return _POPULAR.search(text) is not None
 
 
 def refs_in(text: str) -> list[str]:
