@@ -35,14 +35,20 @@ from tqdm import tqdm
 from agent.app.feedback import wilson_interval
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
+from agent.chat.checked import LABEL, split_sentences
+from agent.chat.router import ChatAgent
+from agent.chat.tools import ToolContext, interactive_config
 from agent.domain.verify import Direction, Facts, TitleIndex, verify_sentence
 from agent.settings import Settings
 from agent.tasks.next_item import why_facts
 from eval.runs import read_jsonl, run_folder
 
-FaithTask = Literal["next_item", "churn", "intent"]
-TASKS: tuple[FaithTask, ...] = ("next_item", "churn", "intent")
-LABELS = ("[retrieval fallback]", "[template]", "[cold start]")
+FaithTask = Literal["next_item", "churn", "intent", "chat"]
+TASKS: tuple[FaithTask, ...] = ("next_item", "churn", "intent", "chat")
+# the chat's question per customer, by language (what a merchandiser asks most)
+CHAT_QUESTIONS = {"en": "What will customer {uid} buy next, and why?", "zh": "客户{uid}接下来会买什么？为什么？"}
+LABELS = ("[retrieval fallback]", "[template]", "[cold start]", "[模板]")
+CHAT_LABELS = tuple(x.strip() for x in LABEL.values())
 N_EXAMPLES = 3
 
 
@@ -68,6 +74,22 @@ def reason_record(pred: Any, direction: Direction) -> dict[str, Any]:
             "probability": pred.probability}
 
 
+def chat_record(events: Sequence[Any]) -> dict[str, Any]:
+    """A chat turn as a case: the answer's sentences (`split_sentences`), each labelled model
+    or template (the template part starts at its label), and the done event's counts."""
+    text = "".join(e.text for e in events if e.kind == "token")
+    done = events[-1]
+    cut = min((i for i in (text.find(lab) for lab in CHAT_LABELS) if i >= 0), default=len(text))
+    head, rest = split_sentences(text[:cut])
+    src = "model" if done.answer_source == "model" or cut > 0 else "template"
+    sentences = [{"key": f"s{i}", "text": x.strip(), "source": src} for i, x in enumerate([*head, rest]) if x.strip()]
+    if cut < len(text):
+        sentences.append({"key": "template", "text": text[cut:].strip(), "source": "template"})
+    return {"sentences": sentences, "answer": text, "answer_source": done.answer_source,
+            "verification": done.verification.model_dump() if done.verification else None,
+            "degraded": done.answer_source != "model", "degraded_reason": done.text or None}
+
+
 def _direction(p: float, band: str | None = None) -> Direction:
     if band in ("low", "medium", "high"):
         return band  # type: ignore[return-value]
@@ -78,11 +100,14 @@ def _direction(p: float, band: str | None = None) -> Direction:
 
 
 def run_faithfulness_eval(settings: Settings, *, task: FaithTask, dataset: str = "online-retail", n: int = 100,
-                          seed: int = 0, out: Path | None = None, k: int = 5, min_events: int = 3) -> Path:
+                          seed: int = 0, out: Path | None = None, k: int = 5, min_events: int = 3,
+                          lang: Literal["en", "zh"] = "en") -> Path:
     """Ask the served pipeline for `n` answers of `task` and record the verifier's account.
 
     Args:
-        task: next_item (k items with reasons and a summary), churn or intent (one reason each).
+        task: next_item (k items with reasons and a summary), churn or intent (one reason each),
+            chat (the merchandiser chat's answer to "what will customer X buy next, and why?").
+        lang: the chat question's language (the answer's); the tasks answer in English.
         dataset: a stored dataset (`shoplens ingest` first).
         n: users sampled (seeded); users with fewer than `min_events` events are skipped.
         out: the run folder (default ``<workspace>/runs/<time>-faithfulness-<task>``); an existing
@@ -111,37 +136,48 @@ def run_faithfulness_eval(settings: Settings, *, task: FaithTask, dataset: str =
     d = run_folder(f"faithfulness-{task}", out, settings.workspace / "runs")
     done = {r["user_id"] for r in read_jsonl(d / "cases.jsonl")} if (d / "cases.jsonl").exists() else set()
     (d / "config.json").write_text(json.dumps({"task": task, "dataset": dataset, "n": n, "seed": seed, "k": k,
-                                               "min_events": min_events, "sampled": len(sample)}, indent=2))
-    asyncio.run(_ask(svc, task, dataset, [u for u in sample if u not in done], d / "cases.jsonl", k))
+                                               "min_events": min_events, "sampled": len(sample), "lang": lang},
+                                              indent=2))
+    asyncio.run(_ask(svc, task, dataset, [u for u in sample if u not in done], d / "cases.jsonl", k, lang))
     arts = rt.artifacts(dataset)
     return write_report(d, arts.title_index, {i: it.title for i, it in arts.catalog.items()})
 
 
-async def _ask(svc: ShopLensService, task: FaithTask, dataset: str, users: Sequence[str], path: Path, k: int) -> None:
+async def _ask(svc: ShopLensService, task: FaithTask, dataset: str, users: Sequence[str], path: Path, k: int,
+               lang: Literal["en", "zh"]) -> None:
     with path.open("a") as fh:
         for uid in tqdm(users, desc=f"faithfulness {task}", unit="answer"):
             t0 = time.perf_counter()
             try:
-                if task == "next_item":
-                    pred: Any = await svc.next_item(dataset, uid, config=svc.next_item_config(k=k))
-                    rec = next_item_record(pred)
-                elif task == "churn":
-                    pred = await svc.churn(dataset, uid)
-                    rec = reason_record(pred, _direction(pred.probability, pred.risk_band))
-                else:
-                    page = await svc.user_events(dataset, uid, limit=1_000)
-                    item = page.events[-1].item_id
-                    pred = await svc.intent(dataset, uid, item)
-                    rec = reason_record(pred, _direction(pred.probability)) | {"item_id": item}
-                meta = pred.meta
-                rec |= {"verification": meta.verification.model_dump() if meta.verification else None,
-                        "degraded": meta.degraded, "degraded_reason": meta.degraded_reason,
-                        "model_id": meta.model_id}
+                rec = await _one(svc, task, dataset, uid, k, lang)
             except Exception as e:  # one bad case never aborts the run; it is counted
                 rec = {"error": f"{type(e).__name__}: {e}"}
             rec |= {"user_id": uid, "task": task, "seconds": round(time.perf_counter() - t0, 2)}
             fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
             fh.flush()
+
+
+async def _one(svc: ShopLensService, task: FaithTask, dataset: str, uid: str, k: int,
+               lang: Literal["en", "zh"]) -> dict[str, Any]:
+    """One answer of `task` for `uid`, from the service (or the chat agent), as a case record."""
+    if task == "chat":
+        agent = ChatAgent(ToolContext(svc.runtime, svc, dataset, interactive_config(svc, k)))
+        return chat_record([e async for e in agent.ask(CHAT_QUESTIONS[lang].format(uid=uid))])
+    pred: Any
+    if task == "next_item":
+        pred = await svc.next_item(dataset, uid, config=svc.next_item_config(k=k))
+        rec = next_item_record(pred)
+    elif task == "churn":
+        pred = await svc.churn(dataset, uid)
+        rec = reason_record(pred, _direction(pred.probability, pred.risk_band))
+    else:
+        page = await svc.user_events(dataset, uid, limit=1_000)
+        item = page.events[-1].item_id
+        pred = await svc.intent(dataset, uid, item)
+        rec = reason_record(pred, _direction(pred.probability)) | {"item_id": item}
+    meta = pred.meta
+    return rec | {"verification": meta.verification.model_dump() if meta.verification else None,
+                  "degraded": meta.degraded, "degraded_reason": meta.degraded_reason, "model_id": meta.model_id}
 
 
 # ---- the report (no model: from cases.jsonl) -----------------------------------------------------
@@ -185,7 +221,7 @@ def seeded_checks(recs: Sequence[dict[str, Any]], catalogue: TitleIndex | None, 
     spare = sorted(t for t in titles.values() if len(t.split()) >= 3)[:50]  # products to misname
     caught, seeded, base_rejected = Counter[str](), Counter[str](), 0
     for r in recs:
-        if "error" in r:
+        if "error" in r or r.get("task") == "chat":  # a chat answer's facts (the tool result) are not kept
             continue
         tops = r.get("top_titles") or []
         for s in r["sentences"]:

@@ -493,7 +493,7 @@ async def test_segment_question_end_to_end_without_a_model(tmp_path: Path) -> No
     results = [e.result for e in events if e.kind == "evidence"]
     assert isinstance(results[-1], ChurnSegment) and results[-1].customers[0].customer_id == "A"
     answer = "".join(e.text for e in events if e.kind == "token")
-    assert answer.startswith("Of the 3 customers who bought in 2011-10")
+    assert answer.startswith("[template] Of the 3 customers who bought in 2011-10")
 
 
 # ---- the verified answer (agent/chat/checked.py) -------------------------------------------

@@ -319,9 +319,10 @@ if __name__ == "__main__":
 
 @eval_app.command("faithfulness")
 def faithfulness_cmd(
-    task: Annotated[Literal["next_item", "churn", "intent"], typer.Option(
-        help="whose sentences: next_item (each reason's why and the intent summary), churn or intent (the reason)")
-    ] = "next_item",
+    task: Annotated[Literal["next_item", "churn", "intent", "chat"], typer.Option(
+        help="whose sentences: next_item (each reason's why and the intent summary), churn or intent (the "
+             "reason), chat (the answer to 'what will customer X buy next, and why?')")] = "next_item",
+    lang: Annotated[Literal["en", "zh"], typer.Option(help="chat: the question's (and answer's) language")] = "en",
     dataset: Annotated[str, typer.Option(help="a stored dataset (shoplens ingest)")] = "online-retail",
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="answers: users sampled (seeded)")] = 100,
     seed: int = 0,
@@ -353,7 +354,7 @@ def faithfulness_cmd(
             d = write_report(out, arts.title_index, {i: it.title for i, it in arts.catalog.items()})
         else:
             d = run_faithfulness_eval(settings, task=task, dataset=dataset, n=n, seed=seed, out=out, k=k,
-                                      min_events=min_events)
+                                      min_events=min_events, lang=lang)
     except (ValueError, ModelUnavailableError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, model_validator
 
-from agent.chat.checked import Outcome, chat_facts, checked_answer
+from agent.chat.checked import LABEL, Outcome, chat_facts, checked_answer
 from agent.chat.preparse import Language, ParsedQuestion, detect_language, preparse
 from agent.chat.results import (
     TOOL_ALIASES,
@@ -301,16 +301,21 @@ class ChatAgent:
 
     async def _answer(self, question: str, lang: Language, route: Route, result: ToolResult
                       ) -> AsyncIterator[ChatEvent]:
+        reply_lang: Literal["en", "zh"] = "zh" if lang == "zh" else "en"
         template = fallback_answer(result, lang)
-        model, why = (None, route.note) if route.source == "rules" else await self._model()
-        if model is None or result.kind in {"not_found", "need_info", "unavailable"}:
+        if result.kind in {"not_found", "need_info", "unavailable"}:  # a message, not an answer
             yield ChatEvent("token", template)
+            yield ChatEvent("done", route.note or "", answer_source="template")
+            return
+        labelled = LABEL[reply_lang] + template  # an answer the model did not write says so
+        model, why = (None, route.note) if route.source == "rules" else await self._model()
+        if model is None:
+            yield ChatEvent("token", labelled)
             yield ChatEvent("done", why or "", answer_source="template")
             return
         messages = answer_messages(question, lang, route.call.tool, result)
         catalogue = self.ctx.runtime.artifacts(self.ctx.dataset).title_index
         out = Outcome()
-        reply_lang: Literal["en", "zh"] = "zh" if lang == "zh" else "en"
         chunks = checked_answer(model, messages, chat_facts(result, question, catalogue), catalogue, template,
                                 reply_lang, out)
         got = False
@@ -322,12 +327,12 @@ class ChatAgent:
                 got = got or bool(chunk.strip())
                 yield ChatEvent("token", chunk)
         except ModelUnavailableError as e:
-            yield ChatEvent("token", ("\n\n" if got else "") + template)
+            yield ChatEvent("token", ("\n\n" if got else "") + labelled)
             yield ChatEvent("done", f"model failed while answering ({e})", answer_source="template",
                             verification=out.verification() if out.checked else None)
             return
         if not got:
-            yield ChatEvent("token", template)
+            yield ChatEvent("token", labelled)
             yield ChatEvent("done", "model gave an empty answer", answer_source="template")
             return
         note = (f"{out.replaced} sentence(s) failed the verifier after a repair: the template answer follows"

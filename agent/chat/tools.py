@@ -62,6 +62,14 @@ class ToolContext:
     next_item_config: NextItemConfig | None = None
 
 
+def interactive_config(service: ShopLensService, k: int = 5) -> NextItemConfig:
+    """The chat's next-item configuration: the served one (the API's) with retrieval fusion
+    ranking and template reasons (seconds, not minutes on 2 CPU cores); the model routes the
+    question and writes the answer from the cited events, each sentence verified
+    (`agent.chat.checked`)."""
+    return replace(service.next_item_config(k=k), use_llm_ranking=False, explain=False)
+
+
 @dataclass(frozen=True)
 class ToolSpec:
     name: ToolName

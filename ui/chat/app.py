@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import Any
 
 import gradio as gr
@@ -22,7 +21,7 @@ from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.chat.results import TaskResult, Timeline
 from agent.chat.router import ChatAgent, detect_language
-from agent.chat.tools import ToolContext
+from agent.chat.tools import ToolContext, interactive_config
 from agent.tasks.next_item import NextItemConfig
 from ui.chat.render import breakdown_frame, items_frame, safe_md, status_line, timeline_figure
 
@@ -50,11 +49,7 @@ class ChatController:
         self.runtime = runtime
         self.service = ShopLensService(runtime, use_model=use_model)
         self.use_model = use_model
-        # Interactive default: the served configuration (the API's), with retrieval fusion
-        # ranking (seconds, not minutes on 2 CPU cores); the model routes and writes the answer
-        # from the cited events.
-        self.config = next_item_config or replace(self.service.next_item_config(k=5), use_llm_ranking=False,
-                                                  explain=False)
+        self.config = next_item_config or interactive_config(self.service)
         self.heartbeat_s = heartbeat_s
 
     def datasets(self) -> list[str]:
