@@ -100,3 +100,19 @@ def test_a_why_that_only_repeats_its_facts_is_caught() -> None:
     assert verify_sentence(fact, facts, CATALOGUE) == [
         "repeats the facts it follows; say what the product has in common with the cited events"]
     assert verify_sentence("Another pantry storage piece for the same kitchen shelf", facts, CATALOGUE) == []
+
+
+def test_a_purchase_the_cited_events_do_not_show_is_caught() -> None:
+    # the 1st item's reason: "The customer bought a JUMBO BAG 50'S CHRISTMAS" (the item itself, never bought)
+    cat = TitleIndex(["JUMBO BAG 50'S CHRISTMAS", "PAPER CHAIN KIT 50'S CHRISTMAS", "RABBIT NIGHT LIGHT"])
+    facts = Facts(titles=["JUMBO BAG 50'S CHRISTMAS", "PAPER CHAIN KIT 50'S CHRISTMAS"], refs=["E19"],
+                  event_titles=["PAPER CHAIN KIT 50'S CHRISTMAS"])
+    assert verify_sentence("The customer bought a JUMBO BAG 50'S CHRISTMAS for the party", facts, cat) == [
+        """says the customer bought "JUMBO BAG 50'S CHRISTMAS", but no cited event is about it """
+        """(they are about "PAPER CHAIN KIT 50'S CHRISTMAS")"""]
+    rabbit = Facts(titles=["RABBIT NIGHT LIGHT"], event_titles=[])
+    assert verify_sentence("The customer bought a rabbit night light before", rabbit, cat) == [
+        "says the customer bought 'RABBIT NIGHT LIGHT', but no cited event is about it"]
+    # what the cited event shows, and the item itself without a purchase claim, pass
+    assert verify_sentence("Bought the PAPER CHAIN KIT 50'S CHRISTMAS; the JUMBO BAG 50'S CHRISTMAS matches it",
+                           facts, cat) == []

@@ -119,6 +119,9 @@ class Facts:
         max_chars: the schema's length cap of the field: a sentence that reaches it was cut off by
             constrained decoding mid-word (None: not checked).
         echo: texts it must not merely repeat (the facts it is placed after).
+        event_titles: the titles of the items the customer's cited events are about: a product
+            the sentence says the customer bought, ordered, viewed or carted must be one of them
+            (None: not checked).
     """
 
     titles: Sequence[str]
@@ -130,6 +133,7 @@ class Facts:
     direction: Direction | None = None
     max_chars: int | None = None
     echo: Sequence[str] = ()
+    event_titles: Sequence[str] | None = None
     _allowed: set[float] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -189,10 +193,13 @@ def verify_sentence(text: str, facts: Facts, catalogue: TitleIndex) -> list[str]
         if t not in allowed and not any(t in a for a in allowed):
             out.append(f"names '{_orig(text, t)}', which is not the product explained or an event it cites")
     allowed_words = [content_words(a) for a in allowed]
-    for t in catalogue.paraphrased(text):
+    paraphrased = catalogue.paraphrased(text)
+    for t in paraphrased:
         if t in named or t in allowed or any(content_words(t) <= w for w in allowed_words):
             continue
         out.append(f"names {t.upper()!r} in other words, which is not the product explained or an event it cites")
+    if facts.event_titles is not None:
+        out += _claimed_events(text, [*named, *(t for t in paraphrased if t not in named)], facts.event_titles)
     # titles found are masked so their words and numbers are not checked again
     masked = _mask(text, named)
     zh = has_cjk(text)
@@ -228,6 +235,24 @@ def verify_sentence(text: str, facts: Facts, catalogue: TitleIndex) -> list[str]
     if pop and not facts.popular:
         out.append(f"says '{pop.group(0)}', but no popularity data supports it")
     out += _direction(text, facts.direction)
+    return out
+
+
+_DID = re.compile(r"\b(?:bought|purchased|ordered|viewed|carted|added|reviewed)\b|买了|购买了|买过|浏览了|加购了", re.I)
+
+
+def _claimed_events(text: str, mentioned: Sequence[str], event_titles: Sequence[str]) -> list[str]:
+    """Products the text says the customer bought (ordered, viewed, ...) right before naming
+    them, that none of the cited events is about."""
+    low, mine, out = text.lower(), [t.lower() for t in event_titles], []
+    for t in mentioned:
+        at = low.find(t)
+        if at < 0:  # named in other words: where its first content word is
+            at = min((i for w in content_words(t) if (i := low.find(w)) >= 0), default=-1)
+        verb = _DID.search(low[max(0, at - 40):at]) if at >= 0 else None
+        if verb and not any(t == m or _within(t, m) or content_words(t) <= content_words(m) for m in mine):
+            out.append(f"says the customer {verb.group(0)} {t.upper()!r}, but no cited event is about it"
+                       + (f" (they are about {', '.join(repr(m.upper()) for m in mine)})" if mine else ""))
     return out
 
 

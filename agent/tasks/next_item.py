@@ -536,11 +536,13 @@ def why_facts(title: str, rank: int, source_scores: Mapping[str, float],
               cited: Sequence[tuple[str, str, str]]) -> Facts:
     """What a ranked item's reason may say (`agent.domain.verify.Facts`): its own title and its
     cited events' (`cited`: (ref, item title, event line) each, from `reason_facts`), those refs,
-    those events' numbers; first place only at rank 1; "popular" only where the popularity or
+    those events' numbers; that the customer bought (viewed, ...) only its cited events' items;
+    first place only at rank 1; "popular" only where the popularity or
     similar-user source scored it. From the answer alone (`RankedItem` has all of it), so
     `shoplens eval faithfulness` rebuilds the same facts to seed wrong sentences."""
     return Facts(titles=[title, *(t for _, t, _ in cited)], refs=[r for r, _, _ in cited],
                  numbers=[line for _, _, line in cited], may_rank_first=rank == 1,
+                 event_titles=[t for _, t, _ in cited],
                  popular=any(source_scores.get(s, 0.0) > 0 for s in ("popularity", "similar_users")))
 
 

@@ -116,7 +116,8 @@ def cited_facts(messages: list[Message], hist: HistoryView, refs: Sequence[str],
     events), the numbers of the prompt it answers (what the model was shown), and, with
     `direction`, risk or intent words on that side."""
     items = [x.event.item_id for r in refs if (x := hist.resolve(r)) is not None]
-    return Facts(titles=[*titles, *(catalog[i].title for i in items if i in catalog)], refs=list(refs),
+    cited = [catalog[i].title for i in items if i in catalog]
+    return Facts(titles=[*titles, *cited], refs=list(refs), event_titles=cited,
                  numbers=[str(m["content"]) for m in messages], direction=direction,
                  may_rank_first=True)  # no ranking to contradict: "most likely to buy" is a direction word
 
