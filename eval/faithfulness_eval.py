@@ -50,6 +50,7 @@ CHAT_QUESTIONS = {"en": "What will customer {uid} buy next, and why?", "zh": "�
 LABELS = ("[retrieval fallback]", "[template]", "[cold start]", "[模板]")
 CHAT_LABELS = tuple(x.strip() for x in LABEL.values())
 N_EXAMPLES = 3
+MODEL_DOWN_WAIT_S = 20.0
 
 
 # ---- one answer -> one case record ---------------------------------------------------------
@@ -134,7 +135,7 @@ def run_faithfulness_eval(settings: Settings, *, task: FaithTask, dataset: str =
     if not sample:
         raise ValueError(f"no user of {dataset!r} has {min_events} events; lower --min-events")
     d = run_folder(f"faithfulness-{task}", out, settings.workspace / "runs")
-    done = {r["user_id"] for r in read_jsonl(d / "cases.jsonl")} if (d / "cases.jsonl").exists() else set()
+    done = {r["user_id"] for r in read_cases(d) if "error" not in r}  # an error is retried
     (d / "config.json").write_text(json.dumps({"task": task, "dataset": dataset, "n": n, "seed": seed, "k": k,
                                                "min_events": min_events, "sampled": len(sample), "lang": lang},
                                               indent=2))
@@ -148,13 +149,29 @@ async def _ask(svc: ShopLensService, task: FaithTask, dataset: str, users: Seque
     with path.open("a") as fh:
         for uid in tqdm(users, desc=f"faithfulness {task}", unit="answer"):
             t0 = time.perf_counter()
-            try:
-                rec = await _one(svc, task, dataset, uid, k, lang)
-            except Exception as e:  # one bad case never aborts the run; it is counted
-                rec = {"error": f"{type(e).__name__}: {e}"}
+            for _attempt in range(2):
+                try:
+                    rec = await _one(svc, task, dataset, uid, k, lang)
+                except Exception as e:  # one bad case never aborts the run; it is counted
+                    rec = {"error": f"{type(e).__name__}: {e}"}
+                if not _model_down(rec):
+                    break
+                # the model timed out (a busy CPU) and the guard holds calls back for a few
+                # seconds: wait it out once instead of recording answers the model never saw
+                await asyncio.sleep(MODEL_DOWN_WAIT_S)
+            if _model_down(rec):
+                rec = {"error": f"model unavailable: {rec.get('degraded_reason')}"}
             rec |= {"user_id": uid, "task": task, "seconds": round(time.perf_counter() - t0, 2)}
             fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
             fh.flush()
+
+
+def _model_down(rec: dict[str, Any]) -> bool:
+    """Whether the answer was degraded because the model could not answer (then it measures
+    nothing about the model's sentences: the case is retried, else recorded as an error that a
+    rerun with the same --out retries)."""
+    return "model unavailable" in str(rec.get("degraded_reason") or "") or "model failing" in str(
+        rec.get("degraded_reason") or "")
 
 
 async def _one(svc: ShopLensService, task: FaithTask, dataset: str, uid: str, k: int,
@@ -181,6 +198,12 @@ async def _one(svc: ShopLensService, task: FaithTask, dataset: str, uid: str, k:
 
 
 # ---- the report (no model: from cases.jsonl) -----------------------------------------------------
+
+
+def read_cases(d: Path) -> list[dict[str, Any]]:
+    """The run's cases, one per user: a retried user's last record wins."""
+    recs = read_jsonl(d / "cases.jsonl") if (d / "cases.jsonl").exists() else []
+    return list({r["user_id"]: r for r in recs}.values())
 
 
 def summarise(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -279,7 +302,7 @@ def _corruptions(s: dict[str, Any], facts: Facts, tops: Sequence[str], spare: Se
 
 def write_report(d: Path, catalogue: TitleIndex | None = None, titles: dict[str, str] | None = None) -> Path:
     """metrics.json and report.md from cases.jsonl (no model)."""
-    recs = read_jsonl(d / "cases.jsonl") if (d / "cases.jsonl").exists() else []
+    recs = read_cases(d)
     cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
     metrics = {"config": cfg, **summarise(recs), "seeded": seeded_checks(recs, catalogue, titles or {})}
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))

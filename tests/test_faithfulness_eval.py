@@ -92,3 +92,15 @@ def test_report_only_without_a_run_folder_is_a_clear_error(tmp_path: Any) -> Non
     r = CliRunner().invoke(app, ["eval", "faithfulness", "--report-only", "--workspace", str(tmp_path)])
     assert r.exit_code == 2
     assert "--report-only needs --out with a cases.jsonl of an earlier run" in r.output
+
+
+def test_a_user_retried_after_the_model_was_down_counts_once(tmp_path: Any) -> None:
+    import json
+
+    from eval.faithfulness_eval import _model_down, read_cases
+
+    down = {"user_id": "1", "error": "model unavailable: model failing (no answer within 150 s)"}
+    assert _model_down({"degraded_reason": "model unavailable for explanations (model call timed out after 150 s)"})
+    assert not _model_down({"degraded_reason": None})
+    (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(r) for r in [down, RECS[0] | {"user_id": "1"}]))
+    assert [r.get("error") for r in read_cases(tmp_path)] == [None]
