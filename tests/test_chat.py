@@ -548,3 +548,16 @@ async def test_a_chat_sentence_wrong_after_its_repair_gives_way_to_the_labelled_
     assert v is not None and (v.checked, v.replaced) == (1, 1) and events[-1].answer_source == "template"
     assert any(f"does not name the top-ranked item '{items[0].title}' first" in x for x in v.violations)
     assert any(x.startswith("repair: ") and "states 99" in x for x in v.violations)
+
+
+def test_the_status_line_says_what_the_verifier_did() -> None:
+    from agent.domain.predictions.common import Verification
+
+    app = _ui()
+    v = Verification(checked=3, verified=2, repaired=1, replaced=0)
+    ok = app.done_status(ChatEvent("done", answer_source="model", verification=v), "en")
+    assert ok.startswith("✅ done · 3 of 3 sentences verified") and "1 after a repair" in ok  # markdown-escaped
+    bad = Verification(checked=1, verified=0, repaired=0, replaced=1)
+    assert app.done_status(ChatEvent("done", answer_source="template", verification=bad), "en").startswith(
+        "⚠️ The model's answer failed the verifier, so the labelled template answer is shown · 0 of 1")
+    assert "retrieval only" in app.done_status(ChatEvent("done", "down", answer_source="template"), "en")

@@ -20,7 +20,7 @@ import pandas as pd
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.chat.results import TaskResult, Timeline
-from agent.chat.router import ChatAgent, detect_language
+from agent.chat.router import ChatAgent, ChatEvent, detect_language
 from agent.chat.tools import ToolContext, interactive_config
 from agent.tasks.next_item import NextItemConfig
 from ui.chat.render import breakdown_frame, items_frame, safe_md, status_line, timeline_figure
@@ -122,17 +122,31 @@ class ChatController:
                     answer += ev.text
                     history[-1] = {"role": "assistant", "content": safe_md(answer)}
                 elif ev.kind == "done":
-                    if ev.answer_source == "template":
-                        status = status_line("warn", "The model is unavailable or failed, so this answer "
-                                                     f"comes from retrieval only: {ev.text}", lang)
-                    else:
-                        status = status_line("ok", "done", lang)
+                    status = done_status(ev, lang)
                 yield frame(final=ev.kind == "done")
         except Exception as e:  # noqa: BLE001 - the UI must answer; the log keeps the trace
             log.exception("chat turn failed")
             history[-1] = {"role": "assistant", "content": safe_md(answer or f"Sorry, that failed: {e}")}
             status = status_line("warn", f"error: {type(e).__name__}: {e}", lang)
             yield frame(final=True)
+
+
+def done_status(ev: ChatEvent, lang: str) -> str:
+    """The status line at the end of a turn: who wrote the answer and what the verifier did to
+    the model's sentences ("✅ done · 3 of 3 sentences verified")."""
+    v = ev.verification
+    counts = ""
+    if v is not None and v.checked:
+        counts = f" · {v.verified + v.repaired} of {v.checked} sentences verified" + (
+            f" ({v.repaired} after a repair)" if v.repaired else "") + (
+            f", {v.replaced} replaced by the labelled template" if v.replaced else "")
+    if ev.answer_source == "template" and not counts:
+        return status_line("warn", "The model is unavailable or failed, so this answer comes from retrieval "
+                                   f"only: {ev.text}", lang)
+    if ev.answer_source == "template":
+        return status_line("warn", f"The model's answer failed the verifier, so the labelled template answer is "
+                                   f"shown{counts}", lang)
+    return status_line("warn" if v is not None and v.replaced else "ok", "done" + counts, lang)
 
 
 def build_chat_app(runtime: Runtime, *, use_model: bool = True,
