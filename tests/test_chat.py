@@ -561,3 +561,29 @@ def test_the_status_line_says_what_the_verifier_did() -> None:
     assert app.done_status(ChatEvent("done", answer_source="template", verification=bad), "en").startswith(
         "⚠️ The model's answer failed the verifier, so the labelled template answer is shown · 0 of 1")
     assert "retrieval only" in app.done_status(ChatEvent("done", "down", answer_source="template"), "en")
+
+
+@pytest.mark.parametrize(("question", "month"), [
+    ("Which customers are at risk of churning this month?", 12),
+    ("Who bought last month and may churn?", 11),
+    ("本月谁会流失？", 12),
+    ("上个月买过的客户谁会流失？", 11),
+    ("Who bought in October?", 10),  # a named month wins
+])
+def test_relative_months_are_read_against_the_datasets_end(question: str, month: int) -> None:
+    end = datetime(2011, 12, 9, tzinfo=UTC)
+    assert preparse(question, today=end).month == month
+    assert preparse("Which customers are at risk of churning this month?").month is None  # no end known
+
+
+async def test_an_answer_cut_by_the_token_limit_is_finished_by_the_repair_not_shown_cut(tmp_path: Path) -> None:
+    from agent.chat.checked import Outcome, checked_answer
+    from agent.domain.verify import Facts, TitleIndex
+
+    words = " ".join(["word"] * 9)  # with "All good." 11 chunks (the fake streams a word a chunk): the limit
+    fake = FakeModel.with_replies([f"All good. {words}", "Finished."])
+    out = Outcome()
+    shown = [x async for x in checked_answer(fake, [{"role": "user", "content": "q"}], Facts(titles=[]),
+                                               TitleIndex([]), "TEMPLATE", "en", out, max_tokens=11)]
+    assert "".join(shown) == "All good. Finished."
+    assert out.repaired == 1 and "is cut off at the 11-token limit mid-sentence" in out.violations[0]

@@ -6,7 +6,8 @@ event references and numbers are the result's, a "most likely" names the top-ran
 a risk or intent word agrees with the probability. At the first wrong sentence the stream is
 stopped and one repair call continues the answer from the last verified sentence, with the
 violations fed back; a second wrong sentence stops it for good and the template answer follows,
-labelled. Nothing the verifier rejected reaches the merchandiser.
+labelled. Nothing the verifier rejected reaches the merchandiser, and an answer the token limit
+cut mid-sentence is treated the same way (the repair finishes it), never shown cut.
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ async def checked_answer(model: ChatModel, messages: list[Message], facts: Facts
     msgs = messages
     for attempt in (1, 2):
         wrong: tuple[str, list[str]] | None = None
-        buf = ""
+        buf, n_chunks = "", 0
         chunks = model.stream(msgs, max_tokens=max_tokens, temperature=0.2)
         try:
             async for chunk in chunks:
+                n_chunks += 1  # a streamed chunk is a token on the OpenAI-compatible servers
                 done, buf = split_sentences(buf + chunk)
                 for sent in done:
                     if not sent.strip():
@@ -117,6 +119,8 @@ async def checked_answer(model: ChatModel, messages: list[Message], facts: Facts
             await chunks.aclose()  # type: ignore[attr-defined]
         if wrong is None and buf.strip():
             v = verify_sentence(buf.strip(), facts, catalogue)
+            if n_chunks >= max_tokens - 1:  # the token limit, not the model, ended it: no silent cut
+                v = [*v, f"is cut off at the {max_tokens}-token limit mid-sentence; finish in fewer words"]
             if v:
                 wrong = (buf, v)
             else:

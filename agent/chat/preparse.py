@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from agent.domain.text import ReplyLanguage as Language
@@ -56,15 +57,37 @@ def _month(text: str) -> int | None:
     return None
 
 
-def preparse(question: str, *, has_user: Any = None, has_item: Any = None) -> ParsedQuestion:
+_THIS_MONTH = re.compile(r"\bthis month\b|本月|这个月|这月")
+_LAST_MONTH = re.compile(r"\b(?:last|previous|past) month\b|上个月|上月")
+
+
+def _relative_month(text: str, today: datetime | None) -> int | None:
+    """"this month" / "本月" (the month of `today`, the dataset's end) or "last month" / "上个月"
+    (the one before), else None; without `today`, None."""
+    if today is None:
+        return None
+    low = text.lower()
+    if _LAST_MONTH.search(low):
+        return (today.month - 2) % 12 + 1
+    if _THIS_MONTH.search(low):
+        return today.month
+    return None
+
+
+def preparse(question: str, *, has_user: Any = None, has_item: Any = None,
+             today: datetime | None = None) -> ParsedQuestion:
     """Ids, month, title and language from the question text.
+
+    A relative month ("this month", "last month", "本月", "上个月") is read against `today`: the
+    dataset's end, not the wall clock (a shop's export ends when it ends).
 
     A number is a customer id or an item code by the nearest preceding keyword (customer/客户
     vs item/product/商品); without one, by what the store knows (`has_user`/`has_item`
     callables), and otherwise a pure number of 5 digits is taken as a customer (Online Retail's
     CustomerID) and an alphanumeric code as an item (StockCode like 85123A).
     """
-    p = ParsedQuestion(question=question, language=detect_language(question), month=_month(question))
+    p = ParsedQuestion(question=question, language=detect_language(question),
+                       month=_month(question) or _relative_month(question, today))
     for m in _ASIN.finditer(question):
         p.item_ids.append(m.group(1))
     for m in _CODE.finditer(question):

@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, model_validator
@@ -36,6 +37,7 @@ from agent.chat.results import (
     fallback_answer,
 )
 from agent.chat.tools import TOOLS, ToolContext, run_tool
+from agent.domain.errors import RequestError
 from agent.domain.predictions.common import Verification
 from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
 from agent.llm.prompting import load_prompt, render
@@ -258,7 +260,11 @@ class ChatAgent:
         """Pre-parse, then the model's routing call; keyword rules if the model fails."""
         store, ds = self.ctx.runtime.store, self.ctx.dataset
         catalog = self.ctx.runtime.artifacts(ds).catalog
-        parsed = preparse(question, has_user=lambda u: store.has_user(ds, u),
+        try:  # "this month" is the dataset's last month
+            end: datetime | None = await asyncio.to_thread(self.ctx.service.state.dataset_end, ds)
+        except RequestError:  # no events yet: no relative month
+            end = None
+        parsed = preparse(question, today=end, has_user=lambda u: store.has_user(ds, u),
                           has_item=lambda i: i in catalog)
         model, why = await self._model()
         if model is None:
