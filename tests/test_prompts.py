@@ -172,7 +172,9 @@ def test_snapshot_next_item_explain_v3_facts_written_by_code_and_the_ranking_pre
     items = [{"label": "A", "title": "RED HANGING HEART T-LIGHT HOLDER",
               "fact": "Similar to WHITE HANGING HEART T-LIGHT HOLDER (E2) in this customer's history."},
              {"label": "B", "title": "JUMBO BAG RED RETROSPOT", "fact": "A best-seller in this shop."}]
-    messages = render(load_prompt("next_item_explain.v3"), items=items, max_words=12, **hist.prompt_vars())
+    messages = render(load_prompt("next_item_explain.v3"), items=items, max_words=12,
+                      openings=["the same", "another", "a matching", "a similar"],
+                      **hist.prompt_vars())
     check_snapshot("next_item_explain.v3", as_text(messages))
     rank = render(load_prompt("next_item_rank.v1"), candidates=[{"label": "A", "title": "X"}], verb="buy",
                   **hist.prompt_vars())

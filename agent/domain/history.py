@@ -166,7 +166,7 @@ def build_history(
     profile = {
         "n_events": len(events),
         "n_baskets": len(baskets),
-        "span": f"from {first:%Y-%m-%d} to {last:%Y-%m-%d} ({span_days} days)",
+        "span": f"from {first:%Y-%m-%d} to {last:%Y-%m-%d} ({span_days} day{'s' if span_days != 1 else ''})",
         "top_themes": themes([title(e.item_id) for e in events]),
         "as_of_label": "the last event" if as_of is None else f"{as_of:%Y-%m-%d}",
     }

@@ -94,9 +94,9 @@ class TitleIndex:
 
 
 def content_words(text: str) -> frozenset[str]:
-    """The lower-cased words of 3+ letters of `text`, split on spaces, hyphens and slashes, less a
-    few function words ("set", "of", "the" ... and digits do not say which product)."""
-    words = re.split(r"[\s/\-,.()'\"&]+", text.lower())
+    """The lower-cased words of 3+ letters of `text`, split on anything but letters and digits,
+    less a few function words ("set", "of", "the" ... and digits do not say which product)."""
+    words = re.split(r"[\W_]+", text.lower())
     return frozenset(w for w in words if len(w) > 2 and not w.isdigit() and w not in _FUNCTION_WORDS)
 
 

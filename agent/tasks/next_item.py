@@ -31,8 +31,10 @@ from agent.domain.predictions import (
     NextItemPrediction,
     RankedItem,
     explanation_json_schema,
+    why_cut_at,
     why_max_chars,
 )
+from agent.domain.predictions.next_item import WHY_OPENINGS
 from agent.domain.schemas import BehaviorEvent
 from agent.domain.verify import Facts
 from agent.llm.base import ChatModel, Message, ModelUnavailableError, OutputValidationError, Usage
@@ -357,7 +359,7 @@ class NextItemService:
             out[lab] = (why, replace(
                 why_facts(artifacts.title(cand.item_id), rank, cand.source_scores,
                           [(x.ref, artifacts.title(x.event.item_id), x.text) for x in lines]),
-                max_chars=why_max_chars(max_words), echo=[fact]))
+                max_chars=why_cut_at(max_words), echo=[fact]))
         titles = [artifacts.title(c.item_id) for c, _ in ranked]
         out["summary"] = (expl.intent_summary, Facts(
             titles=titles + [artifacts.title(x.event.item_id) for x in hist.lines], refs=hist.refs,
@@ -372,7 +374,7 @@ class NextItemService:
         """The explanation prompt for the ranked items (labels A.. in rank order, with hints)."""
         items = [{"label": lab, "title": artifacts.title(c.item_id), "fact": reason_facts(c, hist, artifacts)[0]}
                  for lab, (c, _) in zip(LABELS, ranked, strict=False)]
-        return render(tpl, items=items, max_words=max_words, **hist.prompt_vars())
+        return render(tpl, items=items, max_words=max_words, openings=WHY_OPENINGS, **hist.prompt_vars())
 
     def _prompt_estimates(self, hist: HistoryView, head: Sequence[Candidate], artifacts: DatasetArtifacts,
                           cfg: NextItemConfig) -> dict[str, int]:

@@ -34,6 +34,7 @@ from agent.domain.predictions.next_item import (
     RankedItem,
     explanation_json_schema,
     explanation_schema_labels,
+    why_cut_at,
     why_max_chars,
 )
 from agent.domain.predictions.profile import (
@@ -69,5 +70,5 @@ __all__ = [
     "ProfileClaim", "RankedItem", "RiskBand", "SentimentFailure", "SentimentResult", "SessionIntentPrediction",
     "Stage", "TargetUser", "UserProfile", "aspects_json_schema", "check_refs", "evidence_from_refs",
     "explanation_json_schema", "explanation_schema_labels", "normalise_label", "normalise_polarity", "normalise_probability",
-    "normalise_refs", "parse_probability", "sensitive_hits", "why_max_chars",
+    "normalise_refs", "parse_probability", "sensitive_hits", "why_cut_at", "why_max_chars",
 ]

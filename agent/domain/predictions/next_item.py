@@ -101,6 +101,30 @@ def why_max_chars(max_words: int) -> int:
     return 10 * max_words
 
 
+# How a "why" must open (the decoding pattern, `why_pattern`): a phrase about what the item
+# shares with its cited event, never a claim about what the customer did.
+WHY_OPENINGS = ("the same", "another", "a matching", "a similar")
+
+
+def why_pattern(max_words: int) -> str:
+    """The "why"'s decoding pattern: one of `WHY_OPENINGS`, then lower-case letters, spaces and
+    light punctuation only, so no upper-case title, digit or event reference can be written
+    (Online Retail's titles are upper case) and the phrase says what the item shares, e.g.
+    "the same retro christmas style". llama.cpp and vLLM both decode JSON-schema patterns."""
+    return f"^({'|'.join(WHY_OPENINGS)}) [a-z ,'-]{{3,{why_phrase_max(max_words)}}}$"
+
+
+def why_phrase_max(max_words: int) -> int:
+    """The pattern's cap on the phrase after the opening (the whole "why" stays within
+    `why_max_chars`); a phrase this long was stopped by the grammar, mid-word."""
+    return why_max_chars(max_words) - max(len(o) for o in WHY_OPENINGS) - 1
+
+
+def why_cut_at(max_words: int) -> int:
+    """The shortest length of a "why" the grammar cut: the shortest opening plus the cap."""
+    return min(len(o) for o in WHY_OPENINGS) + 1 + why_phrase_max(max_words)
+
+
 def explanation_json_schema(labels: list[str], max_words: int = 12,
                             summary_max_chars: int = 240) -> dict[str, Any]:
     """JSON schema for constrained decoding: one "why" per label, in the labels' order
@@ -122,7 +146,7 @@ def explanation_json_schema(labels: list[str], max_words: int = 12,
             "type": "object",
             "properties": {
                 "item": {"type": "string", "enum": [label]},
-                "why": {"type": "string", "maxLength": why_max_chars(max_words)},
+                "why": {"type": "string", "maxLength": why_max_chars(max_words), "pattern": why_pattern(max_words)},
             },
             "required": ["item", "why"],
             "additionalProperties": False,
