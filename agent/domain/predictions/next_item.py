@@ -136,8 +136,8 @@ def explanation_json_schema(labels: list[str], max_words: int = 12,
 
     Args:
         labels: the products' letters, best first (``A``, ``B``, ...).
-        max_words: a "why"'s asked length, capped at `why_max_chars` characters (a clause cut
-            there is caught by the verifier).
+        max_words: a "why"'s asked length; its pattern (`why_pattern`) caps it at
+            `why_max_chars` characters (a phrase cut there is caught by the verifier).
         summary_max_chars: the intent summary's cap (characters).
     """
 
@@ -146,7 +146,9 @@ def explanation_json_schema(labels: list[str], max_words: int = 12,
             "type": "object",
             "properties": {
                 "item": {"type": "string", "enum": [label]},
-                "why": {"type": "string", "maxLength": why_max_chars(max_words), "pattern": why_pattern(max_words)},
+                # the pattern bounds the length itself: xgrammar (vLLM) drops a maxLength beside a
+                # pattern (vllm-project/vllm#45592), so none is sent
+                "why": {"type": "string", "pattern": why_pattern(max_words)},
             },
             "required": ["item", "why"],
             "additionalProperties": False,
