@@ -47,8 +47,8 @@ FaithTask = Literal["next_item", "churn", "intent", "chat"]
 TASKS: tuple[FaithTask, ...] = ("next_item", "churn", "intent", "chat")
 # the chat's question per customer, by language (what a merchandiser asks most)
 CHAT_QUESTIONS = {"en": "What will customer {uid} buy next, and why?", "zh": "客户{uid}接下来会买什么？为什么？"}
-LABELS = ("[retrieval fallback]", "[template]", "[cold start]", "[模板]")
 CHAT_LABELS = tuple(x.strip() for x in LABEL.values())
+LABELS = ("[retrieval fallback]", "[cold start]", *CHAT_LABELS)  # CHAT_LABELS has "[template]" too
 N_EXAMPLES = 3
 MODEL_DOWN_WAIT_S = 20.0
 

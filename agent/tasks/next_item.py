@@ -226,7 +226,11 @@ class NextItemService:
                 await on_ranked(assemble())
             tpl = load_prompt(cfg.explain_prompt)
             prompts.append(tpl.ref)
-            messages = self._explain_messages(tpl, hist, ranked, artifacts, cfg.explain_max_words)
+            # each ranked item's facts and cited refs, once: the prompt shows them, the verifier
+            # checks against them, the answer carries them
+            facts = [reason_facts(c, hist, artifacts) for c, _ in ranked]
+            messages = self._explain_messages(tpl, hist, [(artifacts.title(c.item_id), f) for (c, _), (f, _) in
+                                                          zip(ranked, facts, strict=True)], cfg.explain_max_words)
             before = Usage(trace.usage.prompt_tokens, trace.usage.completion_tokens, trace.usage.cached_tokens)
             attempts_before = trace.attempts
             try:
@@ -241,15 +245,14 @@ class NextItemService:
                                                  estimate_prompt_tokens(messages), cfg))
                 labels = LABELS[: len(ranked)]
                 checked = await verify_answer(
-                    self.model, messages, expl, lambda x: self._sentences(x, hist, ranked, artifacts, cfg.explain_max_words,
-                                                              cfg.summary_max_chars),
+                    self.model, messages, expl, lambda x: self._sentences(x, hist, ranked, facts, artifacts,
+                                                                          cfg.explain_max_words, cfg.summary_max_chars),
                     artifacts.title_index, trace, json_schema=self._explain_schema(len(ranked), cfg),
                     context={"labels": labels}, max_tokens=self._explain_max_tokens(len(ranked), cfg))
-                for lab, (cand, _) in zip(labels, ranked, strict=True):
+                for lab, (cand, _), (fact, refs) in zip(labels, ranked, facts, strict=True):
                     ans = checked.pick.get(lab)
                     if ans is not None:
                         why = next(x for x in ans.reasons if x.item == lab).why
-                        fact, refs = reason_facts(cand, hist, artifacts)
                         reasons[cand.item_id] = (f"{fact} {sentence(why)}", refs)
                 picked = checked.pick.get("summary")
                 if picked is not None:
@@ -343,23 +346,22 @@ class NextItemService:
 
     @staticmethod
     def _sentences(expl: Explanation, hist: HistoryView, ranked: Sequence[tuple[Candidate, float]],
-                   artifacts: DatasetArtifacts, max_words: int, summary_max_chars: int) -> Sentences:
+                   facts: Sequence[tuple[str, list[str]]], artifacts: DatasetArtifacts, max_words: int,
+                   summary_max_chars: int) -> Sentences:
         """The model-written sentences of `expl` with what each may say (`Facts`): a product's
         "why" may name that product and the items of its cited events, use their numbers, claim
         first place only for rank 1 and popularity only where the popularity or similar-user
         source scored it; the summary may name any ranked or shown item, and a ranking claim in
-        it must name the top item first."""
+        it must name the top item first. `facts`: each ranked item's (`reason_facts`)."""
         out: dict[str, tuple[str, Facts]] = {}
-        for rank, (lab, (cand, _)) in enumerate(zip(LABELS, ranked, strict=False), start=1):
+        for rank, (lab, (cand, _), (fact, refs)) in enumerate(zip(LABELS, ranked, facts, strict=False), start=1):
             why = next((x.why for x in expl.reasons if x.item == lab), None)
             if why is None:
                 continue
-            fact, refs = reason_facts(cand, hist, artifacts)
             lines = [x for r in refs if (x := hist.resolve(r)) is not None]
-            out[lab] = (why, replace(
-                why_facts(artifacts.title(cand.item_id), rank, cand.source_scores,
-                          [(x.ref, artifacts.title(x.event.item_id), x.text) for x in lines]),
-                max_chars=why_cut_at(max_words), echo=[fact]))
+            out[lab] = (why, why_facts(artifacts.title(cand.item_id), rank, cand.source_scores,
+                                       [(x.ref, artifacts.title(x.event.item_id), x.text) for x in lines],
+                                       max_chars=why_cut_at(max_words), echo=[fact]))
         titles = [artifacts.title(c.item_id) for c, _ in ranked]
         out["summary"] = (expl.intent_summary, Facts(
             titles=titles + [artifacts.title(x.event.item_id) for x in hist.lines], refs=hist.refs,
@@ -369,11 +371,11 @@ class NextItemService:
         return out
 
     @staticmethod
-    def _explain_messages(tpl: PromptTemplate, hist: HistoryView, ranked: Sequence[tuple[Candidate, float]],
-                          artifacts: DatasetArtifacts, max_words: int) -> list[Message]:
-        """The explanation prompt for the ranked items (labels A.. in rank order, with hints)."""
-        items = [{"label": lab, "title": artifacts.title(c.item_id), "fact": reason_facts(c, hist, artifacts)[0]}
-                 for lab, (c, _) in zip(LABELS, ranked, strict=False)]
+    def _explain_messages(tpl: PromptTemplate, hist: HistoryView, ranked: Sequence[tuple[str, str]],
+                          max_words: int) -> list[Message]:
+        """The explanation prompt for the ranked items, (title, facts) each in rank order (labels A..)."""
+        items = [{"label": lab, "title": title, "fact": fact}
+                 for lab, (title, fact) in zip(LABELS, ranked, strict=False)]
         return render(tpl, items=items, max_words=max_words, openings=WHY_OPENINGS, **hist.prompt_vars())
 
     def _prompt_estimates(self, hist: HistoryView, head: Sequence[Candidate], artifacts: DatasetArtifacts,
@@ -394,7 +396,8 @@ class NextItemService:
             out["rank"] = estimate_prompt_tokens(msgs)
         if cfg.explain and head:
             out["explain"] = estimate_prompt_tokens(self._explain_messages(
-                load_prompt(cfg.explain_prompt), hist, [(c, 0.0) for c in head[: cfg.k]], artifacts,
+                load_prompt(cfg.explain_prompt), hist,
+                [(artifacts.title(c.item_id), reason_facts(c, hist, artifacts)[0]) for c in head[: cfg.k]],
                 cfg.explain_max_words))
         return out
 
@@ -534,15 +537,17 @@ def reason_facts(cand: Candidate, hist: HistoryView, artifacts: DatasetArtifacts
     return text, [ref] if ref else []
 
 
-def why_facts(title: str, rank: int, source_scores: Mapping[str, float],
-              cited: Sequence[tuple[str, str, str]]) -> Facts:
+def why_facts(title: str, rank: int, source_scores: Mapping[str, float], cited: Sequence[tuple[str, str, str]],
+              *, max_chars: int | None = None, echo: Sequence[str] = ()) -> Facts:
     """What a ranked item's reason may say (`agent.domain.verify.Facts`): its own title and its
     cited events' (`cited`: (ref, item title, event line) each, from `reason_facts`), those refs,
     those events' numbers; that the customer bought (viewed, ...) only its cited events' items;
     first place only at rank 1; "popular" only where the popularity or
-    similar-user source scored it. From the answer alone (`RankedItem` has all of it), so
-    `shoplens eval faithfulness` rebuilds the same facts to seed wrong sentences."""
+    similar-user source scored it; with `max_chars` (the grammar's cut) and `echo` (the facts
+    it follows) for the model's own "why". From the answer alone (`RankedItem` has all of it),
+    so `shoplens eval faithfulness` rebuilds the same facts to seed wrong sentences."""
     return Facts(titles=[title, *(t for _, t, _ in cited)], refs=[r for r, _, _ in cited],
+                 max_chars=max_chars, echo=echo,
                  numbers=[line for _, _, line in cited], may_rank_first=rank == 1,
                  event_titles=[t for _, t, _ in cited],
                  popular=any(source_scores.get(s, 0.0) > 0 for s in ("popularity", "similar_users")))
