@@ -461,7 +461,13 @@ async def test_churn_segment_ranks_october_buyers_by_baseline_risk(tmp_path: Pat
         assert c.probability == pytest.approx(want[c.customer_id], abs=1e-4)
     a = res.customers[0]
     assert (a.recency_days, a.n_orders, a.last_purchase_event) == (30.0, 2, "A10-2")
-    assert a.drivers[0].startswith("recency: 30 days") and a.drivers[1].startswith("frequency: 2 orders")
+    # drivers: the baseline's logit contributions against the month's median buyer (recency 2 days,
+    # 2 orders, 3.00 spent); |contribution| <= 0.1 is neutral and left out. A: 0.9*(ln 31 - ln 3)
+    # = +2.10 by recency; B: -0.8*(ln 2 - ln 3) = +0.32 by frequency (spend: +0.047, neutral);
+    # C: -0.8*(ln 4 - ln 3) = -0.23, lower risk than the median buyer by frequency.
+    assert a.drivers == ["recency: 30 days since the last order (median 2) (raises risk)"]
+    assert res.customers[1].drivers == ["frequency: 1 order in total (median 2) (raises risk)"]
+    assert res.customers[2].drivers == ["frequency: 3 orders in total (median 2) (lowers risk)"]
     assert "A" in fallback_answer(res, "en") and "流失风险" in fallback_answer(res, "zh")
     from ui.chat.render import items_frame
 

@@ -29,7 +29,15 @@ from agent.tasks.audience import (
     category_popularity_baseline,
     rank_users,
 )
-from agent.tasks.churn import ChurnAnswer, ChurnPrediction, ChurnService, churn_drivers, risk_band
+from agent.tasks.churn import (
+    ChurnAnswer,
+    ChurnPrediction,
+    ChurnService,
+    baseline_drivers,
+    churn_drivers,
+    risk_band,
+)
+from agent.tasks.common import LogisticBaseline
 from agent.tasks.common import Blend, LogisticBaseline, yes_probability
 from agent.tasks.intent import IntentAnswer, IntentPrediction, IntentService, funnel_features
 from agent.tasks.profile import (
@@ -140,6 +148,22 @@ def test_churn_drivers_and_bands() -> None:
     d = {x.name: x for x in churn_drivers(f)}
     assert d["recency"].effect == "raises_risk" and d["frequency"].effect == "raises_risk"
     assert [risk_band(p) for p in (0.1, 0.5, 0.9)] == ["low", "medium", "high"]
+
+
+def test_baseline_drivers_agree_with_the_baselines_probability() -> None:
+    import math
+
+    bl = LogisticBaseline(["log_recency", "log_frequency", "log_monetary"], [0.9, -0.8, -0.1], -2.5, 0.45)
+    ref = {"log_recency": math.log1p(10), "log_frequency": math.log1p(3), "log_monetary": math.log1p(100)}
+    # a recent one-order customer: recency lowers the risk (0.9*(ln 3 - ln 11) = -1.17), one order
+    # raises it (-0.8*(ln 2 - ln 4) = +0.55), spend 20 vs 100 raises it a little (+0.16); largest first
+    x = {"log_recency": math.log1p(2), "log_frequency": math.log1p(1), "log_monetary": math.log1p(20)}
+    d = baseline_drivers(bl, x, ref)
+    assert [(v.name, v.effect, v.value) for v in d] == [
+        ("frequency", "raises_risk", 1.0), ("monetary", "raises_risk", 20.0), ("recency", "lowers_risk", 2.0)]
+    assert d[0].detail == "1 order in total (median 3)" and d[1].detail == "20.00 spent in total (median 100.00)"
+    # the median customer itself: every contribution is 0, so every driver is neutral
+    assert {v.effect for v in baseline_drivers(bl, ref, ref)} == {"neutral"}
 
 
 # ---- schemas ---------------------------------------------------------------------------------

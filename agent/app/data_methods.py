@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -224,14 +225,17 @@ class DataMethods:
 
     # ---- churn segment --------------------------------------------------------------------
     def churn_segment(self, dataset: str, start: datetime, end: datetime, *, n: int = 10
-                      ) -> tuple[LogisticBaseline, int, list[tuple[str, UserFeatures, float, BehaviorEvent]]]:
+                      ) -> tuple[LogisticBaseline, int, list[tuple[str, UserFeatures, float, BehaviorEvent]],
+                                 dict[str, float]]:
         """Customers with a purchase in [start, end), ranked by the churn BASELINE probability at
         as_of = `end` (RFM features from purchases strictly before `end`; no model call).
 
         Returns:
             (the baseline used, how many customers bought in the window, the top `n` as
             (stored user id, features, probability, last purchase event)), riskiest first, ties by
-            id. A dataset too small to fit a baseline uses the hand-set prior.
+            id, and the window's median buyer (the baseline's inputs, each the median over the
+            window's buyers; the reference of `agent.tasks.churn.baseline_drivers`). A dataset
+            too small to fit a baseline uses the hand-set prior.
 
         Raises:
             UnknownDatasetError: the dataset was never ingested.
@@ -247,6 +251,7 @@ class DataMethods:
             if e.item_id in catalog:
                 by_user[e.user_id].append(e)
         fast = []  # RFM straight from the orders (as `user_features` computes them), for every buyer
+        inputs: list[dict[str, float]] = []
         for uid, evs in by_user.items():  # oldest first per user
             if evs[-1].timestamp >= start:
                 orders = orders_of(evs)
@@ -254,9 +259,11 @@ class DataMethods:
                 x = {"log_recency": math.log1p(rec), "log_frequency": math.log1p(len(orders)),
                      "log_monetary": math.log1p(max(0.0, round(sum(o.spend for o in orders), 2)))}
                 fast.append((uid, bl.predict(x)))
+                inputs.append(x)
+        median = {k: float(statistics.median(x[k] for x in inputs)) if inputs else 0.0 for k in bl.features}
         fast.sort(key=lambda r: (-r[1], r[0]))
         top = []  # full features (drivers) only for the top n
         for uid, _ in fast[:n]:
             f = user_features(by_user[uid], catalog, end, catalogue_prices=prices)
             top.append((uid, f, bl.predict(rfm_vector(f)), by_user[uid][-1]))
-        return bl, len(fast), top
+        return bl, len(fast), top, median

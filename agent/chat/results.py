@@ -189,7 +189,8 @@ class AtRiskCustomer(BaseModel):
     n_orders: int
     orders_last_90d: int
     monetary: float
-    drivers: list[str] = Field(description="recency and frequency, as the churn task words them")
+    drivers: list[str] = Field(description="the churn baseline's drivers against the month's median buyer, "
+                                                 "as `agent.tasks.churn.baseline_drivers` words them (neutral ones left out)")
     last_purchase_event: str
     last_purchase_at: str
 

@@ -295,17 +295,18 @@ def _month_window(month: int, end: datetime) -> tuple[int, datetime, datetime]:
 
 
 async def churn_segment(ctx: ToolContext, args: SegmentArgs) -> ToolResult:
-    """Customers who bought in a month, riskiest first by the churn baseline as of the month's end."""
-    from agent.tasks.churn import churn_drivers, driver_lines, risk_band
+    """Customers who bought in a month, riskiest first by the churn baseline as of the month's end;
+    each with the baseline's own drivers against the month's median buyer (`baseline_drivers`)."""
+    from agent.tasks.churn import baseline_drivers, driver_lines, risk_band, rfm_vector
 
     svc = ctx.service
     end = robust_end(ctx.runtime.store, ctx.dataset)
     end = end if end.tzinfo else end.replace(tzinfo=UTC)
     year, start, as_of = _month_window(args.month or end.month, end)
-    bl, n_buyers, top = svc.churn_segment(ctx.dataset, start, as_of, n=args.n)
+    bl, n_buyers, top, median = svc.churn_segment(ctx.dataset, start, as_of, n=args.n)
     rows = []
     for uid, f, p, last in top:
-        drivers = [d for d in churn_drivers(f) if d.name in ("recency", "frequency")]
+        drivers = [d for d in baseline_drivers(bl, rfm_vector(f), median) if d.effect != "neutral"]
         rows.append(AtRiskCustomer(
             customer_id=uid, probability=round(p, 4), risk_band=risk_band(p), recency_days=f.recency_days,
             n_orders=f.n_orders, orders_last_90d=f.orders_last_90d, monetary=f.monetary,

@@ -44,6 +44,48 @@ def rfm_vector(f: UserFeatures) -> dict[str, float]:
             "log_monetary": math.log1p(max(0.0, f.monetary))}
 
 
+# How far a feature must move the baseline's logit (from the cohort's median customer) to count
+# as raising or lowering the risk: 0.1 logit is about 2.5 probability points around 0.5.
+DRIVER_MIN_LOGIT = 0.1
+_BASELINE_NAMES = {"log_recency": "recency", "log_frequency": "frequency", "log_monetary": "monetary"}
+
+
+def baseline_drivers(bl: LogisticBaseline, x: Mapping[str, float], reference: Mapping[str, float]
+                     ) -> list[Driver]:
+    """Why the baseline gives this customer the probability it gives, against a reference
+    customer (e.g. the median of a month's buyers): per feature the logit contribution
+    ``coef * (x - reference)``, largest first.
+
+    The effects agree with the probability by construction: a customer the baseline rates riskier
+    than the reference has at least one driver that raises the risk (the per-feature rules of
+    `churn_drivers` can disagree with the fitted baseline, e.g. a recent one-order customer).
+
+    Args:
+        bl: the churn baseline (its features are RFM_FEATURES: log1p of days, orders, spend).
+        x: this customer's baseline inputs (`rfm_vector`).
+        reference: the same inputs for the reference customer.
+
+    Returns:
+        One `Driver` per baseline feature; `value` is the raw quantity (days, orders, spend),
+        `detail` names it and the reference's.
+    """
+    out = []
+    for feat, coef in sorted(zip(bl.features, bl.coef, strict=True),
+                             key=lambda fc: -fc[1] * (x[fc[0]] - reference[fc[0]])):
+        contrib = coef * (x[feat] - reference[feat])
+        raw, ref = math.expm1(x[feat]), math.expm1(reference[feat])
+        name = _BASELINE_NAMES.get(feat)
+        detail = {"recency": f"{raw:.0f} days since the last order (median {ref:.0f})",
+                  "frequency": f"{raw:.0f} order{'' if round(raw) == 1 else 's'} in total (median {ref:.0f})",
+                  "monetary": f"{raw:.2f} spent in total (median {ref:.2f})"}.get(name or "", f"{feat} {x[feat]:.2f}")
+        effect: Literal["raises_risk", "lowers_risk", "neutral"] = (
+            "raises_risk" if contrib > DRIVER_MIN_LOGIT else "lowers_risk" if contrib < -DRIVER_MIN_LOGIT
+            else "neutral")
+        if name is not None:
+            out.append(Driver(name=name, value=round(raw, 2), effect=effect, detail=detail))  # type: ignore[arg-type]
+    return out
+
+
 def risk_band(p: float) -> RiskBand:
     return "low" if p < BAND_EDGES[0] else "medium" if p < BAND_EDGES[1] else "high"
 

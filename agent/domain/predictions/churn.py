@@ -16,7 +16,8 @@ Action = Literal["no_action_needed", "loyalty_reward", "new_arrivals_in_interest
 class Driver(BaseModel):
     """One computed reason the risk is what it is, and which way it pushes."""
 
-    name: Literal["recency", "frequency", "monetary_trend", "category_drift", "rhythm"]
+    # monetary: total spend, a baseline feature (`agent.tasks.churn.baseline_drivers`)
+    name: Literal["recency", "frequency", "monetary", "monetary_trend", "category_drift", "rhythm"]
     value: float | None
     effect: Literal["raises_risk", "lowers_risk", "neutral"]
     detail: str
