@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from agent.app.runtime import Runtime
@@ -277,11 +278,21 @@ async def test_handler_yields_and_shows_evidence_when_the_model_is_down(tmp_path
     figs = [o[2] for o in outs if hasattr(o[2], "axes")]
     tables = [o[3] for o in outs if hasattr(o[3], "columns")]
     assert sum(len(c.get_offsets()) for c in figs[-1].axes[0].collections) == 4  # all 4 events drawn
-    assert list(tables[-1]["item_id"]) and "covisit" in tables[-1].columns  # evidence shown anyway
+    # evidence shown anyway, with human column names; the model's column is 0 on every row
+    assert list(tables[-1]["Product code"]) and "Bought together" in tables[-1].columns
+    assert "Model" not in tables[-1].columns and outs[-1][4]["value"] == "Same on every row: Model = 0.0"
     assert "most likely to buy next" in chat[-1]["content"]
     # the last frame carries every panel whole (Gradio sends a run's last values in full), so a
     # mid-stream update the browser missed is restored at the end
-    assert hasattr(outs[-1][2], "axes") and list(outs[-1][3]["item_id"]) == list(tables[-1]["item_id"])
+    assert hasattr(outs[-1][2], "axes") and list(outs[-1][3]["Product code"]) == list(tables[-1]["Product code"])
+    # the shown table is the CSV download, read back equal
+    csv = outs[-1][7]
+    assert csv["visible"] and Path(csv["value"]).name.startswith("shoplens-next_item")
+    back = pd.read_csv(csv["value"], encoding="utf-8-sig", dtype={"Product code": str})
+    assert list(back.columns) == list(tables[-1].columns)
+    assert list(back["Product code"]) == list(tables[-1]["Product code"])
+    bars = outs[-1][5]
+    assert bars["visible"] and len(bars["value"]) == len(tables[-1]) and bars["label"] == "Score of each predicted item"
 
 
 async def test_handler_always_yields_even_when_a_tool_crashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

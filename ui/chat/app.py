@@ -2,16 +2,20 @@
 
 Layout: dataset picker and status line; the chat with example questions one click away and a
 Stop button (it cancels the running turn and, with it, the model request); evidence panels: the
-customer's timeline (events over time by type, one row per frequent item), the ranked
-candidates with per-source scores, and a breakdown chart + details for task tools (sentiment,
-churn risk, ...). Evidence is shown as soon as retrieval has it, before the model answers.
+customer's timeline (events over time by type, one row per frequent item), the result's table
+(ranked candidates with per-source scores, targeted customers, at-risk customers, profile
+attributes, churn drivers...; human column names in the question's language, CSV download)
+and a bar chart of its numbers; the raw JSON answer folded away below. Evidence is shown as soon
+as retrieval has it, before the model answers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -19,11 +23,19 @@ import pandas as pd
 
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
-from agent.chat.results import TaskResult, Timeline
+from agent.chat.results import Timeline
 from agent.chat.router import ChatAgent, ChatEvent, detect_language
 from agent.chat.tools import ToolContext, interactive_config
 from agent.tasks.next_item import NextItemConfig
-from ui.chat.render import breakdown_frame, items_frame, safe_md, status_line, timeline_figure
+from ui.chat.render import (
+    chart_frame,
+    items_frame,
+    readable_table,
+    safe_md,
+    status_line,
+    timeline_figure,
+    write_csv,
+)
 
 EXAMPLES = [
     "What will customer 17850 buy next, and why?",
@@ -38,6 +50,8 @@ EXAMPLES = [
 MAX_QUESTION_CHARS = 500
 
 Outputs = tuple[Any, ...]
+# The panels a turn updates, in the order of the handler's outputs after (chat, status).
+PANELS = ("timeline", "items", "note", "breakdown", "details", "csv")
 log = logging.getLogger(__name__)
 
 
@@ -51,20 +65,22 @@ class ChatController:
         self.use_model = use_model
         self.config = next_item_config or interactive_config(self.service)
         self.heartbeat_s = heartbeat_s
+        # CSV downloads: one folder per app under the system temp dir (where Gradio serves files from)
+        self.csv_dir = Path(tempfile.mkdtemp(prefix="shoplens-csv-"))
 
     def datasets(self) -> list[str]:
         return self.runtime.store.datasets()
 
     async def respond(self, question: str, history: list[dict[str, str]] | None, dataset: str | None
                       ) -> AsyncIterator[Outputs]:
-        """Gradio handler: yields (chat, status, timeline, items, breakdown, details) updates.
+        """Gradio handler: yields (chat, status, *PANELS) updates.
 
         Always yields at least once, whatever fails.
         """
         history = list(history or [])
         question = (question or "").strip()
         lang = detect_language(question)
-        nothing = (gr.update(), gr.update(), gr.update(), gr.update())
+        nothing = tuple(gr.update() for _ in PANELS)
         if not question:
             yield history, status_line("warn", "Type a question first.", lang), *nothing
             return
@@ -77,8 +93,9 @@ class ChatController:
         history += [{"role": "user", "content": safe_md(question)}, {"role": "assistant", "content": "…"}]
         answer = ""
         # Only what changed is sent on each yield (a token must not re-send the chart).
-        panels: dict[str, Any] = {"timeline": None, "items": None,
-                                  "breakdown": gr.update(visible=False), "details": gr.update(visible=False)}
+        panels: dict[str, Any] = {"timeline": None, "items": None, "note": gr.update(value="", visible=False),
+                                  "breakdown": gr.update(visible=False), "details": gr.update(value=None),
+                                  "csv": gr.update(visible=False)}
         dirty = set(panels)
         status = status_line("info", "working…", lang)
 
@@ -88,7 +105,7 @@ class ChatController:
             # (seen as an empty candidate table on a loaded 2-core box) is restored.
             if final:
                 dirty.update(k for k, v in panels.items() if v is not None)
-            out = tuple(panels[k] if k in dirty else gr.update() for k in ("timeline", "items", "breakdown", "details"))
+            out = tuple(panels[k] if k in dirty else gr.update() for k in PANELS)
             dirty.clear()
             return (history, status, *out)
 
@@ -109,15 +126,9 @@ class ChatController:
                     if isinstance(r, Timeline):
                         panels["timeline"] = timeline_figure(r)
                         dirty.add("timeline")
-                    table = items_frame(r)
-                    if table is not None:
-                        panels["items"] = table
-                        dirty.add("items")
-                    if isinstance(r, TaskResult):
-                        bars = breakdown_frame(r)
-                        panels["details"] = gr.update(value=r.data, visible=True)
-                        panels["breakdown"] = gr.update(value=bars, visible=bars is not None)
-                        dirty.update({"details", "breakdown"})
+                    if not isinstance(r, Timeline) or panels["items"] is None:
+                        self._show_table(r, lang, panels)
+                        dirty.update({"items", "note", "csv", "breakdown", "details"})
                 elif ev.kind == "token":
                     answer += ev.text
                     history[-1] = {"role": "assistant", "content": safe_md(answer)}
@@ -129,6 +140,21 @@ class ChatController:
             history[-1] = {"role": "assistant", "content": safe_md(answer or f"Sorry, that failed: {e}")}
             status = status_line("warn", f"error: {type(e).__name__}: {e}", lang)
             yield frame(final=True)
+
+    def _show_table(self, result: Any, lang: str, panels: dict[str, Any]) -> None:
+        """The result's readable table (+ its note and CSV file), chart and raw JSON into `panels`."""
+        table, note = readable_table(items_frame(result), lang)
+        panels["items"] = table if table is not None else pd.DataFrame()
+        panels["note"] = gr.update(value=safe_md(note), visible=bool(note))
+        if table is not None and len(table):
+            stem = f"{getattr(result, 'tool', None) or result.kind}-{len(os.listdir(self.csv_dir))}"
+            panels["csv"] = gr.update(value=str(write_csv(table, self.csv_dir, stem)), visible=True)
+        else:
+            panels["csv"] = gr.update(value=None, visible=False)
+        bars, title = chart_frame(result, lang)
+        panels["breakdown"] = gr.update(value=bars, visible=bars is not None, label=title, x_title=" ",
+                                        y_title=title)
+        panels["details"] = gr.update(value=result.model_dump(mode="json"))
 
 
 def done_status(ev: ChatEvent, lang: str) -> str:
@@ -173,13 +199,14 @@ def build_chat_app(runtime: Runtime, *, use_model: bool = True,
             with gr.Column(scale=4):
                 timeline = gr.Plot(label="Customer timeline (events over time by type, per item)",
                                    elem_id="timeline", format="png")
-                items = gr.Dataframe(label="Ranked candidates / items (per-source scores)",
-                                     elem_id="candidates", wrap=True, interactive=False)
+                items = gr.Dataframe(label="Result table", elem_id="candidates", wrap=True, interactive=False)
+                note = gr.Markdown("", elem_id="table-note", visible=False)
+                csv = gr.DownloadButton("Download table (CSV)", elem_id="csv", visible=False, size="sm")
                 breakdown = gr.BarPlot(pd.DataFrame(columns=["name", "value"]), x="name", y="value",
-                                       label="Breakdown (sentiment / risk drivers)", elem_id="breakdown",
-                                       visible=False)
-                details = gr.JSON(label="Task details", elem_id="details", visible=False)
-        outputs = [chat, status, timeline, items, breakdown, details]
+                                       label="Chart", elem_id="breakdown", visible=False, x_label_angle=-30)
+                with gr.Accordion("Raw answer (JSON)", open=False):
+                    details = gr.JSON(label="Task details", elem_id="details")
+        outputs = [chat, status, timeline, items, note, breakdown, details, csv]
         inputs = [question, chat, dataset]
         ev1 = send.click(ctl.respond, inputs, outputs)
         ev2 = question.submit(ctl.respond, inputs, outputs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import re
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -81,8 +82,9 @@ def _short(text: str, n: int = 34) -> str:
 
 
 def items_frame(result: ToolResult) -> pd.DataFrame | None:
-    """The ranked candidates (with per-source scores), search hits, one item's details, an item's
-    complaints, or a month's at-risk customers."""
+    """The result's table with internal column names (`readable_table` gives the shown one): a
+    customer's events (newest first), the ranked candidates (with per-source scores), search hits, one item's details, an item's
+    complaints, a month's at-risk customers, or a task answer's table (`task_frame`)."""
     if isinstance(result, NextItems):
         rows = []
         for it in result.prediction.items:
@@ -90,9 +92,14 @@ def items_frame(result: ToolResult) -> pd.DataFrame | None:
                                    "score": round(it.score, 3)}
             row.update({s: round(it.source_scores.get(s, 0.0), 3) for s in SOURCES})
             row["why"] = it.reason
-            row["evidence"] = "; ".join(f"{e.ref} {e.timestamp[:10]} {e.summary}" for e in it.evidence)
+            row["evidence"] = _cites(it.evidence)
             rows.append(row)
         return pd.DataFrame(rows)
+    if isinstance(result, Timeline):  # newest first
+        return pd.DataFrame([{"date": e.timestamp[:10], "event": e.event_type, "item": e.title,
+                              "item_id": e.item_id, "units": e.quantity, "price": e.unit_price}
+                             for e in reversed(result.events)],
+                            columns=["date", "event", "item", "item_id", "units", "price"])
     if isinstance(result, SearchHits):
         return pd.DataFrame([{"rank": i, "item": h.title, "item_id": h.item_id, "similarity": h.score,
                               "price": h.price} for i, h in enumerate(result.hits, 1)])
@@ -103,33 +110,152 @@ def items_frame(result: ToolResult) -> pd.DataFrame | None:
     if isinstance(result, ChurnSegment):
         return pd.DataFrame([{"rank": i, "customer_id": x.customer_id, "churn_probability": x.probability,
                               "risk": x.risk_band, "recency_days": x.recency_days, "orders": x.n_orders,
-                              "drivers": "; ".join(x.drivers), "last_purchase_event": x.last_purchase_event,
+                              "spend": round(x.monetary, 2), "drivers": "; ".join(x.drivers),
+                              "last_purchase_event": x.last_purchase_event,
                               "last_purchase_at": x.last_purchase_at[:10]}
                              for i, x in enumerate(result.customers, 1)])
     if isinstance(result, ItemDetails):
-        it = result.item
-        return pd.DataFrame([{"item": it.title, "item_id": it.item_id, "price": it.price,
-                              "category": it.category, "customers": result.n_customers}])
+        info = result.item
+        return pd.DataFrame([{"item": info.title, "item_id": info.item_id, "price": info.price,
+                              "category": info.category, "customers": result.n_customers}])
+    if isinstance(result, TaskResult):
+        return task_frame(result)
     return None
 
 
-def breakdown_frame(result: ToolResult) -> pd.DataFrame | None:
-    """Numbers of a task result (sentiment shares, risk drivers) as (name, value) bars."""
+def _cites(evidence: list[Any]) -> str:
+    """Cited events as "E3 2011-12-01 purchase of X" (the ref and date, never the event's hash)."""
+    def get(e: Any, k: str) -> str:
+        return str(e.get(k, "") if isinstance(e, dict) else getattr(e, k))
+    return "; ".join(f"{get(e, 'ref')} {get(e, 'timestamp')[:10]} {get(e, 'summary')}" for e in evidence)
+
+
+def task_frame(result: TaskResult) -> pd.DataFrame | None:
+    """A task answer as a table: the audience's customers, a profile's attributes, a churn
+    answer's drivers, or an intent answer's numbers (one row per field)."""
+    d = result.data
+    if result.tool == "audience":
+        return pd.DataFrame([{"rank": u["rank"], "customer_id": u["user_id"], "score": round(u["score"], 3),
+                              "model_probability": u.get("model_probability"), "why": u["reason"],
+                              "evidence": _cites(u.get("evidence", []))} for u in d.get("users", [])],
+                            columns=["rank", "customer_id", "score", "model_probability", "why", "evidence"])
+    if result.tool == "profile":
+        return pd.DataFrame([{"attribute": a["name"], "value": a["value"], "kind": a["kind"],
+                              "weight": a.get("weight"), "evidence": _cites(a.get("evidence", []))}
+                             for a in d.get("attributes", [])],
+                            columns=["attribute", "value", "kind", "weight", "evidence"])
+    if result.tool == "churn":
+        return pd.DataFrame([{"driver": x["name"], "effect": x["effect"], "detail": x["detail"]}
+                             for x in d.get("drivers", [])], columns=["driver", "effect", "detail"])
+    if result.tool == "intent":
+        keys = ["probability", "baseline_probability", "model_probability", "probability_source", "stage",
+                "horizon_hours", "reason"]
+        return pd.DataFrame([{"field": k, "value": d[k]} for k in keys if d.get(k) is not None],
+                            columns=["field", "value"])
+    return None
+
+
+# Column names as a merchandiser reads them, in the question's language.
+COLUMN_NAMES: dict[str, tuple[str, str]] = {
+    "rank": ("Rank", "排名"), "item": ("Product", "商品"), "item_id": ("Product code", "商品编号"),
+    "score": ("Score", "得分"), "embedding": ("Similar products", "相似商品"),
+    "covisit": ("Bought together", "共同购买"), "similar_users": ("Similar customers", "相似客户"),
+    "popularity": ("Popularity", "热度"), "llm": ("Model", "模型"), "why": ("Why", "理由"),
+    "evidence": ("Cited events", "依据事件"), "similarity": ("Similarity", "相似度"), "price": ("Price", "价格"),
+    "date": ("Date", "日期"), "stars": ("Stars", "星级"), "complaint": ("Complaint", "抱怨内容"),
+    "review_event": ("Review", "评价"), "customer_id": ("Customer", "客户"),
+    "churn_probability": ("P(churn)", "流失概率"), "risk": ("Risk", "风险"),
+    "recency_days": ("Days since last order", "距上次购买天数"), "orders": ("Orders", "订单数"),
+    "spend": ("Spend", "消费额"), "drivers": ("Drivers", "主要因素"), "last_purchase_event": ("Last order", "最近订单"),
+    "last_purchase_at": ("Last order date", "最近购买日期"), "category": ("Category", "类别"),
+    "customers": ("Customers", "客户数"), "model_probability": ("Model P", "模型概率"),
+    "attribute": ("Attribute", "属性"), "value": ("Value", "取值"), "kind": ("Observed or inferred", "观察或推断"),
+    "weight": ("Weight", "权重"), "driver": ("Driver", "因素"), "effect": ("Effect", "影响"),
+    "detail": ("Detail", "说明"), "field": ("Field", "字段"), "event": ("Event", "行为"),
+    "units": ("Units", "数量"),
+}
+_HASH = re.compile(r"[0-9a-f]{16,}|[0-9A-F]{16,}")
+# Columns kept even when constant: what identifies a row.
+_KEY_COLUMNS = {"rank", "item", "customer_id", "attribute", "driver", "field", "date"}
+
+
+def readable_table(frame: pd.DataFrame | None, lang: str) -> tuple[pd.DataFrame | None, str]:
+    """The table a merchandiser sees: human column names in the question's language (`lang`
+    'zh' or else English), without hash-valued columns (event ids; the events stay cited by
+    ref and date) and without columns whose value is the same on every row (said once in the
+    returned note instead, e.g. "Same on every row: Model = 0.0", so nothing is lost).
+
+    Returns:
+        (the renamed frame, or None when there is no table; the note, "" when none).
+    """
+    if frame is None:
+        return None, ""
+    zh = lang == "zh"
+    drop, same = [], []
+    for col in frame.columns:
+        values = frame[col].dropna()
+        if len(values) and all(isinstance(v, str) and _HASH.fullmatch(v) for v in values):
+            drop.append(col)
+        elif len(frame) >= 2 and col not in _KEY_COLUMNS and frame[col].astype(str).nunique(dropna=False) == 1:
+            drop.append(col)
+            same.append(f"{_column(col, zh)} = {frame[col].iloc[0]}")
+    note = (("每行相同：" if zh else "Same on every row: ") + ("；" if zh else "; ").join(same)) if same else ""
+    out = frame.drop(columns=drop).rename(columns=lambda c: _column(c, zh))
+    return out, note
+
+
+def _column(name: str, zh: bool) -> str:
+    en_zh = COLUMN_NAMES.get(name)
+    return en_zh[1 if zh else 0] if en_zh else name.replace("_", " ")
+
+
+def write_csv(frame: pd.DataFrame, folder: Path, stem: str) -> Path:
+    """The shown table as UTF-8 CSV with a byte-order mark (Excel reads the Chinese headers),
+    at ``folder/shoplens-<stem>.csv``; returns the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"shoplens-{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem).strip('-') or 'table'}.csv"
+    frame.to_csv(path, index=False, encoding="utf-8-sig")
+    return path
+
+
+def chart_frame(result: ToolResult, lang: str) -> tuple[pd.DataFrame | None, str]:
+    """The result's numbers as (name, value) bars and the chart's title: the candidates' scores,
+    a month's at-risk customers' P(churn), an audience's scores, a profile's attribute weights,
+    a churn or intent answer's probabilities (baseline, model, served), an item's reviews by
+    polarity. Names are shortened titles or customer ids; (None, "") when nothing to plot."""
+    zh = lang == "zh"
+
+    def frame(rows: list[tuple[str, float | None]], en: str, cn: str) -> tuple[pd.DataFrame | None, str]:
+        kept = [(n, float(v)) for n, v in rows if v is not None]
+        return (pd.DataFrame(kept, columns=["name", "value"]) if kept else None), (cn if zh else en)
+
+    if isinstance(result, NextItems):
+        return frame([(f"{it.rank}. {_short(it.title, 24)}", it.score) for it in result.prediction.items],
+                     "Score of each predicted item", "各推荐商品得分")
+    if isinstance(result, ChurnSegment):
+        return frame([(x.customer_id, x.probability) for x in result.customers],
+                     "P(churn) of each customer", "各客户流失概率")
+    if isinstance(result, SearchHits):
+        return frame([(_short(h.title, 24), h.score or 0.0) for h in result.hits], "Search similarity", "搜索相似度")
+    if isinstance(result, ItemSentiment):
+        names = {"negative": "差评", "neutral": "中评", "positive": "好评"} if zh else {}
+        return frame([(names.get(k, k), v) for k, v in result.counts.items()], "Reviews by polarity", "评价分布")
     if not isinstance(result, TaskResult):
-        return None
-    rows: list[dict[str, Any]] = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, bool):
-            return
-        if isinstance(value, int | float):
-            rows.append({"name": prefix, "value": float(value)})
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-
-    walk("", result.data)
-    return pd.DataFrame(rows[:30], columns=["name", "value"]) if rows else None
+        return None, ""
+    d = result.data
+    if result.tool == "audience":
+        return frame([(str(u["user_id"]), u["score"]) for u in d.get("users", [])[:15]],
+                     "Score of each targeted customer", "各目标客户得分")
+    if result.tool == "profile":
+        return frame([(_short(f"{a['name']}: {a['value']}", 28), a["weight"]) for a in d.get("attributes", [])
+                      if a.get("weight") is not None], "Profile attributes by weight", "画像属性权重")
+    if result.tool in ("churn", "intent"):
+        labels = (("基线", "模型", "最终") if zh else ("baseline", "model", "served"))
+        what = ("流失概率" if result.tool == "churn" else "购买概率") if zh else (
+            "P(churn)" if result.tool == "churn" else "P(purchase)")
+        return frame(list(zip(labels, (d.get("baseline_probability"), d.get("model_probability"),
+                                       d.get("probability")), strict=True)), what, what)
+    return None, ""
 
 
 def status_line(kind: str, text: str, lang: str) -> str:
