@@ -25,6 +25,7 @@ from agent.chat.results import (
     NotFound,
     SearchHits,
     Timeline,
+    ToolResult,
     Unavailable,
     fallback_answer,
 )
@@ -32,6 +33,7 @@ from agent.chat.router import (
     ChatAgent,
     ChatEvent,
     ParsedQuestion,
+    Route,
     ToolCall,
     detect_language,
     model_route,
@@ -604,3 +606,77 @@ async def test_an_answer_cut_by_the_token_limit_is_finished_by_the_repair_not_sh
                                                TitleIndex([]), "TEMPLATE", "en", out, max_tokens=11)]
     assert "".join(shown) == "All good. Finished."
     assert out.repaired == 1 and "is cut off at the 11-token limit mid-sentence" in out.violations[0]
+
+
+# ---- follow-ups and time windows ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("question", "days", "month"), [
+    ("Which customers who bought in the last 30 days are at risk of churning?", 30, None),
+    ("最近30天买过的客户中哪些有流失风险？", 30, None),
+    ("at-risk customers from the past 2 weeks", 14, None),
+    ("上周买过的客户谁会流失？", 7, None),
+    ("customers who bought in October", None, 10),
+    ("the last 0 days", None, None),
+])
+def test_preparse_reads_a_window_of_days(question: str, days: int | None, month: int | None) -> None:
+    p = preparse(question)
+    assert (p.days, p.month) == (days, month)
+
+
+async def test_a_last_30_days_segment_counts_back_from_the_datas_end(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path, ModelUnavailableError("down"))
+    make_segment_store(rt)  # the data ends 2011-11-05 (E); B and C bought 10-30, A 10-02, D 09-15
+    ctx = ToolContext(rt, ShopLensService(rt, use_model=False), SEG)
+    events = await collect(ChatAgent(ctx, use_model=False).ask(
+        "Which customers who bought in the last 30 days are at risk of churning?"))
+    seg = next(e.result for e in events if isinstance(e.result, ChurnSegment))
+    assert seg.days == 30 and seg.start is not None and seg.start[:10] == "2011-10-06"
+    assert sorted(c.customer_id for c in seg.customers) == ["B", "C", "E"] and seg.n_buyers == 3  # not A (10-02)
+    answer = "".join(e.text for e in events if e.kind == "token")
+    assert "bought in the last 30 days (2011-10-06 to 2011-11-05)" in answer
+    zh = await collect(ChatAgent(ctx, use_model=False).ask("最近30天买过的客户中哪些有流失风险？"))
+    assert "最近30天（2011-10-06至2011-11-05）有购买的 3 位客户中" in "".join(e.text for e in zh if e.kind == "token")
+
+
+async def test_follow_ups_keep_the_conversations_customer_and_tool(tmp_path: Path) -> None:
+    from agent.chat.router import Conversation
+
+    rt = make_runtime(tmp_path, ModelUnavailableError("down"))
+    agent, conv = ChatAgent(ctx_for(rt), use_model=False), Conversation()
+
+    async def turn(q: str) -> tuple[Route, ToolResult]:
+        events = await collect(agent.ask(q, conv))
+        route = next(e.route for e in events if e.route is not None)
+        return route, [e.result for e in events if e.result is not None][-1]
+
+    route, res = await turn("What will customer 17850 buy next, and why?")
+    assert route.call == ToolCall(tool="next_item", args={"customer_id": "17850", "k": 5}) and route.source == "rules"
+    # a new task about "his": the customer is carried over, and the route says so
+    route, res = await turn("And what is his churn risk?")
+    assert route.call.tool == "churn" and route.call.args["customer_id"] == "17850"
+    assert route.note is not None and "customer 17850 from earlier in the conversation" in route.note
+    # no task named: the same tool for the new customer, without routing
+    route, res = await turn("What about customer 12347?")
+    assert route.source == "context" and route.call == ToolCall(tool="churn", args={"customer_id": "12347"})
+    assert (conv.customer_id, conv.tool) == ("12347", "churn")
+    route, _ = await turn("那13047呢？")
+    assert route.call.args["customer_id"] == "13047" and route.call.tool == "churn"
+    # a question about several customers never inherits one
+    route, _ = await turn("Which customers are at risk of churning?")
+    assert route.call.tool == "churn_segment" and "customer_id" not in route.call.args
+    # a product, then "it"
+    route, res = await turn("How do people feel about item 22423?")
+    assert conv.item_id == "22423"
+    route, _ = await turn("Who should we target for it?")
+    assert route.call == ToolCall(tool="audience", args={"item_id": "22423"})
+    # an unknown customer is not remembered
+    await turn("What about customer 99999?")
+    assert conv.customer_id == "13047"
+
+
+async def test_without_a_conversation_nothing_is_carried(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path, ModelUnavailableError("down"))
+    events = await collect(ChatAgent(ctx_for(rt), use_model=False).ask("And what is his churn risk?"))
+    res = [e.result for e in events if e.result is not None][-1]
+    assert isinstance(res, ChurnSegment)  # "his" names no one: the cohort answer, no customer made up

@@ -37,7 +37,6 @@ from agent.tasks.churn import (
     churn_drivers,
     risk_band,
 )
-from agent.tasks.common import LogisticBaseline
 from agent.tasks.common import Blend, LogisticBaseline, yes_probability
 from agent.tasks.intent import IntentAnswer, IntentPrediction, IntentService, funnel_features
 from agent.tasks.profile import (

@@ -38,6 +38,7 @@ class ParsedQuestion:
     customer_ids: list[str] = field(default_factory=list)
     item_ids: list[str] = field(default_factory=list)
     month: int | None = None
+    days: int | None = None  # "last 30 days", "past 2 weeks", "最近30天": a window ending at the data's end
     title: str | None = None  # a quoted or UPPER-CASE product title
 
 
@@ -61,6 +62,21 @@ _THIS_MONTH = re.compile(r"\bthis month\b|本月|这个月|这月")
 _LAST_MONTH = re.compile(r"\b(?:last|previous|past) month\b|上个月|上月")
 
 
+_LAST_DAYS = re.compile(r"\b(?:last|past|previous|recent)\s+(\d{1,3})\s+(days?|weeks?)\b"
+                        r"|(?:最近|过去|近)\s*(\d{1,3})\s*(天|日|周|星期)")
+_LAST_WEEK = re.compile(r"\b(?:last|past|previous) week\b|最近一周|过去一周|上周|近一周")
+
+
+def _days(text: str) -> int | None:
+    """A window of days ending now: "last 30 days", "past 2 weeks", "最近30天", "过去2周", "last
+    week" / "上周" (7); None when the question names none (or 0 days)."""
+    if m := _LAST_DAYS.search(text.lower()):
+        n, unit = (int(m.group(1)), m.group(2)) if m.group(1) else (int(m.group(3)), m.group(4))
+        n *= 7 if unit.startswith("week") or unit in ("周", "星期") else 1
+        return n if 1 <= n <= 366 else None
+    return 7 if _LAST_WEEK.search(text.lower()) else None
+
+
 def _relative_month(text: str, today: datetime | None) -> int | None:
     """"this month" / "本月" (the month of `today`, the dataset's end) or "last month" / "上个月"
     (the one before), else None; without `today`, None."""
@@ -79,15 +95,18 @@ def preparse(question: str, *, has_user: Any = None, has_item: Any = None,
     """Ids, month, title and language from the question text.
 
     A relative month ("this month", "last month", "本月", "上个月") is read against `today`: the
-    dataset's end, not the wall clock (a shop's export ends when it ends).
+    dataset's end, not the wall clock (a shop's export ends when it ends). A window of days
+    ("last 30 days", "最近30天", "last week") is kept as `days` (the tools count it back from the
+    dataset's end) and then no month is read.
 
     A number is a customer id or an item code by the nearest preceding keyword (customer/客户
     vs item/product/商品); without one, by what the store knows (`has_user`/`has_item`
     callables), and otherwise a pure number of 5 digits is taken as a customer (Online Retail's
     CustomerID) and an alphanumeric code as an item (StockCode like 85123A).
     """
-    p = ParsedQuestion(question=question, language=detect_language(question),
-                       month=_month(question) or _relative_month(question, today))
+    days = _days(question)
+    p = ParsedQuestion(question=question, language=detect_language(question), days=days,
+                       month=None if days else _month(question) or _relative_month(question, today))
     for m in _ASIN.finditer(question):
         p.item_ids.append(m.group(1))
     for m in _CODE.finditer(question):

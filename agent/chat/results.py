@@ -59,6 +59,9 @@ class SegmentArgs(BaseModel):
     month: int | None = Field(default=None, ge=1, le=12,
                               description="customers with a purchase in this calendar month (its latest "
                                           "occurrence in the data); default: the data's last month")
+    days: int | None = Field(default=None, ge=1, le=366,
+                             description="instead of a month: customers with a purchase in the data's last "
+                                         "`days` days (\"last 30 days\", \"最近30天\")")
     n: int = Field(default=10, ge=1, le=50, description="how many customers")
 
 
@@ -198,10 +201,12 @@ class AtRiskCustomer(BaseModel):
 class ChurnSegment(BaseModel):
     kind: Literal["churn_segment"] = "churn_segment"
     dataset: str
-    month: int = Field(ge=1, le=12)
+    month: int = Field(ge=1, le=12, description="the window's calendar month (a days window: its last day's)")
     year: int
-    as_of: str = Field(description="the end of the month; features use purchases before it")
-    n_buyers: int = Field(ge=0, description="customers with a purchase in the month")
+    days: int | None = Field(default=None, description="a window of the data's last `days` days, not a month")
+    start: str | None = Field(default=None, description="the window's first moment (ISO-8601)")
+    as_of: str = Field(description="the window's end; features use purchases before it")
+    n_buyers: int = Field(ge=0, description="customers with a purchase in the window")
     baseline: str = Field(description="what the churn baseline was trained on")
     customers: list[AtRiskCustomer] = Field(description="riskiest first")
 
@@ -257,13 +262,23 @@ def result_facts(result: ToolResult) -> str:
                   + f": {x.excerpt}" for x in result.complaints]
         return "\n".join(lines)
     if isinstance(result, ChurnSegment):
-        lines = [f"{result.n_buyers} customers bought in {result.year}-{result.month:02d} in {result.dataset}; "
+        lines = [f"{result.n_buyers} customers bought in {window_words(result, 'en')} in {result.dataset}; "
                  f"churn risk as of {result.as_of[:10]} by the churn baseline ({result.baseline}), riskiest first:"]
         lines += [f"- customer {x.customer_id}: P(churn) {x.probability:.2f} ({x.risk_band}); "
                   + "; ".join(x.drivers) + f"; last purchase [{x.last_purchase_event}] {x.last_purchase_at[:10]}"
                   for x in result.customers]
         return "\n".join(lines)
     return result.message
+
+
+def window_words(seg: ChurnSegment, lang: Literal["zh", "en"]) -> str:
+    """The segment's purchase window in words: "2011-10" / "2011年10月", or for a days window
+    "the last 30 days (2011-11-09 to 2011-12-09)" / "最近30天（2011-11-09至2011-12-09）"."""
+    if seg.days is None:
+        return f"{seg.year}年{seg.month}月" if lang == "zh" else f"{seg.year}-{seg.month:02d}"
+    span = f"{(seg.start or '')[:10]}", f"{seg.as_of[:10]}"
+    return (f"最近{seg.days}天（{span[0]}至{span[1]}）" if lang == "zh" else
+            f"the last {seg.days} days ({span[0]} to {span[1]})")
 
 
 def fallback_answer(result: ToolResult, lang: Literal["zh", "en"]) -> str:
@@ -304,9 +319,9 @@ def fallback_answer(result: ToolResult, lang: Literal["zh", "en"]) -> str:
         rows = [f"- {x.excerpt} [{x.event_id}]" for x in result.complaints[:3]]
         return "\n".join([head, ("主要抱怨：" if zh else "Main complaints:") if rows else "", *rows]).strip()
     if isinstance(result, ChurnSegment):
-        head = (f"{result.year}年{result.month}月有购买的 {result.n_buyers} 位客户中，流失风险最高的是"
+        head = (f"{window_words(result, 'zh')}有购买的 {result.n_buyers} 位客户中，流失风险最高的是"
                 f"（截至 {result.as_of[:10]}）：" if zh else
-                f"Of the {result.n_buyers} customers who bought in {result.year}-{result.month:02d}, the most at "
+                f"Of the {result.n_buyers} customers who bought in {window_words(result, 'en')}, the most at "
                 f"risk of churning (as of {result.as_of[:10]}) are:")
         rows = [f"{i}. {x.customer_id}: {x.probability:.0%} ({x.risk_band}); {'; '.join(x.drivers)}"
                 for i, x in enumerate(result.customers, 1)]

@@ -30,6 +30,7 @@ from agent.chat.checked import LABEL, Outcome, chat_facts, checked_answer
 from agent.chat.preparse import Language, ParsedQuestion, detect_language, preparse
 from agent.chat.results import (
     TOOL_ALIASES,
+    TaskResult,
     Timeline,
     ToolName,
     ToolResult,
@@ -43,7 +44,7 @@ from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationErr
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 
-__all__ = ["ChatAgent", "ChatEvent", "Language", "ParsedQuestion", "Route", "ToolCall",
+__all__ = ["ChatAgent", "ChatEvent", "Conversation", "Language", "ParsedQuestion", "Route", "ToolCall",
            "detect_language", "model_route", "preparse", "route_schema", "rule_route"]
 ROUTE_PROMPT = "chat_route.v1"
 T = TypeVar("T")
@@ -108,7 +109,7 @@ def to_call(tool: str, parsed: ParsedQuestion, customer_id: str | None = None,
     needs = TOOLS[tool].needs
     args: dict[str, Any] = {}
     if tool == "churn_segment":
-        args["month"] = parsed.month
+        args["month"], args["days"] = parsed.month, parsed.days
     if needs == "customer":
         args["customer_id"] = customer_id
         if tool == "intent":
@@ -154,9 +155,60 @@ def rule_route(parsed: ParsedQuestion) -> ToolCall:
 class Route:
     call: ToolCall
     parsed: ParsedQuestion
-    source: Literal["model", "rules"]
+    source: Literal["model", "rules", "context"]
     note: str | None = None
     trace: CallTrace = field(default_factory=CallTrace)
+
+
+# A question about several customers ("which customers ...", "哪些客户") never inherits one customer.
+_COHORT = re.compile(r"\bcustomers\b|\bwhich\b|\bwho\b|\bsegment\b|哪些|哪几|哪位|谁|客户们", re.I)
+
+
+@dataclass
+class Conversation:
+    """What the earlier turns of one chat settled, for follow-up questions: the customer, the
+    product and the tool of the last turn that named them ("And his churn risk?", "What about
+    customer 12347?", "那12347呢？"). One per chat session (the UI keeps it in its session state)."""
+
+    customer_id: str | None = None
+    item_id: str | None = None
+    tool: ToolName | None = None
+
+    def fill(self, parsed: ParsedQuestion) -> str | None:
+        """Give `parsed` the conversation's customer and product where the question names none
+        (a cohort question keeps no customer); returns a note saying what was carried over."""
+        carried = []
+        if not parsed.customer_ids and self.customer_id and not _COHORT.search(parsed.question):
+            parsed.customer_ids = [self.customer_id]
+            carried.append(f"customer {self.customer_id}")
+        if not parsed.item_ids and not parsed.title and self.item_id:
+            parsed.item_ids = [self.item_id]
+            carried.append(f"item {self.item_id}")
+        return f"{' and '.join(carried)} from earlier in the conversation" if carried else None
+
+    def follow_up_tool(self, parsed: ParsedQuestion) -> ToolName | None:
+        """The previous turn's tool when the question names no task of its own ("What about
+        customer 12347?", "Why?", "那12347呢？"): no keyword of the rule router matches."""
+        if self.tool is None or any(pat.search(parsed.question) for _, pat in _RULES):
+            return None
+        if self.tool == "churn_segment" and parsed.customer_ids:  # "what about customer 12347?"
+            return "churn"
+        return self.tool
+
+    def remember(self, call: ToolCall, result: ToolResult) -> None:
+        """After a turn: keep its tool and the customer and product it was about (resolved ids
+        from the result where the call gave a title)."""
+        if result.kind in {"not_found", "need_info", "unavailable"}:
+            return
+        self.tool = call.tool
+        data = result.data if isinstance(result, TaskResult) else {}
+        customer = call.args.get("customer_id") or data.get("user_id")
+        item = (call.args.get("item_id") or data.get("item_id") or getattr(result, "item_id", None)
+                or getattr(getattr(result, "item", None), "item_id", None))
+        if customer:
+            self.customer_id = str(customer)
+        if item:
+            self.item_id = str(item)
 
 
 async def model_route(model: ChatModel, parsed: ParsedQuestion, *, max_attempts: int = 2) -> Route:
@@ -256,8 +308,10 @@ class ChatAgent:
             return None, "model disabled"
         return await self.ctx.service.model_or_none()
 
-    async def route(self, question: str) -> Route:
-        """Pre-parse, then the model's routing call; keyword rules if the model fails."""
+    async def route(self, question: str, conversation: Conversation | None = None) -> Route:
+        """Pre-parse (with what the conversation settled), then the model's routing call;
+        keyword rules if the model fails. A follow-up that names no task of its own reuses the
+        previous turn's tool without a model call (source "context")."""
         store, ds = self.ctx.runtime.store, self.ctx.dataset
         catalog = self.ctx.runtime.artifacts(ds).catalog
         try:  # "this month" is the dataset's last month
@@ -266,21 +320,35 @@ class ChatAgent:
             end = None
         parsed = preparse(question, today=end, has_user=lambda u: store.has_user(ds, u),
                           has_item=lambda i: i in catalog)
+        conv = conversation or Conversation()
+        same_tool = conv.follow_up_tool(parsed)
+        carried = conv.fill(parsed)
+        if same_tool is not None:
+            return Route(to_call(same_tool, parsed), parsed, "context",
+                         note="; ".join(x for x in (f"a follow-up: {same_tool} again", carried) if x))
         model, why = await self._model()
         if model is None:
-            return Route(rule_route(parsed), parsed, "rules", note=f"model unavailable ({why})")
+            return Route(rule_route(parsed), parsed, "rules",
+                         note="; ".join(x for x in (f"model unavailable ({why})", carried) if x))
         try:
-            return await model_route(model, parsed)
+            route = await model_route(model, parsed)
+            route.note = carried
+            return route
         except (ModelUnavailableError, OutputValidationError) as e:
-            return Route(rule_route(parsed), parsed, "rules", note=f"routing model failed ({e})")
+            return Route(rule_route(parsed), parsed, "rules",
+                         note="; ".join(x for x in (f"routing model failed ({e})", carried) if x))
 
-    async def ask(self, question: str) -> AsyncIterator[ChatEvent]:
-        """One turn. Always yields at least one event; never raises for model failures."""
+    async def ask(self, question: str, conversation: Conversation | None = None) -> AsyncIterator[ChatEvent]:
+        """One turn. Always yields at least one event; never raises for model failures.
+
+        `conversation` (kept by the caller across turns) gives a follow-up the earlier turns'
+        customer, product and tool, and is updated with this turn's.
+        """
         question = question.strip()
         lang = detect_language(question)
         yield ChatEvent("status", "正在理解问题…" if lang == "zh" else "Reading the question…")
         route: Route | None = None
-        async for step in _heartbeat(self.route(question), "routing", self.heartbeat_s):
+        async for step in _heartbeat(self.route(question, conversation), "routing", self.heartbeat_s):
             if isinstance(step, Route):
                 route = step
             else:
@@ -301,6 +369,8 @@ class ChatAgent:
             else:
                 result = out
         assert result is not None
+        if conversation is not None:
+            conversation.remember(route.call, result)
         yield ChatEvent("evidence", result=result)
         async for ev in self._answer(question, lang, route, result):
             yield ev

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -295,14 +295,18 @@ def _month_window(month: int, end: datetime) -> tuple[int, datetime, datetime]:
 
 
 async def churn_segment(ctx: ToolContext, args: SegmentArgs) -> ToolResult:
-    """Customers who bought in a month, riskiest first by the churn baseline as of the month's end;
+    """Customers who bought in a month (or the data's last `args.days` days), riskiest first by the churn baseline as of the month's end;
     each with the baseline's own drivers against the month's median buyer (`baseline_drivers`)."""
-    from agent.tasks.churn import baseline_drivers, driver_lines, risk_band, rfm_vector
+    from agent.tasks.churn import baseline_drivers, driver_lines, rfm_vector, risk_band
 
     svc = ctx.service
     end = robust_end(ctx.runtime.store, ctx.dataset)
     end = end if end.tzinfo else end.replace(tzinfo=UTC)
-    year, start, as_of = _month_window(args.month or end.month, end)
+    if args.days is not None:
+        as_of = end + timedelta(seconds=1)  # the last event is inside the window
+        start, year = as_of - timedelta(days=args.days), end.year
+    else:
+        year, start, as_of = _month_window(args.month or end.month, end)
     bl, n_buyers, top, median = svc.churn_segment(ctx.dataset, start, as_of, n=args.n)
     rows = []
     for uid, f, p, last in top:
@@ -312,7 +316,8 @@ async def churn_segment(ctx: ToolContext, args: SegmentArgs) -> ToolResult:
             n_orders=f.n_orders, orders_last_90d=f.orders_last_90d, monetary=f.monetary,
             drivers=driver_lines(drivers), last_purchase_event=last.event_id,
             last_purchase_at=last.timestamp.isoformat()))
-    return ChurnSegment(dataset=ctx.dataset, month=start.month, year=year, as_of=as_of.isoformat(),
+    return ChurnSegment(dataset=ctx.dataset, month=(as_of if args.days else start).month, year=year,
+                        days=args.days, start=start.isoformat(), as_of=as_of.isoformat(),
                         n_buyers=n_buyers, baseline=bl.trained_on, customers=rows)
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.chat.results import Timeline
-from agent.chat.router import ChatAgent, ChatEvent, detect_language
+from agent.chat.router import ChatAgent, ChatEvent, Conversation, detect_language
 from agent.chat.tools import ToolContext, interactive_config
 from agent.tasks.next_item import NextItemConfig
 from ui.chat.render import (
@@ -71,10 +71,11 @@ class ChatController:
     def datasets(self) -> list[str]:
         return self.runtime.store.datasets()
 
-    async def respond(self, question: str, history: list[dict[str, str]] | None, dataset: str | None
-                      ) -> AsyncIterator[Outputs]:
+    async def respond(self, question: str, history: list[dict[str, str]] | None, dataset: str | None,
+                      conversation: Conversation | None = None) -> AsyncIterator[Outputs]:
         """Gradio handler: yields (chat, status, *PANELS) updates.
 
+        `conversation` is the session's follow-up context (a `gr.State`), updated in place.
         Always yields at least once, whatever fails.
         """
         history = list(history or [])
@@ -112,7 +113,8 @@ class ChatController:
         yield frame()
         ctx = ToolContext(self.runtime, self.service, dataset, self.config)
         try:
-            async for ev in ChatAgent(ctx, use_model=self.use_model, heartbeat_s=self.heartbeat_s).ask(question):
+            agent = ChatAgent(ctx, use_model=self.use_model, heartbeat_s=self.heartbeat_s)
+            async for ev in agent.ask(question, conversation):
                 if ev.kind == "status":
                     status = status_line("info", ev.text, lang)
                 elif ev.kind == "route" and ev.route is not None:
@@ -140,6 +142,14 @@ class ChatController:
             history[-1] = {"role": "assistant", "content": safe_md(answer or f"Sorry, that failed: {e}")}
             status = status_line("warn", f"error: {type(e).__name__}: {e}", lang)
             yield frame(final=True)
+
+    async def respond_in_session(self, question: str, history: list[dict[str, str]] | None, dataset: str | None,
+                                 conversation: Conversation | None) -> AsyncIterator[Outputs]:
+        """`respond` for the Blocks app: each update also carries the session's conversation
+        (Gradio stores a `gr.State` output back into the session)."""
+        conversation = conversation if conversation is not None else Conversation()
+        async for out in self.respond(question, history, dataset, conversation):
+            yield (*out, conversation)
 
     def _show_table(self, result: Any, lang: str, panels: dict[str, Any]) -> None:
         """The result's readable table (+ its note and CSV file), chart and raw JSON into `panels`."""
@@ -206,13 +216,15 @@ def build_chat_app(runtime: Runtime, *, use_model: bool = True,
                                        label="Chart", elem_id="breakdown", visible=False, x_label_angle=-30)
                 with gr.Accordion("Raw answer (JSON)", open=False):
                     details = gr.JSON(label="Task details", elem_id="details")
-        outputs = [chat, status, timeline, items, note, breakdown, details, csv]
-        inputs = [question, chat, dataset]
-        ev1 = send.click(ctl.respond, inputs, outputs)
-        ev2 = question.submit(ctl.respond, inputs, outputs)
+        # per browser session (deep-copied): follow-up questions keep the customer and product
+        conversation = gr.State(Conversation())
+        outputs = [chat, status, timeline, items, note, breakdown, details, csv, conversation]
+        inputs = [question, chat, dataset, conversation]
+        ev1 = send.click(ctl.respond_in_session, inputs, outputs)
+        ev2 = question.submit(ctl.respond_in_session, inputs, outputs)
         stop.click(lambda: "Stopped.", None, status, cancels=[ev1, ev2])
-        dataset.change(lambda: ([], "Ready.", None, None), None,
-                       [chat, status, timeline, items])
+        dataset.change(lambda: ([], "Ready.", None, None, Conversation()), None,
+                       [chat, status, timeline, items, conversation])
     return app
 
 
