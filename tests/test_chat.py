@@ -680,3 +680,34 @@ async def test_without_a_conversation_nothing_is_carried(tmp_path: Path) -> None
     events = await collect(ChatAgent(ctx_for(rt), use_model=False).ask("And what is his churn risk?"))
     res = [e.result for e in events if e.result is not None][-1]
     assert isinstance(res, ChurnSegment)  # "his" names no one: the cohort answer, no customer made up
+
+
+async def test_each_turn_is_logged_and_counted_without_the_questions_text(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = _ui()
+    from ui.api.metrics import Metrics
+
+    metrics, records = Metrics(), []
+
+    def on_turn(rec: Any) -> None:
+        records.append(rec)
+        metrics.chat_turn(rec)
+
+    ctl = app.ChatController(make_runtime(tmp_path, ModelUnavailableError("down")), on_turn=on_turn,
+                             next_item_config=NextItemConfig(k=3, use_llm_ranking=False, explain=False))
+    caplog.set_level("INFO", logger="ui.chat.app")
+    question = "What will customer 17850 (jane@example.com) buy next?"
+    _ = [o async for o in ctl.respond(question, [], DS, None, "key-7")]
+    _ = [o async for o in ctl.respond("   ", [], DS, None, "key-7")]
+    first, empty = records
+    assert (first.user, first.dataset, first.tool, first.route_source, first.answer_source, first.outcome) == (
+        "key-7", DS, "next_item", "rules", "template", "answered")
+    assert first.seconds > 0 and (empty.outcome, empty.tool) == ("refused", None)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.getMessage().startswith("chat turn"))
+    assert logged.count("chat turn") == 2 and "'tool': 'next_item'" in logged
+    assert "jane@example.com" not in logged and "buy next" not in logged
+    value = metrics.registry.get_sample_value
+    assert value("shoplens_chat_turns_total", {"tool": "next_item", "outcome": "answered",
+                                               "answer_source": "template"}) == 1.0
+    assert value("shoplens_chat_turns_total", {"tool": "none", "outcome": "refused", "answer_source": "none"}) == 1.0
+    assert value("shoplens_chat_turn_duration_seconds_count", {"tool": "next_item"}) == 1.0

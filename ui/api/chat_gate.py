@@ -159,6 +159,9 @@ def mount_gated_chat(app: FastAPI, runtime: Runtime, path: str = "/ui", **kwargs
     """
     from ui.chat import mount_chat  # gradio, imported on use
 
+    api = getattr(app.state, "api", None)
+    if api is not None:  # each turn counted in the API's /metrics (shoplens_chat_*)
+        kwargs.setdefault("on_turn", api.metrics.chat_turn)
     app = mount_chat(app, runtime, path, auth_dependency=gradio_user, **kwargs)
     gate_chat(app, path)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -31,5 +33,21 @@ class Metrics:
                                     "and was started again since this process started", registry=r)
         self.events_ingested = Counter("shoplens_events_ingested_total", "events by ingest outcome",
                                        ["outcome"], registry=r)
+        self.chat_turns = Counter("shoplens_chat_turns_total", "chat turns at /ui by tool, outcome and who "
+                                  "wrote the answer", ["tool", "outcome", "answer_source"], registry=r)
+        self.chat_latency = Histogram("shoplens_chat_turn_duration_seconds", "one chat turn, question to done (s)",
+                                      ["tool"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.chat_sentences = Counter("shoplens_chat_sentences_total", "model-written chat sentences by what "
+                                      "the verifier did", ["verdict"], registry=r)
         self.feedback = Counter("shoplens_feedback_total", "feedback events by kind and stage", ["kind", "stage"],
                                 registry=r)
+
+
+    def chat_turn(self, rec: Any) -> None:
+        """Count one chat turn (`ui.chat.app.TurnRecord`): turns, latency, verified sentences."""
+        tool = rec.tool or "none"
+        self.chat_turns.labels(tool, rec.outcome, rec.answer_source or "none").inc()
+        self.chat_latency.labels(tool).observe(rec.seconds)
+        for verdict in ("verified", "repaired", "replaced"):
+            if n := getattr(rec, verdict):
+                self.chat_sentences.labels(verdict).inc(n)

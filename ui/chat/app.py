@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +57,32 @@ PANELS = ("timeline", "items", "note", "breakdown", "details", "csv")
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TurnRecord:
+    """One chat turn, for the log and the metrics: who (the key id), which tool, who wrote the
+    answer and what the verifier did. Never the question's text (it may hold personal data)."""
+
+    user: str | None
+    dataset: str | None
+    tool: str | None
+    route_source: str | None
+    answer_source: str | None
+    outcome: str  # "answered", "refused" (empty, too long, no dataset) or "error"
+    seconds: float
+    checked: int = 0
+    verified: int = 0
+    repaired: int = 0
+    replaced: int = 0
+
+
 class ChatController:
     """Holds the runtime and turns one question into a stream of UI updates."""
 
     def __init__(self, runtime: Runtime, *, use_model: bool = True,
-                 next_item_config: NextItemConfig | None = None, heartbeat_s: float = 8.0):
+                 next_item_config: NextItemConfig | None = None, heartbeat_s: float = 8.0,
+                 on_turn: Callable[[TurnRecord], None] | None = None):
         self.runtime = runtime
+        self.on_turn = on_turn  # e.g. the API's metrics (ui.api.chat_gate.mount_gated_chat)
         self.service = ShopLensService(runtime, use_model=use_model)
         self.use_model = use_model
         self.config = next_item_config or interactive_config(self.service)
@@ -72,12 +94,30 @@ class ChatController:
         return self.runtime.store.datasets()
 
     async def respond(self, question: str, history: list[dict[str, str]] | None, dataset: str | None,
-                      conversation: Conversation | None = None) -> AsyncIterator[Outputs]:
+                      conversation: Conversation | None = None, user: str | None = None) -> AsyncIterator[Outputs]:
         """Gradio handler: yields (chat, status, *PANELS) updates.
 
-        `conversation` is the session's follow-up context (a `gr.State`), updated in place.
+        `conversation` is the session's follow-up context (a `gr.State`), updated in place;
+        `user` the signed-in key's id, for the turn's log line and `on_turn` record.
         Always yields at least once, whatever fails.
         """
+        rec = TurnRecord(user=user, dataset=dataset, tool=None, route_source=None, answer_source=None,
+                         outcome="refused", seconds=0.0)
+        t0 = time.perf_counter()
+        try:
+            async for out in self._respond(question, history, dataset, conversation, rec):
+                yield out
+        finally:
+            rec.seconds = round(time.perf_counter() - t0, 3)
+            log.info("chat turn %s", asdict(rec))
+            if self.on_turn is not None:
+                try:
+                    self.on_turn(rec)
+                except Exception:  # noqa: BLE001 - a metrics hook must not break the chat
+                    log.exception("chat on_turn hook failed")
+
+    async def _respond(self, question: str, history: list[dict[str, str]] | None, dataset: str | None,
+                       conversation: Conversation | None, rec: TurnRecord) -> AsyncIterator[Outputs]:
         history = list(history or [])
         question = (question or "").strip()
         lang = detect_language(question)
@@ -119,6 +159,7 @@ class ChatController:
                     status = status_line("info", ev.text, lang)
                 elif ev.kind == "route" and ev.route is not None:
                     call = ev.route.call
+                    rec.tool, rec.route_source = call.tool, ev.route.source
                     args = ", ".join(f"{k}={v}" for k, v in call.args.items())
                     note = f" ({ev.route.note})" if ev.route.note else ""
                     status = status_line("warn" if ev.route.source == "rules" else "info",
@@ -136,19 +177,27 @@ class ChatController:
                     history[-1] = {"role": "assistant", "content": safe_md(answer)}
                 elif ev.kind == "done":
                     status = done_status(ev, lang)
+                    rec.outcome, rec.answer_source = "answered", ev.answer_source
+                    if ev.verification is not None:
+                        v = ev.verification
+                        rec.checked, rec.verified, rec.repaired, rec.replaced = (v.checked, v.verified,
+                                                                                 v.repaired, v.replaced)
                 yield frame(final=ev.kind == "done")
         except Exception as e:  # noqa: BLE001 - the UI must answer; the log keeps the trace
             log.exception("chat turn failed")
+            rec.outcome = "error"
             history[-1] = {"role": "assistant", "content": safe_md(answer or f"Sorry, that failed: {e}")}
             status = status_line("warn", f"error: {type(e).__name__}: {e}", lang)
             yield frame(final=True)
 
     async def respond_in_session(self, question: str, history: list[dict[str, str]] | None, dataset: str | None,
-                                 conversation: Conversation | None) -> AsyncIterator[Outputs]:
+                                 conversation: Conversation | None, request: gr.Request) -> AsyncIterator[Outputs]:
         """`respond` for the Blocks app: each update also carries the session's conversation
-        (Gradio stores a `gr.State` output back into the session)."""
+        (Gradio stores a `gr.State` output back into the session); the user is Gradio's
+        (the gate's key id behind `shoplens serve`, None for a bare `shoplens ui`)."""
         conversation = conversation if conversation is not None else Conversation()
-        async for out in self.respond(question, history, dataset, conversation):
+        user = getattr(request, "username", None) if request is not None else None
+        async for out in self.respond(question, history, dataset, conversation, user):
             yield (*out, conversation)
 
     def _show_table(self, result: Any, lang: str, panels: dict[str, Any]) -> None:
@@ -186,9 +235,11 @@ def done_status(ev: ChatEvent, lang: str) -> str:
 
 
 def build_chat_app(runtime: Runtime, *, use_model: bool = True,
-                   next_item_config: NextItemConfig | None = None) -> gr.Blocks:
-    """The chat as a `gr.Blocks` (not launched). `use_model=False` answers from retrieval only."""
-    ctl = ChatController(runtime, use_model=use_model, next_item_config=next_item_config)
+                   next_item_config: NextItemConfig | None = None,
+                   on_turn: Callable[[TurnRecord], None] | None = None) -> gr.Blocks:
+    """The chat as a `gr.Blocks` (not launched). `use_model=False` answers from retrieval only;
+    `on_turn` gets each turn's `TurnRecord` (metrics)."""
+    ctl = ChatController(runtime, use_model=use_model, next_item_config=next_item_config, on_turn=on_turn)
     choices = ctl.datasets()
     default = "online-retail" if "online-retail" in choices else (choices[0] if choices else None)
     with gr.Blocks(title="ShopLens chat", analytics_enabled=False) as app:
