@@ -711,3 +711,26 @@ async def test_each_turn_is_logged_and_counted_without_the_questions_text(
                                                "answer_source": "template"}) == 1.0
     assert value("shoplens_chat_turns_total", {"tool": "none", "outcome": "refused", "answer_source": "none"}) == 1.0
     assert value("shoplens_chat_turn_duration_seconds_count", {"tool": "next_item"}) == 1.0
+
+
+async def test_task_answers_read_as_text_not_json_in_both_languages(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path, ModelUnavailableError("down"))
+    agent = ChatAgent(ctx_for(rt), use_model=False)
+
+    async def answer(q: str) -> str:
+        return "".join(e.text for e in await collect(agent.ask(q)) if e.kind == "token")
+
+    en = await answer("Who should we target for the REGENCY CAKESTAND 3 TIER?")
+    # 17850 and 17851 bought it (repeat + co-purchase), 13047 and 12347 bought what is bought with it
+    assert en.splitlines()[:3] == [
+        "[template] Customers to target for REGENCY CAKESTAND 3 TIER (22423) (4, best first):",
+        "1. customer 17850 (score 1.00): [retrieval] Bought REGENCY CAKESTAND 3 TIER before.",
+        "2. customer 17851 (score 0.86): [retrieval] Bought REGENCY CAKESTAND 3 TIER before."]
+    assert "{" not in en
+    zh = await answer("谁是 REGENCY CAKESTAND 3 TIER 的目标人群？")
+    assert zh.startswith("[模板] REGENCY CAKESTAND 3 TIER (22423) 的目标客户（共 4 位，按得分排序）：\n1. 客户 17850（得分 1.00）")
+    churn = await answer("客户17850有流失风险吗？")
+    assert churn.startswith("[模板] 客户 17850 在 90 天内不再购买的概率为 5%（低风险，截至 2011-10-04）；建议：无需行动。")
+    assert "- frequency: 3 orders in total, 3 in the last 90 days (lowers risk)" in churn
+    profile = await answer("Describe customer 12347's shopping style.")
+    assert profile.startswith("[template] Customer 12347 (new): ") and "- interest: bag (inferred)" in profile

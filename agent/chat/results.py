@@ -158,6 +158,7 @@ class TaskResult(BaseModel):
     kind: Literal["task"] = "task"
     tool: str
     data: dict[str, Any]
+    title: str | None = Field(default=None, description="the product's title when the answer is about one")
 
 
 class Complaint(BaseModel):
@@ -247,7 +248,7 @@ def result_facts(result: ToolResult) -> str:
             f"- {h.title} [{h.item_id}]" + (f" price {h.price:.2f}" if h.price else "")
             for h in result.hits)
     if isinstance(result, TaskResult):
-        return json.dumps(result.data, ensure_ascii=False)[:3000]
+        return "\n".join(task_lines(result, "en", max_rows=20))
     if isinstance(result, ItemSentiment):
         c = result.counts
         lines = [f"Item {result.item_id} ({result.title}): {result.n_reviews} reviews in {result.dataset}: "
@@ -269,6 +270,64 @@ def result_facts(result: ToolResult) -> str:
                   for x in result.customers]
         return "\n".join(lines)
     return result.message
+
+
+def _pct(p: Any) -> str:
+    return f"{100 * float(p):.0f}%"
+
+
+_BAND_ZH = {"low": "低", "medium": "中", "high": "高"}
+_ACTIONS = {  # the churn task's closed action set, in words
+    "no_action_needed": ("no action needed", "无需行动"), "loyalty_reward": ("a loyalty reward", "忠诚度奖励"),
+    "new_arrivals_in_interests": ("new arrivals in their interests", "推送其感兴趣的新品"),
+    "reminder_of_past_favourites": ("a reminder of past favourites", "提醒其以往喜爱的商品"),
+    "win_back_offer": ("a win-back offer", "挽回优惠")}
+
+
+def task_lines(result: TaskResult, lang: Literal["zh", "en"], *, max_rows: int = 10) -> list[str]:
+    """A task answer as lines a merchandiser reads (the template answer) and the model's facts:
+    an audience's customers by name (id), score and reason; a profile's stage, summary and
+    attributes; a churn answer's probability, band, drivers with their direction and action;
+    an intent answer's probability and stage. Numbers are the answer's, rounded as written.
+    Another tool's answer: its JSON (at most 3000 characters)."""
+    d, zh = result.data, lang == "zh"
+    if result.tool == "audience":
+        what = (f"{result.title} ({d.get('item_id')})" if result.title else
+                f"item {d['item_id']}" if d.get("item_id") else f"'{d.get('campaign_text')}'")
+        users = d.get("users", [])
+        head = (f"{what} 的目标客户（共 {len(users)} 位，按得分排序）：" if zh else
+                f"Customers to target for {what} ({len(users)}, best first):")
+        rows = [(f"{u['rank']}. 客户 {u['user_id']}（得分 {u['score']:.2f}）：{u['reason']}" if zh else
+                 f"{u['rank']}. customer {u['user_id']} (score {u['score']:.2f}): {u['reason']}")
+                for u in users[:max_rows]]
+        more = len(users) - len(rows)
+        tail = ([f"……另有 {more} 位见表格。" if zh else f"... and {more} more in the table."] if more > 0 else [])
+        return [head, *rows, *tail] if users else [
+            f"{what} 暂无合适的目标客户。" if zh else f"No customers to target for {what}."]
+    if result.tool == "profile":
+        head = (f"客户 {d.get('user_id')}（{d.get('lifecycle_stage')}）：{d.get('summary', '')}" if zh else
+                f"Customer {d.get('user_id')} ({d.get('lifecycle_stage')}): {d.get('summary', '')}")
+        return [head, *(f"- {a['name']}: {a['value']} ({a['kind']})" for a in d.get("attributes", [])[:max_rows])]
+    if result.tool == "churn":
+        band, action = d.get("risk_band", ""), _ACTIONS.get(d.get("action", ""), (d.get("action"),) * 2)
+        head = (f"客户 {d.get('user_id')} 在 {d.get('horizon_days')} 天内不再购买的概率为 {_pct(d['probability'])}"
+                f"（{_BAND_ZH.get(band, band)}风险，截至 {str(d.get('as_of', ''))[:10]}）；建议：{action[1]}。" if zh else
+                f"Customer {d.get('user_id')}: P(no purchase within {d.get('horizon_days')} days) "
+                f"{_pct(d['probability'])} ({band} risk, as of {str(d.get('as_of', ''))[:10]}); "
+                f"suggested action: {action[0]}.")
+        drivers = [f"- {x['name']}: {x['detail']} ({x['effect'].replace('_', ' ')})" for x in d.get("drivers", [])]
+        return [head, ("主要因素：" if zh else "Drivers:"), *drivers, f"{'理由' if zh else 'Reason'}: {d.get('reason', '')}"]
+    if result.tool == "intent":
+        horizon = d.get("horizon") or f"{d.get('horizon_hours')} h"
+        item = f" / {result.title} ({d['item_id']})" if result.title and d.get("item_id") else (
+            f" / item {d['item_id']}" if d.get("item_id") else "")
+        stage = d.get("stage")
+        head = (f"客户 {d.get('user_id')}{item}：在 {horizon} 内购买的概率为 {_pct(d['probability'])}"
+                + (f"（阶段：{stage}）" if stage else "") + "。" if zh else
+                f"Customer {d.get('user_id')}{item}: P(purchase within {horizon}) {_pct(d['probability'])}"
+                + (f" (stage: {stage})" if stage else "") + ".")
+        return [head, f"{'理由' if zh else 'Reason'}: {d.get('reason', '')}"]
+    return [json.dumps(d, ensure_ascii=False)[:3000]]
 
 
 def window_words(seg: ChurnSegment, lang: Literal["zh", "en"]) -> str:
@@ -326,6 +385,8 @@ def fallback_answer(result: ToolResult, lang: Literal["zh", "en"]) -> str:
         rows = [f"{i}. {x.customer_id}: {x.probability:.0%} ({x.risk_band}); {'; '.join(x.drivers)}"
                 for i, x in enumerate(result.customers, 1)]
         return "\n".join([head, *rows])
+    if isinstance(result, TaskResult):
+        return "\n".join(task_lines(result, lang))
     if isinstance(result, SearchHits):
         names = "; ".join(f"{h.title} ({h.item_id})" for h in result.hits[:5])
         return (f"与“{result.query}”相关的商品：{names}" if zh else

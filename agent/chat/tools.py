@@ -183,8 +183,9 @@ async def item_search(ctx: ToolContext, args: SearchArgs) -> ToolResult:
     return SearchHits(dataset=ctx.dataset, query=args.query, hits=search_items(ctx, args.query, args.k))
 
 
-def _task(name: str, data: BaseModel) -> TaskResult:
-    return TaskResult(tool=name, data=data.model_dump(mode="json", exclude={"meta"}))
+def _task(name: str, data: BaseModel, ctx: ToolContext | None = None, item_id: str | None = None) -> TaskResult:
+    title = ctx.runtime.artifacts(ctx.dataset).catalog[item_id].title if ctx is not None and item_id else None
+    return TaskResult(tool=name, data=data.model_dump(mode="json", exclude={"meta"}), title=title)
 
 
 async def profile(ctx: ToolContext, args: CustomerArgs) -> ToolResult:
@@ -214,7 +215,7 @@ async def intent(ctx: ToolContext, args: IntentArgs) -> ToolResult:
     item = resolve_item(ctx, args.item_id, args.item_query)
     if not isinstance(item, str):
         return item
-    return _task("intent", await ctx.service.intent(ctx.dataset, uid, item))
+    return _task("intent", await ctx.service.intent(ctx.dataset, uid, item), ctx, item)
 
 
 async def audience(ctx: ToolContext, args: ItemArgs) -> ToolResult:
@@ -222,7 +223,7 @@ async def audience(ctx: ToolContext, args: ItemArgs) -> ToolResult:
     if args.item_id or args.item_query:
         item = resolve_item(ctx, args.item_id, args.item_query)
         if isinstance(item, str):
-            return _task("audience", await svc.audience(ctx.dataset, item_id=item, n=20))
+            return _task("audience", await svc.audience(ctx.dataset, item_id=item, n=20), ctx, item)
         if args.item_query:  # no such title: target the words as a campaign text
             return _task("audience", await svc.audience(ctx.dataset, campaign_text=args.item_query, n=20))
         return item
