@@ -266,7 +266,7 @@ def _facts(s: dict[str, Any], r: dict[str, Any], titles: dict[str, str]) -> Fact
     cited = [(ref, titles.get(iid, f"item {iid}"), summary) for ref, iid, summary in s.get("cited", [])]
     if s["key"] == "summary":
         return Facts(titles=r.get("top_titles", []), refs=[], numbers=[], may_rank_first=True,
-                     top_title=(r.get("top_titles") or [None])[0])
+                     top_title=(r.get("top_titles") or [None])[0], ranked=r.get("top_titles", []))
     if "rank" in s:
         return why_facts(s["title"], s["rank"], s["source_scores"], cited)
     # a churn or intent reason was checked against its whole prompt's numbers, which the answer

@@ -20,6 +20,10 @@ ITEM5 = Facts(titles=["RETROSPOT HEART HOT WATER BOTTLE", "HAND WARMER UNION JAC
 SUMMARY = Facts(titles=["HAND WARMER RED LOVE HEART", "HAND WARMER UNION JACK", "HOT WATER BOTTLE KEEP CALM"],
                 refs=["E1", "E2", "E20"], numbers=["bought 12 × HAND WARMER UNION JACK"], may_rank_first=True,
                 top_title="HAND WARMER RED LOVE HEART")
+# the chat's facts: the ranked items best first, and a history item (a cited event's) besides
+RANKED = Facts(titles=["HAND WARMER RED LOVE HEART", "HOT WATER BOTTLE KEEP CALM", "WHITE HANGING HEART T-LIGHT HOLDER"],
+               may_rank_first=True, top_title="HAND WARMER RED LOVE HEART",
+               ranked=["HAND WARMER RED LOVE HEART", "HOT WATER BOTTLE KEEP CALM"])
 
 
 @pytest.mark.parametrize(("text", "facts", "violation"), [
@@ -49,6 +53,17 @@ SUMMARY = Facts(titles=["HAND WARMER RED LOVE HEART", "HAND WARMER UNION JACK", 
      "quotes 'LED' from 'RED TOADSTOOL LED NIGHT LIGHT': in Chinese, quote product titles in full and unchanged"),
     ("最可能购买 HOT WATER BOTTLE KEEP CALM", SUMMARY,
      "says '最可能' but does not name the top-ranked item 'HAND WARMER RED LOVE HEART' first"),
+    # a prediction of the next purchase is a ranking claim too (the chat's "it is likely that
+    # Customer 15935 will buy a HEART OF WICKER LARGE next" for a lower-ranked item)
+    ("It is likely that the customer will buy a HOT WATER BOTTLE KEEP CALM next.", RANKED,
+     "says 'likely that the customer will buy' but does not name the top-ranked item "
+     "'HAND WARMER RED LOVE HEART' first"),
+    ("Their next purchase: HOT WATER BOTTLE KEEP CALM", RANKED,
+     "says 'next purchase' but does not name the top-ranked item 'HAND WARMER RED LOVE HEART' first"),
+    ("客户下一次会购买 HOT WATER BOTTLE KEEP CALM", RANKED,
+     "says '下一次会购买' but does not name the top-ranked item 'HAND WARMER RED LOVE HEART' first"),
+    ("The customer will probably buy this next", ITEM5,
+     "says 'will probably buy this next' of an item that is not ranked first"),
     # direction: a risk word against the band
     ("Low risk: orders every month", Facts(titles=[], direction="high"), "says 'Low risk', but the probability is high"),
     ("Likely to buy it this week", Facts(titles=[], direction="low"), "says 'Likely to buy', but the probability is low"),
@@ -68,6 +83,11 @@ def test_a_wrong_sentence_is_caught_with_a_message_naming_the_fault(text: str, f
     ("喜欢 HAND WARMER UNION JACK 这类暖手宝", ITEM5),  # a full title, verbatim, in Chinese
     ("Unlikely to buy soon", Facts(titles=[], direction="low")),
     ("Loves the Halo series", ITEM5),  # one-word catalogue titles are not product mentions
+    # a history item named before the top one: the first *ranked* item named is what counts
+    ("After the WHITE HANGING HEART T-LIGHT HOLDER, the customer will likely buy the HAND WARMER RED LOVE HEART "
+     "next", RANKED),
+    ("It is likely that the customer will buy a HAND WARMER RED LOVE HEART next.", RANKED),
+    ("They will buy more hand warmers in winter", ITEM5),  # no "next": not a ranking claim
 ])
 def test_a_right_sentence_passes(text: str, facts: Facts) -> None:
     assert verify_sentence(text, facts, CATALOGUE) == []

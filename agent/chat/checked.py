@@ -53,17 +53,17 @@ def chat_facts(result: ToolResult, question: str, catalogue: TitleIndex) -> Fact
     result's risk words on its side."""
     text = result_facts(result)
     titles = catalogue.named_as_written(text)
-    top = None
-    if isinstance(result, NextItems) and result.prediction.items:
-        titles += [it.title for it in result.prediction.items]
-        top = result.prediction.items[0].title
+    top, ranked = None, [it.title for it in result.prediction.items] if isinstance(result, NextItems) else []
+    if ranked:
+        titles += ranked
+        top = ranked[0]
     direction: Direction | None = None
     if isinstance(result, TaskResult) and result.tool == "churn":
         direction = result.data.get("risk_band")
     elif isinstance(result, TaskResult) and result.tool == "intent" and "probability" in result.data:
         direction = "high" if result.data["probability"] >= 0.5 else "low"
     return Facts(titles=titles, refs=refs_in(text), numbers=[text, question], may_rank_first=True,
-                 top_title=None if isinstance(result, ChurnSegment) else top,
+                 top_title=None if isinstance(result, ChurnSegment) else top, ranked=ranked,
                  popular=claims_popularity(text), direction=direction)
 
 

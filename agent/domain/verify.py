@@ -40,7 +40,11 @@ _CAPS_RUN = re.compile(r"\b[A-Z][A-Z0-9'&/.-]+(?:\s+[A-Z0-9][A-Z0-9'&/.-]*)+\b")
 _LATIN_RUN = re.compile(r"[A-Za-z][A-Za-z0-9'&/.-]*(?:\s+[A-Za-z0-9][A-Za-z0-9'&/.-]*)*")
 _ORDERING = re.compile(
     r"\b(?:most likely|likeliest|top (?:pick|choice|recommendation)|first choice|number one|best bet|#1)\b"
-    r"|最可能|最有可能|首选|第一选择|排名第一", re.I)
+    # a prediction of the next purchase is a claim about the top of the ranking too:
+    # "will (likely) buy X next", "X is their next purchase", "likely that ... will buy"
+    r"|\bwill (?:\w+ ){0,2}(?:buy|purchase|order)\b[^.;]{0,90}\bnext\b|\bnext (?:purchase|buy|order)\b"
+    r"|\blikely that\b[^.;]{0,60}\bwill (?:\w+ ){0,2}(?:buy|purchase|order)\b"
+    r"|最可能|最有可能|首选|第一选择|排名第一|下一(?:个|次|件)?(?:会)?(?:购买|买)", re.I)
 _POPULAR = re.compile(r"\b(?:best[- ]?sell\w*|popular\w*|trending|top[- ]selling)\b|热销|畅销|爆款|很受欢迎", re.I)
 _HIGH = re.compile(r"\b(?:high(?:er)? (?:risk|churn|intent|chance|probability)|(?<!un)likely to (?:churn|leave|lapse|buy|"
                    r"purchase|order)|at risk|ready to buy|about to (?:buy|order))\b|高风险|很可能购买|即将购买", re.I)
@@ -113,7 +117,9 @@ class Facts:
         refs: the event references it may use (``E3``).
         numbers: texts whose numbers it may state (event lines, funnel facts, probabilities).
         may_rank_first: whether an ordering claim ("most likely") is allowed in it.
-        top_title: for a summary, the top-ranked item's title: a ranking claim must name it first.
+        top_title: for a summary, the top-ranked item's title: a ranking claim must name it first
+            (first among `ranked` when given: a history item named before it does not count).
+        ranked: the ranked items' titles, best first (empty: the first of all `titles` named).
         popular: whether it may call the item a best-seller or popular.
         direction: the side its risk or intent words must agree with (None: no such words checked).
         max_chars: the schema's length cap of the field: a sentence that reaches it was cut off by
@@ -129,6 +135,7 @@ class Facts:
     numbers: Sequence[str] = ()
     may_rank_first: bool = False
     top_title: str | None = None
+    ranked: Sequence[str] = ()
     popular: bool = False
     direction: Direction | None = None
     max_chars: int | None = None
@@ -228,7 +235,8 @@ def verify_sentence(text: str, facts: Facts, catalogue: TitleIndex) -> list[str]
     if claim and not facts.may_rank_first:
         out.append(f"says '{claim.group(0)}' of an item that is not ranked first")
     elif claim and facts.top_title is not None:
-        first = min(((text.lower().find(t), -len(t), t) for t in allowed if t in text.lower()), default=None)
+        pool = {t.lower() for t in facts.ranked} or allowed
+        first = min(((text.lower().find(t), -len(t), t) for t in pool if t in text.lower()), default=None)
         if first is None or first[2] != facts.top_title.lower():
             out.append(f"says '{claim.group(0)}' but does not name the top-ranked item '{facts.top_title}' first")
     pop = _POPULAR.search(text)

@@ -367,7 +367,8 @@ class NextItemService:
             titles=titles + [artifacts.title(x.event.item_id) for x in hist.lines], refs=hist.refs,
             numbers=[x.text for x in hist.lines] + [x.when for x in hist.lines]
             + [str(v) for v in hist.profile.values() if isinstance(v, (int, float, str))],
-            may_rank_first=True, top_title=titles[0] if titles else None, max_chars=summary_max_chars))
+            may_rank_first=True, top_title=titles[0] if titles else None, ranked=titles,
+            max_chars=summary_max_chars))
         return out
 
     @staticmethod

@@ -194,9 +194,9 @@ def readable_table(frame: pd.DataFrame | None, lang: str) -> tuple[pd.DataFrame 
     drop, same = [], []
     for col in frame.columns:
         values = frame[col].dropna()
-        if len(frame) and not any(str(v).strip() for v in values):  # nothing in it to show
-            drop.append(col)
-        elif len(values) and all(isinstance(v, str) and _HASH.fullmatch(v) for v in values):
+        empty = len(frame) > 0 and not any(str(v).strip() for v in values)  # nothing in it to show
+        hashes = len(values) > 0 and all(isinstance(v, str) and _HASH.fullmatch(v) for v in values)
+        if empty or hashes:
             drop.append(col)
         elif len(frame) >= 2 and col not in _KEY_COLUMNS and frame[col].astype(str).nunique(dropna=False) == 1:
             drop.append(col)
