@@ -332,6 +332,25 @@ async def test_profile_model_claims_cite_events_and_mark_inferred(store: EventSt
     assert kinds["interest"] == "inferred" and kinds["purchase_rhythm"] == "observed"
 
 
+async def test_profile_sentences_are_verified_repaired_once_then_replaced_by_labelled_templates(
+        store: EventStore) -> None:
+    evs = store.user_events(DS, "u1")  # E1 RED RETRO MUG, E2 BLUE RETRO MUG, E3 CANDLE, E4 RED RETRO MUG
+    wrong = {"summary": "Buys the WOODEN HEART SIGN and red mugs.",  # u1 never bought the sign
+             "claims": [{"text": "Reorders the RED RETRO MUG.", "evidence": ["E1", "E4"], "inferred": False},
+                        {"text": "Loves the WOODEN HEART SIGN.", "evidence": ["E3"], "inferred": True}]}
+    repaired = {**wrong, "summary": "Buys red retro mugs in small orders."}  # the claim is still wrong
+    model = FakeModel.with_replies([json.dumps(wrong), json.dumps(repaired)])
+    p = await ProfileService(model).predict("u1", evs, CATALOG)
+    assert "WOODEN HEART SIGN" in model.calls[1].messages[-1]["content"]  # the violations fed back
+    assert (p.summary, p.summary_source) == ("Buys red retro mugs in small orders.", "model")
+    assert p.claims[0].text == "Reorders the RED RETRO MUG."
+    assert p.claims[1].text == "[template] bought VINTAGE CHRISTMAS CANDLE at 4.00 each (order o2)"
+    assert not p.claims[1].inferred
+    assert p.claims[1].evidence[0].ref == "E3"
+    v = p.meta.verification
+    assert v is not None and (v.checked, v.verified, v.repaired, v.replaced) == (3, 1, 1, 1)
+
+
 def test_prompts_render_strictly() -> None:
     hist = build_history("u1", U1, CATALOG)
     msgs = render(load_prompt("churn_risk.v1"), horizon_days=90, as_of_date="2011-02-20", drivers=["x"],
@@ -373,6 +392,18 @@ async def test_audience_cold_start_and_model_reasons() -> None:
     top = p.users[0]
     assert top.user_id == "u1" and top.reason_source == "model" and top.evidence[0].event_id == U1[0].event_id
     assert [u.rank for u in p.users] == list(range(1, len(p.users) + 1))
+
+
+async def test_an_audience_reason_naming_another_product_gives_way_to_the_retrieval_reason() -> None:
+    idx = _audience_index()
+    bad = json.dumps({"reason": "bought the WOODEN HEART SIGN before", "evidence": ["E1"]})
+    model = FakeModel.with_replies([yes_reply(0.9), bad, bad])  # the repair repeats it
+    p = await AudienceService(model, score_top=1).predict(idx, item_id="A", n=3, user_events={"u1": U1})
+    top = p.users[0]
+    assert (top.user_id, top.reason, top.reason_source) == ("u1", "[retrieval] Bought RED RETRO MUG before.", "fallback")
+    assert top.model_probability == pytest.approx(0.9) and top.evidence == []
+    v = p.meta.verification
+    assert v is not None and (v.checked, v.verified, v.repaired, v.replaced) == (1, 0, 0, 1)
 
 
 # ---- metrics, blending, batch robustness -------------------------------------------------------

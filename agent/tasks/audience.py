@@ -34,6 +34,7 @@ from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationErr
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 from agent.tasks.common import ask_yes_no, evidence_from_refs, make_meta
+from agent.tasks.verified import verified_reason
 from retrieval.covisit import CoVisitation, CoVisitationConfig
 from retrieval.index import VectorIndex
 
@@ -224,10 +225,16 @@ class AudienceService:
                     p = await ask_yes_no(self.model, msgs, trace)
                     schema = AudienceReason.model_json_schema()
                     schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
-                    ans = await structured_call(self.model, render(tpl, target=target, ask="reason", **hist.prompt_vars()),
-                                                AudienceReason, json_schema=schema, context={"refs": set(hist.refs)},
-                                                max_tokens=100, trace=trace)
-                    extra[u] = (p, ans.reason, evidence_from_refs(hist, ans.evidence))
+                    msgs = render(tpl, target=target, ask="reason", **hist.prompt_vars())
+                    ans = await structured_call(self.model, msgs, AudienceReason, json_schema=schema,
+                                                context={"refs": set(hist.refs)}, max_tokens=100, trace=trace)
+                    # the reason verified (products, events, numbers), else the labelled retrieval reason
+                    checked = await verified_reason(self.model, msgs, ans, hist, idx.catalog, trace,
+                                                    titles=[idx.title(item_id)] if item_id else [],
+                                                    json_schema=schema, context={"refs": set(hist.refs)},
+                                                    max_tokens=100)
+                    extra[u] = (p, checked.reason, evidence_from_refs(hist, checked.evidence)) if checked else (
+                        p, "", [])
                 except ModelUnavailableError as e:
                     trace.degraded.append(f"model unavailable ({e}); retrieval reasons")
                     break

@@ -32,10 +32,12 @@ from agent.domain.predictions import (
     sensitive_hits,  # noqa: F401 (re-exported: the sensitive-attribute rules live with the schemas)
 )
 from agent.domain.schemas import BehaviorEvent, CatalogItem
-from agent.llm.base import ChatModel
+from agent.domain.verify import Facts, TitleIndex
+from agent.llm.base import ChatModel, Message
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 from agent.tasks.common import ask_or_degrade, evidence_from_refs, make_meta
+from agent.tasks.verified import Checked, cited_facts, verify_answer
 
 # Words that describe a style rather than a product type (Online Retail gift-ware titles).
 STYLE_WORDS = (
@@ -277,21 +279,47 @@ class ProfileService:
         claims: list[ProfileClaim] = []
         tpl = load_prompt(self.prompt)
 
-        async def step(model: ChatModel) -> ProfileAnswer:
-            prompts.append(tpl.ref)
-            return await structured_call(
-                model, render(tpl, features=feature_lines(f), **hist.prompt_vars()), ProfileAnswer,
-                context={"refs": set(hist.refs)}, max_attempts=self.max_attempts, max_tokens=400, trace=trace)
+        messages = render(tpl, features=feature_lines(f), **hist.prompt_vars())
+        context = {"refs": set(hist.refs)}
 
-        ans = await ask_or_degrade(self.model, step, trace, what="profile summary",
+        async def step(model: ChatModel) -> tuple[ProfileAnswer, Checked[ProfileAnswer]]:
+            prompts.append(tpl.ref)
+            first = await structured_call(model, messages, ProfileAnswer, context=context,
+                                          max_attempts=self.max_attempts, max_tokens=400, trace=trace)
+            checked = await verify_answer(model, messages, first, lambda a: profile_sentences(a, messages, hist, catalog),
+                                          TitleIndex(it.title for it in catalog.values()), trace, context=context,
+                                          max_tokens=400)
+            return first, checked
+
+        got = await ask_or_degrade(self.model, step, trace, what="profile summary",
                                    fallback="computed profile with a template summary")
-        if ans is not None:
-            summary, source = ans.summary, "model"
-            claims = [ProfileClaim(text=c.text, inferred=c.inferred, evidence=evidence_from_refs(hist, c.evidence))
-                      for c in ans.claims]
+        if got is not None:
+            ans, checked = got
+            if (ok := checked.pick.get("summary")) is not None:
+                summary, source = ok.summary, "model"
+            for i, c in enumerate(ans.claims):
+                use = checked.pick.get(f"claim{i}")
+                claim = use.claims[i] if use is not None else c
+                ev = evidence_from_refs(hist, claim.evidence)
+                claims.append(ProfileClaim(text=claim.text, inferred=claim.inferred, evidence=ev) if use is not None
+                              else ProfileClaim(text="[template] " + "; ".join(e.summary for e in ev), inferred=False,
+                                                evidence=ev))
         return UserProfile(user_id=user_id, dataset=dataset, as_of=as_of.isoformat(), lifecycle_stage=f.lifecycle,
                            attributes=attrs, summary=summary, summary_source=source, claims=claims,
                            meta=make_meta("profile", self.model, trace, prompts, t0, self.model_sha256))
+
+
+def profile_sentences(a: ProfileAnswer, messages: list[Message], hist: HistoryView,
+                      catalog: Mapping[str, CatalogItem]) -> dict[str, tuple[str, Facts]]:
+    """A profile answer's model-written sentences with what each may say (`agent.tasks.verified`):
+    the summary (the products of the history window, its refs, the prompt's numbers: the
+    features), and each claim (``claim0``...: its cited events' products and refs only)."""
+    titles = [catalog[x.event.item_id].title for x in hist.lines if x.event.item_id in catalog]
+    out = {"summary": (a.summary, Facts(titles=titles, refs=hist.refs, numbers=[str(m["content"]) for m in messages],
+                                        may_rank_first=True, event_titles=titles))}
+    for i, c in enumerate(a.claims):
+        out[f"claim{i}"] = (c.text, cited_facts(messages, hist, c.evidence, catalog))
+    return out
 
 
 def fallback_profile_summary(f: UserFeatures) -> str:

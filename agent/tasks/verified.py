@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from agent.domain.errors import ModelUnavailableError, OutputValidationError
 from agent.domain.history import HistoryView
-from agent.domain.predictions import ChurnAnswer, IntentAnswer
+from agent.domain.predictions import AudienceReason, ChurnAnswer, IntentAnswer
 from agent.domain.predictions.common import Verification
 from agent.domain.schemas import CatalogItem
 from agent.domain.verify import Direction, Facts, TitleIndex, verify_sentence
@@ -30,7 +30,7 @@ from agent.llm.base import ChatModel, Message
 from agent.llm.structured import CallTrace, structured_call
 
 T = TypeVar("T", bound=BaseModel)
-R = TypeVar("R", ChurnAnswer, IntentAnswer)  # one-sentence answers: a reason and its evidence
+R = TypeVar("R", ChurnAnswer, IntentAnswer, AudienceReason)  # one-sentence answers: a reason and its evidence
 
 # sentence key ("A", "summary", "reason") -> (the sentence, what it may say)
 Sentences = Mapping[str, tuple[str, Facts]]
@@ -128,7 +128,7 @@ async def verified_reason(
     json_schema: dict[str, Any] | None = None, context: dict[str, Any] | None = None, max_tokens: int = 160,
 ) -> R | None:
     """`verify_answer` for a one-sentence answer (a `Cited` reason with its evidence: churn,
-    purchase intent, session intent): the answer whose reason verified (as written, else
+    purchase intent, session intent, an audience's targeting reason): the answer whose reason verified (as written, else
     repaired), or None when the task's template reason must be shown instead."""
     checked = await verify_answer(
         model, messages, answer,
