@@ -1,7 +1,8 @@
 """`shoplens eval faithfulness`: how the sentences the model writes fare against the verifier,
 through the same service the API, the CLI and the chat call, with the real model.
 
-Per answer (``--task next_item|churn|intent``, ``--n`` users of ``--dataset``, seeded sample):
+Per answer (``--task next_item|churn|intent|profile|audience|chat``, ``--n`` users of
+``--dataset``, seeded sample; an audience answer is for the item the user bought last):
 the verifier's counts (`Meta.verification`): model-written sentences checked, verified as
 written, repaired in the one repair round, replaced by the labelled template; and every
 returned sentence with its source. Reported (report.md, metrics.json): the shares with 95%
@@ -43,12 +44,13 @@ from agent.settings import Settings
 from agent.tasks.next_item import why_facts
 from eval.runs import read_jsonl, run_folder
 
-FaithTask = Literal["next_item", "churn", "intent", "chat"]
-TASKS: tuple[FaithTask, ...] = ("next_item", "churn", "intent", "chat")
+FaithTask = Literal["next_item", "churn", "intent", "profile", "audience", "chat"]
+TASKS: tuple[FaithTask, ...] = ("next_item", "churn", "intent", "profile", "audience", "chat")
 # the chat's question per customer, by language (what a merchandiser asks most)
 CHAT_QUESTIONS = {"en": "What will customer {uid} buy next, and why?", "zh": "客户{uid}接下来会买什么？为什么？"}
 CHAT_LABELS = tuple(x.strip() for x in LABEL.values())
-LABELS = ("[retrieval fallback]", "[cold start]", *CHAT_LABELS)  # CHAT_LABELS has "[template]" too
+# CHAT_LABELS has "[template]" too; "[retrieval]" labels the audience's retrieval reasons
+LABELS = ("[retrieval fallback]", "[retrieval]", "[cold start]", *CHAT_LABELS)
 N_EXAMPLES = 3
 MODEL_DOWN_WAIT_S = 20.0
 
@@ -73,6 +75,27 @@ def reason_record(pred: Any, direction: Direction) -> dict[str, Any]:
                            "cited": [[e.ref, e.item_id, e.summary] for e in pred.evidence],
                            "direction": direction}],
             "probability": pred.probability}
+
+
+def _cited(evidence: Sequence[Any]) -> list[list[str]]:
+    return [[e.ref, e.item_id, e.summary] for e in evidence]
+
+
+def profile_record(pred: Any) -> dict[str, Any]:
+    """A profile as a case: its summary and each claim (a claim the verifier replaced starts
+    with ``[template]``) with its evidence."""
+    return {"sentences": [{"key": "profile_summary", "text": pred.summary, "source": pred.summary_source}]
+            + [{"key": f"claim{i}", "text": c.text, "source": "template" if c.text.startswith("[template]") else "model",
+                "cited": _cited(c.evidence)} for i, c in enumerate(pred.claims)]}
+
+
+def audience_record(pred: Any) -> dict[str, Any]:
+    """An audience as a case: the targeting reason of each user the model scored (the others'
+    retrieval reasons are not model sentences and are not recorded)."""
+    return {"sentences": [{"key": f"user{u.rank}", "text": u.reason, "source": u.reason_source,
+                           "cited": _cited(u.evidence)}
+                          for u in pred.users if u.model_probability is not None],
+            "item_id": pred.item_id}
 
 
 def chat_record(events: Sequence[Any]) -> dict[str, Any]:
@@ -187,11 +210,18 @@ async def _one(svc: ShopLensService, task: FaithTask, dataset: str, uid: str, k:
     elif task == "churn":
         pred = await svc.churn(dataset, uid)
         rec = reason_record(pred, _direction(pred.probability, pred.risk_band))
+    elif task == "profile":
+        pred = await svc.profile(dataset, uid)
+        rec = profile_record(pred)
     else:
         page = await svc.user_events(dataset, uid, limit=1_000)
         item = page.events[-1].item_id
-        pred = await svc.intent(dataset, uid, item)
-        rec = reason_record(pred, _direction(pred.probability)) | {"item_id": item}
+        if task == "audience":  # who to target for the item this user bought last
+            pred = await svc.audience(dataset, item_id=item, n=20)
+            rec = audience_record(pred)
+        else:
+            pred = await svc.intent(dataset, uid, item)
+            rec = reason_record(pred, _direction(pred.probability)) | {"item_id": item}
     meta = pred.meta
     return rec | {"verification": meta.verification.model_dump() if meta.verification else None,
                   "degraded": meta.degraded, "degraded_reason": meta.degraded_reason, "model_id": meta.model_id}

@@ -74,7 +74,7 @@ def test_a_chat_turn_is_split_into_model_and_template_sentences() -> None:
     assert rec["verification"]["replaced"] == 1 and rec["degraded"] is False
 
 
-@pytest.mark.parametrize("task", ["next_item", "churn", "intent", "chat"])
+@pytest.mark.parametrize("task", ["next_item", "churn", "intent", "profile", "audience", "chat"])
 def test_the_cli_names_each_task(task: str) -> None:
     from typer.testing import CliRunner
 
@@ -104,3 +104,32 @@ def test_a_user_retried_after_the_model_was_down_counts_once(tmp_path: Any) -> N
     assert not _model_down({"degraded_reason": None})
     (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(r) for r in [down, RECS[0] | {"user_id": "1"}]))
     assert [r.get("error") for r in read_cases(tmp_path)] == [None]
+
+
+def test_profile_and_audience_answers_become_cases_whose_claims_are_seeded() -> None:
+    from types import SimpleNamespace as NS
+
+    from eval.faithfulness_eval import audience_record, profile_record
+
+    ev = NS(ref="E20", item_id="W", summary="bought 12 × HAND WARMER UNION JACK at 1.85 each (order 536365)")
+    prof = NS(summary="Buys hand warmers in winter.", summary_source="model", claims=[
+        NS(text="Reorders the HAND WARMER UNION JACK (E20).", evidence=[ev]),
+        NS(text="[template] bought 12 × HAND WARMER UNION JACK at 1.85 each (order 536365)", evidence=[ev])])
+    rec = profile_record(prof)
+    assert [(s["key"], s["source"]) for s in rec["sentences"]] == [
+        ("profile_summary", "model"), ("claim0", "model"), ("claim1", "template")]
+    aud = NS(item_id="W", users=[
+        NS(rank=1, reason="Reorders union jack warmers (E20).", reason_source="model", evidence=[ev],
+           model_probability=0.8),
+        NS(rank=2, reason="[retrieval] Bought HAND WARMER UNION JACK before.", reason_source="fallback", evidence=[],
+           model_probability=0.4),  # scored, reason replaced: still a model sentence's outcome
+        NS(rank=3, reason="[retrieval] Bought HAND WARMER UNION JACK before.", reason_source="fallback", evidence=[],
+           model_probability=None)])  # never asked: not recorded
+    arec = audience_record(aud)
+    assert [(s["key"], s["source"]) for s in arec["sentences"]] == [("user1", "model"), ("user2", "fallback")]
+    cases = [rec | {"user_id": "p", "task": "profile"}, arec | {"user_id": "a", "task": "audience"}]
+    got = seeded_checks(cases, TitleIndex(TITLES.values()), TITLES)
+    # seeded: the profile summary, its one model claim and the audience's model reason
+    assert {c: (x["seeded"], x["caught"]) for c, x in got["classes"].items()} == {
+        "invented_number": (3, 3), "uncited_event": (3, 3), "uncited_product": (3, 3)}
+    assert summarise([c | {"seconds": 1.0, "verification": None} for c in cases])["unlabelled_template_fallbacks"] == 0

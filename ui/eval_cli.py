@@ -319,9 +319,11 @@ if __name__ == "__main__":
 
 @eval_app.command("faithfulness")
 def faithfulness_cmd(
-    task: Annotated[Literal["next_item", "churn", "intent", "chat"], typer.Option(
+    task: Annotated[Literal["next_item", "churn", "intent", "profile", "audience", "chat"], typer.Option(
         help="whose sentences: next_item (each reason's why and the intent summary), churn or intent (the "
-             "reason), chat (the answer to 'what will customer X buy next, and why?')")] = "next_item",
+             "reason), profile (the summary and each claim), audience (the targeting reasons for the item "
+             "each sampled user bought last), chat (the answer to 'what will customer X buy next, and "
+             "why?')")] = "next_item",
     lang: Annotated[Literal["en", "zh"], typer.Option(help="chat: the question's (and answer's) language")] = "en",
     dataset: Annotated[str, typer.Option(help="a stored dataset (shoplens ingest)")] = "online-retail",
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="answers: users sampled (seeded)")] = 100,
