@@ -37,6 +37,7 @@ from agent.app.feedback import wilson_interval
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.chat.checked import LABEL, split_sentences
+from agent.chat.results import ANSWER_PROMPT
 from agent.chat.router import ChatAgent
 from agent.chat.tools import ToolContext, interactive_config
 from agent.domain.verify import Direction, Facts, TitleIndex, verify_sentence
@@ -125,13 +126,14 @@ def _direction(p: float, band: str | None = None) -> Direction:
 
 def run_faithfulness_eval(settings: Settings, *, task: FaithTask, dataset: str = "online-retail", n: int = 100,
                           seed: int = 0, out: Path | None = None, k: int = 5, min_events: int = 3,
-                          lang: Literal["en", "zh"] = "en") -> Path:
+                          lang: Literal["en", "zh"] = "en", prompt: str | None = None) -> Path:
     """Ask the served pipeline for `n` answers of `task` and record the verifier's account.
 
     Args:
         task: next_item (k items with reasons and a summary), churn or intent (one reason each),
             chat (the merchandiser chat's answer to "what will customer X buy next, and why?").
         lang: the chat question's language (the answer's); the tasks answer in English.
+        prompt: chat: the answer prompt (default `agent.chat.results.ANSWER_PROMPT`).
         dataset: a stored dataset (`shoplens ingest` first).
         n: users sampled (seeded); users with fewer than `min_events` events are skipped.
         out: the run folder (default ``<workspace>/runs/<time>-faithfulness-<task>``); an existing
@@ -160,21 +162,23 @@ def run_faithfulness_eval(settings: Settings, *, task: FaithTask, dataset: str =
     d = run_folder(f"faithfulness-{task}", out, settings.workspace / "runs")
     done = {r["user_id"] for r in read_cases(d) if "error" not in r}  # an error is retried
     (d / "config.json").write_text(json.dumps({"task": task, "dataset": dataset, "n": n, "seed": seed, "k": k,
-                                               "min_events": min_events, "sampled": len(sample), "lang": lang},
+                                               "min_events": min_events, "sampled": len(sample), "lang": lang,
+                                               "prompt": prompt or ANSWER_PROMPT if task == "chat" else None},
                                               indent=2))
-    asyncio.run(_ask(svc, task, dataset, [u for u in sample if u not in done], d / "cases.jsonl", k, lang))
+    asyncio.run(_ask(svc, task, dataset, [u for u in sample if u not in done], d / "cases.jsonl", k, lang,
+                     prompt or ANSWER_PROMPT))
     arts = rt.artifacts(dataset)
     return write_report(d, arts.title_index, {i: it.title for i, it in arts.catalog.items()})
 
 
 async def _ask(svc: ShopLensService, task: FaithTask, dataset: str, users: Sequence[str], path: Path, k: int,
-               lang: Literal["en", "zh"]) -> None:
+               lang: Literal["en", "zh"], prompt: str) -> None:
     with path.open("a") as fh:
         for uid in tqdm(users, desc=f"faithfulness {task}", unit="answer"):
             t0 = time.perf_counter()
             for _attempt in range(2):
                 try:
-                    rec = await _one(svc, task, dataset, uid, k, lang)
+                    rec = await _one(svc, task, dataset, uid, k, lang, prompt)
                 except Exception as e:  # one bad case never aborts the run; it is counted
                     rec = {"error": f"{type(e).__name__}: {e}"}
                 if not _model_down(rec):
@@ -198,10 +202,10 @@ def _model_down(rec: dict[str, Any]) -> bool:
 
 
 async def _one(svc: ShopLensService, task: FaithTask, dataset: str, uid: str, k: int,
-               lang: Literal["en", "zh"]) -> dict[str, Any]:
+               lang: Literal["en", "zh"], prompt: str) -> dict[str, Any]:
     """One answer of `task` for `uid`, from the service (or the chat agent), as a case record."""
     if task == "chat":
-        agent = ChatAgent(ToolContext(svc.runtime, svc, dataset, interactive_config(svc, k)))
+        agent = ChatAgent(ToolContext(svc.runtime, svc, dataset, interactive_config(svc, k)), answer_prompt=prompt)
         return chat_record([e async for e in agent.ask(CHAT_QUESTIONS[lang].format(uid=uid))])
     pred: Any
     if task == "next_item":

@@ -525,6 +525,11 @@ def test_split_sentences_keeps_list_numbers_and_decimals_whole() -> None:
                                                                                "Then 2. JUMBO BAG")
     assert split_sentences("第一句。第二句") == (["第一句。"], "第二句")
     assert split_sentences("a line\nnext") == (["a line\n"], "next")
+    # a lead-in ending with a colon stays with the list's first line (its claim names that item)
+    assert split_sentences("Most likely to buy:\n1. HAND WARMER\n2. MUG\n") == (
+        ["Most likely to buy:\n1. HAND WARMER\n", "2. MUG\n"], "")
+    assert split_sentences("最有可能的下一次购买是：\n\n1. HAND WARMER\n") == (["最有可能的下一次购买是：\n\n1. HAND WARMER\n"], "")
+    assert split_sentences("Buy: \n") == ([], "Buy: \n")  # a lead-in waits for its list
 
 
 async def _next_item_turn(tmp_path: Path, answers: list[str]) -> tuple[list[ChatEvent], FakeModel]:

@@ -80,7 +80,9 @@ def ask(page: Any, url: str, question: str, timeout_s: float) -> str:
     status = ""
     while time.monotonic() < deadline:
         status = page.inner_text("#status")
-        if "✅" in status or "retrieval only" in status or "error:" in status:
+        # the turn's last status: done (✅, or ⚠️ when a sentence was replaced), the labelled
+        # template, the model-down answer, or an error
+        if any(x in status for x in ("✅", "sentences verified", "labelled template", "retrieval only", "error:")):
             return status
         page.wait_for_timeout(1000)
     raise AssertionError(f"no answer within {timeout_s:.0f} s; status: {status!r}")

@@ -374,14 +374,15 @@ def test_snapshot_chat_route_v1() -> None:
     check_snapshot("chat_route.v1", as_text(fake.calls[0].messages))
 
 
-def test_snapshot_chat_answer_v1_in_both_languages() -> None:
+@pytest.mark.parametrize("prompt", ["chat_answer.v1", "chat_answer.v2"])
+def test_snapshot_chat_answer_in_both_languages(prompt: str) -> None:
     from agent.chat.results import ItemDetails, ItemInfo, answer_messages
 
     result = ItemDetails(dataset="online-retail", n_customers=856,
                          item=ItemInfo(item_id="85123A", title="WHITE HANGING HEART T-LIGHT HOLDER", price=2.55))
-    en = answer_messages("Tell me about item 85123A", "en", "item_details", result)
-    zh = answer_messages("商品85123A怎么样？", "zh", "item_details", result)
-    check_snapshot("chat_answer.v1", as_text(en) + "##### zh\n" + as_text(zh))
+    en = answer_messages("Tell me about item 85123A", "en", "item_details", result, prompt)
+    zh = answer_messages("商品85123A怎么样？", "zh", "item_details", result, prompt)
+    check_snapshot(prompt, as_text(en) + "##### zh\n" + as_text(zh))
 
 
 def test_every_template_has_a_snapshot() -> None:

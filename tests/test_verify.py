@@ -60,6 +60,8 @@ RANKED = Facts(titles=["HAND WARMER RED LOVE HEART", "HOT WATER BOTTLE KEEP CALM
      "'HAND WARMER RED LOVE HEART' first"),
     ("Their next purchase: HOT WATER BOTTLE KEEP CALM", RANKED,
      "says 'next purchase' but does not name the top-ranked item 'HAND WARMER RED LOVE HEART' first"),
+    ("他接下来可能会买一个HOT WATER BOTTLE KEEP CALM。", RANKED,
+     "says '接下来可能会买' but does not name the top-ranked item 'HAND WARMER RED LOVE HEART' first"),
     ("客户下一次会购买 HOT WATER BOTTLE KEEP CALM", RANKED,
      "says '下一次会购买' but does not name the top-ranked item 'HAND WARMER RED LOVE HEART' first"),
     ("The customer will probably buy this next", ITEM5,

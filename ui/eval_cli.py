@@ -325,6 +325,7 @@ def faithfulness_cmd(
              "each sampled user bought last), chat (the answer to 'what will customer X buy next, and "
              "why?')")] = "next_item",
     lang: Annotated[Literal["en", "zh"], typer.Option(help="chat: the question's (and answer's) language")] = "en",
+    prompt: Annotated[str | None, typer.Option(help="chat: the answer prompt (default chat_answer.v2)")] = None,
     dataset: Annotated[str, typer.Option(help="a stored dataset (shoplens ingest)")] = "online-retail",
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="answers: users sampled (seeded)")] = 100,
     seed: int = 0,
@@ -356,7 +357,7 @@ def faithfulness_cmd(
             d = write_report(out, arts.title_index, {i: it.title for i, it in arts.catalog.items()})
         else:
             d = run_faithfulness_eval(settings, task=task, dataset=dataset, n=n, seed=seed, out=out, k=k,
-                                      min_events=min_events, lang=lang)
+                                      min_events=min_events, lang=lang, prompt=prompt)
     except (ValueError, ModelUnavailableError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e

@@ -30,16 +30,20 @@ from agent.domain.verify import (
 from agent.llm.base import ChatModel, Message
 
 # A sentence ends at . ! ? followed by a space (not after a list number like "1."), at a Chinese
-# full stop, or at a line break.
+# full stop, or at a line break, except after a colon: a lead-in ("most likely to buy:") is one
+# sentence with the list's first line, so an ordering claim is checked with the item it names.
 _END = re.compile(r"(?<=[.!?])(?<!\b\d\.)(?<!\b\d\d\.)\s+|(?<=[。！？；])|\n+")
 LABEL = {"en": "[template] ", "zh": "[模板] "}
 
 
 def split_sentences(buf: str) -> tuple[list[str], str]:
     """The complete sentences at the start of `buf` (each with its trailing space or line
-    break) and the incomplete rest: ``"A b. C d"`` -> ``(["A b. "], "C d")``."""
+    break) and the incomplete rest: ``"A b. C d"`` -> ``(["A b. "], "C d")``. A sentence ending
+    with a colon (a list's lead-in) is one with the next."""
     out, start = [], 0
     for m in _END.finditer(buf):
+        if buf[start:m.start()].rstrip().endswith((":", "：")):
+            continue  # a lead-in: kept with what follows it
         if m.end() > start:
             out.append(buf[start:m.end()])
             start = m.end()

@@ -23,6 +23,8 @@ ToolName = Literal[
 # Older names a routing answer may still use (the chat_route.v1 guide says "-> sentiment").
 TOOL_ALIASES: dict[str, ToolName] = {"sentiment": "item_sentiment"}
 
+ANSWER_PROMPT = "chat_answer.v2"  # the chat's answer prompt (prompts/); v1 kept for comparison
+
 # ---- args --------------------------------------------------------------------------------
 
 
@@ -394,9 +396,10 @@ def fallback_answer(result: ToolResult, lang: Literal["zh", "en"]) -> str:
     return result_facts(result)
 
 
-def answer_messages(question: str, lang: Literal["zh", "en"], tool: str, result: ToolResult
-                    ) -> list[dict[str, str]]:
-    """The rendered ``chat_answer.v1`` prompt for one tool result."""
-    return render(load_prompt("chat_answer.v1"), question=question, tool=tool,
+def answer_messages(question: str, lang: Literal["zh", "en"], tool: str, result: ToolResult,
+                    prompt: str = ANSWER_PROMPT) -> list[dict[str, str]]:
+    """The rendered answer prompt (``chat_answer.v2``; v1: without the verifier's rules) for
+    one tool result."""
+    return render(load_prompt(prompt), question=question, tool=tool,
                   facts=result_facts(result),
                   language_name="Chinese (简体中文)" if lang == "zh" else "English")

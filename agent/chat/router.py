@@ -3,7 +3,7 @@
 A deterministic pre-parser pulls ids, a month and the language out of the question; one
 schema-constrained call (`structured_call`, prompt ``chat_route.v1``) returns a pydantic
 `ToolCall` whose tool name is an enum and whose ids are enums of the pre-parsed ids; the tool
-runs; a second call (``chat_answer.v1``) streams the answer in the question's language. With no
+runs; a second call (``chat_answer.v2``) streams the answer in the question's language. With no
 model the keyword router (`rule_route`) picks the tool and a template writes the answer.
 
 The answer streams through the same guarded model (`ChatModel.stream`) every other surface
@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 from agent.chat.checked import LABEL, Outcome, chat_facts, checked_answer
 from agent.chat.preparse import Language, ParsedQuestion, detect_language, preparse
 from agent.chat.results import (
+    ANSWER_PROMPT,
     TOOL_ALIASES,
     TaskResult,
     Timeline,
@@ -296,12 +297,15 @@ class ChatAgent:
         ctx: the tool context (runtime, service, dataset, next-item config).
         use_model: False routes by keyword rules and answers from templates.
         heartbeat_s: how often a slow model call reports that it is still working.
+        answer_prompt: the answer prompt's name (default ``chat_answer.v2``).
     """
 
-    def __init__(self, ctx: ToolContext, *, use_model: bool = True, heartbeat_s: float = 8.0):
+    def __init__(self, ctx: ToolContext, *, use_model: bool = True, heartbeat_s: float = 8.0,
+                 answer_prompt: str = ANSWER_PROMPT):
         self.ctx = ctx
         self.use_model = use_model
         self.heartbeat_s = heartbeat_s
+        self.answer_prompt = answer_prompt  # a prompts/ name; the eval compares versions
 
     async def _model(self) -> tuple[ChatModel | None, str | None]:
         if not self.use_model:
@@ -389,7 +393,7 @@ class ChatAgent:
             yield ChatEvent("token", labelled)
             yield ChatEvent("done", why or "", answer_source="template")
             return
-        messages = answer_messages(question, lang, route.call.tool, result)
+        messages = answer_messages(question, lang, route.call.tool, result, self.answer_prompt)
         catalogue = self.ctx.runtime.artifacts(self.ctx.dataset).title_index
         out = Outcome()
         chunks = checked_answer(model, messages, chat_facts(result, question, catalogue), catalogue, template,

@@ -44,7 +44,8 @@ _ORDERING = re.compile(
     # "will (likely) buy X next", "X is their next purchase", "likely that ... will buy"
     r"|\bwill (?:\w+ ){0,2}(?:buy|purchase|order)\b[^.;]{0,90}\bnext\b|\bnext (?:purchase|buy|order)\b"
     r"|\blikely that\b[^.;]{0,60}\bwill (?:\w+ ){0,2}(?:buy|purchase|order)\b"
-    r"|最可能|最有可能|首选|第一选择|排名第一|下一(?:个|次|件)?(?:会)?(?:购买|买)", re.I)
+    r"|最可能|最有可能|首选|第一选择|排名第一|下一(?:个|次|件)?(?:会)?(?:购买|买)"
+    r"|接下来(?:很|最)?(?:可能)?会?(?:购买|买)", re.I)
 _POPULAR = re.compile(r"\b(?:best[- ]?sell\w*|popular\w*|trending|top[- ]selling)\b|热销|畅销|爆款|很受欢迎", re.I)
 _HIGH = re.compile(r"\b(?:high(?:er)? (?:risk|churn|intent|chance|probability)|(?<!un)likely to (?:churn|leave|lapse|buy|"
                    r"purchase|order)|at risk|ready to buy|about to (?:buy|order))\b|高风险|很可能购买|即将购买", re.I)
