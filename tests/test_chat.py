@@ -739,3 +739,16 @@ async def test_task_answers_read_as_text_not_json_in_both_languages(tmp_path: Pa
     assert "- frequency: 3 orders in total, 3 in the last 90 days (lowers risk)" in churn
     profile = await answer("Describe customer 12347's shopping style.")
     assert profile.startswith("[template] Customer 12347 (new): ") and "- interest: bag (inferred)" in profile
+
+
+def test_the_status_line_speaks_the_questions_language() -> None:
+    app = _ui()
+    from agent.domain.predictions.common import Verification
+
+    v = Verification(checked=3, verified=1, repaired=1, replaced=1, violations=[])
+    ev = ChatEvent("done", "", answer_source="model", verification=v)
+    assert app.done_status(ev, "en") == ("⚠️ done · 2 of 3 sentences verified \\(1 after a repair\\), 1 replaced by "
+                                         "the labelled template")
+    assert app.done_status(ev, "zh") == "⚠️ 完成 · 3 句中 2 句已核实（1 句经一次修正），1 句由标注的模板替换"
+    down = ChatEvent("done", "model disabled", answer_source="template")
+    assert "retrieval only" in app.done_status(down, "zh") and "模型不可用" in app.done_status(down, "zh")

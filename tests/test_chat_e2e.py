@@ -82,7 +82,8 @@ def ask(page: Any, url: str, question: str, timeout_s: float) -> str:
         status = page.inner_text("#status")
         # the turn's last status: done (✅, or ⚠️ when a sentence was replaced), the labelled
         # template, the model-down answer, or an error
-        if any(x in status for x in ("✅", "sentences verified", "labelled template", "retrieval only", "error:")):
+        if any(x in status for x in ("✅", "sentences verified", "已核实", "labelled template", "模板", "retrieval only",
+                                     "error:")):
             return status
         page.wait_for_timeout(1000)
     raise AssertionError(f"no answer within {timeout_s:.0f} s; status: {status!r}")
@@ -232,7 +233,8 @@ def test_browser_real_model_next_item_en_and_zh(browser: Any) -> None:
             assert len(titles) >= 3 and re.search(r"\d", rows[0].get("得分" if lang == "zh" else "Score", "")), rows
             # the model answered, every sentence shown verified, or its answer failed the verifier
             # and the labelled template is shown; never the model-down path
-            assert "sentences verified" in status and "unavailable" not in status, status
+            assert ("句已核实" if lang == "zh" else "sentences verified") in status, status
+            assert "unavailable" not in status and "不可用" not in status, status
             named = sorted((answer.upper().find(t.upper()), t) for t in titles if t.upper() in answer.upper())
             assert named, f"{lang}: the answer names none of the table's products {titles}: {answer!r}"
             assert named[0][1] == titles[0], f"{lang}: the answer's first product is not row 1: {named} vs {titles}"

@@ -219,21 +219,27 @@ class ChatController:
 
 
 def done_status(ev: ChatEvent, lang: str) -> str:
-    """The status line at the end of a turn: who wrote the answer and what the verifier did to
-    the model's sentences ("✅ done · 3 of 3 sentences verified")."""
+    """The status line at the end of a turn, in the question's language: who wrote the answer
+    and what the verifier did to the model's sentences ("✅ done · 3 of 3 sentences verified" /
+    "✅ 完成 · 3 句中 3 句已核实")."""
+    zh = lang == "zh"
     v = ev.verification
     counts = ""
     if v is not None and v.checked:
-        counts = f" · {v.verified + v.repaired} of {v.checked} sentences verified" + (
-            f" ({v.repaired} after a repair)" if v.repaired else "") + (
-            f", {v.replaced} replaced by the labelled template" if v.replaced else "")
+        ok = v.verified + v.repaired
+        counts = (f" · {v.checked} 句中 {ok} 句已核实" + (f"（{v.repaired} 句经一次修正）" if v.repaired else "")
+                  + (f"，{v.replaced} 句由标注的模板替换" if v.replaced else "") if zh else
+                  f" · {ok} of {v.checked} sentences verified" + (f" ({v.repaired} after a repair)" if v.repaired else "")
+                  + (f", {v.replaced} replaced by the labelled template" if v.replaced else ""))
     if ev.answer_source == "template" and not counts:
-        return status_line("warn", "The model is unavailable or failed, so this answer comes from retrieval "
-                                   f"only: {ev.text}", lang)
+        return status_line("warn", (f"模型不可用或出错，此回答仅来自检索（retrieval only）：{ev.text}" if zh else
+                                    f"The model is unavailable or failed, so this answer comes from retrieval only: "
+                                    f"{ev.text}"), lang)
     if ev.answer_source == "template":
-        return status_line("warn", f"The model's answer failed the verifier, so the labelled template answer is "
-                                   f"shown{counts}", lang)
-    return status_line("warn" if v is not None and v.replaced else "ok", "done" + counts, lang)
+        return status_line("warn", ("模型的回答未通过核实，显示标注的模板回答" if zh else
+                                    "The model's answer failed the verifier, so the labelled template answer is "
+                                    "shown") + counts, lang)
+    return status_line("warn" if v is not None and v.replaced else "ok", ("完成" if zh else "done") + counts, lang)
 
 
 def build_chat_app(runtime: Runtime, *, use_model: bool = True,
