@@ -99,3 +99,13 @@ def test_profile_churn_and_intent_answers_become_tables_and_charts() -> None:
     t, _ = render.readable_table(render.items_frame(intent), "en")
     assert list(t["Field"]) == ["probability", "baseline_probability", "model_probability", "stage", "reason"]
     assert render.chart_frame(intent, "zh")[1] == "购买概率"
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_open_as_text(tmp_path: Path) -> None:
+    hostile = pd.DataFrame([{"Product": '=HYPERLINK("http://x.example","click")', "Score": -0.5},
+                            {"Product": "@SUM(A1:A9)", "Score": 0.25}, {"Product": "-2+3", "Score": 1.0},
+                            {"Product": "MUG", "Score": 0.0}])
+    path = render.write_csv(hostile, tmp_path, "t")
+    back = pd.read_csv(path, encoding="utf-8-sig")
+    assert list(back["Product"]) == ["'=HYPERLINK(\"http://x.example\",\"click\")", "'@SUM(A1:A9)", "'-2+3", "MUG"]
+    assert list(back["Score"]) == [-0.5, 0.25, 1.0, 0.0]  # numbers stay numbers

@@ -211,12 +211,20 @@ def _column(name: str, zh: bool) -> str:
     return en_zh[1 if zh else 0] if en_zh else name.replace("_", " ")
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection, OWASP).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def write_csv(frame: pd.DataFrame, folder: Path, stem: str) -> Path:
     """The shown table as UTF-8 CSV with a byte-order mark (Excel reads the Chinese headers),
-    at ``folder/shoplens-<stem>.csv``; returns the path."""
+    at ``folder/shoplens-<stem>.csv``; returns the path. A text cell that a spreadsheet would
+    run as a formula (a title like ``=HYPERLINK(...)``) is written with a leading ``'``, so it
+    opens as text; numbers are written as numbers."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"shoplens-{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem).strip('-') or 'table'}.csv"
-    frame.to_csv(path, index=False, encoding="utf-8-sig")
+    safe = frame.map(lambda v: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v)
+    safe.columns = ["'" + c if str(c).startswith(_FORMULA_START) else c for c in frame.columns]
+    safe.to_csv(path, index=False, encoding="utf-8-sig")
     return path
 
 
