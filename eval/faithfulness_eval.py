@@ -101,8 +101,11 @@ def audience_record(pred: Any) -> dict[str, Any]:
 
 def chat_record(events: Sequence[Any]) -> dict[str, Any]:
     """A chat turn as a case: the answer's sentences (`split_sentences`), each labelled model
-    or template (the template part starts at its label), and the done event's counts."""
-    text = "".join(e.text for e in events if e.kind == "token")
+    or template (the template part starts at its label), the template's facts that open a
+    next-item answer by design (source "facts": not the model's, not a fallback), and the done
+    event's counts."""
+    facts = "".join(e.text for e in events if e.kind == "token" and getattr(e, "source", None) == "facts")
+    text = "".join(e.text for e in events if e.kind == "token" and getattr(e, "source", None) != "facts")
     done = events[-1]
     cut = min((i for i in (text.find(lab) for lab in CHAT_LABELS) if i >= 0), default=len(text))
     head, rest = split_sentences(text[:cut])
@@ -110,7 +113,9 @@ def chat_record(events: Sequence[Any]) -> dict[str, Any]:
     sentences = [{"key": f"s{i}", "text": x.strip(), "source": src} for i, x in enumerate([*head, rest]) if x.strip()]
     if cut < len(text):
         sentences.append({"key": "template", "text": text[cut:].strip(), "source": "template"})
-    return {"sentences": sentences, "answer": text, "answer_source": done.answer_source,
+    if facts.strip():
+        sentences.insert(0, {"key": "facts", "text": facts.strip(), "source": "facts"})
+    return {"sentences": sentences, "answer": facts + text, "answer_source": done.answer_source,
             "verification": done.verification.model_dump() if done.verification else None,
             "degraded": done.answer_source != "model", "degraded_reason": done.text or None}
 
@@ -126,7 +131,8 @@ def _direction(p: float, band: str | None = None) -> Direction:
 
 def run_faithfulness_eval(settings: Settings, *, task: FaithTask, dataset: str = "online-retail", n: int = 100,
                           seed: int = 0, out: Path | None = None, k: int = 5, min_events: int = 3,
-                          lang: Literal["en", "zh"] = "en", prompt: str | None = None) -> Path:
+                          lang: Literal["en", "zh"] = "en", prompt: str | None = None,
+                          facts_first: bool = True) -> Path:
     """Ask the served pipeline for `n` answers of `task` and record the verifier's account.
 
     Args:
@@ -134,6 +140,8 @@ def run_faithfulness_eval(settings: Settings, *, task: FaithTask, dataset: str =
             chat (the merchandiser chat's answer to "what will customer X buy next, and why?").
         lang: the chat question's language (the answer's); the tasks answer in English.
         prompt: chat: the answer prompt (default `agent.chat.results.ANSWER_PROMPT`).
+        facts_first: chat: the served default, the ranking from the template and the why from the
+            model (``chat_rationale.v1``); False: the model writes the whole answer (`prompt`).
         dataset: a stored dataset (`shoplens ingest` first).
         n: users sampled (seeded); users with fewer than `min_events` events are skipped.
         out: the run folder (default ``<workspace>/runs/<time>-faithfulness-<task>``); an existing
@@ -163,22 +171,23 @@ def run_faithfulness_eval(settings: Settings, *, task: FaithTask, dataset: str =
     done = {r["user_id"] for r in read_cases(d) if "error" not in r}  # an error is retried
     (d / "config.json").write_text(json.dumps({"task": task, "dataset": dataset, "n": n, "seed": seed, "k": k,
                                                "min_events": min_events, "sampled": len(sample), "lang": lang,
-                                               "prompt": prompt or ANSWER_PROMPT if task == "chat" else None},
+                                               "prompt": prompt or ANSWER_PROMPT if task == "chat" else None,
+                                               "facts_first": facts_first if task == "chat" else None},
                                               indent=2))
     asyncio.run(_ask(svc, task, dataset, [u for u in sample if u not in done], d / "cases.jsonl", k, lang,
-                     prompt or ANSWER_PROMPT))
+                     prompt or ANSWER_PROMPT, facts_first))
     arts = rt.artifacts(dataset)
     return write_report(d, arts.title_index, {i: it.title for i, it in arts.catalog.items()})
 
 
 async def _ask(svc: ShopLensService, task: FaithTask, dataset: str, users: Sequence[str], path: Path, k: int,
-               lang: Literal["en", "zh"], prompt: str) -> None:
+               lang: Literal["en", "zh"], prompt: str, facts_first: bool) -> None:
     with path.open("a") as fh:
         for uid in tqdm(users, desc=f"faithfulness {task}", unit="answer"):
             t0 = time.perf_counter()
             for _attempt in range(2):
                 try:
-                    rec = await _one(svc, task, dataset, uid, k, lang, prompt)
+                    rec = await _one(svc, task, dataset, uid, k, lang, prompt, facts_first)
                 except Exception as e:  # one bad case never aborts the run; it is counted
                     rec = {"error": f"{type(e).__name__}: {e}"}
                 if not _model_down(rec):
@@ -202,10 +211,11 @@ def _model_down(rec: dict[str, Any]) -> bool:
 
 
 async def _one(svc: ShopLensService, task: FaithTask, dataset: str, uid: str, k: int,
-               lang: Literal["en", "zh"], prompt: str) -> dict[str, Any]:
+               lang: Literal["en", "zh"], prompt: str, facts_first: bool = True) -> dict[str, Any]:
     """One answer of `task` for `uid`, from the service (or the chat agent), as a case record."""
     if task == "chat":
-        agent = ChatAgent(ToolContext(svc.runtime, svc, dataset, interactive_config(svc, k)), answer_prompt=prompt)
+        agent = ChatAgent(ToolContext(svc.runtime, svc, dataset, interactive_config(svc, k)), answer_prompt=prompt,
+                          facts_first=facts_first)
         return chat_record([e async for e in agent.ask(CHAT_QUESTIONS[lang].format(uid=uid))])
     pred: Any
     if task == "next_item":
@@ -249,7 +259,10 @@ def summarise(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key in ("checked", "verified", "repaired", "replaced"):
             v[key] += (r.get("verification") or {}).get(key, 0)
     sentences = [s for r in ok for s in r["sentences"]]
-    unlabelled = [s["text"] for s in sentences if s["source"] != "model" and not s["text"].startswith(LABELS)]
+    # a template sentence that is not the model's must say so, except the facts a next-item chat
+    # answer opens with by design (the ranking, from the template)
+    unlabelled = [s["text"] for s in sentences
+                  if s["source"] not in ("model", "facts") and not s["text"].startswith(LABELS)]
 
     def share(x: int) -> dict[str, Any]:
         ci = wilson_interval(x, v["checked"])

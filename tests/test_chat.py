@@ -255,7 +255,7 @@ async def test_turn_streams_evidence_then_model_answer(tmp_path: Path) -> None:
     evidence = [e.result for e in events if e.kind == "evidence"]
     assert isinstance(evidence[0], Timeline) and isinstance(evidence[1], NextItems)
     answer_prompt = fake.calls[-1].messages[-1]["content"]
-    assert "E" in answer_prompt and "Answer in English" in answer_prompt
+    assert "E" in answer_prompt and "Continue in English" in answer_prompt  # the why after the ranking
 
 
 async def test_chinese_question_gets_a_chinese_answer_prompt(tmp_path: Path) -> None:
@@ -532,13 +532,44 @@ def test_split_sentences_keeps_list_numbers_and_decimals_whole() -> None:
     assert split_sentences("Buy: \n") == ([], "Buy: \n")  # a lead-in waits for its list
 
 
-async def _next_item_turn(tmp_path: Path, answers: list[str]) -> tuple[list[ChatEvent], FakeModel]:
+async def _next_item_turn(tmp_path: Path, answers: list[str], *, facts_first: bool = False,
+                          question: str = "What will customer 17850 buy next, and why?"
+                          ) -> tuple[list[ChatEvent], FakeModel]:
+    """One next-item turn on the fake model; facts_first=False: the model writes the whole answer
+    (the verifier's own path, tested below), True: the served default (ranking from the template)."""
     fake = FakeModel.with_replies([route_reply("next_item", customer_id="17850"), *answers])
     rt = make_runtime(tmp_path, fake)
     cfg = NextItemConfig(k=3, use_llm_ranking=False, explain=False)
-    events = await collect(ChatAgent(ToolContext(rt, ShopLensService(rt), DS, cfg)).ask(
-        "What will customer 17850 buy next, and why?"))
+    events = await collect(ChatAgent(ToolContext(rt, ShopLensService(rt), DS, cfg), facts_first=facts_first).ask(
+        question))
     return events, fake
+
+
+async def test_a_next_item_answer_opens_with_the_templates_ranking_and_the_model_says_why(tmp_path: Path) -> None:
+    plain, _ = await _next_item_turn(tmp_path / "a", ["Fine."])
+    items = next(e.result for e in plain if isinstance(e.result, NextItems)).prediction.items
+    why = f"It goes with the {items[1].title} theme."
+    events, fake = await _next_item_turn(tmp_path / "b", [why], facts_first=True)
+    tokens = [e for e in events if e.kind == "token"]
+    head = (f"Customer 17850 is most likely to buy {items[0].title}, then {items[1].title} and "
+            f"{items[2].title}. ")
+    assert (tokens[0].text, tokens[0].source) == (head, "facts")
+    assert [(t.text, t.source) for t in tokens[1:]] == [(why, "model")]
+    prompt = fake.calls[-1].messages
+    assert "Already written: " + head.strip() in prompt[-1]["content"] and "say why" in prompt[0]["content"]
+    v = events[-1].verification
+    assert v is not None and (v.checked, v.verified) == (1, 1) and events[-1].answer_source == "model"
+    # the model's "why" is still verified: a claim that #3 is most likely is replaced, and the
+    # template follows the ranking on a new paragraph, labelled
+    wrong = f"But {items[2].title} is the most likely one."
+    events, _ = await _next_item_turn(tmp_path / "c", [wrong, wrong], facts_first=True)
+    tokens = [e for e in events if e.kind == "token"]
+    assert [t.source for t in tokens] == ["facts", "template"]
+    assert tokens[1].text.startswith("\n\n[template] Customer 17850 is most likely to buy next:")
+    zh, _ = await _next_item_turn(tmp_path / "d", ["因为它们都与 E1 有关。"], facts_first=True,
+                                  question="客户17850接下来可能买什么？为什么？")
+    assert zh[-1].kind == "done" and next(e for e in zh if e.kind == "token").text == (
+        f"客户 17850 接下来最可能购买 {items[0].title}，其次是 {items[1].title} 和 {items[2].title}。 ")
 
 
 async def test_a_wrong_chat_sentence_is_never_shown_and_the_answer_is_repaired_once(tmp_path: Path) -> None:

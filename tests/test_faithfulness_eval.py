@@ -72,6 +72,13 @@ def test_a_chat_turn_is_split_into_model_and_template_sentences() -> None:
     assert [(s["source"], s["text"][:20]) for s in rec["sentences"]] == [
         ("model", "Customer 17850 will "), ("template", "[template] Customer ")]
     assert rec["verification"]["replaced"] == 1 and rec["degraded"] is False
+    # the served default opens with the template's ranking (facts), then the model's why
+    head = ChatEvent("token", "Customer 17850 is most likely to buy HAND WARMER RED LOVE HEART. ", source="facts")
+    rec = chat_record([head, ChatEvent("token", "It matches E20. ", source="model"),
+                       ChatEvent("done", "", answer_source="model", verification=v)])
+    assert [(s["source"], s["text"][:14]) for s in rec["sentences"]] == [("facts", "Customer 17850"),
+                                                                         ("model", "It matches E20")]
+    assert summarise([rec | {"user_id": "1", "seconds": 1.0}])["unlabelled_template_fallbacks"] == 0
 
 
 @pytest.mark.parametrize("task", ["next_item", "churn", "intent", "profile", "audience", "chat"])

@@ -385,6 +385,17 @@ def test_snapshot_chat_answer_in_both_languages(prompt: str) -> None:
     check_snapshot(prompt, as_text(en) + "##### zh\n" + as_text(zh))
 
 
+def test_snapshot_chat_rationale_v1_in_both_languages() -> None:
+    from agent.chat.results import ItemDetails, ItemInfo, answer_messages
+
+    result = ItemDetails(dataset="online-retail", n_customers=856,
+                         item=ItemInfo(item_id="85123A", title="WHITE HANGING HEART T-LIGHT HOLDER", price=2.55))
+    head = "Customer 17850 is most likely to buy WHITE HANGING HEART T-LIGHT HOLDER."
+    en = answer_messages("What will customer 17850 buy next?", "en", "next_item", result, head=head)
+    zh = answer_messages("客户17850接下来会买什么？", "zh", "next_item", result, head=head)
+    check_snapshot("chat_rationale.v1", as_text(en) + "##### zh\n" + as_text(zh))
+
+
 def test_every_template_has_a_snapshot() -> None:
     have = {p.name.removesuffix(".txt") for p in SNAPSHOTS.glob("*.txt")}
     assert set(available_prompts()) <= have, sorted(set(available_prompts()) - have)

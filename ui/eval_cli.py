@@ -326,6 +326,9 @@ def faithfulness_cmd(
              "why?')")] = "next_item",
     lang: Annotated[Literal["en", "zh"], typer.Option(help="chat: the question's (and answer's) language")] = "en",
     prompt: Annotated[str | None, typer.Option(help="chat: the answer prompt (default chat_answer.v2)")] = None,
+    facts_first: Annotated[bool, typer.Option(
+        "--facts-first/--model-writes-all", help="chat: a next-item answer opens with the template's ranking and "
+        "the model writes why (the served default), or the model writes it all (--prompt)")] = True,
     dataset: Annotated[str, typer.Option(help="a stored dataset (shoplens ingest)")] = "online-retail",
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="answers: users sampled (seeded)")] = 100,
     seed: int = 0,
@@ -357,7 +360,7 @@ def faithfulness_cmd(
             d = write_report(out, arts.title_index, {i: it.title for i, it in arts.catalog.items()})
         else:
             d = run_faithfulness_eval(settings, task=task, dataset=dataset, n=n, seed=seed, out=out, k=k,
-                                      min_events=min_events, lang=lang, prompt=prompt)
+                                      min_events=min_events, lang=lang, prompt=prompt, facts_first=facts_first)
     except (ValueError, ModelUnavailableError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e

@@ -89,9 +89,10 @@ class Outcome:
 
 async def checked_answer(model: ChatModel, messages: list[Message], facts: Facts, catalogue: TitleIndex,
                          template: str, lang: Literal["en", "zh"], outcome: Outcome, *,
-                         max_tokens: int = 320) -> AsyncIterator[str]:
+                         max_tokens: int = 320, after: str = "") -> AsyncIterator[str]:
     """Stream the model's answer to `messages`, one verified sentence at a time (see the module
-    docstring); `outcome` is filled in as it goes.
+    docstring); `outcome` is filled in as it goes. `after`: text already shown before the
+    model's (the template's ranking), so a template that follows starts on a new paragraph.
 
     Raises:
         ModelUnavailableError: from the model (the caller falls back to the template).
@@ -145,4 +146,4 @@ async def checked_answer(model: ChatModel, messages: list[Message], facts: Facts
                      "do not repeat what is already said."}]
     outcome.replaced += 1
     outcome.source = "template" if not said else "model"
-    yield ("\n\n" if said else "") + LABEL[lang] + template
+    yield ("\n\n" if said or after else "") + LABEL[lang] + template

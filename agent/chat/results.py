@@ -24,6 +24,8 @@ ToolName = Literal[
 TOOL_ALIASES: dict[str, ToolName] = {"sentiment": "item_sentiment"}
 
 ANSWER_PROMPT = "chat_answer.v2"  # the chat's answer prompt (prompts/); v1 kept for comparison
+# next-item answers: the ranking from the template (`ranking_head`), the why from the model
+RATIONALE_PROMPT = "chat_rationale.v1"
 
 # ---- args --------------------------------------------------------------------------------
 
@@ -396,10 +398,30 @@ def fallback_answer(result: ToolResult, lang: Literal["zh", "en"]) -> str:
     return result_facts(result)
 
 
+def ranking_head(result: NextItems, lang: Literal["zh", "en"], n: int = 3) -> str:
+    """The first sentence of a next-item answer, from the template: the top `n` items in their
+    order ("Customer 17850 is most likely to buy A, then B and C." / "客户 17850 接下来最可能购买
+    A，其次是 B 和 C。"); the model continues it with the why (`RATIONALE_PROMPT`)."""
+    p = result.prediction
+    titles = [it.title for it in p.items[:n]]
+    if not titles:
+        return ""
+    rest = titles[1:]
+    if lang == "zh":
+        tail = f"，其次是 {' 和 '.join(rest)}" if rest else ""
+        return f"客户 {p.user_id} 接下来最可能购买 {titles[0]}{tail}。"
+    tail = ", then " + (f"{', '.join(rest[:-1])} and {rest[-1]}" if len(rest) > 1 else rest[0]) if rest else ""
+    return f"Customer {p.user_id} is most likely to buy {titles[0]}{tail}."
+
+
 def answer_messages(question: str, lang: Literal["zh", "en"], tool: str, result: ToolResult,
-                    prompt: str = ANSWER_PROMPT) -> list[dict[str, str]]:
+                    prompt: str = ANSWER_PROMPT, head: str | None = None) -> list[dict[str, str]]:
     """The rendered answer prompt (``chat_answer.v2``; v1: without the verifier's rules) for
-    one tool result."""
-    return render(load_prompt(prompt), question=question, tool=tool,
-                  facts=result_facts(result),
-                  language_name="Chinese (简体中文)" if lang == "zh" else "English")
+    one tool result; with `head` (the answer's first sentence, already shown), the rationale
+    prompt (``chat_rationale.v1``) that continues it."""
+    language_name = "Chinese (简体中文)" if lang == "zh" else "English"
+    if head:
+        return render(load_prompt(RATIONALE_PROMPT), question=question, tool=tool, facts=result_facts(result),
+                      head=head, language_name=language_name)
+    return render(load_prompt(prompt), question=question, tool=tool, facts=result_facts(result),
+                  language_name=language_name)

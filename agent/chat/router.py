@@ -31,12 +31,14 @@ from agent.chat.preparse import Language, ParsedQuestion, detect_language, prepa
 from agent.chat.results import (
     ANSWER_PROMPT,
     TOOL_ALIASES,
+    NextItems,
     TaskResult,
     Timeline,
     ToolName,
     ToolResult,
     answer_messages,
     fallback_answer,
+    ranking_head,
 )
 from agent.chat.tools import TOOLS, ToolContext, run_tool
 from agent.domain.errors import RequestError
@@ -237,6 +239,9 @@ class ChatEvent:
 
     kind: Literal["status", "route", "evidence", "token", "done"]
     text: str = ""
+    # token: who wrote it: the model, the template's facts (a next-item answer's ranking, by
+    # design), or the labelled template (a fallback); None for other kinds
+    source: Literal["model", "facts", "template"] | None = None
     route: Route | None = None
     result: ToolResult | None = None
     answer_source: Literal["model", "template"] | None = None
@@ -298,14 +303,18 @@ class ChatAgent:
         use_model: False routes by keyword rules and answers from templates.
         heartbeat_s: how often a slow model call reports that it is still working.
         answer_prompt: the answer prompt's name (default ``chat_answer.v2``).
+        facts_first: a next-item answer opens with the ranking from the template
+            (`ranking_head`) and the model writes only why (``chat_rationale.v1``); False: the
+            model writes the whole answer (``answer_prompt``).
     """
 
     def __init__(self, ctx: ToolContext, *, use_model: bool = True, heartbeat_s: float = 8.0,
-                 answer_prompt: str = ANSWER_PROMPT):
+                 answer_prompt: str = ANSWER_PROMPT, facts_first: bool = True):
         self.ctx = ctx
         self.use_model = use_model
         self.heartbeat_s = heartbeat_s
         self.answer_prompt = answer_prompt  # a prompts/ name; the eval compares versions
+        self.facts_first = facts_first  # next-item answers open with the template's ranking
 
     async def _model(self) -> tuple[ChatModel | None, str | None]:
         if not self.use_model:
@@ -393,11 +402,15 @@ class ChatAgent:
             yield ChatEvent("token", labelled)
             yield ChatEvent("done", why or "", answer_source="template")
             return
-        messages = answer_messages(question, lang, route.call.tool, result, self.answer_prompt)
+        # a next-item answer: the ranking is stated by the template, the model says why
+        head = ranking_head(result, reply_lang) if isinstance(result, NextItems) and self.facts_first else ""
+        if head:
+            yield ChatEvent("token", head + " ", source="facts")
+        messages = answer_messages(question, lang, route.call.tool, result, self.answer_prompt, head=head or None)
         catalogue = self.ctx.runtime.artifacts(self.ctx.dataset).title_index
         out = Outcome()
         chunks = checked_answer(model, messages, chat_facts(result, question, catalogue), catalogue, template,
-                                reply_lang, out)
+                                reply_lang, out, after=head)
         got = False
         try:
             async for chunk in _stream_heartbeat(chunks, "answer", self.heartbeat_s):
@@ -405,14 +418,15 @@ class ChatAgent:
                     yield chunk
                     continue
                 got = got or bool(chunk.strip())
-                yield ChatEvent("token", chunk)
+                yield ChatEvent("token", chunk, source="template" if chunk.lstrip().startswith(LABEL[reply_lang])
+                                else "model")
         except ModelUnavailableError as e:
-            yield ChatEvent("token", ("\n\n" if got else "") + labelled)
+            yield ChatEvent("token", ("\n\n" if got or head else "") + labelled, source="template")
             yield ChatEvent("done", f"model failed while answering ({e})", answer_source="template",
                             verification=out.verification() if out.checked else None)
             return
         if not got:
-            yield ChatEvent("token", labelled)
+            yield ChatEvent("token", ("\n\n" if head else "") + labelled, source="template")
             yield ChatEvent("done", "model gave an empty answer", answer_source="template")
             return
         note = (f"{out.replaced} sentence(s) failed the verifier after a repair: the template answer follows"
