@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -216,7 +217,14 @@ async def _one(svc: ShopLensService, task: FaithTask, dataset: str, uid: str, k:
     if task == "chat":
         agent = ChatAgent(ToolContext(svc.runtime, svc, dataset, interactive_config(svc, k)), answer_prompt=prompt,
                           facts_first=facts_first)
-        return chat_record([e async for e in agent.ask(CHAT_QUESTIONS[lang].format(uid=uid))])
+        t0, events, marks = time.perf_counter(), [], {}
+        async for e in agent.ask(CHAT_QUESTIONS[lang].format(uid=uid)):
+            events.append(e)
+            if e.kind == "evidence" and e.result is not None and e.result.kind == "next_item":
+                marks.setdefault("table_s", round(time.perf_counter() - t0, 2))
+            if e.kind == "token" and e.text.strip():
+                marks.setdefault("first_words_s", round(time.perf_counter() - t0, 2))
+        return chat_record(events) | marks
     pred: Any
     if task == "next_item":
         pred = await svc.next_item(dataset, uid, config=svc.next_item_config(k=k))
@@ -276,7 +284,10 @@ def summarise(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "model_sentences_checked": v["checked"], "verified_as_written": share(v["verified"]),
             "verified_after_repair": share(v["repaired"]), "passed": share(v["verified"] + v["repaired"]),
             "replaced_by_template": share(v["replaced"]), "unlabelled_template_fallbacks": len(unlabelled),
-            "seconds_per_answer": round(sum(r["seconds"] for r in ok) / max(1, len(ok)), 1)}
+            "seconds_per_answer": round(sum(r["seconds"] for r in ok) / max(1, len(ok)), 1),
+            # chat: when the merchandiser sees the ranked table and the first words (p50, s)
+            **{f"p50_{k}": round(statistics.median(xs), 1)
+               for k in ("table_s", "first_words_s") if (xs := [r[k] for r in ok if k in r])}}
 
 
 def seeded_checks(recs: Sequence[dict[str, Any]], catalogue: TitleIndex | None, titles: dict[str, str]) -> dict[str, Any]:
@@ -371,7 +382,9 @@ def render_report(m: dict[str, Any], recs: Sequence[dict[str, Any]]) -> str:
     lines = [f"# Faithfulness: {cfg.get('task')} on {cfg.get('dataset')}", "",
              f"Answers {m['answers']} ({m['errors']} errors, {m['degraded']} degraded), "
              f"{m['answers_with_model_sentences']} with model sentences; {m['model_sentences_checked']} model "
-             f"sentences checked, {m['sentences_returned']} sentences returned; {m['seconds_per_answer']} s an answer.",
+             f"sentences checked, {m['sentences_returned']} sentences returned; {m['seconds_per_answer']} s an answer"
+             + (f" (median {m['p50_table_s']} s to the ranked table, {m.get('p50_first_words_s')} s to the first "
+                "words)" if "p50_table_s" in m else "") + ".",
              "", "| outcome of a model sentence | share [95% Wilson CI] |", "|---|---|",
              f"| verified as written | {_pct(m['verified_as_written'])} |",
              f"| verified after the one repair | {_pct(m['verified_after_repair'])} |",

@@ -78,7 +78,9 @@ def test_a_chat_turn_is_split_into_model_and_template_sentences() -> None:
                        ChatEvent("done", "", answer_source="model", verification=v)])
     assert [(s["source"], s["text"][:14]) for s in rec["sentences"]] == [("facts", "Customer 17850"),
                                                                          ("model", "It matches E20")]
-    assert summarise([rec | {"user_id": "1", "seconds": 1.0}])["unlabelled_template_fallbacks"] == 0
+    m = summarise([rec | {"user_id": "1", "seconds": 9.0, "table_s": 2.0, "first_words_s": 6.0},
+                   rec | {"user_id": "2", "seconds": 9.0, "table_s": 4.0, "first_words_s": 8.0}])
+    assert m["unlabelled_template_fallbacks"] == 0 and (m["p50_table_s"], m["p50_first_words_s"]) == (3.0, 7.0)
 
 
 @pytest.mark.parametrize("task", ["next_item", "churn", "intent", "profile", "audience", "chat"])
