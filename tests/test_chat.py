@@ -698,6 +698,8 @@ async def test_follow_ups_keep_the_conversations_customer_and_tool(tmp_path: Pat
     assert (conv.customer_id, conv.tool) == ("12347", "churn")
     route, _ = await turn("那13047呢？")
     assert route.call.args["customer_id"] == "13047" and route.call.tool == "churn"
+    route, _ = await turn("Which items will he buy next?")  # "which" about items: his
+    assert route.call.tool == "next_item" and route.call.args["customer_id"] == "13047"
     # a question about several customers never inherits one
     route, _ = await turn("Which customers are at risk of churning?")
     assert route.call.tool == "churn_segment" and "customer_id" not in route.call.args

@@ -164,7 +164,8 @@ class Route:
 
 
 # A question about several customers ("which customers ...", "哪些客户") never inherits one customer.
-_COHORT = re.compile(r"\bcustomers\b|\bwhich\b|\bwho\b|\bsegment\b|哪些|哪几|哪位|谁|客户们", re.I)
+# ("Which items will he buy next?" does inherit one.)
+_COHORT = re.compile(r"\b(?:customers|clients|buyers|shoppers|users)\b|\bwho\b|\bsegment\b|哪些|哪几|哪位|谁|客户们", re.I)
 
 
 @dataclass
