@@ -653,7 +653,10 @@ async def test_an_answer_cut_by_the_token_limit_is_finished_by_the_repair_not_sh
     ("at-risk customers from the past 2 weeks", 14, None),
     ("上周买过的客户谁会流失？", 7, None),
     ("customers who bought in October", None, 10),
-    ("the last 0 days", None, None),
+    ("the last 0 days", 1, None),  # clamped to the tool's 1..366, and said in the answer
+    ("last 400 days", 366, None),
+    ("last 3 months", 90, None),
+    ("which customers who bought in the last 12347 days will churn?", 366, None),
 ])
 def test_preparse_reads_a_window_of_days(question: str, days: int | None, month: int | None) -> None:
     p = preparse(question)
@@ -717,7 +720,7 @@ async def test_without_a_conversation_nothing_is_carried(tmp_path: Path) -> None
     rt = make_runtime(tmp_path, ModelUnavailableError("down"))
     events = await collect(ChatAgent(ctx_for(rt), use_model=False).ask("And what is his churn risk?"))
     res = [e.result for e in events if e.result is not None][-1]
-    assert isinstance(res, ChurnSegment)  # "his" names no one: the cohort answer, no customer made up
+    assert isinstance(res, NeedInfo)  # "his" names no one: which customer? (no customer made up)
 
 
 async def test_each_turn_is_logged_and_counted_without_the_questions_text(
@@ -785,3 +788,42 @@ def test_the_status_line_speaks_the_questions_language() -> None:
     assert app.done_status(ev, "zh") == "⚠️ 完成 · 3 句中 2 句已核实（1 句经一次修正），1 句由标注的模板替换"
     down = ChatEvent("done", "model disabled", answer_source="template")
     assert "retrieval only" in app.done_status(down, "zh") and "模型不可用" in app.done_status(down, "zh")
+
+
+async def test_a_follow_up_that_names_another_kind_of_target_is_routed_afresh(tmp_path: Path) -> None:
+    from agent.chat.router import Conversation
+
+    rt = make_runtime(tmp_path, ModelUnavailableError("down"))
+    agent, conv = ChatAgent(ctx_for(rt), use_model=False), Conversation()
+
+    async def route(q: str) -> Route:
+        events = await collect(agent.ask(q, conv))
+        return next(e.route for e in events if e.route is not None)
+
+    await route("Describe customer 12347's shopping style.")
+    r = await route("What about item 22423?")  # an item, not the profile's customer
+    assert r.call == ToolCall(tool="item_lookup", args={"item_id": "22423"}) and r.source == "rules"
+    await route("Who should we target for the REGENCY CAKESTAND 3 TIER?")
+    r = await route("What about customer 17850?")  # a customer, not the audience's item
+    assert r.call.tool == "user_timeline" and r.call.args["customer_id"] == "17850"
+    await route("What will customer 17850 buy next?")
+    r = await route("what did customer 17850 buy in the last 30 days?")  # a window: routed afresh
+    assert r.source == "rules" and r.call.tool != "next_item"
+    # the note names only what the call uses
+    await route("Which customers are at risk of churning?")
+    r = await route("why?")
+    assert r.call.tool == "churn_segment" and "customer" not in (r.note or "")
+    # a turn on another dataset starts the conversation afresh
+    make_segment_store(rt)
+    seg = ChatAgent(ToolContext(rt, ShopLensService(rt, use_model=False), SEG), use_model=False)
+    events = await collect(seg.ask("And his churn risk?", conv))
+    assert conv.dataset == SEG and not any(isinstance(e.result, NotFound) for e in events)
+
+
+async def test_his_churn_risk_with_no_customer_known_asks_which_customer(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path, ModelUnavailableError("down"))
+    events = await collect(ChatAgent(ctx_for(rt), use_model=False).ask("And what is his churn risk?"))
+    res = [e.result for e in events if e.result is not None][-1]
+    assert isinstance(res, NeedInfo) and res.missing == "customer_id"
+    events = await collect(ChatAgent(ctx_for(rt), use_model=False).ask("Which customers are at risk of churning?"))
+    assert isinstance([e.result for e in events if e.result is not None][-1], ChurnSegment)

@@ -103,9 +103,18 @@ def test_profile_churn_and_intent_answers_become_tables_and_charts() -> None:
 
 def test_csv_cells_that_a_spreadsheet_would_run_open_as_text(tmp_path: Path) -> None:
     hostile = pd.DataFrame([{"Product": '=HYPERLINK("http://x.example","click")', "Score": -0.5},
-                            {"Product": "@SUM(A1:A9)", "Score": 0.25}, {"Product": "-2+3", "Score": 1.0},
+                            {"Product": "@SUM(A1:A9)", "Score": 0.25}, {"Product": " =2+2", "Score": 1.0},
                             {"Product": "MUG", "Score": 0.0}])
     path = render.write_csv(hostile, tmp_path, "t")
     back = pd.read_csv(path, encoding="utf-8-sig")
-    assert list(back["Product"]) == ["'=HYPERLINK(\"http://x.example\",\"click\")", "'@SUM(A1:A9)", "'-2+3", "MUG"]
+    assert list(back["Product"]) == ["'=HYPERLINK(\"http://x.example\",\"click\")", "'@SUM(A1:A9)", "' =2+2", "MUG"]
     assert list(back["Score"]) == [-0.5, 0.25, 1.0, 0.0]  # numbers stay numbers
+
+
+def test_long_numeric_or_hex_ids_in_key_columns_stay_and_bad_numbers_are_not_plotted() -> None:
+    ids = pd.DataFrame([{"rank": 1, "customer_id": "1234567890123456", "score": 0.5},
+                        {"rank": 2, "customer_id": "deadbeefdeadbeefdeadbeefdeadbeef00", "score": 0.4}])
+    assert list(render.readable_table(ids, "en")[0].columns) == ["Rank", "Customer", "Score"]
+    nan = TaskResult(tool="churn", data={"probability": float("nan"), "baseline_probability": 0.4})
+    bars, _ = render.chart_frame(nan, "en")
+    assert bars.to_dict("records") == [{"name": "baseline", "value": 0.4}]

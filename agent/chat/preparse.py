@@ -62,18 +62,22 @@ _THIS_MONTH = re.compile(r"\bthis month\b|本月|这个月|这月")
 _LAST_MONTH = re.compile(r"\b(?:last|previous|past) month\b|上个月|上月")
 
 
-_LAST_DAYS = re.compile(r"\b(?:last|past|previous|recent)\s+(\d{1,3})\s+(days?|weeks?)\b"
-                        r"|(?:最近|过去|近)\s*(\d{1,3})\s*(天|日|周|星期)")
-_LAST_WEEK = re.compile(r"\b(?:last|past|previous) week\b|最近一周|过去一周|上周|近一周")
+_LAST_DAYS = re.compile(r"\b(?:last|past|previous|recent)\s+(\d{1,5})\s*(days?|weeks?|months?)\b"
+                        r"|(?:最近|过去|近)\s*(\d{1,5})\s*(天|日|周|星期|个月)")
+_LAST_WEEK = re.compile(r"\b(?:last|past|previous|this) week\b|最近一周|过去一周|上周|上星期|近一周|本周|这周")
+# a number with a unit of time is a window, never an id ("last 9999 days")
+_WITH_UNIT = re.compile(r"\s*(?:days?|weeks?|months?|天|日|周|星期|个月)", re.I)
 
 
 def _days(text: str) -> int | None:
-    """A window of days ending now: "last 30 days", "past 2 weeks", "最近30天", "过去2周", "last
-    week" / "上周" (7); None when the question names none (or 0 days)."""
+    """A window of days ending now: "last 30 days", "past 2 weeks", "last 3 months" (90),
+    "最近30天", "过去2周", "近3个月", "last week" / "this week" / "上周" (7); None when the question
+    names none. A window outside 1..366 days is clamped to it (the segment tool's range)."""
     if m := _LAST_DAYS.search(text.lower()):
         n, unit = (int(m.group(1)), m.group(2)) if m.group(1) else (int(m.group(3)), m.group(4))
-        n *= 7 if unit.startswith("week") or unit in ("周", "星期") else 1
-        return n if 1 <= n <= 366 else None
+        n *= 7 if unit.startswith("week") or unit in ("周", "星期") else 30 if unit.startswith("month") or \
+            unit == "个月" else 1
+        return min(max(n, 1), 366)
     return 7 if _LAST_WEEK.search(text.lower()) else None
 
 
@@ -112,6 +116,8 @@ def preparse(question: str, *, has_user: Any = None, has_item: Any = None,
     for m in _CODE.finditer(question):
         tok = m.group(1)
         if tok in p.item_ids or (len(tok) == 4 and tok.isdigit() and 1990 <= int(tok) <= 2100):
+            continue
+        if tok.isdigit() and _WITH_UNIT.match(question, m.end()):  # "last 9999 days": a window
             continue
         before = question[max(0, m.start() - 24): m.start()]
         cw = [x.end() for x in _CUSTOMER_WORDS.finditer(before)]

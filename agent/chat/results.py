@@ -281,6 +281,7 @@ def _pct(p: Any) -> str:
 
 
 _BAND_ZH = {"low": "低", "medium": "中", "high": "高"}
+_STAGE_ZH = {"new": "新客户", "active": "活跃", "at-risk": "有流失风险", "lapsed": "已流失"}
 _ACTIONS = {  # the churn task's closed action set, in words
     "no_action_needed": ("no action needed", "无需行动"), "loyalty_reward": ("a loyalty reward", "忠诚度奖励"),
     "new_arrivals_in_interests": ("new arrivals in their interests", "推送其感兴趣的新品"),
@@ -309,7 +310,8 @@ def task_lines(result: TaskResult, lang: Literal["zh", "en"], *, max_rows: int =
         return [head, *rows, *tail] if users else [
             f"{what} 暂无合适的目标客户。" if zh else f"No customers to target for {what}."]
     if result.tool == "profile":
-        head = (f"客户 {d.get('user_id')}（{d.get('lifecycle_stage')}）：{d.get('summary', '')}" if zh else
+        stage = d.get("lifecycle_stage", "")
+        head = (f"客户 {d.get('user_id')}（{_STAGE_ZH.get(stage, stage)}）：{d.get('summary', '')}" if zh else
                 f"Customer {d.get('user_id')} ({d.get('lifecycle_stage')}): {d.get('summary', '')}")
         return [head, *(f"- {a['name']}: {a['value']} ({a['kind']})" for a in d.get("attributes", [])[:max_rows])]
     if result.tool == "churn":
@@ -322,7 +324,9 @@ def task_lines(result: TaskResult, lang: Literal["zh", "en"], *, max_rows: int =
         drivers = [f"- {x['name']}: {x['detail']} ({x['effect'].replace('_', ' ')})" for x in d.get("drivers", [])]
         return [head, ("主要因素：" if zh else "Drivers:"), *drivers, f"{'理由' if zh else 'Reason'}: {d.get('reason', '')}"]
     if result.tool == "intent":
-        horizon = d.get("horizon") or f"{d.get('horizon_hours')} h"
+        hours = d.get("horizon_hours")
+        in_hours = (f"{hours:g} 小时" if zh else f"{hours:g} hours") if hours else ("该时段" if zh else "the horizon")
+        horizon = d.get("horizon") or in_hours
         item = f" / {result.title} ({d['item_id']})" if result.title and d.get("item_id") else (
             f" / item {d['item_id']}" if d.get("item_id") else "")
         stage = d.get("stage")
@@ -341,7 +345,7 @@ def window_words(seg: ChurnSegment, lang: Literal["zh", "en"]) -> str:
         return f"{seg.year}年{seg.month}月" if lang == "zh" else f"{seg.year}-{seg.month:02d}"
     span = f"{(seg.start or '')[:10]}", f"{seg.as_of[:10]}"
     return (f"最近{seg.days}天（{span[0]}至{span[1]}）" if lang == "zh" else
-            f"the last {seg.days} days ({span[0]} to {span[1]})")
+            f"the last {'day' if seg.days == 1 else f'{seg.days} days'} ({span[0]} to {span[1]})")
 
 
 def fallback_answer(result: ToolResult, lang: Literal["zh", "en"]) -> str:
@@ -381,16 +385,22 @@ def fallback_answer(result: ToolResult, lang: Literal["zh", "en"]) -> str:
                      f" Recently it turned {result.turned} ({result.trend_note}).")
         rows = [f"- {x.excerpt} [{x.event_id}]" for x in result.complaints[:3]]
         return "\n".join([head, ("主要抱怨：" if zh else "Main complaints:") if rows else "", *rows]).strip()
+    if isinstance(result, ChurnSegment) and not result.customers:
+        return (f"{window_words(result, 'zh')}没有客户购买（截至 {result.as_of[:10]}），无法列出流失风险。" if zh else
+                f"No customer bought in {window_words(result, 'en')} (as of {result.as_of[:10]}), so no one is "
+                "listed at risk.")
     if isinstance(result, ChurnSegment):
         head = (f"{window_words(result, 'zh')}有购买的 {result.n_buyers} 位客户中，流失风险最高的是"
                 f"（截至 {result.as_of[:10]}）：" if zh else
                 f"Of the {result.n_buyers} customers who bought in {window_words(result, 'en')}, the most at "
                 f"risk of churning (as of {result.as_of[:10]}) are:")
-        rows = [f"{i}. {x.customer_id}: {x.probability:.0%} ({x.risk_band}); {'; '.join(x.drivers)}"
-                for i, x in enumerate(result.customers, 1)]
+        rows = [f"{i}. {x.customer_id}: {x.probability:.0%} ({_BAND_ZH[x.risk_band] if zh else x.risk_band})"
+                + (f"; {'; '.join(x.drivers)}" if x.drivers else "") for i, x in enumerate(result.customers, 1)]
         return "\n".join([head, *rows])
-    if isinstance(result, TaskResult):
-        return "\n".join(task_lines(result, lang))
+    if isinstance(result, TaskResult):  # labelled as a whole by the caller: no label inside
+        return "\n".join(task_lines(result, lang)).replace("[template] ", "")
+    if isinstance(result, SearchHits) and not result.hits:
+        return f"没有与“{result.query}”相关的商品。" if zh else f"No products match '{result.query}'."
     if isinstance(result, SearchHits):
         names = "; ".join(f"{h.title} ({h.item_id})" for h in result.hits[:5])
         return (f"与“{result.query}”相关的商品：{names}" if zh else

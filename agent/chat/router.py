@@ -107,8 +107,8 @@ def to_call(tool: str, parsed: ParsedQuestion, customer_id: str | None = None,
     """
     tool = TOOL_ALIASES.get(tool, tool)
     customer_id = customer_id or (parsed.customer_ids[0] if parsed.customer_ids else None)
-    if tool == "churn" and not customer_id:
-        tool = "churn_segment"
+    if tool == "churn" and not customer_id and not about_one_customer(parsed.question):
+        tool = "churn_segment"  # "his churn risk" with no customer known stays churn: which customer?
     needs = TOOLS[tool].needs
     args: dict[str, Any] = {}
     if tool == "churn_segment":
@@ -128,7 +128,7 @@ def to_call(tool: str, parsed: ParsedQuestion, customer_id: str | None = None,
 
 
 _RULES: list[tuple[ToolName, re.Pattern[str]]] = [
-    ("churn", re.compile(r"churn|at risk|stop(ped)? buying|lapse|leav|流失|不再|风险", re.I)),
+    ("churn", re.compile(r"churn|at[- ]risk|stop(ped)? buying|lapse|leav|流失|不再|风险", re.I)),
     ("item_sentiment", re.compile(r"review|feel|complain|rating|opinion|sentiment|评价|口碑|抱怨|差评|好评|感觉|评论", re.I)),
     ("audience", re.compile(r"target|audience|market to|promot|segment|who (would|might|will) (like|want|buy)|customers would|interested in|目标|推广|人群|受众|卖给谁", re.I)),
     ("profile", re.compile(r"style|profile|describe|what kind of|preferen|persona|画像|风格|偏好|描述|什么样", re.I)),
@@ -163,40 +163,78 @@ class Route:
     trace: CallTrace = field(default_factory=CallTrace)
 
 
-# A question about several customers ("which customers ...", "哪些客户") never inherits one customer.
-# ("Which items will he buy next?" does inherit one.)
+# A question about several customers ("which customers ...", "哪些客户") never inherits one customer
+# ("Which items will he buy next?" does), unless it points at one ("who is he?", "他是谁？").
 _COHORT = re.compile(r"\b(?:customers|clients|buyers|shoppers|users)\b|\bwho\b|\bsegment\b|哪些|哪几|哪位|谁|客户们", re.I)
+_SINGLE = re.compile(r"\b(?:he|him|his|she|her|hers|this customer|that customer|the same customer)\b"
+                     r"|他|她|这位|该客户|这个客户|此客户", re.I)
+
+
+_IT = re.compile(r"\b(?:it|its|this (?:item|product|one)|that (?:item|product|one)|the same (?:item|product))\b"
+                 r"|它|这个商品|该商品|这款|这件|此商品", re.I)
+
+
+def about_one_customer(question: str) -> bool:
+    """Whether the question points at one customer it does not name ("his churn risk", "他呢")."""
+    return bool(_SINGLE.search(question))
 
 
 @dataclass
 class Conversation:
-    """What the earlier turns of one chat settled, for follow-up questions: the customer, the
-    product and the tool of the last turn that named them ("And his churn risk?", "What about
-    customer 12347?", "那12347呢？"). One per chat session (the UI keeps it in its session state)."""
+    """What the earlier turns of one chat settled, for follow-up questions: the dataset, the
+    customer, the product and the tool of the last turn that named them ("And his churn risk?",
+    "What about customer 12347?", "那12347呢？"). One per chat session (the UI keeps it in its
+    session state); a turn on another dataset starts it afresh."""
 
     customer_id: str | None = None
     item_id: str | None = None
     tool: ToolName | None = None
+    dataset: str | None = None
 
-    def fill(self, parsed: ParsedQuestion) -> str | None:
+    def for_dataset(self, dataset: str) -> Conversation:
+        """This conversation, emptied first if it was about another dataset."""
+        if self.dataset != dataset:
+            self.customer_id = self.item_id = self.tool = None
+            self.dataset = dataset
+        return self
+
+    def fill(self, parsed: ParsedQuestion) -> dict[str, str]:
         """Give `parsed` the conversation's customer and product where the question names none
-        (a cohort question keeps no customer); returns a note saying what was carried over."""
-        carried = []
-        if not parsed.customer_ids and self.customer_id and not _COHORT.search(parsed.question):
+        (a question about several customers keeps no customer); returns what was carried over
+        ({"customer_id": ..., "item_id": ...}) for the route's note."""
+        carried = {}
+        q = parsed.question
+        one = about_one_customer(q)
+        names_item, names_customer = bool(parsed.item_ids or parsed.title), bool(parsed.customer_ids)
+        # the customer: where the question names none and points at one or names nothing else
+        if not names_customer and self.customer_id and (one or not (names_item or _COHORT.search(q))):
             parsed.customer_ids = [self.customer_id]
-            carried.append(f"customer {self.customer_id}")
-        if not parsed.item_ids and not parsed.title and self.item_id:
+            carried["customer_id"] = self.customer_id
+        # the product: where the question names none and says "it" or names nothing else
+        if not names_item and self.item_id and (_IT.search(q) or not names_customer):
             parsed.item_ids = [self.item_id]
-            carried.append(f"item {self.item_id}")
-        return f"{' and '.join(carried)} from earlier in the conversation" if carried else None
+            carried["item_id"] = self.item_id
+        return carried
 
     def follow_up_tool(self, parsed: ParsedQuestion) -> ToolName | None:
         """The previous turn's tool when the question names no task of its own ("What about
-        customer 12347?", "Why?", "那12347呢？"): no keyword of the rule router matches."""
+        customer 12347?", "Why?", "那12347呢？"): no keyword of the rule router matches, and the
+        question names nothing that tool does not take (an item for a customer tool, a customer
+        for an item tool, a month or a window of days)."""
         if self.tool is None or any(pat.search(parsed.question) for _, pat in _RULES):
+            return None
+        if parsed.month or parsed.days:
+            return None
+        needs = TOOLS[self.tool].needs
+        intent_pair = self.tool == "intent" and bool(parsed.customer_ids)  # intent takes both
+        if (parsed.item_ids or parsed.title) and needs != "item" and not intent_pair:
+            return None
+        if parsed.customer_ids and needs in ("item", "query"):
             return None
         if self.tool == "churn_segment" and parsed.customer_ids:  # "what about customer 12347?"
             return "churn"
+        if self.tool == "churn_segment" and (parsed.item_ids or parsed.title):
+            return None
         return self.tool
 
     def remember(self, call: ToolCall, result: ToolResult) -> None:
@@ -213,6 +251,13 @@ class Conversation:
             self.customer_id = str(customer)
         if item:
             self.item_id = str(item)
+
+
+def _carried_note(call: ToolCall, carried: dict[str, str]) -> str | None:
+    """What the conversation gave this call, only where the call uses it."""
+    used = [f"{'customer' if k == 'customer_id' else 'item'} {v}" for k, v in carried.items()
+            if call.args.get(k) == v]
+    return f"{' and '.join(used)} from earlier in the conversation" if used else None
 
 
 async def model_route(model: ChatModel, parsed: ParsedQuestion, *, max_attempts: int = 2) -> Route:
@@ -334,23 +379,23 @@ class ChatAgent:
             end = None
         parsed = preparse(question, today=end, has_user=lambda u: store.has_user(ds, u),
                           has_item=lambda i: i in catalog)
-        conv = conversation or Conversation()
+        conv = (conversation or Conversation()).for_dataset(ds)
         same_tool = conv.follow_up_tool(parsed)
         carried = conv.fill(parsed)
+
+        def noted(route: Route, first: str | None) -> Route:
+            route.note = "; ".join(x for x in (first, _carried_note(route.call, carried)) if x) or None
+            return route
+
         if same_tool is not None:
-            return Route(to_call(same_tool, parsed), parsed, "context",
-                         note="; ".join(x for x in (f"a follow-up: {same_tool} again", carried) if x))
+            return noted(Route(to_call(same_tool, parsed), parsed, "context"), f"a follow-up: {same_tool} again")
         model, why = await self._model()
         if model is None:
-            return Route(rule_route(parsed), parsed, "rules",
-                         note="; ".join(x for x in (f"model unavailable ({why})", carried) if x))
+            return noted(Route(rule_route(parsed), parsed, "rules"), f"model unavailable ({why})")
         try:
-            route = await model_route(model, parsed)
-            route.note = carried
-            return route
+            return noted(await model_route(model, parsed), None)
         except (ModelUnavailableError, OutputValidationError) as e:
-            return Route(rule_route(parsed), parsed, "rules",
-                         note="; ".join(x for x in (f"routing model failed ({e})", carried) if x))
+            return noted(Route(rule_route(parsed), parsed, "rules"), f"routing model failed ({e})")
 
     async def ask(self, question: str, conversation: Conversation | None = None) -> AsyncIterator[ChatEvent]:
         """One turn. Always yields at least one event; never raises for model failures.

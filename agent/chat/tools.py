@@ -196,8 +196,9 @@ async def profile(ctx: ToolContext, args: CustomerArgs) -> ToolResult:
 
 
 async def churn(ctx: ToolContext, args: ChurnArgs) -> ToolResult:
-    """One customer's churn risk as of the dataset's end; no customer: the cohort list."""
-    if args.customer_id is None:
+    """One customer's churn risk as of the dataset's end; no customer but a month: the cohort
+    list (`churn_segment`); neither: which customer? ("his churn risk" with no one known)."""
+    if args.customer_id is None and args.month is not None:
         return await churn_segment(ctx, SegmentArgs(month=args.month))
     uid = _customer_or_result(ctx, args.customer_id)
     if not isinstance(uid, str):
@@ -289,10 +290,11 @@ async def item_sentiment(ctx: ToolContext, args: ItemArgs, *, window_days: int =
 
 
 def _month_window(month: int, end: datetime) -> tuple[int, datetime, datetime]:
-    """(year, start, end-exclusive) of the latest `month` starting on or before `end`."""
+    """(year, start, end-exclusive) of the latest `month` starting on or before `end`; a month
+    the data ends in ends with the data (just after `end`), not at the month's last day."""
     year = end.year if datetime(end.year, month, 1, tzinfo=UTC) <= end else end.year - 1
     nxt = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
-    return year, datetime(year, month, 1, tzinfo=UTC), nxt
+    return year, datetime(year, month, 1, tzinfo=UTC), min(nxt, end + timedelta(seconds=1))
 
 
 async def churn_segment(ctx: ToolContext, args: SegmentArgs) -> ToolResult:
@@ -317,7 +319,7 @@ async def churn_segment(ctx: ToolContext, args: SegmentArgs) -> ToolResult:
             n_orders=f.n_orders, orders_last_90d=f.orders_last_90d, monetary=f.monetary,
             drivers=driver_lines(drivers), last_purchase_event=last.event_id,
             last_purchase_at=last.timestamp.isoformat()))
-    return ChurnSegment(dataset=ctx.dataset, month=(as_of if args.days else start).month, year=year,
+    return ChurnSegment(dataset=ctx.dataset, month=start.month if args.days is None else end.month, year=year,
                         days=args.days, start=start.isoformat(), as_of=as_of.isoformat(),
                         n_buyers=n_buyers, baseline=bl.trained_on, customers=rows)
 

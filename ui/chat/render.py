@@ -8,6 +8,7 @@ so a title like ``<img src=x onerror=...>`` or ``[x](javascript:...)`` shows as 
 from __future__ import annotations
 
 import html
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,8 @@ COLUMN_NAMES: dict[str, tuple[str, str]] = {
     "detail": ("Detail", "说明"), "field": ("Field", "字段"), "event": ("Event", "行为"),
     "units": ("Units", "数量"),
 }
-_HASH = re.compile(r"[0-9a-f]{16,}|[0-9A-F]{16,}")
+# an event id: a hex digest (sha1: 40), with letters in it (a long numeric customer id is no hash)
+_HASH = re.compile(r"(?=[0-9]*[a-f])[0-9a-f]{32,}|(?=[0-9]*[A-F])[0-9A-F]{32,}")
 # Columns kept even when constant: what identifies a row.
 _KEY_COLUMNS = {"rank", "item", "customer_id", "attribute", "driver", "field", "date"}
 
@@ -195,7 +197,8 @@ def readable_table(frame: pd.DataFrame | None, lang: str) -> tuple[pd.DataFrame 
     for col in frame.columns:
         values = frame[col].dropna()
         empty = len(frame) > 0 and not any(str(v).strip() for v in values)  # nothing in it to show
-        hashes = len(values) > 0 and all(isinstance(v, str) and _HASH.fullmatch(v) for v in values)
+        hashes = col not in _KEY_COLUMNS and len(values) > 0 and all(
+            isinstance(v, str) and _HASH.fullmatch(v) for v in values)
         if empty or hashes:
             drop.append(col)
         elif len(frame) >= 2 and col not in _KEY_COLUMNS and frame[col].astype(str).nunique(dropna=False) == 1:
@@ -212,7 +215,7 @@ def _column(name: str, zh: bool) -> str:
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection, OWASP).
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "＝", "＋", "－", "＠")
 
 
 def write_csv(frame: pd.DataFrame, folder: Path, stem: str) -> Path:
@@ -222,7 +225,7 @@ def write_csv(frame: pd.DataFrame, folder: Path, stem: str) -> Path:
     opens as text; numbers are written as numbers."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"shoplens-{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem).strip('-') or 'table'}.csv"
-    safe = frame.map(lambda v: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v)
+    safe = frame.map(lambda v: "'" + v if isinstance(v, str) and v.lstrip(" ").startswith(_FORMULA_START) else v)
     safe.columns = ["'" + c if str(c).startswith(_FORMULA_START) else c for c in frame.columns]
     safe.to_csv(path, index=False, encoding="utf-8-sig")
     return path
@@ -236,7 +239,7 @@ def chart_frame(result: ToolResult, lang: str) -> tuple[pd.DataFrame | None, str
     zh = lang == "zh"
 
     def frame(rows: list[tuple[str, float | None]], en: str, cn: str) -> tuple[pd.DataFrame | None, str]:
-        kept = [(n, float(v)) for n, v in rows if v is not None]
+        kept = [(n, float(v)) for n, v in rows if v is not None and math.isfinite(float(v))]
         return (pd.DataFrame(kept, columns=["name", "value"]) if kept else None), (cn if zh else en)
 
     if isinstance(result, NextItems):
@@ -247,6 +250,8 @@ def chart_frame(result: ToolResult, lang: str) -> tuple[pd.DataFrame | None, str
                      "P(churn) of each customer", "各客户流失概率")
     if isinstance(result, SearchHits):
         return frame([(_short(h.title, 24), h.score or 0.0) for h in result.hits], "Search similarity", "搜索相似度")
+    if isinstance(result, ItemSentiment) and not result.n_reviews:
+        return None, ""
     if isinstance(result, ItemSentiment):
         names = {"negative": "差评", "neutral": "中评", "positive": "好评"} if zh else {}
         return frame([(names.get(k, k), v) for k, v in result.counts.items()], "Reviews by polarity", "评价分布")
