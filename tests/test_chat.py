@@ -827,3 +827,12 @@ async def test_his_churn_risk_with_no_customer_known_asks_which_customer(tmp_pat
     assert isinstance(res, NeedInfo) and res.missing == "customer_id"
     events = await collect(ChatAgent(ctx_for(rt), use_model=False).ask("Which customers are at risk of churning?"))
     assert isinstance([e.result for e in events if e.result is not None][-1], ChurnSegment)
+
+
+def test_an_items_details_read_in_chinese_too() -> None:
+    from agent.chat.results import ItemDetails, ItemInfo
+
+    r = ItemDetails(dataset="shop", n_customers=2, item=ItemInfo(item_id="22423", title="REGENCY CAKESTAND 3 TIER",
+                                                                 price=12.75))
+    assert fallback_answer(r, "zh") == "商品 22423：REGENCY CAKESTAND 3 TIER，价格 12.75；shop 中有 2 位客户与它有过互动。"
+    assert fallback_answer(r, "en") == "Item 22423: REGENCY CAKESTAND 3 TIER, price 12.75; 2 customers in shop have events on it."

@@ -397,6 +397,12 @@ def fallback_answer(result: ToolResult, lang: Literal["zh", "en"]) -> str:
         rows = [f"{i}. {x.customer_id}: {x.probability:.0%} ({_BAND_ZH[x.risk_band] if zh else x.risk_band})"
                 + (f"; {'; '.join(x.drivers)}" if x.drivers else "") for i, x in enumerate(result.customers, 1)]
         return "\n".join([head, *rows])
+    if isinstance(result, ItemDetails):
+        info = result.item
+        price = f"，价格 {info.price:.2f}" if zh and info.price else f", price {info.price:.2f}" if info.price else ""
+        return (f"商品 {info.item_id}：{info.title}{price}；{result.dataset} 中有 {result.n_customers} 位客户与它有过互动。"
+                if zh else f"Item {info.item_id}: {info.title}{price}; {result.n_customers} customers in "
+                f"{result.dataset} have events on it.")
     if isinstance(result, TaskResult):  # labelled as a whole by the caller: no label inside
         return "\n".join(task_lines(result, lang)).replace("[template] ", "")
     if isinstance(result, SearchHits) and not result.hits:
