@@ -90,6 +90,9 @@ def test_a_wrong_sentence_is_caught_with_a_message_naming_the_fault(text: str, f
      "next", RANKED),
     ("It is likely that the customer will buy a HAND WARMER RED LOVE HEART next.", RANKED),
     ("They will buy more hand warmers in winter", ITEM5),  # no "next": not a ranking claim
+    # a comma-separated list of themes is no product named in other words (a false positive in
+    # the chat eval, 2026-12-07: "frequent themes of jumbo, bag, apples, christmas")
+    ("Frequent themes: hand, warmer, red, love, heart", Facts(titles=[])),
 ])
 def test_a_right_sentence_passes(text: str, facts: Facts) -> None:
     assert verify_sentence(text, facts, CATALOGUE) == []
@@ -138,3 +141,13 @@ def test_a_purchase_the_cited_events_do_not_show_is_caught() -> None:
     # what the cited event shows, and the item itself without a purchase claim, pass
     assert verify_sentence("Bought the PAPER CHAIN KIT 50'S CHRISTMAS; the JUMBO BAG 50'S CHRISTMAS matches it",
                            facts, cat) == []
+
+
+def test_the_words_of_titles_named_verbatim_do_not_name_a_third_in_other_words() -> None:
+    # the chat eval, 2026-12-07: two cited titles together hold every word of a third
+    cat = TitleIndex(["SET OF 3 REGENCY CAKE TINS", "REGENCY CAKESTAND 3 TIER", "SET OF 3 CAKE TINS PANTRY DESIGN"])
+    facts = Facts(titles=["REGENCY CAKESTAND 3 TIER", "SET OF 3 CAKE TINS PANTRY DESIGN"])
+    assert verify_sentence("Both REGENCY CAKESTAND 3 TIER and SET OF 3 CAKE TINS PANTRY DESIGN suit baking", facts,
+                           cat) == []
+    assert verify_sentence("Also the regency cake tins, a set of 3", facts, cat) == [
+        "names 'SET OF 3 REGENCY CAKE TINS' in other words, which is not the product explained or an event it cites"]

@@ -51,6 +51,7 @@ _HIGH = re.compile(r"\b(?:high(?:er)? (?:risk|churn|intent|chance|probability)|(
                    r"purchase|order)|at risk|ready to buy|about to (?:buy|order))\b|高风险|很可能购买|即将购买", re.I)
 _LOW = re.compile(r"\b(?:low(?:er)? (?:risk|churn|intent|chance|probability)|unlikely to (?:churn|leave|lapse|buy|"
                   r"purchase|order)|likely to (?:return|stay|come back)|not (?:ready|likely) to buy)\b|低风险|不太可能", re.I)
+_PHRASE_BREAK = re.compile(r"[,，、;；]")
 # Catalogue titles shorter than this are not looked for (one common word is not a product mention).
 _MIN_TITLE_CHARS = 6
 
@@ -201,7 +202,11 @@ def verify_sentence(text: str, facts: Facts, catalogue: TitleIndex) -> list[str]
         if t not in allowed and not any(t in a for a in allowed):
             out.append(f"names '{_orig(text, t)}', which is not the product explained or an event it cites")
     allowed_words = [content_words(a) for a in allowed]
-    paraphrased = catalogue.paraphrased(text)
+    # in other words: within one phrase (no comma or semicolon: "themes of jumbo, bag, apples"
+    # lists themes, not a product), and not with the words of titles it names verbatim
+    # ("REGENCY CAKESTAND 3 TIER and SET OF 3 CAKE TINS" does not name SET OF 3 REGENCY CAKE TINS)
+    paraphrased = list(dict.fromkeys(t for part in _PHRASE_BREAK.split(_mask(text, named))
+                                     for t in catalogue.paraphrased(part)))
     for t in paraphrased:
         if t in named or t in allowed or any(content_words(t) <= w for w in allowed_words):
             continue
