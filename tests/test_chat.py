@@ -189,7 +189,7 @@ def test_tool_call_validates_typed_args() -> None:
 
 async def test_route_falls_back_to_rules_when_the_model_is_down(tmp_path: Path) -> None:
     rt = make_runtime(tmp_path, ModelUnavailableError("connection refused"))
-    route = await ChatAgent(ctx_for(rt)).route("客户17850接下来可能买什么？")
+    route = await ChatAgent(ctx_for(rt), fast_routing=False).route("客户17850接下来可能买什么？")
     assert route.source == "rules" and "connection refused" in (route.note or "")
     assert route.call == ToolCall(tool="next_item", args={"customer_id": "17850"})
 
@@ -249,7 +249,7 @@ async def test_turn_streams_evidence_then_model_answer(tmp_path: Path) -> None:
     fake = FakeModel.with_replies([route_reply("next_item", customer_id="17850"),
                                    "Customer 17850 will likely buy ASSORTED COLOUR BIRD ORNAMENT."])
     rt = make_runtime(tmp_path, fake)
-    events = await collect(ChatAgent(ctx_for(rt)).ask("What will customer 17850 buy next, and why?"))
+    events = await collect(ChatAgent(ctx_for(rt), fast_routing=False).ask("What will customer 17850 buy next, and why?"))
     kinds = [e.kind for e in events]
     assert kinds[0] == "status" and kinds[-1] == "done" and events[-1].answer_source == "model"
     evidence = [e.result for e in events if e.kind == "evidence"]
@@ -260,7 +260,7 @@ async def test_turn_streams_evidence_then_model_answer(tmp_path: Path) -> None:
 
 async def test_chinese_question_gets_a_chinese_answer_prompt(tmp_path: Path) -> None:
     fake = FakeModel.with_replies([route_reply("user_timeline", customer_id="12347"), "客户12347买过……"])
-    events = await collect(ChatAgent(ctx_for(make_runtime(tmp_path, fake))).ask("客户12347都买过什么？"))
+    events = await collect(ChatAgent(ctx_for(make_runtime(tmp_path, fake)), fast_routing=False).ask("客户12347都买过什么？"))
     assert "Chinese" in fake.calls[-1].messages[0]["content"]
     assert "".join(e.text for e in events if e.kind == "token") == "客户12347买过……"
 
@@ -540,8 +540,8 @@ async def _next_item_turn(tmp_path: Path, answers: list[str], *, facts_first: bo
     fake = FakeModel.with_replies([route_reply("next_item", customer_id="17850"), *answers])
     rt = make_runtime(tmp_path, fake)
     cfg = NextItemConfig(k=3, use_llm_ranking=False, explain=False)
-    events = await collect(ChatAgent(ToolContext(rt, ShopLensService(rt), DS, cfg), facts_first=facts_first).ask(
-        question))
+    events = await collect(ChatAgent(ToolContext(rt, ShopLensService(rt), DS, cfg), facts_first=facts_first,
+                                      fast_routing=False).ask(question))
     return events, fake
 
 
@@ -690,7 +690,8 @@ async def test_follow_ups_keep_the_conversations_customer_and_tool(tmp_path: Pat
         return route, [e.result for e in events if e.result is not None][-1]
 
     route, res = await turn("What will customer 17850 buy next, and why?")
-    assert route.call == ToolCall(tool="next_item", args={"customer_id": "17850", "k": 5}) and route.source == "rules"
+    assert route.call == ToolCall(tool="next_item", args={"customer_id": "17850", "k": 5})
+    assert route.source == "keywords"  # unambiguous: no routing call needed
     # a new task about "his": the customer is carried over, and the route says so
     route, res = await turn("And what is his churn risk?")
     assert route.call.tool == "churn" and route.call.args["customer_id"] == "17850"
@@ -742,7 +743,7 @@ async def test_each_turn_is_logged_and_counted_without_the_questions_text(
     _ = [o async for o in ctl.respond("   ", [], DS, None, "key-7")]
     first, empty = records
     assert (first.user, first.dataset, first.tool, first.route_source, first.answer_source, first.outcome) == (
-        "key-7", DS, "next_item", "rules", "template", "answered")
+        "key-7", DS, "next_item", "keywords", "template", "answered")
     assert first.seconds > 0 and (empty.outcome, empty.tool) == ("refused", None)
     logged = "\n".join(r.getMessage() for r in caplog.records if r.getMessage().startswith("chat turn"))
     assert logged.count("chat turn") == 2 and "'tool': 'next_item'" in logged
@@ -836,3 +837,35 @@ def test_an_items_details_read_in_chinese_too() -> None:
                                                                  price=12.75))
     assert fallback_answer(r, "zh") == "商品 22423：REGENCY CAKESTAND 3 TIER，价格 12.75；shop 中有 2 位客户与它有过互动。"
     assert fallback_answer(r, "en") == "Item 22423: REGENCY CAKESTAND 3 TIER, price 12.75; 2 customers in shop have events on it."
+
+
+def test_the_keyword_route_decides_only_what_it_gets_right_on_the_routing_questions() -> None:
+    from agent.chat.router import keyword_route
+    from eval.routing_eval import judge
+
+    store_users, store_items = {"17850", "12347", "13047", "12583", "14911", "15311"}, set(CATALOG) | {
+        "84879", "85123A", "22423", "20725", "22386", "21212", "B0009RF9DW"}
+    decided, wrong = 0, []
+    for q in load_questions():
+        parsed = preparse(q["question"], has_user=lambda u: u in store_users, has_item=lambda i: i in store_items)
+        call = keyword_route(parsed)
+        if call is not None:
+            decided += 1
+            if not judge(q, call)["correct"]:
+                wrong.append((q["question"], call))
+    # it decides most questions (the model routes the rest) and is never wrong on them
+    assert decided >= 30 and wrong == [], wrong
+
+
+async def test_an_unambiguous_question_skips_the_routing_call_but_not_the_answer(tmp_path: Path) -> None:
+    fake = FakeModel.with_replies(["It matches the recent orders."])  # one call: the why; no routing reply
+    rt = make_runtime(tmp_path, fake)
+    events = await collect(ChatAgent(ctx_for(rt)).ask("What will customer 17850 buy next, and why?"))
+    route = next(e.route for e in events if e.route is not None)
+    assert route.source == "keywords" and route.call.tool == "next_item" and len(fake.calls) == 1
+    assert events[-1].answer_source == "model"
+    # ambiguous (two tools' keywords): the model routes
+    fake2 = FakeModel.with_replies([route_reply("audience", item_id="22423"), "Fine."])
+    events = await collect(ChatAgent(ctx_for(make_runtime(tmp_path / "b", fake2))).ask(
+        "我们想促销商品22423，该找哪些顾客？"))
+    assert next(e.route for e in events if e.route is not None).source == "model"
