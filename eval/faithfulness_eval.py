@@ -110,7 +110,9 @@ def chat_record(events: Sequence[Any]) -> dict[str, Any]:
     done = events[-1]
     cut = min((i for i in (text.find(lab) for lab in CHAT_LABELS) if i >= 0), default=len(text))
     head, rest = split_sentences(text[:cut])
-    src = "model" if done.answer_source == "model" or cut > 0 else "template"
+    # before any label: the model's verified sentences, or (no model answer) the tool's message
+    # ("which item?", "no customer ...": the answer itself, not a fallback)
+    src = "model" if done.answer_source == "model" else "message"
     sentences = [{"key": f"s{i}", "text": x.strip(), "source": src} for i, x in enumerate([*head, rest]) if x.strip()]
     if cut < len(text):
         sentences.append({"key": "template", "text": text[cut:].strip(), "source": "template"})
@@ -270,7 +272,7 @@ def summarise(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     # a template sentence that is not the model's must say so, except the facts a next-item chat
     # answer opens with by design (the ranking, from the template)
     unlabelled = [s["text"] for s in sentences
-                  if s["source"] not in ("model", "facts") and not s["text"].startswith(LABELS)]
+                  if s["source"] not in ("model", "facts", "message") and not s["text"].startswith(LABELS)]
 
     def share(x: int) -> dict[str, Any]:
         ci = wilson_interval(x, v["checked"])

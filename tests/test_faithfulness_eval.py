@@ -78,6 +78,11 @@ def test_a_chat_turn_is_split_into_model_and_template_sentences() -> None:
                        ChatEvent("done", "", answer_source="model", verification=v)])
     assert [(s["source"], s["text"][:14]) for s in rec["sentences"]] == [("facts", "Customer 17850"),
                                                                          ("model", "It matches E20")]
+    # a tool's message ("which item?") is neither the model's nor a fallback
+    ask = chat_record([ChatEvent("token", "which product? give an item id or its title"),
+                       ChatEvent("done", "", answer_source="template")])
+    assert {s["source"] for s in ask["sentences"]} == {"message"}
+    assert summarise([ask | {"user_id": "3", "seconds": 1.0}])["unlabelled_template_fallbacks"] == 0
     m = summarise([rec | {"user_id": "1", "seconds": 9.0, "table_s": 2.0, "first_words_s": 6.0},
                    rec | {"user_id": "2", "seconds": 9.0, "table_s": 4.0, "first_words_s": 8.0}])
     assert m["unlabelled_template_fallbacks"] == 0 and (m["p50_table_s"], m["p50_first_words_s"]) == (3.0, 7.0)
