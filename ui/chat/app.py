@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -206,7 +207,8 @@ class ChatController:
         panels["items"] = table if table is not None else pd.DataFrame()
         panels["note"] = gr.update(value=safe_md(note), visible=bool(note))
         if table is not None and len(table):
-            stem = f"{getattr(result, 'tool', None) or result.kind}-{len(os.listdir(self.csv_dir))}"
+            # a name of its own per turn: two sessions never share (or overwrite) a download
+            stem = f"{getattr(result, 'tool', None) or result.kind}-{uuid.uuid4().hex[:12]}"
             panels["csv"] = gr.update(value=str(write_csv(table, self.csv_dir, stem)), visible=True)
         else:
             panels["csv"] = gr.update(value=None, visible=False)
