@@ -60,12 +60,17 @@ MODEL_DOWN_WAIT_S = 20.0
 # ---- one answer -> one case record ---------------------------------------------------------
 
 
+def _cited(evidence: Sequence[Any]) -> list[list[str]]:
+    """Evidence as recorded in a case: [ref, item id, event line] each."""
+    return [[e.ref, e.item_id, e.summary] for e in evidence]
+
+
 def next_item_record(pred: Any) -> dict[str, Any]:
     """A next-item answer as a case: each reason (with what `why_facts` needs) and the summary."""
     return {
         "sentences": [{"key": f"#{i.rank}", "text": i.reason, "source": i.reason_source, "rank": i.rank,
                        "title": i.title, "source_scores": i.source_scores,
-                       "cited": [[e.ref, e.item_id, e.summary] for e in i.evidence]} for i in pred.items]
+                       "cited": _cited(i.evidence)} for i in pred.items]
         + [{"key": "summary", "text": pred.intent_summary, "source": pred.summary_source}],
         "top_titles": [i.title for i in pred.items],
     }
@@ -74,13 +79,9 @@ def next_item_record(pred: Any) -> dict[str, Any]:
 def reason_record(pred: Any, direction: Direction) -> dict[str, Any]:
     """A churn or intent answer as a case: its one reason, its evidence and its direction."""
     return {"sentences": [{"key": "reason", "text": pred.reason, "source": pred.reason_source,
-                           "cited": [[e.ref, e.item_id, e.summary] for e in pred.evidence],
+                           "cited": _cited(pred.evidence),
                            "direction": direction}],
             "probability": pred.probability}
-
-
-def _cited(evidence: Sequence[Any]) -> list[list[str]]:
-    return [[e.ref, e.item_id, e.summary] for e in evidence]
 
 
 def profile_record(pred: Any) -> dict[str, Any]:

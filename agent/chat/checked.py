@@ -30,8 +30,8 @@ from agent.domain.verify import (
 from agent.llm.base import ChatModel, Message
 
 # A sentence ends at . ! ? followed by a space (not after a list number like "1."), at a Chinese
-# full stop, or at a line break, except after a colon: a lead-in ("most likely to buy:") is one
-# sentence with the list's first line, so an ordering claim is checked with the item it names.
+# full stop, or at a line break (`split_sentences` keeps a lead-in ending with a colon, "most
+# likely to buy:", with the list's first line, so an ordering claim is checked with its item).
 _END = re.compile(r"(?<=[.!?])(?<!\b\d\.)(?<!\b\d\d\.)\s+|(?<=[。！？；])|\n+")
 LABEL = {"en": "[template] ", "zh": "[模板] "}
 

@@ -62,11 +62,14 @@ _THIS_MONTH = re.compile(r"\bthis month\b|本月|这个月|这月")
 _LAST_MONTH = re.compile(r"\b(?:last|previous|past) month\b|上个月|上月")
 
 
-_LAST_DAYS = re.compile(r"\b(?:last|past|previous|recent)\s+(\d{1,5})\s*(days?|weeks?|months?)\b"
-                        r"|(?:最近|过去|近)\s*(\d{1,5})\s*(天|日|周|星期|个月)")
+# Days per unit of a window ("3 months" = 90 days); "days" is read as "day".
+_UNIT_DAYS = {"day": 1, "week": 7, "month": 30, "天": 1, "日": 1, "周": 7, "星期": 7, "个月": 30}
+_EN_UNIT, _ZH_UNIT = r"(day|week|month)s?", "(天|日|周|星期|个月)"
+_LAST_DAYS = re.compile(rf"\b(?:last|past|previous|recent)\s+(\d{{1,5}})\s*{_EN_UNIT}\b"
+                        rf"|(?:最近|过去|近)\s*(\d{{1,5}})\s*{_ZH_UNIT}")
 _LAST_WEEK = re.compile(r"\b(?:last|past|previous|this) week\b|最近一周|过去一周|上周|上星期|近一周|本周|这周")
 # a number with a unit of time is a window, never an id ("last 9999 days")
-_WITH_UNIT = re.compile(r"\s*(?:days?|weeks?|months?|天|日|周|星期|个月)", re.I)
+_WITH_UNIT = re.compile(rf"\s*(?:{_EN_UNIT}|{_ZH_UNIT})", re.I)
 
 
 def _days(text: str) -> int | None:
@@ -75,9 +78,7 @@ def _days(text: str) -> int | None:
     names none. A window outside 1..366 days is clamped to it (the segment tool's range)."""
     if m := _LAST_DAYS.search(text.lower()):
         n, unit = (int(m.group(1)), m.group(2)) if m.group(1) else (int(m.group(3)), m.group(4))
-        n *= 7 if unit.startswith("week") or unit in ("周", "星期") else 30 if unit.startswith("month") or \
-            unit == "个月" else 1
-        return min(max(n, 1), 366)
+        return min(max(n * _UNIT_DAYS[unit], 1), 366)
     return 7 if _LAST_WEEK.search(text.lower()) else None
 
 

@@ -249,8 +249,6 @@ class Conversation:
             return None
         if self.tool == "churn_segment" and parsed.customer_ids:  # "what about customer 12347?"
             return "churn"
-        if self.tool == "churn_segment" and (parsed.item_ids or parsed.title):
-            return None
         return self.tool
 
     def remember(self, call: ToolCall, result: ToolResult) -> None:

@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -30,6 +31,7 @@ from agent.data.candidates import max_scale
 from agent.domain.history import _STOP, build_history
 from agent.domain.predictions import AudiencePrediction, AudienceReason, Evidence, TargetUser
 from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.domain.verify import TitleIndex
 from agent.llm.base import ChatModel, ModelUnavailableError, OutputValidationError
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
@@ -101,6 +103,11 @@ class AudienceIndex:
             list(dict.fromkeys(s)) for s in seqs.values())
         user_index = build_user_index(dict(seqs), item_index)
         return cls(catalog, item_index, user_index, covisit, dict(buyers), dict(activity), cutoff)
+
+    @cached_property
+    def title_index(self) -> TitleIndex:
+        """The catalog's titles for the verifier, built once per index (not per targeted user)."""
+        return TitleIndex(it.title for it in self.catalog.values())
 
     def title(self, item_id: str) -> str:
         it = self.catalog.get(item_id)
@@ -225,14 +232,14 @@ class AudienceService:
                     p = await ask_yes_no(self.model, msgs, trace)
                     schema = AudienceReason.model_json_schema()
                     schema["properties"]["evidence"]["items"] = {"type": "string", "enum": hist.refs}
-                    msgs = render(tpl, target=target, ask="reason", **hist.prompt_vars())
+                    msgs, context = render(tpl, target=target, ask="reason", **hist.prompt_vars()), {"refs": set(hist.refs)}
                     ans = await structured_call(self.model, msgs, AudienceReason, json_schema=schema,
-                                                context={"refs": set(hist.refs)}, max_tokens=100, trace=trace)
+                                                context=context, max_tokens=100, trace=trace)
                     # the reason verified (products, events, numbers), else the labelled retrieval reason
                     checked = await verified_reason(self.model, msgs, ans, hist, idx.catalog, trace,
                                                     titles=[idx.title(item_id)] if item_id else [],
-                                                    json_schema=schema, context={"refs": set(hist.refs)},
-                                                    max_tokens=100)
+                                                    json_schema=schema, context=context, max_tokens=100,
+                                                    catalogue=idx.title_index)
                     extra[u] = (p, checked.reason, evidence_from_refs(hist, checked.evidence)) if checked else (
                         p, "", [])
                 except ModelUnavailableError as e:

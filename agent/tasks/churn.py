@@ -70,9 +70,8 @@ def baseline_drivers(bl: LogisticBaseline, x: Mapping[str, float], reference: Ma
         `detail` names it and the reference's.
     """
     out = []
-    for feat, coef in sorted(zip(bl.features, bl.coef, strict=True),
-                             key=lambda fc: -fc[1] * (x[fc[0]] - reference[fc[0]])):
-        contrib = coef * (x[feat] - reference[feat])
+    contribs = {feat: coef * (x[feat] - reference[feat]) for feat, coef in zip(bl.features, bl.coef, strict=True)}
+    for feat, contrib in sorted(contribs.items(), key=lambda fc: -fc[1]):
         raw, ref = math.expm1(x[feat]), math.expm1(reference[feat])
         name = _BASELINE_NAMES.get(feat)
         detail = {"recency": f"{raw:.0f} days since the last order (median {ref:.0f})",

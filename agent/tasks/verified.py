@@ -126,14 +126,16 @@ async def verified_reason(
     model: ChatModel, messages: list[Message], answer: R, hist: HistoryView, catalog: Mapping[str, CatalogItem],
     trace: CallTrace, *, titles: Sequence[str] = (), direction: Direction | None = None,
     json_schema: dict[str, Any] | None = None, context: dict[str, Any] | None = None, max_tokens: int = 160,
+    catalogue: TitleIndex | None = None,
 ) -> R | None:
     """`verify_answer` for a one-sentence answer (a `Cited` reason with its evidence: churn,
     purchase intent, session intent, an audience's targeting reason): the answer whose reason verified (as written, else
-    repaired), or None when the task's template reason must be shown instead."""
+    repaired), or None when the task's template reason must be shown instead. `catalogue`: the
+    catalog's `TitleIndex` when the caller holds one (else built here, ~20 ms on 4k titles)."""
     checked = await verify_answer(
         model, messages, answer,
         lambda a: {"reason": (a.reason, cited_facts(messages, hist, a.evidence, catalog, titles=titles,
                                                     direction=direction))},
-        TitleIndex(it.title for it in catalog.values()), trace, json_schema=json_schema, context=context,
+        catalogue or TitleIndex(it.title for it in catalog.values()), trace, json_schema=json_schema, context=context,
         max_tokens=max_tokens)
     return checked.pick["reason"]

@@ -84,8 +84,9 @@ def _short(text: str, n: int = 34) -> str:
 
 def items_frame(result: ToolResult) -> pd.DataFrame | None:
     """The result's table with internal column names (`readable_table` gives the shown one): a
-    customer's events (newest first), the ranked candidates (with per-source scores), search hits, one item's details, an item's
-    complaints, a month's at-risk customers, or a task answer's table (`task_frame`)."""
+    customer's events (newest first), the ranked candidates (with per-source scores), search
+    hits, one item's details, an item's complaints, a month's at-risk customers, or a task
+    answer's table (`task_frame`)."""
     if isinstance(result, NextItems):
         rows = []
         for it in result.prediction.items:
