@@ -18,10 +18,7 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -31,46 +28,10 @@ from typing import Any
 import httpx
 
 from agent.settings import Settings
+from bench.server import model_server_pids, serve
 from bench.stats import load_average, ratio, summarize
 
 KEY = "bench-fault-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _children(pid: int) -> list[int]:
-    """Every descendant process of `pid` (from /proc)."""
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def model_server_pids(serve_pid: int) -> list[int]:
-    """The embedded model server processes started by the API process `serve_pid`."""
-    found = []
-    for c in _children(serve_pid):
-        try:
-            cmd = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "llama" in cmd:
-            found.append(c)
-    return found
 
 
 def _copy_workspace(src: Settings, dst: Path, dataset: str) -> None:
@@ -205,35 +166,14 @@ def model_killed(settings: Settings, dataset: str = "online-retail", *, seconds:
     with tempfile.TemporaryDirectory(prefix="shoplens-fault-") as tmp:
         ws = Path(tmp) / "ws"
         _copy_workspace(settings, ws, dataset)
-        port = _free_port()
         env = {**os.environ, "SHOPLENS_API_KEYS": KEY, "SHOPLENS_RATE_LIMIT_RPS": "0",
                "SHOPLENS_MODELS_DIR": str(settings.models_dir), "SHOPLENS_DATA_DIR": str(settings.data_dir),
                "SHOPLENS_LLM_PROFILE": settings.llm_profile}
-        log = (Path(tmp) / "serve.log").open("w")
-        proc = subprocess.Popen([sys.executable, "-m", "ui.cli", "serve", "--no-ui", "--port", str(port),
-                                 "--workspace", str(ws)], env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            t0 = time.perf_counter()
-            while True:
-                try:
-                    if httpx.get(url + "/readyz", timeout=35).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.perf_counter() - t0 > ready_timeout_s:
-                    raise RuntimeError(f"server not ready: {(Path(tmp) / 'serve.log').read_text()[-2000:]}")
-                time.sleep(2)
+        t0 = time.perf_counter()
+        with serve(ws, env, Path(tmp) / "serve.log", ready_timeout_s=ready_timeout_s) as srv:
             res["ready_s"] = time.perf_counter() - t0
-            res.update(asyncio.run(_load(url, dataset, *store_users, seconds=seconds, kill_at_s=kill_at_s,
-                                         serve_pid=proc.pid, workers=workers, pause_s=pause_s, seed=seed)))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+            res.update(asyncio.run(_load(srv.url, dataset, *store_users, seconds=seconds, kill_at_s=kill_at_s,
+                                         serve_pid=srv.proc.pid, workers=workers, pause_s=pause_s, seed=seed)))
     return res
 
 
