@@ -189,3 +189,32 @@ async def test_an_unreachable_model_server_is_not_reported_as_loading_forever(tm
                                         r"model server at http://127\.0\.0\.1:\d+/v1 did not answer"):
         await holder.get()  # the cool-down (0 s) has passed: a second try starts
     await rt.aclose()
+
+
+async def test_a_busy_model_is_ready_while_it_answers_and_the_probe_never_queues(tmp_path: Path) -> None:
+    """Under load every slot is taken: /readyz must not queue a probe behind real calls (it
+    timed out there and turned 503, which makes an orchestrator pull a working instance)."""
+    rt, holder, server = await _ready_holder(tmp_path)
+    try:
+        guard = await holder.get()
+        for _ in range(guard.slots.capacity):  # every slot held by a long call
+            await guard.slots.acquire(0)
+        real = guard.inner.complete
+
+        async def refused(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            raise AssertionError("the probe queued a completion behind a busy model")
+
+        guard.inner.complete = refused
+        ok, why = await holder.probe()
+        assert ok and "busy (2 calls running, 0 waiting); its last answer" in why, why
+        guard.last_ok -= guard.config.timeout_s + 1  # no answer for longer than a call's deadline
+        ok, why = await holder.probe()
+        assert not ok and why.endswith(f"none within {guard.config.timeout_s:g} s"), why
+        for _ in range(guard.slots.capacity):
+            guard.slots.release()
+        guard.inner.complete = real
+        ok, why = await holder.probe()  # idle again: a real 1-token completion
+        assert ok and why.startswith("model tiny answered in "), why
+    finally:
+        await holder.aclose()
+        server.stop()

@@ -53,13 +53,43 @@ async def test_interactive_overtakes_queued_batch_calls() -> None:
 
 async def test_deadline_covers_the_queue_and_a_timed_out_waiter_frees_nothing_it_never_held() -> None:
     g = GuardedModel(SlowModel(0.3), GuardConfig(max_concurrency=1, timeout_s=0.1, cooldown_s=0))
-    slow = asyncio.create_task(g.complete(MSG))
-    await asyncio.sleep(0.01)
-    with pytest.raises(ModelUnavailableError, match="timed out after 0.1 s"):
+    await g.slots.acquire(0)  # another call holds the only slot throughout
+    with pytest.raises(ModelUnavailableError, match=r"model busy: no free slot within 0.1 s \(1 calls running, 0 waiting\)"):
         await g.complete(MSG)  # waited 0.1 s for the slot: that counts
-    with pytest.raises(ModelUnavailableError):
-        await slow
+    assert g.slots.in_use == 1 and g.slots.waiting == 0
+    g.slots.release()
+    with pytest.raises(ModelUnavailableError, match="timed out after 0.1 s"):
+        await g.complete(MSG)  # had the slot; the 0.3 s call ran past the deadline
     assert g.slots.in_use == 0 and g.slots.waiting == 0
+
+
+async def test_a_wait_for_a_slot_starts_no_cooldown_but_a_call_past_its_deadline_does() -> None:
+    g = GuardedModel(SlowModel(0.2), GuardConfig(max_concurrency=1, timeout_s=0.05, cooldown_s=60))
+    await g.slots.acquire(0)
+    with pytest.raises(ModelUnavailableError, match="model busy"):
+        await g.complete(MSG)
+    assert g.cooling_down() is None  # busy is not failing: the next call is still tried
+    g.slots.release()
+    with pytest.raises(ModelUnavailableError, match="timed out after 0.05 s"):
+        await g.complete(MSG)  # got the slot, then the 0.2 s call ran past the deadline
+    assert g.cooling_down() is not None and g.last_ok == 0
+
+
+async def test_a_success_is_timed_for_readiness() -> None:
+    g = GuardedModel(SlowModel(0.0), GuardConfig())
+    assert g.last_ok == 0 and not g.busy()
+    await g.complete(MSG)
+    assert g.last_ok > 0
+
+
+async def test_a_stream_that_waits_too_long_for_a_slot_starts_no_cooldown() -> None:
+    g = GuardedModel(SlowModel(0.2), GuardConfig(max_concurrency=1, timeout_s=0.05, cooldown_s=60))
+    await g.slots.acquire(0)  # someone else holds the only slot
+    with pytest.raises(ModelUnavailableError, match="model busy"):
+        async for _ in g.stream(MSG):
+            pass
+    g.slots.release()
+    assert g.cooling_down() is None and g.slots.in_use == 0
 
 
 async def test_retries_unavailable_once_then_names_attempts() -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from agent.domain.errors import ModelUnavailableError
 from agent.llm.base import ChatModel, Completion, Message
+from agent.llm.wrappers import GuardedModel
 
 if TYPE_CHECKING:
     from agent.app.runtime import Runtime
@@ -153,7 +154,13 @@ class ModelHolder:
         raise ModelUnavailableError(f"the model failed to start ({self.error})", retry_after_s=self.retry_after_s)
 
     async def probe(self) -> tuple[bool, str]:
-        """A real 1-token completion (cached for `probe_cache_s`): (ok, reason)."""
+        """Whether the model can answer now (cached for `probe_cache_s`): (ok, reason).
+
+        A real 1-token completion when the model is idle. A busy model (every slot taken) is
+        never queued behind: a call that succeeded within the guard's deadline proves it answers
+        (under load /readyz must not turn 503 and have an orchestrator pull a working instance);
+        busy with no success for longer than that, it is not ready.
+        """
         now = time.monotonic()
         if self._probe and now - self._probe[0] < self.probe_cache_s:
             return self._probe[1], self._probe[2]
@@ -161,9 +168,17 @@ class ModelHolder:
             return False, self.restarting
         try:
             model = await self.get()
-            async with asyncio.timeout(self.probe_timeout_s):
-                comp = await model.complete([{"role": "user", "content": "Say OK."}], max_tokens=1)
-            ok, why = True, f"model {model.model_id} answered in {comp.latency_s:.2f} s"
+            busy = model.busy() if isinstance(model, GuardedModel) else False
+            if busy and isinstance(model, GuardedModel):
+                ago, bound = now - model.last_ok, model.config.timeout_s
+                ok = model.last_ok > 0 and ago <= bound and model.cooling_down() is None
+                why = (f"model {model.model_id} busy ({model.slots.in_use} calls running, {model.slots.waiting} "
+                       + (f"waiting); its last answer {ago:.0f} s ago" if model.last_ok else "waiting); no answer yet")
+                       + ("" if ok else f", none within {bound:g} s"))
+            else:
+                async with asyncio.timeout(self.probe_timeout_s):
+                    comp = await model.complete([{"role": "user", "content": "Say OK."}], max_tokens=1)
+                ok, why = True, f"model {model.model_id} answered in {comp.latency_s:.2f} s"
         except TimeoutError:
             ok, why = False, f"the model did not answer a 1-token probe within {self.probe_timeout_s:g} s"
         except ModelUnavailableError as e:

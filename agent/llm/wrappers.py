@@ -181,6 +181,7 @@ class GuardedModel:
         self.slots = PrioritySlots(self.config.max_concurrency)
         self.down_until = 0.0
         self.last_error: str | None = None
+        self.last_ok = 0.0  # time.monotonic() of the last call that succeeded (0: none yet)
 
     def cooling_down(self) -> str | None:
         """Why calls are refused right now (after a failure, for `GuardConfig.cooldown_s`), or
@@ -199,6 +200,20 @@ class GuardedModel:
     def _fail(self, reason: str) -> None:
         self.last_error = reason
         self.down_until = time.monotonic() + self.config.cooldown_s
+
+    def _ok(self) -> None:
+        self.down_until, self.last_error, self.last_ok = 0.0, None, time.monotonic()
+
+    def busy(self) -> bool:
+        """Every slot is taken: a new call would queue. Pure."""
+        return self.slots.in_use >= self.slots.capacity
+
+    def _no_slot(self) -> ModelUnavailableError:
+        """The deadline passed while the call waited for a slot: the model is busy, not failing,
+        so no cool-down starts (other calls and readiness are not refused for it)."""
+        return ModelUnavailableError(
+            f"model busy: no free slot within {self.config.timeout_s:g} s ({self.slots.in_use} calls running, "
+            f"{self.slots.waiting} waiting)", retry_after_s=self.config.cooldown_s)
 
     async def complete(
         self,
@@ -223,14 +238,19 @@ class GuardedModel:
         self.observer.call_started(which)
         kw = dict(schema=schema, max_tokens=min(max_tokens, self.config.max_tokens_cap),
                   temperature=temperature, top_logprobs=top_logprobs)
+        got_slot = False
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 async with self.slots.slot(LANE_PRIORITY[which]):
+                    got_slot = True
                     comp = await self._attempts(messages, kw)
             outcome, usage = "ok", comp.usage
-            self.down_until, self.last_error = 0.0, None
+            self._ok()
             return comp
         except TimeoutError as e:
+            if not got_slot:
+                outcome = "busy"
+                raise self._no_slot() from e
             outcome = "timeout"
             self._fail(f"no answer within {self.config.timeout_s:g} s")
             raise ModelUnavailableError(f"model call timed out after {self.config.timeout_s:g} s",
@@ -286,8 +306,12 @@ class GuardedModel:
         outcome = "error"
         self.observer.call_started(which)
         try:
-            async with asyncio.timeout(self.config.timeout_s):
-                await self.slots.acquire(LANE_PRIORITY[which])
+            try:
+                async with asyncio.timeout(self.config.timeout_s):
+                    await self.slots.acquire(LANE_PRIORITY[which])
+            except TimeoutError as e:
+                outcome = "busy"
+                raise self._no_slot() from e
             try:
                 it = self.inner.stream(messages, max_tokens=min(max_tokens, self.config.max_tokens_cap),
                                        temperature=temperature)
@@ -299,7 +323,7 @@ class GuardedModel:
                         break
                     yield chunk
                 outcome = "ok"
-                self.down_until, self.last_error = 0.0, None
+                self._ok()
             finally:
                 aclose = getattr(it, "aclose", None)
                 if aclose is not None:
@@ -312,7 +336,8 @@ class GuardedModel:
             raise ModelUnavailableError(f"model stream stalled for {self.config.timeout_s:g} s",
                                         retry_after_s=self.config.cooldown_s) from e
         except ModelUnavailableError as e:
-            self._fail(str(e))
+            if outcome != "busy":  # a wait for a slot is no failure of the model
+                self._fail(str(e))
             raise
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "cancelled"
