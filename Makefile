@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHOPLENS := $(VENV)/bin/shoplens
 
-.PHONY: setup setup-vllm demo test test-fast test-vllm lint bench eval clean
+.PHONY: setup setup-vllm demo test test-fast test-vllm lint bench eval schema reliability clean
 
 setup:
 	bash scripts/setup.sh
@@ -41,6 +41,19 @@ test-vllm: setup-vllm
 # retrieval,ingest" (see .venv/bin/python -m bench --help; --base-url for a vLLM server).
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Hostile input (issue 17): Schemathesis against the API's /openapi.json, every operation, schema-
+# valid and schema-violating requests, SCHEMA_EXAMPLES each (make test runs 30): no 5xx, every
+# error in the envelope. Results: docs/reliability.md.
+SCHEMA_EXAMPLES ?= 200
+schema: setup
+	SHOPLENS_SCHEMA_EXAMPLES=$(SCHEMA_EXAMPLES) $(PY) -m pytest tests/test_api_schema.py -q
+
+# Load + kill (issue 17): 50 clients for 5 minutes with the model server killed, then kill -9 of the
+# API during ingestion (bench/reliability.py; ~10 min, the embedded model; run it alone). Exit 1 when
+# a guarantee is missed. Results: runs/reliability-<UTC time>/result.json, docs/reliability.md.
+reliability: setup
+	mkdir -p var && flock var/heavy.lock $(PY) -m bench.reliability $(RELIABILITY_ARGS)
 
 eval: setup
 	$(SHOPLENS) eval next-item --dataset amazon-games --protocol llmrank --candidates random --users 200 --ranker fused

@@ -290,7 +290,7 @@ async def _clients(url: str, dataset: str, users: Sequence[str], items: Sequence
             await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300,
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=400,
                                  limits=limits) as client:
         watcher = asyncio.create_task(killer(client)) if kill_model_at_s is not None else None
         await asyncio.gather(*(one(c, client) for c in range(clients)))

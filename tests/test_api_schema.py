@@ -2,11 +2,13 @@
 the generated request, valid or not, the answer is never a 5xx and errors use the envelope.
 
 Runs every operation with positive (schema-valid) and negative (schema-violating) data,
-30 examples each, against the real app on a loopback port.
+30 examples each (``SHOPLENS_SCHEMA_EXAMPLES`` for more: ``make schema``), against the real app
+on a loopback port.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from tests.test_api import AUTH, DATASET, agent_settings, api_settings  # noqa: 
 from ui.api import create_app  # noqa: E402
 from ui.api.testing import live_server  # noqa: E402
 
-MAX_EXAMPLES = 30
+MAX_EXAMPLES = int(os.environ.get("SHOPLENS_SCHEMA_EXAMPLES") or 30)
 
 
 @pytest.fixture(scope="module")
