@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     # The shared real datasets (read-only), laid beside the project checkout.
     data_dir: Path = PROJECT_ROOT.parent / "shared" / "data"
 
+    # --- the event store --------------------------------------------------------------------
+    # Unset (the default): the embedded SQLite file <workspace>/shoplens.sqlite3, which one
+    # process or one machine uses. Several API replicas share one store through PostgreSQL:
+    # postgresql://USER:PASSWORD@HOST:5432/DBNAME (psycopg 3, `pip install 'shoplens[pg]'`;
+    # docs/deploy.md). A secret: ShopLens prints it with the password masked.
+    database_url: SecretStr | None = None
+
     # --- model ----------------------------------------------------------------------------
     # Any OpenAI-compatible server (vLLM in production). Unset: ShopLens starts the embedded
     # llama-cpp-python server itself.
@@ -120,6 +127,7 @@ class Settings(BaseSettings):
 
     @property
     def db_path(self) -> Path:
+        """The SQLite event store's file, used when `database_url` is unset."""
         return self.workspace / "shoplens.sqlite3"
 
     def index_dir(self, dataset: str) -> Path:

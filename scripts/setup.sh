@@ -28,7 +28,19 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 step "installing ShopLens and its dependencies"
-$PIP install -e '.[api,dev,ui,batch]'   # batch: Ray, for precompute --ray-address and its test
+$PIP install -e '.[api,dev,ui,batch,pg]'   # batch: Ray (precompute --ray-address); pg: psycopg
+
+# The event store's test suite also runs against a real PostgreSQL server that the tests start
+# themselves (tests/pg.py: initdb into a temporary folder, a Unix socket, no TCP port) from
+# Debian's binaries. Needs root, as on CI and the dev machines; without it those tests skip.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    step "installing Debian's postgresql (for the event store's PostgreSQL tests)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "note: PostgreSQL missing and not root: the store's PostgreSQL tests will skip" >&2
+  fi
+fi
 
 # The chat's browser test drives Debian's Chromium through Playwright (a browser download by
 # `playwright install` is not possible here). Needs root, as on CI and the dev machines.

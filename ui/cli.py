@@ -153,7 +153,7 @@ def ingest_cmd(
         except (ValueError, FileNotFoundError) as e:
             raise _fail(str(e)) from e
         err.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
-        err.print(f"store: {rt.store.counts(dataset)} at {rt.settings.db_path}", markup=False, soft_wrap=True)
+        err.print(f"store: {rt.store.counts(dataset)} at {rt.store.location}", markup=False, soft_wrap=True)
         return
     assert events is not None and name is not None
     try:
@@ -174,7 +174,7 @@ def ingest_cmd(
     err.print(own_report.summary(), markup=False, highlight=False, soft_wrap=True)
     err.print(f"mapping saved with {name!r}: {json.dumps(own_report.source['mapping'])}", markup=False,
               highlight=False, soft_wrap=True)
-    err.print(f"store: {rt.store.counts(name)} at {rt.settings.db_path}; next: shoplens recommend --dataset "
+    err.print(f"store: {rt.store.counts(name)} at {rt.store.location}; next: shoplens recommend --dataset "
               f"{name} --user <id> --no-llm", markup=False, highlight=False, soft_wrap=True)
 
 

@@ -91,7 +91,10 @@ class Runtime:
 
     @cached_property
     def store(self) -> EventStore:
-        return EventStore(self.settings.db_path)
+        """The event store: PostgreSQL at `settings.database_url` when set (shared by replicas),
+        else the workspace's SQLite file. Opening it applies pending schema migrations."""
+        url = self.settings.database_url
+        return EventStore(url=url.get_secret_value()) if url is not None else EventStore(self.settings.db_path)
 
     @cached_property
     def feedback(self) -> FeedbackStore:
@@ -339,12 +342,13 @@ class Runtime:
 
     async def aclose(self) -> None:
         """Close the model client, stop the embedded server (even if the client was bound to an
-        event loop that has since closed) and close the feedback and answer stores (reopened on next
-        use)."""
+        event loop that has since closed) and close the event, feedback and answer stores (reopened on
+        next use)."""
         model, self._model, self._guarded = self._model, None, None
         server, self._server = self._server, None
         feedback: FeedbackStore | None = self.__dict__.pop("feedback", None)
         answers: AnswerStore | None = self.__dict__.pop("answers", None)
+        store: EventStore | None = self.__dict__.get("store")  # kept: usable again after close
         try:
             if model is not None:
                 aclose = getattr(model, "aclose", None)  # fakes have nothing to close
@@ -358,6 +362,8 @@ class Runtime:
                 feedback.close()
             if answers is not None:
                 answers.close()
+            if store is not None:  # its pooled connections (a PostgreSQL server's are limited)
+                store.close()
 
     @property
     def workspace(self) -> Path:

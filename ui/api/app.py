@@ -50,6 +50,10 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The event store opens before serving: pending schema migrations run here, once, and a
+        # wrong SHOPLENS_DATABASE_URL or an unreachable database stops startup with its message.
+        store = await asyncio.to_thread(lambda: runtime.store)
+        log.info("event store: %s", store.location)  # the password masked
         if not ctx.auth.hashes and not ctx.auth.allow_anonymous:
             log.warning("no API keys configured: every protected route answers 401 (set SHOPLENS_API_KEYS)")
         if unscoped := settings.unscoped_key_count():
