@@ -441,3 +441,19 @@ def test_the_database_url_setting_is_a_secret(monkeypatch: pytest.MonkeyPatch) -
     assert "s3cret" not in repr(s) and "s3cret" not in str(s.model_dump())
     monkeypatch.delenv("SHOPLENS_DATABASE_URL")
     assert Settings().database_url is None  # the default: the workspace's SQLite file
+
+
+def test_time_quantile_is_the_sorted_index_min_n_1_int_n_q(store: EventStore) -> None:
+    assert store.time_quantile(DS, 0.995) is None  # no events
+    # ten events, days 1..10 of December, stored out of time order and across two users
+    store.add_events(DS, [ev("u1" if d % 2 else "u2", "a", f"2011-12-{d:02d}T00:00:00Z") for d in
+                          (5, 1, 10, 3, 8, 2, 9, 4, 7, 6)])
+    store.add_events("other", [ev("u1", "a", "2012-06-01T00:00:00Z")])  # another dataset's later event
+    day = lambda d: datetime(2011, 12, d, tzinfo=UTC)  # noqa: E731
+    assert store.time_quantile(DS, 0.995) == day(10)  # int(9.95) = 9: the last
+    assert store.time_quantile(DS, 0.9) == day(10)    # int(9.0) = 9
+    assert store.time_quantile(DS, 0.85) == day(9)    # int(8.5) = 8
+    assert store.time_quantile(DS, 0.5) == day(6)     # int(5.0) = 5
+    assert store.time_quantile(DS, 0.0) == day(1)
+    with pytest.raises(ValueError, match=r"q must be in \[0, 1\], got 1.5"):
+        store.time_quantile(DS, 1.5)

@@ -223,6 +223,26 @@ class EventStore:
             n_items = conn.scalar(select(func.count()).select_from(items).where(items.c.dataset == dataset))
         return {"events": int(n_events), "users": int(n_users), "items": int(n_items or 0)}
 
+    def time_quantile(self, dataset: str, q: float) -> datetime | None:
+        """The event time at quantile `q` (0..1) of the dataset's events sorted by time: the one
+        at index ``min(n - 1, int(n * q))``, as sorting them all would give; None without events.
+        Two indexed reads (a count, then a walk from the newest event along ``events_time``), so
+        a high `q` costs milliseconds on any size.
+
+        Raises:
+            ValueError: `q` outside [0, 1].
+        """
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"q must be in [0, 1], got {q}")
+        with self._engine.connect() as conn:
+            n = int(conn.scalar(select(func.count()).select_from(events).where(events.c.dataset == dataset)) or 0)
+            if n == 0:
+                return None
+            from_newest = n - 1 - min(n - 1, int(n * q))
+            ts = conn.scalar(select(events.c.ts).where(events.c.dataset == dataset)
+                             .order_by(events.c.ts.desc()).limit(1).offset(from_newest))
+        return datetime.fromtimestamp(ts, tz=UTC)
+
     def user_events(
         self, dataset: str, user_id: str, *, before: datetime | None = None
     ) -> list[BehaviorEvent]:
