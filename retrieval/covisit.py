@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -29,6 +29,7 @@ from typing import Literal
 Normalisation = Literal["cosine", "row", "none"]
 
 FORMAT_VERSION = 1
+_ZERO = 1e-9  # a count at or below this after `updated` subtracts it is gone (fit never stores one)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,88 @@ class CoVisitation:
         self.item_count = dict(counts)
         self._index()
         return self
+
+    def updated(self, changes: Iterable[tuple[Sequence[str], Sequence[str]]]) -> CoVisitation:
+        """The counts `fit` would give had it seen each ``new`` sequence in place of its ``old``
+        one, without refitting: each change subtracts what ``old`` added and adds what ``new``
+        adds (``[]`` is no sequence: a new user has ``old == []``, a deleted one ``new == []``).
+        With the default ``distance_decay`` of 0.5 every weight is a binary fraction, so the
+        result equals a refit exactly.
+
+        Cost per change: O(len(new) * window) forward transitions plus the co-occurring pairs
+        that touch the appended items when ``new`` extends ``old`` (the common case: events
+        arrive in time order); otherwise both sequences are counted in full (O(n ** 2) pairs for
+        whole-sequence co-occurrence).
+
+        Args:
+            changes: (old, new) item-id sequences, each chronological. ``old`` must be what the
+                counts hold for that sequence, or the counts go wrong.
+
+        Returns:
+            A new model; this one is left as it was (rows no change touches are shared), so
+            scoring in other threads sees either the old counts or the new ones.
+        """
+        cfg = self.config
+        fwd: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+        cooc: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+        counts: Counter[str] = Counter()
+        for old_seq, new_seq in changes:
+            old, new = list(old_seq), list(new_seq)
+            if old == new:
+                continue
+            if new[: len(old)] == old:
+                self._count_appended(old, new, fwd, cooc, counts)
+            else:
+                self._count(old, -1.0, fwd, cooc, counts)
+                self._count(new, 1.0, fwd, cooc, counts)
+        out = CoVisitation(cfg)
+        out.forward, out._forward_row = _apply(self.forward, self._forward_row, fwd)
+        out.cooc, out._cooc_row = _apply(self.cooc, self._cooc_row, cooc)
+        item_count = dict(self.item_count)
+        for item, c in counts.items():
+            n = item_count.get(item, 0) + c
+            if n > 0:
+                item_count[item] = n
+            else:
+                item_count.pop(item, None)
+        out.item_count = item_count
+        return out
+
+    def _count(self, seq: list[str], sign: float, fwd: defaultdict[str, defaultdict[str, float]],
+               cooc: defaultdict[str, defaultdict[str, float]], counts: Counter[str]) -> None:
+        """Add `sign` times what `fit` counts for one sequence to the delta tables."""
+        cfg, n = self.config, len(seq)
+        for item in seq:
+            counts[item] += int(sign)
+        for i, a in enumerate(seq):
+            for d in range(1, min(cfg.window, n - 1 - i) + 1):
+                if (b := seq[i + d]) != a:
+                    fwd[a][b] += sign * cfg.distance_decay ** (d - 1)
+        for a, b in _pairs(seq, 0, cfg.cooc_window):
+            cooc[a][b] += sign
+            cooc[b][a] += sign
+
+    def _count_appended(self, old: list[str], new: list[str], fwd: defaultdict[str, defaultdict[str, float]],
+                        cooc: defaultdict[str, defaultdict[str, float]], counts: Counter[str]) -> None:
+        """Add what `fit` counts for `new` beyond its prefix `old` to the delta tables: the
+        appended items, the transitions into them, and the co-occurring pairs `old` lacks."""
+        cfg, n0 = self.config, len(old)
+        for item in new[n0:]:
+            counts[item] += 1
+        for j in range(n0, len(new)):
+            for d in range(1, cfg.window + 1):
+                if j - d < 0:
+                    break
+                if (a := new[j - d]) != new[j]:
+                    fwd[a][new[j]] += cfg.distance_decay ** (d - 1)
+        if cfg.cooc_window is None:  # whole-sequence pairs: old has a pair iff it has both items
+            seen = set(old)
+            fresh = {p for p in _pairs(new, n0, None) if not (p[0] in seen and p[1] in seen)}
+        else:
+            fresh = _pairs(new, n0, cfg.cooc_window) - _pairs(old, 0, cfg.cooc_window)
+        for a, b in fresh:
+            cooc[a][b] += 1.0
+            cooc[b][a] += 1.0
 
     def with_config(self, **changes: object) -> CoVisitation:
         """A scorer sharing these counts with different scoring parameters.
@@ -236,3 +319,38 @@ class CoVisitation:
         model.cooc = payload["cooc"]
         model._index()
         return model
+
+
+def _pairs(seq: Sequence[str], start: int, span: int | None) -> set[tuple[str, str]]:
+    """The unordered pairs of different items `fit` counts as co-occurring in `seq`, limited to
+    those whose later position is at or after `start` (0: all of them): positions i < j at
+    most `span` apart (None: anywhere in the sequence), each pair once, as (smaller, larger)."""
+    out: set[tuple[str, str]] = set()
+    for j in range(start, len(seq)):
+        b = seq[j]
+        for i in range(0 if span is None else max(0, j - span), j):
+            a = seq[i]
+            if a != b:
+                out.add((a, b) if a < b else (b, a))
+    return out
+
+
+def _apply(table: dict[str, dict[str, float]], sums: dict[str, float],
+           delta: Mapping[str, Mapping[str, float]]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """(`table` plus `delta`, its row sums): a new top-level dict, new rows only where `delta`
+    touches them, entries at or below zero dropped (as `fit` never stores them)."""
+    out, out_sums = dict(table), dict(sums)
+    for a, changes in delta.items():
+        row = dict(table.get(a, {}))
+        for b, w in changes.items():
+            v = row.get(b, 0.0) + w
+            if v > _ZERO:
+                row[b] = v
+            else:
+                row.pop(b, None)
+        if row:
+            out[a], out_sums[a] = row, sum(row.values())
+        else:
+            out.pop(a, None)
+            out_sums.pop(a, None)
+    return out, out_sums

@@ -3,16 +3,20 @@
 An index folder holds ``index.faiss``, ``ids.json`` (row -> external id) and
 ``manifest.json`` (embedder, dimension, metric, normalisation, catalogue hash, kind). Loading
 with a different embedder or a changed catalogue is an error, never silently wrong neighbours.
+
+An index can also change in place of a rebuild (`VectorIndex.upserted`, `VectorIndex.removed`):
+each returns a new index and leaves the old one untouched, so searches running in other threads
+keep a consistent one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import faiss
 import numpy as np
@@ -162,3 +166,62 @@ class VectorIndex:
         # when faiss.contrib.torch_utils is imported); here it returns an ndarray, which
         # np.asarray passes through unchanged.
         return None if pos is None else np.asarray(self._index.reconstruct(pos))
+
+    def upserted(self, ids: Sequence[str], vectors: np.ndarray) -> VectorIndex:
+        """A new index with these rows: an id already present gets its vector replaced (same
+        row), a new id is appended. This index is left as it was.
+
+        Flat indexes stay exact. An HNSW index keeps the graph links a replaced row had: the row
+        is scored with its new vector, but a search reaches it through its old neighbours, so
+        recall for rows that moved far can drop until the index is rebuilt.
+
+        Args:
+            ids: distinct external ids, one per row of `vectors`.
+            vectors: (len(ids), dim) float32 unit vectors.
+
+        Raises:
+            ValueError: shape mismatch or duplicate ids.
+        """
+        dim = self.manifest.dim
+        if vectors.ndim != 2 or vectors.shape != (len(ids), dim):
+            raise ValueError(f"vectors shape {vectors.shape} does not match {len(ids)} ids of dimension {dim}")
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate ids in index upsert")
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+        index = faiss.clone_index(self._index)
+        new_ids = list(self.ids)
+        fresh = [r for r, i in enumerate(ids) if i not in self._pos]
+        moved = [(self._pos[i], r) for r, i in enumerate(ids) if i in self._pos]
+        if moved:
+            rows = _stored_rows(index, dim)
+            for pos, r in moved:
+                rows[pos] = vecs[r]
+        if fresh:
+            index.add(vecs[fresh])
+            new_ids += [ids[r] for r in fresh]
+        return VectorIndex(index, new_ids, replace(self.manifest, count=len(new_ids)))
+
+    def removed(self, ids: Iterable[str]) -> VectorIndex:
+        """A new index without these ids (absent ids are ignored); the other rows keep their
+        order and vectors. This index is left as it was. Flat: the rows are cut out; HNSW: the
+        graph is rebuilt from the remaining stored vectors (no re-embedding).
+        """
+        gone = {self._pos[i] for i in ids if i in self._pos}
+        if not gone:
+            return self
+        keep = [i for p, i in enumerate(self.ids) if p not in gone]
+        m = self.manifest
+        if m.kind == "hnsw":
+            vecs = np.stack([np.asarray(self._index.reconstruct(self._pos[i])) for i in keep]) if keep else \
+                np.zeros((0, m.dim), np.float32)
+            return VectorIndex.build(keep, vecs, name=m.name, embedder=m.embedder, content_hash=m.catalogue_hash,
+                                     kind="hnsw")
+        index = faiss.clone_index(self._index)
+        index.remove_ids(faiss.IDSelectorBatch(np.asarray(sorted(gone), dtype=np.int64)))
+        return VectorIndex(index, keep, replace(m, count=len(keep)))
+
+
+def _stored_rows(index: faiss.Index, dim: int) -> np.ndarray:
+    """A writable (ntotal, dim) float32 view of the vectors a flat or HNSW-flat index stores."""
+    flat = cast(faiss.IndexFlat, faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSW) else index)
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * dim).reshape(flat.ntotal, dim)

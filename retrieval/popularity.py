@@ -41,6 +41,27 @@ class Popularity:
         self.total = sum(counts.values())
         return self
 
+    def updated(self, changes: Iterable[tuple[Sequence[str], Sequence[str]]]) -> Popularity:
+        """The counts `fit` would give had it seen each ``new`` sequence in place of its ``old``
+        one (``[]``: none), without refitting; O(total length of the changed sequences).
+
+        Returns:
+            A new model; this one is left as it was (scoring in other threads is unaffected).
+        """
+        count = dict(self.count)
+        for old, new in changes:
+            delta: Counter[str] = Counter(new)
+            delta.subtract(Counter(old))
+            for item, d in delta.items():
+                n = count.get(item, 0) + d
+                if n > 0:
+                    count[item] = n
+                else:
+                    count.pop(item, None)
+        out = Popularity()
+        out.count, out.total = count, sum(count.values())
+        return out
+
     def score(self, candidates: Sequence[str], log: bool = False) -> dict[str, float]:
         """Popularity of each candidate; 0 for items never seen.
 

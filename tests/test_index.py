@@ -157,3 +157,44 @@ def test_auto_kind_switches_to_hnsw_above_the_threshold(monkeypatch: pytest.Monk
     idx = VectorIndex.build(ids, vecs, name="t", embedder="e", content_hash="h")
     assert idx.manifest.kind == "hnsw"
     assert idx.search(vecs[3:4], 1)[0][0][0] == "i3"
+
+
+# ---- incremental changes and crash-safe saves (issue 17) ----------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_upserted_replaces_and_appends_rows_and_leaves_the_original(kind: str, tmp_path: Path) -> None:
+    vecs = unit([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    idx = VectorIndex.build(["a", "b", "c"], vecs, name="users", embedder="e", content_hash="h", kind=kind)
+    up = idx.upserted(["b", "d"], unit([[1, 1, 0], [0, 1, 1]]))
+    assert up.ids == ["a", "b", "c", "d"] and up.manifest.count == 4 and up.manifest.kind == kind
+    np.testing.assert_allclose(up.vector("b"), unit([[1, 1, 0]])[0])
+    assert [i for i, _ in up.search(unit([[0, 1, 1]]), 1)[0]] == ["d"]
+    assert up.search(unit([[1, 1, 0]]), 1)[0][0] == ("b", pytest.approx(1.0))
+    # the original still answers as before (a search in another thread keeps a consistent index)
+    assert idx.ids == ["a", "b", "c"] and len(idx) == 3
+    np.testing.assert_allclose(idx.vector("b"), [0, 1, 0])
+    up.save(tmp_path / "users")
+    back = VectorIndex.load(tmp_path / "users", embedder="e", dim=3, content_hash="h")
+    assert back.ids == up.ids and back.search(unit([[0, 1, 1]]), 4) == up.search(unit([[0, 1, 1]]), 4)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_removed_drops_rows_and_keeps_the_rest_in_order(kind: str) -> None:
+    vecs = unit([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]])
+    idx = VectorIndex.build(["a", "b", "c", "d"], vecs, name="users", embedder="e", content_hash="h", kind=kind)
+    out = idx.removed(["b", "zz"])
+    assert out.ids == ["a", "c", "d"] and out.manifest.count == 3 and out.manifest.kind == kind
+    assert out.vector("b") is None and idx.vector("b") is not None
+    np.testing.assert_allclose(out.vector("d"), vecs[3])
+    assert [i for i, _ in out.search(unit([[0.1, 1, 0.5]]), 3)[0]] == ["d", "c", "a"]
+    assert idx.removed(["zz"]) is idx
+    assert out.removed(["a", "c", "d"]).ids == []
+
+
+def test_upserted_rejects_bad_input(built) -> None:
+    idx, emb, _ = built
+    with pytest.raises(ValueError, match="does not match 1 ids of dimension 32"):
+        idx.upserted(["x"], np.zeros((1, 8), np.float32))
+    with pytest.raises(ValueError, match="duplicate"):
+        idx.upserted(["x", "x"], emb.embed(["a", "b"]))
