@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from retrieval.files import write_atomic
+
 Normalisation = Literal["cosine", "row", "none"]
 
 FORMAT_VERSION = 1
@@ -288,7 +290,7 @@ class CoVisitation:
     # --- persistence -----------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write counts and config as one JSON file (format version inside)."""
+        """Write counts and config as one JSON file (format version inside), atomically."""
         payload = {
             "format": "shoplens.covisitation",
             "version": FORMAT_VERSION,
@@ -297,7 +299,7 @@ class CoVisitation:
             "forward": self.forward,
             "cooc": self.cooc,
         }
-        Path(path).write_text(json.dumps(payload), encoding="utf-8")
+        write_atomic(Path(path), json.dumps(payload))
 
     @classmethod
     def load(cls, path: str | Path) -> CoVisitation:

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from retrieval.files import write_atomic
+
 FORMAT_VERSION = 1
 
 
@@ -94,9 +96,9 @@ class Popularity:
         return self._ranked[1]
 
     def save(self, path: str | Path) -> None:
-        """Write counts as JSON (format version inside)."""
+        """Write counts as JSON (format version inside), atomically."""
         payload = {"format": "shoplens.popularity", "version": FORMAT_VERSION, "count": self.count}
-        Path(path).write_text(json.dumps(payload), encoding="utf-8")
+        write_atomic(Path(path), json.dumps(payload))
 
     @classmethod
     def load(cls, path: str | Path) -> Popularity:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,10 @@ def test_round_trip_gives_identical_results(built, tmp_path: Path) -> None:
     assert manifest == {
         "name": "items", "embedder": "hashing-32", "dim": 32, "metric": "inner_product",
         "normalised": True, "catalogue_hash": chash, "kind": "flat", "count": 6,
+        "files": {name: hashlib.sha256((tmp_path / "items" / name).read_bytes()).hexdigest()
+                  for name in ("index.faiss", "ids.json")},
     }
+    assert sorted(p.name for p in (tmp_path / "items").iterdir()) == ["ids.json", "index.faiss", "manifest.json"]
 
 
 @pytest.mark.parametrize(
@@ -198,3 +203,45 @@ def test_upserted_rejects_bad_input(built) -> None:
         idx.upserted(["x"], np.zeros((1, 8), np.float32))
     with pytest.raises(ValueError, match="duplicate"):
         idx.upserted(["x", "x"], emb.embed(["a", "b"]))
+
+
+def test_a_save_killed_midway_is_detected_on_load_and_leaves_no_temporary_file(
+        built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    idx, emb, _ = built
+    folder = tmp_path / "users"
+    idx.save(folder)
+    grown = idx.upserted(["new"], emb.embed(["a new row"]))
+    replaced: list[str] = []
+    real_replace = os.replace
+
+    def killed_after_the_index_file(src: str, dst: str) -> None:
+        if replaced:  # index.faiss is in place; the process dies before ids.json and the manifest
+            raise KeyboardInterrupt("killed")
+        replaced.append(str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_the_index_file)
+    with pytest.raises(KeyboardInterrupt):
+        grown.save(folder)
+    monkeypatch.undo()
+    assert replaced == [str(folder / "index.faiss")]
+    assert sorted(p.name for p in folder.iterdir()) == ["ids.json", "index.faiss", "manifest.json"]
+    with pytest.raises(IndexMismatchError, match="corrupt: index.faiss differ from the checksums in its manifest"):
+        VectorIndex.load(folder, embedder=emb.name, dim=emb.dim)
+
+
+def test_a_save_that_fails_before_any_rename_leaves_the_old_index_loadable(
+        built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    idx, emb, _ = built
+    folder = tmp_path / "users"
+    idx.save(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def disk_full(*_: object) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("retrieval.index.faiss.write_index", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        idx.upserted(["new"], emb.embed(["a new row"])).save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary file either
+    assert VectorIndex.load(folder, embedder=emb.name, dim=emb.dim).ids == idx.ids
