@@ -10,7 +10,7 @@ in place instead of rebuilding:
   outside the catalogue) removed. Saved on every update.
 * popularity: exact count deltas (`Popularity.updated`); saved on every update (small).
 * co-visitation: exact count deltas in memory at once (`CoVisitation.updated`), but its file is
-  large (128 MB for Online Retail, ~6 s to write), so it is saved on a bounded schedule: when
+  large (128 MB for Online Retail, 3.5-6 s to write), so it is saved on a bounded schedule: when
   `COVISIT_SAVE_EVERY_USERS` users have changed since the last save, when the oldest unsaved
   change is `COVISIT_SAVE_EVERY_S` old (checked at each update), and at once after a deletion
   (no trace of a deleted user stays on disk). Until then ``updates.json`` records, per changed
