@@ -158,8 +158,7 @@ class VectorIndex:
             if torn:
                 raise IndexMismatchError(
                     f"index at {folder} is corrupt: {', '.join(torn)} differ from the checksums in its "
-                    "manifest (a save was interrupted). Rebuild it with `shoplens ingest <dataset> "
-                    "--rebuild-index`.")
+                    "manifest (a save was interrupted). Rebuild it with `shoplens ingest <dataset>`.")
         index = faiss.read_index(str(folder / "index.faiss"))
         ids = json.loads((folder / "ids.json").read_text())
         if index.ntotal != len(ids) or len(ids) != manifest.count:
