@@ -124,10 +124,11 @@ class CoVisitation:
         With the default ``distance_decay`` of 0.5 every weight is a binary fraction, so the
         result equals a refit exactly.
 
-        Cost per change: O(len(new) * window) forward transitions plus the co-occurring pairs
-        that touch the appended items when ``new`` extends ``old`` (the common case: events
-        arrive in time order); otherwise both sequences are counted in full (O(n ** 2) pairs for
-        whole-sequence co-occurrence).
+        Cost per change: forward transitions O(len(new) * window), only those into the appended
+        items when ``new`` extends ``old`` (events arrive in time order), else both sequences';
+        whole-sequence co-occurrence depends only on each sequence's set of items, so only the
+        pairs of items that entered or left the set are counted, O(changed items * distinct
+        items); windowed co-occurrence O((len(old) + len(new)) * cooc_window).
 
         Args:
             changes: (old, new) item-id sequences, each chronological. ``old`` must be what the
@@ -145,11 +146,24 @@ class CoVisitation:
             old, new = list(old_seq), list(new_seq)
             if old == new:
                 continue
-            if new[: len(old)] == old:
-                self._count_appended(old, new, fwd, cooc, counts)
+            if new[: len(old)] == old:  # appended: only the transitions into the new items are new
+                counts.update(new[len(old):])
+                self._transitions(new, len(old), 1.0, fwd)
             else:
-                self._count(old, -1.0, fwd, cooc, counts)
-                self._count(new, 1.0, fwd, cooc, counts)
+                counts.subtract(old)
+                counts.update(new)
+                self._transitions(old, 0, -1.0, fwd)
+                self._transitions(new, 0, 1.0, fwd)
+            if cfg.cooc_window is None:  # every pair of different items in the sequence, once
+                old_set, new_set = set(old), set(new)
+                gone, came = _pairs_with(old_set - new_set, old_set), _pairs_with(new_set - old_set, new_set)
+            else:
+                before, after = _pairs(old, cfg.cooc_window), _pairs(new, cfg.cooc_window)
+                gone, came = before - after, after - before
+            for pairs, sign in ((gone, -1.0), (came, 1.0)):
+                for a, b in pairs:
+                    cooc[a][b] += sign
+                    cooc[b][a] += sign
         out = CoVisitation(cfg)
         out.forward, out._forward_row = _apply(self.forward, self._forward_row, fwd)
         out.cooc, out._cooc_row = _apply(self.cooc, self._cooc_row, cooc)
@@ -163,41 +177,16 @@ class CoVisitation:
         out.item_count = item_count
         return out
 
-    def _count(self, seq: list[str], sign: float, fwd: defaultdict[str, defaultdict[str, float]],
-               cooc: defaultdict[str, defaultdict[str, float]], counts: Counter[str]) -> None:
-        """Add `sign` times what `fit` counts for one sequence to the delta tables."""
-        cfg, n = self.config, len(seq)
-        for item in seq:
-            counts[item] += int(sign)
-        for i, a in enumerate(seq):
-            for d in range(1, min(cfg.window, n - 1 - i) + 1):
-                if (b := seq[i + d]) != a:
+    def _transitions(self, seq: list[str], start: int, sign: float,
+                     fwd: defaultdict[str, defaultdict[str, float]]) -> None:
+        """Add `sign` times the forward transitions `fit` counts in `seq` that end at or after
+        position `start` (0: all of them) to `fwd`."""
+        cfg = self.config
+        for j in range(start, len(seq)):
+            b = seq[j]
+            for d in range(1, min(cfg.window, j) + 1):
+                if (a := seq[j - d]) != b:
                     fwd[a][b] += sign * cfg.distance_decay ** (d - 1)
-        for a, b in _pairs(seq, 0, cfg.cooc_window):
-            cooc[a][b] += sign
-            cooc[b][a] += sign
-
-    def _count_appended(self, old: list[str], new: list[str], fwd: defaultdict[str, defaultdict[str, float]],
-                        cooc: defaultdict[str, defaultdict[str, float]], counts: Counter[str]) -> None:
-        """Add what `fit` counts for `new` beyond its prefix `old` to the delta tables: the
-        appended items, the transitions into them, and the co-occurring pairs `old` lacks."""
-        cfg, n0 = self.config, len(old)
-        for item in new[n0:]:
-            counts[item] += 1
-        for j in range(n0, len(new)):
-            for d in range(1, cfg.window + 1):
-                if j - d < 0:
-                    break
-                if (a := new[j - d]) != new[j]:
-                    fwd[a][new[j]] += cfg.distance_decay ** (d - 1)
-        if cfg.cooc_window is None:  # whole-sequence pairs: old has a pair iff it has both items
-            seen = set(old)
-            fresh = {p for p in _pairs(new, n0, None) if not (p[0] in seen and p[1] in seen)}
-        else:
-            fresh = _pairs(new, n0, cfg.cooc_window) - _pairs(old, 0, cfg.cooc_window)
-        for a, b in fresh:
-            cooc[a][b] += 1.0
-            cooc[b][a] += 1.0
 
     def with_config(self, **changes: object) -> CoVisitation:
         """A scorer sharing these counts with different scoring parameters.
@@ -323,18 +312,22 @@ class CoVisitation:
         return model
 
 
-def _pairs(seq: Sequence[str], start: int, span: int | None) -> set[tuple[str, str]]:
-    """The unordered pairs of different items `fit` counts as co-occurring in `seq`, limited to
-    those whose later position is at or after `start` (0: all of them): positions i < j at
-    most `span` apart (None: anywhere in the sequence), each pair once, as (smaller, larger)."""
+def _pairs(seq: Sequence[str], span: int) -> set[tuple[str, str]]:
+    """The unordered pairs of different items `fit` counts as co-occurring in `seq` with a
+    ``cooc_window`` of `span`: positions at most `span` apart, each pair once, as (smaller,
+    larger)."""
     out: set[tuple[str, str]] = set()
-    for j in range(start, len(seq)):
-        b = seq[j]
-        for i in range(0 if span is None else max(0, j - span), j):
-            a = seq[i]
+    for j, b in enumerate(seq):
+        for a in seq[max(0, j - span): j]:
             if a != b:
                 out.add((a, b) if a < b else (b, a))
     return out
+
+
+def _pairs_with(items: set[str], universe: set[str]) -> set[tuple[str, str]]:
+    """Every unordered pair of different items with at least one in `items` and both in
+    `universe` (`items` is a subset of it), as (smaller, larger)."""
+    return {(a, b) if a < b else (b, a) for a in items for b in universe if a != b}
 
 
 def _apply(table: dict[str, dict[str, float]], sums: dict[str, float],
