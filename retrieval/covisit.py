@@ -21,14 +21,17 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from retrieval.files import write_atomic
+
 Normalisation = Literal["cosine", "row", "none"]
 
 FORMAT_VERSION = 1
+_ZERO = 1e-9  # a count at or below this after `updated` subtracts it is gone (fit never stores one)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,77 @@ class CoVisitation:
         self.item_count = dict(counts)
         self._index()
         return self
+
+    def updated(self, changes: Iterable[tuple[Sequence[str], Sequence[str]]]) -> CoVisitation:
+        """The counts `fit` would give had it seen each ``new`` sequence in place of its ``old``
+        one, without refitting: each change subtracts what ``old`` added and adds what ``new``
+        adds (``[]`` is no sequence: a new user has ``old == []``, a deleted one ``new == []``).
+        With the default ``distance_decay`` of 0.5 every weight is a binary fraction, so the
+        result equals a refit exactly.
+
+        Cost per change: forward transitions O(len(new) * window), only those into the appended
+        items when ``new`` extends ``old`` (events arrive in time order), else both sequences';
+        whole-sequence co-occurrence depends only on each sequence's set of items, so only the
+        pairs of items that entered or left the set are counted, O(changed items * distinct
+        items); windowed co-occurrence O((len(old) + len(new)) * cooc_window).
+
+        Args:
+            changes: (old, new) item-id sequences, each chronological. ``old`` must be what the
+                counts hold for that sequence, or the counts go wrong.
+
+        Returns:
+            A new model; this one is left as it was (rows no change touches are shared), so
+            scoring in other threads sees either the old counts or the new ones.
+        """
+        cfg = self.config
+        fwd: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+        cooc: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+        counts: Counter[str] = Counter()
+        for old_seq, new_seq in changes:
+            old, new = list(old_seq), list(new_seq)
+            if old == new:
+                continue
+            if new[: len(old)] == old:  # appended: only the transitions into the new items are new
+                counts.update(new[len(old):])
+                self._transitions(new, len(old), 1.0, fwd)
+            else:
+                counts.subtract(old)
+                counts.update(new)
+                self._transitions(old, 0, -1.0, fwd)
+                self._transitions(new, 0, 1.0, fwd)
+            if cfg.cooc_window is None:  # every pair of different items in the sequence, once
+                old_set, new_set = set(old), set(new)
+                gone, came = _pairs_with(old_set - new_set, old_set), _pairs_with(new_set - old_set, new_set)
+            else:
+                before, after = _pairs(old, cfg.cooc_window), _pairs(new, cfg.cooc_window)
+                gone, came = before - after, after - before
+            for pairs, sign in ((gone, -1.0), (came, 1.0)):
+                for a, b in pairs:
+                    cooc[a][b] += sign
+                    cooc[b][a] += sign
+        out = CoVisitation(cfg)
+        out.forward, out._forward_row = _apply(self.forward, self._forward_row, fwd)
+        out.cooc, out._cooc_row = _apply(self.cooc, self._cooc_row, cooc)
+        item_count = dict(self.item_count)
+        for item, c in counts.items():
+            n = item_count.get(item, 0) + c
+            if n > 0:
+                item_count[item] = n
+            else:
+                item_count.pop(item, None)
+        out.item_count = item_count
+        return out
+
+    def _transitions(self, seq: list[str], start: int, sign: float,
+                     fwd: defaultdict[str, defaultdict[str, float]]) -> None:
+        """Add `sign` times the forward transitions `fit` counts in `seq` that end at or after
+        position `start` (0: all of them) to `fwd`."""
+        cfg = self.config
+        for j in range(start, len(seq)):
+            b = seq[j]
+            for d in range(1, min(cfg.window, j) + 1):
+                if (a := seq[j - d]) != b:
+                    fwd[a][b] += sign * cfg.distance_decay ** (d - 1)
 
     def with_config(self, **changes: object) -> CoVisitation:
         """A scorer sharing these counts with different scoring parameters.
@@ -205,7 +279,7 @@ class CoVisitation:
     # --- persistence -----------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write counts and config as one JSON file (format version inside)."""
+        """Write counts and config as one JSON file (format version inside), atomically."""
         payload = {
             "format": "shoplens.covisitation",
             "version": FORMAT_VERSION,
@@ -214,7 +288,7 @@ class CoVisitation:
             "forward": self.forward,
             "cooc": self.cooc,
         }
-        Path(path).write_text(json.dumps(payload), encoding="utf-8")
+        write_atomic(Path(path), json.dumps(payload))
 
     @classmethod
     def load(cls, path: str | Path) -> CoVisitation:
@@ -236,3 +310,42 @@ class CoVisitation:
         model.cooc = payload["cooc"]
         model._index()
         return model
+
+
+def _pairs(seq: Sequence[str], span: int) -> set[tuple[str, str]]:
+    """The unordered pairs of different items `fit` counts as co-occurring in `seq` with a
+    ``cooc_window`` of `span`: positions at most `span` apart, each pair once, as (smaller,
+    larger)."""
+    out: set[tuple[str, str]] = set()
+    for j, b in enumerate(seq):
+        for a in seq[max(0, j - span): j]:
+            if a != b:
+                out.add((a, b) if a < b else (b, a))
+    return out
+
+
+def _pairs_with(items: set[str], universe: set[str]) -> set[tuple[str, str]]:
+    """Every unordered pair of different items with at least one in `items` and both in
+    `universe` (`items` is a subset of it), as (smaller, larger)."""
+    return {(a, b) if a < b else (b, a) for a in items for b in universe if a != b}
+
+
+def _apply(table: dict[str, dict[str, float]], sums: dict[str, float],
+           delta: Mapping[str, Mapping[str, float]]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """(`table` plus `delta`, its row sums): a new top-level dict, new rows only where `delta`
+    touches them, entries at or below zero dropped (as `fit` never stores them)."""
+    out, out_sums = dict(table), dict(sums)
+    for a, changes in delta.items():
+        row = dict(table.get(a, {}))
+        for b, w in changes.items():
+            v = row.get(b, 0.0) + w
+            if v > _ZERO:
+                row[b] = v
+            else:
+                row.pop(b, None)
+        if row:
+            out[a], out_sums[a] = row, sum(row.values())
+        else:
+            out.pop(a, None)
+            out_sums.pop(a, None)
+    return out, out_sums

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from retrieval.files import write_atomic
+
 FORMAT_VERSION = 1
 
 
@@ -40,6 +42,27 @@ class Popularity:
         self.count = dict(counts)
         self.total = sum(counts.values())
         return self
+
+    def updated(self, changes: Iterable[tuple[Sequence[str], Sequence[str]]]) -> Popularity:
+        """The counts `fit` would give had it seen each ``new`` sequence in place of its ``old``
+        one (``[]``: none), without refitting; O(total length of the changed sequences).
+
+        Returns:
+            A new model; this one is left as it was (scoring in other threads is unaffected).
+        """
+        count = dict(self.count)
+        for old, new in changes:
+            delta: Counter[str] = Counter(new)
+            delta.subtract(Counter(old))
+            for item, d in delta.items():
+                n = count.get(item, 0) + d
+                if n > 0:
+                    count[item] = n
+                else:
+                    count.pop(item, None)
+        out = Popularity()
+        out.count, out.total = count, sum(count.values())
+        return out
 
     def score(self, candidates: Sequence[str], log: bool = False) -> dict[str, float]:
         """Popularity of each candidate; 0 for items never seen.
@@ -73,9 +96,9 @@ class Popularity:
         return self._ranked[1]
 
     def save(self, path: str | Path) -> None:
-        """Write counts as JSON (format version inside)."""
+        """Write counts as JSON (format version inside), atomically."""
         payload = {"format": "shoplens.popularity", "version": FORMAT_VERSION, "count": self.count}
-        Path(path).write_text(json.dumps(payload), encoding="utf-8")
+        write_atomic(Path(path), json.dumps(payload))
 
     @classmethod
     def load(cls, path: str | Path) -> Popularity:

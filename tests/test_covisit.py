@@ -13,6 +13,7 @@ item counts: a 3, b 2, c 3
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,54 @@ def test_popularity(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text('{"format": "shoplens.popularity", "version": 2}')
     with pytest.raises(ValueError, match="not a ShopLens popularity file"):
         Popularity.load(tmp_path / "bad.json")
+
+
+# ---- incremental updates (issue 17): `updated` equals a refit --------------------------------
+
+
+def test_updated_with_an_appended_sequence_matches_hand_counts(cv: CoVisitation) -> None:
+    # s2 = a c gets b appended: new transitions c->b 1 and a->b 0.5 (two steps back); new
+    # co-occurring pairs ab and bc (ac was counted); b occurs once more
+    up = cv.updated([(["a", "c"], ["a", "c", "b"])])
+    assert up.forward == {"a": {"b": 1.5, "c": 1.5}, "b": {"c": 2.0, "a": 0.5}, "c": {"a": 1.0, "b": 1.0}}
+    assert up.cooc == {"a": {"b": 3.0, "c": 3.0}, "b": {"a": 3.0, "c": 3.0}, "c": {"a": 3.0, "b": 3.0}}
+    assert up.item_count == {"a": 3, "b": 3, "c": 3}
+    assert up.score(["a"], ["b", "c"]) == CoVisitation(CFG).fit(
+        [SEQS[0], ["a", "c", "b"], SEQS[2]]).score(["a"], ["b", "c"])
+    # the original is untouched (other threads may be scoring with it)
+    assert cv.forward["c"] == {"a": 1.0} and cv.item_count["b"] == 2
+
+
+def test_updated_removing_every_sequence_leaves_nothing(cv: CoVisitation) -> None:
+    up = cv.updated([(s, []) for s in SEQS])
+    assert (up.forward, up.cooc, up.item_count, up._forward_row, up._cooc_row) == ({}, {}, {}, {}, {})
+    assert up.score(["a"], top_n=5) == {}
+
+
+@pytest.mark.parametrize("cooc_window", [None, 2])
+def test_updated_equals_a_refit_for_appends_rewrites_new_and_removed_users(cooc_window: int | None) -> None:
+    rng = random.Random(7)
+    items = [f"i{n}" for n in range(12)]
+    users = {f"u{n}": [rng.choice(items) for _ in range(rng.randint(1, 15))] for n in range(30)}
+    cfg = CoVisitationConfig(window=3, distance_decay=0.5, cooc_window=cooc_window)
+    base = CoVisitation(cfg).fit(users.values())
+    after = dict(users)
+    after["u0"] = users["u0"] + ["i1", "i2", "i1"]  # appended (events in time order)
+    after["u1"] = ["i3"] + users["u1"]  # a back-filled older event: not a prefix
+    after["new"] = ["i4", "i5", "i4", "i6"]  # a user the counts never saw
+    del after["u2"]  # deleted
+    changes = [(users.get(u, []), after.get(u, [])) for u in ("u0", "u1", "new", "u2")]
+    up = base.updated(changes)
+    refit = CoVisitation(cfg).fit(after.values())
+    assert (up.forward, up.cooc, up.item_count) == (refit.forward, refit.cooc, refit.item_count)
+    assert up._forward_row == pytest.approx(refit._forward_row) and up._cooc_row == pytest.approx(refit._cooc_row)
+    pop = Popularity().fit(users.values()).updated(changes)
+    assert (pop.count, pop.total) == (Popularity().fit(after.values()).count, Popularity().fit(after.values()).total)
+
+
+def test_popularity_updated_drops_items_no_one_has_and_keeps_the_original(tmp_path: Path) -> None:
+    pop = Popularity().fit(SEQS)
+    up = pop.updated([(["a", "c"], ["c", "d"]), (["b", "c", "a"], [])])
+    assert (up.count, up.total) == ({"a": 1, "b": 1, "c": 2, "d": 1}, 5)
+    assert up.top(2) == ["c", "a"]
+    assert pop.count == {"a": 3, "b": 2, "c": 3}

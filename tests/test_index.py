@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,10 @@ def test_round_trip_gives_identical_results(built, tmp_path: Path) -> None:
     assert manifest == {
         "name": "items", "embedder": "hashing-32", "dim": 32, "metric": "inner_product",
         "normalised": True, "catalogue_hash": chash, "kind": "flat", "count": 6,
+        "files": {name: hashlib.sha256((tmp_path / "items" / name).read_bytes()).hexdigest()
+                  for name in ("index.faiss", "ids.json")},
     }
+    assert sorted(p.name for p in (tmp_path / "items").iterdir()) == ["ids.json", "index.faiss", "manifest.json"]
 
 
 @pytest.mark.parametrize(
@@ -157,3 +162,86 @@ def test_auto_kind_switches_to_hnsw_above_the_threshold(monkeypatch: pytest.Monk
     idx = VectorIndex.build(ids, vecs, name="t", embedder="e", content_hash="h")
     assert idx.manifest.kind == "hnsw"
     assert idx.search(vecs[3:4], 1)[0][0][0] == "i3"
+
+
+# ---- incremental changes and crash-safe saves (issue 17) ----------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_upserted_replaces_and_appends_rows_and_leaves_the_original(kind: str, tmp_path: Path) -> None:
+    vecs = unit([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    idx = VectorIndex.build(["a", "b", "c"], vecs, name="users", embedder="e", content_hash="h", kind=kind)
+    up = idx.upserted(["b", "d"], unit([[1, 1, 0], [0, 1, 1]]))
+    assert up.ids == ["a", "b", "c", "d"] and up.manifest.count == 4 and up.manifest.kind == kind
+    np.testing.assert_allclose(up.vector("b"), unit([[1, 1, 0]])[0])
+    assert [i for i, _ in up.search(unit([[0, 1, 1]]), 1)[0]] == ["d"]
+    assert up.search(unit([[1, 1, 0]]), 1)[0][0] == ("b", pytest.approx(1.0))
+    # the original still answers as before (a search in another thread keeps a consistent index)
+    assert idx.ids == ["a", "b", "c"] and len(idx) == 3
+    np.testing.assert_allclose(idx.vector("b"), [0, 1, 0])
+    up.save(tmp_path / "users")
+    back = VectorIndex.load(tmp_path / "users", embedder="e", dim=3, content_hash="h")
+    assert back.ids == up.ids and back.search(unit([[0, 1, 1]]), 4) == up.search(unit([[0, 1, 1]]), 4)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_removed_drops_rows_and_keeps_the_rest_in_order(kind: str) -> None:
+    vecs = unit([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]])
+    idx = VectorIndex.build(["a", "b", "c", "d"], vecs, name="users", embedder="e", content_hash="h", kind=kind)
+    out = idx.removed(["b", "zz"])
+    assert out.ids == ["a", "c", "d"] and out.manifest.count == 3 and out.manifest.kind == kind
+    assert out.vector("b") is None and idx.vector("b") is not None
+    np.testing.assert_allclose(out.vector("d"), vecs[3])
+    assert [i for i, _ in out.search(unit([[0.1, 1, 0.5]]), 3)[0]] == ["d", "c", "a"]
+    assert idx.removed(["zz"]) is idx
+    assert out.removed(["a", "c", "d"]).ids == []
+
+
+def test_upserted_rejects_bad_input(built) -> None:
+    idx, emb, _ = built
+    with pytest.raises(ValueError, match="does not match 1 ids of dimension 32"):
+        idx.upserted(["x"], np.zeros((1, 8), np.float32))
+    with pytest.raises(ValueError, match="duplicate"):
+        idx.upserted(["x", "x"], emb.embed(["a", "b"]))
+
+
+def test_a_save_killed_midway_is_detected_on_load_and_leaves_no_temporary_file(
+        built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    idx, emb, _ = built
+    folder = tmp_path / "users"
+    idx.save(folder)
+    grown = idx.upserted(["new"], emb.embed(["a new row"]))
+    replaced: list[str] = []
+    real_replace = os.replace
+
+    def killed_after_the_index_file(src: str, dst: str) -> None:
+        if replaced:  # index.faiss is in place; the process dies before ids.json and the manifest
+            raise KeyboardInterrupt("killed")
+        replaced.append(str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_the_index_file)
+    with pytest.raises(KeyboardInterrupt):
+        grown.save(folder)
+    monkeypatch.undo()
+    assert replaced == [str(folder / "index.faiss")]
+    assert sorted(p.name for p in folder.iterdir()) == ["ids.json", "index.faiss", "manifest.json"]
+    with pytest.raises(IndexMismatchError, match="corrupt: index.faiss differ from the checksums in its manifest"):
+        VectorIndex.load(folder, embedder=emb.name, dim=emb.dim)
+
+
+def test_a_save_that_fails_before_any_rename_leaves_the_old_index_loadable(
+        built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    idx, emb, _ = built
+    folder = tmp_path / "users"
+    idx.save(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def disk_full(*_: object) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("retrieval.index.faiss.write_index", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        idx.upserted(["new"], emb.embed(["a new row"])).save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary file either
+    assert VectorIndex.load(folder, embedder=emb.name, dim=emb.dim).ids == idx.ids

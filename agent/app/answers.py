@@ -91,8 +91,10 @@ def pipeline_version(config: NextItemConfig, *, model: str | None, fusion_weight
       call goes in.
 
     Left out: `explain_lane` (where the call waits, not what it says), timeouts, the model guard's
-    bounds, and other users' events (the similar-user and co-visitation sources change only when
-    the indexes are rebuilt, which the manifest covers when the catalogue changed).
+    bounds, and other users' events. Those move the similar-user, co-visitation and popularity
+    sources a little with every `POST /v1/events` batch (`agent.data.user_updates`); counting
+    them would make every stored answer stale on every batch, so a stored answer follows its own
+    user's events, and a catalogue or embedder change through the manifest.
 
     Returns:
         16 hex digits.

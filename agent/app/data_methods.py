@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.app.events import Pseudonyms, validate_events
 from agent.app.feedback import FeedbackEvent, FeedbackKind, FeedbackReport
-from agent.app.results import DatasetSummary, IngestResult, UserEventsPage
+from agent.app.results import DatasetSummary, IndexUpdates, IngestResult, UserEventsPage
 from agent.data.artifacts import drop_user_from_artifacts
 from agent.domain.errors import RequestError, UnknownDatasetError, UnknownUserError
 from agent.domain.schemas import BehaviorEvent
@@ -72,6 +72,10 @@ class DataMethods:
         `AppState.readiness`. Blocking SQLite reads."""
         return self.state.readiness()
 
+    def index_updates(self) -> dict[str, IndexUpdates]:
+        """Each loaded dataset's incremental index updates (`AppState.index_updates`)."""
+        return self.state.index_updates()
+
     # ---- training -------------------------------------------------------------------------
     def train(self, dataset: str, *, users: int = 2000, seed: int = 0,
               progress: Callable[[int, int], None] | None = None) -> tuple[FittedFusion, Path]:
@@ -92,7 +96,10 @@ class DataMethods:
                             max_text_chars: int | None = None) -> IngestResult:
         """Validate each raw event on its own, mask PII (`Settings.mask_pii`), pseudonymise user
         ids, and store the good ones (committed before this returns). Idempotent by `event_id`
-        (the client's, or a content hash of what is stored).
+        (the client's, or a content hash of what is stored). When the dataset's indexes are
+        loaded, the batch's users are then updated in them before this returns (user index,
+        user_items, popularity, co-visitation: `AppState.update_users`); a failure there is
+        logged and reported by /readyz, never raised.
 
         Args:
             events: raw event objects (dicts), as a client sent them.
@@ -118,6 +125,8 @@ class DataMethods:
                                code=first.code, param=first.param)
         async with self.state.write_lock:
             stored = await asyncio.to_thread(self.runtime.store.add_events, dataset, good)
+            if stored:  # the users join (or change in) the similar-user index, user_items and the counts
+                await self.state.update_users(dataset, {e.user_id for e in good}, added_events=stored)
             self.state.forget(dataset)
         if stored:
             await self.mark_stale(dataset, [e.user_id for e in good])
@@ -158,9 +167,9 @@ class DataMethods:
     async def forget_user(self, dataset: str, user_id: str) -> int:
         """Delete a user's stored events and remove the user from the retrieval artifacts.
 
-        The user's row leaves the user index and `user_items`; co-visitation and popularity are
-        refitted from the remaining users' sequences (no re-embedding), and the artifacts are
-        saved, so a restart does not bring the user back.
+        The user's row leaves the user index and `user_items`; the user's counts leave
+        co-visitation and popularity (exact deltas, the same as a refit; no re-embedding), and
+        the artifacts are saved, co-visitation included, so a restart does not bring the user back.
 
         Returns:
             How many events were deleted.
@@ -186,7 +195,7 @@ class DataMethods:
         except ValueError as e:  # no catalogue, so no artifacts that could hold the user
             log.info("no artifacts to update for %s: %s", dataset, e)
             return n
-        drop_user_from_artifacts(arts, uid, self.runtime.settings.index_dir(dataset))
+        drop_user_from_artifacts(arts, uid, self.runtime.settings.index_dir(dataset), events_removed=n)
         return n
 
     # ---- recommendation feedback ----------------------------------------------------------

@@ -23,6 +23,23 @@ class DatasetSummary(BaseModel):
                                  "null without a catalogue")
 
 
+class IndexUpdates(BaseModel):
+    """How current one loaded dataset's user-side artifacts are (`agent.data.user_updates`):
+    users join, change in and leave the user index, user_items, popularity and co-visitation as
+    their events are stored or deleted; co-visitation's file is saved on a bounded schedule."""
+
+    users_indexed: int = Field(description="users in the similar-user index")
+    users_pending: int = Field(description="users with stored events not yet in the indexes (0 unless an update "
+                               "failed; the next ingest retries them)")
+    last_update: str | None = Field(description="ISO-8601 UTC time of the last incremental update; null: none "
+                                    "since the indexes were built")
+    users_updated: int = Field(description="users added, changed or removed incrementally since the build")
+    covisit_unsaved_users: int = Field(description="changed users whose co-visitation counts are in memory but not "
+                                       "yet in covisit.json (replayed on restart)")
+    covisit_save_bound: str = Field(description="when covisit.json is re-saved, e.g. '500 users or 3600 s'")
+    last_error: str | None = Field(description="why the last update failed; null after a success")
+
+
 class SentimentBatchMeta(BaseModel):
     degraded: bool = Field(description="true when any text was judged by the lexicon fallback")
     degraded_reason: str | None = None

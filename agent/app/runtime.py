@@ -233,6 +233,10 @@ class Runtime:
         """The dataset's artifacts if this process has loaded them, else None (builds nothing)."""
         return self._artifacts.get(dataset)
 
+    def loaded_datasets(self) -> list[str]:
+        """The datasets whose artifacts this process holds, sorted (builds nothing)."""
+        return sorted(self._artifacts)
+
     def ensure_ingested(self, dataset: str) -> LoadReport | None:
         """Ingest `dataset` unless the store already holds its catalogue.
 

@@ -11,12 +11,14 @@ import asyncio
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from agent.app.baselines import Baselines
 from agent.app.progressive import ProgressiveJobs
-from agent.app.results import DatasetSummary
+from agent.app.results import DatasetSummary, IndexUpdates
+from agent.data.user_updates import UpdateReport, update_status, update_users
 from agent.domain.errors import RequestError, UnknownDatasetError
 from agent.domain.history import OWNED_EVENT_TYPES
 from agent.domain.schemas import CatalogItem
@@ -132,6 +134,34 @@ class AppState:
                 self.indexes[dataset] = f"failed: {type(e).__name__}: {e}"
                 raise
             self.indexes[dataset] = "ready"
+
+    async def update_users(self, dataset: str, user_ids: Iterable[str], *, added_events: int) -> UpdateReport | None:
+        """After events for these stored user ids were stored: update the dataset's loaded
+        artifacts in place, under its index lock, off the event loop (`agent.data.user_updates`).
+        Artifacts not loaded in this process are left alone: loading catches up from the store.
+
+        Never raises: the events are stored either way. A failure is logged and the users stay
+        pending (`index_updates`), retried by the next update.
+
+        Returns:
+            What changed, or None (not loaded, or failed).
+        """
+        async with self.index_lock(dataset):
+            arts = self.runtime.loaded_artifacts(dataset)
+            if arts is None:
+                return None
+            try:
+                return await asyncio.to_thread(update_users, arts, self.runtime.store, list(user_ids),
+                                               self.runtime.settings.index_dir(dataset), added_events=added_events)
+            except Exception:  # noqa: BLE001 - the ingest succeeded; the users stay pending and are reported
+                log.exception("could not add the new events of %s to its indexes", dataset)
+                return None
+
+    def index_updates(self) -> dict[str, IndexUpdates]:
+        """Each dataset loaded in this process: how current its user-side artifacts are (for
+        /readyz). In memory, no I/O."""
+        return {d: IndexUpdates(**update_status(arts.updates, len(arts.user_index)))
+                for d in self.runtime.loaded_datasets() if (arts := self.runtime.loaded_artifacts(d))}
 
     async def warm_up(self) -> None:
         """Load every stored dataset's indexes (failures are recorded in `indexes`). Until each

@@ -1,15 +1,16 @@
 """Per-dataset retrieval artifacts, built from the store once and saved under the workspace.
 
 ``<workspace>/indexes/<dataset>/``: ``items/`` and ``users/`` (FAISS + manifest),
-``covisit.json``, ``popularity.json``, ``user_items.json``. Loading checks every index manifest
-against the embedder and the current catalogue.
+``covisit.json``, ``popularity.json``, ``user_items.json`` and ``updates.json``. Loading checks
+every index manifest against the embedder and the current catalogue, then brings the user side
+up to the store (`agent.data.user_updates`, which also keeps it current as events arrive and
+users are deleted).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,12 +18,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from agent.data.candidates import CandidateGenerator, user_vector
+from agent.data.candidates import CandidateGenerator
 from agent.data.store import EventStore
+from agent.data.user_updates import (
+    UpdateLog,
+    apply_sequences,
+    build_user_index,
+    catch_up,
+    item_sequences,
+    resync_from_store,
+)
 from agent.domain.schemas import CatalogItem
 from agent.domain.verify import TitleIndex
 from retrieval.covisit import CoVisitation
 from retrieval.embedder import Embedder
+from retrieval.files import write_atomic
 from retrieval.index import VectorIndex, catalogue_hash
 from retrieval.popularity import Popularity
 
@@ -49,6 +59,9 @@ class DatasetArtifacts:
     # agent.tasks.llm_weight: 0 until validation users show a significant gain), and its note
     llm_weight: float = 0.0
     llm_weight_note: str = ""
+    # incremental updates since the build (`agent.data.user_updates`): counts, the co-visitation
+    # changes not saved yet, and what /readyz reports
+    updates: UpdateLog = field(default_factory=UpdateLog)
 
     def generator(self, weights: dict[str, float] | None = None) -> CandidateGenerator:
         """The candidate generator with `weights`, else the trained ones, else the defaults."""
@@ -96,59 +109,60 @@ def build_artifacts(
     vecs = _embed_batched(embedder, texts, show_progress)
     item_index = VectorIndex.build(ids, vecs, name="items", embedder=embedder.name, content_hash=chash)
 
-    user_items: dict[str, list[str]] = defaultdict(list)
-    for e in store.iter_events(dataset):
-        seq = user_items[e.user_id]
-        if not seq or seq[-1] != e.item_id:
-            seq.append(e.item_id)
+    n_events = store.counts(dataset)["events"]  # before reading them: a later event makes the next load catch up
+    user_items = item_sequences(store.iter_events(dataset))
     covisit = CoVisitation().fit(user_items.values())
     popularity = Popularity().fit(user_items.values())
 
     user_index = build_user_index(user_items, item_index)
 
     folder.mkdir(parents=True, exist_ok=True)
+    UpdateLog(dirty=True).save(folder)  # a crash mid-build leaves files of two builds: the next load resyncs
     item_index.save(folder / "items")
     user_index.save(folder / "users")
     covisit.save(folder / "covisit.json")
     popularity.save(folder / "popularity.json")
-    (folder / "user_items.json").write_text(json.dumps(user_items))
-    return DatasetArtifacts(dataset, catalog, item_index, user_index, dict(user_items), covisit, popularity)
-
-
-def build_user_index(user_items: dict[str, list[str]], item_index: VectorIndex) -> VectorIndex:
-    """A FAISS index of user vectors (recency-weighted mean of each user's last 50 item vectors);
-    users with no indexed item are left out (cold start)."""
-    uids, uvecs = [], []
-    for uid, items in user_items.items():
-        v = user_vector(items[-50:], item_index)
-        if v is not None:
-            uids.append(uid)
-            uvecs.append(v)
-    uarr = np.stack(uvecs) if uvecs else np.zeros((0, item_index.manifest.dim), np.float32)
-    m = item_index.manifest
-    return VectorIndex.build(uids, uarr, name="users", embedder=m.embedder, content_hash=m.catalogue_hash)
+    write_atomic(folder / "user_items.json", json.dumps(user_items))
+    updates = UpdateLog(events=n_events)
+    updates.save(folder)
+    return DatasetArtifacts(dataset, catalog, item_index, user_index, user_items, covisit, popularity,
+                            updates=updates)
 
 
 def load_artifacts(store: EventStore, dataset: str, embedder_name: str, dim: int, folder: Path) -> DatasetArtifacts:
-    """Load saved artifacts, checking manifests against the embedder and current catalogue.
+    """Load saved artifacts, checking manifests against the embedder and current catalogue, and
+    bring the user side up to the store (`agent.data.user_updates.catch_up`, or
+    `resync_from_store` when an update was interrupted).
 
     Raises:
         FileNotFoundError: never built (run `shoplens ingest`).
         IndexMismatchError: built with another embedder or an older catalogue.
+        OSError: catching up could not write its files.
     """
     catalog = store.items(dataset)
     chash = catalog_hash(catalog)
     item_index = VectorIndex.load(folder / "items", embedder=embedder_name, dim=dim, content_hash=chash)
-    user_index = VectorIndex.load(folder / "users", embedder=embedder_name, dim=dim, content_hash=chash)
-    return DatasetArtifacts(
-        dataset,
-        catalog,
-        item_index,
-        user_index,
-        json.loads((folder / "user_items.json").read_text()),
-        CoVisitation.load(folder / "covisit.json"),
-        Popularity.load(folder / "popularity.json"),
-    )
+    saved = UpdateLog.load(folder)
+    if saved is not None and saved.dirty:  # the user-side files may be from two updates: rebuilt, not read
+        empty = build_user_index({}, item_index)
+        arts = DatasetArtifacts(dataset, catalog, item_index, empty, {}, CoVisitation.load(folder / "covisit.json"),
+                                Popularity())
+        note: str | None = resync_from_store(arts, store, folder)
+    else:
+        user_index = VectorIndex.load(folder / "users", embedder=embedder_name, dim=dim, content_hash=chash)
+        arts = DatasetArtifacts(
+            dataset,
+            catalog,
+            item_index,
+            user_index,
+            json.loads((folder / "user_items.json").read_text()),
+            CoVisitation.load(folder / "covisit.json"),
+            Popularity.load(folder / "popularity.json"),
+        )
+        note = catch_up(arts, store, folder, saved)
+    if note:
+        log.info("%s: %s", dataset, note)
+    return arts
 
 
 def _embed_batched(embedder: Embedder, texts: list[str], show_progress: bool, batch: int = 256) -> np.ndarray:
@@ -159,29 +173,25 @@ def _embed_batched(embedder: Embedder, texts: list[str], show_progress: bool, ba
     return out
 
 
-def drop_user_from_artifacts(arts: DatasetArtifacts, user_id: str, folder: Path) -> bool:
-    """Remove `user_id` from `arts` in place (user index, user_items, refitted co-visitation and
-    popularity) and save the changed files under `folder`. Returns False if the user was absent.
+def drop_user_from_artifacts(arts: DatasetArtifacts, user_id: str, folder: Path, *,
+                             events_removed: int = 0) -> bool:
+    """Remove `user_id` from `arts` in place (user index, user_items, co-visitation and
+    popularity by exact count deltas: the same result as a refit) and save the changed files
+    under `folder`, co-visitation included, so no trace of the user stays on disk
+    (`agent.data.user_updates.apply_sequences` with an empty sequence).
+
+    Args:
+        events_removed: how many events the store deleted (keeps ``updates.json``'s count).
+
+    Returns:
+        False if the user was absent.
     """
     if user_id not in arts.user_items and arts.user_index.vector(user_id) is None:
         return False
-    user_items = {u: seq for u, seq in arts.user_items.items() if u != user_id}
-    keep = [u for u in arts.user_index.ids if u != user_id]
-    old = arts.user_index
-    dim = old.manifest.dim
-    # every id in `keep` comes from the index, so each has a stored vector (None never occurs)
-    kept = [v for u in keep if (v := old.vector(u)) is not None]
-    vecs = np.stack(kept) if keep else np.zeros((0, dim), np.float32)
-    user_index = VectorIndex.build(keep, vecs, name=old.manifest.name, embedder=old.manifest.embedder,
-                                   content_hash=old.manifest.catalogue_hash, kind=old.manifest.kind)
-    covisit = CoVisitation(arts.covisit.config).fit(user_items.values())
-    popularity = Popularity().fit(user_items.values())
-    folder.mkdir(parents=True, exist_ok=True)
-    user_index.save(folder / "users")
-    covisit.save(folder / "covisit.json")
-    popularity.save(folder / "popularity.json")
-    (folder / "user_items.json").write_text(json.dumps(user_items))
-    arts.user_index, arts.user_items, arts.covisit, arts.popularity = (
-        user_index, user_items, covisit, popularity
-    )
+    events = None if arts.updates.events is None else arts.updates.events - events_removed
+    arts.updates.pending.discard(user_id)
+    apply_sequences(arts, {user_id: []}, folder, events=events)
+    if arts.user_index.vector(user_id) is not None:  # indexed without a sequence: no count held the user
+        arts.user_index = arts.user_index.removed([user_id])
+        arts.user_index.save(folder / "users")
     return True

@@ -10,6 +10,7 @@ from agent.app.events import guard_timestamp, out_of_range_timestamp
 from agent.app.results import (
     DatasetSummary,
     EventError,
+    IndexUpdates,
     IngestResult,
     SentimentBatch,
     SentimentBatchMeta,
@@ -132,6 +133,8 @@ class Readiness(BaseModel):
     indexes: dict[str, str]  # dataset -> index state; only for a request with a known API key
     indexes_by_state: dict[str, int] = {}  # index state -> datasets in it
     names_hidden: bool = False  # no key was sent: `indexes` is empty
+    # dataset -> how current its loaded user-side indexes are (issue 17); only with a known key
+    index_updates: dict[str, IndexUpdates] = {}
     reason: str | None = None
 
 

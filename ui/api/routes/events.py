@@ -22,7 +22,9 @@ async def ingest_events(body: IngestRequest, api: Api, svc: Service) -> IngestRe
     SQLite before this response), bad ones come back in `errors`. Idempotent by `event_id`
     (client-given, or a content hash). 422 when no event is valid, or when `dataset` does not
     exist (`unknown_dataset`; the message lists the datasets): send `"create": true` to start a
-    new dataset, or load a file with `shoplens ingest --events FILE --name NAME`."""
+    new dataset, or load a file with `shoplens ingest --events FILE --name NAME`. The batch's
+    users join (or change in) the loaded similar-user index, co-visitation and popularity
+    before this response; /readyz `index_updates` reports them."""
     api.check_events(len(body.events))
     out = await svc.ingest_events(body.dataset, body.events, create=body.create,
                                   max_text_chars=api.settings.max_text_chars)
@@ -45,6 +47,6 @@ async def user_events(
 @router.delete("/v1/users/{user_id}", response_model=DeleteResponse, dependencies=USERS, responses=WITH_404)
 async def delete_user(user_id: UserPath, dataset: DatasetQuery, svc: Service) -> DeleteResponse:
     """Delete a user's events and remove the user from the retrieval indexes (user index,
-    similar-user lists, refitted co-visitation and popularity), saved to disk."""
+    similar-user lists, their counts in co-visitation and popularity), saved to disk."""
     n = await svc.forget_user(dataset, user_id)
     return DeleteResponse(dataset=dataset, user_id=user_id, deleted_events=n)

@@ -32,8 +32,10 @@ async def readyz(api: Api, svc: Service,
     warm-up has loaded the datasets stored at start, and some dataset can serve. No key needed;
     503 says why not. `indexes_by_state` counts the datasets per index state; with a known API
     key, `indexes` also names each dataset's state (a dataset created since is ``not built``
-    until its first request builds it, and keeps no other dataset from serving). Without one,
-    no dataset name is shown, in the body or the 503 reason."""
+    until its first request builds it, and keeps no other dataset from serving), and
+    `index_updates` how current each loaded dataset's user-side indexes are (users indexed and
+    pending, the last update, co-visitation changes not yet saved and the save bound). Without
+    one, no dataset name is shown, in the body or the 503 reason."""
     ok, why = await api.holder.probe()
     idx, pending = await asyncio.to_thread(svc.readiness)
     problems = ([] if ok else [f"model: {why}"]) + pending
@@ -47,7 +49,7 @@ async def readyz(api: Api, svc: Service,
             status_code=503, headers={"Retry-After": str(api.settings.retry_after_s)})
     return Readiness(ready=True, model={"state": api.holder.state, "probe": why, "restarts": api.holder.restarts},
                      indexes=idx if named else {}, indexes_by_state=dict(Counter(_state(v) for v in idx.values())),
-                     names_hidden=not named)
+                     names_hidden=not named, index_updates=svc.index_updates() if named else {})
 
 
 def _known_key(auth: Authenticator, creds: HTTPAuthorizationCredentials | None) -> bool:
