@@ -8,6 +8,7 @@ model's call log; the answer's `meta.notes` says how many inline events were dro
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,25 @@ def test_the_api_counts_a_retried_inline_batch_once_and_says_so(rt: FakeRuntime)
     assert [i["item_id"] for i in twice["items"]] == [i["item_id"] for i in once["items"]]
     assert any(n.startswith(f"inline events: {len(batch)} of {2 * len(batch)} ") for n in twice["meta"]["notes"])
     assert not any(n.startswith("inline events:") for n in once["meta"]["notes"])
+
+
+async def test_posted_events_move_the_dataset_end_and_keep_the_catalogue(rt: FakeRuntime,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """After POST /v1/events the dataset's end (churn's default as-of) is read again, the
+    catalogue is not (events never change it; rereading it per write slowed every task under
+    load), and a batch of duplicates changes nothing."""
+    svc = ShopLensService(rt)
+    catalog, end = svc.state.catalog(DS), svc.state.dataset_end(DS)
+    reads: list[str] = []
+    real_items = rt.store.items
+    monkeypatch.setattr(rt.store, "items", lambda ds: reads.append(ds) or real_items(ds))
+    later = end + timedelta(days=30)
+    batch = [{"user_id": f"late-{i}", "item_id": "22423", "event_type": "purchase", "timestamp": later.isoformat(),
+              "event_id": f"late-{i}"} for i in range(400)]  # enough to move the 99.5% quantile
+    out = await svc.ingest_events(DS, batch)
+    assert out.stored == 400
+    assert svc.state.dataset_end(DS) == later
+    assert svc.state.catalog(DS) is catalog and reads == []
+    svc.state.dataset_ends[DS] = end  # a stale value: a batch of duplicates must not drop it
+    assert (await svc.ingest_events(DS, batch)).duplicates == 400
+    assert svc.state.dataset_end(DS) == end

@@ -127,7 +127,7 @@ class DataMethods:
             stored = await asyncio.to_thread(self.runtime.store.add_events, dataset, good)
             if stored:  # the users join (or change in) the similar-user index, user_items and the counts
                 await self.state.update_users(dataset, {e.user_id for e in good}, added_events=stored)
-            self.state.forget(dataset)
+                self.state.forget(dataset, catalogue=False)  # events never change the catalogue
         if stored:
             await self.mark_stale(dataset, [e.user_id for e in good])
         return IngestResult(dataset=dataset, received=len(events), stored=stored, duplicates=len(good) - stored,

@@ -98,10 +98,12 @@ class AppState:
                                                    dict(buyers), dict(activity), None)
         return self.audience[dataset]
 
-    def forget(self, dataset: str) -> None:
+    def forget(self, dataset: str, *, catalogue: bool = True) -> None:
         """After ingest or delete: catalogue, audience index, end time and priors are rebuilt on
-        next use."""
-        self.catalogs.pop(dataset, None)
+        next use. `catalogue=False` keeps the catalogue (events alone never change it: after
+        ``POST /v1/events``)."""
+        if catalogue:
+            self.catalogs.pop(dataset, None)
         self.audience.pop(dataset, None)
         self.dataset_ends.pop(dataset, None)
         self.baselines.forget(dataset)
