@@ -783,6 +783,43 @@ def test_request_deadline_answers_from_retrieval(workspace: Path, fake: FakeLLM,
         assert meta["degraded"] and "within 1 s" in meta["degraded_reason"]
 
 
+def test_requests_that_need_no_model_never_wait_for_a_busy_one(workspace: Path, fake: FakeLLM,
+                                                               fake_llm: tuple[FakeLLM, str]) -> None:
+    """Issue 17, "slow calls starve fast ones": with every model slot held by hanging calls and
+    more queued, the fast path (next-item with wait_s=0, churn without the model, reading and
+    writing events) answers at once, and /readyz stays 200 (the model answered recently; the
+    probe does not queue behind the hanging calls)."""
+    with serve_app(workspace, fake_llm[1], model_call_timeout_s=30, request_timeout_s=60, model_max_concurrency=2,
+                   start_model=True) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        assert c.post("/v1/next-item", json={"dataset": DATASET, "user_id": USER, "k": 3}).status_code == 200
+        fake.release.clear()
+        fake.mode = "hang"
+        slow = [threading.Thread(target=lambda: c.post("/v1/next-item", json={"dataset": DATASET, "user_id": USER}))
+                for _ in range(4)]
+        for t in slow:
+            t.start()
+        try:
+            t_end = time.perf_counter() + 5
+            while len(fake.prompts) < 3 and time.perf_counter() < t_end:  # two held slots: the calls are in
+                time.sleep(0.05)
+            t0 = time.perf_counter()
+            fast = [c.post("/v1/next-item", json={"dataset": DATASET, "user_id": USER, "k": 3, "wait_s": 0}),
+                    c.post("/v1/churn", json={"dataset": DATASET, "user_id": USER, "use_llm": False}),
+                    c.get(f"/v1/users/{USER}/events", params={"dataset": DATASET, "limit": 5}),
+                    c.post("/v1/events", json={"dataset": DATASET, "events": [
+                        {"user_id": USER, "item_id": "22423", "event_type": "view",
+                         "timestamp": "2011-12-09T12:00:00Z", "event_id": "starve-1"}]}),
+                    c.get("/readyz")]
+            took = time.perf_counter() - t0
+            assert [r.status_code for r in fast] == [200] * 5, [r.text[:200] for r in fast]
+            assert took < 10, took  # the hanging calls hold their slots for up to 30 s
+            assert "busy" in fast[4].json()["model"]["probe"], fast[4].json()
+        finally:
+            fake.release.set()
+            for t in slow:
+                t.join(60)
+
+
 class _SlowModelRuntime(Runtime):
     """A runtime whose model takes a long time to load (like the embedded GGUF on 2 cores)."""
 

@@ -241,7 +241,7 @@ class EventStore:
             from_newest = n - 1 - min(n - 1, int(n * q))
             ts = conn.scalar(select(events.c.ts).where(events.c.dataset == dataset)
                              .order_by(events.c.ts.desc()).limit(1).offset(from_newest))
-        return datetime.fromtimestamp(ts, tz=UTC)
+        return None if ts is None else datetime.fromtimestamp(float(ts), tz=UTC)  # None: deleted meanwhile
 
     def user_events(
         self, dataset: str, user_id: str, *, before: datetime | None = None
