@@ -75,6 +75,32 @@ async def test_a_wait_for_a_slot_starts_no_cooldown_but_a_call_past_its_deadline
     assert g.cooling_down() is not None and g.last_ok == 0
 
 
+async def test_a_call_that_could_not_finish_in_time_is_refused_at_once_not_queued() -> None:
+    """Admission: with the slot held and calls of ~1 s, a call with nobody ahead would finish in
+    about 1.5 s (half a call's wait, then its own) and queues under a 1.6 s deadline; one more
+    behind it would need ~2.5 s and is refused at once, without a cool-down. An interactive call
+    is not behind queued batch calls, so it is still admitted."""
+    g = GuardedModel(SlowModel(0.0), GuardConfig(max_concurrency=1, timeout_s=1.6, cooldown_s=60))
+    g.call_s = 1.0
+    await g.slots.acquire(0)
+    with lane("batch"):
+        queued = asyncio.create_task(g.complete(MSG))
+        await asyncio.sleep(0.01)
+        assert g.slots.waiting == 1
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(ModelUnavailableError, match=r"model busy: 1 calls running and 1 waiting ahead at about "
+                                                        r"1 s a call; this one would not finish within 1.6 s") as e:
+            await g.complete(MSG)
+        assert asyncio.get_running_loop().time() - t0 < 0.05 and e.value.retry_after_s == 0.5
+    assert g.cooling_down() is None
+    interactive = asyncio.create_task(g.complete([{"role": "user", "content": "urgent"}]))
+    await asyncio.sleep(0.01)
+    assert g.slots.waiting == 2  # admitted: queued ahead of the batch call
+    g.slots.release()
+    assert (await interactive).text == "urgent" and (await queued).text == "hi"
+    assert g.call_s is not None and g.call_s < 1.0  # the fast calls pulled the average down
+
+
 async def test_a_success_is_timed_for_readiness() -> None:
     g = GuardedModel(SlowModel(0.0), GuardConfig())
     assert g.last_ok == 0 and not g.busy()

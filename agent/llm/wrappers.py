@@ -113,6 +113,10 @@ class PrioritySlots:
     def waiting(self) -> int:
         return sum(1 for *_, f in self._queue if not f.done())
 
+    def ahead(self, priority: int) -> int:
+        """Waiters a new call of `priority` would queue behind (same or more urgent lanes)."""
+        return sum(1 for p, _, f in self._queue if not f.done() and p <= priority)
+
     async def acquire(self, priority: int) -> None:
         if self.in_use < self.capacity and not self.waiting:
             self.in_use += 1
@@ -141,6 +145,10 @@ class PrioritySlots:
             yield
         finally:
             self.release()
+
+
+# Weight of the newest call in the moving average of call times that admission estimates use.
+CALL_TIME_WEIGHT = 0.3
 
 
 @dataclass(frozen=True)
@@ -182,6 +190,7 @@ class GuardedModel:
         self.down_until = 0.0
         self.last_error: str | None = None
         self.last_ok = 0.0  # time.monotonic() of the last call that succeeded (0: none yet)
+        self.call_s: float | None = None  # moving average of a successful call's time in its slot (s)
 
     def cooling_down(self) -> str | None:
         """Why calls are refused right now (after a failure, for `GuardConfig.cooldown_s`), or
@@ -201,8 +210,30 @@ class GuardedModel:
         self.last_error = reason
         self.down_until = time.monotonic() + self.config.cooldown_s
 
-    def _ok(self) -> None:
+    def _ok(self, in_slot_s: float) -> None:
         self.down_until, self.last_error, self.last_ok = 0.0, None, time.monotonic()
+        a = CALL_TIME_WEIGHT
+        self.call_s = in_slot_s if self.call_s is None else (1 - a) * self.call_s + a * in_slot_s
+
+    def _admit(self, priority: int) -> None:
+        """Refuse at once a call that could not finish within the deadline: with every slot taken
+        and `n` calls ahead of it, it would wait about n / slots x `call_s` plus half a call for a
+        slot, then run `call_s` itself. Queueing it anyway is how a queue collapses under load
+        (each waiter times out just as its turn comes, so no call succeeds). Labelled "model
+        busy"; no cool-down starts.
+
+        Raises:
+            ModelUnavailableError: the estimate is over `GuardConfig.timeout_s`.
+        """
+        if self.call_s is None or not self.busy():
+            return
+        ahead = self.slots.ahead(priority)
+        estimate = ahead / self.slots.capacity * self.call_s + self.call_s / 2 + self.call_s
+        if estimate > self.config.timeout_s:
+            raise ModelUnavailableError(
+                f"model busy: {self.slots.in_use} calls running and {ahead} waiting ahead at about "
+                f"{self.call_s:.0f} s a call; this one would not finish within {self.config.timeout_s:g} s",
+                retry_after_s=self.call_s / 2)
 
     def busy(self) -> bool:
         """Every slot is taken: a new call would queue. Pure."""
@@ -238,14 +269,19 @@ class GuardedModel:
         self.observer.call_started(which)
         kw = dict(schema=schema, max_tokens=min(max_tokens, self.config.max_tokens_cap),
                   temperature=temperature, top_logprobs=top_logprobs)
-        got_slot = False
+        got_slot, in_slot = False, 0.0
         try:
+            try:
+                self._admit(LANE_PRIORITY[which])
+            except ModelUnavailableError:
+                outcome = "busy"
+                raise
             async with asyncio.timeout(self.config.timeout_s):
                 async with self.slots.slot(LANE_PRIORITY[which]):
-                    got_slot = True
+                    got_slot, in_slot = True, time.perf_counter()
                     comp = await self._attempts(messages, kw)
             outcome, usage = "ok", comp.usage
-            self._ok()
+            self._ok(time.perf_counter() - in_slot)
             return comp
         except TimeoutError as e:
             if not got_slot:
@@ -259,7 +295,8 @@ class GuardedModel:
             outcome = "rejected"
             raise
         except ModelUnavailableError as e:
-            self._fail(str(e))
+            if outcome != "busy":  # refused before queueing: the model is busy, not failing
+                self._fail(str(e))
             raise
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -307,11 +344,16 @@ class GuardedModel:
         self.observer.call_started(which)
         try:
             try:
+                self._admit(LANE_PRIORITY[which])
                 async with asyncio.timeout(self.config.timeout_s):
                     await self.slots.acquire(LANE_PRIORITY[which])
             except TimeoutError as e:
                 outcome = "busy"
                 raise self._no_slot() from e
+            except ModelUnavailableError:
+                outcome = "busy"
+                raise
+            in_slot = time.perf_counter()
             try:
                 it = self.inner.stream(messages, max_tokens=min(max_tokens, self.config.max_tokens_cap),
                                        temperature=temperature)
@@ -323,7 +365,7 @@ class GuardedModel:
                         break
                     yield chunk
                 outcome = "ok"
-                self._ok()
+                self._ok(time.perf_counter() - in_slot)
             finally:
                 aclose = getattr(it, "aclose", None)
                 if aclose is not None:
