@@ -182,3 +182,33 @@ def test_events_stored_while_not_loaded_are_caught_up_on_load(arts: DatasetArtif
     assert back.updates.users_updated == 2
     assert_as_built(back, store, tmp_path)
     assert load(store, folder).updates.events == 13 + 2  # recorded: the next load reads no events
+
+
+def test_deferred_saves_wait_for_a_bound_and_a_crash_in_between_catches_up(arts: DatasetArtifacts, store: EventStore,
+                                                                            folder: Path, tmp_path: Path) -> None:
+    """The API's `defer=True`: changes serve at once, the files follow at `SAVE_EVERY_S` (or
+    `SAVE_EVERY_USERS`, a delete, `flush`); a process killed in between leaves the last whole
+    generation, and loading catches up from the store to what a fresh build gives."""
+    on_disk = (folder / "user_items.json").read_text()
+    t = 1_000_000.0
+    n = store.add_events(DS, [ev("n1", "g1", 5)])
+    uu.update_users(arts, store, ["n1"], folder, added_events=n, now=t, defer=True)
+    assert arts.user_items["n1"] == ["g1"] and "n1" in arts.user_index.ids  # serving has it
+    assert (folder / "user_items.json").read_text() == on_disk  # the files do not, yet
+    assert (arts.updates.unsaved_users, arts.updates.unsaved_since, arts.updates.dirty) == (1, t, True)
+    assert json.loads((folder / "updates.json").read_text())["dirty"] is False  # the disk generation is whole
+    n = store.add_events(DS, [ev("n2", "g2", 6)])
+    uu.update_users(arts, store, ["n2"], folder, added_events=n, now=t + uu.SAVE_EVERY_S - 1, defer=True)
+    assert (folder / "user_items.json").read_text() == on_disk and arts.updates.unsaved_users == 2
+    crashed = load(store, folder)  # killed now: the last saved generation plus a catch-up from the store
+    assert_as_built(crashed, store, tmp_path)
+    n = store.add_events(DS, [ev("n3", "g1", 7)])
+    uu.update_users(arts, store, ["n3"], folder, added_events=n, now=t + uu.SAVE_EVERY_S, defer=True)
+    assert {"n1", "n2", "n3"} <= set(json.loads((folder / "user_items.json").read_text()))  # the bound: saved
+    assert (arts.updates.unsaved_users, arts.updates.unsaved_since, arts.updates.dirty) == (0, None, False)
+    n = store.add_events(DS, [ev("n4", "g2", 8)])
+    uu.update_users(arts, store, ["n4"], folder, added_events=n, now=t + uu.SAVE_EVERY_S + 1, defer=True)
+    assert "n4" not in json.loads((folder / "user_items.json").read_text())
+    assert uu.flush(arts, folder) is True and uu.flush(arts, folder) is False  # at shutdown; then nothing to do
+    assert "n4" in json.loads((folder / "user_items.json").read_text())
+    assert_as_built(load(store, folder), store, tmp_path)

@@ -37,6 +37,9 @@ class IndexUpdates(BaseModel):
     covisit_unsaved_users: int = Field(description="changed users whose co-visitation counts are in memory but not "
                                        "yet in covisit.json (replayed on restart)")
     covisit_save_bound: str = Field(description="when covisit.json is re-saved, e.g. '500 users or 3600 s'")
+    unsaved_users: int = Field(default=0, description="changed users whose user index, user_items and popularity "
+                               "files are not yet re-saved (saved every 200 users or 10 s, after a delete and at "
+                               "shutdown; a restart catches up from the store)")
     last_error: str | None = Field(description="why the last update failed; null after a success")
 
 

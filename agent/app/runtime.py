@@ -25,6 +25,7 @@ from agent.app.model_holder import ModelHolder, ModelSource
 from agent.app.state import AppState
 from agent.data.artifacts import DatasetArtifacts, build_artifacts, catalog_hash, load_artifacts
 from agent.data.store import EventStore
+from agent.data.user_updates import flush as flush_updates
 from agent.domain.text import has_cjk
 from agent.ingest import IngestReport, LoadResult, check_dataset_name, ingest, load_dataset
 from agent.ingest.generic import NoValidEventsError, load_generic
@@ -344,10 +345,25 @@ class Runtime:
         return OpenAICompatModel(self._server.base_url, profile.name, "llamacpp",
                                  timeout_s=s.llm_timeout_s, model_id=profile.name)
 
+    def flush_artifacts(self) -> list[str]:
+        """Save the user-side artifact files that deferred updates (``POST /v1/events``) left
+        unsaved, for every loaded dataset (`agent.data.user_updates.flush`); a failure is logged
+        (a restart catches up from the store). Returns the datasets written."""
+        done = []
+        for d in self.loaded_datasets():
+            arts = self.loaded_artifacts(d)
+            try:
+                if arts is not None and flush_updates(arts, self.settings.index_dir(d)):
+                    done.append(d)
+            except OSError:
+                log.exception("could not save the updated indexes of %s (a restart catches up from the store)", d)
+        return done
+
     async def aclose(self) -> None:
-        """Close the model client, stop the embedded server (even if the client was bound to an
-        event loop that has since closed) and close the event, feedback and answer stores (reopened on
-        next use)."""
+        """Save deferred index updates, close the model client, stop the embedded server (even if
+        the client was bound to an event loop that has since closed) and close the event, feedback
+        and answer stores (reopened on next use)."""
+        await asyncio.to_thread(self.flush_artifacts)
         model, self._model, self._guarded = self._model, None, None
         server, self._server = self._server, None
         feedback: FeedbackStore | None = self.__dict__.pop("feedback", None)

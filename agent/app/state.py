@@ -154,7 +154,8 @@ class AppState:
                 return None
             try:
                 return await asyncio.to_thread(update_users, arts, self.runtime.store, list(user_ids),
-                                               self.runtime.settings.index_dir(dataset), added_events=added_events)
+                                               self.runtime.settings.index_dir(dataset), added_events=added_events,
+                                               defer=True)
             except Exception:  # noqa: BLE001 - the ingest succeeded; the users stay pending and are reported
                 log.exception("could not add the new events of %s to its indexes", dataset)
                 return None

@@ -7,8 +7,15 @@ in place instead of rebuilding:
 * ``user_items`` and the user index (FAISS): the users' sequences are re-read from the store and
   their vectors recomputed (no re-embedding: a user vector is a mean of item vectors); a new
   user is appended, a changed one replaced, a deleted one (or one whose recent items are all
-  outside the catalogue) removed. Saved on every update.
-* popularity: exact count deltas (`Popularity.updated`); saved on every update (small).
+  outside the catalogue) removed.
+* popularity: exact count deltas (`Popularity.updated`).
+* Those files are saved on every update by default. The API defers them (``defer=True``): they
+  are written once `SAVE_EVERY_USERS` users have changed or the oldest unsaved change is
+  `SAVE_EVERY_S` old (checked at each update), at once after a deletion, and at shutdown
+  (`flush`). Until then the files on disk are a whole, older generation whose recorded event
+  count differs from the store's, so a restart catches up from the store (below). Writing
+  ~0.5 MB of JSON, an index and four fsyncs per posted event was most of a write's time, and
+  under load the queue behind the write lock.
 * co-visitation: exact count deltas in memory at once (`CoVisitation.updated`), but its file is
   large (128 MB for Online Retail, 3.5-6 s to write), so it is saved on a bounded schedule: when
   `COVISIT_SAVE_EVERY_USERS` users have changed since the last save, when the oldest unsaved
@@ -63,6 +70,10 @@ FORMAT = "shoplens.user-updates"
 # nothing (the deltas are replayed); the bound caps how many it replays.
 COVISIT_SAVE_EVERY_USERS = 500
 COVISIT_SAVE_EVERY_S = 3600.0
+# With ``defer=True`` (the API), the other files are saved once this many users changed since
+# their last save, or once the oldest unsaved change is this old (seconds).
+SAVE_EVERY_USERS = 200
+SAVE_EVERY_S = 10.0
 USER_VECTOR_ITEMS = 50  # a user vector is the recency-weighted mean of the last 50 item vectors
 
 
@@ -82,6 +93,8 @@ class UpdateLog:
         pending: stored ids whose update has not completed (in memory only; retried by the next).
         pending_events: the store events those updates added to `events` (in memory only).
         last_error: why the last update failed, None after a success (in memory only).
+        unsaved_users: users changed in memory since the files were last saved (``defer``).
+        unsaved_since: unix seconds of the oldest of those changes.
     """
 
     events: int | None = None
@@ -93,10 +106,12 @@ class UpdateLog:
     pending: set[str] = field(default_factory=set)
     pending_events: int = 0
     last_error: str | None = None
+    unsaved_users: int = 0
+    unsaved_since: float | None = None
 
     def save(self, folder: Path) -> None:
         """Write ``updates.json`` atomically (without the in-memory fields)."""
-        body = {k: v for k, v in asdict(self).items() if k not in ("pending", "pending_events", "last_error")}
+        body = {k: v for k, v in asdict(self).items() if k not in _IN_MEMORY}
         write_atomic(folder / UPDATES_FILE, json.dumps({"format": FORMAT, "version": 1} | body))
 
     @classmethod
@@ -117,6 +132,9 @@ class UpdateLog:
         except (ValueError, TypeError) as e:
             log.warning("%s unreadable (%s): the user-side artifacts are rebuilt from the store", path, e)
             return cls(dirty=True)
+
+
+_IN_MEMORY = ("pending", "pending_events", "last_error", "unsaved_users", "unsaved_since")
 
 
 @dataclass(frozen=True)
@@ -159,7 +177,7 @@ def build_user_index(user_items: Mapping[str, Sequence[str]], item_index: Vector
 
 
 def apply_sequences(arts: DatasetArtifacts, sequences: Mapping[str, Sequence[str]], folder: Path, *,
-                    events: int | None = None, now: float | None = None) -> UpdateReport:
+                    events: int | None = None, now: float | None = None, defer: bool = False) -> UpdateReport:
     """Give these users these sequences in `arts` (in memory, then saved under `folder`).
 
     Args:
@@ -169,6 +187,8 @@ def apply_sequences(arts: DatasetArtifacts, sequences: Mapping[str, Sequence[str
         events: the store's event count after the change (recorded in ``updates.json``);
             None keeps the recorded one.
         now: unix seconds (tests pin it); default the clock.
+        defer: save the files only when a bound is reached (`SAVE_EVERY_USERS`, `SAVE_EVERY_S`,
+            a deletion); else on every update.
 
     Raises:
         OSError: a file could not be written. The in-memory artifacts are already updated and
@@ -182,8 +202,9 @@ def apply_sequences(arts: DatasetArtifacts, sequences: Mapping[str, Sequence[str
     removed = sorted(u for u, s in changes.items() if not s)
     cold: list[str] = []
     if changes:
-        ulog.dirty = True
-        ulog.save(folder)  # from here until the final save, a crash makes the next load resync
+        ulog.dirty = True  # in memory until saved below: the files on disk are the last generation
+        ulog.unsaved_users += len(changes)
+        ulog.unsaved_since = ulog.unsaved_since or now
         pairs = [(arts.user_items.get(u, []), s) for u, s in changes.items()]
         user_items = {u: s for u, s in arts.user_items.items() if u not in changes}
         user_items.update({u: s for u, s in changes.items() if s})
@@ -210,23 +231,31 @@ def apply_sequences(arts: DatasetArtifacts, sequences: Mapping[str, Sequence[str
     save_covisit = bool(ulog.covisit_base) and (
         bool(removed) or len(ulog.covisit_base) >= COVISIT_SAVE_EVERY_USERS
         or now - (ulog.covisit_pending_since or now) >= COVISIT_SAVE_EVERY_S)
-    if ulog.dirty:  # this update's changes, or an earlier update whose files failed to save
+    save_now = not defer or bool(removed) or ulog.unsaved_users >= SAVE_EVERY_USERS or (
+        ulog.unsaved_since is not None and now - ulog.unsaved_since >= SAVE_EVERY_S)
+    if ulog.dirty and save_now:  # this update's changes, earlier deferred ones, or a failed save
+        ulog.save(folder)  # dirty on disk: a crash from here until the final save makes the next load resync
         arts.user_index.save(folder / "users")
         arts.popularity.save(folder / "popularity.json")
         write_atomic(folder / "user_items.json", json.dumps(arts.user_items))
         if save_covisit:
             arts.covisit.save(folder / "covisit.json")
             ulog.covisit_base, ulog.covisit_pending_since = {}, None
-    if ulog.dirty or (events is not None and events != ulog.events):
         done = replace(ulog, events=ulog.events if events is None else events, dirty=False)
         done.save(folder)  # in memory only once it is on disk: a failed save leaves `dirty` set
-        ulog.events, ulog.dirty = done.events, False
+        ulog.events, ulog.dirty, ulog.unsaved_users, ulog.unsaved_since = done.events, False, 0, None
+    elif ulog.dirty:  # deferred: the count the artifacts in memory reflect, on disk once they are saved
+        ulog.events = ulog.events if events is None else events
+    elif events is not None and events != ulog.events:  # only the count moved
+        if not defer:  # deferred, a restart finds the count moved, re-reads and finds nothing to change
+            replace(ulog, events=events).save(folder)
+        ulog.events = events
     return UpdateReport(added=added, changed=sorted(set(changes) - set(added) - set(removed)), removed=removed,
                         cold_start=sorted(cold), covisit_saved=save_covisit, seconds=time.perf_counter() - t0)
 
 
 def update_users(arts: DatasetArtifacts, store: EventStore, user_ids: Iterable[str], folder: Path, *,
-                 added_events: int = 0, now: float | None = None) -> UpdateReport:
+                 added_events: int = 0, now: float | None = None, defer: bool = False) -> UpdateReport:
     """Re-read these users' events from the store and apply their sequences (`apply_sequences`),
     together with any users an earlier failed update left pending.
 
@@ -252,13 +281,25 @@ def update_users(arts: DatasetArtifacts, store: EventStore, user_ids: Iterable[s
                 evs = []
             seqs[u] = item_sequences(evs).get(u, [])
         events = None if ulog.events is None else ulog.events + ulog.pending_events
-        report = apply_sequences(arts, seqs, folder, events=events, now=now)
+        report = apply_sequences(arts, seqs, folder, events=events, now=now, defer=defer)
     except Exception as e:
         ulog.last_error = f"{type(e).__name__}: {e}"
         raise
     ulog.pending.difference_update(users)
     ulog.pending_events, ulog.last_error = 0, None
     return report
+
+
+def flush(arts: DatasetArtifacts, folder: Path) -> bool:
+    """Save what deferred updates left unsaved (at shutdown). Returns whether anything was written.
+
+    Raises:
+        OSError: a file could not be written (``dirty`` stays set).
+    """
+    if not arts.updates.dirty:
+        return False
+    apply_sequences(arts, {}, folder)
+    return True
 
 
 def resync_from_store(arts: DatasetArtifacts, store: EventStore, folder: Path) -> str:
@@ -315,4 +356,5 @@ def update_status(ulog: UpdateLog, users_indexed: int) -> dict[str, Any]:
     return {"users_indexed": users_indexed, "users_pending": len(ulog.pending), "last_update": when,
             "users_updated": ulog.users_updated, "covisit_unsaved_users": len(ulog.covisit_base),
             "covisit_save_bound": f"{COVISIT_SAVE_EVERY_USERS} users or {COVISIT_SAVE_EVERY_S:.0f} s",
+            "unsaved_users": ulog.unsaved_users,
             "last_error": ulog.last_error}
