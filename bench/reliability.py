@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import sys
@@ -218,10 +219,10 @@ def _kind(rng: random.Random) -> str:
 
 
 async def _request(client: httpx.AsyncClient, kind: str, dataset: str, user: str, items: Sequence[str],
-                   rng: random.Random, eid: str) -> tuple[int, str | None, bool]:
+                   rng: random.Random, eid: str) -> tuple[int, str | None, bool, str | None]:
     """One request of `kind`; returns (HTTP status or 0 for a transport error, what a model
     request got: "model" / "degraded" / "503+retry-after" / "503" / None, whether the events
-    posted were acknowledged)."""
+    posted were acknowledged, a degraded answer's reason with its numbers as N)."""
     try:
         if kind in ("next_fast", "next_model"):
             body: dict[str, Any] = {"dataset": dataset, "user_id": user, "k": 5}
@@ -236,16 +237,19 @@ async def _request(client: httpx.AsyncClient, kind: str, dataset: str, user: str
         else:
             r = await client.post("/v1/events", json={"dataset": dataset, "events": [
                 _event(eid, user, rng.choice(items))]})
-            return r.status_code, None, r.status_code == 200 and r.json()["stored"] + r.json()["duplicates"] == 1
+            return r.status_code, None, r.status_code == 200 and r.json()["stored"] + r.json()["duplicates"] == 1, None
     except httpx.HTTPError:
-        return 0, None, False
-    got = None
+        return 0, None, False, None
+    got = why = None
     if kind in MODEL_KINDS:
         if r.status_code == 200:
-            got = "degraded" if (r.json().get("meta") or {}).get("degraded") else "model"
+            meta = r.json().get("meta") or {}
+            got = "degraded" if meta.get("degraded") else "model"
+            if meta.get("degraded_reason"):
+                why = re.sub(r"\d+(\.\d+)?", "N", str(meta["degraded_reason"]))[:120]
         elif r.status_code == 503:
             got = "503+retry-after" if "retry-after" in r.headers else "503"
-    return r.status_code, got, False
+    return r.status_code, got, False, why
 
 
 async def _clients(url: str, dataset: str, users: Sequence[str], items: Sequence[str], *, clients: int,
@@ -280,11 +284,12 @@ async def _clients(url: str, dataset: str, users: Sequence[str], items: Sequence
             kind = rng.choice(kinds) if kinds else _kind(rng)
             user, eid = rng.choice(users), f"rel{seed}-{c}-{i}"
             t0 = time.perf_counter()
-            status, got, acked = await _request(client, kind, dataset, user, items, rng, eid)
+            status, got, acked, why = await _request(client, kind, dataset, user, items, rng, eid)
             t1 = time.perf_counter()
             if acked:
                 accepted[user].add(eid)
-            samples.append({"kind": kind, "status": status, "got": got, "start": t0 - t_start, "end": t1 - t_start,
+            samples.append({"kind": kind, "status": status, "got": got, "why": why, "start": t0 - t_start,
+                            "end": t1 - t_start,
                             "s": t1 - t0, "after_kill": "at_s" in kill and t0 - t_start >= kill["at_s"]})
             i += 1
             await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
@@ -355,6 +360,9 @@ def load_run(settings: Settings, dataset: str = "online-retail", *, clients: int
     res["model_requests"] = {phase: dict(Counter(str(s["got"]) for s in samples
                                                  if s["kind"] in MODEL_KINDS and s["after_kill"] == after))
                              for phase, after in (("before_kill", False), ("after_kill", True))}
+    res["samples"] = samples
+    res["degraded_reasons"] = dict(Counter(s["why"] for s in samples if s["why"]).most_common(8))
+    res["model_answers_per_min"] = round(sum(s["got"] == "model" for s in samples) / (seconds / 60), 2)
     res["model_killed_pids"] = kill.get("pids", [])
     res["model_ready_after_kill_s"] = kill.get("ready_after_s")
     back = sorted(s["end"] for s in samples if s["after_kill"] and s["got"] == "model")
@@ -460,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                             SHOPLENS_LLM_DIALECT="llamacpp"),
                                              a.dataset, [*user_ids, "reliability-new-user"], items, seed=a.seed)
     res["ok"] = all(res[k]["ok"] for k in ("load", "ingest_kill") if k in res)
+    if "load" in res:  # every request, for rechecking the figures: one JSON line each
+        samples = res["load"].pop("samples")
+        (out / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
     (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
     Console(width=140).print(report(res))
     err.print(f"result: {out / 'result.json'}; guarantees {'met' if res['ok'] else 'NOT met'}")
