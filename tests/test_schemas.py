@@ -9,7 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent.domain.schemas import EVENT_TYPES, BehaviorEvent, CatalogItem, parse_timestamp
+from agent.domain.history import describe_event
+from agent.domain.schemas import EVENT_TYPES, MAX_TITLE_CHARS, BehaviorEvent, CatalogItem, parse_timestamp
+from agent.ingest._common import RowSink
+from agent.ingest.report import LoadReport
 
 BASE = {
     "user_id": "u1",
@@ -205,3 +208,61 @@ def test_catalog_item_ids_and_text() -> None:
 def test_unknown_fields_rejected() -> None:
     with pytest.raises(ValidationError, match="extra"):
         event(colour="red")
+
+
+# ---- catalogue and review text is normalised on the way in (issue 17) --------------------------
+
+
+def test_catalogue_markup_is_stripped_and_plain_titles_are_untouched() -> None:
+    it = CatalogItem(item_id="1", title="<b>Red</b> mug &amp; saucer &lt;set of 2&gt;", category="<i>Kitchen</i>",
+                     brand="Ben &amp; Jerry", description="<p>Fine &quot;bone&quot; china</p><script>x()</script>")
+    assert (it.title, it.category, it.brand, it.description) == (
+        "Red mug & saucer <set of 2>", "Kitchen", "Ben & Jerry", 'Fine "bone" china')
+    for plain in ("WHITE HANGING HEART T-LIGHT HOLDER", "BOX OF 6  <3 MINI CAKES", "A & B; C"):
+        assert CatalogItem(item_id="1", title=plain).title == plain  # unchanged: catalogue hashes stay
+
+
+@pytest.mark.parametrize("title", ["   ", "<br/>", "&nbsp;", "<p> </p>"])
+def test_a_blank_title_is_refused_naming_the_field(title: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        CatalogItem(item_id="1", title=title)
+    err = e.value.errors()[0]
+    assert err["loc"] == ("title",) and "title is empty or only whitespace/markup: give the item a title" in err["msg"]
+
+
+def test_a_long_title_is_cut_at_a_word() -> None:
+    t = CatalogItem(item_id="1", title="handmade ceramic " * 30).title
+    assert len(t) <= MAX_TITLE_CHARS and t.endswith("…") and t[:-1].split()[-1] in {"handmade", "ceramic"}
+    zh = CatalogItem(item_id="1", title="手工陶瓷杯" * 100).title
+    assert len(zh) == MAX_TITLE_CHARS and zh.endswith("…")  # no spaces: a hard cut at the limit
+
+
+def test_review_markup_is_stripped_and_a_markup_only_review_is_none() -> None:
+    ev = {"user_id": "u", "item_id": "i", "event_type": "review", "timestamp": "2011-12-01T00:00:00Z"}
+    assert BehaviorEvent(**ev, review_text="<p>Great &amp; cheap</p>\n<br>Recommended").review_text == \
+        "Great & cheap Recommended"
+    assert BehaviorEvent(**ev, review_text="<br/>").review_text is None
+    assert BehaviorEvent(**ev, review_text="Loved it.\nWould buy again").review_text == "Loved it.\nWould buy again"
+
+
+def test_the_loader_summary_counts_what_it_normalised_and_names_a_blank_title() -> None:
+    report = LoadReport(dataset="shop")
+    sink = RowSink(report)
+    assert sink.item(1, item_id="a", title="<b>Mug</b>") is not None
+    assert sink.item(2, item_id="b", title="word " * 100) is not None
+    assert sink.item(3, item_id="c", title="   ") is None
+    assert sink.event(4, user_id="u", item_id="a", event_type="review", timestamp="2011-12-01T00:00:00Z",
+                      review_text="<i>ok</i>") is not None
+    res = sink.result()
+    assert report.dropped == {"invalid catalogue item: title (value_error)": 1}
+    assert "1 rows: HTML tags or entities removed from catalogue text" in report.notes
+    assert f"1 rows: titles cut at a word to {MAX_TITLE_CHARS} characters" in report.notes
+    assert "1 rows: HTML tags or entities removed from review text" in report.notes
+    assert (res.errors[0].row, res.errors[0].field) == (3, "title")
+
+
+def test_a_review_excerpt_in_a_prompt_ends_at_a_word() -> None:
+    ev = BehaviorEvent(user_id="u", item_id="a", event_type="review", timestamp="2011-12-01T00:00:00Z",
+                       review_text="lovely " * 40)
+    text = describe_event(ev, "Mug")
+    assert text.endswith('lovely…"') and "lov…" not in text

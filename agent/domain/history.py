@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.domain.text import cut_at_word
 
 _VERB = {
     "view": "viewed",
@@ -109,7 +110,7 @@ def describe_event(e: BehaviorEvent, title: str) -> str:
     if e.rating is not None:
         text += f", rated {e.rating:g}/5"
     if e.review_text:
-        excerpt = " ".join(e.review_text.split())[:160]
+        excerpt = cut_at_word(" ".join(e.review_text.split()), 160)
         text += f': "{excerpt}"'
     return text
 

@@ -15,6 +15,8 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agent.domain.text import cut_at_word, strip_markup
+
 EventType = Literal[
     "view", "click", "cart", "remove_from_cart", "favourite", "purchase", "review"
 ]
@@ -166,6 +168,15 @@ class BehaviorEvent(BaseModel):
     def _parse_ts(cls, v: object) -> datetime:
         return parse_timestamp(v)
 
+    @field_validator("review_text", mode="before")
+    @classmethod
+    def _plain_review(cls, v: object) -> object:
+        # HTML from a scraped export would reach prompts as markup; nothing left is no review
+        if isinstance(v, str):
+            v = strip_markup(v)
+            return v if v.strip() else None
+        return v
+
     @model_validator(mode="after")
     def _fill_id(self) -> BehaviorEvent:
         if not self.event_id:
@@ -193,13 +204,16 @@ def one_line(text: str) -> str:
     return _BREAKS.sub(" ", text).strip() if _BREAKS.search(text) else text
 
 
+MAX_TITLE_CHARS = 300  # longer titles are cut at a word ("…"); the loader summary counts them
+
+
 class CatalogItem(BaseModel):
     """A product in a catalogue. Only `item_id` and `title` are required."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     item_id: NonEmptyStr
-    title: str = Field(min_length=1, max_length=1_000)
+    title: str = Field(min_length=1, max_length=MAX_TITLE_CHARS)
     category: str | None = Field(default=None, max_length=500)
     brand: str | None = Field(default=None, max_length=200)
     price: float | None = Field(default=None, ge=0, le=1_000_000)
@@ -212,10 +226,27 @@ class CatalogItem(BaseModel):
             return str(v)
         return v.strip() if isinstance(v, str) else v
 
-    @field_validator("title", "category", "brand", mode="before")
+    @field_validator("category", "brand", mode="before")
     @classmethod
     def _one_line(cls, v: object) -> object:
-        return one_line(v) if isinstance(v, str) else v
+        return one_line(strip_markup(v)) if isinstance(v, str) else v
+
+    @field_validator("title", mode="before")
+    @classmethod
+    def _real_title(cls, v: object) -> object:
+        # markup out, on one line, not blank, long ones cut at a word
+        if isinstance(v, str):
+            v = one_line(strip_markup(v))
+            if not v.strip():
+                raise ValueError("title is empty or only whitespace/markup: give the item a title, or leave the "
+                                 "catalogue row out")
+            return cut_at_word(v, MAX_TITLE_CHARS)
+        return v
+
+    @field_validator("description", mode="before")
+    @classmethod
+    def _plain_description(cls, v: object) -> object:
+        return strip_markup(v) if isinstance(v, str) else v
 
     def text(self) -> str:
         """The text embedded for retrieval: title, category and brand (description excluded:

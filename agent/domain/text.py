@@ -7,10 +7,13 @@
   question), else English. The chat uses it.
 * `has_cjk` / `is_han`: the script tests under both, and under the embedder choice for a
   catalogue (Chinese, Japanese or Korean titles get the multilingual embedder).
+* `strip_markup` / `cut_at_word`: catalogue and review text is normalised on the way in (HTML
+  tags and entities out, whitespace collapsed) and long titles are cut at a word.
 """
 
 from __future__ import annotations
 
+import html
 import re
 from typing import Literal
 
@@ -58,3 +61,38 @@ def detect_language(text: str) -> Language:
 def reply_language(text: str) -> ReplyLanguage:
     """'zh' when `text` has any Han ideograph, else 'en' (the language to answer in)."""
     return "zh" if HAN.search(text) else "en"
+
+
+# HTML markup in catalogue and review text (scraped exports carry it): a tag that starts with a
+# letter, "/" or "!" (so "<3" and "a < b" are left alone), or a named or numeric entity.
+_MARKUP = re.compile(r"<[A-Za-z/!][^>]{0,500}>|&(#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,30});")
+_SCRIPT = re.compile(r"<(script|style)\b.*?</\1\s*>", re.I | re.S)
+_TAG = re.compile(r"<[A-Za-z/!][^>]{0,500}>")
+_ENTITY = re.compile(r"&(#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,30});")
+
+
+def strip_markup(text: str) -> str:
+    """`text` with HTML tags removed (script and style bodies too), then entities unescaped
+    (twice when the first pass leaves entities: scraped data often holds ``&amp;amp;``), and
+    whitespace runs collapsed to one space. Tags are removed before unescaping, so an escaped
+    ``&lt;set of 2&gt;`` stays as the text "<set of 2>". Text without markup is returned
+    unchanged, so catalogues without it keep their hashes (and the indexes keyed by them)."""
+    if not _MARKUP.search(text):
+        return text
+    s = html.unescape(_TAG.sub(" ", _SCRIPT.sub(" ", text)))
+    if _ENTITY.search(s):
+        s = html.unescape(s)
+    return " ".join(s.split())
+
+
+def cut_at_word(text: str, max_chars: int) -> str:
+    """`text` if it fits in `max_chars`, else cut at the last space before the limit (hard at
+    the limit when there is none, as in Chinese) and ended with "…" (the result has at most
+    `max_chars` characters)."""
+    if len(text) <= max_chars:
+        return text
+    head = text[: max_chars - 1]
+    space = head.rfind(" ")
+    if space >= max_chars // 2:
+        head = head[:space]
+    return head.rstrip(" ,;:-") + "…"

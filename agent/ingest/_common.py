@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,8 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.domain.schemas import MAX_TITLE_CHARS, BehaviorEvent, CatalogItem, one_line
+from agent.domain.text import strip_markup
 from agent.ingest.report import LoadReport
 
 DATA_HINT = (
@@ -138,6 +140,7 @@ class RowSink:
     def __init__(self, report: LoadReport):
         self.report = report
         self.errors: list[RowError] = []
+        self.normalised: Counter[str] = Counter()  # rows whose text the schemas cleaned, by what
         self._events: dict[str, BehaviorEvent] = {}
         self._items: dict[str, CatalogItem] = {}
 
@@ -148,6 +151,8 @@ class RowSink:
         except ValidationError as e:
             self.reject(row, e, "event")
             return None
+        if isinstance(text := fields.get("review_text"), str) and strip_markup(text) != text:
+            self.normalised["HTML tags or entities removed from review text"] += 1
         if ev.event_id in self._events:
             self.report.duplicates_collapsed += 1
             return None
@@ -155,12 +160,17 @@ class RowSink:
         return ev
 
     def item(self, row: int, **fields: Any) -> CatalogItem | None:
-        """Validate one catalogue item; a repeated `item_id` is dropped and counted."""
+        """Validate one catalogue item; a repeated `item_id` is dropped and counted. Text the
+        schema normalised is counted too: markup removed, a title cut at a word."""
         try:
             it = CatalogItem(**fields)
         except ValidationError as e:
             self.reject(row, e, "catalogue item")
             return None
+        if any(isinstance(v, str) and strip_markup(v) != v for v in fields.values()):
+            self.normalised["HTML tags or entities removed from catalogue text"] += 1
+        if isinstance(title := fields.get("title"), str) and len(one_line(strip_markup(title))) > MAX_TITLE_CHARS:
+            self.normalised[f"titles cut at a word to {MAX_TITLE_CHARS} characters"] += 1
         if it.item_id in self._items:
             self.report.drop("duplicate item_id in catalogue (first kept)", row)
             return None
@@ -200,6 +210,8 @@ class RowSink:
         items = list(self._items.values())
         self.report.events_kept = len(events)
         self.report.items_kept = len(items)
+        for what, n in sorted(self.normalised.items()):
+            self.report.notes.append(f"{n} rows: {what}")
         for err in self.errors[:MAX_ERROR_NOTES]:
             self.report.notes.append(f"rejected {err}")
         if len(self.errors) > MAX_ERROR_NOTES:
