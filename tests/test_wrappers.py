@@ -101,6 +101,17 @@ async def test_a_call_that_could_not_finish_in_time_is_refused_at_once_not_queue
     assert g.call_s is not None and g.call_s < 1.0  # the fast calls pulled the average down
 
 
+async def test_background_work_is_never_queued_behind_a_full_model() -> None:
+    g = GuardedModel(SlowModel(0.0), GuardConfig(max_concurrency=1, timeout_s=10, cooldown_s=60))
+    with lane("background"):
+        assert (await g.complete(MSG)).text == "hi"  # a free slot: background work runs
+        await g.slots.acquire(0)
+        with pytest.raises(ModelUnavailableError, match=r"model busy: 1 calls running; background work is not queued"):
+            await g.complete(MSG)
+    assert g.slots.waiting == 0 and g.cooling_down() is None
+    g.slots.release()
+
+
 async def test_a_success_is_timed_for_readiness() -> None:
     g = GuardedModel(SlowModel(0.0), GuardConfig())
     assert g.last_ok == 0 and not g.busy()

@@ -222,10 +222,20 @@ class GuardedModel:
         (each waiter times out just as its turn comes, so no call succeeds). Labelled "model
         busy"; no cool-down starts.
 
+        The background lane (refinements nobody waits on) is never queued: with every slot taken
+        it is refused at once, so under load the model's time goes to callers who wait.
+
         Raises:
-            ModelUnavailableError: the estimate is over `GuardConfig.timeout_s`.
+            ModelUnavailableError: the estimate is over `GuardConfig.timeout_s`, or a background
+                call found every slot taken.
         """
-        if self.call_s is None or not self.busy():
+        if not self.busy():
+            return
+        if priority == LANE_PRIORITY["background"]:
+            raise ModelUnavailableError(
+                f"model busy: {self.slots.in_use} calls running; background work is not queued",
+                retry_after_s=self.call_s / 2 if self.call_s else self.config.cooldown_s)
+        if self.call_s is None:
             return
         ahead = self.slots.ahead(priority)
         estimate = ahead / self.slots.capacity * self.call_s + self.call_s / 2 + self.call_s
