@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -557,6 +558,42 @@ def test_malformed_or_truncated_json_is_400(api: httpx.Client, raw: bytes) -> No
 def test_json_that_is_not_an_object_is_422(api: httpx.Client, raw: bytes) -> None:
     r = api.post("/v1/next-item", content=raw, headers={"content-type": "application/json"})
     assert_envelope(r, 422)
+
+
+@pytest.mark.parametrize(("raw", "status", "param"), [
+    (rb'{"dataset": "online-retail", "user_id": "17850", "k": NaN}', 422, "k"),
+    (rb'{"dataset": "online-retail", "user_id": "17850", "k": Infinity}', 422, "k"),
+    (rb'{"dataset": "online-retail", "user_id": "17850", "k": 1e999}', 422, "k"),
+    (rb'{"dataset": "online-retail", "user_id": "17850", "k": 5.5}', 422, "k"),
+    (rb'{"dataset": "online-retail", "user_id": "17850\u0000", "k": 5}', 404, "user_id"),  # a null byte: no such user
+    (rb'{"dataset": "online-retail\u0000", "user_id": "17850"}', 422, "dataset"),
+    (b'{"dataset": "online-retail", "user_id": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", 400, None),  # deep nesting
+])
+def test_nan_infinity_null_bytes_and_deep_nesting_are_a_clear_4xx(api: httpx.Client, raw: bytes, status: int,
+                                                                  param: str | None) -> None:
+    assert_envelope(api.post("/v1/next-item", content=raw, headers={"content-type": "application/json"}), status,
+                    param=param)
+
+
+@pytest.mark.parametrize("user_id", ["../../etc/passwd", "17850' OR '1'='1", "17850; DROP TABLE events;--",
+                                     "%2e%2e%2f", "a/b", "17850%"])
+def test_path_like_and_sql_like_ids_are_a_404_that_leaks_nothing(api: httpx.Client, user_id: str) -> None:
+    for r in (api.post("/v1/next-item", json={"dataset": DATASET, "user_id": user_id, "use_llm": False}),
+              api.get(f"/v1/users/{quote(user_id, safe='')}/events", params={"dataset": DATASET})):
+        err = assert_envelope(r, 404, code="unknown_user", param="user_id")
+        assert "did you mean" not in err["message"]  # no other user's id (enumeration)
+    assert api.get(f"/v1/users/{quote('17850', safe='')}/events", params={"dataset": DATASET}).status_code == 200
+
+
+def test_a_user_id_with_a_slash_is_addressable_in_the_path(api: httpx.Client) -> None:
+    uid = "shop-7/customer 12"
+    ev = {"user_id": uid, "item_id": "22423", "event_type": "view", "timestamp": "2011-12-09T12:00:00Z",
+          "event_id": "slash-1"}
+    assert api.post("/v1/events", json={"dataset": DATASET, "events": [ev]}).status_code == 200
+    r = api.get(f"/v1/users/{quote(uid, safe='')}/events", params={"dataset": DATASET})
+    assert r.status_code == 200 and [e["event_id"] for e in r.json()["events"]] == ["slash-1"], r.text
+    r = api.delete(f"/v1/users/{quote(uid, safe='')}", params={"dataset": DATASET})
+    assert r.status_code == 200 and r.json()["deleted_events"] == 1, r.text
 
 
 def test_oversized_bodies_batches_and_texts_are_413(api: httpx.Client) -> None:

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from agent.domain.history import describe_event
-from agent.domain.schemas import EVENT_TYPES, MAX_TITLE_CHARS, BehaviorEvent, CatalogItem, parse_timestamp
+from agent.domain.schemas import (
+    EVENT_TYPES,
+    MAX_TITLE_CHARS,
+    BehaviorEvent,
+    CatalogItem,
+    parse_timestamp,
+)
 from agent.ingest._common import RowSink
 from agent.ingest.report import LoadReport
 

@@ -136,9 +136,10 @@ def _too_large(limit: int) -> Any:
 
 
 def _route_template(scope: Scope) -> str:
-    """The matched route's path template (bounded label set), or 'unmatched'."""
+    """The matched route's path template without converters (``/v1/users/{user_id}/events``,
+    as in the OpenAPI document; a bounded label set), or 'unmatched'."""
     route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+    return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
 
 
 class JsonFormatter(logging.Formatter):

@@ -34,7 +34,7 @@ async def ingest_events(body: IngestRequest, api: Api, svc: Service) -> IngestRe
     return IngestResponse(**dict(out))
 
 
-@router.get("/v1/users/{user_id}/events", response_model=UserEvents, dependencies=USERS, responses=WITH_404)
+@router.get("/v1/users/{user_id:path}/events", response_model=UserEvents, dependencies=USERS, responses=WITH_404)
 async def user_events(
     user_id: UserPath, dataset: DatasetQuery, svc: Service,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -44,7 +44,7 @@ async def user_events(
     return UserEvents(**dict(await svc.user_events(dataset, user_id, offset=offset, limit=limit)))
 
 
-@router.delete("/v1/users/{user_id}", response_model=DeleteResponse, dependencies=USERS, responses=WITH_404)
+@router.delete("/v1/users/{user_id:path}", response_model=DeleteResponse, dependencies=USERS, responses=WITH_404)
 async def delete_user(user_id: UserPath, dataset: DatasetQuery, svc: Service) -> DeleteResponse:
     """Delete a user's events and remove the user from the retrieval indexes (user index,
     similar-user lists, their counts in co-visitation and popularity), saved to disk."""
