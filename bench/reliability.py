@@ -1,7 +1,7 @@
 """The reliability run (issue 17's guarantees 2 and 3), one command, on a real `shoplens serve`:
 
     flock var/heavy.lock .venv/bin/python -m bench.reliability                    # both parts, ~8 min
-    .venv/bin/python -m bench.reliability --only ingest-kill                       # no model, ~1 min
+    .venv/bin/python -m bench.reliability --only ingest-kill                       # no model, ~20 s
     flock var/heavy.lock .venv/bin/python -m bench.reliability --only load --clients 50 --seconds 300
 
 **load**: the embedded model behind the API, on a copy of the workspace's dataset. First an idle
@@ -450,6 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad := parts - {"load", "ingest-kill"}:
         p.error(f"--only: unknown part(s) {sorted(bad)}; use load, ingest-kill")
     settings = load_settings()
+    if settings.database_url is not None:
+        p.error("this run copies the workspace's SQLite store and checks it with PRAGMA integrity_check; "
+                "unset SHOPLENS_DATABASE_URL (the PostgreSQL store is tested by tests/test_store.py and "
+                "tests/test_api_postgres.py)")
     started = timestamp(utc=True)
     out = run_folder("reliability", a.out, PROJECT_ROOT / "runs", stamp=started, stamp_last=True)
     res: dict[str, Any] = {"commit": git_commit(), "started_utc": started}

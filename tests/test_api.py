@@ -565,7 +565,7 @@ def test_json_that_is_not_an_object_is_422(api: httpx.Client, raw: bytes) -> Non
     (rb'{"dataset": "online-retail", "user_id": "17850", "k": Infinity}', 422, "k"),
     (rb'{"dataset": "online-retail", "user_id": "17850", "k": 1e999}', 422, "k"),
     (rb'{"dataset": "online-retail", "user_id": "17850", "k": 5.5}', 422, "k"),
-    (rb'{"dataset": "online-retail", "user_id": "17850\u0000", "k": 5}', 404, "user_id"),  # a null byte: no such user
+    (rb'{"dataset": "online-retail", "user_id": "17850\u0000", "k": 5}', 422, "user_id"),  # a NUL: no store keeps it
     (rb'{"dataset": "online-retail\u0000", "user_id": "17850"}', 422, "dataset"),
     (b'{"dataset": "online-retail", "user_id": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", 400, None),  # deep nesting
 ])
@@ -583,6 +583,23 @@ def test_path_like_and_sql_like_ids_are_a_404_that_leaks_nothing(api: httpx.Clie
         err = assert_envelope(r, 404, code="unknown_user", param="user_id")
         assert "did you mean" not in err["message"]  # no other user's id (enumeration)
     assert api.get(f"/v1/users/{quote('17850', safe='')}/events", params={"dataset": DATASET}).status_code == 200
+
+
+def test_a_nul_in_one_event_refuses_that_event_only_and_in_a_path_is_a_422(api: httpx.Client) -> None:
+    good = {"user_id": "nul-good", "item_id": "22423", "event_type": "view", "timestamp": "2011-12-09T12:00:00Z",
+            "event_id": "nul-good-1"}
+    bad = [good | {"event_id": f"nul-bad-{f}", f: v} for f, v in
+           (("user_id", "a\x00b"), ("item_id", "22\x00423"), ("review_text", "ok\x00"), ("session_id", "s\x00"))]
+    r = api.post("/v1/events", json={"dataset": DATASET, "events": [good, *bad]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["stored"], body["rejected"]) == (1, 4)
+    assert [e["param"] for e in body["errors"]] == ["events[1].user_id", "events[2].item_id",
+                                                    "events[3].review_text", "events[4].session_id"]
+    assert "NUL character" in body["errors"][0]["message"]
+    assert api.get("/v1/users/nul-good/events", params={"dataset": DATASET}).json()["total"] == 1
+    assert_envelope(api.get("/v1/users/a%00b/events", params={"dataset": DATASET}), 422, param="user_id")
+    assert_envelope(api.delete("/v1/users/a%00b", params={"dataset": DATASET}), 422, param="user_id")
 
 
 def test_a_user_id_with_a_slash_is_addressable_in_the_path(api: httpx.Client) -> None:

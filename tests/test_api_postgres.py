@@ -48,6 +48,13 @@ def test_two_api_replicas_share_one_postgresql_store(tmp_path: Path, pg_url: str
         r = b.post("/v1/next-item", json={"dataset": DATASET, "user_id": USER, "k": 3, "use_llm": False})
         assert r.status_code == 200 and len(r.json()["items"]) == 3, r.text
 
+        # a NUL (PostgreSQL text cannot hold one) refuses that event only, never a 500
+        r = a.post("/v1/events", json={"dataset": DATASET, "events": [event(0, user_id="pg-3"),
+                                                                      event(1, user_id="pg\x003")]})
+        assert r.status_code == 200 and (r.json()["stored"], r.json()["rejected"]) == (1, 1), r.text
+        assert r.json()["errors"][0]["param"] == "events[1].user_id"
+        assert_envelope(b.get("/v1/users/pg%003/events", params={"dataset": DATASET}), 422, param="user_id")
+
         # deleted through B, gone through A
         assert b.delete("/v1/users/pg-1", params={"dataset": DATASET}).json()["deleted_events"] == 3
         assert_envelope(a.get("/v1/users/pg-1/events", params={"dataset": DATASET}), 404, code="unknown_user")
@@ -55,6 +62,6 @@ def test_two_api_replicas_share_one_postgresql_store(tmp_path: Path, pg_url: str
     assert not (ws_a / "shoplens.sqlite3").exists() and not (ws_b / "shoplens.sqlite3").exists()
     store = EventStore(url=pg_url)
     try:
-        assert store.counts(DATASET)["events"] == report.events_new + 100
+        assert store.counts(DATASET)["events"] == report.events_new + 101
     finally:
         store.close()

@@ -457,3 +457,17 @@ def test_time_quantile_is_the_sorted_index_min_n_1_int_n_q(store: EventStore) ->
     assert store.time_quantile(DS, 0.0) == day(1)
     with pytest.raises(ValueError, match=r"q must be in \[0, 1\], got 1.5"):
         store.time_quantile(DS, 1.5)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://shoplens:s3cretPW@127.0.0.1:1/shoplens", "postgresql+psycopg://shoplens:***@127.0.0.1:1/shoplens"),
+    # an unencoded "@" in the password: the parser takes its tail for the host; neither part is shown
+    ("postgresql://shoplens:s3cret@PW@127.0.0.1:1/shoplens", "postgresql+psycopg://shoplens:***@***@127.0.0.1:1/shoplens"),
+])
+def test_a_store_that_cannot_be_opened_is_one_clear_error_without_the_password(url: str, shown: str) -> None:
+    pytest.importorskip("psycopg", reason="the pg extra is not installed")
+    with pytest.raises(StoreConfigError) as e:
+        EventStore(url=url)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot open the event store at {shown}: ") and "s3cret" not in msg and "PW" not in msg
+    assert "percent-encode special characters in the password" in msg and "\n" not in msg

@@ -28,6 +28,7 @@ from typer.core import TyperGroup
 
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
+from agent.data.store_schema import StoreConfigError
 from agent.domain.errors import CallerError, UnknownUserError
 from agent.domain.predictions import NextItemPrediction
 from agent.ingest import saved_mapping
@@ -508,5 +509,16 @@ for _typer, _examples in ((app, COMMANDS), (eval_app, EVAL_EXAMPLES)):
             _info.epilog = examples_epilog([_examples[_name]])
 
 
+def cli() -> None:
+    """The ``shoplens`` console script: the Typer app, with an event store that cannot be opened
+    (a wrong SHOPLENS_DATABASE_URL, an unreachable server, a wrong password) said in one line,
+    exit code 2, instead of a traceback."""
+    try:
+        app()
+    except StoreConfigError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    cli()

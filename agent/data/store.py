@@ -30,6 +30,7 @@ from sqlalchemy import BindParameter, Connection, Row, bindparam, func, literal,
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.engine import URL, Dialect
+from sqlalchemy.exc import OperationalError
 
 from agent.data.store_schema import (
     StoreConfigError,
@@ -40,6 +41,7 @@ from agent.data.store_schema import (
     masked_url,
     migrate,
     normalise_url,
+    redact,
     sqlite_url,
     write_transaction,
 )
@@ -119,6 +121,13 @@ class EventStore:
         self.path: Path | None = Path(self.url.database) if self.url.database and self.backend == "sqlite" else None
         try:
             migrate(self._engine)
+        except OperationalError as e:  # unreachable server, wrong password, no such database, ...
+            self._engine.dispose()
+            reason = redact((str(e.orig or e).strip() or type(e).__name__).splitlines()[0], self.url)
+            raise StoreConfigError(
+                f"cannot open the event store at {masked_url(self.url)}: {reason} (check SHOPLENS_DATABASE_URL: "
+                "host, port, database, user; percent-encode special characters in the password, e.g. @ as %40)"
+            ) from None
         except BaseException:
             self._engine.dispose()
             raise

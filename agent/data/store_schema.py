@@ -234,10 +234,21 @@ def masked_url(url: str | URL) -> str:
     """The URL with its password (in the user part or a ``password=`` query) replaced by ***,
     for logs and messages."""
     u = make_url(url)
+    if u.host and "@" in u.host:  # an unencoded "@" in the password: the parser took its tail as the host
+        u = u.set(host="***@" + u.host.rsplit("@", 1)[1])
     if "password" not in u.query:
         return u.render_as_string(hide_password=True)
     mark = "SHOPLENSMASKEDPASSWORD"  # a plain token: the query's "***" would be %-encoded
     return u.update_query_dict({"password": mark}).render_as_string(hide_password=True).replace(mark, "***")
+
+
+def redact(text: str, url: URL) -> str:
+    """`text` (a driver's error message) without `url`'s password or, when the password held an
+    unencoded "@", the part of it the parser took for the host."""
+    for secret in (url.password, url.host.rsplit("@", 1)[0] if url.host and "@" in url.host else None):
+        if secret:
+            text = text.replace(str(secret), "***")
+    return text
 
 
 def create_store_engine(url: URL) -> Engine:
@@ -253,12 +264,14 @@ def create_store_engine(url: URL) -> Engine:
                 f"the event store URL {masked_url(url)} needs psycopg 3, which is not installed: "
                 "pip install 'shoplens[pg]'")
         # pre_ping: a replica's pooled connections survive a database restart or failover.
-        return create_engine(url, pool_pre_ping=True, **POSTGRES_POOL)
+        # hide_parameters: a failed statement's error (logged by the API) must not carry the
+        # events' ids and review text.
+        return create_engine(url, pool_pre_ping=True, hide_parameters=True, **POSTGRES_POOL)
     if not url.database or url.database == ":memory:":
         raise StoreConfigError("the event store needs a SQLite file (sqlite:////path/shoplens.sqlite3), "
                                "not an in-memory database")
     Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, poolclass=QueuePool, connect_args={
+    engine = create_engine(url, poolclass=QueuePool, hide_parameters=True, connect_args={
         "timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}, **SQLITE_POOL)
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)

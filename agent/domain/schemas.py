@@ -13,7 +13,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.domain.text import cut_at_word, strip_markup
 
@@ -43,7 +43,16 @@ MIN_PLAUSIBLE_TS = datetime(1995, 1, 1, tzinfo=UTC)
 # Milliseconds since the epoch pass this bound (year ~2286 in seconds); seconds never do.
 _MS_THRESHOLD = 1e11
 
-NonEmptyStr = Annotated[str, Field(min_length=1, max_length=256)]
+def no_nul(v: str) -> str:
+    """`v` unchanged, or a ValueError when it holds a NUL character: PostgreSQL refuses them in
+    text and no id or review needs one, so it is a clear 422 naming the field, not a store error."""
+    if "\x00" in v:
+        raise ValueError("contains a NUL character (\\u0000): remove it")
+    return v
+
+
+NoNul = AfterValidator(no_nul)
+NonEmptyStr = Annotated[str, Field(min_length=1, max_length=256), NoNul]
 
 
 def parse_timestamp(value: object) -> datetime:
@@ -121,7 +130,7 @@ class BehaviorEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    event_id: str = Field(default="", max_length=128, description="client id or content hash")
+    event_id: Annotated[str, NoNul] = Field(default="", max_length=128, description="client id or content hash")
     user_id: NonEmptyStr
     item_id: NonEmptyStr
     event_type: EventType
@@ -129,9 +138,9 @@ class BehaviorEvent(BaseModel):
     quantity: int | None = Field(default=None, ge=-100_000, le=100_000)
     unit_price: float | None = Field(default=None, ge=0, le=1_000_000, description="currency units")
     rating: float | None = Field(default=None, ge=1, le=5, description="stars 1-5")
-    review_text: str | None = Field(default=None, max_length=20_000)
-    session_id: str | None = Field(default=None, max_length=128)
-    basket_id: str | None = Field(
+    review_text: Annotated[str, NoNul] | None = Field(default=None, max_length=20_000)
+    session_id: Annotated[str, NoNul] | None = Field(default=None, max_length=128)
+    basket_id: Annotated[str, NoNul] | None = Field(
         default=None, max_length=128, description="order/invoice id grouping purchases"
     )
 
