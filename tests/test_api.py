@@ -602,6 +602,14 @@ def test_a_nul_in_one_event_refuses_that_event_only_and_in_a_path_is_a_422(api: 
     assert_envelope(api.delete("/v1/users/a%00b", params={"dataset": DATASET}), 422, param="user_id")
 
 
+def test_reading_or_deleting_a_user_of_an_unknown_dataset_names_the_dataset(api: httpx.Client) -> None:
+    for r in (api.get(f"/v1/users/{USER}/events", params={"dataset": "online-retial"}),
+              api.delete(f"/v1/users/{USER}", params={"dataset": "online-retial"})):
+        err = assert_envelope(r, 422, code="unknown_dataset", param="dataset")
+        assert "online-retial" in err["message"]
+    assert api.get(f"/v1/users/{USER}/events", params={"dataset": DATASET}).status_code == 200  # not deleted
+
+
 def test_a_user_id_with_a_slash_is_addressable_in_the_path(api: httpx.Client) -> None:
     uid = "shop-7/customer 12"
     ev = {"user_id": uid, "item_id": "22423", "event_type": "view", "timestamp": "2011-12-09T12:00:00Z",

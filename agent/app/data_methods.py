@@ -153,9 +153,11 @@ class DataMethods:
         the caller's id in place of the stored one.
 
         Raises:
+            UnknownDatasetError: no such dataset (param ``dataset``).
             UnknownUserError: the store has no events for this user.
         """
         try:
+            await asyncio.to_thread(self.state.require_dataset, dataset)  # a typo is unknown_dataset, not unknown_user
             evs = await asyncio.to_thread(self.runtime.store.user_events, dataset, self.stored_id(user_id))
         except UnknownUserError as e:
             raise UnknownUserError(dataset, user_id, [] if self.pseudonyms.active else e.suggestions) from e
@@ -175,9 +177,11 @@ class DataMethods:
             How many events were deleted.
 
         Raises:
+            UnknownDatasetError: no such dataset (param ``dataset``).
             UnknownUserError: the store has no events for this user (no suggestions are given).
         """
         uid = self.stored_id(user_id)
+        await asyncio.to_thread(self.state.require_dataset, dataset)  # a typo is unknown_dataset, not unknown_user
         async with self.state.write_lock, self.state.index_lock(dataset):
             n = await asyncio.to_thread(self._forget, dataset, uid, user_id)
             self.state.forget(dataset)
