@@ -222,6 +222,23 @@ async def test_unknown_customer_is_a_typed_not_found_with_suggestions(tmp_path: 
     assert "did you mean" in fallback_answer(res, "en") and "您是不是要找" in fallback_answer(res, "zh")
 
 
+@pytest.mark.parametrize(("question", "tool", "name"), [
+    ("What is the churn risk of customer Bob?", "churn", "Bob"),
+    ("Is customer Alice Smith likely to churn?", "churn", "Alice Smith"),
+    ("What will client named Bob buy next?", "next_item", "Bob"),
+])
+async def test_a_customer_named_not_numbered_is_looked_up_not_answered_with_other_customers(
+        tmp_path: Path, question: str, tool: str, name: str) -> None:
+    """Issue 17: "a non-numeric unknown customer name is answered with a churn list of other
+    customers instead of 'no such customer'"."""
+    route = rule_route(preparse(question))
+    assert (route.tool, route.args.get("customer_id")) == (tool, name)
+    ctx = ctx_for(make_runtime(tmp_path, FakeModel()))
+    res = await run_tool(ctx, tool, ToolCall(tool=tool, args=route.args).typed_args())
+    assert isinstance(res, NotFound) and res.entity == "customer"
+    assert res.message.startswith(f"no customer {name} in shop")
+
+
 async def test_unknown_item_and_missing_args(tmp_path: Path) -> None:
     ctx = ctx_for(make_runtime(tmp_path, FakeModel()))
     res = await run_tool(ctx, "item_lookup", ToolCall(tool="item_lookup", args={"item_id": "85123B"}).typed_args())

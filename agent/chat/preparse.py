@@ -16,6 +16,12 @@ from agent.domain.text import reply_language
 _ASIN = re.compile(r"(?<![A-Za-z0-9])(B0[0-9A-Z]{8})(?![A-Za-z0-9])")  # Amazon ASINs: B0009RF9DW
 _CODE = re.compile(r"(?<![A-Za-z0-9_-])(\d{4,6}[A-Za-z]{1,3}|\d{4,12})(?![A-Za-z0-9_-])")  # 85123A, 17850
 _CUSTOMER_WORDS = re.compile(r"customer|client|shopper|user|buyer|客户|顾客|用户|会员|买家", re.I)
+# "customer Bob", "client named Alice Smith": a customer by a name (or an id that is not a number);
+# the tools then answer "no customer Bob" (or find it), never a segment of other customers.
+_NAMED_CUSTOMER = re.compile(
+    r"\b(?:customer|client|shopper|buyer)\s+(?:named\s+|called\s+)?"
+    r"(?!(?:Segment|Segments|List|Lists|Base|Churn|Data|Who|What|Which|Id|ID)\b)"
+    r"([A-Z][a-z]+(?:\s[A-Z][a-z]+)?|[A-Za-z]+[-_][A-Za-z0-9-_]+)\b")
 _ITEM_WORDS = re.compile(r"item|product|sku|stock ?code|article|商品|产品|货品|单品|物品", re.I)
 _TITLE = re.compile(r"[\"“'‘「《]([^\"”'’」》]{3,80})[\"”'’」》]|((?:[A-Z0-9][A-Z0-9&'.,/-]*\s+){1,}[A-Z0-9][A-Z0-9&'.,/-]*)")
 _MONTHS_EN = ["january", "february", "march", "april", "may", "june", "july", "august",
@@ -135,6 +141,8 @@ def preparse(question: str, *, has_user: Any = None, has_item: Any = None,
         if len(cand) >= 6 and not _ASIN.fullmatch(cand) and cand.upper() not in p.item_ids:
             p.title = cand
             break
+    if not p.customer_ids and (named := _NAMED_CUSTOMER.search(question)):
+        p.customer_ids.append(named.group(1))
     p.customer_ids = list(dict.fromkeys(p.customer_ids))
     p.item_ids = list(dict.fromkeys(p.item_ids))
     return p
