@@ -568,11 +568,12 @@ def test_json_that_is_not_an_object_is_422(api: httpx.Client, raw: bytes) -> Non
     (rb'{"dataset": "online-retail", "user_id": "17850\u0000", "k": 5}', 422, "user_id"),  # a NUL: no store keeps it
     (rb'{"dataset": "online-retail\u0000", "user_id": "17850"}', 422, "dataset"),
     (b'{"dataset": "online-retail", "user_id": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", 400, None),  # deep nesting
+    (b'{"dataset": "online-retail", "user_id": "17850", "k": ' + b"9" * 5_000 + b"}", 400, None),  # 5,000 digits
 ])
 def test_nan_infinity_null_bytes_and_deep_nesting_are_a_clear_4xx(api: httpx.Client, raw: bytes, status: int,
                                                                   param: str | None) -> None:
     assert_envelope(api.post("/v1/next-item", content=raw, headers={"content-type": "application/json"}), status,
-                    param=param)
+                    param=param, code="invalid_json" if status == 400 else None)
 
 
 @pytest.mark.parametrize("user_id", ["../../etc/passwd", "17850' OR '1'='1", "17850; DROP TABLE events;--",
@@ -617,6 +618,8 @@ def test_a_user_id_with_a_slash_is_addressable_in_the_path(api: httpx.Client) ->
     assert api.post("/v1/events", json={"dataset": DATASET, "events": [ev]}).status_code == 200
     r = api.get(f"/v1/users/{quote(uid, safe='')}/events", params={"dataset": DATASET})
     assert r.status_code == 200 and [e["event_id"] for e in r.json()["events"]] == ["slash-1"], r.text
+    r = api.get(f"/v1/users/{quote(' ' + uid + ' ', safe='')}/events", params={"dataset": DATASET})
+    assert r.status_code == 200 and r.json()["total"] == 1, r.text  # stored stripped, found stripped
     r = api.delete(f"/v1/users/{quote(uid, safe='')}", params={"dataset": DATASET})
     assert r.status_code == 200 and r.json()["deleted_events"] == 1, r.text
 

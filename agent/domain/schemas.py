@@ -13,7 +13,15 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from agent.domain.text import cut_at_word, strip_markup
 
@@ -52,6 +60,9 @@ def no_nul(v: str) -> str:
 
 
 NoNul = AfterValidator(no_nul)
+# Ids are stored without surrounding spaces (BehaviorEvent strips them), so a request that names
+# one with spaces around it must find the same id.
+Stripped = BeforeValidator(lambda v: v.strip() if isinstance(v, str) else v)
 NonEmptyStr = Annotated[str, Field(min_length=1, max_length=256), NoNul]
 
 

@@ -97,6 +97,11 @@ async def _api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
 
 
 async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and str(exc.detail) == "There was an error parsing the body":
+        # FastAPI's own wording when the JSON decoder gives up (nesting thousands deep, a
+        # number of thousands of digits): the same error as any other unreadable body
+        return envelope(400, "request body is not valid JSON (too deeply nested, or a number too long to read)",
+                        code="invalid_json")
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return envelope(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 

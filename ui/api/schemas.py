@@ -16,14 +16,14 @@ from agent.app.results import (
     SentimentBatchMeta,
     UserEventsPage,
 )
-from agent.domain.schemas import BehaviorEvent, NoNul
+from agent.domain.schemas import BehaviorEvent, NoNul, Stripped
 
 __all__ = ["EventError", "SentimentBatchMeta", "guard_timestamp", "out_of_range_timestamp"]  # re-exported
 
 # Used as a folder name under the workspace: no path separators, no dot-dot.
 DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
                                    examples=["online-retail"], description="an ingested dataset")]
-UserId = Annotated[str, Field(min_length=1, max_length=256, examples=["17850"]), NoNul]
+UserId = Annotated[str, Stripped, Field(min_length=1, max_length=256, examples=["17850"]), NoNul]
 
 # Numbers in request bodies are strict (`strict=True` on each int and float field): pydantic's lax
 # mode reads JSON true as 1 and "5" as 5, so {"k": true} would ask for one item. An int field

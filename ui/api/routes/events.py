@@ -7,13 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from agent.domain.schemas import NoNul
+from agent.domain.schemas import NoNul, Stripped
 from ui.api.deps import EVENTS_WRITE, USERS, WITH_404, Api, Service
 from ui.api.errors import ERROR_RESPONSES
 from ui.api.schemas import DatasetName, DeleteResponse, IngestRequest, IngestResponse, UserEvents
 
 router = APIRouter(tags=["events"])
-UserPath = Annotated[str, Path(min_length=1, max_length=256), NoNul]
+UserPath = Annotated[str, Stripped, Path(min_length=1, max_length=256), NoNul]
 DatasetQuery = Annotated[DatasetName, Query()]
 
 
