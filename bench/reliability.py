@@ -454,6 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("this run copies the workspace's SQLite store and checks it with PRAGMA integrity_check; "
                 "unset SHOPLENS_DATABASE_URL (the PostgreSQL store is tested by tests/test_store.py and "
                 "tests/test_api_postgres.py)")
+    from agent.data.store import EventStore
+
+    if not (settings.db_path.exists() and a.dataset in EventStore(settings.db_path).datasets()):
+        p.error(f"dataset {a.dataset!r} is not in the workspace {settings.workspace}: load it first "
+                f"(`.venv/bin/shoplens ingest {a.dataset}`, or --dataset with one that is)")
     started = timestamp(utc=True)
     out = run_folder("reliability", a.out, PROJECT_ROOT / "runs", stamp=started, stamp_last=True)
     res: dict[str, Any] = {"commit": git_commit(), "started_utc": started}
