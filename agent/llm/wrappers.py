@@ -9,6 +9,11 @@
   ``batch``. The lane of a call is read from a context variable (`lane`), so a caller marks a
   whole task (``with lane("background"): ...``) without threading a parameter through every
   task signature. A cancelled or timed-out call releases its slot at once;
+* admission ("model busy", no cool-down): with every slot taken, a call that could not finish
+  within its deadline (by a moving average of call times and the calls ahead of it) is refused
+  at once instead of queued, and ``background`` work is never queued; a call whose deadline
+  passes while it waits for a slot is "busy" too, not a failure. (The average counts a stream's
+  whole time in its slot, its consumer's pace included: an overestimate, so it errs to refusing.);
 * a cool-down after a call failed every retry, so a dead server is not hammered;
 * an observer (`ModelObserver`) told of every call, so the API's Prometheus metrics and the
   CLI's counters come from the same place.
