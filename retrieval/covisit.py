@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from retrieval.counts import added
 from retrieval.files import write_atomic
 
 Normalisation = Literal["cosine", "row", "none"]
@@ -167,14 +168,7 @@ class CoVisitation:
         out = CoVisitation(cfg)
         out.forward, out._forward_row = _apply(self.forward, self._forward_row, fwd)
         out.cooc, out._cooc_row = _apply(self.cooc, self._cooc_row, cooc)
-        item_count = dict(self.item_count)
-        for item, c in counts.items():
-            n = item_count.get(item, 0) + c
-            if n > 0:
-                item_count[item] = n
-            else:
-                item_count.pop(item, None)
-        out.item_count = item_count
+        out.item_count = added(self.item_count, counts)
         return out
 
     def _transitions(self, seq: list[str], start: int, sign: float,
@@ -336,13 +330,7 @@ def _apply(table: dict[str, dict[str, float]], sums: dict[str, float],
     touches them, entries at or below zero dropped (as `fit` never stores them)."""
     out, out_sums = dict(table), dict(sums)
     for a, changes in delta.items():
-        row = dict(table.get(a, {}))
-        for b, w in changes.items():
-            v = row.get(b, 0.0) + w
-            if v > _ZERO:
-                row[b] = v
-            else:
-                row.pop(b, None)
+        row = added(table.get(a, {}), changes, floor=_ZERO)
         if row:
             out[a], out_sums[a] = row, sum(row.values())
         else:

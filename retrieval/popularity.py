@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from retrieval.counts import added
 from retrieval.files import write_atomic
 
 FORMAT_VERSION = 1
@@ -50,16 +51,11 @@ class Popularity:
         Returns:
             A new model; this one is left as it was (scoring in other threads is unaffected).
         """
-        count = dict(self.count)
-        for old, new in changes:
-            delta: Counter[str] = Counter(new)
-            delta.subtract(Counter(old))
-            for item, d in delta.items():
-                n = count.get(item, 0) + d
-                if n > 0:
-                    count[item] = n
-                else:
-                    count.pop(item, None)
+        delta: Counter[str] = Counter()
+        for old, new in changes:  # `old` is what the counts hold: no count goes below zero on the way
+            delta.update(new)
+            delta.subtract(old)
+        count = added(self.count, delta)
         out = Popularity()
         out.count, out.total = count, sum(count.values())
         return out
