@@ -17,7 +17,6 @@ import asyncio
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import tempfile
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import httpx
 
 from agent.settings import Settings
-from bench.server import model_server_pids, serve
+from bench.server import kill_model_server, read_back, serve
 from bench.stats import load_average, ratio, summarize
 
 KEY = "bench-fault-key"
@@ -46,36 +45,20 @@ async def _load(url: str, dataset: str, users: list[str], items: list[str], *, s
                 kill_at_s: float, serve_pid: int, workers: int, pause_s: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     t_start = time.perf_counter()
-    killed_at: list[float] = []
+    kill: dict[str, Any] = {}
     samples: list[dict[str, Any]] = []
     accepted: dict[str, set[str]] = {}
     n_events = 0
 
-    back_at: list[float] = []
-
     async def killer(client: httpx.AsyncClient) -> None:
         await asyncio.sleep(kill_at_s)
-        pids = model_server_pids(serve_pid)
-        for p in pids:
-            os.kill(p, signal.SIGKILL)
-        killed_at.append(time.perf_counter() - t_start)
-        samples.append({"kind": "kill", "pids": pids, "t": killed_at[0]})
-        # until /readyz says ready again: the model server restarted and answered a probe
-        await asyncio.sleep(1.0)
-        while time.perf_counter() - t_start < seconds + 120:
-            try:
-                if (await client.get("/readyz", timeout=40)).status_code == 200:
-                    back_at.append(time.perf_counter() - t_start)
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(1.0)
+        await kill_model_server(client, serve_pid, kill, t_start=t_start, give_up_at_s=seconds + 120)
 
     async def worker(w: int, client: httpx.AsyncClient) -> None:
         nonlocal n_events
         i = 0
         while (t := time.perf_counter() - t_start) < seconds:
-            phase = "after_kill" if killed_at else "model_up"
+            phase = "after_kill" if "at_s" in kill else "model_up"
             u = rng.choice(users)
             t0 = time.perf_counter()
             try:
@@ -106,28 +89,16 @@ async def _load(url: str, dataset: str, users: list[str], items: list[str], *, s
             await asyncio.sleep(pause_s)
 
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
-        kill = asyncio.create_task(killer(client))
+        watcher = asyncio.create_task(killer(client))
         await asyncio.gather(*(worker(w, client) for w in range(workers)))
-        await kill
+        await watcher
         # every accepted event must be stored: read each user's events back through the API
         missing = 0
         for u, ids in accepted.items():
-            stored: set[str] = set()
-            offset = 0
-            while True:
-                r = await client.get(f"/v1/users/{u}/events", params={"dataset": dataset, "offset": offset,
-                                                                      "limit": 1000})
-                r.raise_for_status()
-                page = r.json()
-                stored |= {e["event_id"] for e in page["events"]}
-                offset += len(page["events"])
-                if not page["events"] or offset >= page.get("total", offset):
-                    break
-            missing += len(ids - stored)
+            missing += len(ids - await read_back(client, dataset, u))
         ready = (await client.get("/readyz")).status_code
-    out: dict[str, Any] = {"killed_at_s": killed_at[0] if killed_at else None,
-                           "model_back_after_s": back_at[0] - killed_at[0] if back_at and killed_at else None,
-                           "killed_pids": next((s["pids"] for s in samples if s["kind"] == "kill"), []),
+    out: dict[str, Any] = {"killed_at_s": kill.get("at_s"), "model_back_after_s": kill.get("ready_after_s"),
+                           "killed_pids": kill.get("pids", []),
                            "events_posted": n_events, "events_accepted": sum(map(len, accepted.values())),
                            "events_missing": missing, "readyz_after": ready, "phases": {}}
     for phase in ("model_up", "after_kill"):

@@ -48,7 +48,7 @@ from rich.table import Table
 
 from agent.settings import PROJECT_ROOT, Settings, load_settings
 from bench.fault import _copy_workspace, _users_and_items
-from bench.server import children, model_server_pids, serve
+from bench.server import children, kill_model_server, read_back, serve
 from bench.stats import load_average, ratio, summarize
 from eval.runs import git_commit, run_folder, timestamp
 
@@ -74,22 +74,6 @@ def server_env(settings: Settings, **extra: str) -> dict[str, str]:
 def _event(eid: str, user: str, item: str) -> dict[str, Any]:
     return {"event_id": eid, "user_id": user, "item_id": item, "event_type": "view",
             "timestamp": "2011-12-10T12:00:00Z"}
-
-
-async def read_back(client: httpx.AsyncClient, dataset: str, user: str) -> set[str]:
-    """Every stored event id of `user`, paged through ``GET /v1/users/{id}/events``."""
-    stored: set[str] = set()
-    offset = 0
-    while True:
-        r = await client.get(f"/v1/users/{user}/events", params={"dataset": dataset, "offset": offset, "limit": 1000})
-        if r.status_code == 404:
-            return stored
-        r.raise_for_status()
-        page = r.json()
-        stored |= {e["event_id"] for e in page["events"]}
-        offset += len(page["events"])
-        if not page["events"] or offset >= page.get("total", offset):
-            return stored
 
 
 # ---- ingest-kill ------------------------------------------------------------------------------
@@ -265,17 +249,7 @@ async def _clients(url: str, dataset: str, users: Sequence[str], items: Sequence
     async def killer(client: httpx.AsyncClient) -> None:
         assert serve_pid is not None and kill_model_at_s is not None
         await asyncio.sleep(kill_model_at_s)
-        kill["pids"] = model_server_pids(serve_pid)
-        for p in kill["pids"]:
-            os.kill(p, signal.SIGKILL)
-        kill["at_s"] = time.perf_counter() - t_start
-        await asyncio.sleep(1.0)
-        while time.perf_counter() - t_start < seconds + 180:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get("/readyz", timeout=40)).status_code == 200:
-                    kill["ready_after_s"] = time.perf_counter() - t_start - kill["at_s"]
-                    return
-            await asyncio.sleep(1.0)
+        await kill_model_server(client, serve_pid, kill, t_start=t_start, give_up_at_s=seconds + 180)
 
     async def one(c: int, client: httpx.AsyncClient) -> None:
         rng = random.Random(seed * 1000 + c)

@@ -3,6 +3,7 @@ load or kill it: the fault section and the reliability run (`python -m bench.rel
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -53,6 +55,43 @@ def model_server_pids(serve_pid: int) -> list[int]:
         if "llama" in cmd:
             found.append(c)
     return found
+
+
+async def kill_model_server(client: httpx.AsyncClient, serve_pid: int, kill: dict[str, Any], *, t_start: float,
+                            give_up_at_s: float) -> None:
+    """SIGKILL the embedded model server of the API process `serve_pid` now, and record in `kill`
+    at once its ``pids`` and ``at_s`` (seconds since `t_start`, a `time.perf_counter()`), so
+    load loops can tell before from after; then poll ``/readyz`` each second until it answers
+    200 (``ready_after_s``: seconds after the kill: the API restarted the server and it answered
+    a probe) or `give_up_at_s` seconds since `t_start` pass."""
+    kill["pids"] = model_server_pids(serve_pid)
+    for p in kill["pids"]:
+        os.kill(p, signal.SIGKILL)
+    kill["at_s"] = time.perf_counter() - t_start
+    await asyncio.sleep(1.0)
+    while time.perf_counter() - t_start < give_up_at_s:
+        with suppress(httpx.HTTPError):
+            if (await client.get("/readyz", timeout=40)).status_code == 200:
+                kill["ready_after_s"] = time.perf_counter() - t_start - kill["at_s"]
+                return
+        await asyncio.sleep(1.0)
+
+
+async def read_back(client: httpx.AsyncClient, dataset: str, user: str) -> set[str]:
+    """Every stored event id of `user`, paged through ``GET /v1/users/{id}/events`` (empty when
+    the API does not know the user)."""
+    stored: set[str] = set()
+    offset = 0
+    while True:
+        r = await client.get(f"/v1/users/{user}/events", params={"dataset": dataset, "offset": offset, "limit": 1000})
+        if r.status_code == 404:
+            return stored
+        r.raise_for_status()
+        page = r.json()
+        stored |= {e["event_id"] for e in page["events"]}
+        offset += len(page["events"])
+        if not page["events"] or offset >= page.get("total", offset):
+            return stored
 
 
 @dataclass
