@@ -516,8 +516,7 @@ def cli() -> None:
     try:
         app()
     except StoreConfigError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-        sys.exit(2)
+        sys.exit(_fail(str(e)).exit_code)  # printed as every command's errors are
 
 
 if __name__ == "__main__":

@@ -168,8 +168,7 @@ class ModelHolder:
             return False, self.restarting
         try:
             model = await self.get()
-            busy = model.busy() if isinstance(model, GuardedModel) else False
-            if busy and isinstance(model, GuardedModel):
+            if isinstance(model, GuardedModel) and model.busy():
                 ago, bound = now - model.last_ok, model.config.timeout_s
                 ok = model.last_ok > 0 and ago <= bound and model.cooling_down() is None
                 why = (f"model {model.model_id} busy ({model.slots.in_use} calls running, {model.slots.waiting} "
