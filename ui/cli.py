@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import click
 import typer
@@ -212,8 +212,20 @@ def train_cmd(
                                       "windows (runs the model: 25-45 s a window on 2 cores)")] = False,
     llm_windows: Annotated[int, typer.Option(min=5, help="validation windows the model scores, with --llm")] = 30,
     workspace: Workspace = None,
+    task: Annotated[Literal["next-item", "click", "purchase"], typer.Option(
+        help="next-item: fusion weights (the default); click or purchase: fine-tune a BERT encoder to predict "
+             "a click or a purchase of an item within --horizon-hours (served by `intent --scorer bert|blend`)")
+    ] = "next-item",
+    model: Annotated[Literal["fusion", "bert"] | None, typer.Option(
+        help="what to train: fusion (next-item) or bert (click, purchase); default: the task's only choice")] = None,
+    horizon_hours: Annotated[float, typer.Option(min=1, max=24 * 90, help="with --task click|purchase: the "
+                                                 "label horizon after each cut-off")] = 48.0,
+    cutoffs: Annotated[int, typer.Option(min=1, max=60, help="with --task click|purchase: daily cut-offs "
+                                         "to build cases at, the last one a horizon before the data's end")] = 5,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="with --task click|purchase: a cap on "
+                                                  "fine-tuning steps (batch 32)")] = None,
 ) -> None:
-    """Fit next-item fusion weights to a dataset (leave-one-out).
+    """Fit next-item fusion weights to a dataset (leave-one-out), or fine-tune a click/purchase encoder.
 
     Validation users' last items are held out; the sources are refit without them.
 
@@ -227,6 +239,14 @@ def train_cmd(
     """
     from tqdm import tqdm
 
+    if task != "next-item":
+        if model not in (None, "bert") or llm:
+            raise _fail(f"--task {task} trains a BERT encoder: use --model bert (and no --llm)")
+        _train_encoder(dataset, task, workspace, horizon_hours=horizon_hours, cutoffs=cutoffs, seed=seed,
+                       max_steps=max_steps)
+        return
+    if model not in (None, "fusion"):
+        raise _fail("--model bert trains a click or purchase encoder: add --task click or --task purchase")
     svc = ShopLensService(_runtime(workspace), use_model=llm)
 
     def ticker(bar: Any) -> Callable[[int, int], None]:
@@ -269,6 +289,39 @@ def train_cmd(
     err.print(f"{fitted.verdict()}\nserved weight: {fitted.weight:g}"
               + ("" if fitted.weight else " (the model explains; it does not rank)"))
     err.print(f"saved {path}")
+
+
+def _train_encoder(dataset: str, task: Literal["click", "purchase"], workspace: Path | None, *, horizon_hours: float,
+                   cutoffs: int, seed: int, max_steps: int | None) -> None:
+    """`train --task click|purchase --model bert`: progress bar, then the test users' metrics."""
+    from tqdm import tqdm
+
+    svc = ShopLensService(_runtime(workspace), use_model=False)
+    err.print(f"building {task} cases at {cutoffs} daily cut-offs ({horizon_hours:g} h horizon)...")
+    bar = tqdm(desc=f"fine-tuning ({task})", unit="step")
+
+    def tick(step: int, total: int, loss: float | None) -> None:
+        bar.total = total
+        bar.update(step - bar.n)
+        if loss is not None:
+            bar.set_postfix(val_log_loss=f"{loss:.4f}")
+
+    try:
+        fitted, folder = svc.train_encoder(dataset, task, horizon_hours=horizon_hours, n_cutoffs=cutoffs, seed=seed,
+                                           max_steps=max_steps, progress=tick)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    finally:
+        bar.close()
+    man = fitted.manifest
+    for split, c in man["cases"].items():
+        err.print(f"{split}: {c['n']:,} cases ({c['positives']:,} positive) from {c['users']:,} users")
+    h = man["history"]
+    err.print(f"fine-tuned {h['steps']} steps in {h['seconds']:.0f} s ({h['stopped']}; best step {h['best_step']})")
+    err.print("test users: " + "; ".join(f"{k} ROC AUC {v['roc_auc']}, PR AUC {v['pr_auc']}"
+                                        for k, v in man["test_metrics"].items()))
+    err.print(fitted.stack.describe())
+    err.print(f"saved {folder}")
 
 
 @app.command("recommend")

@@ -79,6 +79,10 @@ def intent_cmd(
              "which ends after 30 min without activity, for session intent)")] = None,
     workspace: Workspace = None,
     no_llm: NoLLM = False,
+    scorer: Annotated[Literal["baseline", "bert", "llm", "blend"] | None, typer.Option(
+        help="with --item, who gives the probability: baseline, bert (the fine-tuned encoder: run `shoplens "
+             "train --task purchase --model bert` first), llm, or blend (the stack trained on validation); "
+             "default: the baseline blended with the model")] = None,
 ) -> None:
     """Purchase intent for an item or the current session.
 
@@ -86,10 +90,14 @@ def intent_cmd(
     within --horizon-hours), with the session's evidence (views, carts, favourites, pace, history).
     """
     when, horizon_hours = _date(as_of), _horizon(horizon_hours)
+    if scorer is not None and item is None:
+        typer.echo("error: --scorer needs --item (session intent has one scorer: the baseline blended with the "
+                   "model)", err=True)
+        raise typer.Exit(2)
     if item is None:
         _run(workspace, no_llm, lambda s: s.session_intent(dataset, user, as_of=when, horizon_hours=horizon_hours))
     else:
-        _run(workspace, no_llm, lambda s: s.intent(dataset, user, item, as_of=when,
+        _run(workspace, no_llm, lambda s: s.intent(dataset, user, item, as_of=when, scorer=scorer,
                                                    horizon_hours=48.0 if horizon_hours is None else horizon_hours))
 
 
@@ -177,14 +185,39 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
                              "with --session, later in the same session)")] = None,
                     dataset: Annotated[str, typer.Option(
                         help="stored dataset; taobao keeps its published cut-offs, any other gets its "
-                             "last horizon as the test label period")] = "taobao") -> None:
+                             "last horizon as the test label period")] = "taobao",
+                    scorers: Annotated[str | None, typer.Option(
+                        help="comma list of baseline,bert,llm,blend: the fine-tuned encoder beside the LLM on "
+                             "the same test cases (cross-fitted by user; fine-tunes one encoder per fold)")] = None,
+                    task: Annotated[Literal["purchase", "click"], typer.Option(
+                        help="with --scorers: purchase (eval intent's pairs) or click within the horizon")] = "purchase",
+                    llm_cases: Annotated[Path | None, typer.Option(
+                        help="with --scorers: cases.jsonl of an `eval intent --cases N` run whose model answers to "
+                             "reuse (the same sample for the same N and seed)")] = None,
+                    folds: Annotated[int, typer.Option(min=2, max=10, help="with --scorers: user folds")] = 2,
+                    test_negatives: Annotated[int, typer.Option(
+                        min=0, help="with --scorers: test negatives scored (every positive is; 0: all)")] = 4000,
+                    curve: Annotated[str | None, typer.Option(
+                        help="with --scorers: training-set sizes for the data-size curve, e.g. "
+                             "100,300,1000,3000,10000 (one fine-tuning each)")] = None,
+                    max_steps: Annotated[int | None, typer.Option(
+                        min=1, help="with --scorers: cap on fine-tuning steps per model")] = None,
+                    as_json: Annotated[bool, typer.Option("--json", help="with --scorers: print the metrics "
+                                                          "as one JSON object")] = False) -> None:
     """Purchase intent (Taobao or --dataset): AUC, Brier, calibration vs baseline.
 
     ROC AUC, PR AUC, Brier score and calibration; the model blend against the logistic baseline.
 
-    Per (user, item) pair by default; with --session, per session.
+    Per (user, item) pair by default; with --session, per session. With --scorers, the
+    fine-tuned BERT encoder, the logistic baseline, the LLM and their blend side by side on the
+    same test cases, with bootstrap CIs and paired differences (docs/tasks_results.md).
     """
     settings = load_settings(workspace=workspace)
+    if scorers is not None:
+        _eval_scorers(settings, scorers=scorers, task=task, cases=cases, model=model, seed=seed, out=out,
+                      budget_s=budget_s, dataset=dataset, horizon_hours=horizon_hours, llm_cases=llm_cases,
+                      folds=folds, test_negatives=test_negatives, curve=curve, max_steps=max_steps, as_json=as_json)
+        return
     if session:
         from eval.session_intent_eval import run_session_intent_eval
 
@@ -208,6 +241,37 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     typer.echo(str(run))
+
+
+def _eval_scorers(settings: Any, *, scorers: str, task: str, cases: int | None, model: bool, seed: int,
+                  out: Path | None, budget_s: float | None, dataset: str, horizon_hours: float | None,
+                  llm_cases: Path | None, folds: int, test_negatives: int, curve: str | None,
+                  max_steps: int | None, as_json: bool) -> None:
+    """`eval intent --scorers ...` (eval.encoder_eval): flags in, run folder or JSON out; exit 2 on bad input."""
+    from agent.tasks.encoder import FineTuneConfig
+    from eval.encoder_eval import ScorersConfig, run_scorers_eval
+
+    try:
+        names = tuple(x.strip() for x in scorers.split(",") if x.strip())
+        sizes = tuple(int(x) for x in curve.split(",")) if curve else ()
+        if not model:
+            names = tuple(n for n in names if n != "llm")
+        cfg = ScorersConfig(dataset=dataset, task=task,  # type: ignore[arg-type]
+                            scorers=names, horizon_hours=48.0 if horizon_hours is None else horizon_hours,
+                            folds=folds, test_negatives=test_negatives or None, n_llm=300 if cases is None else cases,
+                            llm_cases=str(llm_cases) if llm_cases else None, budget_s=budget_s, seed=seed,
+                            curve=sizes, finetune=FineTuneConfig(seed=seed, max_steps=max_steps))
+        run, metrics = run_scorers_eval(settings, cfg, out=out, progress=not as_json)
+    except ValueError as e:  # an unknown dataset or scorer, a bad --curve, or one class only
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    if as_json:  # llm and blend_llm are measured on the LLM sample only (their n says so)
+        sample = metrics.get("llm_sample", {}).get("scorers", {})
+        both = metrics["all"]["scorers"] | {k: v for k, v in sample.items() if k in ("llm", "blend_llm")}
+        typer.echo(json.dumps({"run": str(run), "scorers": both, "llm_sample": sample, "cost": metrics["cost"]},
+                              default=str))
+    else:
+        typer.echo(str(run))
 
 
 def eval_churn_cmd(cases: Cases = 150, model: UseModel = True, seed: int = 0, out: Out = None,

@@ -14,7 +14,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +26,12 @@ from agent.domain.errors import RequestError, UnknownDatasetError, UnknownUserEr
 from agent.domain.schemas import BehaviorEvent
 from agent.tasks.churn import default_churn_baseline, rfm_vector
 from agent.tasks.common import LogisticBaseline
+from agent.tasks.encoder import FineTuneConfig
+from agent.tasks.encoder_cases import EncoderTask, training_cutoffs
+from agent.tasks.encoder_train import TrainedEncoder, encoder_dir, train_encoder
 from agent.tasks.fusion import FittedFusion, fit_fusion, save_fusion
 from agent.tasks.profile import UserFeatures, catalogue_prices, orders_of, user_features
+from agent.tasks.rows import robust_end
 
 if TYPE_CHECKING:
     from agent.app.runtime import Runtime
@@ -90,6 +94,30 @@ class DataMethods:
         path = save_fusion(fusion, self.runtime.settings.index_dir(dataset))
         arts.fusion_weights, arts.fusion_note = fusion.served()
         return fusion, path
+
+    def train_encoder(self, dataset: str, task: EncoderTask, *, horizon_hours: float = 48.0, n_cutoffs: int = 5,
+                      seed: int = 0, max_steps: int | None = None,
+                      progress: Callable[[int, int, float | None], None] | None = None) -> tuple[TrainedEncoder, Path]:
+        """Fine-tune the BERT encoder for click or purchase prediction on the dataset
+        (`agent.tasks.encoder_train.train_encoder`): `n_cutoffs` daily cut-offs, the last one
+        `horizon_hours` before the data's end (so every label period is complete). Saved as
+        ``encoder-<task>/`` beside the dataset's indexes; served from then on by
+        ``intent --scorer bert|blend``. Resumes an interrupted run.
+
+        Raises:
+            ValueError: the dataset was never ingested, or has no cases of both classes.
+        """
+        store = self.runtime.store
+        if not store.has_dataset(dataset):
+            raise ValueError(f"--dataset {dataset}: no such dataset (datasets: {', '.join(store.datasets()) or 'none'}); "
+                             "load it with `shoplens ingest`")
+        last = robust_end(store, dataset) - timedelta(hours=horizon_hours)
+        folder = encoder_dir(self.runtime.settings.index_dir(dataset), task)
+        fitted = train_encoder(store, dataset, task, cutoffs=training_cutoffs(last, n_cutoffs), horizon_h=horizon_hours,
+                               folder=folder, cfg=FineTuneConfig(seed=seed, max_steps=max_steps), seed=seed,
+                               progress=progress)
+        self.state.encoders.pop((dataset, task), None)
+        return fitted, folder
 
     # ---- events ---------------------------------------------------------------------------
     async def ingest_events(self, dataset: str, events: Sequence[Any], *, create: bool = False,

@@ -45,7 +45,7 @@ from agent.domain.predictions import (
 from agent.llm.base import ChatModel, ModelUnavailableError
 from agent.tasks.audience import AudienceService, rank_users
 from agent.tasks.churn import ChurnService
-from agent.tasks.intent import IntentService
+from agent.tasks.intent import IntentService, Scorer
 from agent.tasks.profile import ProfileService, catalogue_prices
 from agent.tasks.sentiment import SentimentAnalyzer, SentimentConfig
 from agent.tasks.session_intent import SessionIntentService
@@ -73,18 +73,29 @@ class ShopLensService(NextItemMethods):
 
     # ---- intent, session intent, churn, profile, audience -----------------------------------
     async def intent(self, dataset: str, user_id: str, item_id: str, *, as_of: datetime | str | float | None = None,
-                     horizon_hours: float = 48.0, use_model: bool | None = None) -> IntentPrediction:
+                     horizon_hours: float = 48.0, use_model: bool | None = None,
+                     scorer: Scorer | None = None) -> IntentPrediction:
         """P(the user buys `item_id` within `horizon_hours`), blended with the model, cited.
-        An unknown user gets a cold-start answer (the note says so)."""
+        An unknown user gets a cold-start answer (the note says so). `scorer`: see `IntentService`.
+
+        Raises:
+            RequestError: (``scorer``) bert or blend without a trained encoder for this dataset;
+                (``horizon_hours``) a horizon other than the encoder's.
+        """
         when, uid = parse_as_of(as_of), self.stored_id(user_id)
         catalog = await asyncio.to_thread(self.state.catalog, dataset)
+        encoder = (await asyncio.to_thread(self.state.encoder, dataset, "purchase")
+                   if scorer in ("bert", "blend") else None)
+        if encoder is not None:
+            encoder.check_horizon(horizon_hours)
         note = await self.state.baselines.ensure("intent", dataset, horizon_hours)
         bl = self.state.baselines.intent(dataset, horizon_hours)
         notes = [note] if note else []
         events = self._events_or_note(dataset, uid, user_id, notes)
 
         async def run(model: ChatModel | None, why: str | None) -> IntentPrediction:
-            svc = IntentService(model, bl, model_sha256=self.runtime.model_sha256, explain=self.explain)
+            svc = IntentService(model, bl, model_sha256=self.runtime.model_sha256, explain=self.explain,
+                                scorer=scorer, encoder=encoder)
             pred = await svc.predict(uid, item_id, events, catalog, as_of=when, horizon_hours=horizon_hours,
                                      dataset=dataset)
             return mark_unavailable(pred, why, notes)

@@ -19,10 +19,12 @@ from agent.app.baselines import Baselines
 from agent.app.progressive import ProgressiveJobs
 from agent.app.results import DatasetSummary, IndexUpdates
 from agent.data.user_updates import UpdateReport, update_status, update_users
-from agent.domain.errors import RequestError, UnknownDatasetError
+from agent.domain.errors import ArtifactMismatchError, RequestError, UnknownDatasetError
 from agent.domain.history import OWNED_EVENT_TYPES
 from agent.domain.schemas import CatalogItem
 from agent.tasks.audience import AudienceIndex
+from agent.tasks.encoder_cases import EncoderTask
+from agent.tasks.encoder_train import EncoderScorer
 from agent.tasks.rows import robust_end
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ class AppState:
         self.write_lock = asyncio.Lock()  # one writer at a time: ingest order and deletes stay simple
         self.progressive = ProgressiveJobs()  # progressive next-item answers, by recommendation id
         self.baselines = Baselines(runtime.store, runtime.workspace / "tasks", self.catalog)
+        self.encoders: dict[tuple[str, str], EncoderScorer] = {}  # (dataset, task) -> a trained encoder
 
     # ---- datasets ---------------------------------------------------------------------------
     def require_dataset(self, dataset: str) -> None:
@@ -68,6 +71,21 @@ class AppState:
             self.require_dataset(dataset)
             self.catalogs[dataset] = self.runtime.store.items(dataset)
         return self.catalogs[dataset]
+
+    def encoder(self, dataset: str, task: EncoderTask) -> EncoderScorer:
+        """The dataset's trained encoder for `task` (loaded once; blocking: call in a thread).
+
+        Raises:
+            RequestError: (field ``scorer``) none trained, or it fails its manifest check; the
+                message gives the train command.
+        """
+        key = (dataset, task)
+        if key not in self.encoders:
+            try:
+                self.encoders[key] = EncoderScorer.load(self.runtime.settings.index_dir(dataset), dataset, task)
+            except (FileNotFoundError, ArtifactMismatchError) as e:
+                raise RequestError(f"scorer: {e}", param="scorer") from e
+        return self.encoders[key]
 
     def dataset_end(self, dataset: str) -> datetime:
         """The dataset's last event time (top 0.5% ignored), read once.

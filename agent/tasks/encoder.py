@@ -63,7 +63,7 @@ def base_encoder_dir() -> Path:
 class FineTuneConfig:
     """Fine-tuning settings; every field goes into the manifest."""
 
-    max_len: int = 96  # tokens per case; verbalised cases are ~40-90 word pieces
+    max_len: int = 72  # tokens per case; verbalised cases (encoder_case.v1) are ~50-75 word pieces
     batch_size: int = 32
     lr: float = 5e-5  # AdamW; BERT's usual 2e-5..5e-5
     weight_decay: float = 0.01
@@ -96,7 +96,7 @@ def _torch() -> Any:
     return torch
 
 
-def log_loss(y: Sequence[int], p: Sequence[float], weights: Sequence[float] | None = None, eps: float = 1e-7) -> float:
+def log_loss(y: Sequence[int], p: Sequence[float] | np.ndarray, weights: Sequence[float] | None = None, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy (nats) of probabilities `p` for labels `y`, optionally weighted
     (a subsampled class's weight is 1 / its sampling rate)."""
     pa = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
@@ -115,7 +115,7 @@ class Platt:
         return 1.0 / (1.0 + np.exp(-(self.a * np.asarray(margin, dtype=float) + self.b)))
 
     @classmethod
-    def fit(cls, margin: Sequence[float], y: Sequence[int], weights: Sequence[float] | None = None) -> Platt:
+    def fit(cls, margin: Sequence[float] | np.ndarray, y: Sequence[int], weights: Sequence[float] | None = None) -> Platt:
         """Logistic regression of `y` on the margin (scikit-learn, almost no regularisation),
         with per-case `weights` (undoing a subsampled validation set's prior shift); identity
         when `y` has one class only."""
@@ -169,9 +169,10 @@ class EncoderClassifier:
         """Calibrated P(label 1) per text, shape (len(texts),)."""
         return self.platt(self.margins(texts, batch_size))
 
-    def save(self, folder: Path, manifest: dict[str, Any]) -> Path:
-        """Write the model, tokenizer, calibration and a manifest with every file's sha256 into
-        `folder` (replaced whole: written beside it, then renamed). Returns `folder`."""
+    def save(self, folder: Path, manifest: dict[str, Any], extra: dict[str, str] | None = None) -> Path:
+        """Write the model, tokenizer, calibration, `extra` files (name -> text) and a manifest
+        with every file's sha256 into `folder` (replaced whole: written beside it, then renamed).
+        Returns `folder`."""
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,6 +180,8 @@ class EncoderClassifier:
         self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         (tmp / CALIBRATION).write_text(json.dumps(asdict(self.platt) | {"max_len": self.max_len}), encoding="utf-8")
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         self.manifest = manifest | {"files": _file_hashes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, default=str), encoding="utf-8")
         if folder.exists():
@@ -304,6 +307,8 @@ def fine_tune(train: tuple[Sequence[str], Sequence[int]], val: tuple[Sequence[st
         rng.shuffle(ep)
         order.extend(ep)
     stopped = "max steps" if cfg.max_steps is not None and total == cfg.max_steps else "max epochs"
+    if not hist.checks:  # step 0: the untrained head, the reference every later check is read against
+        check()
     last: float | None = hist.checks[-1]["val_log_loss"] if hist.checks else None
     while step < total:
         model.train()

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.domain.history import HistoryView, build_history
 from agent.domain.predictions import IntentAnswer, IntentPrediction, Stage
@@ -34,6 +34,11 @@ from agent.tasks.common import (
     make_meta,
 )
 from agent.tasks.verified import verified_reason
+
+if TYPE_CHECKING:
+    from agent.tasks.encoder_train import EncoderScorer
+
+Scorer = Literal["baseline", "bert", "llm", "blend"]
 
 # ---- funnel features -------------------------------------------------------------------------
 
@@ -113,20 +118,22 @@ class AskedModel:
 async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_prompt: str | None,
                            variables: dict[str, Any], hist: HistoryView, trace: CallTrace, *,
                            catalog: Mapping[str, CatalogItem], probability: Callable[[float | None], float],
-                           titles: Sequence[str] = ()) -> AskedModel:
+                           titles: Sequence[str] = (), ask_probability: bool = True) -> AskedModel:
     """The model side of purchase intent (per item and per session): one yes/no verbalizer call,
     then (when `explain_prompt` is given) one schema-constrained explanation whose evidence must
     be refs of `hist`, its reason verified (`verified_reason`: the products it names are its
     cited events' items or `titles`, its numbers are the prompt's, and its intent words agree
     with ``probability(p_model)``, the served probability, on the side of 0.5). Failures are
     recorded in ``trace.degraded``; nothing is raised, the caller falls back to the baseline
-    probability and a template reason."""
+    probability and a template reason. Without `ask_probability` only the explanation is asked
+    (the served probability does not use the model's)."""
     out = AskedModel()
 
     async def step(m: ChatModel) -> None:
-        tpl = load_prompt(prob_prompt)
-        out.prompts.append(tpl.ref)
-        out.p_model = await ask_yes_no(m, render(tpl, **variables), trace)
+        if ask_probability:
+            tpl = load_prompt(prob_prompt)
+            out.prompts.append(tpl.ref)
+            out.p_model = await ask_yes_no(m, render(tpl, **variables), trace)
         if explain_prompt:
             etpl = load_prompt(explain_prompt)
             out.prompts.append(etpl.ref)
@@ -147,14 +154,16 @@ async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_pr
 
 
 def answer_fields(baseline: LogisticBaseline, p_base: float, asked: AskedModel, hist: HistoryView,
-                  fallback: Callable[[], tuple[str, list[str]]]) -> dict[str, Any]:
-    """The answer part shared by the intent predictions (`IntentFields`, less the envelope): the blended
-    probability and its source, both inputs, and the stage/reason/evidence from the model, or
-    from `fallback()` (a truthful template reason and its refs) when the model gave none."""
+                  fallback: Callable[[], tuple[str, list[str]]], served: tuple[float, str] | None = None
+                  ) -> dict[str, Any]:
+    """The answer part shared by the intent predictions (`IntentFields`, less the envelope): the
+    served probability and its source (`served`, else the baseline blended with the model), the
+    inputs, and the stage/reason/evidence from the model, or from `fallback()` (a truthful
+    template reason and its refs) when the model gave none."""
     reason, refs = (asked.reason, asked.refs) if asked.source == "model" else fallback()
     p_model = asked.p_model
-    return dict(probability=round((baseline.blend or Blend())(p_base, p_model), 6),
-                probability_source="blend" if p_model is not None else "baseline",
+    p, source = served or ((baseline.blend or Blend())(p_base, p_model), "blend" if p_model is not None else "baseline")
+    return dict(probability=round(p, 6), probability_source=source,
                 baseline_probability=round(p_base, 6), model_probability=None if p_model is None else round(p_model, 6),
                 stage=asked.stage, reason=reason, reason_source=asked.source, evidence=evidence_from_refs(hist, refs))
 
@@ -175,7 +184,18 @@ class IntentService:
 
     def __init__(self, model: ChatModel | None, baseline: LogisticBaseline | None = None, *,
                  model_sha256: str | None = None, explain: bool = True, window: int = 16,
-                 prob_prompt: str = "purchase_intent.v1", explain_prompt: str = "purchase_intent_explain.v1"):
+                 prob_prompt: str = "purchase_intent.v1", explain_prompt: str = "purchase_intent_explain.v1",
+                 scorer: Scorer | None = None, encoder: EncoderScorer | None = None):
+        """`scorer`: None (the baseline blended with the model's log-odds), "baseline", "bert"
+        (the fine-tuned encoder), "llm" (the model's P(yes) alone) or "blend" (the encoder's
+        stack chosen on validation); "bert" and "blend" need `encoder`.
+
+        Raises:
+            ValueError: "bert" or "blend" without an encoder.
+        """
+        if scorer in ("bert", "blend") and encoder is None:
+            raise ValueError(f"scorer {scorer!r} needs a trained encoder")
+        self.scorer, self.encoder = scorer, encoder
         self.model, self.model_sha256, self.explain, self.window = model, model_sha256, explain, window
         # hand-set prior, used only when no fitted baseline exists: carts and past buys dominate
         self.baseline = baseline or LogisticBaseline(
@@ -210,16 +230,45 @@ class IntentService:
                                     reason_source="cold_start", cold_start=True,
                                     meta=make_meta("purchase_intent", self.model, trace, [], t0, self.model_sha256))
         p_base = self.baseline.predict(f.vector())
+        p_enc = None
+        if self.encoder is not None and self.scorer in ("bert", "blend"):
+            self.encoder.check_horizon(horizon_hours)
+            p_enc = self.encoder.predict(evs, item_id, as_of, catalog)
         hist = _intent_history(user_id, evs, item_id, catalog, as_of, self.window)
         title = catalog[item_id].title if item_id in catalog else f"item {item_id}"
         variables = dict(item_title=title, f=asdict(f), horizon_hours=f"{horizon_hours:g}", **hist.prompt_vars())
         asked = await ask_intent_model(self.model, self.prob_prompt, self.explain_prompt if self.explain else None,
                                        variables, hist, trace, catalog=catalog, titles=[title],
-                                       probability=lambda pm: (self.baseline.blend or Blend())(p_base, pm))
+                                       probability=lambda pm: self._served(p_base, p_enc, pm, f)[0],
+                                       ask_probability=self.scorer in (None, "llm"))
+        served = None if self.scorer is None else self._served(p_base, p_enc, asked.p_model, f, trace.notes)
         return IntentPrediction(
             **common, **answer_fields(self.baseline, p_base, asked, hist,
-                                      lambda: fallback_intent_reason(f, hist, item_id)),
+                                      lambda: fallback_intent_reason(f, hist, item_id), served),
+            encoder_probability=None if p_enc is None else round(p_enc, 6), scorer=self.scorer,
             meta=make_meta("purchase_intent", self.model, trace, asked.prompts, t0, self.model_sha256))
+
+    def _served(self, p_base: float, p_enc: float | None, p_model: float | None, f: Funnel,
+                notes: list[str] | None = None) -> tuple[float, str]:
+        """(probability, source) for the asked scorer; `notes` (meta.notes) get what was used instead."""
+        notes = notes if notes is not None else []
+        if self.scorer == "bert" and p_enc is not None:
+            return p_enc, "bert"
+        if self.scorer == "llm":
+            if p_model is not None:
+                return p_model, "llm"
+            notes.append("scorer llm: the model gave no probability; the baseline probability is served instead")
+            return p_base, "baseline"
+        if self.scorer == "blend" and self.encoder is not None and p_enc is not None:
+            trained = self.encoder.trained
+            stack = trained.stack
+            notes.append(stack.describe())
+            if "llm" not in stack.members:
+                notes.append("the model has weight 0 in this blend: it was not scored on the validation users")
+            return stack.predict({"baseline": trained.baseline.predict(f.vector()), "bert": p_enc}), "stack"
+        if self.scorer is None:
+            return (self.baseline.blend or Blend())(p_base, p_model), "blend" if p_model is not None else "baseline"
+        return p_base, "baseline"
 
 
 def fallback_intent_reason(f: Funnel, hist: HistoryView, item_id: str) -> tuple[str, list[str]]:

@@ -161,6 +161,11 @@ class PurchaseIntentRequest(BaseModel):
     as_of: AsOf = None
     horizon_hours: float = Field(default=48.0, gt=0, le=24 * 90, strict=True)
     use_llm: UseLlm = True
+    scorer: Literal["baseline", "bert", "llm", "blend"] | None = Field(
+        default=None, description="who gives the probability: baseline (funnel logistic regression), bert (the "
+        "fine-tuned encoder; `shoplens train --task purchase --model bert` first), llm (the model's yes/no "
+        "probability), blend (the trained stack chosen on validation); default: the baseline blended with the "
+        "model's log-odds")
 
 
 class SessionIntentRequest(BaseModel):

@@ -33,9 +33,14 @@ class IntentFields(BaseModel):
     """The answer both intent predictions give (what `agent.tasks.intent.answer_fields` fills)."""
 
     probability: Probability
-    probability_source: Literal["blend", "baseline", "cold_start_base_rate"]
+    probability_source: Literal["blend", "baseline", "cold_start_base_rate", "bert", "llm", "stack"] = Field(
+        description="blend: baseline + the model's log-odds (the default); baseline, bert or llm: that scorer "
+                    "alone; stack: the blend of trained scorers chosen on validation (`scorer: blend`)")
     baseline_probability: Probability
     model_probability: Probability | None = None
+    encoder_probability: Probability | None = Field(default=None, description="the fine-tuned BERT encoder's P")
+    scorer: Literal["baseline", "bert", "llm", "blend"] | None = Field(
+        default=None, description="the scorer asked for; None: the default blend of baseline and model")
     stage: Stage | None = None
     reason: str
     reason_source: Literal["model", "fallback", "cold_start"]

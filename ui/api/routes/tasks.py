@@ -31,13 +31,15 @@ router = APIRouter(tags=["tasks"], dependencies=PREDICT)
 async def purchase_intent(body: PurchaseIntentRequest, api: Api, svc: Service) -> IntentPrediction:
     """P(the user buys the item within `horizon_hours`): a logistic baseline on funnel
     features blended with the model's yes/no probability, and a reason citing the user's events.
+    `scorer` picks another source: the baseline, the fine-tuned BERT encoder, the model alone,
+    or the blend trained on validation users (422 naming `scorer` when no encoder is trained).
 
     Model down, slow or loading: 200 with the baseline probability and a template reason,
     `meta.degraded=true` and the reason."""
     when = parse_as_of(body.as_of)
     await svc.check_user(body.dataset, body.user_id)
     pred = await svc.intent(body.dataset, body.user_id, body.item_id, as_of=when, horizon_hours=body.horizon_hours,
-                            use_model=body.use_llm)
+                            use_model=body.use_llm, scorer=body.scorer)
     api.count("/v1/purchase-intent", pred)
     return pred
 

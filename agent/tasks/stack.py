@@ -1,0 +1,114 @@
+"""A calibrated stacker over binary scorers that never does worse than its best member on validation.
+
+Members are named probability columns (the logistic baseline, the fine-tuned encoder, the LLM's
+verbalizer). The candidates are each member alone (Platt-scaled: a logistic regression on its
+logit) and the stack of all members (a logistic regression on all their logits). Each candidate's
+log loss is cross-validated on the validation cases (stratified k-fold, case weights honoured);
+the lowest wins and is refitted on all validation cases. So the served blend is, on validation,
+at least as good as its best member by construction, and a member that adds nothing gets no
+weight. The fit's numbers go into ``meta`` (`Stack.describe`).
+
+Stacking: Wolpert, "Stacked generalization" (1992); Platt scaling: Platt (1999).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EPS = 1e-4
+
+
+def _logit(p: Sequence[float] | np.ndarray) -> np.ndarray:
+    a = np.clip(np.asarray(p, dtype=float), EPS, 1 - EPS)
+    return np.log(a / (1 - a))
+
+
+def _loss(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(np.average(-(y * np.log(p) + (1 - y) * np.log(1 - p)), weights=w))
+
+
+@dataclass
+class Stack:
+    """p = sigmoid(intercept + sum coef[m] * logit(p_m)) over `members` (a chosen single member
+    has coefficients for itself only).
+
+    Attributes:
+        chosen: "stack" or the member used alone.
+        cv_log_loss: each candidate's cross-validated log loss on validation (nats).
+    """
+
+    members: list[str]
+    coef: dict[str, float]
+    intercept: float
+    chosen: str
+    cv_log_loss: dict[str, float] = field(default_factory=dict)
+    n_val: int = 0
+    positives_val: int = 0
+
+    def predict(self, probs: Mapping[str, float | None]) -> float:
+        """P(label 1) from each member's probability.
+
+        Raises:
+            KeyError: a member with a non-zero coefficient is missing or None (the caller
+                falls back and says so).
+        """
+        z = self.intercept
+        for m, c in self.coef.items():
+            p = probs.get(m)
+            if p is None:
+                raise KeyError(m)
+            z += c * float(_logit([p])[0])
+        return 1.0 / (1.0 + math.exp(-z))
+
+    def describe(self) -> str:
+        """One line for ``meta.notes``: what was chosen, its weights and the validation losses."""
+        w = ", ".join(f"{m} {c:+.3f}" for m, c in self.coef.items())
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in self.cv_log_loss.items())
+        return (f"blend: {self.chosen} (logit weights {w}; intercept {self.intercept:+.3f}); cross-validated "
+                f"log loss on {self.n_val} validation cases ({self.positives_val} positive): {losses}")
+
+    @classmethod
+    def fit(cls, y: Sequence[int], members: Mapping[str, Sequence[float]], weights: Sequence[float] | None = None,
+            folds: int = 5, seed: int = 0) -> Stack:
+        """Choose and fit the blend on validation cases.
+
+        Args:
+            y: 0/1 labels, shape (n,).
+            members: name -> probabilities, each shape (n,).
+            weights: per-case weights (1 / sampling rate), default 1.
+
+        Raises:
+            ValueError: no members, unequal lengths, or `y` of one class only.
+        """
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold
+
+        names = list(members)
+        ya = np.asarray(y, dtype=int)
+        if not names or any(len(members[m]) != len(ya) for m in names):
+            raise ValueError("a blend needs at least one member, each with one probability per label")
+        if len(set(ya.tolist())) < 2:
+            raise ValueError(f"a blend needs both classes on validation (got {len(ya)} cases of one class)")
+        wa = np.ones(len(ya)) if weights is None else np.asarray(weights, dtype=float)
+        x = np.column_stack([_logit(members[m]) for m in names])
+        k = max(2, min(folds, int(ya.sum()), int(len(ya) - ya.sum())))
+        cands = {m: [i] for i, m in enumerate(names)}
+        if len(names) > 1:
+            cands["stack"] = list(range(len(names)))
+        cv: dict[str, float] = {}
+        for cand, cols in cands.items():
+            pred = np.zeros(len(ya))
+            for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(x, ya):
+                lr = LogisticRegression(C=1e4, max_iter=2000).fit(x[tr][:, cols], ya[tr], sample_weight=wa[tr])
+                pred[te] = lr.predict_proba(x[te][:, cols])[:, 1]
+            cv[cand] = round(_loss(ya, pred, wa), 6)
+        best = min(cv, key=lambda c: (cv[c], c == "stack"))  # a tie goes to the simpler single member
+        cols = cands[best]
+        lr = LogisticRegression(C=1e4, max_iter=2000).fit(x[:, cols], ya, sample_weight=wa)
+        coef = {names[c]: round(float(v), 6) for c, v in zip(cols, lr.coef_[0], strict=True)}
+        return cls(names, coef, round(float(lr.intercept_[0]), 6), best, cv, len(ya), int(ya.sum()))

@@ -1,0 +1,236 @@
+"""The fine-tuned BERT encoder (issue 19): case building, user splits, fine-tuning, the manifest,
+the blend, and serving through `ShopLensService.intent(scorer=...)`.
+
+Fine-tuning runs the real packaged MiniLM for a few steps (module-scoped, ~20 s on 2 cores)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.data.store import EventStore
+from agent.domain.errors import ArtifactMismatchError, RequestError
+from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.tasks.encoder import EncoderClassifier, FineTuneConfig, Platt, fine_tune, log_loss
+from agent.tasks.encoder_cases import TEMPLATE, build_cases, subsample, user_fold, user_split
+from agent.tasks.encoder_train import (
+    EncoderScorer,
+    TrainedEncoder,
+    encoder_dir,
+    fit_case_baseline,
+    load_trained,
+    save_trained,
+)
+from agent.tasks.rows import intent_rows
+from agent.tasks.stack import Stack
+
+C = datetime(2017, 11, 28, tzinfo=UTC)  # the cut-off
+DS = "toy"
+CATALOG = {i: CatalogItem(item_id=i, title=f"{name} {i}", category=cat) for i, name, cat in [
+    ("P1", "red mug", "x"), ("P2", "blue mug", "x"), ("Q1", "candle", "y"), ("Q2", "lamp", "y"),
+    ("R1", "wooden sign", "z"), ("R2", "metal sign", "z")]}
+
+
+def e(user: str, item: str, kind: str, hours: float) -> BehaviorEvent:
+    """An event `hours` after the cut-off (negative: before it)."""
+    return BehaviorEvent(user_id=user, item_id=item, event_type=kind, timestamp=C + timedelta(hours=hours))
+
+
+# Hand-checked, horizon 24 h, look-back 72 h:
+# u1 views and carts P1, views Q1; after the cut buys P1 (+2 h) and first views R1 (+3 h).
+# u2 views Q1 and Q2; after the cut views Q2 again (+1 h).
+# u3 views R2 and P2; buys P2 only at +30 h, outside the horizon.
+EVENTS = [e("u1", "P1", "view", -48), e("u1", "P1", "cart", -24), e("u1", "Q1", "view", -12),
+          e("u1", "P1", "purchase", 2), e("u1", "R1", "view", 3),
+          e("u2", "Q1", "view", -60), e("u2", "Q2", "view", -20), e("u2", "Q2", "view", 1),
+          e("u3", "R2", "view", -40), e("u3", "P2", "view", -2), e("u3", "P2", "purchase", 30)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> EventStore:
+    s = EventStore(tmp_path / "ws" / "shoplens.sqlite3")
+    s.add_items(DS, CATALOG.values())
+    s.add_events(DS, EVENTS)
+    return s
+
+
+def labels(cases: list) -> dict[tuple[str, str], int]:
+    return {(c.user_id, c.item_id): c.label for c in cases}
+
+
+def test_purchase_cases_have_the_hand_checked_labels_and_equal_eval_intents_pairs(store: EventStore) -> None:
+    cases = build_cases(store, DS, "purchase", [C], 24, CATALOG)
+    assert labels(cases) == {("u1", "P1"): 1, ("u1", "Q1"): 0, ("u2", "Q1"): 0, ("u2", "Q2"): 0,
+                             ("u3", "R2"): 0, ("u3", "P2"): 0}
+    rows = intent_rows(store, DS, C, 24, dict(CATALOG))
+    assert [(r.user_id, r.item_id, r.label) for r in rows] == [(c.user_id, c.item_id, c.label) for c in cases]
+    assert {c.source for c in cases} == {"touched"}
+    u1p1 = next(c for c in cases if (c.user_id, c.item_id) == ("u1", "P1"))
+    # the text shows the funnel (1 view, 1 cart), the recency and the same-item events, nothing after the cut
+    assert "here: 1 views 1 carts 0 favs 0 buys, last 24.0 h ago" in u1p1.text
+    assert "cart same item 24.0 h" in u1p1.text and "purchase" not in u1p1.text
+
+
+def test_click_cases_label_revisits_and_sample_negatives_the_user_never_touched(store: EventStore) -> None:
+    cases = build_cases(store, DS, "click", [C], 24, CATALOG, seed=3)
+    touched = {k: v for k, v in labels([c for c in cases if c.source == "touched"]).items()}
+    # a purchase is not a click: u1's P1 is 0; u2 viewed Q2 again: 1
+    assert touched == {("u1", "P1"): 0, ("u1", "Q1"): 0, ("u2", "Q1"): 0, ("u2", "Q2"): 1,
+                       ("u3", "R2"): 0, ("u3", "P2"): 0}
+    new = [c for c in cases if c.source != "touched"]
+    assert [(c.user_id, c.item_id, c.label) for c in new if c.source == "new"] == [("u1", "R1", 1)]
+    negs = [c for c in new if c.label == 0]
+    assert {c.source for c in negs} <= {"same_category", "popularity"} and len(negs) == 2
+    acted = {ev.item_id for ev in EVENTS if ev.user_id == "u1"}
+    assert all(c.user_id == "u1" and c.item_id not in acted for c in negs)
+    # R2 is the only other "z" item seen before the cut, so it is the same-category negative
+    assert [c.item_id for c in negs if c.source == "same_category"] == ["R2"]
+
+
+def test_no_user_is_in_two_splits_or_two_folds() -> None:
+    users = [f"user{i}" for i in range(2000)]
+    splits = {u: user_split(u, seed=0) for u in users}
+    assert {u: user_split(u, seed=0) for u in users} == splits  # deterministic
+    share = {s: sum(v == s for v in splits.values()) / len(users) for s in ("train", "val", "test")}
+    assert abs(share["train"] - 0.7) < 0.04 and abs(share["val"] - 0.15) < 0.03
+    assert {user_fold(u, 2) for u in users} == {0, 1}
+    assert sum(user_split(u, seed=1) != splits[u] for u in users) > 500  # the seed changes the split
+
+
+def test_subsample_keeps_every_positive_and_weights_negatives_back(store: EventStore) -> None:
+    cases = build_cases(store, DS, "purchase", [C], 24, CATALOG) * 50
+    kept, w = subsample(cases, neg_per_pos=2, seed=0)
+    assert sum(c.label for c in kept) == 50
+    negs = [x for c, x in zip(kept, w, strict=True) if c.label == 0]
+    assert len(set(negs)) == 1 and negs[0] == pytest.approx(250 / 100)  # 250 negatives, ~100 asked
+    assert abs(sum(negs) - 250) < 60  # the weights restore the natural count
+
+
+def test_platt_and_weighted_log_loss_by_hand() -> None:
+    assert log_loss([1, 0], [0.5, 0.5]) == pytest.approx(np.log(2))
+    assert log_loss([1, 0], [0.9, 0.2], weights=[1, 3]) == pytest.approx((-np.log(0.9) - 3 * np.log(0.8)) / 4)
+    p = Platt(2.0, -1.0)(np.array([0.5]))
+    assert p[0] == pytest.approx(0.5)
+
+
+def test_stack_is_never_below_its_best_member_when_one_scorer_is_noise() -> None:
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[np.ndarray, dict[str, list[float]]]:
+        y = (rng.random(n) < 0.2).astype(int)
+        good = 1 / (1 + np.exp(-(2.0 * y - 1.5 + rng.normal(0, 1.0, n))))
+        return y, {"good": good.tolist(), "noise": rng.random(n).tolist()}
+
+    y, m = draw(1500)
+    st = Stack.fit(y.tolist(), m)
+    assert st.cv_log_loss[st.chosen] <= min(st.cv_log_loss["good"], st.cv_log_loss["noise"])
+    assert abs(st.coef.get("noise", 0.0)) < 0.2  # noise gets (almost) no weight
+    yt, mt = draw(4000)
+    from sklearn.metrics import roc_auc_score
+
+    blend = [st.predict({"good": a, "noise": b}) for a, b in zip(mt["good"], mt["noise"], strict=True)]
+    assert roc_auc_score(yt, blend) >= roc_auc_score(yt, mt["good"]) - 0.005
+    assert log_loss(yt.tolist(), blend) <= log_loss(yt.tolist(), Platt.fit(np.log(np.array(mt["good"]) / (1 - np.array(mt["good"]))), yt.tolist())(np.log(np.array(mt["good"]) / (1 - np.array(mt["good"]))))) + 0.01
+
+
+def test_stack_refuses_one_class() -> None:
+    with pytest.raises(ValueError, match="both classes"):
+        Stack.fit([0, 0, 0], {"a": [0.1, 0.2, 0.3]})
+
+
+# ---- real fine-tuning (the packaged MiniLM, a few steps) ----------------------------------------
+
+POS = ["cart same item 1 h, bought again", "carted twice and favourited, last 1 h ago", "in cart now, viewed 5 times"]
+NEG = ["viewed once 9 d ago, never again", "one view long ago, no cart", "seen once last month, nothing since"]
+
+
+def _texts(seed: int, n: int) -> tuple[list[str], list[int]]:
+    rng = random.Random(seed)
+    ys = [i % 2 for i in range(n)]
+    return [rng.choice(POS if y else NEG) + f" #{rng.randint(0, 99)}" for y in ys], ys
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[EncoderClassifier, object, Path]:
+    cfg = FineTuneConfig(batch_size=8, lr=1e-4, max_steps=12, eval_every=4, patience=5, max_len=32, seed=0)
+    clf, hist = fine_tune(_texts(0, 48), _texts(1, 24), cfg, work_dir=tmp_path_factory.mktemp("ft"))
+    return clf, hist, tmp_path_factory.mktemp("saved")
+
+
+def test_a_few_fine_tuning_steps_lower_validation_loss(tuned: tuple) -> None:
+    clf, hist, _ = tuned
+    raw = [c["val_raw_log_loss"] for c in hist.checks]
+    assert hist.checks[0]["step"] == 0 and len(raw) == 4  # steps 0, 4, 8, 12
+    assert min(raw[1:]) < raw[0] - 0.05, raw
+    x, y = _texts(2, 40)
+    p = clf.predict_proba(x)
+    assert float(np.mean(p[np.array(y) == 1])) > float(np.mean(p[np.array(y) == 0]))
+
+
+def test_the_manifest_refuses_another_dataset_template_or_an_edited_file(tuned: tuple, store: EventStore) -> None:
+    clf, hist, folder = tuned
+    cases = build_cases(store, DS, "purchase", [C], 24, CATALOG)
+    fitted = TrainedEncoder(clf, fit_case_baseline(cases, "toy"), Stack(["baseline", "bert"], {"bert": 1.0}, 0.0, "bert"))
+    out = save_trained(fitted, folder / "encoder-purchase", {"dataset": DS, "task": "purchase", "template": TEMPLATE,
+                                                            "horizon_h": 24.0})
+    fix = "retrain"
+    back = load_trained(out, DS, "purchase", fix)
+    x, _ = _texts(3, 10)
+    assert np.allclose(back.clf.predict_proba(x), clf.predict_proba(x), atol=1e-5)  # round trip
+    with pytest.raises(ArtifactMismatchError, match="trained for dataset 'toy', not 'taobao'; retrain"):
+        load_trained(out, "taobao", "purchase", fix)
+    with pytest.raises(ArtifactMismatchError, match="trained for task 'purchase', not 'click'"):
+        load_trained(out, DS, "click", fix)
+    man = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(man | {"template": "encoder_case.v0"}))
+    with pytest.raises(ArtifactMismatchError, match="trained for template 'encoder_case.v0', not 'encoder_case.v1'"):
+        load_trained(out, DS, "purchase", fix)
+    (out / "manifest.json").write_text(json.dumps(man))
+    (out / "calibration.json").write_text(json.dumps({"a": 9.0, "b": 0.0, "max_len": 32}))
+    with pytest.raises(ArtifactMismatchError, match=r"files differ from the manifest's sha256 \(calibration.json\)"):
+        load_trained(out, DS, "purchase", fix)
+    with pytest.raises(FileNotFoundError, match="no trained encoder"):
+        load_trained(folder / "nothing", DS, "purchase", fix)
+
+
+def test_service_serves_the_trained_encoder_and_names_the_field_when_untrained(tuned: tuple, tmp_path: Path) -> None:
+    from agent.app.runtime import Runtime
+    from agent.app.service import ShopLensService
+    from agent.settings import Settings
+
+    rt = Runtime(Settings(workspace=tmp_path / "ws2", embedder="hashing-64"))
+    rt.store.add_items(DS, CATALOG.values())
+    rt.store.add_events(DS, EVENTS)
+    svc = ShopLensService(rt, use_model=False)
+    as_of = C.isoformat()
+    with pytest.raises(RequestError, match="shoplens train --dataset toy --task purchase --model bert") as ei:
+        asyncio.run(svc.intent(DS, "u1", "P1", as_of=as_of, horizon_hours=24, scorer="bert"))
+    assert ei.value.param == "scorer"
+    clf, _, _ = tuned
+    cases = build_cases(rt.store, DS, "purchase", [C], 24, CATALOG)
+    fitted = TrainedEncoder(clf, fit_case_baseline(cases, "toy"),
+                            Stack(["baseline", "bert"], {"baseline": 0.5, "bert": 0.5}, -0.1, "stack"))
+    save_trained(fitted, encoder_dir(rt.settings.index_dir(DS), "purchase"),
+                 {"dataset": DS, "task": "purchase", "template": TEMPLATE, "horizon_h": 24.0})
+    svc.state.encoders.clear()
+    pred = asyncio.run(svc.intent(DS, "u1", "P1", as_of=as_of, horizon_hours=24, scorer="bert"))
+    direct = EncoderScorer.load(rt.settings.index_dir(DS), DS, "purchase").predict(
+        rt.store.user_events(DS, "u1"), "P1", C, CATALOG)
+    assert pred.probability_source == "bert" and pred.scorer == "bert"
+    assert pred.probability == pytest.approx(direct, abs=1e-6) == pytest.approx(pred.encoder_probability, abs=1e-6)
+    blend = asyncio.run(svc.intent(DS, "u1", "P1", as_of=as_of, horizon_hours=24, scorer="blend"))
+    want = fitted.stack.predict({"baseline": fitted.baseline.predict(cases[0].funnel.vector()), "bert": direct})
+    assert blend.probability_source == "stack" and blend.probability == pytest.approx(want, abs=1e-5)
+    assert any("the model has weight 0" in n for n in blend.meta.notes)
+    with pytest.raises(RequestError, match="trained for 24 h") as ei:
+        asyncio.run(svc.intent(DS, "u1", "P1", as_of=as_of, horizon_hours=48, scorer="bert"))
+    assert ei.value.param == "horizon_hours"
+    base = asyncio.run(svc.intent(DS, "u1", "P1", as_of=as_of, horizon_hours=24, scorer="baseline"))
+    assert base.probability_source == "baseline" and base.probability == base.baseline_probability
+    asyncio.run(rt.aclose())
