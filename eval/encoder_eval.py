@@ -162,15 +162,21 @@ def _curve_sample(cases: Sequence[EncoderCase], n: int, seed: int) -> list[Encod
     return pick
 
 
-def _llm_scores(settings: Settings, d: Path, cfg: ScorersConfig, rt: Runtime, sample: list[EncoderCase],
-                test_cut: datetime, baseline_1cut: Any) -> dict[str, float]:
-    """case id (``user|item``) -> the model's P(yes), from ``--llm-cases`` and/or new model calls
-    (recorded in ``llm_cases.jsonl``; a re-run resumes)."""
-    got: dict[str, float] = {}
+def _llm_records(d: Path, cfg: ScorersConfig) -> dict[str, dict[str, Any]]:
+    """case id (``user|item``) -> the model's recorded case (``--llm-cases``, then this run's cases.jsonl)."""
+    got: dict[str, dict[str, Any]] = {}
     for src in ([Path(cfg.llm_cases)] if cfg.llm_cases else []) + [d / "cases.jsonl"]:
         for r in read_jsonl(src) if src.exists() else []:
             if r.get("p_model") is not None:
-                got[r["case_id"]] = float(r["p_model"])
+                got[r["case_id"]] = r
+    return got
+
+
+def _llm_scores(settings: Settings, d: Path, cfg: ScorersConfig, rt: Runtime, sample: list[EncoderCase],
+                test_cut: datetime, baseline_1cut: Any) -> dict[str, float]:
+    """case id (``user|item``) -> the model's P(yes), from ``--llm-cases`` and/or new model calls
+    (recorded in this run's cases.jsonl; a re-run resumes)."""
+    got = {k: float(r["p_model"]) for k, r in _llm_records(d, cfg).items()}
     todo = [(f"{c.user_id}|{c.item_id}", c) for c in sample if f"{c.user_id}|{c.item_id}" not in got]
     if todo and cfg.budget_s != 0:
         catalog = rt.store.items(cfg.dataset)
@@ -187,9 +193,7 @@ def _llm_scores(settings: Settings, d: Path, cfg: ScorersConfig, rt: Runtime, sa
             finally:
                 await rt.aclose()
         asyncio.run(go())
-        for r in read_jsonl(d / "cases.jsonl"):
-            if r.get("p_model") is not None:
-                got[r["case_id"]] = float(r["p_model"])
+        got = {k: float(r["p_model"]) for k, r in _llm_records(d, cfg).items()}
     return got
 
 
@@ -250,9 +254,9 @@ def run_scorers_eval(settings: Settings, cfg: ScorersConfig, out: Path | None = 
     llm: dict[str, float] = {}
     if sample:
         llm = _llm_scores(settings, d, cfg, rt, sample, test_cut, base_1cut)
-        recs = [r for r in read_jsonl(d / "cases.jsonl")] if (d / "cases.jsonl").exists() else []
-        secs = [r["seconds"] for r in recs if "seconds" in r and r.get("p_model") is not None]
-        cost["ms_per_case"]["llm"] = round(1000 * float(np.median(secs)), 1) if secs else None
+        wanted = {f"{c.user_id}|{c.item_id}" for c in sample}
+        secs = [r["seconds"] for k, r in _llm_records(d, cfg).items() if k in wanted and "seconds" in r]
+        cost["ms_per_case"]["llm_median"] = round(1000 * float(np.median(secs)), 1) if secs else None
     main = [c for c in scored if c.case_id in sub_ids]
     names = [n for n in ("baseline", "baseline_1cut", "bert", "blend") if n in cfg.scorers or n == "baseline_1cut"]
     wts = [1.0 if c.label == 1 else 1.0 / rate for c in main]

@@ -163,6 +163,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[EncoderClassifier, 
     return clf, hist, tmp_path_factory.mktemp("saved")
 
 
+@pytest.mark.slow
 def test_a_few_fine_tuning_steps_lower_validation_loss(tuned: tuple) -> None:
     clf, hist, _ = tuned
     raw = [c["val_raw_log_loss"] for c in hist.checks]
@@ -173,6 +174,7 @@ def test_a_few_fine_tuning_steps_lower_validation_loss(tuned: tuple) -> None:
     assert float(np.mean(p[np.array(y) == 1])) > float(np.mean(p[np.array(y) == 0]))
 
 
+@pytest.mark.slow
 def test_the_manifest_refuses_another_dataset_template_or_an_edited_file(tuned: tuple, store: EventStore) -> None:
     clf, hist, folder = tuned
     cases = build_cases(store, DS, "purchase", [C], 24, CATALOG)
@@ -199,6 +201,7 @@ def test_the_manifest_refuses_another_dataset_template_or_an_edited_file(tuned: 
         load_trained(folder / "nothing", DS, "purchase", fix)
 
 
+@pytest.mark.slow
 def test_service_serves_the_trained_encoder_and_names_the_field_when_untrained(tuned: tuple, tmp_path: Path) -> None:
     from agent.app.runtime import Runtime
     from agent.app.service import ShopLensService
@@ -234,3 +237,20 @@ def test_service_serves_the_trained_encoder_and_names_the_field_when_untrained(t
     base = asyncio.run(svc.intent(DS, "u1", "P1", as_of=as_of, horizon_hours=24, scorer="baseline"))
     assert base.probability_source == "baseline" and base.probability == base.baseline_probability
     asyncio.run(rt.aclose())
+
+
+def test_cli_names_the_flag_on_bad_scorer_or_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ui.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", "intent", "--scorers", "baseline,gpt5", "--workspace", str(tmp_path)])
+    assert r.exit_code == 2 and "--scorers: unknown gpt5; choose from baseline, bert, llm, blend" in r.output
+    r = runner.invoke(app, ["train", "--dataset", "toy", "--task", "purchase", "--model", "fusion",
+                            "--workspace", str(tmp_path)])
+    assert r.exit_code == 2 and "--task purchase trains a BERT encoder: use --model bert" in r.output
+    r = runner.invoke(app, ["train", "--dataset", "toy", "--model", "bert", "--workspace", str(tmp_path)])
+    assert r.exit_code == 2 and "add --task click or --task purchase" in r.output
+    r = runner.invoke(app, ["train", "--dataset", "nope", "--task", "click", "--workspace", str(tmp_path)])
+    assert r.exit_code == 2 and "--dataset nope: no such dataset" in r.output
