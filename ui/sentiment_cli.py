@@ -42,7 +42,7 @@ from ui.options import Profile, Workspace, note_degraded
 
 # eval.sentiment_eval.SETS / RANKERS and eval.aspect_eval.RANKERS (tests/test_cli_help.py keeps them equal)
 SentimentSet = Literal["zh", "amazon_cells", "laptops", "beauty", "hostile"]
-SentimentRanker = Literal["llm", "tfidf", "lexicon"]
+SentimentRanker = Literal["llm", "tfidf", "lexicon", "bert"]
 AspectsRanker = Literal["llm", "train-lexicon"]
 
 
@@ -333,16 +333,23 @@ def eval_sentiment_cmd(
         "--aspects", help="the one-call path: polarity with aspect lines after it (sentiment_joint.v2)")] = False,
     profile: Profile = None,
     out: Annotated[Path | None, typer.Option(help="run folder; an existing one resumes")] = None,
+    train_on: Annotated[list[str] | None, typer.Option(  # typer lists take no Literal; checked by the eval
+        help="bert: learn from this other English set only: amazon_cells, laptops or beauty "
+             "(repeatable; cross-domain)")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="bert: fine-tuning steps at most (default 300)")] = None,
+    max_len: Annotated[int | None, typer.Option(help="bert: word pieces per review (default 128)")] = None,
 ) -> None:
     """Review sentiment on one labelled set: accuracy, macro-F1, ECE.
 
     Writes a run folder (config, cases, metrics, report with confusion and calibration plots).
     """
-    from eval.sentiment_eval import SentimentRunConfig, run_sentiment
+    from eval.sentiment_eval import SentimentRunConfig, encoder_config, run_sentiment
 
     try:
         run_dir = run_sentiment(SentimentRunConfig(set=set_, n=n, ranker=ranker, seed=seed, max_chars=max_chars,
-                                                   aspects=aspects, profile=profile, out=out))
+                                                   aspects=aspects, profile=profile, out=out,
+                                                   train_on=tuple(train_on or ()),
+                                                   encoder=encoder_config(max_steps, max_len)))
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
     typer.echo(str(run_dir))

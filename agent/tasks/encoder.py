@@ -1,4 +1,4 @@
-"""A fine-tuned BERT encoder as a binary classifier: the classic method beside the zero/few-shot LLM.
+"""A fine-tuned BERT encoder as a classifier: the classic method beside the zero/few-shot LLM.
 
 The packaged all-MiniLM-L6-v2 (the embedder ShopLens ships, a 22.7M-parameter BERT in Hugging
 Face format) is loaded as `transformers.BertForSequenceClassification` (a new 2-way head) and
@@ -6,6 +6,10 @@ fine-tuned on verbalised cases (`agent.tasks.encoder_cases`): AdamW, linear warm
 early stopping on validation log loss, then Platt scaling (a logistic regression on the
 validation margin: temperature plus bias, which also undoes the negative subsampling's prior
 shift). Nothing is fetched from a model hub.
+
+`FineTuneConfig.num_labels` > 2 gives a K-way head (labels 0..K-1, e.g. negative / neutral /
+positive) calibrated by temperature scaling (one scalar T fitted on validation log loss, Guo et
+al. 2017) instead of Platt; the binary API (`predict_proba`: P(label 1)) is unchanged.
 
 A trained model is a folder: the transformers weights and tokenizer, ``calibration.json`` and
 ``manifest.json`` (task, dataset, data hash, template ref, config, metrics, sha256 of every
@@ -74,6 +78,7 @@ class FineTuneConfig:
     max_steps: int | None = None  # a hard cap (tests, the data-size curve)
     seed: int = 0
     threads: int | None = None  # torch threads; None: what the machine has
+    num_labels: int = 2  # 2: binary, Platt-calibrated P(label 1); K > 2: labels 0..K-1, temperature-scaled
 
 
 @dataclass
@@ -102,6 +107,31 @@ def log_loss(y: Sequence[int], p: Sequence[float] | np.ndarray, weights: Sequenc
     pa = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
     ya = np.asarray(y, dtype=float)
     return float(np.average(-(ya * np.log(pa) + (1 - ya) * np.log(1 - pa)), weights=weights))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of `logits / temperature`; (n, K) in, (n, K) rows summing to 1 out."""
+    z = np.asarray(logits, dtype=float) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def multiclass_log_loss(y: Sequence[int], probs: np.ndarray, weights: Sequence[float] | None = None,
+                        eps: float = 1e-7) -> float:
+    """Mean cross-entropy (nats) of class probabilities `probs` (n, K) for labels `y` in 0..K-1,
+    optionally weighted per case."""
+    p = np.clip(np.asarray(probs, dtype=float)[np.arange(len(y)), np.asarray(y, dtype=int)], eps, 1.0)
+    return float(np.average(-np.log(p), weights=weights))
+
+
+def fit_temperature(logits: np.ndarray, y: Sequence[int], weights: Sequence[float] | None = None) -> float:
+    """The temperature T in [0.05, 20] minimising the (weighted) log loss of softmax(logits / T)
+    on labels `y` (bounded scalar search on log T). Source: Guo et al., ICML 2017."""
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(lambda lt: multiclass_log_loss(y, softmax(logits, math.exp(lt)), weights),
+                          bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(res.x))
 
 
 @dataclass
@@ -142,18 +172,26 @@ def _file_hashes(folder: Path) -> dict[str, str]:
 
 
 class EncoderClassifier:
-    """A fine-tuned encoder with its calibration: texts in, P(label 1) out.
+    """A fine-tuned encoder with its calibration: texts in, P(label 1) (binary) or P(each label) out.
 
     Attributes:
         manifest: what it was trained on (task, dataset, data_sha256, template, config, metrics).
+        temperature: the K-way head's calibration (softmax(logits / T)); unused when binary.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, platt: Platt, max_len: int, manifest: dict[str, Any] | None = None):
+    def __init__(self, model: Any, tokenizer: Any, platt: Platt, max_len: int, manifest: dict[str, Any] | None = None,
+                 temperature: float = 1.0):
         self.model, self.tokenizer, self.platt, self.max_len = model, tokenizer, platt, max_len
         self.manifest: dict[str, Any] = manifest or {}
+        self.temperature = temperature
 
-    def margins(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
-        """logit(1) - logit(0) per text, shape (len(texts),), in eval mode without gradients."""
+    @property
+    def num_labels(self) -> int:
+        """K, the head's number of classes (2: binary)."""
+        return int(self.model.config.num_labels)
+
+    def logits(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+        """Raw head logits, shape (len(texts), num_labels), in eval mode without gradients."""
         torch = _torch()
         self.model.eval()
         out: list[np.ndarray] = []
@@ -161,13 +199,33 @@ class EncoderClassifier:
             for i in range(0, len(texts), batch_size):
                 enc = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
                                      max_length=self.max_len, return_tensors="pt")
-                logits = self.model(**enc).logits
-                out.append((logits[:, 1] - logits[:, 0]).float().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
+                out.append(self.model(**enc).logits.float().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.num_labels))
+
+    def margins(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+        """logit(1) - logit(0) per text, shape (len(texts),), in eval mode without gradients."""
+        lg = self.logits(texts, batch_size)
+        return lg[:, 1] - lg[:, 0]
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
-        """Calibrated P(label 1) per text, shape (len(texts),)."""
+        """Calibrated P(label 1) per text, shape (len(texts),) (binary heads; for K > 2 use
+        `class_probabilities`).
+
+        Raises:
+            ValueError: the head has more than 2 classes.
+        """
+        if self.num_labels != 2:
+            raise ValueError(f"predict_proba is P(label 1) of a binary head; this one has {self.num_labels} "
+                             "classes: use class_probabilities")
         return self.platt(self.margins(texts, batch_size))
+
+    def class_probabilities(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+        """Calibrated P(label k) per text, shape (len(texts), num_labels), rows summing to 1
+        (binary: [1 - p, p] with p from Platt; K > 2: softmax(logits / temperature))."""
+        if self.num_labels == 2:
+            p = self.predict_proba(texts, batch_size)
+            return np.stack([1.0 - p, p], axis=1)
+        return softmax(self.logits(texts, batch_size), self.temperature)
 
     def save(self, folder: Path, manifest: dict[str, Any], extra: dict[str, str] | None = None) -> Path:
         """Write the model, tokenizer, calibration, `extra` files (name -> text) and a manifest
@@ -179,7 +237,9 @@ class EncoderClassifier:
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
-        (tmp / CALIBRATION).write_text(json.dumps(asdict(self.platt) | {"max_len": self.max_len}), encoding="utf-8")
+        (tmp / CALIBRATION).write_text(json.dumps(asdict(self.platt) | {"max_len": self.max_len,
+                                                                        "temperature": self.temperature}),
+                                       encoding="utf-8")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         self.manifest = manifest | {"files": _file_hashes(tmp)}
@@ -219,10 +279,11 @@ class EncoderClassifier:
         cal = json.loads((folder / CALIBRATION).read_text(encoding="utf-8"))
         model = BertForSequenceClassification.from_pretrained(folder)
         tok = AutoTokenizer.from_pretrained(folder)
-        return cls(model, tok, Platt(cal["a"], cal["b"]), int(cal["max_len"]), man)
+        return cls(model, tok, Platt(cal["a"], cal["b"]), int(cal["max_len"]), man,
+                   temperature=float(cal.get("temperature", 1.0)))
 
 
-def _new_model(seed: int) -> tuple[Any, Any]:
+def _new_model(seed: int, num_labels: int = 2) -> tuple[Any, Any]:
     torch = _torch()
     from transformers import AutoTokenizer, BertForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -230,7 +291,7 @@ def _new_model(seed: int) -> tuple[Any, Any]:
     torch.manual_seed(seed)
     src = base_encoder_dir()
     hf_logging.set_verbosity_error()  # "some weights newly initialised": the head, by design
-    model = BertForSequenceClassification.from_pretrained(src, num_labels=2)
+    model = BertForSequenceClassification.from_pretrained(src, num_labels=num_labels)
     return model, AutoTokenizer.from_pretrained(src)
 
 
@@ -241,9 +302,11 @@ def fine_tune(train: tuple[Sequence[str], Sequence[int]], val: tuple[Sequence[st
     """Fine-tune the packaged encoder on (texts, labels), early-stopped on validation log loss.
 
     Args:
-        train: texts and 0/1 labels to learn from (shuffled each epoch with `cfg.seed`).
+        train: texts and labels to learn from (0/1; 0..K-1 when `cfg.num_labels` is K > 2),
+            shuffled each epoch with `cfg.seed`.
         val: validation texts and labels (other users than `train`): checked every
-            `cfg.eval_every` steps; the best check's weights are kept; calibration is fitted here.
+            `cfg.eval_every` steps; the best check's weights are kept; calibration (Platt, or the
+            temperature for K > 2) is fitted here.
         val_weights: per validation case (1 / its class's sampling rate when validation was
             subsampled), so log loss and calibration refer to the natural class balance.
         work_dir: where checkpoints go; a run with the same config and data resumes from the
@@ -254,20 +317,25 @@ def fine_tune(train: tuple[Sequence[str], Sequence[int]], val: tuple[Sequence[st
         The calibrated classifier (best validation check) and the fit's history.
 
     Raises:
-        ValueError: empty train or validation set, or a label other than 0/1.
+        ValueError: empty train or validation set, a label outside 0..num_labels-1, or
+            num_labels < 2.
     """
     cfg = cfg or FineTuneConfig()
     (xt, yt), (xv, yv) = train, val
     if not xt or not xv:
         raise ValueError(f"fine-tuning needs training and validation cases (got {len(xt)} and {len(xv)})")
-    if set(yt) - {0, 1} or set(yv) - {0, 1}:
-        raise ValueError("labels must be 0 or 1")
+    if cfg.num_labels < 2:
+        raise ValueError(f"num_labels must be at least 2, got {cfg.num_labels}")
+    allowed = set(range(cfg.num_labels))
+    if set(yt) - allowed or set(yv) - allowed:
+        raise ValueError("labels must be 0 or 1" if cfg.num_labels == 2
+                         else f"labels must be in 0..{cfg.num_labels - 1}")
     torch = _torch()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from transformers import get_linear_schedule_with_warmup
 
-    model, tok = _new_model(cfg.seed)
+    model, tok = _new_model(cfg.seed, cfg.num_labels)
     steps_per_epoch = math.ceil(len(xt) / cfg.batch_size)
     total = steps_per_epoch * cfg.max_epochs
     if cfg.max_steps is not None:
@@ -293,11 +361,15 @@ def fine_tune(train: tuple[Sequence[str], Sequence[int]], val: tuple[Sequence[st
     clf = EncoderClassifier(model, tok, Platt(), cfg.max_len)
 
     def check() -> float:
-        m = clf.margins(xv)
-        platt = Platt.fit(m, yv, val_weights)
-        loss = log_loss(yv, platt(m), val_weights)
-        hist.checks.append({"step": step, "val_log_loss": round(loss, 6),
-                            "val_raw_log_loss": round(log_loss(yv, Platt()(m), val_weights), 6)})
+        if cfg.num_labels == 2:
+            m = clf.margins(xv)
+            platt = Platt.fit(m, yv, val_weights)
+            loss, raw = log_loss(yv, platt(m), val_weights), log_loss(yv, Platt()(m), val_weights)
+        else:
+            lg = clf.logits(xv)
+            loss = multiclass_log_loss(yv, softmax(lg, fit_temperature(lg, yv, val_weights)), val_weights)
+            raw = multiclass_log_loss(yv, softmax(lg), val_weights)
+        hist.checks.append({"step": step, "val_log_loss": round(loss, 6), "val_raw_log_loss": round(raw, 6)})
         return loss
 
     rng = random.Random(cfg.seed)
@@ -344,7 +416,10 @@ def fine_tune(train: tuple[Sequence[str], Sequence[int]], val: tuple[Sequence[st
             progress(step, total, last)
     if best_state is not None:
         model.load_state_dict(best_state)
-    clf.platt = Platt.fit(clf.margins(xv), yv, val_weights)
+    if cfg.num_labels == 2:
+        clf.platt = Platt.fit(clf.margins(xv), yv, val_weights)
+    else:
+        clf.temperature = fit_temperature(clf.logits(xv), yv, val_weights)
     hist.steps, hist.stopped = step, stopped
     hist.seconds = round(hist.seconds + (time.perf_counter() - t0), 2)
     if ckpt is not None:
