@@ -103,7 +103,7 @@ class ScorersConfig:
     neg_per_pos: float = 20
     seed: int = 0
     curve: tuple[int, ...] = ()
-    curve_max_steps: int = 150
+    curve_max_steps: int = 100  # per curve point: small sets stop earlier (4 epochs), large ones here
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
 
 
