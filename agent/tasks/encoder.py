@@ -22,6 +22,7 @@ Calibration of Modern Neural Networks" (ICML 2017).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -426,4 +427,6 @@ def fine_tune(train: tuple[Sequence[str], Sequence[int]], val: tuple[Sequence[st
     hist.seconds = round(hist.seconds + (time.perf_counter() - t0), 2)
     if ckpt is not None:
         shutil.rmtree(ckpt, ignore_errors=True)  # done: a later run starts fresh
+        with contextlib.suppress(OSError):
+            ckpt.parent.rmdir()  # the work folder, when nothing else is in it
     return clf, hist
