@@ -122,6 +122,20 @@ def test_purchase_intent_with_model(api: httpx.Client, item: str) -> None:
     assert not p["meta"]["degraded"], p["meta"]
 
 
+def test_purchase_intent_scorers(api: httpx.Client, item: str) -> None:
+    """baseline and llm answer alone and say so; bert without a trained encoder is a 422 that
+    names `scorer` and the train command (no silent fallback to another scorer)."""
+    body = bodies(item)["/v1/purchase-intent"]
+    p = api.post("/v1/purchase-intent", json=body | {"scorer": "baseline"}).json()
+    assert p["probability_source"] == "baseline" and p["probability"] == p["baseline_probability"]
+    assert p["model_probability"] is None and p["scorer"] == "baseline"  # the yes/no call was not made
+    p = api.post("/v1/purchase-intent", json=body | {"scorer": "llm"}).json()
+    assert p["probability_source"] == "llm" and p["probability"] == pytest.approx(0.6 / 0.9, abs=1e-4)
+    r = api.post("/v1/purchase-intent", json=body | {"scorer": "bert"})
+    assert_envelope(r, 422, param="scorer")
+    assert f"shoplens train --dataset {DATASET} --task purchase --model bert" in r.json()["error"]["message"]
+
+
 def test_session_intent_with_model(api: httpx.Client) -> None:
     r = api.post("/v1/session-intent", json={"dataset": DATASET, "user_id": USER})
     assert r.status_code == 200, r.text
@@ -190,6 +204,7 @@ def test_audience_with_model(api: httpx.Client, item: str) -> None:
     ("/v1/audience", {"dataset": DATASET, "n": 5}, "item_id"),
     ("/v1/audience", {"dataset": DATASET, "item_id": "X", "n": "many"}, "n"),
     ("/v1/churn", {"dataset": "no-such", "user_id": USER}, "dataset"),
+    ("/v1/purchase-intent", {"dataset": DATASET, "user_id": USER, "item_id": "X", "scorer": "gpt"}, "scorer"),
 ])
 def test_invalid_input_422_names_the_param(api: httpx.Client, route: str, body: dict[str, Any], param: str) -> None:
     assert_envelope(api.post(route, json=body), 422, param=param)
