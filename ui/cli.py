@@ -225,9 +225,10 @@ def train_cmd(
     max_steps: Annotated[int | None, typer.Option(min=1, help="with --task click|purchase: a cap on "
                                                   "fine-tuning steps (batch 32)")] = None,
 ) -> None:
-    """Fit next-item fusion weights to a dataset (leave-one-out), or fine-tune a click/purchase encoder.
+    """Fit fusion weights, or fine-tune a click/purchase encoder.
 
-    Validation users' last items are held out; the sources are refit without them.
+    Next-item (the default): fit the source weights by leave-one-out. Validation users' last items
+    are held out; the sources are refit without them.
 
     Saves fusion.json beside the dataset's indexes; recommend, the API and the chat use it from
     then on (each answer's meta.notes says which weights ranked it).
@@ -236,6 +237,12 @@ def train_cmd(
     llm_weight.json: the model ranks a dataset only when its paired gain over the pipeline
     without it is significant (95% CI above 0); otherwise its weight stays 0 and it only explains.
     An interrupted --llm run resumes where it stopped.
+
+    --task click|purchase --model bert: fine-tune the packaged MiniLM on (history, item) cases at
+    --cutoffs daily cut-offs, users split 70/15/15 into train, validation and test, early-stopped
+    on validation log loss and calibrated; the blend with the funnel baseline is chosen on
+    validation. Saved as encoder-<task>/ beside the indexes; `intent --scorer bert|blend` serves
+    it. Resumes an interrupted run.
     """
     from tqdm import tqdm
 
