@@ -79,6 +79,7 @@ from eval.tasks_eval import (
     _sample,
     derived_cutoffs,
     intent_case_record,
+    require_dataset,
 )
 
 log = logging.getLogger(__name__)
@@ -207,9 +208,10 @@ def run_scorers_eval(settings: Settings, cfg: ScorersConfig, out: Path | None = 
     bad = set(cfg.scorers) - set(ALL_SCORERS)
     if bad:
         raise ValueError(f"--scorers: unknown {', '.join(sorted(bad))}; choose from {', '.join(ALL_SCORERS)}")
-    d = _run_dir(f"{cfg.task}-scorers", out, settings.workspace)
     rt = Runtime(settings)
     store, ds = rt.store, cfg.dataset
+    require_dataset(store, ds)
+    d = _run_dir(f"{cfg.task}-scorers", out, settings.workspace)
     train_cuts, test_cut = _cutoffs(rt, cfg)
     catalog = store.items(ds)
     t0 = time.perf_counter()

@@ -189,9 +189,16 @@ def test_the_manifest_refuses_another_dataset_template_or_an_edited_file(tuned: 
         load_trained(out, "taobao", "purchase", fix)
     with pytest.raises(ArtifactMismatchError, match="trained for task 'purchase', not 'click'"):
         load_trained(out, DS, "click", fix)
-    man = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps(man | {"template": "encoder_case.v0"}))
+    old = save_trained(fitted, folder / "old-template", {"dataset": DS, "task": "purchase",
+                                                         "template": "encoder_case.v0", "horizon_h": 24.0})
     with pytest.raises(ArtifactMismatchError, match="trained for template 'encoder_case.v0', not 'encoder_case.v1'"):
+        load_trained(old, DS, "purchase", fix)
+    man = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(man | {"horizon_h": 48.0}))  # an edit of the manifest itself
+    with pytest.raises(ArtifactMismatchError, match="does not match its sha256 \\(edited after training\\); retrain"):
+        load_trained(out, DS, "purchase", fix)
+    (out / "manifest.json").write_text("{oops")
+    with pytest.raises(ArtifactMismatchError, match="manifest.json: unreadable"):
         load_trained(out, DS, "purchase", fix)
     (out / "manifest.json").write_text(json.dumps(man))
     (out / "calibration.json").write_text(json.dumps({"a": 9.0, "b": 0.0, "max_len": 32}))
@@ -254,3 +261,16 @@ def test_cli_names_the_flag_on_bad_scorer_or_model(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "add --task click or --task purchase" in r.output
     r = runner.invoke(app, ["train", "--dataset", "nope", "--task", "click", "--workspace", str(tmp_path)])
     assert r.exit_code == 2 and "--dataset nope: no such dataset" in r.output
+    r = runner.invoke(app, ["train", "--dataset", "toy", "--horizon-hours", "24", "--workspace", str(tmp_path)])
+    assert r.exit_code == 2 and "apply to --task click|purchase; add --task" in r.output  # not a silent fusion fit
+    r = runner.invoke(app, ["train", "--dataset", "toy", "--task", "purchase", "--users", "50", "--workspace", str(tmp_path)])
+    assert r.exit_code == 2 and "--users and --llm-windows apply to next-item fusion" in r.output
+    for curve, msg in (("abc", "--curve abc: give training-set sizes as a comma list"),
+                       ("0,-5", "--curve 0,-5: every size must be at least 10")):
+        r = runner.invoke(app, ["eval", "intent", "--scorers", "bert", "--curve", curve, "--workspace", str(tmp_path)])
+        assert r.exit_code == 2 and msg in r.output, r.output
+    r = runner.invoke(app, ["eval", "intent", "--scorers", "llm", "--no-model", "--workspace", str(tmp_path)])
+    assert r.exit_code == 2 and "nothing left to score; drop --no-model" in r.output
+    r = runner.invoke(app, ["eval", "intent", "--scorers", "bert", "--workspace", str(tmp_path)])
+    assert r.exit_code == 2 and "--dataset taobao: no such dataset" in r.output
+    assert not (tmp_path / "runs").exists()  # a refused run leaves no folder behind

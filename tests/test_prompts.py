@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import jinja2
@@ -204,6 +204,21 @@ def test_snapshot_session_intent_v1() -> None:
 def test_snapshot_session_intent_explain_v1() -> None:
     messages = render(load_prompt("session_intent_explain.v1"), **_session_prompt_vars())
     check_snapshot("session_intent_explain.v1", as_text(messages))
+
+
+def test_snapshot_encoder_case_v1() -> None:
+    """The text the fine-tuned encoder reads for one Taobao-like case: ids-only titles become their
+    category, the funnel and the user's last 3 events (marked same item / same cat)."""
+    from agent.tasks.encoder_cases import verbalise
+    from agent.tasks.intent import funnel_features
+
+    cat = {i: CatalogItem(item_id=i, title=f"Taobao item {i} (category {c})", category=c)
+           for i, c in [("5120034", "4145813"), ("77", "4145813"), ("88", "2520377")]}
+    t = datetime(2017, 12, 1, 12, tzinfo=UTC)
+    evs = [BehaviorEvent(user_id="1000", item_id=i, event_type=k, timestamp=t + timedelta(hours=h))
+           for i, k, h in [("88", "view", -100), ("5120034", "view", -30), ("77", "cart", -5), ("5120034", "cart", -2)]]
+    f = funnel_features(evs, "5120034", t, cat)
+    check_snapshot("encoder_case.v1", verbalise(evs, "5120034", t, f, cat) + "\n")
 
 
 def test_themes_are_ordered_by_count_then_first_appearance() -> None:

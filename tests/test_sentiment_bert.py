@@ -171,7 +171,8 @@ def test_a_tiny_fine_tune_lowers_validation_log_loss() -> None:
     xv, yv = POS[16:] + NEG[16:], [1] * 8 + [0] * 8
     cfg = FineTuneConfig(batch_size=8, max_steps=10, eval_every=5, patience=10, lr=1e-4, max_len=32, threads=2)
     clf, hist = fine_tune((xt, yt), (xv, yv), cfg)
-    assert [c["step"] for c in hist.checks] == [5, 10] and hist.steps == 10 and hist.stopped == "max steps"
+    # step 0 is the untrained head, the reference; then every 5 steps
+    assert [c["step"] for c in hist.checks] == [0, 5, 10] and hist.steps == 10 and hist.stopped == "max steps"
     first, last = hist.checks[0]["val_log_loss"], hist.checks[-1]["val_log_loss"]
     assert last < first and last < 0.5 * math.log(2)  # well below a coin's log loss, ln 2
     p = clf.predict_proba(xv)
@@ -187,7 +188,7 @@ def test_a_three_way_head_is_temperature_calibrated_and_survives_save_and_load(t
     xv, yv = POS[8:11] + NEG[8:11] + NEU[6:], [2] * 3 + [0] * 3 + [1] * 2
     clf, hist = fine_tune((x, y), (xv, yv), FineTuneConfig(batch_size=8, max_steps=4, eval_every=4, lr=1e-4,
                                                             max_len=32, num_labels=3, threads=2))
-    assert clf.num_labels == 3 and 0.05 <= clf.temperature <= 20 and len(hist.checks) == 1
+    assert clf.num_labels == 3 and 0.05 <= clf.temperature <= 20 and [c["step"] for c in hist.checks] == [0, 4]
     probs = clf.class_probabilities(xv)
     assert probs.shape == (8, 3) and probs.sum(axis=1) == pytest.approx(np.ones(8))
     with pytest.raises(ValueError, match="class_probabilities"):

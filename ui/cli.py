@@ -214,7 +214,8 @@ def train_cmd(
     workspace: Workspace = None,
     task: Annotated[Literal["next-item", "click", "purchase"], typer.Option(
         help="next-item: fusion weights (the default); click or purchase: fine-tune a BERT encoder to predict "
-             "a click or a purchase of an item within --horizon-hours (served by `intent --scorer bert|blend`)")
+             "a click or a purchase of an item within --horizon-hours (purchase is served by `intent --scorer "
+             "bert|blend`; click is saved with its test metrics, not yet served)")
     ] = "next-item",
     model: Annotated[Literal["fusion", "bert"] | None, typer.Option(
         help="what to train: fusion (next-item) or bert (click, purchase); default: the task's only choice")] = None,
@@ -242,18 +243,24 @@ def train_cmd(
     --cutoffs daily cut-offs, users split 70/15/15 into train, validation and test, early-stopped
     on validation log loss and calibrated; the blend with the funnel baseline is chosen on
     validation. Saved as encoder-<task>/ beside the indexes; `intent --scorer bert|blend` serves
-    it. Resumes an interrupted run.
+    the purchase encoder (a click encoder is saved and measured, not yet served). Resumes an
+    interrupted run.
     """
     from tqdm import tqdm
 
     if task != "next-item":
         if model not in (None, "bert") or llm:
             raise _fail(f"--task {task} trains a BERT encoder: use --model bert (and no --llm)")
+        if users != 2000 or llm_windows != 30:
+            raise _fail("--users and --llm-windows apply to next-item fusion; leave them out with --task click|purchase")
         _train_encoder(dataset, task, workspace, horizon_hours=horizon_hours, cutoffs=cutoffs, seed=seed,
                        max_steps=max_steps)
         return
     if model not in (None, "fusion"):
         raise _fail("--model bert trains a click or purchase encoder: add --task click or --task purchase")
+    if horizon_hours != 48.0 or cutoffs != 5 or max_steps is not None:
+        raise _fail("--horizon-hours, --cutoffs and --max-steps apply to --task click|purchase; add --task, "
+                    "or leave them out to fit next-item fusion weights")
     svc = ShopLensService(_runtime(workspace), use_model=llm)
 
     def ticker(bar: Any) -> Callable[[int, int], None]:

@@ -253,9 +253,18 @@ def _eval_scorers(settings: Any, *, scorers: str, task: str, cases: int | None, 
 
     try:
         names = tuple(x.strip() for x in scorers.split(",") if x.strip())
-        sizes = tuple(int(x) for x in curve.split(",")) if curve else ()
-        if not model:
+        try:
+            sizes = tuple(int(x) for x in curve.split(",")) if curve else ()
+        except ValueError as e:
+            raise ValueError(f"--curve {curve}: give training-set sizes as a comma list, e.g. 100,300,1000") from e
+        if any(x < 10 for x in sizes):
+            raise ValueError(f"--curve {curve}: every size must be at least 10 labelled cases")
+        if not model and "llm" in names:
             names = tuple(n for n in names if n != "llm")
+            if not names:
+                raise ValueError("--scorers llm with --no-model: nothing left to score; drop --no-model")
+        if not names:
+            raise ValueError("--scorers: name at least one of baseline, bert, llm, blend")
         cfg = ScorersConfig(dataset=dataset, task=task,  # type: ignore[arg-type]
                             scorers=names, horizon_hours=48.0 if horizon_hours is None else horizon_hours,
                             folds=folds, test_negatives=test_negatives or None, n_llm=300 if cases is None else cases,

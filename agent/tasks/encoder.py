@@ -169,6 +169,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _manifest_sha256(body: dict[str, Any]) -> str:
+    """sha256 of a manifest's fields (sorted-key JSON), so an edit of the manifest itself (its
+    horizon, its dataset) is refused like an edit of a weights file."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _file_hashes(folder: Path) -> dict[str, str]:
     return {p.name: _sha256(p) for p in sorted(folder.iterdir())
             if p.is_file() and p.name != MANIFEST}
@@ -245,8 +251,9 @@ class EncoderClassifier:
                                        encoding="utf-8")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        self.manifest = manifest | {"files": _file_hashes(tmp)}
-        (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, default=str), encoding="utf-8")
+        body = json.loads(json.dumps(manifest | {"files": _file_hashes(tmp)}, default=str))
+        self.manifest = body | {"sha256": _manifest_sha256(body)}
+        (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -268,13 +275,20 @@ class EncoderClassifier:
         mpath = folder / MANIFEST
         if not mpath.exists():
             raise FileNotFoundError(f"no trained encoder at {folder}; {fix}")
-        man = json.loads(mpath.read_text(encoding="utf-8"))
+        try:
+            man = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ArtifactMismatchError(f"{mpath}: unreadable ({e}); {fix}") from e
+        if not isinstance(man, dict) or not isinstance(man.get("files"), dict):
+            raise ArtifactMismatchError(f"{mpath}: not a manifest (no file hashes); {fix}")
+        if man.get("sha256") != _manifest_sha256({k: v for k, v in man.items() if k != "sha256"}):
+            raise ArtifactMismatchError(f"{mpath}: its content does not match its sha256 (edited after training); {fix}")
         for key, want in (("dataset", dataset), ("task", task), ("template", template)):
             if man.get(key) != want:
                 raise ArtifactMismatchError(f"{folder} was trained for {key} {man.get(key)!r}, not {want!r}; {fix}")
-        files = _file_hashes(folder)
-        if files != man.get("files"):
-            bad = sorted(k for k in set(files) | set(man.get("files", {})) if files.get(k) != man["files"].get(k))
+        files, listed = _file_hashes(folder), man["files"]
+        if files != listed:
+            bad = sorted(k for k in set(files) | set(listed) if files.get(k) != listed.get(k))
             raise ArtifactMismatchError(f"{folder}: files differ from the manifest's sha256 ({', '.join(bad)}); {fix}")
         _torch()
         from transformers import AutoTokenizer, BertForSequenceClassification
@@ -359,6 +373,7 @@ def fine_tune(train: tuple[Sequence[str], Sequence[int]], val: tuple[Sequence[st
             sched.load_state_dict(saved["sched"])
             step, best_loss, since_best = saved["step"], saved["best_loss"], saved["since_best"]
             best_state, hist = saved["best_state"], FitHistory(**saved["hist"])
+            torch.set_rng_state(saved["rng"])  # dropout draws continue as in an uninterrupted run
             hist.resumed_from = step
             log.info("resumed fine-tuning at step %d of %d", step, total)
     clf = EncoderClassifier(model, tok, Platt(), cfg.max_len)
@@ -383,7 +398,8 @@ def fine_tune(train: tuple[Sequence[str], Sequence[int]], val: tuple[Sequence[st
         order.extend(ep)
     stopped = "max steps" if cfg.max_steps is not None and total == cfg.max_steps else "max epochs"
     if not hist.checks:  # step 0: the untrained head, the reference every later check is read against
-        check()
+        best_loss = check()  # and a candidate: a fine-tune that never beats it keeps it
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     last: float | None = hist.checks[-1]["val_log_loss"] if hist.checks else None
     while step < total:
         model.train()
@@ -409,7 +425,8 @@ def fine_tune(train: tuple[Sequence[str], Sequence[int]], val: tuple[Sequence[st
                 t0 = time.perf_counter()
                 torch.save({"key": key, "model": model.state_dict(), "opt": opt.state_dict(),
                             "sched": sched.state_dict(), "step": step, "best_loss": best_loss,
-                            "since_best": since_best, "best_state": best_state, "hist": asdict(hist)},
+                            "since_best": since_best, "best_state": best_state, "hist": asdict(hist),
+                            "rng": torch.get_rng_state()},
                            ckpt / "state.pt.tmp")
                 os.replace(ckpt / "state.pt.tmp", ckpt / "state.pt")
             if since_best >= cfg.patience:

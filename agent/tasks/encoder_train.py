@@ -229,10 +229,10 @@ class EncoderScorer:
     def check_horizon(self, horizon_h: float) -> None:
         """Raises RequestError (field ``horizon_hours``) when it differs from the trained horizon."""
         if abs(horizon_h - self.horizon_h) > 1e-9:
-            raise RequestError(f"horizon_hours {horizon_h:g}: the {self.dataset} encoder was trained for "
-                               f"{self.horizon_h:g} h; ask with horizon_hours {self.horizon_h:g}, retrain with "
-                               f"`shoplens train --task {self.task} --model bert --horizon-hours {horizon_h:g}`, "
-                               "or use scorer baseline", param="horizon_hours")
+            raise RequestError(f"horizon_hours (--horizon-hours) {horizon_h!r}: the {self.dataset} encoder was "
+                               f"trained for {self.horizon_h:g} h; ask with {self.horizon_h:g}, retrain with "
+                               f"`shoplens train --dataset {self.dataset} --task {self.task} --model bert "
+                               f"--horizon-hours {horizon_h!r}`, or use scorer baseline", param="horizon_hours")
 
     def predict(self, before: Sequence[BehaviorEvent], item_id: str, as_of: datetime,
                 catalog: Mapping[str, CatalogItem]) -> float:

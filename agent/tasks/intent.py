@@ -118,7 +118,8 @@ class AskedModel:
 async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_prompt: str | None,
                            variables: dict[str, Any], hist: HistoryView, trace: CallTrace, *,
                            catalog: Mapping[str, CatalogItem], probability: Callable[[float | None], float],
-                           titles: Sequence[str] = (), ask_probability: bool = True) -> AskedModel:
+                           titles: Sequence[str] = (), ask_probability: bool = True,
+                           served_by: str = "baseline") -> AskedModel:
     """The model side of purchase intent (per item and per session): one yes/no verbalizer call,
     then (when `explain_prompt` is given) one schema-constrained explanation whose evidence must
     be refs of `hist`, its reason verified (`verified_reason`: the products it names are its
@@ -126,7 +127,8 @@ async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_pr
     with ``probability(p_model)``, the served probability, on the side of 0.5). Failures are
     recorded in ``trace.degraded``; nothing is raised, the caller falls back to the baseline
     probability and a template reason. Without `ask_probability` only the explanation is asked
-    (the served probability does not use the model's)."""
+    (the served probability does not use the model's); `served_by` names who then gives the
+    probability in the degraded note."""
     out = AskedModel()
 
     async def step(m: ChatModel) -> None:
@@ -149,7 +151,7 @@ async def ask_intent_model(model: ChatModel | None, prob_prompt: str, explain_pr
                 out.stage, out.reason, out.refs, out.source = ans.stage, ans.reason, ans.evidence, "model"
 
     await ask_or_degrade(model, step, trace, what="intent answer",
-                         fallback="baseline probability, template reason")
+                         fallback=f"{served_by} probability, template reason")
     return out
 
 
@@ -224,7 +226,9 @@ class IntentService:
             rate = item_base_rate if item_base_rate is not None else self.baseline.base_rate
             why = "no history" if not known else "unknown item"
             trace.notes.append(f"cold start ({why}): popularity-based base rate, not a personal prediction")
-            return IntentPrediction(**common, probability=rate, probability_source="cold_start_base_rate",
+            if self.scorer is not None:
+                trace.notes.append(f"scorer {self.scorer} was not used: a cold start has no personal cases to score")
+            return IntentPrediction(**common, probability=rate, probability_source="cold_start_base_rate", scorer=self.scorer,
                                     baseline_probability=rate, reason=f"[cold start] {why}: the base purchase "
                                     f"rate {rate:.1%} is shown instead of a personal probability.",
                                     reason_source="cold_start", cold_start=True,
@@ -234,13 +238,18 @@ class IntentService:
         if self.encoder is not None and self.scorer in ("bert", "blend"):
             self.encoder.check_horizon(horizon_hours)
             p_enc = self.encoder.predict(evs, item_id, as_of, catalog)
+            if f.hours_since_last is None or f.hours_since_last > 72 or f.n_views + f.n_carts + f.n_favs == 0:
+                trace.notes.append("the encoder learnt from items viewed, carted or favourited in the 72 h before "
+                                   "the cut-off; this item was not, so its probability is outside what it was "
+                                   "trained on")
         hist = _intent_history(user_id, evs, item_id, catalog, as_of, self.window)
         title = catalog[item_id].title if item_id in catalog else f"item {item_id}"
         variables = dict(item_title=title, f=asdict(f), horizon_hours=f"{horizon_hours:g}", **hist.prompt_vars())
         asked = await ask_intent_model(self.model, self.prob_prompt, self.explain_prompt if self.explain else None,
                                        variables, hist, trace, catalog=catalog, titles=[title],
                                        probability=lambda pm: self._served(p_base, p_enc, pm, f)[0],
-                                       ask_probability=self.scorer in (None, "llm"))
+                                       ask_probability=self.scorer in (None, "llm"),
+                                       served_by={"bert": "encoder", "blend": "blend"}.get(self.scorer or "", "baseline"))
         served = None if self.scorer is None else self._served(p_base, p_enc, asked.p_model, f, trace.notes)
         return IntentPrediction(
             **common, **answer_fields(self.baseline, p_base, asked, hist,
