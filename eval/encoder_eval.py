@@ -286,7 +286,7 @@ def run_scorers_eval(settings: Settings, cfg: ScorersConfig, out: Path | None = 
         for c in scored:
             fh.write(json.dumps({"case_id": c.case_id, "label": c.label, "fold": folds.get(c.case_id),
                                  "in_main": c.case_id in sub_ids, "in_llm_sample": c.case_id in sample_ids,
-                                 **{k: round(v, 6) for k, v in probs[c.case_id].items()}}) + "\n")
+                                 **probs[c.case_id]}) + "\n")  # full precision: rounding makes AUC ties
     config = {"kind": "intent_scorers", "git_commit": git_commit(), **asdict(cfg), "train_cutoffs": train_cuts,
               "test_cutoff": test_cut, "n_pool": len(pool), "pool_positives": sum(c.label for c in pool)}
     (d / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -401,7 +401,36 @@ def report(config: dict[str, Any], metrics: dict[str, Any]) -> str:
            "## All test cases (every positive, negatives subsampled and weighted)", "", *table(metrics["all"]), ""]
     if "llm_sample" in metrics:
         out += ["## The LLM sample (positives oversampled to 1/3)", "", *table(metrics["llm_sample"]), ""]
-    out += ["## Cost", "", "```", json.dumps(metrics["cost"], indent=2), "```", ""]
+    out += ["## Cost", "", "```", json.dumps(metrics.get("cost", {}), indent=2), "```", ""]
     if "curve" in metrics:
         out += ["## Data-size curve", "", "![curve](curve.png)", ""]
     return "\n".join(out)
+
+
+def rescore(run_dir: Path) -> dict[str, Any]:
+    """Recompute metrics.json and report.md from ``scores.jsonl`` alone (no model, no encoder):
+    the main set (``in_main``, negatives weighted back by the recorded rate) and the LLM sample.
+
+    Raises:
+        FileNotFoundError: no scores.jsonl or config.json in `run_dir`.
+    """
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    rows = read_jsonl(run_dir / "scores.jsonl")
+    rate = old.get("all", {}).get("negatives_rate") or 1.0
+    main = [r for r in rows if r["in_main"]]
+    names = [n for n in ("baseline", "baseline_1cut", "bert", "blend") if main and n in main[0]]
+    metrics: dict[str, Any] = dict(old)
+    metrics["all"] = dict(old.get("all", {})) | {"scorers": compare_scorers(
+        [r["label"] for r in main], {n: [r[n] for r in main] for n in names},
+        weights=[1.0 if r["label"] else 1.0 / rate for r in main], reference="baseline", seed=config.get("seed", 0))}
+    sample = [r for r in rows if r["in_llm_sample"] and "llm" in r]
+    if sample:
+        sn = names + [n for n in ("llm", "blend_llm") if n in sample[0]]
+        metrics["llm_sample"] = dict(old.get("llm_sample", {})) | {"scorers": compare_scorers(
+            [r["label"] for r in sample], {n: [r[n] for r in sample] for n in sn}, reference="baseline",
+            seed=config.get("seed", 0))}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    (run_dir / "report.md").write_text(report(config, metrics))
+    return metrics

@@ -26,6 +26,7 @@ RESCORERS: dict[str, str] = {
     "sentiment": "eval.sentiment_eval:rescore",
     "aspects": "eval.aspect_eval:rescore",
     "routing": "eval.routing_eval:rescore",
+    "intent_scorers": "eval.encoder_eval:rescore",
 }
 
 
@@ -103,6 +104,8 @@ def run_kind(run_dir: Path) -> str:
         raise FileNotFoundError(f"{path} not found: not a run folder")
     cfg = json.loads(path.read_text())
     task = cfg.get("task")
+    if cfg.get("kind") in RESCORERS:
+        return str(cfg["kind"])
     if task in RESCORERS:
         return str(task)
     if "run" in cfg and "protocol" in cfg:
@@ -136,6 +139,6 @@ def rescore(run_dir: Path) -> dict[str, Any]:
     """
     run_dir = Path(run_dir)
     kind = run_kind(run_dir)
-    if not (run_dir / "cases.jsonl").exists():
+    if not (run_dir / "cases.jsonl").exists() and not (run_dir / "scores.jsonl").exists():
         raise FileNotFoundError(f"{run_dir}/cases.jsonl not found")
     return rescorer(kind)(run_dir)

@@ -274,3 +274,21 @@ def test_cli_names_the_flag_on_bad_scorer_or_model(tmp_path: Path) -> None:
     r = runner.invoke(app, ["eval", "intent", "--scorers", "bert", "--workspace", str(tmp_path)])
     assert r.exit_code == 2 and "--dataset taobao: no such dataset" in r.output
     assert not (tmp_path / "runs").exists()  # a refused run leaves no folder behind
+
+
+def test_scorers_run_rescores_from_its_per_case_file_with_hand_computed_aucs(tmp_path: Path) -> None:
+    from eval.runs import rescore
+
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"kind": "intent_scorers", "seed": 0, "dataset": "toy", "task": "purchase",
+                                               "horizon_hours": 48, "test_cutoff": "t", "train_cutoffs": [],
+                                               "folds": 2, "git_commit": "x"}))
+    rows = [(1, 0.9, 0.8), (0, 0.1, 0.2), (1, 0.4, 0.7), (0, 0.5, 0.3)]
+    (d / "scores.jsonl").write_text("".join(json.dumps(
+        {"case_id": f"u{i}|i", "label": y, "in_main": True, "in_llm_sample": False, "baseline": b,
+         "baseline_1cut": b, "bert": e, "blend": e}) + "\n" for i, (y, b, e) in enumerate(rows)))
+    m = rescore(d)["all"]["scorers"]
+    assert m["baseline"]["roc_auc"] == 0.75 and m["bert"]["roc_auc"] == 1.0  # 3 of 4 pairs; 4 of 4
+    assert m["bert"]["roc_auc_diff"] == 0.25 and m["baseline"]["n"] == 4
+    assert "| bert | 4 (2) | 1.0000" in (d / "report.md").read_text()
