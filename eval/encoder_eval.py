@@ -38,7 +38,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,7 +49,7 @@ import numpy as np
 from agent.app.runtime import Runtime
 from agent.domain.errors import ArtifactMismatchError
 from agent.settings import Settings
-from agent.tasks.encoder import FineTuneConfig
+from agent.tasks.encoder import FineTuneConfig, FitProgress
 from agent.tasks.encoder_cases import (
     EncoderCase,
     EncoderTask,
@@ -137,19 +137,8 @@ def _fold_model(d: Path, k: int, cfg: ScorersConfig, pool: list[EncoderCase], *,
     return fitted
 
 
-def _bar(desc: str) -> Callable[[int, int, float | None], None]:
-    from tqdm import tqdm
-
-    bar = tqdm(desc=f"fine-tuning {desc}", unit="step")
-
-    def tick(step: int, total: int, loss: float | None) -> None:
-        bar.total = total
-        bar.update(step - bar.n)
-        if loss is not None:
-            bar.set_postfix(val_log_loss=f"{loss:.4f}")
-        if step >= total:
-            bar.close()
-    return tick
+def _bar(desc: str) -> FitProgress:
+    return FitProgress(f"fine-tuning {desc}")
 
 
 def _curve_sample(cases: Sequence[EncoderCase], n: int, seed: int) -> list[EncoderCase]:

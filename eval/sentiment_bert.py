@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 from agent.domain.errors import ArtifactMismatchError
-from agent.tasks.encoder import EncoderClassifier, FineTuneConfig, fine_tune
+from agent.tasks.encoder import EncoderClassifier, FineTuneConfig, FitProgress, fine_tune
 from agent.tasks.sentiment import clean_text
 
 ENCODER_TASK = "sentiment"
@@ -186,18 +185,12 @@ def fit_or_load(train: Sequence[Any], labels: Sequence[str], *, dataset: str, se
     index = {lab: i for i, lab in enumerate(labels)}
     xt, yt = [encoder_text(c, max_chars) for c in fit], [index[c.gold] for c in fit]
     xv, yv = [encoder_text(c, max_chars) for c in val], [index[c.gold] for c in val]
-    bar = tqdm(desc=f"fine-tune {dataset}", unit="step")
-
-    def progress(step: int, total: int, last: float | None) -> None:
-        bar.total = total
-        bar.update(step - bar.n)
-        if last is not None:
-            bar.set_postfix(val_log_loss=f"{last:.4f}")
+    bar = FitProgress(f"fine-tune {dataset}")
 
     t0 = time.perf_counter()
     work = model_dir.with_name(model_dir.name + ".work")  # checkpoints: an interrupted fine-tune resumes
     clf, hist = fine_tune((xt, yt), (xv, yv), cfg, val_weights=balanced_weights([c.gold for c in val], labels),
-                          work_dir=work, progress=progress)
+                          work_dir=work, progress=bar)
     bar.close()
     shutil.rmtree(work, ignore_errors=True)
     info = {"fit_seconds": round(time.perf_counter() - t0, 2), "n_fit": len(xt), "n_fit_unique": len(set(map(id, fit))),

@@ -308,21 +308,14 @@ def train_cmd(
 def _train_encoder(dataset: str, task: Literal["click", "purchase"], workspace: Path | None, *, horizon_hours: float,
                    cutoffs: int, seed: int, max_steps: int | None) -> None:
     """`train --task click|purchase --model bert`: progress bar, then the test users' metrics."""
-    from tqdm import tqdm
+    from agent.tasks.encoder import FitProgress
 
     svc = ShopLensService(_runtime(workspace), use_model=False)
     err.print(f"building {task} cases at {cutoffs} daily cut-offs ({horizon_hours:g} h horizon)...")
-    bar = tqdm(desc=f"fine-tuning ({task})", unit="step")
-
-    def tick(step: int, total: int, loss: float | None) -> None:
-        bar.total = total
-        bar.update(step - bar.n)
-        if loss is not None:
-            bar.set_postfix(val_log_loss=f"{loss:.4f}")
-
+    bar = FitProgress(f"fine-tuning ({task})")
     try:
         fitted, folder = svc.train_encoder(dataset, task, horizon_hours=horizon_hours, n_cutoffs=cutoffs, seed=seed,
-                                           max_steps=max_steps, progress=tick)
+                                           max_steps=max_steps, progress=bar)
     except ValueError as e:
         raise _fail(str(e)) from e
     finally:

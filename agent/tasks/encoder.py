@@ -94,6 +94,25 @@ class FitHistory:
     resumed_from: int | None = None
 
 
+class FitProgress:
+    """A tqdm bar for `fine_tune`'s ``progress`` callback: steps done, the last validation log
+    loss as its postfix. Call `close` when fine-tuning returns (early stopping ends short)."""
+
+    def __init__(self, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=desc, unit="step")
+
+    def __call__(self, step: int, total: int, loss: float | None) -> None:
+        self.bar.total = total
+        self.bar.update(step - self.bar.n)
+        if loss is not None:
+            self.bar.set_postfix(val_log_loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _torch() -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
