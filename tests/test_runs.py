@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import aspect_eval, routing_eval, runner, sentiment_eval
+from eval import aspect_eval, encoder_eval, routing_eval, runner, sentiment_eval
 from eval.runs import RESCORERS, git_commit, read_jsonl, rescore, rescorer, run_folder, run_kind
 
 
@@ -47,8 +47,9 @@ def test_run_kind_from_config(tmp_path: Path, config: dict[str, object], kind: s
 
 
 def test_registry_points_at_each_harness_rescore() -> None:
-    assert set(RESCORERS) == {"next_item", "sentiment", "aspects", "routing"}
+    assert set(RESCORERS) == {"next_item", "sentiment", "aspects", "routing", "intent_scorers"}
     assert rescorer("next_item") is runner.rescore
+    assert rescorer("intent_scorers") is encoder_eval.rescore
     assert rescorer("sentiment") is sentiment_eval.rescore
     assert rescorer("aspects") is aspect_eval.rescore
     assert rescorer("routing") is routing_eval.rescore
