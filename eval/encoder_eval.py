@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
@@ -66,7 +66,7 @@ from agent.tasks.encoder_train import (
     load_trained,
     save_trained,
 )
-from agent.tasks.intent import IntentService
+from agent.tasks.intent import IntentService, Scorer
 from agent.tasks.stack import Stack
 from eval.binary_stats import compare_scorers
 from eval.runs import git_commit, read_jsonl
@@ -83,8 +83,7 @@ from eval.tasks_eval import (
 )
 
 log = logging.getLogger(__name__)
-ALL_SCORERS = ("baseline", "bert", "llm", "blend")
-CURVE_SIZES = (100, 300, 1000, 3000, 10000)
+ALL_SCORERS: tuple[str, ...] = get_args(Scorer)  # the scorers intent serves, in one place
 
 
 @dataclass
@@ -116,6 +115,15 @@ def _cutoffs(rt: Runtime, cfg: ScorersConfig) -> tuple[list[datetime], datetime]
     return training_cutoffs(train_cut, cfg.n_cutoffs), test_cut
 
 
+def _fold_split(pool: list[EncoderCase], k: int, cfg: ScorersConfig
+                ) -> tuple[list[EncoderCase], list[EncoderCase], list[EncoderCase]]:
+    """(the other folds' cases, their training users' cases (80%), their validation users' (20%))."""
+    others = [c for c in pool if user_fold(c.user_id, cfg.folds, cfg.seed) != k]
+    split = {u: user_split(u, cfg.seed, train=0.8, val=0.2) for u in {c.user_id for c in others}}
+    return (others, [c for c in others if split[c.user_id] == "train"],
+            [c for c in others if split[c.user_id] != "train"])
+
+
 def _fold_model(d: Path, k: int, cfg: ScorersConfig, pool: list[EncoderCase], *, progress: bool) -> TrainedEncoder:
     """Fold k's model: trained on the other folds' users (reused from ``fold-<k>/`` when there)."""
     folder = d / f"fold-{k}"
@@ -125,9 +133,7 @@ def _fold_model(d: Path, k: int, cfg: ScorersConfig, pool: list[EncoderCase], *,
             return load_trained(folder, cfg.dataset, cfg.task, fix)
         except ArtifactMismatchError as e:
             log.warning("%s; retraining", e)
-    others = [c for c in pool if user_fold(c.user_id, cfg.folds, cfg.seed) != k]
-    train = [c for c in others if user_split(c.user_id, cfg.seed, train=0.8, val=0.2) == "train"]
-    val = [c for c in others if user_split(c.user_id, cfg.seed, train=0.8, val=0.2) != "train"]
+    others, train, val = _fold_split(pool, k, cfg)
     fitted = fit_encoder(train, val, cfg.finetune, neg_per_pos=cfg.neg_per_pos, seed=cfg.seed,
                          work_dir=Path(str(folder) + ".work"), progress=_bar(f"fold {k}") if progress else None,
                          trained_on=f"{cfg.dataset} {cfg.task} training cases of folds != {k}")
@@ -305,9 +311,7 @@ def _blend_llm(have: list[EncoderCase], probs: dict[str, dict[str, float]], cfg:
 def _curve(d: Path, cfg: ScorersConfig, pool: list[EncoderCase], main: list[EncoderCase], have: list[EncoderCase],
            probs: dict[str, dict[str, float]], rate: float, progress: bool) -> list[dict[str, Any]]:
     """Encoder and baseline AUC by training-set size, on fold 0's test cases and LLM-sample cases."""
-    others = [c for c in pool if user_fold(c.user_id, cfg.folds, cfg.seed) != 0]
-    train = [c for c in others if user_split(c.user_id, cfg.seed, train=0.8, val=0.2) == "train"]
-    val = [c for c in others if user_split(c.user_id, cfg.seed, train=0.8, val=0.2) != "train"]
+    _, train, val = _fold_split(pool, 0, cfg)
     test = [c for c in main if user_fold(c.user_id, cfg.folds, cfg.seed) == 0]
     llm_test = [c for c in have if user_fold(c.user_id, cfg.folds, cfg.seed) == 0]
     rows = []

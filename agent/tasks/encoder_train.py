@@ -49,7 +49,6 @@ from agent.tasks.intent import INTENT_FEATURES, funnel_features
 from agent.tasks.stack import Stack
 
 log = logging.getLogger(__name__)
-SCORERS = ("baseline", "bert", "llm", "blend")
 
 
 def encoder_dir(index_dir: Path, task: EncoderTask) -> Path:
