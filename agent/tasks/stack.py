@@ -19,17 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from agent.tasks.encoder import log_loss
+
 EPS = 1e-4
 
 
 def _logit(p: Sequence[float] | np.ndarray) -> np.ndarray:
     a = np.clip(np.asarray(p, dtype=float), EPS, 1 - EPS)
     return np.log(a / (1 - a))
-
-
-def _loss(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> float:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(np.average(-(y * np.log(p) + (1 - y) * np.log(1 - p)), weights=w))
 
 
 @dataclass
@@ -106,7 +103,7 @@ class Stack:
             for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(x, ya):
                 lr = LogisticRegression(C=1e4, max_iter=2000).fit(x[tr][:, cols], ya[tr], sample_weight=wa[tr])
                 pred[te] = lr.predict_proba(x[te][:, cols])[:, 1]
-            cv[cand] = round(_loss(ya, pred, wa), 6)
+            cv[cand] = round(log_loss(ya.tolist(), pred, wa.tolist()), 6)
         best = min(cv, key=lambda c: (cv[c], c == "stack"))  # a tie goes to the simpler single member
         cols = cands[best]
         lr = LogisticRegression(C=1e4, max_iter=2000).fit(x[:, cols], ya, sample_weight=wa)
