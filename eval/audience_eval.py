@@ -32,7 +32,7 @@ import itertools
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,9 +42,18 @@ import numpy as np
 
 from agent.app.runtime import Runtime
 from agent.data.store import EventStore
-from agent.domain.schemas import BehaviorEvent
+from agent.domain.errors import ArtifactMismatchError
+from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.settings import Settings
-from agent.tasks.audience import AudienceIndex, category_popularity_baseline, rank_users
+from agent.tasks.audience import (
+    AudienceIndex,
+    category_popularity_baseline,
+    fuse_sources,
+    predicted_source,
+    source_scores,
+)
+from agent.tasks.encoder_cases import EncoderTask
+from agent.tasks.encoder_train import EncoderScorer
 from eval.metrics import hit_rate_at_k, ndcg_at_k, recall_at_k
 from eval.tasks_eval import _run_dir, _write, derived_cutoffs, require_dataset
 
@@ -124,21 +133,69 @@ def _event_summary(events: Sequence[BehaviorEvent]) -> str:
     return ", ".join(f"{t} {c} ({first[t]:%Y-%m-%d} .. {last[t]:%Y-%m-%d})" for t, c in count.most_common()) or "none"
 
 
-def _tune_weights(idx: AudienceIndex, aud: dict[str, set[str]], items: list[str], n: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Grid over fusion weights (each of 0, 1, 2, 4), best mean NDCG@n on the validation period."""
-    grid = [dict(zip(("repeat", "co_purchase", "similar_users"), w, strict=True))
-            for w in itertools.product((0, 1, 2, 4), repeat=3) if any(w)]
+def _tune_weights(raws: dict[str, dict[str, dict[str, float]]], aud: dict[str, set[str]], n: int,
+                  sources: Sequence[str] = ("repeat", "co_purchase", "similar_users")
+                  ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Grid over fusion weights (each source 0, 1, 2 or 4), best mean NDCG@n on the validation
+    period. `raws`: item -> its raw source scores (`source_scores`, plus ``predicted`` when the
+    encoder is in the eval), computed once per item."""
+    grid = [dict(zip(sources, w, strict=True)) for w in itertools.product((0, 1, 2, 4), repeat=len(sources)) if any(w)]
     scores = []
     for w in grid:
-        vals = [ndcg_at_k([u for u, _, _ in rank_users(idx, i, n=n, weights=w)], aud[i], n) for i in items]
+        vals = [ndcg_at_k([u for u, _, _ in fuse_sources(raw, w, n=n)], aud[i], n) for i, raw in raws.items()]
         scores.append((float(np.mean(vals)), w))
     best = max(scores, key=lambda x: x[0])
-    return best[1], {"validation_items": len(items), "best_val_ndcg": round(best[0], 4), "weights": best[1]}
+    return best[1], {"validation_items": len(raws), "best_val_ndcg": round(best[0], 4), "weights": best[1]}
+
+
+class _Predicted:
+    """The ``predicted`` source in the eval: the trained encoder over each item's candidate pool
+    (the untuned fusion's top `pool` users), as the served audience uses it."""
+
+    def __init__(self, scorer: EncoderScorer, events: Sequence[BehaviorEvent], catalog: Mapping[str, CatalogItem],
+                 pool: int):
+        self.scorer, self.catalog, self.pool = scorer, catalog, pool
+        self.by_user: dict[str, list[BehaviorEvent]] = defaultdict(list)
+        for e in events:
+            self.by_user[e.user_id].append(e)
+        self.cases = 0
+
+    def raw(self, idx: AudienceIndex, item: str, as_of: datetime) -> dict[str, dict[str, float]]:
+        """The item's raw sources with ``predicted`` added (users scored as of `as_of`)."""
+        raw = source_scores(idx, item)
+        users = [u for u, _, _ in fuse_sources(raw, UNTUNED, n=self.pool)]
+        self.cases += len(users)
+        return raw | {"predicted": predicted_source(self.scorer, item, users, lambda u: self.by_user.get(u, []),
+                                                    as_of, self.catalog)}
+
+
+def load_eval_encoder(settings: Settings, dataset: str, task: EncoderTask, first_unseen: datetime) -> EncoderScorer:
+    """The dataset's trained encoder, refused when its training labels reach `first_unseen`
+    (the start of the first period it would be tuned or tested on).
+
+    Raises:
+        ValueError: none trained, a failed manifest check, or a leak; the message gives the
+            train command (with ``--until``).
+    """
+    fix = (f"shoplens train --dataset {dataset} --task {task} --model bert "
+           f"--until {first_unseen.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}")
+    try:
+        scorer = EncoderScorer.load(settings.index_dir(dataset), dataset, task)
+    except (FileNotFoundError, ArtifactMismatchError) as e:
+        raise ValueError(f"--encoder {task}: {e}; for this eval train it with `{fix}`") from e
+    man = scorer.trained.manifest
+    label_end = max(datetime.fromisoformat(c) for c in man["cutoffs"]) + timedelta(hours=float(man["horizon_h"]))
+    if label_end > first_unseen:
+        raise ValueError(f"--encoder {task}: the {dataset} {task} encoder learnt from labels up to "
+                         f"{label_end.isoformat()}, after this eval's first tuning/held-out day "
+                         f"{first_unseen.isoformat()}: it would have seen the answers. Train one that stops "
+                         f"before it: `{fix}` (then retrain without --until to serve)")
+    return scorer
 
 
 def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", days: int | None = None,
                       event_type: str = "purchase", n_items: int = 30, n: int = 50, out: Path | None = None,
-                      tune: bool = True) -> Path:
+                      tune: bool = True, encoder: EncoderTask | None = None, pool: int = 200) -> Path:
     """Audience targeting on a held-out period (see the module docstring); returns the run folder.
 
     Args:
@@ -148,6 +205,10 @@ def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", day
         event_type: the events that define an item's audience, one of `AUDIENCE_EVENT_TYPES`.
         n_items: evaluate the items with the largest held-out audiences, at most this many.
         n: the N of HR@N, Recall@N and NDCG@N (users ranked per item).
+        encoder: also the ``predicted`` source, the dataset's trained click or purchase encoder
+            re-ranking each item's pool (the untuned fusion's top `pool` users), alone and in
+            the tuned fusion; it must have been trained on labels before the first period
+            (`load_eval_encoder`).
 
     Raises:
         ValueError: a bad ``--event-type``, ``--days``, ``--items`` or ``-n``, an unknown dataset,
@@ -179,6 +240,8 @@ def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", day
                          f"{_items(len(top))} evaluated in the held-out period {_span(periods.held_out)} has an "
                          f"earlier event ({len(known_users)} users have one), so no ranker can find them; the period "
                          "starts before most of the data: try a shorter --days")
+    first_unseen = periods.validation[0] if tune else start
+    scorer = load_eval_encoder(settings, ds, encoder, first_unseen) if encoder else None
     d = _run_dir("audience", out, settings.workspace)
     catalog = store.items(ds)
     item_index = rt.artifacts(ds).item_index  # content only (titles); behaviour comes from before `start`
@@ -191,9 +254,14 @@ def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", day
         "items_beyond_n_items": max(0, len(held) - len(top)), "items_without_new_audience": 0, "tuning": None}
     tuned, val_info = None, {}
     v_aud = audiences(events, event_type, periods.validation) if tune else {}
+    pred = _Predicted(scorer, events, catalog, pool) if scorer else None
     if v_aud:  # fusion weights picked on the validation period, with an index built before it
-        v_idx = AudienceIndex.build(events, catalog, item_index, cutoff=periods.validation[0], event_types=kinds)
-        tuned, val_info = _tune_weights(v_idx, v_aud, _largest(v_aud, n_items), n)
+        v0 = periods.validation[0]
+        v_idx = AudienceIndex.build(events, catalog, item_index, cutoff=v0, event_types=kinds)
+        v_items = _largest(v_aud, n_items)
+        raws = {i: pred.raw(v_idx, i, v0) if pred else source_scores(v_idx, i) for i in v_items}
+        tuned, val_info = _tune_weights(raws, v_aud, n, ("repeat", "co_purchase", "similar_users")
+                                        + (("predicted",) if pred else ()))
     else:
         skipped["tuning"] = ("not asked (tune=False)" if not tune else
                              f"no {event_type} events in the validation period {_span(periods.validation)}: "
@@ -202,6 +270,8 @@ def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", day
     scorers: dict[str, dict[str, float]] = {
         "fused (weights before tuning: 0.4/0.35/0.25)": UNTUNED, "repeat only": {"repeat": 1.0},
         "co_purchase only": {"co_purchase": 1.0}, "similar_users only": {"similar_users": 1.0}}
+    if pred:
+        scorers[f"predicted only (the {encoder} encoder over the top {pool})"] = {"predicted": 1.0}
     if tuned:
         scorers["fused (weights tuned on the validation period)"] = tuned
     res: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -213,7 +283,8 @@ def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", day
             cold = rel - known_users
             n_cold += len(cold)
             skipped["items_without_new_audience"] += not new
-            lists = {name: [u for u, _, _ in rank_users(idx, item, n=n, weights=w)] for name, w in scorers.items()}
+            raw = pred.raw(idx, item, start) if pred else source_scores(idx, item)
+            lists = {name: [u for u, _, _ in fuse_sources(raw, w, n=n)] for name, w in scorers.items()}
             lists["category popularity (baseline)"] = category_popularity_baseline(before, catalog, item, n=n)
             for name, ranked in lists.items():
                 for tag, r in (("all", rel), ("new", new)):
@@ -230,12 +301,17 @@ def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", day
     metrics["_info"] = {"items": len(top), "items_with_new_audience": n_new_items, "n": n, "units": UNITS,
                         "audience_members": audience_size, "cold_audience_members": n_cold,
                         "build_seconds": round(build_s, 1), "tuning": val_info,
+                        "encoder": None if scorer is None else {
+                            "task": encoder, "pool": pool, "cases_scored": pred.cases if pred else 0,
+                            "cutoffs": scorer.trained.manifest["cutoffs"], "horizon_h": scorer.horizon_h,
+                            "data_sha256": scorer.trained.manifest["data_sha256"]},
                         "seconds_per_item": round((time.perf_counter() - t0 - build_s) / max(1, len(top)), 3)}
     config = {"task": "audience", "dataset": ds, "event_type": event_type,
               "days": None if periods.how == "published" else days or DEFAULT_DAYS,
               "held_out": [t.isoformat() for t in periods.held_out],
               "validation": [t.isoformat() for t in periods.validation], "periods": periods.how,
               "n_items": n_items, "n": n, "items": len(top), "weights": {"untuned": UNTUNED, "tuned": tuned},
+              "encoder": encoder, "pool": pool if encoder else None,
               "skipped": skipped, "units": UNITS, "item_index": item_index.manifest.__dict__,
               "note": f"user index, co-visitation and {event_type} counts from events before the held-out period "
                       "only; item vectors are title embeddings"}

@@ -22,7 +22,7 @@ from agent.llm.base import Completion, ModelUnavailableError, Usage
 from agent.llm.fake import FakeCall, FakeModel, Reply
 from tests.test_api import AUTH, DATASET, OP, USER, agent_settings, assert_envelope, serve_app
 
-TASK_ROUTES = ["/v1/purchase-intent", "/v1/session-intent", "/v1/churn", "/v1/profile", "/v1/sentiment", "/v1/audience"]
+TASK_ROUTES = ["/v1/purchase-intent", "/v1/click", "/v1/session-intent", "/v1/churn", "/v1/profile", "/v1/sentiment", "/v1/audience"]
 
 
 class FakeModelRuntime(Runtime):
@@ -101,6 +101,7 @@ def model_dies(runtime: FakeModelRuntime) -> Iterator[None]:
 def bodies(item: str) -> dict[str, dict[str, Any]]:
     return {
         "/v1/purchase-intent": {"dataset": DATASET, "user_id": USER, "item_id": item},
+        "/v1/click": {"dataset": DATASET, "user_id": USER, "item_id": item},
         "/v1/session-intent": {"dataset": DATASET, "user_id": USER},
         "/v1/churn": {"dataset": DATASET, "user_id": USER},
         "/v1/profile": {"dataset": DATASET, "user_id": USER},
@@ -134,6 +135,14 @@ def test_purchase_intent_scorers(api: httpx.Client, item: str) -> None:
     r = api.post("/v1/purchase-intent", json=body | {"scorer": "bert"})
     assert_envelope(r, 422, param="scorer")
     assert f"shoplens train --dataset {DATASET} --task purchase --model bert" in r.json()["error"]["message"]
+
+
+def test_click_without_a_trained_click_encoder_is_a_422_naming_dataset_and_the_train_command(
+        api: httpx.Client, item: str) -> None:
+    """/v1/click has no fallback scorer: untrained, it says how to train one."""
+    r = api.post("/v1/click", json={"dataset": DATASET, "user_id": USER, "item_id": item})
+    err = assert_envelope(r, 422, param="dataset")
+    assert f"shoplens train --dataset {DATASET} --task click --model bert" in err["message"]
 
 
 def test_session_intent_with_model(api: httpx.Client) -> None:
@@ -205,6 +214,12 @@ def test_audience_with_model(api: httpx.Client, item: str) -> None:
     ("/v1/audience", {"dataset": DATASET, "item_id": "X", "n": "many"}, "n"),
     ("/v1/churn", {"dataset": "no-such", "user_id": USER}, "dataset"),
     ("/v1/purchase-intent", {"dataset": DATASET, "user_id": USER, "item_id": "X", "scorer": "gpt"}, "scorer"),
+    ("/v1/click", {"dataset": DATASET, "user_id": USER, "item_id": "X", "scorer": "llm"}, "scorer"),
+    ("/v1/click", {"dataset": DATASET, "user_id": USER, "item_id": "X", "horizon_hours": -1}, "horizon_hours"),
+    ("/v1/click", {"dataset": DATASET, "user_id": USER}, "item_id"),
+    ("/v1/audience", {"dataset": DATASET, "item_id": "X", "predicted": "views"}, "predicted"),
+    ("/v1/audience", {"dataset": DATASET, "campaign_text": "mugs", "predicted": "click"}, "predicted"),
+    ("/v1/audience", {"dataset": DATASET, "item_id": "X", "predicted": "click"}, "predicted"),
 ])
 def test_invalid_input_422_names_the_param(api: httpx.Client, route: str, body: dict[str, Any], param: str) -> None:
     assert_envelope(api.post(route, json=body), 422, param=param)

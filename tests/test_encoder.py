@@ -292,3 +292,156 @@ def test_scorers_run_rescores_from_its_per_case_file_with_hand_computed_aucs(tmp
     assert m["baseline"]["roc_auc"] == 0.75 and m["bert"]["roc_auc"] == 1.0  # 3 of 4 pairs; 4 of 4
     assert m["bert"]["roc_auc_diff"] == 0.25 and m["baseline"]["n"] == 4
     assert "| bert | 4 (2) | 1.0000" in (d / "report.md").read_text()
+
+
+def _save_click(tuned: tuple, rt: object, cutoffs: list[datetime] | None = None) -> TrainedEncoder:
+    """The module's few-step encoder saved as the dataset's click encoder (baseline fitted on the
+    toy click cases, a fixed blend)."""
+    clf, _, _ = tuned
+    cases = build_cases(rt.store, DS, "click", [C], 24, CATALOG)  # type: ignore[attr-defined]
+    fitted = TrainedEncoder(clf, fit_case_baseline(cases, "toy click"),
+                            Stack(["baseline", "bert"], {"baseline": 0.5, "bert": 0.5}, -0.1, "stack"))
+    save_trained(fitted, encoder_dir(rt.settings.index_dir(DS), "click"),  # type: ignore[attr-defined]
+                 {"dataset": DS, "task": "click", "template": TEMPLATE, "horizon_h": 24.0,
+                  "cutoffs": [c.isoformat() for c in (cutoffs or [C])], "data_sha256": "toy"})
+    return fitted
+
+
+@pytest.mark.slow
+def test_click_is_served_by_the_click_encoder_with_each_scorer(tuned: tuple, tmp_path: Path) -> None:
+    """`ShopLensService.click`: untrained -> 422 on `dataset` naming the train command; trained ->
+    the three scorers equal the saved folder's own predictions; another horizon -> 422 on
+    `horizon_hours`; an unknown user -> the labelled base rate."""
+    from agent.app.runtime import Runtime
+    from agent.app.service import ShopLensService
+    from agent.settings import Settings
+
+    rt = Runtime(Settings(workspace=tmp_path / "ws3", embedder="hashing-64"))
+    rt.store.add_items(DS, CATALOG.values())
+    rt.store.add_events(DS, EVENTS)
+    svc = ShopLensService(rt, use_model=False)
+    with pytest.raises(RequestError, match="shoplens train --dataset toy --task click --model bert") as ei:
+        asyncio.run(svc.click(DS, "u2", "Q2", as_of=C.isoformat()))
+    assert ei.value.param == "dataset"
+    fitted = _save_click(tuned, rt)
+    direct = EncoderScorer.load(rt.settings.index_dir(DS), DS, "click").predict_many(
+        [(rt.store.user_events(DS, "u2"), "Q2", C)], CATALOG)
+    for scorer, source in (("blend", "stack"), ("bert", "bert"), ("baseline", "baseline")):
+        p = asyncio.run(svc.click(DS, "u2", "Q2", as_of=C.isoformat(), scorer=scorer))  # type: ignore[arg-type]
+        assert p.probability_source == source and p.scorer == scorer and p.horizon_hours == 24.0
+        assert p.probability == pytest.approx(float(direct[scorer][0]), abs=1e-6)
+    assert p.encoder_probability == pytest.approx(float(direct["bert"][0]), abs=1e-6)
+    assert p.funnel["n_views"] == 1 and p.reason.startswith("[template] 1 views, 0 carts")
+    want = fitted.stack.predict({"baseline": float(direct["baseline"][0]), "bert": float(direct["bert"][0])})
+    assert float(direct["blend"][0]) == pytest.approx(want, abs=1e-9)
+    with pytest.raises(RequestError, match="trained for 24 h") as ei:
+        asyncio.run(svc.click(DS, "u2", "Q2", as_of=C.isoformat(), horizon_hours=48))
+    assert ei.value.param == "horizon_hours"
+    cold = asyncio.run(svc.click(DS, "nobody", "Q2", as_of=C.isoformat()))
+    assert cold.cold_start and cold.probability_source == "cold_start_base_rate"
+    assert cold.probability == pytest.approx(fitted.baseline.base_rate)
+    assert any("'nobody' is not in 'toy'" in n for n in cold.meta.notes)
+    asyncio.run(rt.aclose())
+
+
+def test_fuse_sources_by_hand() -> None:
+    """Each source max-scaled, weighted, divided by the weights' sum; ties by user id."""
+    from agent.tasks.audience import fuse_sources
+
+    raw = {"repeat": {"a": 2.0, "b": 1.0}, "predicted": {"b": 0.8, "c": 0.4, "d": 0.4}}
+    got = fuse_sources(raw, {"repeat": 1.0, "predicted": 3.0}, n=3)
+    # a: 1*1/4 = 0.25; b: (1*0.5 + 3*1)/4 = 0.875; c, d: 3*0.5/4 = 0.375 (tie: c first)
+    assert [(u, s) for u, s, _ in got] == [("b", 0.875), ("c", 0.375), ("d", 0.375)]
+    assert got[0][2] == {"repeat": 0.5, "predicted": 1.0}
+    assert [u for u, _, _ in fuse_sources(raw, {"repeat": 1.0}, n=5)] == ["a", "b"]  # weight 0: not a source
+
+
+@pytest.mark.slow
+def test_predicted_source_and_the_audience_eval_refuses_an_encoder_that_saw_its_days(
+        tuned: tuple, tmp_path: Path) -> None:
+    """The predicted source is the encoder's blend P per pool user; the eval's loader refuses an
+    encoder whose labels reach the first tuned/held-out day and names `--until`."""
+    from agent.app.runtime import Runtime
+    from agent.settings import Settings
+    from agent.tasks.audience import predicted_source
+    from eval.audience_eval import load_eval_encoder
+
+    rt = Runtime(Settings(workspace=tmp_path / "ws4", embedder="hashing-64"))
+    rt.store.add_items(DS, CATALOG.values())
+    rt.store.add_events(DS, EVENTS)
+    _save_click(tuned, rt, cutoffs=[C - timedelta(hours=24)])  # labels end at C
+    scorer = load_eval_encoder(rt.settings, DS, "click", C)  # exactly up to the first unseen hour: allowed
+    evs = {u: rt.store.user_events(DS, u) for u in ("u1", "u2", "u3")}
+    got = predicted_source(scorer, "Q2", ["u2", "u1"], lambda u: evs[u], C, CATALOG)
+    direct = scorer.predict_many([(evs["u2"], "Q2", C), (evs["u1"], "Q2", C)], CATALOG)["blend"]
+    assert list(got) == ["u2", "u1"] and list(got.values()) == pytest.approx(direct.tolist())
+    with pytest.raises(ValueError, match=r"learnt from labels up to 2017-11-28T00:00:00\+00:00, after .*"
+                                         r"--until 2017-11-27T23:00:00Z"):
+        load_eval_encoder(rt.settings, DS, "click", C - timedelta(hours=1))
+    with pytest.raises(ValueError, match="--encoder purchase: .*no trained encoder.*--task purchase --model bert"):
+        load_eval_encoder(rt.settings, DS, "purchase", C)
+
+
+def test_cli_click_and_train_flags_name_the_fix(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ui.cli import app
+
+    runner = CliRunner()
+    ws = ["--workspace", str(tmp_path)]
+    r = runner.invoke(app, ["train", "--dataset", "toy", "--neg-per-pos", "4", *ws])
+    assert r.exit_code == 2 and "--neg-per-pos and --until apply to --task click|purchase" in r.output
+    r = runner.invoke(app, ["train", "--dataset", "toy", "--task", "click", "--until", "next tuesday", *ws])
+    assert r.exit_code == 2 and "--until 'next tuesday':" in r.output and "e.g. 2017-11-29" in r.output
+    s = EventStore(tmp_path / "shoplens.sqlite3")
+    s.add_items(DS, CATALOG.values())
+    s.add_events(DS, EVENTS)
+    r = runner.invoke(app, ["train", "--dataset", DS, "--task", "click", "--until", "2020-01-01", *ws])
+    assert r.exit_code == 2 and "--until 2020-01-01T00:00:00+00:00: after toy's end" in r.output
+    r = runner.invoke(app, ["click", "--dataset", DS, "--user", "u1", "--item", "P1", *ws])
+    assert r.exit_code == 2 and "shoplens train --dataset toy --task click --model bert" in r.output
+    r = runner.invoke(app, ["eval", "audience", "--dataset", DS, "--days", "2", "--event-type", "view",
+                            "--encoder", "click", *ws])
+    assert r.exit_code == 2 and "--encoder click:" in r.output and "--until" in r.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_served_audience_with_the_predicted_source_ranks_as_the_eval_fuses(tuned: tuple, tmp_path: Path) -> None:
+    """`audience(predicted="click")` = the eval's fusion of the same sources (`source_scores` +
+    `predicted_source` over the pool, `fuse_sources` with `PREDICTED_WEIGHTS`); misuse names
+    `predicted`."""
+    from agent.app.runtime import Runtime
+    from agent.app.service import ShopLensService
+    from agent.settings import Settings
+    from agent.tasks.audience import (
+        POOL,
+        PREDICTED_WEIGHTS,
+        fuse_sources,
+        predicted_source,
+        source_scores,
+    )
+
+    rt = Runtime(Settings(workspace=tmp_path / "ws5", embedder="hashing-64"))
+    rt.store.add_items(DS, CATALOG.values())
+    rt.store.add_events(DS, EVENTS + [e("u2", "P1", "purchase", -10), e("u3", "P1", "purchase", -30)])
+    svc = ShopLensService(rt, use_model=False)
+    with pytest.raises(RequestError, match="shoplens train --dataset toy --task click --model bert") as ei:
+        asyncio.run(svc.audience(DS, item_id="P1", n=3, predicted="click"))
+    assert ei.value.param == "predicted"
+    _save_click(tuned, rt)
+    with pytest.raises(RequestError, match="give item_id") as ei:
+        asyncio.run(svc.audience(DS, campaign_text="red mugs", n=3, predicted="click"))
+    assert ei.value.param == "predicted"
+    pred = asyncio.run(svc.audience(DS, item_id="P1", n=3, predicted="click"))
+    idx = svc.state.audience_index(DS)
+    raw = source_scores(idx, "P1")
+    pool = [u for u, _, _ in fuse_sources(raw, {"repeat": 0.5, "co_purchase": 0.5}, n=POOL)]
+    as_of = svc.state.dataset_end(DS) + timedelta(seconds=1)
+    scorer = EncoderScorer.load(rt.settings.index_dir(DS), DS, "click")
+    p = predicted_source(scorer, "P1", pool, lambda u: rt.store.user_events(DS, u), as_of, CATALOG)
+    want = fuse_sources(raw | {"predicted": p}, PREDICTED_WEIGHTS["click"], n=3)
+    assert [(t.user_id, t.score) for t in pred.users] == [(u, s) for u, s, _ in want]
+    assert {"repeat", "predicted"} <= set(pred.users[0].source_scores) and len(pool) == 3
+    assert any(n.startswith("predicted source: the click encoder") for n in pred.meta.notes)
+    asyncio.run(rt.aclose())

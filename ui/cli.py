@@ -31,6 +31,7 @@ from agent.app.service import ShopLensService
 from agent.data.store_schema import StoreConfigError
 from agent.domain.errors import CallerError, UnknownUserError
 from agent.domain.predictions import NextItemPrediction
+from agent.domain.schemas import parse_timestamp
 from agent.ingest import saved_mapping
 from agent.ingest.generic import NoValidEventsError
 from agent.ingest.mapping import ColumnMap, build_column_map
@@ -225,6 +226,12 @@ def train_cmd(
                                          "to build cases at, the last one a horizon before the data's end")] = 5,
     max_steps: Annotated[int | None, typer.Option(min=1, help="with --task click|purchase: a cap on "
                                                   "fine-tuning steps (batch 32)")] = None,
+    neg_per_pos: Annotated[float, typer.Option(min=1, help="with --task click|purchase: training negatives kept "
+                                               "per positive (validation is weighted back to the natural "
+                                               "balance)")] = 20.0,
+    until: Annotated[str | None, typer.Option(help="with --task click|purchase: use only events before this "
+                                              "time (ISO date), e.g. to keep a held-out period out of "
+                                              "training; default: the data's end")] = None,
 ) -> None:
     """Fit fusion weights, or fine-tune a click/purchase encoder.
 
@@ -254,13 +261,13 @@ def train_cmd(
         if users != 2000 or llm_windows != 30:
             raise _fail("--users and --llm-windows apply to next-item fusion; leave them out with --task click|purchase")
         _train_encoder(dataset, task, workspace, horizon_hours=horizon_hours, cutoffs=cutoffs, seed=seed,
-                       max_steps=max_steps)
+                       max_steps=max_steps, neg_per_pos=neg_per_pos, until=until)
         return
     if model not in (None, "fusion"):
         raise _fail("--model bert trains a click or purchase encoder: add --task click or --task purchase")
-    if horizon_hours != 48.0 or cutoffs != 5 or max_steps is not None:
-        raise _fail("--horizon-hours, --cutoffs and --max-steps apply to --task click|purchase; add --task, "
-                    "or leave them out to fit next-item fusion weights")
+    if horizon_hours != 48.0 or cutoffs != 5 or max_steps is not None or neg_per_pos != 20.0 or until is not None:
+        raise _fail("--horizon-hours, --cutoffs, --max-steps, --neg-per-pos and --until apply to --task "
+                    "click|purchase; add --task, or leave them out to fit next-item fusion weights")
     svc = ShopLensService(_runtime(workspace), use_model=llm)
 
     def ticker(bar: Any) -> Callable[[int, int], None]:
@@ -306,16 +313,21 @@ def train_cmd(
 
 
 def _train_encoder(dataset: str, task: Literal["click", "purchase"], workspace: Path | None, *, horizon_hours: float,
-                   cutoffs: int, seed: int, max_steps: int | None) -> None:
+                   cutoffs: int, seed: int, max_steps: int | None, neg_per_pos: float, until: str | None) -> None:
     """`train --task click|purchase --model bert`: progress bar, then the test users' metrics."""
     from agent.tasks.encoder import FitProgress
+
+    try:
+        end = parse_timestamp(until) if until is not None else None
+    except ValueError as e:
+        raise _fail(f"--until {until!r}: {e}; give an ISO date, e.g. 2017-11-29") from e
 
     svc = ShopLensService(_runtime(workspace), use_model=False)
     err.print(f"building {task} cases at {cutoffs} daily cut-offs ({horizon_hours:g} h horizon)...")
     bar = FitProgress(f"fine-tuning ({task})")
     try:
         fitted, folder = svc.train_encoder(dataset, task, horizon_hours=horizon_hours, n_cutoffs=cutoffs, seed=seed,
-                                           max_steps=max_steps, progress=bar)
+                                           max_steps=max_steps, neg_per_pos=neg_per_pos, until=end, progress=bar)
     except ValueError as e:
         raise _fail(str(e)) from e
     finally:

@@ -101,6 +101,28 @@ def intent_cmd(
                                                    horizon_hours=48.0 if horizon_hours is None else horizon_hours))
 
 
+def click_cmd(
+    user: Annotated[str, typer.Option(help="user id")],
+    item: Annotated[str, typer.Option(help="item id")],
+    dataset: Annotated[str, typer.Option(help="ingested dataset with a trained click encoder")] = "taobao",
+    as_of: Annotated[str | None, typer.Option(help="cut-off (ISO or unix s); default: after the user's last event")] = None,
+    horizon_hours: Annotated[float | None, typer.Option(
+        help="click horizon in hours (default and only choice: the one the encoder was trained for)")] = None,
+    scorer: Annotated[Literal["baseline", "bert", "blend"], typer.Option(
+        help="baseline (funnel logistic regression fitted on the click cases), bert (the fine-tuned encoder) "
+             "or blend (the two stacked on validation users)")] = "blend",
+    workspace: Workspace = None,
+) -> None:
+    """Click prediction: P(the user views or clicks the item within the horizon).
+
+    Served by the dataset's click encoder: train it first with `shoplens train --dataset D --task
+    click --model bert`. No generative model is asked; the answer is milliseconds.
+    """
+    when, horizon_hours = _date(as_of), _horizon(horizon_hours)
+    _run(workspace, True, lambda s: s.click(dataset, user, item, as_of=when, horizon_hours=horizon_hours,
+                                            scorer=scorer))
+
+
 def churn_cmd(
     user: Annotated[str, typer.Option(help="user id")],
     as_of: Annotated[str, typer.Option(help="as-of date, e.g. 2011-09-01")],
@@ -142,18 +164,24 @@ def audience_cmd(
     score_top: Annotated[int, typer.Option(help="users the model scores and explains")] = 3,
     workspace: Workspace = None,
     no_llm: NoLLM = False,
+    predicted: Annotated[Literal["click", "purchase"] | None, typer.Option(
+        help="with --item: also rank by the fine-tuned click or purchase encoder's probability (train it "
+             "with `shoplens train --task click|purchase --model bert`)")] = None,
 ) -> None:
     """Rank the users most likely to respond to an item.
 
     Or to a short campaign text (--text): repeat buyers, co-purchases and similar users fused;
-    the model scores and explains the top few.
+    the model scores and explains the top few. With --predicted, the dataset's fine-tuned
+    encoder re-ranks the fusion's top 200 users as one more source.
     """
-    _run(workspace, no_llm, lambda s: s.audience(dataset, item_id=item, campaign_text=text, n=n, score_top=score_top))
+    _run(workspace, no_llm, lambda s: s.audience(dataset, item_id=item, campaign_text=text, n=n, score_top=score_top,
+                                                 predicted=predicted))
 
 
 def register(app: typer.Typer) -> None:
-    """Add `intent`, `churn`, `profile` and `audience` to `app`."""
+    """Add `intent`, `click`, `churn`, `profile` and `audience` to `app`."""
     app.command("intent")(intent_cmd)
+    app.command("click")(click_cmd)
     app.command("churn")(churn_cmd)
     app.command("profile")(profile_cmd)
     app.command("audience")(audience_cmd)
@@ -202,6 +230,9 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
                              "100,300,1000,3000,10000 (one fine-tuning each)")] = None,
                     max_steps: Annotated[int | None, typer.Option(
                         min=1, help="with --scorers: cap on fine-tuning steps per model")] = None,
+                    neg_per_pos: Annotated[float, typer.Option(
+                        min=1, help="with --scorers: training negatives kept per positive (the rest are "
+                                    "dropped; validation is weighted back to the natural balance)")] = 20.0,
                     as_json: Annotated[bool, typer.Option("--json", help="with --scorers: print the metrics "
                                                           "as one JSON object")] = False) -> None:
     """Purchase intent (Taobao or --dataset): AUC, Brier, calibration vs baseline.
@@ -216,7 +247,8 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
     if scorers is not None:
         _eval_scorers(settings, scorers=scorers, task=task, cases=cases, model=model, seed=seed, out=out,
                       budget_s=budget_s, dataset=dataset, horizon_hours=horizon_hours, llm_cases=llm_cases,
-                      folds=folds, test_negatives=test_negatives, curve=curve, max_steps=max_steps, as_json=as_json)
+                      folds=folds, test_negatives=test_negatives, curve=curve, max_steps=max_steps,
+                      neg_per_pos=neg_per_pos, as_json=as_json)
         return
     if session:
         from eval.session_intent_eval import run_session_intent_eval
@@ -246,7 +278,7 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
 def _eval_scorers(settings: Any, *, scorers: str, task: str, cases: int | None, model: bool, seed: int,
                   out: Path | None, budget_s: float | None, dataset: str, horizon_hours: float | None,
                   llm_cases: Path | None, folds: int, test_negatives: int, curve: str | None,
-                  max_steps: int | None, as_json: bool) -> None:
+                  max_steps: int | None, neg_per_pos: float, as_json: bool) -> None:
     """`eval intent --scorers ...` (eval.encoder_eval): flags in, run folder or JSON out; exit 2 on bad input."""
     from agent.tasks.encoder import FineTuneConfig
     from eval.encoder_eval import ScorersConfig, run_scorers_eval
@@ -269,7 +301,7 @@ def _eval_scorers(settings: Any, *, scorers: str, task: str, cases: int | None, 
                             scorers=names, horizon_hours=48.0 if horizon_hours is None else horizon_hours,
                             folds=folds, test_negatives=test_negatives or None, n_llm=300 if cases is None else cases,
                             llm_cases=str(llm_cases) if llm_cases else None, budget_s=budget_s, seed=seed,
-                            curve=sizes, finetune=FineTuneConfig(seed=seed, max_steps=max_steps))
+                            curve=sizes, neg_per_pos=neg_per_pos, finetune=FineTuneConfig(seed=seed, max_steps=max_steps))
         run, metrics = run_scorers_eval(settings, cfg, out=out, progress=not as_json)
     except ValueError as e:  # an unknown dataset or scorer, a bad --curve, or one class only
         typer.echo(f"error: {e}", err=True)
@@ -326,19 +358,26 @@ def eval_audience_cmd(items: Annotated[int, typer.Option(
                                       "published month)")] = None,
                       event_type: Annotated[AudienceEventType, typer.Option(
                           help="the events that make a user part of an item's audience (review for "
-                               "review-only data such as amazon-beauty)")] = "purchase") -> None:
+                               "review-only data such as amazon-beauty)")] = "purchase",
+                      encoder: Annotated[Literal["click", "purchase"] | None, typer.Option(
+                          help="also the predicted source: the dataset's trained click or purchase encoder "
+                               "re-ranking each item's top --pool users (train it with --until the validation "
+                               "period's start; the eval refuses one that saw those days)")] = None,
+                      pool: Annotated[int, typer.Option(min=10, max=5000, help="with --encoder: users per item the "
+                                                        "encoder scores")] = 200) -> None:
     """Audience targeting (Online Retail or --dataset): HR@N, NDCG@N on a held-out period.
 
     The audience of an item = the users with an --event-type event on it in the held-out period;
     the fused sources against the category-popularity baseline, with indexes built on earlier
-    events only. Metrics are fractions in [0, 1].
+    events only. Metrics are fractions in [0, 1]. With --encoder, the fine-tuned encoder's
+    predicted probability is one more source (alone, and in the fusion tuned on validation).
     """
     from eval.audience_eval import run_audience_eval
 
     try:
         run = run_audience_eval(load_settings(workspace=workspace), dataset=dataset, days=days,
-                                event_type=event_type, n_items=items, n=n, out=out)
-    except ValueError as e:  # an unknown dataset, or no such events in the held-out period
+                                event_type=event_type, n_items=items, n=n, out=out, encoder=encoder, pool=pool)
+    except ValueError as e:  # an unknown dataset, no such events in the held-out period, or a leaky encoder
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     typer.echo(str(run))

@@ -14,7 +14,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,26 +96,37 @@ class DataMethods:
         return fusion, path
 
     def train_encoder(self, dataset: str, task: EncoderTask, *, horizon_hours: float = 48.0, n_cutoffs: int = 5,
-                      seed: int = 0, max_steps: int | None = None,
+                      seed: int = 0, max_steps: int | None = None, neg_per_pos: float = 20.0,
+                      until: datetime | None = None,
                       progress: Callable[[int, int, float | None], None] | None = None) -> tuple[TrainedEncoder, Path]:
         """Fine-tune the BERT encoder for click or purchase prediction on the dataset
         (`agent.tasks.encoder_train.train_encoder`): `n_cutoffs` daily cut-offs, the last one
-        `horizon_hours` before the data's end (so every label period is complete). Saved as
-        ``encoder-<task>/`` beside the dataset's indexes; served from then on by
-        ``intent --scorer bert|blend``. Resumes an interrupted run.
+        `horizon_hours` before the data's end, or before `until` when given (so every label
+        period is complete and nothing from `until` on is learnt from). `neg_per_pos`: training
+        negatives kept per positive. Saved as ``encoder-<task>/`` beside the dataset's indexes;
+        served from then on by ``intent --scorer bert|blend`` (purchase), ``click`` (click) and
+        the audience's ``predicted`` source. Resumes an interrupted run.
 
         Raises:
-            ValueError: the dataset was never ingested, or has no cases of both classes.
+            ValueError: the dataset was never ingested, `until` is after its end, or it has no
+                cases of both classes.
         """
         store = self.runtime.store
         if not store.has_dataset(dataset):
             raise ValueError(f"--dataset {dataset}: no such dataset (datasets: {', '.join(store.datasets()) or 'none'}); "
                              "load it with `shoplens ingest`")
-        last = robust_end(store, dataset) - timedelta(hours=horizon_hours)
+        end = robust_end(store, dataset)
+        if until is not None:
+            until = until if until.tzinfo else until.replace(tzinfo=UTC)
+            if until > end:
+                raise ValueError(f"--until {until.isoformat()}: after {dataset}'s end ({end.isoformat()}); "
+                                 "give an earlier time or leave it out")
+            end = until
+        last = end - timedelta(hours=horizon_hours)
         folder = encoder_dir(self.runtime.settings.index_dir(dataset), task)
         fitted = train_encoder(store, dataset, task, cutoffs=training_cutoffs(last, n_cutoffs), horizon_h=horizon_hours,
                                folder=folder, cfg=FineTuneConfig(seed=seed, max_steps=max_steps), seed=seed,
-                               progress=progress)
+                               neg_per_pos=neg_per_pos, progress=progress)
         self.state.encoders.pop((dataset, task), None)
         return fitted, folder
 

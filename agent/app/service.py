@@ -23,7 +23,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from agent.app.events import parse_as_of
@@ -36,6 +36,7 @@ from agent.domain.errors import RequestError
 from agent.domain.predictions import (
     AudiencePrediction,
     ChurnPrediction,
+    ClickPrediction,
     IntentPrediction,
     SentimentFailure,
     SentimentResult,
@@ -43,8 +44,18 @@ from agent.domain.predictions import (
     UserProfile,
 )
 from agent.llm.base import ChatModel, ModelUnavailableError
-from agent.tasks.audience import AudienceService, rank_users
+from agent.tasks.audience import (
+    POOL,
+    PREDICTED_WEIGHTS,
+    AudienceIndex,
+    AudienceService,
+    predicted_source,
+    rank_users,
+)
 from agent.tasks.churn import ChurnService
+from agent.tasks.click import ClickScorer, ClickService
+from agent.tasks.encoder_cases import EncoderTask
+from agent.tasks.encoder_train import EncoderScorer
 from agent.tasks.intent import IntentService, Scorer
 from agent.tasks.profile import ProfileService, catalogue_prices
 from agent.tasks.sentiment import SentimentAnalyzer, SentimentConfig
@@ -101,6 +112,28 @@ class ShopLensService(NextItemMethods):
             return mark_unavailable(pred, why, notes)
 
         pred: IntentPrediction = await self._run(run, use_model=self._use(use_model))
+        pred.user_id = user_id
+        return pred
+
+    async def click(self, dataset: str, user_id: str, item_id: str, *, as_of: datetime | str | float | None = None,
+                    horizon_hours: float | None = None, scorer: ClickScorer = "blend") -> ClickPrediction:
+        """P(the user views or clicks `item_id` within the click encoder's horizon): the dataset's
+        trained click encoder (`agent.tasks.click`), no generative model. An unknown user gets the
+        labelled base rate.
+
+        Raises:
+            RequestError: (``dataset``) no click encoder trained for the dataset, or it fails its
+                manifest check (the message gives the train command); (``horizon_hours``) a
+                horizon other than the encoder's.
+        """
+        when, uid = parse_as_of(as_of), self.stored_id(user_id)
+        catalog = await asyncio.to_thread(self.state.catalog, dataset)
+        encoder = await asyncio.to_thread(self.state.encoder, dataset, "click", "dataset")
+        notes: list[str] = []
+        events = self._events_or_note(dataset, uid, user_id, notes)
+        pred = await asyncio.to_thread(ClickService(encoder, scorer).predict, uid, item_id, events, catalog,
+                                       as_of=when, horizon_hours=horizon_hours, dataset=dataset)
+        pred.meta.notes += notes
         pred.user_id = user_id
         return pred
 
@@ -175,31 +208,60 @@ class ShopLensService(NextItemMethods):
         return pred
 
     async def audience(self, dataset: str, *, item_id: str | None = None, campaign_text: str | None = None,
-                       n: int = 50, score_top: int = 3, use_model: bool | None = None) -> AudiencePrediction:
+                       n: int = 50, score_top: int = 3, use_model: bool | None = None,
+                       predicted: EncoderTask | None = None) -> AudiencePrediction:
         """The `n` users most likely to buy `item_id` (or answer `campaign_text`), ranked by
         retrieval fusion; the model scores and explains the top `score_top`. User ids are as
         stored (pseudonymised when configured).
 
+        Args:
+            predicted: ``click`` or ``purchase``: one more source, the dataset's trained encoder's
+                P(the user clicks / buys the item within its horizon, from the dataset's last
+                event) over the default fusion's top `POOL` users, fused with `PREDICTED_WEIGHTS`.
+
         Raises:
-            RequestError: neither `item_id` nor `campaign_text` (param ``item_id``).
+            RequestError: neither `item_id` nor `campaign_text` (param ``item_id``); `predicted`
+                without `item_id`, or with no such trained encoder (param ``predicted``).
         """
         if not item_id and not campaign_text:
             raise RequestError("give item_id or campaign_text", code="missing", param="item_id")
+        if predicted and not item_id:
+            raise RequestError("predicted: the encoder scores (user, item) pairs; give item_id (a campaign text "
+                               "has no item to score)", param="predicted")
+        encoder = await asyncio.to_thread(self.state.encoder, dataset, predicted, "predicted") if predicted else None
         await self.state.ensure_indexes(dataset)
         idx = await asyncio.to_thread(self.state.audience_index, dataset)  # built once, off the event loop
         query = None
         if campaign_text and not item_id:  # embedded by the model the dataset's indexes were built with
             query = self.runtime.embedder_for(dataset).embed([campaign_text])[0]
+        weights: dict[str, float] | None = None
+        extra: dict[str, dict[str, float]] | None = None
+        notes: list[str] = []
+        if encoder is not None and item_id:
+            weights, extra, notes = await asyncio.to_thread(self._predicted_source, dataset, idx, item_id, encoder)
 
         async def run(model: ChatModel | None, why: str | None) -> AudiencePrediction:
             top = score_top if model is not None else 0
             svc = AudienceService(model, model_sha256=self.runtime.model_sha256, score_top=top)
-            ranked = [u for u, _, _ in rank_users(idx, item_id, query, n=top)] if top else []
+            ranked = [u for u, _, _ in rank_users(idx, item_id, query, n=top, weights=weights, extra=extra)] if top else []
             pred = await svc.predict(idx, item_id=item_id, campaign_text=campaign_text, query=query, n=n,
-                                     dataset=dataset, user_events={u: self.history(dataset, u) for u in ranked})
+                                     dataset=dataset, user_events={u: self.history(dataset, u) for u in ranked},
+                                     weights=weights, extra_sources=extra, notes=notes)
             return mark_unavailable(pred, why)
 
         return await self._run(run, use_model=self._use(use_model))
+
+    def _predicted_source(self, dataset: str, idx: AudienceIndex, item_id: str, encoder: EncoderScorer
+                          ) -> tuple[dict[str, float], dict[str, dict[str, float]], list[str]]:
+        """(weights, {"predicted": user -> P}, notes) for `audience(predicted=...)`; blocking
+        (SQLite reads of the pool's events and the encoder): call in a thread."""
+        pool = [u for u, _, _ in rank_users(idx, item_id, n=POOL)]
+        as_of = self.state.dataset_end(dataset) + timedelta(seconds=1)
+        scores = predicted_source(encoder, item_id, pool, lambda u: self.history(dataset, u), as_of, idx.catalog)
+        weights = PREDICTED_WEIGHTS[encoder.task]
+        return weights, {"predicted": scores}, [
+            f"predicted source: the {encoder.task} encoder's P (blend) within {encoder.horizon_h:g} h of "
+            f"{as_of:%Y-%m-%d %H:%M}, over the default fusion's top {len(pool)} users; weights {weights}"]
 
     # ---- sentiment ------------------------------------------------------------------------
     async def sentiment(self, texts: Sequence[object], *, aspects: bool = False, use_model: bool | None = None,

@@ -72,11 +72,11 @@ class AppState:
             self.catalogs[dataset] = self.runtime.store.items(dataset)
         return self.catalogs[dataset]
 
-    def encoder(self, dataset: str, task: EncoderTask) -> EncoderScorer:
+    def encoder(self, dataset: str, task: EncoderTask, param: str = "scorer") -> EncoderScorer:
         """The dataset's trained encoder for `task` (loaded once; blocking: call in a thread).
 
         Raises:
-            RequestError: (field ``scorer``) none trained, or it fails its manifest check; the
+            RequestError: (field `param`) none trained, or it fails its manifest check; the
                 message gives the train command.
         """
         key = (dataset, task)
@@ -84,7 +84,7 @@ class AppState:
             try:
                 self.encoders[key] = EncoderScorer.load(self.runtime.settings.index_dir(dataset), dataset, task)
             except (FileNotFoundError, ArtifactMismatchError) as e:
-                raise RequestError(f"scorer: {e}", param="scorer") from e
+                raise RequestError(f"{param}: {e}", param=param) from e
         return self.encoders[key]
 
     def dataset_end(self, dataset: str) -> datetime:

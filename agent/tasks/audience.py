@@ -18,11 +18,11 @@ import math
 import re
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -40,11 +40,21 @@ from agent.tasks.verified import verified_reason
 from retrieval.covisit import CoVisitation, CoVisitationConfig
 from retrieval.index import VectorIndex
 
-Source = Literal["repeat", "co_purchase", "similar_users"]
+if TYPE_CHECKING:
+    from agent.tasks.encoder_train import EncoderScorer
+
+Source = Literal["repeat", "co_purchase", "similar_users", "predicted"]
 # Item targeting: tuned on Online Retail 2011-10-09..11-08 (index built before it) by grid search
 # (eval/audience_eval.py); the user-index source scored 0 there, so it only drives campaign texts.
 DEFAULT_WEIGHTS: dict[str, float] = {"repeat": 0.5, "co_purchase": 0.5, "similar_users": 0.0}
 CAMPAIGN_WEIGHTS: dict[str, float] = {"co_purchase": 0.5, "similar_users": 0.5}  # not evaluated
+# The ``predicted`` source (a dataset's trained encoder over the default fusion's top POOL users),
+# weights tuned on Taobao's validation days by `shoplens eval audience --encoder` (docs/tasks_results.md).
+POOL = 200
+PREDICTED_WEIGHTS: dict[str, dict[str, float]] = {
+    "click": {"repeat": 1.0, "co_purchase": 1.0, "similar_users": 0.0, "predicted": 1.0},
+    "purchase": {"repeat": 1.0, "co_purchase": 1.0, "similar_users": 0.0, "predicted": 1.0},
+}
 HALF_LIFE_DAYS = 90.0  # a purchase 90 days before the cut-off counts half
 COOC_WINDOW = 30  # co-purchase pairs within 30 distinct items of each other
 
@@ -136,10 +146,24 @@ def source_scores(idx: AudienceIndex, item_id: str | None, query: np.ndarray | N
 
 
 def rank_users(idx: AudienceIndex, item_id: str | None, query: np.ndarray | None = None, *, n: int = 50,
-               weights: Mapping[str, float] | None = None) -> list[tuple[str, float, dict[str, float]]]:
-    """Top-n (user, fused score in [0, 1], per-source scaled scores), best first."""
-    w = dict(weights or (DEFAULT_WEIGHTS if item_id is not None else CAMPAIGN_WEIGHTS))
+               weights: Mapping[str, float] | None = None,
+               extra: Mapping[str, Mapping[str, float]] | None = None) -> list[tuple[str, float, dict[str, float]]]:
+    """Top-n (user, fused score in [0, 1], per-source scaled scores), best first.
+
+    Args:
+        extra: more sources, name -> {user id: score >= 0} (e.g. ``predicted``, the trained
+            encoder's P from `predicted_source`), fused like the built-in ones with `weights`.
+    """
     raw = source_scores(idx, item_id, query)
+    return fuse_sources(raw | dict(extra or {}), weights or (DEFAULT_WEIGHTS if item_id is not None else CAMPAIGN_WEIGHTS),
+                        n=n)
+
+
+def fuse_sources(raw: Mapping[str, Mapping[str, float]], weights: Mapping[str, float], *, n: int = 50
+                 ) -> list[tuple[str, float, dict[str, float]]]:
+    """Weighted sum of the max-scaled sources (`source_scores`' shape): top-n (user, fused score
+    in [0, 1], per-source scaled scores), best first, ties by user id."""
+    w = dict(weights)
     fused: dict[str, float] = defaultdict(float)
     per: dict[str, dict[str, float]] = defaultdict(dict)
     wsum = sum(w.values()) or 1.0
@@ -151,6 +175,27 @@ def rank_users(idx: AudienceIndex, item_id: str | None, query: np.ndarray | None
             per[u][src] = round(s, 6)
     ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
     return [(u, round(min(1.0, s), 6), per[u]) for u, s in ranked]
+
+
+def predicted_source(scorer: EncoderScorer, item_id: str, users: Sequence[str],
+                     events_of: Callable[[str], Sequence[BehaviorEvent]], as_of: datetime,
+                     catalog: Mapping[str, CatalogItem], *, which: str = "blend") -> dict[str, float]:
+    """The ``predicted`` audience source: each user's P(click or purchase of `item_id` within the
+    encoder's horizon after `as_of`) from a trained encoder (`shoplens train --task click|purchase
+    --model bert`), for a candidate pool `users` (the other sources' top users: the encoder is
+    ~10 ms a user, so it re-ranks a pool rather than scanning every user).
+
+    Args:
+        events_of: a user's events, oldest first (only those before `as_of` are read).
+        which: the encoder folder's scorer: ``blend`` (default), ``bert`` or ``baseline``.
+
+    Returns:
+        user id -> P in [0, 1], for every user in `users`.
+    """
+    if not users:
+        return {}
+    p = scorer.predict_many([(events_of(u), item_id, as_of) for u in users], catalog)[which]
+    return {u: float(x) for u, x in zip(users, p, strict=True)}
 
 
 def title_words(title: str) -> set[str]:
@@ -198,15 +243,21 @@ class AudienceService:
 
     async def predict(self, idx: AudienceIndex, *, item_id: str | None = None, campaign_text: str | None = None,
                       query: np.ndarray | None = None, n: int = 50, dataset: str | None = None,
-                      user_events: Mapping[str, Sequence[BehaviorEvent]] | None = None) -> AudiencePrediction:
+                      user_events: Mapping[str, Sequence[BehaviorEvent]] | None = None,
+                      weights: Mapping[str, float] | None = None,
+                      extra_sources: Mapping[str, Mapping[str, float]] | None = None,
+                      notes: Sequence[str] = ()) -> AudiencePrediction:
         """Rank users for an item or a campaign text (`query` = its embedding).
 
         Args:
             user_events: events of (at least) the top `score_top` users, for the model's reasons.
+            weights, extra_sources: `rank_users`' weights and extra (e.g. the ``predicted`` source).
+            notes: added to ``meta.notes`` (what ranked the answer).
         """
         t0, trace = time.perf_counter(), CallTrace()
+        trace.notes.extend(notes)
         known = item_id is not None and (item_id in idx.buyers or idx.item_index.vector(item_id) is not None)
-        ranked = rank_users(idx, item_id, query, n=n) if (known or query is not None) else []
+        ranked = rank_users(idx, item_id, query, n=n, weights=weights, extra=extra_sources) if (known or query is not None) else []
         if not ranked:
             trace.notes.append("cold start: unknown item and no campaign vector; most active buyers shown")
             top = sorted(idx.user_activity.items(), key=lambda kv: (-kv[1], kv[0]))[:n]

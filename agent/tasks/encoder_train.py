@@ -103,8 +103,11 @@ class TrainedEncoder:
 
     def scores(self, cases: Sequence[EncoderCase]) -> dict[str, np.ndarray]:
         """{"baseline", "bert", "blend"} -> P(label 1) per case, shape (len(cases),)."""
-        pb = np.array([self.baseline.predict(c.funnel.vector()) for c in cases])
-        pe = self.clf.predict_proba([c.text for c in cases])
+        return self.combine(np.array([self.baseline.predict(c.funnel.vector()) for c in cases]),
+                            self.clf.predict_proba([c.text for c in cases]))
+
+    def combine(self, pb: np.ndarray, pe: np.ndarray) -> dict[str, np.ndarray]:
+        """The three scorers from the baseline's and the encoder's P (each shape (n,))."""
         pl = np.array([self.stack.predict({"baseline": a, "bert": b}) for a, b in zip(pb, pe, strict=True)])
         return {"baseline": pb, "bert": pe, "blend": pl}
 
@@ -236,6 +239,20 @@ class EncoderScorer:
     def predict(self, before: Sequence[BehaviorEvent], item_id: str, as_of: datetime,
                 catalog: Mapping[str, CatalogItem]) -> float:
         """P(label 1) for the user's events strictly before `as_of` (oldest first) and `item_id`."""
-        evs = [e for e in before if e.timestamp < as_of]
-        f = funnel_features(evs, item_id, as_of, catalog)
-        return float(self.trained.clf.predict_proba([verbalise(evs, item_id, as_of, f, catalog)])[0])
+        return float(self.predict_many([(before, item_id, as_of)], catalog)["bert"][0])
+
+    def predict_many(self, queries: Sequence[tuple[Sequence[BehaviorEvent], str, datetime]],
+                     catalog: Mapping[str, CatalogItem]) -> dict[str, np.ndarray]:
+        """{"baseline", "bert", "blend"} -> P(label 1), shape (len(queries),), for (the user's
+        events oldest first, item id, as-of) triples; only events strictly before each as-of are
+        read. The encoder runs once over the whole batch (~10 ms a case on 2 cores)."""
+        if not queries:
+            return {k: np.zeros(0) for k in ("baseline", "bert", "blend")}
+        texts, funnels = [], []
+        for before, item_id, as_of in queries:
+            evs = [e for e in before if e.timestamp < as_of]
+            f = funnel_features(evs, item_id, as_of, catalog)
+            funnels.append(f)
+            texts.append(verbalise(evs, item_id, as_of, f, catalog))
+        t = self.trained
+        return t.combine(np.array([t.baseline.predict(f.vector()) for f in funnels]), t.clf.predict_proba(texts))

@@ -168,6 +168,22 @@ class PurchaseIntentRequest(BaseModel):
         "model's log-odds")
 
 
+class ClickRequest(BaseModel):
+    """Will this stored user view or click this item within the click encoder's horizon of `as_of`?"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    user_id: UserId
+    item_id: ItemId
+    as_of: AsOf = None
+    horizon_hours: float | None = Field(default=None, gt=0, le=24 * 90, strict=True,
+                                        description="must be the encoder's trained horizon; null: that horizon")
+    scorer: Literal["baseline", "bert", "blend"] = Field(
+        default="blend", description="baseline (funnel logistic regression fitted on the click cases), bert (the "
+        "fine-tuned encoder), blend (the two stacked on validation users)")
+
+
 class SessionIntentRequest(BaseModel):
     """Will this stored user buy anything later in the current session (or within `horizon_hours`
     of `as_of`)? The current session holds the user's last events before `as_of`. Sessions follow
@@ -233,6 +249,10 @@ class AudienceRequest(BaseModel):
     campaign_text: str | None = Field(default=None, min_length=1, max_length=2_000)
     n: int = Field(default=50, ge=1, le=500, strict=True)
     use_llm: UseLlm = True
+    predicted: Literal["click", "purchase"] | None = Field(
+        default=None, description="with item_id: also rank by the dataset's fine-tuned click or purchase encoder "
+        "(P within its horizon) over the fusion's top 200 users (`shoplens train --task click|purchase --model bert` "
+        "first); null: retrieval fusion only")
 
 
 class DatasetsResponse(BaseModel):

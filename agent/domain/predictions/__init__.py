@@ -21,6 +21,7 @@ from agent.domain.predictions.common import (
     parse_probability,
 )
 from agent.domain.predictions.intent import (
+    ClickPrediction,
     IntentAnswer,
     IntentFields,
     IntentPrediction,
@@ -64,7 +65,7 @@ from agent.domain.predictions.sentiment import (
 
 __all__ = [
     "POLARITIES", "SENSITIVE", "SENSITIVE_KEYS", "Action", "AspectSentiment", "AspectsAnswer", "Attribute",
-    "AudiencePrediction", "AudienceReason", "ChurnAnswer", "ChurnPrediction", "Cited", "Claim", "Driver",
+    "AudiencePrediction", "AudienceReason", "ChurnAnswer", "ClickPrediction", "ChurnPrediction", "Cited", "Claim", "Driver",
     "Evidence", "Explanation", "ModelStep", "IntentAnswer", "IntentFields", "IntentPrediction", "ItemReason", "Language",
     "Lifecycle", "Meta", "NextItemPrediction", "Polarity", "PriceBand", "Probability", "ProfileAnswer",
     "ProfileClaim", "RankedItem", "RiskBand", "SentimentFailure", "SentimentResult", "SessionIntentPrediction",

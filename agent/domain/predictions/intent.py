@@ -74,3 +74,21 @@ class IntentPrediction(IntentFields, _ItemSubject):
 
 class SessionIntentPrediction(IntentFields, _SessionSubject):
     """P(the user buys anything later in the current session, or within `horizon_hours`)."""
+
+
+class ClickPrediction(_ItemSubject):
+    """P(the user views or clicks this item within `horizon_hours` after `as_of`): the trained
+    click encoder's scorers (`shoplens train --task click --model bert`). No generative model is
+    asked (there is no click prompt); the reason is a labelled template over the funnel."""
+
+    probability: Probability
+    probability_source: Literal["baseline", "bert", "stack", "cold_start_base_rate"] = Field(
+        description="baseline: the funnel logistic regression fitted on the click cases; bert: the fine-tuned "
+                    "encoder; stack: the blend chosen on validation users; cold_start_base_rate: no history")
+    scorer: Literal["baseline", "bert", "blend"]
+    baseline_probability: Probability
+    encoder_probability: Probability | None = None
+    reason: str
+    reason_source: Literal["template", "cold_start"]
+    cold_start: bool = False
+    meta: Meta

@@ -1,4 +1,4 @@
-"""The task routes: purchase intent (item and session), churn, profile, sentiment, audience."""
+"""The task routes: purchase intent (item and session), click, churn, profile, sentiment, audience."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from agent.app.events import parse_as_of
 from agent.domain.predictions import (
     AudiencePrediction,
     ChurnPrediction,
+    ClickPrediction,
     IntentPrediction,
     SessionIntentPrediction,
     UserProfile,
@@ -17,6 +18,7 @@ from ui.api.errors import ERROR_RESPONSES, ApiError
 from ui.api.schemas import (
     AudienceRequest,
     ChurnRequest,
+    ClickRequest,
     ProfileRequest,
     PurchaseIntentRequest,
     SentimentRequest,
@@ -41,6 +43,20 @@ async def purchase_intent(body: PurchaseIntentRequest, api: Api, svc: Service) -
     pred = await svc.intent(body.dataset, body.user_id, body.item_id, as_of=when, horizon_hours=body.horizon_hours,
                             use_model=body.use_llm, scorer=body.scorer)
     api.count("/v1/purchase-intent", pred)
+    return pred
+
+
+@router.post("/v1/click", response_model=ClickPrediction, responses=WITH_404)
+async def click(body: ClickRequest, api: Api, svc: Service) -> ClickPrediction:
+    """P(the user views or clicks the item within the horizon), from the dataset's fine-tuned
+    click encoder (`shoplens train --task click --model bert`): the funnel baseline, the encoder,
+    or their blend chosen on validation users. No generative model; milliseconds. 422 naming
+    `dataset` when no click encoder is trained, `horizon_hours` for another horizon."""
+    when = parse_as_of(body.as_of)
+    await svc.check_user(body.dataset, body.user_id)
+    pred = await svc.click(body.dataset, body.user_id, body.item_id, as_of=when, horizon_hours=body.horizon_hours,
+                           scorer=body.scorer)
+    api.count("/v1/click", pred)
     return pred
 
 
@@ -113,11 +129,12 @@ async def sentiment(body: SentimentRequest, api: Api, svc: Service) -> Sentiment
 async def audience(body: AudienceRequest, api: Api, svc: Service) -> AudiencePrediction:
     """The `n` users most likely to buy `item_id` (or to answer `campaign_text`), ranked by
     retrieval fusion; the model scores and explains the top few. User ids are as stored
-    (pseudonymised when SHOPLENS_PSEUDONYMISE_KEY is set).
+    (pseudonymised when SHOPLENS_PSEUDONYMISE_KEY is set). `predicted`: also rank by the
+    fine-tuned click or purchase encoder (422 naming `predicted` when none is trained).
 
     Model down, slow or loading: 200 ranked by retrieval alone with template reasons,
     `meta.degraded=true` and the reason."""
     pred = await svc.audience(body.dataset, item_id=body.item_id, campaign_text=body.campaign_text, n=body.n,
-                              use_model=body.use_llm)
+                              use_model=body.use_llm, predicted=body.predicted)
     api.count("/v1/audience", pred)
     return pred

@@ -1,0 +1,91 @@
+"""Click prediction: P(user views or clicks the item within the horizon), from the trained click encoder.
+
+The scorers are the ones ``shoplens train --task click --model bert`` fits and saves
+(`agent.tasks.encoder_train`): the funnel logistic regression refitted on the click cases
+(``baseline``), the fine-tuned MiniLM (``bert``), and the blend of the two chosen on validation
+users (``blend``, the default). The case is built exactly as in training: the user's events
+strictly before `as_of`, verbalised by ``prompts/encoder_case.v1``. No generative model is asked:
+there is no click prompt, and the LLM's yes/no was not better than the baseline on purchases
+(docs/tasks_results.md). The reason is a labelled template over the funnel counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from agent.domain.predictions import ClickPrediction
+from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.llm.structured import CallTrace
+from agent.tasks.common import make_meta
+from agent.tasks.encoder_train import EncoderScorer
+from agent.tasks.intent import Funnel, funnel_features
+
+ClickScorer = Literal["baseline", "bert", "blend"]
+SOURCE: dict[str, Literal["baseline", "bert", "stack"]] = {"baseline": "baseline", "bert": "bert", "blend": "stack"}
+
+
+def click_reason(f: Funnel) -> str:
+    """A truthful template sentence over the funnel (the counts the scorers read)."""
+    if f.n_views + f.n_carts + f.n_favs == 0:
+        return "[template] The user has not viewed, carted or favourited this item before."
+    last = "" if f.hours_since_last is None else f", the last {f.hours_since_last:.1f} h before"
+    return (f"[template] {f.n_views} views, {f.n_carts} carts and {f.n_favs} favourites of this item "
+            f"before the cut-off{last}.")
+
+
+class ClickService:
+    """P(click within the horizon) for (user, item) pairs from a dataset's trained click encoder."""
+
+    def __init__(self, encoder: EncoderScorer, scorer: ClickScorer = "blend"):
+        """Raises:
+            ValueError: `encoder` was trained for purchases, not clicks.
+        """
+        if encoder.task != "click":
+            raise ValueError(f"ClickService needs a click encoder, got one trained for {encoder.task}")
+        self.encoder, self.scorer = encoder, scorer
+
+    def predict(self, user_id: str, item_id: str, events: Sequence[BehaviorEvent],
+                catalog: Mapping[str, CatalogItem], *, as_of: datetime | None = None,
+                horizon_hours: float | None = None, dataset: str | None = None) -> ClickPrediction:
+        """Predict whether `user_id` views or clicks `item_id` within the horizon after `as_of`.
+
+        Args:
+            events: the user's events, oldest first; only those before `as_of` are read.
+            as_of: the cut-off (default: one second after the last event).
+            horizon_hours: must equal the encoder's trained horizon (default: that horizon).
+
+        Raises:
+            RequestError: (``horizon_hours``) another horizon than the encoder was trained for.
+        """
+        t0, trace = time.perf_counter(), CallTrace()
+        horizon = self.encoder.horizon_h if horizon_hours is None else horizon_hours
+        self.encoder.check_horizon(horizon)
+        as_of = as_of or ((events[-1].timestamp + timedelta(seconds=1)) if events else datetime.now().astimezone())
+        evs = [e for e in events if e.timestamp < as_of]
+        f = funnel_features(evs, item_id, as_of, catalog)
+        common: dict[str, Any] = dict(user_id=user_id, item_id=item_id, dataset=dataset, as_of=as_of.isoformat(),
+                      horizon_hours=horizon, funnel=asdict(f), scorer=self.scorer)
+        if not any(e.item_id in catalog for e in evs):
+            rate = self.encoder.trained.baseline.base_rate
+            trace.notes.append("cold start (no history): the click rate of the training cases, not a personal "
+                               "prediction")
+            return ClickPrediction(**common, probability=rate, probability_source="cold_start_base_rate",
+                                   baseline_probability=rate, cold_start=True, reason_source="cold_start",
+                                   reason=f"[cold start] no history: the training cases' click rate {rate:.1%} is "
+                                          "shown instead of a personal probability.",
+                                   meta=make_meta("click", None, trace, [], t0))
+        p = self.encoder.predict_many([(evs, item_id, as_of)], catalog)
+        if self.scorer == "blend":
+            trace.notes.append(self.encoder.trained.stack.describe())
+        trace.notes.append(f"click encoder trained on {self.encoder.dataset} "
+                           f"(template {self.encoder.trained.manifest.get('template')}); no generative model asked")
+        return ClickPrediction(**common, probability=round(float(p[self.scorer][0]), 6),
+                               probability_source=SOURCE[self.scorer],
+                               baseline_probability=round(float(p["baseline"][0]), 6),
+                               encoder_probability=round(float(p["bert"][0]), 6),
+                               reason=click_reason(f), reason_source="template",
+                               meta=make_meta("click", None, trace, [], t0))
