@@ -84,6 +84,10 @@ from eval.tasks_eval import (
 
 log = logging.getLogger(__name__)
 ALL_SCORERS: tuple[str, ...] = get_args(Scorer)  # the scorers intent serves, in one place
+# Eval-only: the model few-shot over the encoder's own case texts (not served: see the docs' table).
+EVAL_SCORERS: tuple[str, ...] = ("llm_fewshot",)
+FEWSHOT_PROMPT = "purchase_intent_fewshot.v1"
+FEWSHOT_K = 8  # demonstrations per fold: half buys, half not
 
 
 @dataclass
@@ -193,6 +197,57 @@ def _llm_scores(settings: Settings, d: Path, cfg: ScorersConfig, rt: Runtime, sa
     return got
 
 
+def fewshot_demos(pool: list[EncoderCase], k: int, cfg: ScorersConfig, n: int = FEWSHOT_K) -> list[EncoderCase]:
+    """Fold k's demonstrations: `n` cases (half positive) of the other folds' training users,
+    drawn with the seed; shuffled once, the same for every case of the fold (a stable prefix)."""
+    _, train, _ = _fold_split(pool, k, cfg)
+    rng = random.Random(cfg.seed * 1000 + k)
+    pos = [c for c in train if c.label == 1]
+    neg = [c for c in train if c.label == 0]
+    if len(pos) < n // 2 or len(neg) < n - n // 2:
+        raise ValueError(f"fold {k}: {len(pos)} positive and {len(neg)} negative training cases; "
+                         f"{n} demonstrations need {n // 2} of each")
+    demos = rng.sample(pos, n // 2) + rng.sample(neg, n - n // 2)
+    rng.shuffle(demos)
+    return demos
+
+
+def fewshot_messages(demos: Sequence[EncoderCase], case: EncoderCase, horizon_hours: float) -> list[Any]:
+    """The few-shot verbalizer's messages (`FEWSHOT_PROMPT`): demonstrations, then `case`."""
+    from agent.llm.prompting import load_prompt, render
+
+    return render(load_prompt(FEWSHOT_PROMPT), horizon_hours=f"{horizon_hours:g}", case=case.text,
+                  demos=[{"text": d.text, "answer": "yes" if d.label else "no"} for d in demos])
+
+
+def _fewshot_scores(settings: Settings, d: Path, cfg: ScorersConfig, pool: list[EncoderCase],
+                    sample: list[EncoderCase]) -> dict[str, float]:
+    """case id -> the model's few-shot P(yes) on `sample` (recorded in fewshot.jsonl; resumes).
+    Cases run fold by fold so each fold's demonstration prefix is evaluated once."""
+    from agent.llm.structured import CallTrace
+    from agent.tasks.common import ask_yes_no
+
+    demos = {k: fewshot_demos(pool, k, cfg) for k in range(cfg.folds)}
+    todo = sorted(((c.case_id, c) for c in sample), key=lambda t: user_fold(t[1].user_id, cfg.folds, cfg.seed))
+    rt = Runtime(settings)
+
+    async def predict(model: Any, c: EncoderCase, _explain: bool) -> dict[str, Any]:
+        k = user_fold(c.user_id, cfg.folds, cfg.seed)
+        trace = CallTrace()
+        p = await ask_yes_no(model, fewshot_messages(demos[k], c, cfg.horizon_hours), trace)
+        return {"label": c.label, "fold": k, "p_model": p, "prompt": FEWSHOT_PROMPT,
+                "prompt_tokens": trace.usage.prompt_tokens, "demos": [x.case_id for x in demos[k]]}
+
+    async def go() -> None:
+        try:
+            await _model_cases(d, rt, todo, predict, 0, cfg.budget_s, file="fewshot.jsonl")
+        finally:
+            await rt.aclose()
+    asyncio.run(go())
+    recs = read_jsonl(d / "fewshot.jsonl") if (d / "fewshot.jsonl").exists() else []
+    return {r["case_id"]: float(r["p_model"]) for r in recs if r.get("p_model") is not None}
+
+
 def run_scorers_eval(settings: Settings, cfg: ScorersConfig, out: Path | None = None,
                      progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Run the side-by-side eval (see the module doc); returns (run folder, metrics).
@@ -200,9 +255,10 @@ def run_scorers_eval(settings: Settings, cfg: ScorersConfig, out: Path | None = 
     Raises:
         ValueError: an unknown dataset or scorer, no cases, or one class only in a split.
     """
-    bad = set(cfg.scorers) - set(ALL_SCORERS)
+    bad = set(cfg.scorers) - set(ALL_SCORERS) - set(EVAL_SCORERS)
     if bad:
-        raise ValueError(f"--scorers: unknown {', '.join(sorted(bad))}; choose from {', '.join(ALL_SCORERS)}")
+        raise ValueError(f"--scorers: unknown {', '.join(sorted(bad))}; choose from "
+                         f"{', '.join(ALL_SCORERS + EVAL_SCORERS)}")
     rt = Runtime(settings)
     store, ds = rt.store, cfg.dataset
     require_dataset(store, ds)
@@ -223,7 +279,8 @@ def run_scorers_eval(settings: Settings, cfg: ScorersConfig, out: Path | None = 
     n_neg = sum(1 for c in test_all if c.label == 0)
     rate = 1.0 if cfg.test_negatives is None else min(1.0, cfg.test_negatives / max(1, n_neg))
     in_sub = [c.label == 1 or rng.random() < rate for c in test_all]
-    sample = [test_all[i] for i in _sample(test_all, cfg.n_llm, cfg.seed, 1 / 3)] if "llm" in cfg.scorers else []
+    wants_llm = {"llm", "llm_fewshot"} & set(cfg.scorers)
+    sample = [test_all[i] for i in _sample(test_all, cfg.n_llm, cfg.seed, 1 / 3)] if wants_llm else []
     sample_ids = {c.case_id for c in sample}
     scored = [c for c, s in zip(test_all, in_sub, strict=True) if s or c.case_id in sample_ids]
     sub_ids = {c.case_id for c, s in zip(test_all, in_sub, strict=True) if s}
@@ -249,7 +306,12 @@ def run_scorers_eval(settings: Settings, cfg: ScorersConfig, out: Path | None = 
         base_1cut.predict(c.funnel.vector())
     cost["ms_per_case"]["baseline"] = round(1000 * (time.perf_counter() - t1) / max(1, min(500, len(scored))), 4)
     llm: dict[str, float] = {}
-    if sample:
+    few: dict[str, float] = {}
+    if sample and "llm_fewshot" in cfg.scorers:
+        few = _fewshot_scores(settings, d, cfg, pool, sample)
+        secs = [r["seconds"] for r in read_jsonl(d / "fewshot.jsonl") if "seconds" in r]
+        cost["ms_per_case"]["llm_fewshot_median"] = round(1000 * float(np.median(secs)), 1) if secs else None
+    if sample and "llm" in cfg.scorers:
         llm = _llm_scores(settings, d, cfg, rt, sample, test_cut, base_1cut)
         wanted = {f"{c.user_id}|{c.item_id}" for c in sample}
         secs = [r["seconds"] for k, r in _llm_records(d, cfg).items() if k in wanted and "seconds" in r]
@@ -264,12 +326,18 @@ def run_scorers_eval(settings: Settings, cfg: ScorersConfig, out: Path | None = 
                 "scored": len(main), "negatives_rate": round(rate, 5)},
         "cost": cost,
     }
-    have = [c for c in sample if c.case_id in probs and f"{c.user_id}|{c.item_id}" in llm]
+    zero = "llm" in cfg.scorers
+    have = [c for c in sample if c.case_id in probs and (not zero or f"{c.user_id}|{c.item_id}" in llm)
+            and ("llm_fewshot" not in cfg.scorers or c.case_id in few)]
     if have:
         for c in have:
-            probs[c.case_id]["llm"] = llm[f"{c.user_id}|{c.item_id}"]
-        _blend_llm(have, probs, cfg)
-        sn = names + ["llm", "blend_llm"]
+            if zero:
+                probs[c.case_id]["llm"] = llm[f"{c.user_id}|{c.item_id}"]
+            if c.case_id in few:
+                probs[c.case_id]["llm_fewshot"] = few[c.case_id]
+        if zero:
+            _blend_llm(have, probs, cfg)
+        sn = names + (["llm", "blend_llm"] if zero else []) + (["llm_fewshot"] if few else [])
         metrics["llm_sample"] = {"scorers": compare_scorers([c.label for c in have],
                                                             {n: [probs[c.case_id][n] for c in have] for n in sn},
                                                             reference="baseline", seed=cfg.seed),
@@ -316,9 +384,14 @@ def _curve(d: Path, cfg: ScorersConfig, pool: list[EncoderCase], main: list[Enco
     llm_test = [c for c in have if user_fold(c.user_id, cfg.folds, cfg.seed) == 0]
     rows = []
     done = {r["n"]: r for r in read_jsonl(d / "curve.jsonl")} if (d / "curve.jsonl").exists() else {}
+    few_line = None
+    if llm_test and all("llm_fewshot" in probs[c.case_id] for c in llm_test) and len({c.label for c in llm_test}) == 2:
+        few_line = compare_scorers([c.label for c in llm_test], {n: [probs[c.case_id][n] for c in llm_test]
+                                                                 for n in ("baseline", "llm_fewshot")},
+                                   reference="baseline", n_boot=500, seed=cfg.seed)["llm_fewshot"]
     for n in cfg.curve:
         if n in done:
-            rows.append(done[n])
+            rows.append(done[n] | ({"llm_fewshot_line": few_line} if few_line else {}))
             continue
         cases = _curve_sample(train, n, cfg.seed)
         ft = FineTuneConfig(**(asdict(cfg.finetune) | {"max_steps": cfg.curve_max_steps}))
@@ -326,6 +399,8 @@ def _curve(d: Path, cfg: ScorersConfig, pool: list[EncoderCase], main: list[Enco
                              trained_on=f"curve n={n}")
         row: dict[str, Any] = {"n": n, "positives": sum(c.label for c in cases), "steps": fitted.history.steps if fitted.history else None,
                                "train_s": fitted.history.seconds if fitted.history else None}
+        if few_line:
+            row["llm_fewshot_line"] = few_line
         for part, cs in (("test", test), ("llm_sample", llm_test)):
             if len({c.label for c in cs}) < 2:
                 continue
@@ -334,7 +409,10 @@ def _curve(d: Path, cfg: ScorersConfig, pool: list[EncoderCase], main: list[Enco
             w = [1.0 if c.label == 1 else 1.0 / rate for c in cs] if part == "test" else None
             scores = {"bert": sc["bert"].tolist(), "baseline": sc["baseline"].tolist()}
             if part == "llm_sample":
-                scores["llm"] = [probs[c.case_id]["llm"] for c in cs]
+                if all("llm" in probs[c.case_id] for c in cs):
+                    scores["llm"] = [probs[c.case_id]["llm"] for c in cs]
+                if all("llm_fewshot" in probs[c.case_id] for c in cs):
+                    scores["llm_fewshot"] = [probs[c.case_id]["llm_fewshot"] for c in cs]
             row[part] = compare_scorers(ys, scores, weights=w, reference="baseline", n_boot=500, seed=cfg.seed)
         rows.append(row)
         with (d / "curve.jsonl").open("a") as fh:
@@ -361,13 +439,17 @@ def _plot_curve(path: Path, rows: list[dict[str, Any]], cfg: ScorersConfig) -> N
             hi = [r[part][name]["roc_auc_ci"][1] - r[part][name]["roc_auc"] for r in pts]
             ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o" + style, color=color, capsize=3,
                         label=f"{'fine-tuned BERT' if name == 'bert' else 'logistic baseline'} ({part.replace('_', ' ')})")
-        if part == "llm_sample":
+        if part == "llm_sample" and "llm" in pts[0][part]:
             m = pts[0][part]["llm"]
             ax.axhline(m["roc_auc"], color="C2", ls=":", label=f"LLM zero-shot (llm sample, n={m['n']})")
             ax.axhspan(m["roc_auc_ci"][0], m["roc_auc_ci"][1], color="C2", alpha=0.12)
+        few = next((r["llm_fewshot_line"] for r in rows if "llm_fewshot_line" in r), None)
+        if part == "llm_sample" and few:
+            ax.axhline(few["roc_auc"], color="C3", ls="-.", label=f"LLM few-shot, {FEWSHOT_K} demos (llm sample, n={few['n']})")
+            ax.axhspan(few["roc_auc_ci"][0], few["roc_auc_ci"][1], color="C3", alpha=0.10)
     ax.set_xscale("log")
     ax.set(xlabel="labelled training cases (positives oversampled to <= 1/4)", ylabel="ROC AUC (95% CI)",
-           title=f"{cfg.dataset} {cfg.task} within {cfg.horizon_hours:g} h: fine-tuned encoder vs zero-shot LLM")
+           title=f"{cfg.dataset} {cfg.task} within {cfg.horizon_hours:g} h: fine-tuned encoder vs the LLM")
     ax.axhline(0.5, color="grey", lw=0.8)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -420,7 +502,7 @@ def rescore(run_dir: Path) -> dict[str, Any]:
         weights=[1.0 if r["label"] else 1.0 / rate for r in main], reference="baseline", seed=config.get("seed", 0))}
     sample = [r for r in rows if r["in_llm_sample"] and "llm" in r]
     if sample:
-        sn = names + [n for n in ("llm", "blend_llm") if n in sample[0]]
+        sn = names + [n for n in ("llm", "blend_llm", "llm_fewshot") if n in sample[0]]
         metrics["llm_sample"] = dict(old.get("llm_sample", {})) | {"scorers": compare_scorers(
             [r["label"] for r in sample], {n: [r[n] for r in sample] for n in sn}, reference="baseline",
             seed=config.get("seed", 0))}

@@ -154,8 +154,8 @@ def _fit(fit: Any, rows: list[Any], what: str, flag: str) -> LogisticBaseline:
                          f"can be fitted; try another {flag}") from e
 
 
-def _done_cases(d: Path) -> dict[str, dict[str, Any]]:
-    return {r["case_id"]: r for r in read_jsonl(d / "cases.jsonl")}
+def _done_cases(d: Path, file: str = "cases.jsonl") -> dict[str, dict[str, Any]]:
+    return {r["case_id"]: r for r in read_jsonl(d / file)}
 
 
 def _plot_calibration(path: Path, series: dict[str, tuple[Sequence[int], Sequence[float]]], title: str) -> None:
@@ -211,15 +211,15 @@ def _sample(rows: list[Any], n: int, seed: int, pos_share: float | None) -> list
 
 
 async def _model_cases(d: Path, rt: Runtime, todo: list[tuple[str, Any]], predict: Any, n_explain: int,
-                       budget_s: float | None = None) -> None:
-    """Run `predict(model, case, explain)` for cases not yet in cases.jsonl, appending each;
+                       budget_s: float | None = None, file: str = "cases.jsonl") -> None:
+    """Run `predict(model, case, explain)` for cases not yet in `file` (in `d`), appending each;
     stops starting new cases after `budget_s` seconds (a later call resumes)."""
-    done = _done_cases(d)
+    done = _done_cases(d, file)
     if budget_s == 0 or all(cid in done for cid, _ in todo):
         return  # re-score from the recorded cases: no model needed
     model = await rt.model()
     start = time.perf_counter()
-    with (d / "cases.jsonl").open("a") as fh:
+    with (d / file).open("a") as fh:
         for k, (cid, case) in enumerate(todo):
             if cid in done:
                 continue

@@ -445,3 +445,23 @@ def test_served_audience_with_the_predicted_source_ranks_as_the_eval_fuses(tuned
     assert {"repeat", "predicted"} <= set(pred.users[0].source_scores) and len(pool) == 3
     assert any(n.startswith("predicted source: the click encoder") for n in pred.meta.notes)
     asyncio.run(rt.aclose())
+
+
+def test_fewshot_demos_come_from_the_other_folds_training_users_half_positive() -> None:
+    from eval.encoder_eval import ScorersConfig, fewshot_demos
+
+    def case(u: int, label: int) -> object:
+        from agent.tasks.encoder_cases import EncoderCase
+        return EncoderCase(user_id=f"u{u}", item_id="i", cutoff=C, label=label, text=f"t{u}", source="touched",
+                           funnel=None)  # type: ignore[arg-type]
+
+    pool = [case(u, int(u % 5 == 0)) for u in range(400)]
+    cfg = ScorersConfig(folds=2, seed=0)
+    for k in (0, 1):
+        demos = fewshot_demos(pool, k, cfg)  # type: ignore[arg-type]
+        assert len(demos) == 8 and sum(d.label for d in demos) == 4
+        assert all(user_fold(d.user_id, 2, 0) != k and user_split(d.user_id, 0, train=0.8, val=0.2) == "train"
+                   for d in demos)
+        assert fewshot_demos(pool, k, cfg) == demos  # the same prefix every time  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fold 0: 0 positive .* need 4 of each"):
+        fewshot_demos([case(u, 0) for u in range(50)], 0, cfg)  # type: ignore[arg-type]

@@ -221,6 +221,25 @@ def test_snapshot_encoder_case_v1() -> None:
     check_snapshot("encoder_case.v1", verbalise(evs, "5120034", t, f, cat) + "\n")
 
 
+def test_snapshot_purchase_intent_fewshot_v1() -> None:
+    """Demonstrations (encoder_case.v1 texts with their answers) first, the case last, so every
+    case of a fold shares the demonstration prefix."""
+    from agent.tasks.encoder_cases import EncoderCase
+    from eval.encoder_eval import fewshot_messages
+
+    t = datetime(2017, 12, 1, 12, tzinfo=UTC)
+
+    def case(user: str, text: str, label: int) -> EncoderCase:
+        return EncoderCase(user_id=user, item_id="1", cutoff=t, label=label, text=text, funnel=None,  # type: ignore[arg-type]
+                           source="touched")
+
+    demos = [case("a", "item: cat 1. here: 2 views 1 carts 0 favs 0 buys, last 1.0 h ago", 1),
+             case("b", "item: cat 2. here: 1 views 0 carts 0 favs 0 buys, last 60.0 h ago", 0)]
+    msgs = fewshot_messages(demos, case("c", "item: cat 3. here: 3 views 0 carts 1 favs 0 buys", 0), 48.0)
+    assert msgs[1]["content"].endswith("Case: item: cat 3. here: 3 views 0 carts 1 favs 0 buys\nAnswer (yes or no):")
+    check_snapshot("purchase_intent_fewshot.v1", as_text(msgs))
+
+
 def test_themes_are_ordered_by_count_then_first_appearance() -> None:
     titles = ["WHITE HANGING HEART HOLDER", "RED HEART HOLDER", "Set of 3 red boxes"]
     assert themes(titles) == ["heart", "holder", "red", "white", "hanging"]

@@ -215,8 +215,9 @@ def eval_intent_cmd(cases: Annotated[int | None, typer.Option(
                         help="stored dataset; taobao keeps its published cut-offs, any other gets its "
                              "last horizon as the test label period")] = "taobao",
                     scorers: Annotated[str | None, typer.Option(
-                        help="comma list of baseline,bert,llm,blend: the fine-tuned encoder beside the LLM on "
-                             "the same test cases (cross-fitted by user; fine-tunes one encoder per fold)")] = None,
+                        help="comma list of baseline,bert,llm,blend (and llm_fewshot: the model with 8 labelled "
+                             "training cases in the prompt): the fine-tuned encoder beside the LLM on the same "
+                             "test cases (cross-fitted by user; fine-tunes one encoder per fold)")] = None,
                     task: Annotated[Literal["purchase", "click"], typer.Option(
                         help="with --scorers: purchase (eval intent's pairs) or click within the horizon")] = "purchase",
                     llm_cases: Annotated[Path | None, typer.Option(
@@ -291,8 +292,9 @@ def _eval_scorers(settings: Any, *, scorers: str, task: str, cases: int | None, 
             raise ValueError(f"--curve {curve}: give training-set sizes as a comma list, e.g. 100,300,1000") from e
         if any(x < 10 for x in sizes):
             raise ValueError(f"--curve {curve}: every size must be at least 10 labelled cases")
-        if not model and "llm" in names:
-            names = tuple(n for n in names if n != "llm")
+        model_scorers = {"llm", "llm_fewshot"}
+        if not model and model_scorers & set(names):
+            names = tuple(n for n in names if n not in model_scorers)
             if not names:
                 raise ValueError("--scorers llm with --no-model: nothing left to score; drop --no-model")
         if not names:
