@@ -150,8 +150,8 @@ UseLlm = Annotated[bool, Field(strict=True, description="false: answer without t
 ItemId = Annotated[str, Field(min_length=1, max_length=256, examples=["85123A"])]
 
 
-class PurchaseIntentRequest(BaseModel):
-    """Will this stored user buy this item within `horizon_hours` of `as_of`?"""
+class _UserItemRequest(BaseModel):
+    """A stored user and an item, as of a time: what the per-item predictions take first."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -159,6 +159,11 @@ class PurchaseIntentRequest(BaseModel):
     user_id: UserId
     item_id: ItemId
     as_of: AsOf = None
+
+
+class PurchaseIntentRequest(_UserItemRequest):
+    """Will this stored user buy this item within `horizon_hours` of `as_of`?"""
+
     horizon_hours: float = Field(default=48.0, gt=0, le=24 * 90, strict=True)
     use_llm: UseLlm = True
     scorer: Literal["baseline", "bert", "llm", "blend"] | None = Field(
@@ -168,15 +173,9 @@ class PurchaseIntentRequest(BaseModel):
         "model's log-odds")
 
 
-class ClickRequest(BaseModel):
+class ClickRequest(_UserItemRequest):
     """Will this stored user view or click this item within the click encoder's horizon of `as_of`?"""
 
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: DatasetName
-    user_id: UserId
-    item_id: ItemId
-    as_of: AsOf = None
     horizon_hours: float | None = Field(default=None, gt=0, le=24 * 90, strict=True,
                                         description="must be the encoder's trained horizon; null: that horizon")
     scorer: Literal["baseline", "bert", "blend"] = Field(
