@@ -322,7 +322,17 @@ def _train_encoder(dataset: str, task: Literal["click", "purchase"], workspace: 
     except ValueError as e:
         raise _fail(f"--until {until!r}: {e}; give an ISO date, e.g. 2017-11-29") from e
 
+    from agent.tasks.encoder_train import encoder_dir
+
     svc = ShopLensService(_runtime(workspace), use_model=False)
+    old = encoder_dir(svc.runtime.settings.index_dir(dataset), task) / "manifest.json"
+    if old.exists():
+        try:
+            cuts = json.loads(old.read_text(encoding="utf-8")).get("cutoffs") or ["?"]
+            err.print(f"note: replaces the {task} encoder in {old.parent} (cut-offs {cuts[0]} .. {cuts[-1]}) "
+                      "once this one is trained")
+        except (OSError, ValueError, AttributeError, IndexError):
+            err.print(f"note: replaces the unreadable {task} encoder in {old.parent}")
     err.print(f"building {task} cases at {cutoffs} daily cut-offs ({horizon_hours:g} h horizon)...")
     bar = FitProgress(f"fine-tuning ({task})")
     try:
