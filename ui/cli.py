@@ -63,6 +63,7 @@ COMMANDS: dict[str, str] = {
     "recommend": "shoplens recommend --dataset online-retail --user 17850 -k 5",
     "precompute": "shoplens precompute --dataset online-retail --active-since 2011-11-01 --limit 200",
     "intent": "shoplens intent --dataset taobao --user 1000 --item 5120034",
+    "click": "shoplens click --dataset taobao --user 1000 --item 5120034",
     "churn": "shoplens churn --dataset online-retail --user 12347 --as-of 2011-09-01",
     "profile": "shoplens profile --dataset online-retail --user 17850",
     "audience": "shoplens audience --dataset online-retail --item 85123A -n 50",

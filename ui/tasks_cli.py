@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from agent.app.runtime import Runtime
 from agent.app.service import ShopLensService
 from agent.domain.errors import CallerError
+from agent.domain.predictions import ClickScorer, IntentScorer
 from agent.domain.schemas import parse_timestamp
 from agent.settings import load_settings
 from ui.options import NoLLM, Workspace
@@ -79,7 +80,7 @@ def intent_cmd(
              "which ends after 30 min without activity, for session intent)")] = None,
     workspace: Workspace = None,
     no_llm: NoLLM = False,
-    scorer: Annotated[Literal["baseline", "bert", "llm", "blend"] | None, typer.Option(
+    scorer: Annotated[IntentScorer | None, typer.Option(
         help="with --item, who gives the probability: baseline, bert (the fine-tuned encoder: run `shoplens "
              "train --task purchase --model bert` first), llm, or blend (the stack trained on validation); "
              "default: the baseline blended with the model")] = None,
@@ -108,14 +109,14 @@ def click_cmd(
     as_of: Annotated[str | None, typer.Option(help="cut-off (ISO or unix s); default: after the user's last event")] = None,
     horizon_hours: Annotated[float | None, typer.Option(
         help="click horizon in hours (default and only choice: the one the encoder was trained for)")] = None,
-    scorer: Annotated[Literal["baseline", "bert", "blend"], typer.Option(
+    scorer: Annotated[ClickScorer, typer.Option(
         help="baseline (funnel logistic regression fitted on the click cases), bert (the fine-tuned encoder) "
              "or blend (the two stacked on validation users)")] = "blend",
     workspace: Workspace = None,
 ) -> None:
-    """Click prediction: P(the user views or clicks the item within the horizon).
+    """P(the user views or clicks an item within the horizon).
 
-    Served by the dataset's click encoder: train it first with `shoplens train --dataset D --task
+    Click prediction, served by the dataset's click encoder: train it first with `shoplens train --dataset D --task
     click --model bert`. No generative model is asked; the answer is milliseconds.
     """
     when, horizon_hours = _date(as_of), _horizon(horizon_hours)

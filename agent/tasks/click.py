@@ -17,14 +17,13 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from agent.domain.predictions import ClickPrediction
+from agent.domain.predictions import ClickPrediction, ClickScorer
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.structured import CallTrace
 from agent.tasks.common import make_meta
 from agent.tasks.encoder_train import EncoderScorer
 from agent.tasks.intent import Funnel, funnel_features
 
-ClickScorer = Literal["baseline", "bert", "blend"]
 SOURCE: dict[str, Literal["baseline", "bert", "stack"]] = {"baseline": "baseline", "bert": "bert", "blend": "stack"}
 
 

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from agent.domain.history import HistoryView, build_history
-from agent.domain.predictions import IntentAnswer, IntentPrediction, Stage
+from agent.domain.predictions import IntentAnswer, IntentPrediction, IntentScorer, Stage
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel
 from agent.llm.prompting import load_prompt, render
@@ -38,7 +38,7 @@ from agent.tasks.verified import verified_reason
 if TYPE_CHECKING:
     from agent.tasks.encoder_train import EncoderScorer
 
-Scorer = Literal["baseline", "bert", "llm", "blend"]
+Scorer = IntentScorer
 
 # ---- funnel features -------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from agent.app.results import (
     SentimentBatchMeta,
     UserEventsPage,
 )
+from agent.domain.predictions import ClickScorer, IntentScorer
 from agent.domain.schemas import BehaviorEvent, NoNul, Stripped
 
 __all__ = ["EventError", "SentimentBatchMeta", "guard_timestamp", "out_of_range_timestamp"]  # re-exported
@@ -166,7 +167,7 @@ class PurchaseIntentRequest(_UserItemRequest):
 
     horizon_hours: float = Field(default=48.0, gt=0, le=24 * 90, strict=True)
     use_llm: UseLlm = True
-    scorer: Literal["baseline", "bert", "llm", "blend"] | None = Field(
+    scorer: IntentScorer | None = Field(
         default=None, description="who gives the probability: baseline (funnel logistic regression), bert (the "
         "fine-tuned encoder; `shoplens train --task purchase --model bert` first), llm (the model's yes/no "
         "probability), blend (the trained stack chosen on validation); default: the baseline blended with the "
@@ -178,7 +179,7 @@ class ClickRequest(_UserItemRequest):
 
     horizon_hours: float | None = Field(default=None, gt=0, le=24 * 90, strict=True,
                                         description="must be the encoder's trained horizon; null: that horizon")
-    scorer: Literal["baseline", "bert", "blend"] = Field(
+    scorer: ClickScorer = Field(
         default="blend", description="baseline (funnel logistic regression fitted on the click cases), bert (the "
         "fine-tuned encoder), blend (the two stacked on validation users)")
 

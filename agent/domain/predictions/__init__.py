@@ -22,9 +22,11 @@ from agent.domain.predictions.common import (
 )
 from agent.domain.predictions.intent import (
     ClickPrediction,
+    ClickScorer,
     IntentAnswer,
     IntentFields,
     IntentPrediction,
+    IntentScorer,
     SessionIntentPrediction,
     Stage,
 )
@@ -65,7 +67,7 @@ from agent.domain.predictions.sentiment import (
 
 __all__ = [
     "POLARITIES", "SENSITIVE", "SENSITIVE_KEYS", "Action", "AspectSentiment", "AspectsAnswer", "Attribute",
-    "AudiencePrediction", "AudienceReason", "ChurnAnswer", "ClickPrediction", "ChurnPrediction", "Cited", "Claim", "Driver",
+    "AudiencePrediction", "AudienceReason", "ChurnAnswer", "ClickPrediction", "ClickScorer", "IntentScorer", "ChurnPrediction", "Cited", "Claim", "Driver",
     "Evidence", "Explanation", "ModelStep", "IntentAnswer", "IntentFields", "IntentPrediction", "ItemReason", "Language",
     "Lifecycle", "Meta", "NextItemPrediction", "Polarity", "PriceBand", "Probability", "ProfileAnswer",
     "ProfileClaim", "RankedItem", "RiskBand", "SentimentFailure", "SentimentResult", "SessionIntentPrediction",

@@ -14,6 +14,9 @@ from pydantic import BaseModel, Field, field_validator
 from agent.domain.predictions.common import Cited, Evidence, Meta, Probability, normalise_label
 
 Stage = Literal["browsing", "considering", "ready_to_buy", "already_bought"]
+# Who gives an item's probability (`agent.tasks.intent`, `agent.tasks.click`), in one place.
+IntentScorer = Literal["baseline", "bert", "llm", "blend"]
+ClickScorer = Literal["baseline", "bert", "blend"]
 
 
 class IntentAnswer(Cited):
@@ -39,7 +42,7 @@ class IntentFields(BaseModel):
     baseline_probability: Probability
     model_probability: Probability | None = None
     encoder_probability: Probability | None = Field(default=None, description="the fine-tuned BERT encoder's P")
-    scorer: Literal["baseline", "bert", "llm", "blend"] | None = Field(
+    scorer: IntentScorer | None = Field(
         default=None, description="the scorer asked for; None: the default blend of baseline and model")
     stage: Stage | None = None
     reason: str
@@ -85,7 +88,7 @@ class ClickPrediction(_ItemSubject):
     probability_source: Literal["baseline", "bert", "stack", "cold_start_base_rate"] = Field(
         description="baseline: the funnel logistic regression fitted on the click cases; bert: the fine-tuned "
                     "encoder; stack: the blend chosen on validation users; cold_start_base_rate: no history")
-    scorer: Literal["baseline", "bert", "blend"]
+    scorer: ClickScorer
     baseline_probability: Probability
     encoder_probability: Probability | None = None
     reason: str
