@@ -54,13 +54,16 @@ from agent.tasks.encoder_cases import (
     EncoderCase,
     EncoderTask,
     build_cases,
+    subsample,
     training_cutoffs,
     user_fold,
     user_split,
 )
 from agent.tasks.encoder_train import (
+    VAL_NEG_PER_POS,
     TrainedEncoder,
     encoder_manifest,
+    fit_blend,
     fit_case_baseline,
     fit_encoder,
     load_trained,
@@ -132,12 +135,16 @@ def _fold_model(d: Path, k: int, cfg: ScorersConfig, pool: list[EncoderCase], *,
     """Fold k's model: trained on the other folds' users (reused from ``fold-<k>/`` when there)."""
     folder = d / f"fold-{k}"
     fix = f"delete {folder} to retrain"
+    others, train, val = _fold_split(pool, k, cfg)
     if (folder / "manifest.json").exists():
         try:
-            return load_trained(folder, cfg.dataset, cfg.task, fix)
+            fitted = load_trained(folder, cfg.dataset, cfg.task, fix)
         except ArtifactMismatchError as e:
             log.warning("%s; retraining", e)
-    others, train, val = _fold_split(pool, k, cfg)
+        else:  # the blend is re-chosen with the current rule (Stack.fit) on the same validation cases
+            va, vw = subsample(val, VAL_NEG_PER_POS, cfg.seed + 1)
+            fitted.stack = fit_blend(fitted.clf, fitted.baseline, va, vw, cfg.seed)
+            return fitted
     fitted = fit_encoder(train, val, cfg.finetune, neg_per_pos=cfg.neg_per_pos, seed=cfg.seed,
                          work_dir=Path(str(folder) + ".work"), progress=_bar(f"fold {k}") if progress else None,
                          trained_on=f"{cfg.dataset} {cfg.task} training cases of folds != {k}")

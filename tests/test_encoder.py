@@ -139,6 +139,25 @@ def test_stack_is_never_below_its_best_member_when_one_scorer_is_noise() -> None
     assert log_loss(yt.tolist(), blend) <= log_loss(yt.tolist(), Platt.fit(np.log(np.array(mt["good"]) / (1 - np.array(mt["good"]))), yt.tolist())(np.log(np.array(mt["good"]) / (1 - np.array(mt["good"]))))) + 0.01
 
 
+def test_stack_needs_a_gain_beyond_one_standard_error() -> None:
+    """Two independent signals: the stack's gain is many SEs, it is kept. A member and a noisy copy
+    of it: whatever the stack gains is within 1 SE, so the better single member serves."""
+    rng = np.random.default_rng(1)
+    n = 3000
+    y = (rng.random(n) < 0.2).astype(int)
+
+    def signal(noise: np.ndarray) -> list[float]:
+        return (1 / (1 + np.exp(-(1.5 * y - 1.0 + noise)))).tolist()
+
+    two = Stack.fit(y.tolist(), {"a": signal(rng.normal(0, 1, n)), "b": signal(rng.normal(0, 1, n))})
+    assert two.chosen == "stack" and two.stack_gain["mean"] > 3 * two.stack_gain["se"] > 0
+    base = rng.normal(0, 1, n)
+    copy = Stack.fit(y.tolist(), {"a": signal(base), "a2": signal(base + rng.normal(0, 0.05, n))})
+    assert copy.chosen in ("a", "a2") and copy.stack_gain["mean"] <= copy.stack_gain["se"]
+    assert "within 1 SE, not used" in copy.describe() and "kept" in two.describe()
+    assert set(copy.coef) == {copy.chosen}
+
+
 def test_stack_refuses_one_class() -> None:
     with pytest.raises(ValueError, match="both classes"):
         Stack.fit([0, 0, 0], {"a": [0.1, 0.2, 0.3]})

@@ -49,6 +49,7 @@ from agent.tasks.intent import INTENT_FEATURES, funnel_features
 from agent.tasks.stack import Stack
 
 log = logging.getLogger(__name__)
+VAL_NEG_PER_POS = 50.0  # validation negatives kept per positive (weighted back to the natural balance)
 
 
 def encoder_dir(index_dir: Path, task: EncoderTask) -> Path:
@@ -113,7 +114,8 @@ class TrainedEncoder:
 
 
 def fit_encoder(train: Sequence[EncoderCase], val: Sequence[EncoderCase], cfg: FineTuneConfig, *,
-                neg_per_pos: float = 20, val_neg_per_pos: float = 50, seed: int = 0, work_dir: Path | None = None,
+                neg_per_pos: float = 20, val_neg_per_pos: float = VAL_NEG_PER_POS, seed: int = 0,
+                work_dir: Path | None = None,
                 progress: Callable[[int, int, float | None], None] | None = None,
                 trained_on: str = "") -> TrainedEncoder:
     """Baseline, encoder and blend from training and validation cases (steps 3-6 of the module doc).
@@ -128,10 +130,16 @@ def fit_encoder(train: Sequence[EncoderCase], val: Sequence[EncoderCase], cfg: F
         raise ValueError(f"validation cases hold one class only ({len(va)} cases); use more cut-offs or users")
     clf, hist = fine_tune(([c.text for c in tr], [c.label for c in tr]), ([c.text for c in va], [c.label for c in va]),
                           cfg, val_weights=vw, work_dir=work_dir, progress=progress)
-    pb = [baseline.predict(c.funnel.vector()) for c in va]
-    stack = Stack.fit([c.label for c in va], {"baseline": pb, "bert": clf.predict_proba([c.text for c in va]).tolist()},
-                      vw, seed=seed)
-    return TrainedEncoder(clf, baseline, stack, hist, cfg)
+    return TrainedEncoder(clf, baseline, fit_blend(clf, baseline, va, vw, seed), hist, cfg)
+
+
+def fit_blend(clf: EncoderClassifier, baseline: LogisticBaseline, val: Sequence[EncoderCase],
+              weights: Sequence[float], seed: int = 0) -> Stack:
+    """The blend over {baseline, bert} chosen on the (subsampled, `weights`-weighted) validation
+    cases (`Stack.fit`: the best member, or the stack when it gains more than one SE)."""
+    pb = [baseline.predict(c.funnel.vector()) for c in val]
+    return Stack.fit([c.label for c in val], {"baseline": pb, "bert": clf.predict_proba([c.text for c in val]).tolist()},
+                     weights, seed=seed)
 
 
 def train_encoder(store: EventStore, dataset: str, task: EncoderTask, *, cutoffs: Sequence[datetime],
