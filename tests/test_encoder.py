@@ -360,6 +360,8 @@ def test_click_is_served_by_the_click_encoder_with_each_scorer(tuned: tuple, tmp
     assert cold.cold_start and cold.probability_source == "cold_start_base_rate"
     assert cold.probability == pytest.approx(fitted.baseline.base_rate)
     assert any("'nobody' is not in 'toy'" in n for n in cold.meta.notes)
+    ghost = asyncio.run(svc.click(DS, "u2", "NO-SUCH-ITEM", as_of=C.isoformat()))
+    assert ghost.cold_start and ghost.reason.startswith("[cold start] unknown item 'NO-SUCH-ITEM'")
     asyncio.run(rt.aclose())
 
 

@@ -68,13 +68,14 @@ class ClickService:
         f = funnel_features(evs, item_id, as_of, catalog)
         common: dict[str, Any] = dict(user_id=user_id, item_id=item_id, dataset=dataset, as_of=as_of.isoformat(),
                       horizon_hours=horizon, funnel=asdict(f), scorer=self.scorer)
-        if not any(e.item_id in catalog for e in evs):
+        known = any(e.item_id in catalog for e in evs)
+        if not known or (item_id not in catalog and f.n_views + f.n_carts + f.n_favs == 0):
             rate = self.encoder.trained.baseline.base_rate
-            trace.notes.append("cold start (no history): the click rate of the training cases, not a personal "
-                               "prediction")
+            why = "no history" if not known else f"unknown item {item_id!r} (not in the catalogue)"
+            trace.notes.append(f"cold start ({why}): the click rate of the training cases, not a personal prediction")
             return ClickPrediction(**common, probability=rate, probability_source="cold_start_base_rate",
                                    baseline_probability=rate, cold_start=True, reason_source="cold_start",
-                                   reason=f"[cold start] no history: the training cases' click rate {rate:.1%} is "
+                                   reason=f"[cold start] {why}: the training cases' click rate {rate:.1%} is "
                                           "shown instead of a personal probability.",
                                    meta=make_meta("click", None, trace, [], t0))
         p = self.encoder.predict_many([(evs, item_id, as_of)], catalog)
