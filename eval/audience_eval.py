@@ -46,6 +46,7 @@ from agent.domain.errors import ArtifactMismatchError
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.settings import Settings
 from agent.tasks.audience import (
+    POOL_WEIGHTS,
     AudienceIndex,
     category_popularity_baseline,
     fuse_sources,
@@ -62,7 +63,7 @@ AUDIENCE_VALIDATION_DAYS = 31  # online-retail's published validation month: 201
 DEFAULT_DAYS = 30
 # What can define an item's audience (`shoplens eval audience --event-type`).
 AUDIENCE_EVENT_TYPES: tuple[str, ...] = ("purchase", "cart", "favourite", "view", "review")
-UNTUNED = {"repeat": 0.4, "co_purchase": 0.35, "similar_users": 0.25}
+UNTUNED = POOL_WEIGHTS  # the weights before tuning, also the served predicted source's pool
 UNITS = "HR@N, Recall@N and NDCG@N are fractions in [0, 1] (not %), means over the evaluated items"
 
 Period = tuple[datetime, datetime]

@@ -18,7 +18,7 @@ Protocol (issue 19; the definitions of ``shoplens eval intent``):
   packaged model's yes/no verbalizer, on a sample of at least 300 cases, positives oversampled to
   a third, the same sample as ``eval intent --cases N``), ``blend_llm`` (baseline + bert + llm,
   cross-fitted by user fold on that sample).
-* Metrics (`eval.binary_stats.compare_scorers`): ROC AUC, PR AUC, log loss, ECE, each with a 95%
+* Metrics (`agent.tasks.binary_stats.compare_scorers`): ROC AUC, PR AUC, log loss, ECE, each with a 95%
   stratified bootstrap interval, and the paired difference from ``baseline``; cost (training
   seconds, inference ms per case).
 * The data-size curve (``curve``): encoders and baselines trained on 100 ... 10k labelled cases
@@ -49,6 +49,7 @@ import numpy as np
 from agent.app.runtime import Runtime
 from agent.domain.errors import ArtifactMismatchError
 from agent.settings import Settings
+from agent.tasks.binary_stats import compare_scorers
 from agent.tasks.encoder import FineTuneConfig, FitProgress
 from agent.tasks.encoder_cases import (
     EncoderCase,
@@ -71,7 +72,6 @@ from agent.tasks.encoder_train import (
 )
 from agent.tasks.intent import IntentService, Scorer
 from agent.tasks.stack import Stack
-from eval.binary_stats import compare_scorers
 from eval.runs import git_commit, read_jsonl
 from eval.tasks_eval import (
     INTENT_HORIZON_H,

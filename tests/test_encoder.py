@@ -18,7 +18,14 @@ from agent.data.store import EventStore
 from agent.domain.errors import ArtifactMismatchError, RequestError
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.tasks.encoder import EncoderClassifier, FineTuneConfig, Platt, fine_tune, log_loss
-from agent.tasks.encoder_cases import TEMPLATE, build_cases, subsample, user_fold, user_split
+from agent.tasks.encoder_cases import (
+    TEMPLATE,
+    build_cases,
+    subsample,
+    untouched_view_rate,
+    user_fold,
+    user_split,
+)
 from agent.tasks.encoder_train import (
     EncoderScorer,
     TrainedEncoder,
@@ -313,7 +320,8 @@ def test_scorers_run_rescores_from_its_per_case_file_with_hand_computed_aucs(tmp
     assert "| bert | 4 (2) | 1.0000" in (d / "report.md").read_text()
 
 
-def _save_click(tuned: tuple, rt: object, cutoffs: list[datetime] | None = None) -> TrainedEncoder:
+def _save_click(tuned: tuple, rt: object, cutoffs: list[datetime] | None = None,
+                extra: dict | None = None) -> TrainedEncoder:
     """The module's few-step encoder saved as the dataset's click encoder (baseline fitted on the
     toy click cases, a fixed blend)."""
     clf, _, _ = tuned
@@ -322,7 +330,7 @@ def _save_click(tuned: tuple, rt: object, cutoffs: list[datetime] | None = None)
                             Stack(["baseline", "bert"], {"baseline": 0.5, "bert": 0.5}, -0.1, "stack"))
     save_trained(fitted, encoder_dir(rt.settings.index_dir(DS), "click"),  # type: ignore[attr-defined]
                  {"dataset": DS, "task": "click", "template": TEMPLATE, "horizon_h": 24.0,
-                  "cutoffs": [c.isoformat() for c in (cutoffs or [C])], "data_sha256": "toy"})
+                  "cutoffs": [c.isoformat() for c in (cutoffs or [C])], "data_sha256": "toy"} | (extra or {}))
     return fitted
 
 
@@ -362,6 +370,19 @@ def test_click_is_served_by_the_click_encoder_with_each_scorer(tuned: tuple, tmp
     assert any("'nobody' is not in 'toy'" in n for n in cold.meta.notes)
     ghost = asyncio.run(svc.click(DS, "u2", "NO-SUCH-ITEM", as_of=C.isoformat()))
     assert ghost.cold_start and ghost.reason.startswith("[cold start] unknown item 'NO-SUCH-ITEM'")
+    # an item u2 never touched: without a recorded rate, the scorers' P with a note; with one, the rate
+    old = asyncio.run(svc.click(DS, "u2", "R1", as_of=C.isoformat()))
+    assert not old.touched_recently and old.probability_source == "stack"
+    assert any("overstates the chance; retrain" in n for n in old.meta.notes)
+    stats: dict[str, int] = {}
+    build_cases(rt.store, DS, "click", [C], 24, CATALOG, stats=stats)
+    assert stats == {"user_cutoffs": 3, "new_first_views": 1, "catalogue_items": 6}  # u1 first views R1 at +3 h
+    _save_click(tuned, rt, extra={"untouched_view_rate": untouched_view_rate(stats)})
+    svc.state.encoders.clear()
+    new = asyncio.run(svc.click(DS, "u2", "R1", as_of=C.isoformat()))
+    assert new.probability_source == "untouched_base_rate" and new.probability == pytest.approx(1 / 18, abs=1e-8)
+    assert new.encoder_probability == old.encoder_probability and not new.touched_recently
+    assert asyncio.run(svc.click(DS, "u2", "Q2", as_of=C.isoformat())).touched_recently  # viewed 20 h before
     asyncio.run(rt.aclose())
 
 
@@ -419,6 +440,11 @@ def test_cli_click_and_train_flags_name_the_fix(tmp_path: Path) -> None:
     s.add_events(DS, EVENTS)
     r = runner.invoke(app, ["train", "--dataset", DS, "--task", "click", "--until", "2020-01-01", *ws])
     assert r.exit_code == 2 and "--until 2020-01-01T00:00:00+00:00: after toy's end" in r.output
+    r = runner.invoke(app, ["train", "--dataset", DS, "--task", "click", "--until", "2017-11-20", *ws])
+    assert r.exit_code == 2 and "fall before toy's first event (2017-11-25 12:00): give a later --until" in r.output
+    assert "building" not in r.output
+    r = runner.invoke(app, ["train", "--dataset", "nope", "--task", "click", *ws])
+    assert r.exit_code == 2 and "--dataset nope: no such dataset" in r.output and "building" not in r.output
     r = runner.invoke(app, ["click", "--dataset", DS, "--user", "u1", "--item", "P1", *ws])
     assert r.exit_code == 2 and "shoplens train --dataset toy --task click --model bert" in r.output
     r = runner.invoke(app, ["eval", "audience", "--dataset", DS, "--days", "2", "--event-type", "view",
@@ -437,6 +463,7 @@ def test_served_audience_with_the_predicted_source_ranks_as_the_eval_fuses(tuned
     from agent.settings import Settings
     from agent.tasks.audience import (
         POOL,
+        POOL_WEIGHTS,
         PREDICTED_WEIGHTS,
         fuse_sources,
         predicted_source,
@@ -457,7 +484,7 @@ def test_served_audience_with_the_predicted_source_ranks_as_the_eval_fuses(tuned
     pred = asyncio.run(svc.audience(DS, item_id="P1", n=3, predicted="click"))
     idx = svc.state.audience_index(DS)
     raw = source_scores(idx, "P1")
-    pool = [u for u, _, _ in fuse_sources(raw, {"repeat": 0.5, "co_purchase": 0.5}, n=POOL)]
+    pool = [u for u, _, _ in fuse_sources(raw, POOL_WEIGHTS, n=POOL)]
     as_of = svc.state.dataset_end(DS) + timedelta(seconds=1)
     scorer = EncoderScorer.load(rt.settings.index_dir(DS), DS, "click")
     p = predicted_source(scorer, "P1", pool, lambda u: rt.store.user_events(DS, u), as_of, CATALOG)
@@ -486,3 +513,42 @@ def test_fewshot_demos_come_from_the_other_folds_training_users_half_positive() 
         assert fewshot_demos(pool, k, cfg) == demos  # the same prefix every time  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fold 0: 0 positive .* need 4 of each"):
         fewshot_demos([case(u, 0) for u in range(50)], 0, cfg)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_train_encoder_end_to_end_saves_a_checked_model_with_test_intervals(tmp_path: Path) -> None:
+    """`train_encoder` on a synthetic shop (90 users; carts lead to buys): every split has both
+    classes, no user is in two splits, the saved folder loads and scores like the fitted model,
+    and the manifest's test metrics carry bootstrap intervals and the paired difference."""
+    from agent.tasks.encoder_train import train_encoder
+
+    rng = random.Random(3)
+    store = EventStore(tmp_path / "ws" / "shoplens.sqlite3")
+    store.add_items(DS, CATALOG.values())
+    evs = []
+    for u in range(90):
+        for cut in (C - timedelta(hours=24), C):
+            item = rng.choice(list(CATALOG))
+            evs.append(BehaviorEvent(user_id=f"s{u}", item_id=item, event_type="view", timestamp=cut - timedelta(hours=10)))
+            if rng.random() < 0.4:
+                evs.append(BehaviorEvent(user_id=f"s{u}", item_id=item, event_type="cart", timestamp=cut - timedelta(hours=2)))
+                if rng.random() < 0.8:
+                    evs.append(BehaviorEvent(user_id=f"s{u}", item_id=item, event_type="purchase", timestamp=cut + timedelta(hours=3)))
+    store.add_events(DS, sorted(evs, key=lambda e: (e.user_id, e.timestamp)))
+    cfg = FineTuneConfig(batch_size=8, max_steps=4, eval_every=2, max_len=48, seed=0)
+    folder = tmp_path / "enc"
+    fitted = train_encoder(store, DS, "purchase", cutoffs=[C - timedelta(hours=24), C], horizon_h=12, folder=folder,
+                           cfg=cfg, neg_per_pos=4)
+    man = json.loads((folder / "manifest.json").read_text())
+    assert man["neg_per_pos"] == 4 and man["horizon_h"] == 12 and len(man["cutoffs"]) == 2
+    assert {k: v["n"] > 0 for k, v in man["cases"].items()} == {"train": True, "val": True, "test": True}
+    assert sum(v["users"] for v in man["cases"].values()) == 90  # each user in exactly one split
+    tm = man["test_metrics"]
+    assert set(tm) == {"baseline", "bert", "blend"} and "roc_auc_diff" not in tm["baseline"]
+    for m in ("bert", "blend"):
+        lo, hi = tm[m]["roc_auc_ci"]
+        assert lo <= tm[m]["roc_auc"] <= hi and len(tm[m]["roc_auc_diff_ci"]) == 2
+    assert tm["baseline"]["roc_auc"] > 0.8  # a cart is the buy signal here, and the baseline reads carts
+    back = load_trained(folder, DS, "purchase", "retrain")
+    x = ["item: cat x. here: 1 views 1 carts 0 favs 0 buys, last 2.0 h ago"]
+    assert back.clf.predict_proba(x)[0] == pytest.approx(fitted.clf.predict_proba(x)[0], abs=1e-6)

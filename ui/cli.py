@@ -217,7 +217,7 @@ def train_cmd(
     task: Annotated[Literal["next-item", "click", "purchase"], typer.Option(
         help="next-item: fusion weights (the default); click or purchase: fine-tune a BERT encoder to predict "
              "a click or a purchase of an item within --horizon-hours (purchase is served by `intent --scorer "
-             "bert|blend`; click is saved with its test metrics, not yet served)")
+             "bert|blend`, click by `shoplens click`; both by `audience --predicted`)")
     ] = "next-item",
     model: Annotated[Literal["fusion", "bert"] | None, typer.Option(
         help="what to train: fusion (next-item) or bert (click, purchase); default: the task's only choice")] = None,
@@ -251,8 +251,8 @@ def train_cmd(
     --cutoffs daily cut-offs, users split 70/15/15 into train, validation and test, early-stopped
     on validation log loss and calibrated; the blend with the funnel baseline is chosen on
     validation. Saved as encoder-<task>/ beside the indexes; `intent --scorer bert|blend` serves
-    the purchase encoder (a click encoder is saved and measured, not yet served). Resumes an
-    interrupted run.
+    the purchase encoder, `shoplens click` the click encoder, `audience --predicted` either.
+    Resumes an interrupted run.
     """
     from tqdm import tqdm
 
@@ -326,6 +326,10 @@ def _train_encoder(dataset: str, task: Literal["click", "purchase"], workspace: 
     from agent.tasks.encoder_train import encoder_dir
 
     svc = ShopLensService(_runtime(workspace), use_model=False)
+    try:  # the flags checked before any "building cases" line
+        cuts = svc.encoder_cutoffs(dataset, horizon_hours=horizon_hours, n_cutoffs=cutoffs, until=end)
+    except ValueError as e:
+        raise _fail(str(e)) from e
     old = encoder_dir(svc.runtime.settings.index_dir(dataset), task) / "manifest.json"
     if old.exists():
         try:
@@ -334,7 +338,8 @@ def _train_encoder(dataset: str, task: Literal["click", "purchase"], workspace: 
                       "once this one is trained")
         except (OSError, ValueError, AttributeError, IndexError):
             err.print(f"note: replaces the unreadable {task} encoder in {old.parent}")
-    err.print(f"building {task} cases at {cutoffs} daily cut-offs ({horizon_hours:g} h horizon)...")
+    err.print(f"building {task} cases at {cutoffs} daily cut-offs {cuts[0]:%Y-%m-%d %H:%M} .. {cuts[-1]:%Y-%m-%d %H:%M} "
+              f"UTC ({horizon_hours:g} h horizon)...")
     bar = FitProgress(f"fine-tuning ({task})")
     try:
         fitted, folder = svc.train_encoder(dataset, task, horizon_hours=horizon_hours, n_cutoffs=cutoffs, seed=seed,
@@ -348,8 +353,11 @@ def _train_encoder(dataset: str, task: Literal["click", "purchase"], workspace: 
         err.print(f"{split}: {c['n']:,} cases ({c['positives']:,} positive) from {c['users']:,} users")
     h = man["history"]
     err.print(f"fine-tuned {h['steps']} steps in {h['seconds']:.0f} s ({h['stopped']}; best step {h['best_step']})")
-    err.print("test users: " + "; ".join(f"{k} ROC AUC {v['roc_auc']}, PR AUC {v['pr_auc']}"
-                                        for k, v in man["test_metrics"].items()))
+    for k, v in man["test_metrics"].items():  # 95% bootstrap intervals; differences paired on the same cases
+        diff = (f"; vs baseline {v['roc_auc_diff']:+.4f} [{v['roc_auc_diff_ci'][0]:+.4f}, {v['roc_auc_diff_ci'][1]:+.4f}]"
+                if "roc_auc_diff" in v else "")
+        err.print(f"test users, {k}: ROC AUC {v['roc_auc']:.4f} [{v['roc_auc_ci'][0]:.4f}, {v['roc_auc_ci'][1]:.4f}], "
+                  f"PR AUC {v['pr_auc']:.4f}{diff}")
     err.print(fitted.stack.describe())
     err.print(f"saved {folder}")
 

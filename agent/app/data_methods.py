@@ -95,6 +95,34 @@ class DataMethods:
         arts.fusion_weights, arts.fusion_note = fusion.served()
         return fusion, path
 
+    def encoder_cutoffs(self, dataset: str, *, horizon_hours: float = 48.0, n_cutoffs: int = 5,
+                        until: datetime | None = None) -> list[datetime]:
+        """The daily training cut-offs of `train_encoder`: `n_cutoffs`, the last one `horizon_hours`
+        before `until` (default: the dataset's end, its last event time ignoring the top 0.5%).
+
+        Raises:
+            ValueError: an unknown dataset, `until` after the end, or every cut-off before the
+                dataset's first event (each message names the flag to change).
+        """
+        store = self.runtime.store
+        if not store.has_dataset(dataset):
+            raise ValueError(f"--dataset {dataset}: no such dataset (datasets: {', '.join(store.datasets()) or 'none'}); "
+                             "load it with `shoplens ingest`")
+        end = robust_end(store, dataset)
+        if until is not None:
+            until = until if until.tzinfo else until.replace(tzinfo=UTC)
+            if until > end:
+                raise ValueError(f"--until {until.isoformat()}: after {dataset}'s end ({end.isoformat()}, its last "
+                                 "event time ignoring the top 0.5%); give an earlier time or leave it out")
+            end = until
+        cutoffs = training_cutoffs(end - timedelta(hours=horizon_hours), n_cutoffs)
+        start = store.time_quantile(dataset, 0.0)
+        if start is not None and cutoffs[-1] <= start:
+            raise ValueError(f"the cut-offs {cutoffs[0]:%Y-%m-%d %H:%M} .. {cutoffs[-1]:%Y-%m-%d %H:%M} fall before "
+                             f"{dataset}'s first event ({start:%Y-%m-%d %H:%M}): give a later --until or a shorter "
+                             "--horizon-hours")
+        return cutoffs
+
     def train_encoder(self, dataset: str, task: EncoderTask, *, horizon_hours: float = 48.0, n_cutoffs: int = 5,
                       seed: int = 0, max_steps: int | None = None, neg_per_pos: float = 20.0,
                       until: datetime | None = None,
@@ -112,19 +140,9 @@ class DataMethods:
                 cases of both classes.
         """
         store = self.runtime.store
-        if not store.has_dataset(dataset):
-            raise ValueError(f"--dataset {dataset}: no such dataset (datasets: {', '.join(store.datasets()) or 'none'}); "
-                             "load it with `shoplens ingest`")
-        end = robust_end(store, dataset)
-        if until is not None:
-            until = until if until.tzinfo else until.replace(tzinfo=UTC)
-            if until > end:
-                raise ValueError(f"--until {until.isoformat()}: after {dataset}'s end ({end.isoformat()}); "
-                                 "give an earlier time or leave it out")
-            end = until
-        last = end - timedelta(hours=horizon_hours)
+        cutoffs = self.encoder_cutoffs(dataset, horizon_hours=horizon_hours, n_cutoffs=n_cutoffs, until=until)
         folder = encoder_dir(self.runtime.settings.index_dir(dataset), task)
-        fitted = train_encoder(store, dataset, task, cutoffs=training_cutoffs(last, n_cutoffs), horizon_h=horizon_hours,
+        fitted = train_encoder(store, dataset, task, cutoffs=cutoffs, horizon_h=horizon_hours,
                                folder=folder, cfg=FineTuneConfig(seed=seed, max_steps=max_steps), seed=seed,
                                neg_per_pos=neg_per_pos, progress=progress)
         self.state.encoders.pop((dataset, task), None)

@@ -46,6 +46,7 @@ from agent.domain.predictions import (
 from agent.llm.base import ChatModel, ModelUnavailableError
 from agent.tasks.audience import (
     POOL,
+    POOL_WEIGHTS,
     PREDICTED_WEIGHTS,
     AudienceIndex,
     AudienceService,
@@ -255,13 +256,16 @@ class ShopLensService(NextItemMethods):
                           ) -> tuple[dict[str, float], dict[str, dict[str, float]], list[str]]:
         """(weights, {"predicted": user -> P}, notes) for `audience(predicted=...)`; blocking
         (SQLite reads of the pool's events and the encoder): call in a thread."""
-        pool = [u for u, _, _ in rank_users(idx, item_id, n=POOL)]
+        pool = [u for u, _, _ in rank_users(idx, item_id, n=POOL, weights=POOL_WEIGHTS)]
         as_of = self.state.dataset_end(dataset) + timedelta(seconds=1)
         scores = predicted_source(encoder, item_id, pool, lambda u: self.history(dataset, u), as_of, idx.catalog)
         weights = PREDICTED_WEIGHTS[encoder.task]
+        cuts = encoder.trained.manifest.get("cutoffs") or ["?"]
         return weights, {"predicted": scores}, [
-            f"predicted source: the {encoder.task} encoder's P (blend) within {encoder.horizon_h:g} h of "
-            f"{as_of:%Y-%m-%d %H:%M}, over the default fusion's top {len(pool)} users; weights {weights}"]
+            f"predicted source: the {encoder.task} encoder's P (blend; trained on cut-offs {cuts[0]} .. {cuts[-1]}) "
+            f"within {encoder.horizon_h:g} h of {as_of:%Y-%m-%d %H:%M}, over the retrieval sources' top {len(pool)} "
+            f"users (of at most {POOL}); weights {weights}"
+            + ("" if pool else "; no user was found by the retrieval sources, so the encoder scored nobody")]
 
     # ---- sentiment ------------------------------------------------------------------------
     async def sentiment(self, texts: Sequence[object], *, aspects: bool = False, use_model: bool | None = None,

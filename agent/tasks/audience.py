@@ -48,9 +48,11 @@ Source = Literal["repeat", "co_purchase", "similar_users", "predicted"]
 # (eval/audience_eval.py); the user-index source scored 0 there, so it only drives campaign texts.
 DEFAULT_WEIGHTS: dict[str, float] = {"repeat": 0.5, "co_purchase": 0.5, "similar_users": 0.0}
 CAMPAIGN_WEIGHTS: dict[str, float] = {"co_purchase": 0.5, "similar_users": 0.5}  # not evaluated
-# The ``predicted`` source (a dataset's trained encoder over the default fusion's top POOL users),
+# The ``predicted`` source: a dataset's trained encoder over the top POOL users of the fusion with
+# POOL_WEIGHTS (every source, so users found only by the user index are scored too); served with
 # weights tuned on Taobao's validation days by `shoplens eval audience --encoder` (docs/tasks_results.md).
 POOL = 200
+POOL_WEIGHTS: dict[str, float] = {"repeat": 0.4, "co_purchase": 0.35, "similar_users": 0.25}
 PREDICTED_WEIGHTS: dict[str, dict[str, float]] = {
     "click": {"repeat": 1.0, "co_purchase": 1.0, "similar_users": 0.0, "predicted": 1.0},
     "purchase": {"repeat": 1.0, "co_purchase": 1.0, "similar_users": 0.0, "predicted": 1.0},
@@ -230,6 +232,8 @@ def fallback_target_reason(idx: AudienceIndex, item_id: str | None, srcs: Mappin
     what = idx.title(item_id) if item_id else "this campaign"
     if srcs.get("repeat"):
         return f"[retrieval] Bought {what} before."
+    if best == "predicted":
+        return f"[retrieval] The fine-tuned encoder ranks this user among the likeliest to respond to {what}."
     if best == "co_purchase":
         return f"[retrieval] Bought items often bought together with {what}."
     return f"[retrieval] Recent purchases look like {what}."

@@ -7,6 +7,12 @@ users (``blend``, the default). The case is built exactly as in training: the us
 strictly before `as_of`, verbalised by ``prompts/encoder_case.v1``. No generative model is asked:
 there is no click prompt, and the LLM's yes/no was not better than the baseline on purchases
 (docs/tasks_results.md). The reason is a labelled template over the funnel counts.
+
+Scope: the click cases pair each item first viewed within the horizon with 2 sampled items the
+user never touched, so for an item the user did not touch in the 72 h look-back the scorers' P is
+relative (1 in 3 such cases is positive), not a chance. The answer for such an item is the data's
+chance that an untouched item is first viewed (`untouched_view_rate`, in the manifest), labelled
+``untouched_base_rate``; the scorers' P stays in ``encoder_probability`` for ranking.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ from agent.domain.predictions import ClickPrediction, ClickScorer
 from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.structured import CallTrace
 from agent.tasks.common import make_meta
+from agent.tasks.encoder_cases import TOUCH
 from agent.tasks.encoder_train import EncoderScorer
 from agent.tasks.intent import Funnel, funnel_features
+from agent.tasks.rows import INTENT_LOOKBACK_H
 
+LOOKBACK = timedelta(hours=INTENT_LOOKBACK_H)  # the click cases' look-back (agent.tasks.encoder_cases)
 SOURCE: dict[str, Literal["baseline", "bert", "stack"]] = {"baseline": "baseline", "bert": "bert", "blend": "stack"}
 
 
@@ -79,13 +88,32 @@ class ClickService:
                                           "shown instead of a personal probability.",
                                    meta=make_meta("click", None, trace, [], t0))
         p = self.encoder.predict_many([(evs, item_id, as_of)], catalog)
+        man = self.encoder.trained.manifest
         if self.scorer == "blend":
             trace.notes.append(self.encoder.trained.stack.describe())
-        trace.notes.append(f"click encoder trained on {self.encoder.dataset} "
-                           f"(template {self.encoder.trained.manifest.get('template')}); no generative model asked")
-        return ClickPrediction(**common, probability=round(float(p[self.scorer][0]), 6),
-                               probability_source=SOURCE[self.scorer],
+        cuts = man.get("cutoffs") or ["?"]
+        trace.notes.append(f"click encoder trained on {self.encoder.dataset} cut-offs {cuts[0]} .. {cuts[-1]} "
+                           f"(template {man.get('template')}); no generative model asked")
+        scored = round(float(p[self.scorer][0]), 6)
+        touched = any(e.item_id == item_id and e.event_type in TOUCH and e.timestamp >= as_of - LOOKBACK for e in evs)
+        chance = man.get("untouched_view_rate")
+        if not touched and isinstance(chance, float):
+            trace.notes.append(f"not viewed, carted or favourited in the 72 h before as_of: the click cases hold such "
+                               f"items 1 viewed to 2 sampled, so the {self.scorer} P {scored:.3f} ranks candidates "
+                               "but is not a chance; the answer is the data's chance that an untouched item is "
+                               "first viewed within the horizon")
+            return ClickPrediction(**common, probability=round(chance, 8), probability_source="untouched_base_rate",
+                                   baseline_probability=round(float(p["baseline"][0]), 6),
+                                   encoder_probability=round(float(p["bert"][0]), 6), touched_recently=False,
+                                   reason=f"[template] Not touched in the 72 h before the cut-off: {chance:.2e} is the "
+                                          "chance that such an item is first viewed within the horizon.",
+                                   reason_source="template", meta=make_meta("click", None, trace, [], t0))
+        if not touched:
+            trace.notes.append("not touched in the 72 h before as_of, and this encoder's manifest has no "
+                               "untouched_view_rate (trained before it was recorded): the probability ranks "
+                               "candidates but overstates the chance; retrain to get the calibrated answer")
+        return ClickPrediction(**common, probability=scored, probability_source=SOURCE[self.scorer],
                                baseline_probability=round(float(p["baseline"][0]), 6),
-                               encoder_probability=round(float(p["bert"][0]), 6),
+                               encoder_probability=round(float(p["bert"][0]), 6), touched_recently=touched,
                                reason=click_reason(f), reason_source="template",
                                meta=make_meta("click", None, trace, [], t0))

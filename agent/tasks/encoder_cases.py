@@ -162,7 +162,7 @@ class _Popularity:
 def build_cases(store: EventStore, dataset: str, task: EncoderTask, cutoffs: Sequence[datetime],
                 horizon_h: float, catalog: Mapping[str, CatalogItem], *, seed: int = 0,
                 lookback_h: float = INTENT_LOOKBACK_H, max_new: int = 3,
-                users: Iterable[str] | None = None) -> list[EncoderCase]:
+                users: Iterable[str] | None = None, stats: dict[str, int] | None = None) -> list[EncoderCase]:
     """Labelled cases of `task` at each cut-off (see the module docstring for the definitions).
 
     Args:
@@ -170,6 +170,10 @@ def build_cases(store: EventStore, dataset: str, task: EncoderTask, cutoffs: Seq
         horizon_h: hours after a cut-off in which a purchase (or a click) makes the label 1.
         users: only these users (default: all).
         max_new: click only: new items first viewed within the horizon, per user and cut-off.
+        stats: click only, filled in: ``user_cutoffs`` (users with events before a cut-off,
+            summed over cut-offs), ``new_first_views`` (every item first viewed within a horizon,
+            before the `max_new` cap) and ``catalogue_items``: what the real chance that an
+            untouched item is first viewed is estimated from (`untouched_view_rate`).
 
     Returns:
         Cases ordered by cut-off, then user, then item (touched items first).
@@ -194,6 +198,8 @@ def build_cases(store: EventStore, dataset: str, task: EncoderTask, cutoffs: Seq
             before = [e for e in evs if e.timestamp < cut]
             if not before:
                 continue
+            if stats is not None:
+                stats["user_cutoffs"] = stats.get("user_cutoffs", 0) + 1
             during = [e for e in evs if cut <= e.timestamp < end]
             hit = {e.item_id for e in during if e.event_type in want}
             touched = list(dict.fromkeys(e.item_id for e in before if e.timestamp >= start and e.event_type in TOUCH))
@@ -209,6 +215,8 @@ def build_cases(store: EventStore, dataset: str, task: EncoderTask, cutoffs: Seq
                 rng = random.Random(f"{seed}:{uid}:{cut.isoformat()}")
                 new = sorted(i for i in dict.fromkeys(e.item_id for e in during if e.event_type in CLICK)
                              if i not in {e.item_id for e in before})
+                if stats is not None:
+                    stats["new_first_views"] = stats.get("new_first_views", 0) + len(new)
                 for it in rng.sample(new, min(max_new, len(new))):
                     out.append(case(it, 1, "new"))
                     cat = catalog[it].category if it in catalog else None
@@ -220,7 +228,18 @@ def build_cases(store: EventStore, dataset: str, task: EncoderTask, cutoffs: Seq
                         if neg is not None:
                             seen.add(neg)
                             out.append(case(neg, 0, src))
+    if stats is not None:
+        stats["catalogue_items"] = len(catalog)
     return out
+
+
+def untouched_view_rate(stats: Mapping[str, int]) -> float | None:
+    """The chance that a given catalogue item the user did not touch is first viewed within the
+    horizon: first views of new items / (user cut-offs x catalogue items), from `build_cases`'
+    `stats`. The click cases sample 2 negatives per new item (1 in 3 positive), so the encoder's
+    P for an untouched item ranks users and items but is not this chance. None without data."""
+    denom = stats.get("user_cutoffs", 0) * stats.get("catalogue_items", 0)
+    return stats.get("new_first_views", 0) / denom if denom else None
 
 
 def subsample(cases: Sequence[EncoderCase], neg_per_pos: float, seed: int = 0) -> tuple[list[EncoderCase], list[float]]:

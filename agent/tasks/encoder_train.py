@@ -11,7 +11,8 @@ The procedure (`train_encoder`):
 5. The encoder is fine-tuned (`agent.tasks.encoder.fine_tune`), early-stopped on validation log
    loss, Platt-calibrated on validation.
 6. The blend (`agent.tasks.stack.Stack`) over {baseline, bert} is chosen on validation.
-7. Test-split metrics (every test case, natural balance): ROC AUC, PR AUC, log loss per scorer.
+7. Test-split metrics (every test case, natural balance): ROC AUC, PR AUC, log loss, ECE per
+   scorer with 95% bootstrap intervals, and each one's paired difference from the baseline.
 
 The folder ``<index dir>/encoder-<task>/`` holds the weights, ``baseline.json``, ``stack.json``
 and a manifest (dataset, task, template, horizon, cut-offs, data sha256, config, metrics, every
@@ -34,14 +35,16 @@ import numpy as np
 from agent.data.store import EventStore
 from agent.domain.errors import ArtifactMismatchError, RequestError
 from agent.domain.schemas import BehaviorEvent, CatalogItem
+from agent.tasks.binary_stats import compare_scorers
 from agent.tasks.common import LogisticBaseline
-from agent.tasks.encoder import EncoderClassifier, FineTuneConfig, FitHistory, fine_tune, log_loss
+from agent.tasks.encoder import EncoderClassifier, FineTuneConfig, FitHistory, fine_tune
 from agent.tasks.encoder_cases import (
     TEMPLATE,
     EncoderCase,
     EncoderTask,
     build_cases,
     subsample,
+    untouched_view_rate,
     user_split,
     verbalise,
 )
@@ -65,15 +68,13 @@ def data_sha256(cases: Sequence[EncoderCase]) -> str:
     return h.hexdigest()
 
 
-def binary_scores(y: Sequence[int], p: Sequence[float]) -> dict[str, float | None]:
-    """ROC AUC, PR AUC (average precision) and log loss (nats); AUCs are None with one class."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    both = len(set(y)) == 2
-    return {"n": len(y), "positives": int(sum(y)),
-            "roc_auc": round(float(roc_auc_score(y, p)), 4) if both else None,
-            "pr_auc": round(float(average_precision_score(y, p)), 4) if both else None,
-            "log_loss": round(log_loss(y, p), 5)}
+def scorer_metrics(y: Sequence[int], scores: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, Any]:
+    """Each scorer's ROC AUC, PR AUC, log loss and ECE on the test users' cases, with 95%
+    stratified-bootstrap intervals and the paired difference from ``baseline``
+    (`agent.tasks.binary_stats.compare_scorers`); {} when the cases hold one class only."""
+    if len(set(y)) < 2:
+        return {}
+    return compare_scorers(y, {k: v.tolist() for k, v in scores.items()}, reference="baseline", seed=seed)
 
 
 def fit_case_baseline(cases: Sequence[EncoderCase], trained_on: str) -> LogisticBaseline:
@@ -156,7 +157,8 @@ def train_encoder(store: EventStore, dataset: str, task: EncoderTask, *, cutoffs
     """
     cfg = cfg or FineTuneConfig(seed=seed)
     catalog = store.items(dataset)
-    cases = build_cases(store, dataset, task, cutoffs, horizon_h, catalog, seed=seed)
+    stats: dict[str, int] = {}
+    cases = build_cases(store, dataset, task, cutoffs, horizon_h, catalog, seed=seed, stats=stats)
     if not cases:
         raise ValueError(f"{dataset}: no {task} cases at cut-offs {cutoffs[0]:%Y-%m-%d}..{cutoffs[-1]:%Y-%m-%d} "
                          "(they need views, clicks, carts or favourites in the 72 h before a cut-off); "
@@ -174,9 +176,11 @@ def train_encoder(store: EventStore, dataset: str, task: EncoderTask, *, cutoffs
     test = split["test"]
     y = [c.label for c in test]
     sc = fitted.scores(test)
-    metrics = {name: binary_scores(y, p.tolist()) for name, p in sc.items()}
+    metrics = scorer_metrics(y, sc, seed)
     manifest = encoder_manifest(fitted, dataset=dataset, task=task, cutoffs=cutoffs, horizon_h=horizon_h, seed=seed,
                                 neg_per_pos=neg_per_pos, cases=cases, split=split, test_metrics=metrics)
+    if task == "click":
+        manifest |= {"case_stats": stats, "untouched_view_rate": untouched_view_rate(stats)}
     save_trained(fitted, folder, manifest)
     return fitted
 
@@ -239,10 +243,11 @@ class EncoderScorer:
     def check_horizon(self, horizon_h: float) -> None:
         """Raises RequestError (field ``horizon_hours``) when it differs from the trained horizon."""
         if abs(horizon_h - self.horizon_h) > 1e-9:
-            raise RequestError(f"horizon_hours (--horizon-hours) {horizon_h!r}: the {self.dataset} encoder was "
-                               f"trained for {self.horizon_h:g} h; ask with {self.horizon_h:g}, retrain with "
+            other = ", or use scorer baseline" if self.task == "purchase" else ""  # click's baseline is in the folder
+            raise RequestError(f"horizon_hours {horizon_h!r}: the {self.dataset} {self.task} encoder was "
+                               f"trained for {self.horizon_h:g} h; ask with {self.horizon_h:g}, or retrain with "
                                f"`shoplens train --dataset {self.dataset} --task {self.task} --model bert "
-                               f"--horizon-hours {horizon_h!r}`, or use scorer baseline", param="horizon_hours")
+                               f"--horizon-hours {horizon_h!r}`{other}", param="horizon_hours")
 
     def predict(self, before: Sequence[BehaviorEvent], item_id: str, as_of: datetime,
                 catalog: Mapping[str, CatalogItem]) -> float:

@@ -85,13 +85,18 @@ class ClickPrediction(_ItemSubject):
     asked (there is no click prompt); the reason is a labelled template over the funnel."""
 
     probability: Probability
-    probability_source: Literal["baseline", "bert", "stack", "cold_start_base_rate"] = Field(
+    probability_source: Literal["baseline", "bert", "stack", "cold_start_base_rate", "untouched_base_rate"] = Field(
         description="baseline: the funnel logistic regression fitted on the click cases; bert: the fine-tuned "
-                    "encoder; stack: the blend chosen on validation users; cold_start_base_rate: no history")
+                    "encoder; stack: the blend chosen on validation users; cold_start_base_rate: no history; "
+                    "untouched_base_rate: the user did not touch the item in the 72 h look-back, so the answer "
+                    "is the data's chance that such an item is first viewed within the horizon (the scorers' "
+                    "P for it is relative to sampled candidates; it is in encoder_probability, for ranking)")
     scorer: ClickScorer
     baseline_probability: Probability
     encoder_probability: Probability | None = None
     reason: str
     reason_source: Literal["template", "cold_start"]
     cold_start: bool = False
+    touched_recently: bool = Field(default=True, description="the user viewed, carted or favourited the item in "
+                                   "the 72 h before as_of (the cases the scorers' probabilities are calibrated on)")
     meta: Meta
