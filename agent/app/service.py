@@ -265,7 +265,9 @@ class ShopLensService(NextItemMethods):
             f"predicted source: the {encoder.task} encoder's P (blend; trained on cut-offs {cuts[0]} .. {cuts[-1]}) "
             f"within {encoder.horizon_h:g} h of {as_of:%Y-%m-%d %H:%M}, over the retrieval sources' top {len(pool)} "
             f"users (of at most {POOL}); weights {weights}"
-            + ("" if pool else "; no user was found by the retrieval sources, so the encoder scored nobody")]
+            + ("" if pool else "; no user was found by the retrieval sources, so the encoder scored nobody")
+            + ("" if weights.get("predicted") else "; the encoder has weight 0 here: on the validation days it did "
+               "not improve the ranking (docs/tasks_results.md), so it does not change this answer")]
 
     # ---- sentiment ------------------------------------------------------------------------
     async def sentiment(self, texts: Sequence[object], *, aspects: bool = False, use_model: bool | None = None,

@@ -53,9 +53,12 @@ CAMPAIGN_WEIGHTS: dict[str, float] = {"co_purchase": 0.5, "similar_users": 0.5} 
 # weights tuned on Taobao's validation days by `shoplens eval audience --encoder` (docs/tasks_results.md).
 POOL = 200
 POOL_WEIGHTS: dict[str, float] = {"repeat": 0.4, "co_purchase": 0.35, "similar_users": 0.25}
+# The grid's best mean NDCG@50 on the validation days 2017-11-29..12-01 (30 items each), with an
+# encoder trained on labels before them (docs/results/audience-taobao-*-enc/): click on the view
+# audience, purchase on the purchase audience. The purchase encoder got weight 0 there.
 PREDICTED_WEIGHTS: dict[str, dict[str, float]] = {
-    "click": {"repeat": 1.0, "co_purchase": 1.0, "similar_users": 0.0, "predicted": 1.0},
-    "purchase": {"repeat": 1.0, "co_purchase": 1.0, "similar_users": 0.0, "predicted": 1.0},
+    "click": {"repeat": 4.0, "co_purchase": 0.0, "similar_users": 1.0, "predicted": 1.0},
+    "purchase": {"repeat": 0.0, "co_purchase": 1.0, "similar_users": 1.0, "predicted": 0.0},
 }
 HALF_LIFE_DAYS = 90.0  # a purchase 90 days before the cut-off counts half
 COOC_WINDOW = 30  # co-purchase pairs within 30 distinct items of each other
