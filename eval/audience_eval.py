@@ -316,7 +316,85 @@ def run_audience_eval(settings: Settings, *, dataset: str = "online-retail", day
               "skipped": skipped, "units": UNITS, "item_index": item_index.manifest.__dict__,
               "note": f"user index, co-visitation and {event_type} counts from events before the held-out period "
                       "only; item vectors are title embeddings"}
-    return _write(d, config, metrics, _report(ds, event_type, periods, days, metrics, n, len(held), skipped))
+    _write(d, config, metrics, _report(ds, event_type, periods, days, metrics, n, len(held), skipped))
+    paired_items(d, settings)
+    return d
+
+
+REFERENCE = "fused (weights before tuning: 0.4/0.35/0.25)"
+
+
+def paired_items(run_dir: Path, settings: Settings, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Per-item NDCG@N of every recorded ranking, and each ranker's paired difference from the
+    untuned fusion with a 95% bootstrap interval over items (the items resampled with
+    replacement). The held-out audiences are recomputed from the store with the run's config
+    (period and event type), so a finished run gets them without re-ranking anything. Writes
+    ``item_metrics.jsonl`` and adds ``_paired`` to metrics.json (and its table to report.md).
+
+    Raises:
+        FileNotFoundError: `run_dir` has no config.json or cases.jsonl.
+        ValueError: the run's dataset is not in the store.
+    """
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    rows = [json.loads(x) for x in (run_dir / "cases.jsonl").read_text().splitlines() if x.strip()]
+    store = Runtime(settings).store
+    require_dataset(store, config["dataset"])
+    held = tuple(datetime.fromisoformat(t) for t in config["held_out"])
+    events = list(store.iter_events(config["dataset"]))
+    aud = audiences(events, config["event_type"], (held[0], held[1]))
+    before: dict[str, set[str]] = defaultdict(set)
+    for e in events:
+        if e.event_type == config["event_type"] and e.timestamp < held[0]:
+            before[e.item_id].add(e.user_id)
+    n = int(config["n"])
+    per: list[dict[str, Any]] = []
+    for r in rows:
+        rel = aud.get(r["case_id"], set())
+        new = rel - before.get(r["case_id"], set())
+        per.append({"case_id": r["case_id"], "n_audience": len(rel), "n_new": len(new),
+                    "ndcg_all": {k: ndcg_at_k(v, rel, n) for k, v in r["ranked"].items()},
+                    "ndcg_new": {k: ndcg_at_k(v, new, n) if new else None for k, v in r["ranked"].items()}})
+    with (run_dir / "item_metrics.jsonl").open("w") as fh:
+        fh.writelines(json.dumps(x) + "\n" for x in per)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"reference": REFERENCE, "n_items": len(per), "n_boot": n_boot}
+    for name in (per[0]["ndcg_all"] if per else {}):
+        if name == REFERENCE:
+            continue
+        row: dict[str, Any] = {}
+        for tag in ("all", "new"):
+            d = np.array([x[f"ndcg_{tag}"][name] - x[f"ndcg_{tag}"][REFERENCE] for x in per
+                          if x[f"ndcg_{tag}"][name] is not None])
+            if not len(d):
+                continue
+            boots = [float(np.mean(d[rng.integers(0, len(d), len(d))])) for _ in range(n_boot)]
+            row[f"NDCG@{n} {tag} diff"] = round(float(np.mean(d)), 4)
+            row[f"NDCG@{n} {tag} diff_ci"] = [round(float(np.percentile(boots, 2.5)), 4),
+                                              round(float(np.percentile(boots, 97.5)), 4)]
+            row[f"n_{tag}"] = len(d)
+        out[name] = row
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["_paired"] = out
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    report = (run_dir / "report.md").read_text().split("\n## Paired")[0]
+    (run_dir / "report.md").write_text(report + _paired_table(out, n))
+    return out
+
+
+def _paired_table(paired: dict[str, Any], n: int) -> str:
+    lines = [f"\n## Paired differences from the untuned fusion (95% bootstrap CI over {paired['n_items']} items)\n",
+             f"| ranker | NDCG@{n} all − fused [CI] | NDCG@{n} new − fused [CI] (items) |", "|---|---|---|"]
+    for name, r in paired.items():
+        if not isinstance(r, dict):
+            continue
+        cells = []
+        for tag in ("all", "new"):
+            k = f"NDCG@{n} {tag} diff"
+            cells.append(f"{r[k]:+.4f} [{r[k + '_ci'][0]:+.4f}, {r[k + '_ci'][1]:+.4f}]" + (f" ({r['n_new']})" if tag == "new" else "")
+                         if k in r else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _items(k: int) -> str:

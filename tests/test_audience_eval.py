@@ -128,6 +128,14 @@ def test_purchase_audience_on_a_derived_period(ws: Path) -> None:
     assert metrics["category popularity (baseline)"] == repeat
     assert "fused (weights tuned on the validation period)" in metrics
     assert "fractions in [0, 1]" in report and "n = 1 item (" in report
+    # paired per item against the untuned fusion; the baseline ranks like repeat here
+    paired = metrics["_paired"]
+    assert paired["n_items"] == 1 and paired["reference"].startswith("fused (weights before tuning")
+    fused = metrics["fused (weights before tuning: 0.4/0.35/0.25)"]["NDCG@5 all"]
+    diff = paired["repeat only"]["NDCG@5 all diff"]
+    assert diff == pytest.approx(NDCG_1_OF_3 - fused, abs=2e-4)
+    assert paired["repeat only"]["NDCG@5 all diff_ci"] == [diff, diff]  # one item: every resample is it
+    assert "## Paired differences from the untuned fusion" in report
 
 
 def test_cart_audience_without_validation_carts_skips_tuning(ws: Path) -> None:
