@@ -38,7 +38,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -329,6 +329,7 @@ def run_scorers_eval(settings: Settings, cfg: ScorersConfig, out: Path | None = 
     metrics: dict[str, Any] = {
         "all": {"scorers": compare_scorers([c.label for c in main], {n: [probs[c.case_id][n] for c in main] for n in names},
                                            weights=wts, reference="baseline", seed=cfg.seed),
+                "by_fold": by_fold([{"fold": folds.get(c.case_id), "label": c.label, **probs[c.case_id]} for c in main], names),
                 "n_test_cases": len(test_all), "test_positives": sum(c.label for c in test_all),
                 "scored": len(main), "negatives_rate": round(rate, 5)},
         "cost": cost,
@@ -477,16 +478,47 @@ def report(config: dict[str, Any], metrics: dict[str, Any]) -> str:
                          f"{m['log_loss']:.4f} | {m['ece']:.4f} | {diff} |")
         return lines
 
+    def fold_table(folds: dict[str, Any]) -> list[str]:
+        if not folds:
+            return []
+        names = [k for k in next(iter(folds.values())) if k not in ("n", "positives")]
+        return ["ROC AUC within each user fold (one model per fold, as served; the pooled table mixes two "
+                "fold models' calibrations):", "", "| fold | n (pos) | " + " | ".join(names) + " |",
+                "|---|---|" + "---|" * len(names),
+                *[f"| {k} | {v['n']} ({v['positives']}) | " + " | ".join(f"{v[n]:.4f}" for n in names) + " |"
+                  for k, v in folds.items()], ""]
+
     out = [f"# {config['dataset']} {config['task']} within {config['horizon_hours']:g} h: scorers side by side", "",
            f"Test cut-off {config['test_cutoff']}; training cut-offs {', '.join(str(c) for c in config['train_cutoffs'])}; "
            f"{config['folds']} user folds (cross-fitted); commit {config['git_commit']}.", "",
-           "## All test cases (every positive, negatives subsampled and weighted)", "", *table(metrics["all"]), ""]
+           "## All test cases (every positive, negatives subsampled and weighted)", "", *table(metrics["all"]), "",
+           *fold_table(metrics["all"].get("by_fold", {}))]
     if "llm_sample" in metrics:
         out += ["## The LLM sample (positives oversampled to 1/3)", "", *table(metrics["llm_sample"]), ""]
     out += ["## Cost", "", "```", json.dumps(metrics.get("cost", {}), indent=2), "```", ""]
     if "curve" in metrics:
         out += ["## Data-size curve", "", "![curve](curve.png)", ""]
     return "\n".join(out)
+
+
+def by_fold(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """ROC AUC of each scorer within each user fold (rows of scores.jsonl with ``fold``, ``label``).
+
+    Each fold's cases were scored by one model, as a served model scores every case; the pooled
+    figures mix two fold models, so a per-fold recalibration (a Platt map fitted on that fold's
+    validation users) changes the pooled ranking even when it keeps each fold's ranking: a blend
+    that chose the baseline alone ties it within every fold and can still differ pooled."""
+    from sklearn.metrics import roc_auc_score
+
+    out: dict[str, dict[str, Any]] = {}
+    for k in sorted({r["fold"] for r in rows if r.get("fold") is not None}):
+        rs = [r for r in rows if r.get("fold") == k]
+        y = [int(r["label"]) for r in rs]
+        if len(set(y)) < 2:
+            continue
+        out[f"fold{k}"] = {"n": len(rs), "positives": sum(y),
+                           **{n: round(float(roc_auc_score(y, [r[n] for r in rs])), 4) for n in names if n in rs[0]}}
+    return out
 
 
 def rescore(run_dir: Path) -> dict[str, Any]:
@@ -506,7 +538,8 @@ def rescore(run_dir: Path) -> dict[str, Any]:
     metrics: dict[str, Any] = dict(old)
     metrics["all"] = dict(old.get("all", {})) | {"scorers": compare_scorers(
         [r["label"] for r in main], {n: [r[n] for r in main] for n in names},
-        weights=[1.0 if r["label"] else 1.0 / rate for r in main], reference="baseline", seed=config.get("seed", 0))}
+        weights=[1.0 if r["label"] else 1.0 / rate for r in main], reference="baseline", seed=config.get("seed", 0)),
+        "by_fold": by_fold(main, names)}
     sample = [r for r in rows if r["in_llm_sample"] and "llm" in r]
     if sample:
         sn = names + [n for n in ("llm", "blend_llm", "llm_fewshot") if n in sample[0]]

@@ -320,6 +320,25 @@ def test_scorers_run_rescores_from_its_per_case_file_with_hand_computed_aucs(tmp
     assert "| bert | 4 (2) | 1.0000" in (d / "report.md").read_text()
 
 
+def test_by_fold_shows_a_per_fold_recalibration_that_keeps_each_folds_ranking() -> None:
+    """A blend that is the baseline through a different monotone map in each fold ties it within
+    both folds, while the pooled AUC drops (the artifact `by_fold` exists to show)."""
+    from sklearn.metrics import roc_auc_score
+
+    from eval.encoder_eval import by_fold
+
+    rows = [{"fold": 0, "label": 1, "baseline": 0.30}, {"fold": 0, "label": 0, "baseline": 0.20},
+            {"fold": 1, "label": 1, "baseline": 0.25}, {"fold": 1, "label": 0, "baseline": 0.05}]
+    for r in rows:  # fold 1's recalibration lifts its probabilities above fold 0's
+        r["blend"] = r["baseline"] if r["fold"] == 0 else r["baseline"] + 0.5
+    got = by_fold(rows, ["baseline", "blend"])
+    assert got == {"fold0": {"n": 2, "positives": 1, "baseline": 1.0, "blend": 1.0},
+                   "fold1": {"n": 2, "positives": 1, "baseline": 1.0, "blend": 1.0}}
+    y = [r["label"] for r in rows]
+    assert roc_auc_score(y, [r["baseline"] for r in rows]) == 1.0  # pooled: 4 of 4 pairs
+    assert roc_auc_score(y, [r["blend"] for r in rows]) == 0.75  # fold 1's negative now outranks fold 0's buyer
+
+
 def _save_click(tuned: tuple, rt: object, cutoffs: list[datetime] | None = None,
                 extra: dict | None = None) -> TrainedEncoder:
     """The module's few-step encoder saved as the dataset's click encoder (baseline fitted on the
