@@ -402,6 +402,8 @@ def test_click_is_served_by_the_click_encoder_with_each_scorer(tuned: tuple, tmp
     assert new.probability_source == "untouched_base_rate" and new.probability == pytest.approx(1 / 18, abs=1e-8)
     assert new.encoder_probability == old.encoder_probability and not new.touched_recently
     assert asyncio.run(svc.click(DS, "u2", "Q2", as_of=C.isoformat())).touched_recently  # viewed 20 h before
+    late = asyncio.run(svc.click(DS, "u2", "Q2", as_of="2019-01-01"))
+    assert any("days after the last label the encoder learnt from (2017-11-29)" in n for n in late.meta.notes)
     asyncio.run(rt.aclose())
 
 

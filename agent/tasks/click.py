@@ -17,6 +17,7 @@ chance that an untouched item is first viewed (`untouched_view_rate`, in the man
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -94,6 +95,11 @@ class ClickService:
         cuts = man.get("cutoffs") or ["?"]
         trace.notes.append(f"click encoder trained on {self.encoder.dataset} cut-offs {cuts[0]} .. {cuts[-1]} "
                            f"(template {man.get('template')}); no generative model asked")
+        with contextlib.suppress(ValueError, TypeError):
+            seen_until = datetime.fromisoformat(cuts[-1]) + timedelta(hours=self.encoder.horizon_h)
+            if as_of - seen_until > timedelta(days=30):
+                trace.notes.append(f"as_of is {(as_of - seen_until).days} days after the last label the encoder "
+                                   f"learnt from ({seen_until:%Y-%m-%d}): its probabilities are extrapolated")
         scored = round(float(p[self.scorer][0]), 6)
         touched = any(e.item_id == item_id and e.event_type in TOUCH and e.timestamp >= as_of - LOOKBACK for e in evs)
         chance = man.get("untouched_view_rate")
