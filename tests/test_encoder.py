@@ -468,6 +468,14 @@ def test_cli_click_and_train_flags_name_the_fix(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "--dataset nope: no such dataset" in r.output and "building" not in r.output
     r = runner.invoke(app, ["click", "--dataset", DS, "--user", "u1", "--item", "P1", *ws])
     assert r.exit_code == 2 and "shoplens train --dataset toy --task click --model bert" in r.output
+    old = tmp_path / "indexes" / DS / "encoder-click"
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text(json.dumps({"cutoffs": ["2017-11-01T00:00:00+00:00"]}))
+    r = runner.invoke(app, ["train", "--dataset", DS, "--task", "click", "--cutoffs", "1", "--horizon-hours", "24", *ws])
+    flat = " ".join(r.output.split())  # rich wraps long lines
+    assert "note: replaces the click encoder" in flat and "(cut-offs 2017-11-01T00:00:00+00:00 .." in flat
+    assert "building click cases at 1 daily cut-offs 2017-11-28 06:00 .. 2017-11-28 06:00 UTC" in flat
+    assert r.exit_code == 2 and "hold one class only" in r.output  # 3 users cannot fill 3 splits
     r = runner.invoke(app, ["eval", "audience", "--dataset", DS, "--days", "2", "--event-type", "view",
                             "--encoder", "click", *ws])
     assert r.exit_code == 2 and "--encoder click:" in r.output and "--until" in r.output

@@ -333,8 +333,8 @@ def _train_encoder(dataset: str, task: Literal["click", "purchase"], workspace: 
     old = encoder_dir(svc.runtime.settings.index_dir(dataset), task) / "manifest.json"
     if old.exists():
         try:
-            cuts = json.loads(old.read_text(encoding="utf-8")).get("cutoffs") or ["?"]
-            err.print(f"note: replaces the {task} encoder in {old.parent} (cut-offs {cuts[0]} .. {cuts[-1]}) "
+            was = json.loads(old.read_text(encoding="utf-8")).get("cutoffs") or ["?"]
+            err.print(f"note: replaces the {task} encoder in {old.parent} (cut-offs {was[0]} .. {was[-1]}) "
                       "once this one is trained")
         except (OSError, ValueError, AttributeError, IndexError):
             err.print(f"note: replaces the unreadable {task} encoder in {old.parent}")
