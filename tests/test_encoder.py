@@ -468,6 +468,8 @@ def test_cli_click_and_train_flags_name_the_fix(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "--dataset nope: no such dataset" in r.output and "building" not in r.output
     r = runner.invoke(app, ["click", "--dataset", DS, "--user", "u1", "--item", "P1", *ws])
     assert r.exit_code == 2 and "shoplens train --dataset toy --task click --model bert" in r.output
+    r = runner.invoke(app, ["intent", "--dataset", DS, "--user", "x" * 50_000, "--item", "P1", "--no-llm", *ws])
+    assert r.exit_code == 2 and "user_id: 50,000 characters; a user id has at most 256" in r.output
     old = tmp_path / "indexes" / DS / "encoder-click"
     old.mkdir(parents=True)
     (old / "manifest.json").write_text(json.dumps({"cutoffs": ["2017-11-01T00:00:00+00:00"]}))

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from agent.app.state import AppState
 
 log = logging.getLogger(__name__)
+MAX_ID_CHARS = 256  # as agent.domain.schemas.NonEmptyStr and the API's UserId
 
 
 class DataMethods:
@@ -51,7 +52,15 @@ class DataMethods:
         return self.runtime.state
 
     def stored_id(self, user_id: str) -> str:
-        """The id the store holds for a caller's user id (pseudonymised when configured)."""
+        """The id the store holds for a caller's user id (pseudonymised when configured).
+
+        Raises:
+            RequestError: (``user_id``) longer than the 256 characters any stored id can have (the
+                API refuses it in the schema; this guards the CLI and in-process callers).
+        """
+        if len(user_id) > MAX_ID_CHARS:
+            raise RequestError(f"user_id: {len(user_id):,} characters; a user id has at most {MAX_ID_CHARS}",
+                               param="user_id")
         return self.pseudonyms.stored(user_id)
 
     # ---- datasets and indexes -----------------------------------------------------------------
