@@ -217,8 +217,9 @@ class ShopLensService(NextItemMethods):
 
         Args:
             predicted: ``click`` or ``purchase``: one more source, the dataset's trained encoder's
-                P(the user clicks / buys the item within its horizon, from the dataset's last
-                event) over the default fusion's top `POOL` users, fused with `PREDICTED_WEIGHTS`.
+                P(the user clicks / buys the item within its horizon, from the dataset's end)
+                over the top `POOL` users of the retrieval sources (`POOL_WEIGHTS`), fused with
+                `PREDICTED_WEIGHTS`.
 
         Raises:
             RequestError: neither `item_id` nor `campaign_text` (param ``item_id``); `predicted`
