@@ -50,7 +50,7 @@ from agent.tasks.audience import (
     AudienceIndex,
     category_popularity_baseline,
     fuse_sources,
-    predicted_source,
+    predicted_raw,
     source_scores,
 )
 from agent.tasks.encoder_cases import EncoderTask
@@ -163,11 +163,9 @@ class _Predicted:
 
     def raw(self, idx: AudienceIndex, item: str, as_of: datetime) -> dict[str, dict[str, float]]:
         """The item's raw sources with ``predicted`` added (users scored as of `as_of`)."""
-        raw = source_scores(idx, item)
-        users = [u for u, _, _ in fuse_sources(raw, UNTUNED, n=self.pool)]
-        self.cases += len(users)
-        return raw | {"predicted": predicted_source(self.scorer, item, users, lambda u: self.by_user.get(u, []),
-                                                    as_of, self.catalog)}
+        raw = predicted_raw(idx, item, self.scorer, lambda u: self.by_user.get(u, []), as_of, pool=self.pool)
+        self.cases += len(raw["predicted"])
+        return raw
 
 
 def load_eval_encoder(settings: Settings, dataset: str, task: EncoderTask, first_unseen: datetime) -> EncoderScorer:

@@ -46,11 +46,10 @@ from agent.domain.predictions import (
 from agent.llm.base import ChatModel, ModelUnavailableError
 from agent.tasks.audience import (
     POOL,
-    POOL_WEIGHTS,
     PREDICTED_WEIGHTS,
     AudienceIndex,
     AudienceService,
-    predicted_source,
+    predicted_raw,
     rank_users,
 )
 from agent.tasks.churn import ChurnService
@@ -257,9 +256,9 @@ class ShopLensService(NextItemMethods):
                           ) -> tuple[dict[str, float], dict[str, dict[str, float]], list[str]]:
         """(weights, {"predicted": user -> P}, notes) for `audience(predicted=...)`; blocking
         (SQLite reads of the pool's events and the encoder): call in a thread."""
-        pool = [u for u, _, _ in rank_users(idx, item_id, n=POOL, weights=POOL_WEIGHTS)]
         as_of = self.state.dataset_end(dataset) + timedelta(seconds=1)
-        scores = predicted_source(encoder, item_id, pool, lambda u: self.history(dataset, u), as_of, idx.catalog)
+        scores = predicted_raw(idx, item_id, encoder, lambda u: self.history(dataset, u), as_of)["predicted"]
+        pool = list(scores)
         weights = PREDICTED_WEIGHTS[encoder.task]
         cuts = encoder.trained.manifest.get("cutoffs") or ["?"]
         return weights, {"predicted": scores}, [

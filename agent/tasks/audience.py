@@ -203,6 +203,17 @@ def predicted_source(scorer: EncoderScorer, item_id: str, users: Sequence[str],
     return {u: float(x) for u, x in zip(users, p, strict=True)}
 
 
+def predicted_raw(idx: AudienceIndex, item_id: str, scorer: EncoderScorer,
+                  events_of: Callable[[str], Sequence[BehaviorEvent]], as_of: datetime, *,
+                  pool: int = POOL) -> dict[str, dict[str, float]]:
+    """The item's raw sources (`source_scores`) plus ``predicted``: the encoder's P for the top
+    `pool` users of the fusion with `POOL_WEIGHTS`. The one pool rule of the served audience and
+    of ``eval audience --encoder``."""
+    raw = source_scores(idx, item_id)
+    users = [u for u, _, _ in fuse_sources(raw, POOL_WEIGHTS, n=pool)]
+    return raw | {"predicted": predicted_source(scorer, item_id, users, events_of, as_of, idx.catalog)}
+
+
 def title_words(title: str) -> set[str]:
     return {w for w in re.findall(r"[a-z']+", title.lower()) if len(w) > 2 and w not in _STOP}
 
