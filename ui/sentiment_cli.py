@@ -44,6 +44,7 @@ from ui.options import Profile, Workspace, note_degraded
 SentimentSet = Literal["zh", "amazon_cells", "laptops", "beauty", "hostile"]
 SentimentRanker = Literal["llm", "tfidf", "lexicon", "bert"]
 AspectsRanker = Literal["llm", "train-lexicon"]
+TransferLang = Literal["zh", "en"]
 
 
 def register(app: typer.Typer) -> None:
@@ -95,6 +96,15 @@ def sentiment_cmd(
     workspace: Workspace = None,
     profile: Profile = None,
     as_json: Annotated[bool, typer.Option("--json", help="trends as JSON")] = False,
+    demos: Annotated[Path | None, typer.Option(
+        help="your shop's labelled reviews (CSV or JSONL): each review is judged after its 4 nearest "
+             "(2 per label) as demonstrations (few-shot; docs/sentiment_results.md)")] = None,
+    demo_text_column: Annotated[str, typer.Option(help="review column in --demos")] = "review",
+    demo_label_column: Annotated[str, typer.Option(
+        help="label column in --demos: positive/negative/neutral, 1/0 or 正面/负面/中性")] = "label",
+    fit_offset: Annotated[int, typer.Option(
+        min=0, help="score this many --demos reviews (each without itself) and fit the shop's decision "
+                    "offset on them (0: none)")] = 0,
 ) -> None:
     """Review sentiment and aspects; batch CSV; opinion trends.
 
@@ -115,8 +125,11 @@ def sentiment_cmd(
     if concurrency > 1:  # the model guard's own cap must let that many requests through
         overrides["model_max_concurrency"] = concurrency
     rt = Runtime(load_settings(workspace=workspace, llm_profile=profile, **overrides))
+    if fit_offset and demos is None:
+        raise _fail("--fit-offset needs --demos (the labelled reviews to fit it on)")
     opts = _ScoreOptions(aspects=aspects if aspects is not None else text is not None, no_llm=no_llm,
-                         concurrency=concurrency, store=store, one_call=one_call)
+                         concurrency=concurrency, store=store, one_call=one_call, demos=demos,
+                         demo_columns=(demo_text_column, demo_label_column), fit_offset=fit_offset)
     if dataset is not None:
         try:
             days = parse_window(window)
@@ -148,10 +161,56 @@ class _ScoreOptions:
     concurrency: int
     store: bool
     one_call: bool = False
+    demos: Path | None = None
+    demo_columns: tuple[str, str] = ("review", "label")
+    fit_offset: int = 0
+    label_offset: float = 0.0  # set by `_shop_fewshot` once fitted
+    pool: Any = None  # the shop's DemoPool, set by `_shop_fewshot`
+    embedder: Any = None
 
     @property
     def config(self) -> SentimentConfig:
-        return SentimentConfig(joint=self.one_call)
+        return SentimentConfig(joint=self.one_call, label_offset=self.label_offset)
+
+
+async def _shop_fewshot(rt: Any, opts: _ScoreOptions) -> None:
+    """With --demos: load (or build and keep, under <workspace>/sentiment_pools/<sha>) the shop's
+    demonstration pool; with --fit-offset N, judge N of its reviews few-shot (each without itself)
+    and fit the decision offset on their labels. Fills `opts.pool`, `opts.embedder`, `opts.label_offset`."""
+    import hashlib
+    import random
+
+    from agent.app.service import ShopLensService
+    from agent.tasks.sentiment.fewshot import DemoPool, fit_offset, log_odds, read_labelled
+    from retrieval.embedder import E5Embedder
+
+    if opts.demos is None or opts.no_llm:
+        return
+    labelled = read_labelled(opts.demos, text_column=opts.demo_columns[0], label_column=opts.demo_columns[1],
+                             domain="shop")
+    sha = hashlib.sha256(opts.demos.read_bytes() + "\x1e".join(opts.demo_columns).encode()).hexdigest()[:16]
+    folder = rt.settings.workspace / "sentiment_pools" / sha
+    opts.embedder = E5Embedder()
+    if (folder / "manifest.json").exists():
+        opts.pool = DemoPool.load(folder)
+    else:
+        typer.echo(f"embedding {len(labelled)} labelled reviews (multilingual E5) into {folder}", err=True)
+        opts.pool = DemoPool.build(labelled, opts.embedder)
+        opts.pool.save(folder)
+    if not opts.fit_offset:
+        return
+    binary = [d for d in labelled if d.label != "neutral"]
+    pick = random.Random(0).sample(binary, min(opts.fit_offset, len(binary)))
+    batch = await ShopLensService(rt).sentiment([d.text for d in pick], deadline_s=None, config=opts.config,
+                                                demos=opts.pool, embedder=opts.embedder)
+    ok = [(r, d) for r, d in zip(batch.results, pick, strict=True)
+          if isinstance(r, SentimentResult) and r.source == "model"]
+    if len(ok) < 4:
+        raise ValueError(f"--fit-offset: only {len(ok)} of {len(pick)} labelled reviews got a model answer; "
+                         "at least 4 are needed (is the model up?)")
+    opts.label_offset = fit_offset([log_odds(r.probabilities) for r, _ in ok],
+                                   [int(d.label == "positive") for _, d in ok])
+    typer.echo(f"decision offset {opts.label_offset:+.2f} fitted on {len(ok)} labelled reviews", err=True)
 
 
 async def _score_texts(rt: Any, texts: list[Any], opts: _ScoreOptions, desc: str) -> SentimentBatch:
@@ -174,7 +233,8 @@ async def _score_texts(rt: Any, texts: list[Any], opts: _ScoreOptions, desc: str
 
     try:
         return await svc.sentiment(texts, aspects=opts.aspects, on_done=tick, deadline_s=None, scores=scores,
-                                   concurrency=opts.concurrency, config=opts.config)
+                                   concurrency=opts.concurrency, config=opts.config, demos=opts.pool,
+                                   embedder=opts.embedder)
     finally:
         bar.close()
         if scores is not None:
@@ -186,9 +246,10 @@ async def _score(rt: Any, texts: list[str] | None, file: Path | None, column: st
     from agent.app.service import ShopLensService
 
     try:
+        await _shop_fewshot(rt, opts)
         if texts:
-            batch = await ShopLensService(rt, use_model=not opts.no_llm).sentiment(texts, aspects=opts.aspects,
-                                                                                   config=opts.config)
+            batch = await ShopLensService(rt, use_model=not opts.no_llm).sentiment(
+                texts, aspects=opts.aspects, config=opts.config, demos=opts.pool, embedder=opts.embedder)
             _warn_degraded(batch.meta)
             typer.echo(json.dumps([r.model_dump(mode="json") for r in batch.results], indent=2, ensure_ascii=False))
             return
@@ -354,6 +415,49 @@ def eval_sentiment_cmd(
         raise _fail(str(e)) from e
     typer.echo(str(run_dir))
     typer.echo((run_dir / "metrics.json").read_text())
+
+
+def eval_sentiment_transfer_cmd(
+    lang: Annotated[TransferLang, typer.Option(help="zh: the ten categories of the Chinese shopping set; en: "
+                                                    "amazon_cells, beauty, laptops (+ the sarcasm slice)")] = "zh",
+    per_domain: Annotated[int, typer.Option(help="test reviews per held-out domain (balanced by label)")] = 30,
+    shots: Annotated[int, typer.Option(help="demonstrations per review (nearest of each label, other domains)")] = 4,
+    pool_per_domain: Annotated[int, typer.Option(help="labelled reviews per domain in the demonstration pool")] = 60,
+    threshold_k: Annotated[int, typer.Option(help="labelled reviews of the domain per fitted decision offset")] = 16,
+    rankers: Annotated[str, typer.Option(help="model rankers, comma-separated: zero, instr, fewshot "
+                                              "(TF-IDF baselines always run)")] = "zero,instr,fewshot",
+    domains: Annotated[str, typer.Option(help="only these domains, comma-separated (default: all)")] = "",
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 2024,
+    profile: Profile = None,
+    out: Annotated[Path | None, typer.Option(help="run folder; an existing one resumes")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="recompute the report of --out from its "
+                                                                    "cases.jsonl, no model")] = False,
+) -> None:
+    """Sentiment on shops the model never saw: leave-one-domain-out, zero-shot vs few-shot vs TF-IDF.
+
+    Each held-out domain is judged with no label of its own: demonstrations come from the other
+    domains, TF-IDF trains on the other domains; the in-domain TF-IDF and a decision offset fitted
+    on a handful of the domain's labels are reported beside them (eval/sentiment_transfer.py).
+    """
+    from eval.sentiment_transfer import TransferConfig, run_transfer
+    from eval.sentiment_transfer import report_only as recompute
+
+    try:
+        if report_only:
+            if out is None:
+                raise ValueError("--report-only needs --out <run folder>")
+            recompute(out)
+            run_dir = out
+        else:
+            run_dir = run_transfer(TransferConfig(
+                lang=lang, per_domain=per_domain, pool_per_domain=pool_per_domain, shots=shots,
+                threshold_k=threshold_k, seed=seed, profile=profile, out=out,
+                rankers=tuple(r.strip() for r in rankers.split(",") if r.strip()),
+                domains=tuple(x.strip() for x in domains.split(",") if x.strip())))
+    except (ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from e
+    typer.echo(str(run_dir))
+    typer.echo((run_dir / "report.md").read_text())
 
 
 def eval_aspects_cmd(

@@ -59,7 +59,9 @@ from agent.tasks.encoder_train import EncoderScorer
 from agent.tasks.intent import IntentService, Scorer
 from agent.tasks.profile import ProfileService, catalogue_prices
 from agent.tasks.sentiment import SentimentAnalyzer, SentimentConfig
+from agent.tasks.sentiment.fewshot import DemoPool
 from agent.tasks.session_intent import SessionIntentService
+from retrieval.embedder import Embedder
 
 log = logging.getLogger(__name__)
 PROFILE_HINT = ("Retry later, or ask without the model (use_llm=false, or --no-llm) for the computed "
@@ -274,7 +276,8 @@ class ShopLensService(NextItemMethods):
                         on_done: Callable[[int, SentimentResult | SentimentFailure], None] | None = None,
                         deadline_s: float | None | Literal["service"] = "service",
                         scores: SentimentScoreStore | None = None, concurrency: int = 1,
-                        config: SentimentConfig | None = None) -> SentimentBatch:
+                        config: SentimentConfig | None = None, demos: DemoPool | None = None,
+                        embedder: Embedder | None = None) -> SentimentBatch:
         """Polarity (and optionally aspects) of each text, in order. Texts are cleaned (HTML,
         personal data, instruction-like sentences) before the model sees them; a text that cannot
         be judged is a `SentimentFailure`, never an abort. Without the model, or once it fails or
@@ -289,7 +292,10 @@ class ShopLensService(NextItemMethods):
                 only new texts; an interrupted run resumes). None: nothing stored.
             concurrency: model requests in flight at once (a vLLM server takes many).
             config: the analyzer's settings (default `SentimentConfig()`; ``joint=True`` is the
-                one-call path).
+                one-call path; ``label_offset`` the shop's fitted decision offset).
+            demos, embedder: a shop's labelled reviews (`agent.tasks.sentiment.fewshot.DemoPool`)
+                and the embedder that built it: each review gets its nearest demonstrations
+                (``sentiment_fewshot.v1``).
         """
         use = self._use(use_model)
         watch = ModelWatch(self._source(), self.min_retry_after_s)
@@ -303,7 +309,7 @@ class ShopLensService(NextItemMethods):
         limit = self.deadline if deadline_s == "service" else deadline_s
         done: dict[int, SentimentResult | SentimentFailure] = {}
         analyzer = SentimentAnalyzer(model, model_sha256=self.runtime.model_sha256, config=config,
-                                     unavailable_reason=why)
+                                     unavailable_reason=why, demos=demos, embedder=embedder)
         keys = {i: analyzer.score_key(t, aspects) for i, t in enumerate(texts) if isinstance(t, str)} \
             if scores is not None and model is not None else {}
 

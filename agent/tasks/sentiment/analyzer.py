@@ -46,8 +46,10 @@ from agent.llm.base import ChatModel, Completion, ModelUnavailableError, OutputV
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
 from agent.llm.verbalizer import label_distribution
+from agent.tasks.sentiment.fewshot import DEMO_CHARS, Demo, DemoPool, shifted
 from agent.tasks.sentiment.lexicon import lexicon_probabilities
 from agent.tasks.sentiment.text import MAX_CHARS, prepare_text
+from retrieval.embedder import Embedder
 
 
 def verbalizer_probabilities(top: dict[str, float], labels: Sequence[str] = POLARITIES) -> tuple[dict[str, float], float]:
@@ -168,6 +170,12 @@ class SentimentConfig:
     max_attempts: int = 2  # aspects: one call + one repair
     max_aspects: int = 5
     filter_instructions: bool = True  # drop instruction-like sentences from reviews (injection defence)
+    fewshot_prompt: str = "sentiment_fewshot.v1"  # used when the analyzer has a DemoPool (issue 16)
+    fewshot_k: int = 4  # demonstrations per review: the 2 nearest of each label on a binary pool
+    label_offset: float = 0.0  # the shop's fitted decision offset on log p(pos) - log p(neg) (fewshot.fit_offset)
+
+
+_FEWSHOT_FIELDS = ("fewshot_prompt", "fewshot_k", "label_offset")
 
 
 class SentimentAnalyzer:
@@ -180,7 +188,11 @@ class SentimentAnalyzer:
     """
 
     def __init__(self, model: ChatModel | None, *, model_sha256: str | None = None,
-                 config: SentimentConfig | None = None, unavailable_reason: str | None = None):
+                 config: SentimentConfig | None = None, unavailable_reason: str | None = None,
+                 demos: DemoPool | None = None, embedder: Embedder | None = None):
+        if demos is not None and (embedder is None or embedder.name != demos.embedder_name):
+            raise ValueError(f"a demonstration pool embedded with {demos.embedder_name!r} needs that embedder "
+                             f"to search it (got {getattr(embedder, 'name', None)!r})")
         self.model = model
         self.model_sha256 = model_sha256
         self.config = config or SentimentConfig()
@@ -188,30 +200,59 @@ class SentimentAnalyzer:
         self.tpl = load_prompt(self.config.prompt)
         self.aspects_tpl = load_prompt(self.config.aspects_prompt)
         self.joint_tpl = load_prompt(self.config.joint_prompt)
+        self.fewshot_tpl = load_prompt(self.config.fewshot_prompt)
+        self.demos, self.embedder = demos, embedder
+        self.demo_labels = ([lab for lab in ("negative", "positive", "neutral") if any(d.label == lab for d in demos.demos)]
+                            if demos is not None else [])
 
     def score_key(self, raw_text: str, aspects: bool) -> str:
         """A stored score's key: sha256 of the raw text and everything that changes its answer
         (model sha256 and id, prompts and their shas, the config, aspects on/off). A new prompt
         version or model re-scores; an unchanged review never is (issue 20's resume)."""
+        fewshot = self.demos is not None or self.config.label_offset != 0.0
         tpls = {t.ref: t.sha256 for t in (self.tpl, self.aspects_tpl, self.joint_tpl)}
+        config = asdict(self.config)
+        extra: dict[str, object] = {}
+        if fewshot:  # keys of zero-shot scores stay what they were before few-shot existed
+            tpls[self.fewshot_tpl.ref] = self.fewshot_tpl.sha256
+            extra["demos"] = self.demos.sha256 if self.demos is not None else None
+        else:
+            config = {k: v for k, v in config.items() if k not in _FEWSHOT_FIELDS}
         ident = json.dumps({"model": self.model_sha256, "model_id": self.model.model_id if self.model else None,
-                            "prompts": tpls, "config": asdict(self.config),
-                            "aspects": aspects}, sort_keys=True)
+                            "prompts": tpls, "config": config, "aspects": aspects, **extra}, sort_keys=True)
         return hashlib.sha256(f"{ident}\x1e{raw_text}".encode()).hexdigest()
 
-    def messages(self, text: str, aspect: str | None = None) -> list[dict[str, str]]:
-        """The rendered polarity prompt for already-cleaned `text`."""
+    def messages(self, text: str, aspect: str | None = None, demos: Sequence[Demo] | None = None,
+                 labels: Sequence[str] | None = None) -> list[dict[str, str]]:
+        """The rendered polarity prompt for already-cleaned `text`: few-shot (`fewshot_prompt`)
+        when `demos` are given (overall polarity only), else `prompt`."""
+        if demos:
+            if aspect is not None:
+                raise ValueError("demonstrations are for overall polarity, not for one aspect")
+            shown = [{"text": d.text[:DEMO_CHARS], "label": d.label} for d in demos]
+            return render(self.fewshot_tpl, text=text, demos=shown,
+                          labels=list(labels or sorted({d.label for d in demos})))
         return render(self.tpl, text=text, aspect=aspect)
 
-    async def verbalize(self, text: str, aspect: str | None = None) -> Verbalized:
-        """One forward pass on already-cleaned `text`: label probabilities from the first token.
+    def demos_for(self, text: str, *, exclude_domain: str | None = None) -> list[Demo]:
+        """The pool's demonstrations for already-cleaned `text` ([] without a pool): the
+        `fewshot_k` nearest, balanced by label, never `text` itself (`DemoPool.select`)."""
+        if self.demos is None or self.embedder is None or self.config.fewshot_k <= 0:
+            return []
+        vec = self.embedder.embed([text])[0]
+        return self.demos.select(vec, self.config.fewshot_k, labels=self.demo_labels,
+                                 exclude_domain=exclude_domain, exclude_text=text)
+
+    async def verbalize(self, text: str, aspect: str | None = None, demos: Sequence[Demo] | None = None) -> Verbalized:
+        """One forward pass on already-cleaned `text`: label probabilities from the first token
+        (after `demos`, when given).
 
         Raises:
             ModelUnavailableError: from the model (or when there is none).
         """
         if self.model is None:
             raise ModelUnavailableError(self.down_reason or "no model configured")
-        comp = await self.model.complete(self.messages(text, aspect), max_tokens=1,
+        comp = await self.model.complete(self.messages(text, aspect, demos, self.demo_labels or None), max_tokens=1,
                                          top_logprobs=self.config.top_logprobs)
         top = comp.top_logprobs[0] if comp.top_logprobs else {comp.text: 0.0}
         probs, mass = verbalizer_probabilities(top)
@@ -253,7 +294,12 @@ class SentimentAnalyzer:
         lang = detect_language(text)
         trace = CallTrace()
         joint = aspects and aspect is None and self.config.joint
-        meta = Meta(task="sentiment", prompt_versions=[self.joint_tpl.ref if joint else self.tpl.ref])
+        demos = self.demos_for(text) if aspect is None and not joint else []
+        tpl = self.joint_tpl if joint else self.fewshot_tpl if demos else self.tpl
+        meta = Meta(task="sentiment", prompt_versions=[tpl.ref])
+        if demos:
+            meta.notes.append(f"few-shot: {len(demos)} labelled reviews from the demonstration pool "
+                              f"{self.demos.sha256 if self.demos else ''} (nearest by {self.demos.embedder_name if self.demos else ''})")
         if n_removed:
             meta.notes.append(f"{n_removed} instruction-like sentence(s) removed from the review (prompt injection)")
         if len(raw_text) > MAX_CHARS:
@@ -263,7 +309,7 @@ class SentimentAnalyzer:
         if self.model is not None and self.down_reason is None:
             meta.model_id, meta.model_sha256 = self.model.model_id, self.model_sha256
             try:
-                v = await (self.verbalize_joint(text) if joint else self.verbalize(text, aspect))
+                v = await (self.verbalize_joint(text) if joint else self.verbalize(text, aspect, demos))
                 trace.attempts += 1
                 trace.usage.add(v.completion.usage)
                 trace.model_latency_s += v.completion.latency_s
@@ -277,6 +323,10 @@ class SentimentAnalyzer:
             except ModelUnavailableError as e:
                 self.down_reason = f"model unavailable: {e}"
         source: Literal["model", "lexicon"] = "model"
+        if probs is not None and self.config.label_offset and aspect is None:
+            probs = shifted(probs, self.config.label_offset)
+            meta.notes.append(f"decision offset {self.config.label_offset:+.2f} on log p(positive) - log p(negative), "
+                              "fitted on the shop's labelled reviews")
         if probs is None:
             source = "lexicon"
             probs = lexicon_probabilities(text)
