@@ -208,7 +208,9 @@ def run_churn_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, out
     async def model_part() -> None:
         try:
             if pick:
-                await _model_cases(d, rt, [(test[i].user_id, test[i]) for i in pick], predict, n_explain, budget_s)
+                # case id "<user>|": the id earlier churn runs recorded, so their cases.jsonl resumes
+                todo = [(f"{test[i].user_id}|", test[i]) for i in pick]
+                await _model_cases(d, rt, todo, predict, n_explain, budget_s)
         finally:
             await rt.aclose()
 
