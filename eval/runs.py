@@ -27,6 +27,7 @@ RESCORERS: dict[str, str] = {
     "aspects": "eval.aspect_eval:rescore",
     "routing": "eval.routing_eval:rescore",
     "intent_scorers": "eval.encoder_eval:rescore",
+    "churn": "eval.churn_eval:rescore",
 }
 
 

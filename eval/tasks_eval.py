@@ -1,5 +1,5 @@
-"""Offline evals for purchase intent (Taobao, or any stored dataset) and churn (Online Retail, or
-any stored dataset); audience targeting is in `eval.audience_eval`. Each writes
+"""Offline evals for purchase intent (Taobao, or any stored dataset), and the helpers the other
+task evals share; churn is `eval.churn_eval`, audience targeting `eval.audience_eval`. Each writes
 ``<workspace>/runs/<ts>-<task>/``: config.json (prompt ref + sha, model id, seed), cases.jsonl
 (per-case raw responses; an interrupted run resumes from it), metrics.json and report.md with a
 calibration plot.
@@ -9,8 +9,8 @@ Protocols (no leakage: features only from events strictly before the cut-off):
 * intent: (user, item) pairs the user viewed/carted/favourited in the 72 h before the cut-off;
   label = bought within 48 h after it. Train cut-off 2017-11-30 00:00 China time (the baseline's
   logistic regression), test cut-off 2017-12-02 00:00 (the last two days are the label period).
-* churn: users with >= 1 purchase before the as-of date; label = no purchase in the next 90
-  days. RFM baseline trained at 2011-06-01, tested at 2011-09-01.
+* churn (`eval.churn_eval`): users with >= 1 purchase before the as-of date; label = no purchase
+  in the next 90 days. RFM baseline trained at 2011-06-01, tested at 2011-09-01.
 * any other stored dataset (`--dataset`): the same rows and labels with cut-offs derived from
   the data (`derived_cutoffs`): the test label period is the dataset's last horizon, the
   training label period the horizon before it.
@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,9 @@ import numpy as np
 from agent.app.runtime import Runtime
 from agent.llm.prompting import load_prompt
 from agent.settings import Settings
-from agent.tasks.churn import ChurnService, rfm_vector
 from agent.tasks.common import Blend, LogisticBaseline, logit
 from agent.tasks.intent import IntentService
-from agent.tasks.profile import catalogue_prices
 from agent.tasks.rows import (
-    churn_rows,
-    fit_churn_baseline,
     fit_intent_baseline,
     intent_rows,
     robust_end,
@@ -55,8 +51,6 @@ CHINA = timezone(timedelta(hours=8))
 INTENT_TRAIN_CUTOFF = datetime(2017, 11, 30, tzinfo=CHINA)
 INTENT_TEST_CUTOFF = datetime(2017, 12, 2, tzinfo=CHINA)
 INTENT_HORIZON_H = 48.0
-CHURN_TRAIN_AS_OF = datetime(2011, 6, 1, tzinfo=UTC)
-CHURN_TEST_AS_OF = datetime(2011, 9, 1, tzinfo=UTC)
 
 # ---- metrics (plain functions) ---------------------------------------------------------------
 
@@ -343,45 +337,3 @@ def run_intent_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, ou
         {"dataset": ds, "train_cutoff": train_cut, "test_cutoff": cut, "horizon_h": horizon_hours,
          "n_train": len(train), "train_positives": sum(r.label for r in train), "n_test": len(test),
          "test_positives": sum(r.label for r in test), "sample": "positives oversampled to 1/3"}, n_explain, budget_s))
-
-
-def run_churn_eval(settings: Settings, *, n_model: int = 150, seed: int = 0, out: Path | None = None,
-                   n_explain: int = 10, budget_s: float | None = None, dataset: str = "online-retail",
-                   horizon_days: int = 90) -> Path:
-    """Churn (no purchase within ``horizon_days``): the RFM baseline on every buyer, the model on a
-    sample. ``online-retail`` keeps its published dates (90 days); any other stored dataset gets
-    `derived_cutoffs`.
-
-    Raises:
-        ValueError: an unknown dataset, no buyers, or one class only (the message names the flag).
-    """
-    rt = Runtime(settings)
-    store, ds = rt.store, dataset
-    if ds == "online-retail" and horizon_days == 90:
-        train_as_of, as_of = CHURN_TRAIN_AS_OF, CHURN_TEST_AS_OF
-    else:
-        train_as_of, as_of = derived_cutoffs(store, ds, timedelta(days=horizon_days))
-    catalog = store.items(ds)
-    prices = catalogue_prices(catalog)
-    train = churn_rows(store, ds, train_as_of, horizon_days, catalog)
-    test = churn_rows(store, ds, as_of, horizon_days, catalog)
-    base = _fit(fit_churn_baseline, train, f"{ds} users at {train_as_of:%Y-%m-%d}, {horizon_days} d",
-                "--horizon-days (churn rows need purchases)")
-    if not test:
-        raise ValueError(f"no {ds} buyers before {as_of:%Y-%m-%d}; try another --horizon-days")
-
-    async def predict(model: Any, r: Any, explain: bool) -> dict[str, Any]:
-        evs = store.user_events(ds, r.user_id, before=as_of)
-        p = await ChurnService(model, base, explain=explain).predict(r.user_id, evs, catalog, as_of=as_of,
-                                                                     dataset=ds, prices=prices)
-        return {"label": r.label, "p_base": p.baseline_probability, "p_model": p.model_probability,
-                "p_final": p.probability, "explained": explain, "risk_band": p.risk_band, "action": p.action,
-                "reason": p.reason, "reason_source": p.reason_source, "evidence": [e.event_id for e in p.evidence],
-                "meta": p.meta.model_dump(mode="json")}
-
-    return asyncio.run(_binary_eval(
-        "churn", settings, test, base, lambda r: rfm_vector(r.features), n_model, seed, out, predict, None,
-        ["churn_risk.v1", "churn_explain.v1"],
-        {"dataset": ds, "train_as_of": train_as_of, "test_as_of": as_of, "horizon_days": horizon_days,
-         "n_train": len(train), "train_churn_rate": sum(r.label for r in train) / len(train),
-         "n_test": len(test), "test_churn_rate": sum(r.label for r in test) / len(test)}, n_explain, budget_s))

@@ -164,7 +164,10 @@ def test_churn_with_model(api: httpx.Client) -> None:
     assert r.status_code == 200, r.text
     p = r.json()
     assert p["user_id"] == USER and p["horizon_days"] == 60 and p["risk_band"] and p["drivers"]
-    assert p["probability_source"] == "blend" and p["action"] == "loyalty_reward"
+    assert p["action"] == "loyalty_reward" and p["model_probability"] is not None
+    # no churn blend fitted for this dataset: the model has weight 0, the baseline's probability is served
+    assert p["probability_source"] == "baseline" and p["probability"] == p["baseline_probability"]
+    assert any(n.startswith("the model has weight 0 in this blend: no churn blend fitted") for n in p["meta"]["notes"])
     assert not p["meta"]["degraded"], p["meta"]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import aspect_eval, encoder_eval, routing_eval, runner, sentiment_eval
+from eval import aspect_eval, churn_eval, encoder_eval, routing_eval, runner, sentiment_eval
 from eval.runs import RESCORERS, git_commit, read_jsonl, rescore, rescorer, run_folder, run_kind
 
 
@@ -47,19 +47,20 @@ def test_run_kind_from_config(tmp_path: Path, config: dict[str, object], kind: s
 
 
 def test_registry_points_at_each_harness_rescore() -> None:
-    assert set(RESCORERS) == {"next_item", "sentiment", "aspects", "routing", "intent_scorers"}
+    assert set(RESCORERS) == {"next_item", "sentiment", "aspects", "routing", "intent_scorers", "churn"}
     assert rescorer("next_item") is runner.rescore
+    assert rescorer("churn") is churn_eval.rescore
     assert rescorer("intent_scorers") is encoder_eval.rescore
     assert rescorer("sentiment") is sentiment_eval.rescore
     assert rescorer("aspects") is aspect_eval.rescore
     assert rescorer("routing") is routing_eval.rescore
-    with pytest.raises(ValueError, match="unknown run kind 'churn'; known: next_item, sentiment"):
-        rescorer("churn")
+    with pytest.raises(ValueError, match="unknown run kind 'intent'; known: next_item, sentiment"):
+        rescorer("intent")
 
 
 def test_rescore_refuses_task_evals_and_non_runs(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"task": "churn", "seed": 0}))
-    with pytest.raises(ValueError, match="no rescore for task 'churn'"):
+    (tmp_path / "config.json").write_text(json.dumps({"task": "intent", "seed": 0}))
+    with pytest.raises(ValueError, match="no rescore for task 'intent'"):
         rescore(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         rescore(tmp_path / "nothing")

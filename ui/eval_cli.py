@@ -205,8 +205,8 @@ def _run_warnings(metrics: dict[str, Any], users: int | None, candidates: str) -
 def rescore_cmd(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> None:
     """Recompute a run's metrics from its recorded cases.
 
-    No model is called. Works for next-item, sentiment, aspects and routing runs (the kind is
-    read from the run's config.json).
+    No model is called. Works for next-item, sentiment, aspects, routing, intent --scorers and
+    churn runs (the kind is read from the run's config.json).
     """
     try:
         metrics = rescore(run_dir)

@@ -330,7 +330,7 @@ def eval_churn_cmd(cases: Cases = 150, model: UseModel = True, seed: int = 0, ou
     Online Retail: the RFM baseline is trained at 2011-06-01 and tested at 2011-09-01; the label
     is no purchase in the next 90 days. Another dataset: tested one horizon before its end.
     """
-    from eval.tasks_eval import run_churn_eval
+    from eval.churn_eval import run_churn_eval
 
     try:
         run = run_churn_eval(load_settings(workspace=workspace), n_model=cases if model else 0, seed=seed, out=out,

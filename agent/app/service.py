@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Literal
 
+from agent.app.churn_methods import ChurnBlendMethods
 from agent.app.events import parse_as_of
 from agent.app.model_holder import ModelWatch
 from agent.app.next_item_methods import NextItemMethods
@@ -68,7 +69,7 @@ PROFILE_HINT = ("Retry later, or ask without the model (use_llm=false, or --no-l
                 "profile with a template summary.")
 
 
-class ShopLensService(NextItemMethods):
+class ShopLensService(NextItemMethods, ChurnBlendMethods):
     """Task and data entry points over one `Runtime` (cheap to build: the caches live in
     `runtime.state`, shared by every service over the runtime).
 
@@ -161,7 +162,8 @@ class ShopLensService(NextItemMethods):
 
     async def churn(self, dataset: str, user_id: str, *, as_of: datetime | str | float | None = None,
                     horizon_days: int = 90, use_model: bool | None = None) -> ChurnPrediction:
-        """P(no purchase within `horizon_days` after `as_of`; default: the dataset's end)."""
+        """P(no purchase within `horizon_days` after `as_of`; default: the dataset's end): the baseline, with the
+        model's P(churn) blended in only where a fitted blend gave it a weight (`served_churn_blend`)."""
         uid = self.stored_id(user_id)
         catalog = await asyncio.to_thread(self.state.catalog, dataset)
         when = parse_as_of(as_of)
@@ -169,11 +171,12 @@ class ShopLensService(NextItemMethods):
             when = await asyncio.to_thread(self.state.dataset_end, dataset)
         note = await self.state.baselines.ensure("churn", dataset, horizon_days)
         bl = self.state.baselines.churn(dataset, horizon_days)
+        served = await asyncio.to_thread(self.served_churn_blend, dataset, horizon_days, bl)
         notes = [note] if note else []
         events = self._events_or_note(dataset, uid, user_id, notes)
 
         async def run(model: ChatModel | None, why: str | None) -> ChurnPrediction:
-            svc = ChurnService(model, bl, model_sha256=self.runtime.model_sha256, explain=self.explain)
+            svc = ChurnService(model, bl, model_sha256=self.runtime.model_sha256, explain=self.explain, blend=served)
             pred = await svc.predict(uid, events, catalog, as_of=when, horizon_days=horizon_days, dataset=dataset,
                                      prices=catalogue_prices(catalog))
             return mark_unavailable(pred, why, notes)

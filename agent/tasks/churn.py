@@ -2,8 +2,10 @@
 suggested retention action.
 
 Drivers (recency, frequency, monetary trend, category drift, rhythm) are computed in code
-(`agent.tasks.profile.user_features`); the probability is an RFM logistic-regression baseline blended
-in logit space with the model's verbalizer probability of "no further order"; a second,
+(`agent.tasks.profile.user_features`); the probability is an RFM logistic-regression baseline, blended
+with the model's verbalizer probability of "no further order" only where a blend fitted on
+validation users gave the model a weight (`agent.tasks.churn_blend`; otherwise the model has
+weight 0 and ``meta.notes`` says why, while `model_probability` still shows its answer); a second,
 schema-constrained call picks a retention action from a closed set and writes a reason that
 cites the customer's events.
 """
@@ -23,8 +25,8 @@ from agent.domain.schemas import BehaviorEvent, CatalogItem
 from agent.llm.base import ChatModel
 from agent.llm.prompting import load_prompt, render
 from agent.llm.structured import CallTrace, structured_call
+from agent.tasks.churn_blend import ServedChurnBlend, untrained
 from agent.tasks.common import (
-    Blend,
     LogisticBaseline,
     ask_or_degrade,
     ask_yes_no,
@@ -131,13 +133,20 @@ def driver_lines(drivers: Sequence[Driver]) -> list[str]:
     return [f"{d.name}: {d.detail} ({d.effect.replace('_', ' ')})" for d in drivers]
 
 
+PROB_PROMPT = "churn_risk.v1"  # the verbalizer prompt a fitted blend is bound to (name@sha256)
+
+
 class ChurnService:
     def __init__(self, model: ChatModel | None, baseline: LogisticBaseline | None = None, *,
                  model_sha256: str | None = None, explain: bool = True, window: int = 15,
-                 prob_prompt: str = "churn_risk.v1", explain_prompt: str = "churn_explain.v1"):
+                 prob_prompt: str = PROB_PROMPT, explain_prompt: str = "churn_explain.v1",
+                 blend: ServedChurnBlend | None = None):
+        """`blend`: the served blend (`agent.tasks.churn_blend.served_churn_blend`); None: no
+        fitted blend, the model has weight 0 (said in ``meta.notes``)."""
         self.model, self.model_sha256, self.explain, self.window = model, model_sha256, explain, window
         self.baseline = baseline or default_churn_baseline()
         self.prob_prompt, self.explain_prompt = prob_prompt, explain_prompt
+        self.blend = blend
 
     async def predict(self, user_id: str, events: Sequence[BehaviorEvent], catalog: Mapping[str, CatalogItem],
                       *, as_of: datetime, horizon_days: int = 90, dataset: str | None = None,
@@ -161,6 +170,8 @@ class ChurnService:
                                    reason_source="cold_start", cold_start=True,
                                    meta=make_meta("churn", self.model, trace, [], t0, self.model_sha256))
         p_base = self.baseline.predict(rfm_vector(f))
+        served = self.blend or untrained(dataset, horizon_days)
+        trace.notes.append(served.note)
         hist = build_history(user_id, evs, catalog, window=self.window, as_of=as_of)
         prompts: list[str] = []
         p_model: float | None = None
@@ -177,13 +188,13 @@ class ChurnService:
             if self.explain:
                 etpl = load_prompt(self.explain_prompt)
                 prompts.append(etpl.ref)
-                p_now = (self.baseline.blend or Blend())(p_base, p_model)
+                p_now = served.probability(p_base, p_model)[0]
                 answer = await self._explain(model, etpl, {**variables, "risk_band": risk_band(p_now),
                                                            "probability": round(p_now, 2)}, hist, catalog, trace)
 
         await ask_or_degrade(self.model, step, trace, what="churn answer",
                              fallback="baseline probability, rule-based action")
-        p = (self.baseline.blend or Blend())(p_base, p_model)
+        p, p_source = served.probability(p_base, p_model, trace.notes)
         band = risk_band(p)
         src: Literal["model", "fallback"]
         if answer is not None:
@@ -192,7 +203,7 @@ class ChurnService:
             action, src = default_action(band, drivers), "fallback"
             reason, refs = fallback_churn_reason(drivers, hist)
         return ChurnPrediction(
-            **common, probability=round(p, 6), probability_source="blend" if p_model is not None else "baseline",
+            **common, probability=round(p, 6), probability_source=p_source,
             baseline_probability=round(p_base, 6), model_probability=None if p_model is None else round(p_model, 6),
             risk_band=band, action=action, reason=reason, reason_source=src,
             evidence=evidence_from_refs(hist, refs),
