@@ -195,6 +195,25 @@ def _embed_cached(folder: Path, texts: list[str]) -> np.ndarray:
     return np.stack([have[k] for k in keys]) if keys else np.zeros((0, 384), dtype=np.float32)
 
 
+SPLIT_FIELDS = {"lang": "--lang", "per_domain": "--per-domain", "pool_per_domain": "--pool-per-domain",
+                "seed": "--seed", "shots": "--shots", "max_chars": "--max-chars"}
+
+
+def _check_resume(d: Path, cfg: TransferConfig) -> None:
+    """A folder that already holds cases resumes only with the settings that made them.
+
+    Raises:
+        ValueError: a setting that changes the split or the prompts differs (names its flag).
+    """
+    if not (d / "config.json").exists() or not (d / "cases.jsonl").exists():
+        return
+    old = json.loads((d / "config.json").read_text())
+    for k, flag in SPLIT_FIELDS.items():
+        if k in old and old[k] != getattr(cfg, k):
+            raise ValueError(f"{d} holds a run with {flag} {old[k]}, not {getattr(cfg, k)}: resume it with the same "
+                             f"{flag}, or give a new --out")
+
+
 def _write_config(d: Path, cfg: TransferConfig, extra: dict[str, Any]) -> None:
     body = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, **extra}
     (d / "config.json").write_text(json.dumps(body, indent=2, ensure_ascii=False, default=str))
@@ -209,6 +228,14 @@ def run_transfer(cfg: TransferConfig, data_dir: Path | None = None) -> Path:
     """
     if cfg.lang not in LANGS:
         raise ValueError(f"--lang must be one of {', '.join(LANGS)}, got {cfg.lang!r}")
+    for flag, v, lo in (("--per-domain", cfg.per_domain, 2), ("--pool-per-domain", cfg.pool_per_domain, 0),
+                        ("--shots", cfg.shots, 0), ("--threshold-k", cfg.threshold_k, 1)):
+        if v < lo:
+            raise ValueError(f"{flag} must be at least {lo}, got {v}")
+    if cfg.per_domain % 2 or cfg.pool_per_domain % 2:
+        raise ValueError(f"--per-domain and --pool-per-domain are split evenly between the two labels: give even "
+                         f"numbers (got {cfg.per_domain} and {cfg.pool_per_domain})")
+    cfg.domains = tuple(dict.fromkeys(cfg.domains))
     if bad := [r for r in cfg.rankers if r not in LLM_RANKERS]:
         raise ValueError(f"--rankers: unknown {bad}; known: {', '.join(LLM_RANKERS)} (baselines always run)")
     if data_dir is None:
@@ -220,6 +247,7 @@ def run_transfer(cfg: TransferConfig, data_dir: Path | None = None) -> Path:
     test, pool, train = split_domains(by_domain, cfg.per_domain, cfg.pool_per_domain, cfg.seed)
     domains = list(cfg.domains) or sorted(test)
     d = cfg.out = run_folder(f"sentiment-transfer-{cfg.lang}", cfg.out)
+    _check_resume(d, cfg)
     cases_path = d / "cases.jsonl"
     done = {(r["id"], r["ranker"]) for r in read_jsonl(cases_path)} if cases_path.exists() else set()
     demos = [Demo(clean_text(r.text, DEMO_CHARS), r.gold, dom) for dom, rows in sorted(pool.items()) for r in rows]
@@ -372,7 +400,8 @@ def compute(records: Sequence[dict[str, Any]], threshold_k: int, seed: int) -> d
     domains = sorted(set(domain_of.values()))
     table: dict[str, dict[str, Any]] = {}
     for name, rr in right.items():
-        row: dict[str, Any] = {"pooled": _acc(list(rr.values())), **meta[name]}
+        row: dict[str, Any] = {"pooled": _acc([v for cid, v in rr.items() if domain_of[cid] != "sarcasm"]),
+                               **meta[name]}
         for dom in domains:
             row[dom] = _acc([v for cid, v in rr.items() if domain_of[cid] == dom])
         shops = [row[dom]["accuracy"] for dom in domains if dom != "sarcasm" and row[dom]["n"]]
@@ -384,7 +413,8 @@ def compute(records: Sequence[dict[str, Any]], threshold_k: int, seed: int) -> d
                  ("tfidf_other", "fewshot+offset"), ("zero", "zero+offset"), ("fewshot", "fewshot+offset")):
         if a in right and b in right:
             ids = sorted(set(right[a]) & set(right[b]))
-            pairs[f"{b} - {a}"] = {"pooled": paired([right[a][i] for i in ids], [right[b][i] for i in ids], seed),
+            shop = [i for i in ids if domain_of[i] != "sarcasm"]
+            pairs[f"{b} - {a}"] = {"pooled": paired([right[a][i] for i in shop], [right[b][i] for i in shop], seed),
                                    **{dom: paired([right[a][i] for i in ids if domain_of[i] == dom],
                                                   [right[b][i] for i in ids if domain_of[i] == dom], seed)
                                       for dom in domains}}
@@ -401,6 +431,8 @@ def _acc(oks: Sequence[bool]) -> dict[str, Any]:
 
 def report_only(d: Path) -> dict[str, Any]:
     """Recompute metrics.json, report.md and accuracy.png from the run's cases.jsonl (no model)."""
+    if not (d / "config.json").exists() or not (d / "cases.jsonl").exists():
+        raise FileNotFoundError(f"{d} is not a sentiment-transfer run folder (no config.json and cases.jsonl)")
     cfg = json.loads((d / "config.json").read_text())
     m = compute(read_jsonl(d / "cases.jsonl"), cfg["threshold_k"], cfg["seed"])
     (d / "metrics.json").write_text(json.dumps(m, indent=2, ensure_ascii=False))
@@ -412,19 +444,23 @@ def report_only(d: Path) -> dict[str, Any]:
              f"domains' pools ({cfg['pool_per_domain']} per domain), offsets from {cfg['threshold_k']} labelled cases "
              f"of the domain; model {cfg.get('model_id', '-')}; seed {cfg['seed']}. Accuracy x100; target "
              f"{100 * TARGET:.0f} on every domain.", "",
-             "| ranker | " + " | ".join(doms) + " | pooled [95% CI] | min (shops) | s/review |",
+             "| ranker | " + " | ".join(doms) + " | pooled, shops [95% CI] | min (shops) | s/review |",
              "|---|" + "---|" * (len(doms) + 3)]
     for k in order:
         row = m["accuracy"][k]
         cells = [f"{100 * row[dm]['accuracy']:.1f}" if row[dm]["n"] else "-" for dm in doms]
         p = row["pooled"]
-        lines.append(f"| {k} | " + " | ".join(cells) + f" | {100 * p['accuracy']:.1f} [{100 * p['ci95'][0]:.1f}, "
-                     f"{100 * p['ci95'][1]:.1f}] | {100 * row['min_domain']:.1f} | {row['seconds']:.2f} |")
-    lines += ["", "Paired differences (accuracy points, bootstrap 95% CI, McNemar p):", "",
+        pooled = (f"{100 * p['accuracy']:.1f} [{100 * p['ci95'][0]:.1f}, {100 * p['ci95'][1]:.1f}]" if p["n"] else "-")
+        low = f"{100 * row['min_domain']:.1f}" if row["min_domain"] is not None else "-"
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {pooled} | {low} | {row['seconds']:.2f} |")
+    lines += ["", "Pooled columns cover the shop domains only; the sarcasm slice (sarcastic complaints, negative, "
+              "and sincere praise, positive) has its own column.", "",
+              "Paired differences (accuracy points, bootstrap 95% CI, McNemar p):", "",
               "| comparison | pooled | " + " | ".join(doms) + " |", "|---|---|" + "---|" * len(doms)]
     for name, pr in m["paired"].items():
-        fmt = [f"{pr['pooled']['diff']:+.1f} [{pr['pooled']['ci95'][0]:+.1f}, {pr['pooled']['ci95'][1]:+.1f}] "
-               f"p={pr['pooled']['mcnemar_p']:.3g}"] + [f"{pr[dm]['diff']:+.1f}" for dm in doms]
+        q = pr["pooled"]
+        fmt = [f"{q['diff']:+.1f} [{q['ci95'][0]:+.1f}, {q['ci95'][1]:+.1f}] p={q['mcnemar_p']:.3g}" if q["n"] else "-"]
+        fmt += [f"{pr[dm]['diff']:+.1f}" for dm in doms]
         lines.append(f"| {name} | " + " | ".join(fmt) + " |")
     lines += ["", "![accuracy per domain](accuracy.png)"]
     (d / "report.md").write_text("\n".join(lines) + "\n")

@@ -127,6 +127,14 @@ def sentiment_cmd(
     rt = Runtime(load_settings(workspace=workspace, llm_profile=profile, **overrides))
     if fit_offset and demos is None:
         raise _fail("--fit-offset needs --demos (the labelled reviews to fit it on)")
+    if demos is not None:
+        if no_llm:
+            raise _fail("--demos are demonstrations for the model; drop --no-llm (the lexicon uses none)")
+        from agent.tasks.sentiment.fewshot import read_labelled
+        try:  # a bad file fails here, before any model or embedder starts
+            read_labelled(demos, text_column=demo_text_column, label_column=demo_label_column)
+        except (ValueError, FileNotFoundError) as e:
+            raise _fail(str(e)) from e
     opts = _ScoreOptions(aspects=aspects if aspects is not None else text is not None, no_llm=no_llm,
                          concurrency=concurrency, store=store, one_call=one_call, demos=demos,
                          demo_columns=(demo_text_column, demo_label_column), fit_offset=fit_offset)
@@ -199,8 +207,14 @@ async def _shop_fewshot(rt: Any, opts: _ScoreOptions) -> None:
         opts.pool.save(folder)
     if not opts.fit_offset:
         return
-    binary = [d for d in labelled if d.label != "neutral"]
-    pick = random.Random(0).sample(binary, min(opts.fit_offset, len(binary)))
+    pos = [d for d in labelled if d.label == "positive"]
+    neg = [d for d in labelled if d.label == "negative"]
+    if min(len(pos), len(neg)) < 2 or opts.fit_offset < 4:
+        raise ValueError(f"--fit-offset {opts.fit_offset}: an offset needs at least 4 labelled reviews, 2 positive and "
+                         f"2 negative; --demos has {len(pos)} positive and {len(neg)} negative")
+    rng = random.Random(0)  # half of each label (as far as the file has them): the offset sees both sides
+    n_pos = min(len(pos), max(opts.fit_offset // 2, opts.fit_offset - len(neg)))
+    pick = rng.sample(pos, n_pos) + rng.sample(neg, min(len(neg), opts.fit_offset - n_pos))
     batch = await ShopLensService(rt).sentiment([d.text for d in pick], deadline_s=None, config=opts.config,
                                                 demos=opts.pool, embedder=opts.embedder)
     ok = [(r, d) for r, d in zip(batch.results, pick, strict=True)
@@ -282,6 +296,7 @@ async def _dataset_trends(rt: Any, dataset: str, by: Literal["item", "user"], da
     need = [e for e in in_windows if e.rating is None or opts.aspects]
     by_text: dict[str, SentimentResult] = {}
     if need and not opts.no_llm:
+        await _shop_fewshot(rt, opts)
         texts = list(dict.fromkeys(e.review_text for e in need if e.review_text))
         try:
             batch = await _score_texts(rt, texts, opts, f"reviews of {dataset}")

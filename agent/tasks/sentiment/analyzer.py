@@ -13,6 +13,11 @@ so it is always an exact substring. One call per review, a constant system prefi
 reuses (issue 20). The default stays two calls (polarity pass + a schema-constrained JSON aspects
 call with one repair): the one-call label is less accurate (docs/sentiment_results.md).
 
+With a `DemoPool` (a shop's labelled reviews, `agent.tasks.sentiment.fewshot`), the polarity call
+is few-shot (``sentiment_fewshot.v1``): the review's nearest labelled reviews of each label come
+before it. `SentimentConfig.label_offset` (fitted on a handful of the shop's labels) moves the
+decision threshold. Both are said in ``meta.notes`` and are part of a stored score's key.
+
 Review text is untrusted: HTML is stripped, entities unescaped, e-mail addresses and phone
 numbers masked, and the text is put between fixed delimiters as data. When the model is down
 the answer comes from a small lexicon and says so (`meta.degraded`); nothing is invented.
@@ -202,8 +207,14 @@ class SentimentAnalyzer:
         self.joint_tpl = load_prompt(self.config.joint_prompt)
         self.fewshot_tpl = load_prompt(self.config.fewshot_prompt)
         self.demos, self.embedder = demos, embedder
+        # demonstrations are picked from every label the pool holds; the prompt always offers
+        # negative and positive (a shop that labelled only its good reviews must not be told
+        # "positive" is the only answer), and neutral when the pool uses it
         self.demo_labels = ([lab for lab in ("negative", "positive", "neutral") if any(d.label == lab for d in demos.demos)]
                             if demos is not None else [])
+        self.prompt_labels = ["negative", "positive"] + (["neutral"] if "neutral" in self.demo_labels else [])
+        if self.config.label_offset and not math.isfinite(self.config.label_offset):
+            raise ValueError(f"label_offset must be a finite number, got {self.config.label_offset}")
 
     def score_key(self, raw_text: str, aspects: bool) -> str:
         """A stored score's key: sha256 of the raw text and everything that changes its answer
@@ -229,9 +240,10 @@ class SentimentAnalyzer:
         if demos:
             if aspect is not None:
                 raise ValueError("demonstrations are for overall polarity, not for one aspect")
-            shown = [{"text": d.text[:DEMO_CHARS], "label": d.label} for d in demos]
-            return render(self.fewshot_tpl, text=text, demos=shown,
-                          labels=list(labels or sorted({d.label for d in demos})))
+            # cleaned again here, whatever built the pool: no markup, personal data or instruction reaches a prompt
+            shown = [{"text": prepare_text(d.text, DEMO_CHARS, filter_instructions=self.config.filter_instructions)[0],
+                      "label": d.label} for d in demos]
+            return render(self.fewshot_tpl, text=text, demos=shown, labels=list(labels or ("negative", "positive")))
         return render(self.tpl, text=text, aspect=aspect)
 
     def demos_for(self, text: str, *, exclude_domain: str | None = None) -> list[Demo]:
@@ -252,7 +264,7 @@ class SentimentAnalyzer:
         """
         if self.model is None:
             raise ModelUnavailableError(self.down_reason or "no model configured")
-        comp = await self.model.complete(self.messages(text, aspect, demos, self.demo_labels or None), max_tokens=1,
+        comp = await self.model.complete(self.messages(text, aspect, demos, self.prompt_labels or None), max_tokens=1,
                                          top_logprobs=self.config.top_logprobs)
         top = comp.top_logprobs[0] if comp.top_logprobs else {comp.text: 0.0}
         probs, mass = verbalizer_probabilities(top)

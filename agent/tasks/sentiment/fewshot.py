@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.domain.predictions import POLARITIES
-from agent.tasks.sentiment.text import clean_text
+from agent.tasks.sentiment.text import prepare_text
 from retrieval.embedder import Embedder
 
 LABEL_WORDS = {"positive": "positive", "negative": "negative", "neutral": "neutral", "1": "positive",
@@ -72,35 +72,60 @@ def parse_label(value: object, *, where: str) -> str:
 def read_labelled(path: Path, *, text_column: str = "review", label_column: str = "label",
                   domain: str = "") -> list[Demo]:
     """A shop's labelled reviews from a CSV or JSONL file (one review per row), cleaned as a
-    review is before the model sees it (`clean_text`: markup out, personal data masked).
+    review is before the model sees it (`prepare_text`: markup out, personal data masked,
+    instruction-like sentences removed).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a missing column, an unknown label or an empty text (naming the row and
-            column), or no rows at all.
+        ValueError: a missing column, an unknown label or an empty text (naming the row or line
+            and the column), a file that is not UTF-8 or not CSV/JSONL, or no rows at all.
     """
     if not path.exists():
         raise FileNotFoundError(f"--demos: no file {path}")
-    rows: list[dict[str, object]]
-    if path.suffix.lower() in {".jsonl", ".json"}:
-        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    else:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.DictReader(f))
+    jsonl = path.suffix.lower() in {".jsonl", ".json"}
+    rows: list[tuple[int, dict[str, object]]] = []
+    try:
+        if jsonl:
+            for n, ln in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+                if ln.strip():
+                    try:
+                        row = json.loads(ln)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"--demos {path} line {n}: not a JSON object ({e.msg}); one object per line, "
+                                         'e.g. {"review": "...", "label": "positive"}') from e
+                    if not isinstance(row, dict):
+                        raise ValueError(f"--demos {path} line {n}: a JSON {type(row).__name__}, not an object; one "
+                                         'object per line, e.g. {"review": "...", "label": "positive"}')
+                    rows.append((n, row))
+        else:
+            with path.open(encoding="utf-8-sig", newline="") as f:
+                reader = csv.DictReader(f)
+                rows = [(reader.line_num, r) for r in reader]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--demos {path}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from e
+    except csv.Error as e:
+        raise ValueError(f"--demos {path}: unreadable CSV ({e}); one review per row, quoted when it holds commas") from e
     if not rows:
         raise ValueError(f"--demos {path}: no rows")
     for col in (text_column, label_column):
-        if col not in rows[0]:
-            raise ValueError(f"--demos {path}: no column {col!r} (columns: {', '.join(map(str, rows[0]))}); "
+        if col not in rows[0][1]:
+            raise ValueError(f"--demos {path}: no column {col!r} (columns: {', '.join(map(str, rows[0][1]))}); "
                              f"name it with --demo-text-column / --demo-label-column")
     out = []
-    for i, r in enumerate(rows, start=2 if path.suffix.lower() not in {".jsonl", ".json"} else 1):
-        text = " ".join(str(r.get(text_column) or "").split())
-        if not clean_text(text):
-            raise ValueError(f"--demos {path} row {i}: column {text_column!r} is empty")
-        out.append(Demo(clean_text(text), parse_label(r.get(label_column), where=f"--demos {path} row {i} column "
-                                                                        f"{label_column!r}"), domain))
+    for n, r in rows:
+        where = f"--demos {path} {'line' if jsonl else 'row'} {n}"
+        text, _ = prepare_text(str(r.get(text_column) or ""))
+        if not text:
+            raise ValueError(f"{where}: column {text_column!r} is empty")
+        out.append(Demo(text, parse_label(r.get(label_column), where=f"{where} column {label_column!r}"), domain))
     return out
+
+
+def text_key(text: str) -> str:
+    """A review as the model is shown it (`prepare_text`), whitespace collapsed: a labelled review
+    and the review being judged are the same review when their keys are equal, however each was
+    cleaned before."""
+    return " ".join(prepare_text(text)[0].split())
 
 
 class DemoPool:
@@ -120,11 +145,14 @@ class DemoPool:
             raise ValueError("a demonstration pool needs at least one labelled review")
         if len(vectors) != len(demos):
             raise ValueError(f"{len(vectors)} vectors for {len(demos)} demonstrations")
+        if bad := sorted({d.label for d in demos} - set(POLARITIES)):
+            raise ValueError(f"demonstration labels {bad} are not polarities ({', '.join(POLARITIES)})")
         self.demos = list(demos)
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.embedder_name = embedder_name
         self._labels = np.array([d.label for d in self.demos])
         self._domains = np.array([d.domain for d in self.demos])
+        self._keys = [text_key(d.text) for d in self.demos]  # what the model would be shown, for self-exclusion
 
     @classmethod
     def build(cls, demos: Sequence[Demo], embedder: Embedder) -> DemoPool:
@@ -148,19 +176,22 @@ class DemoPool:
             k: demonstrations wanted (0: none).
             labels: the labels to show (a binary shop: negative and positive).
             exclude_domain: never pick demos of this domain (leave-one-domain-out transfer).
-            exclude_text: never pick a demo with this exact text (the review itself).
+            exclude_text: never pick a demo that is this review (equal `text_key`).
 
         Returns:
             At most k demos, least similar first (the nearest last, next to the review).
         """
         if k <= 0:
             return []
+        if not labels:
+            raise ValueError("select needs at least one label to pick demonstrations of")
         sims = self.vectors @ np.asarray(query, dtype=np.float32)
         ok = np.ones(len(self.demos), dtype=bool)
         if exclude_domain is not None:
             ok &= self._domains != exclude_domain
         if exclude_text is not None:
-            ok &= np.array([d.text != exclude_text for d in self.demos])
+            key = text_key(exclude_text)
+            ok &= np.array([k != key for k in self._keys])
         per = math.ceil(k / len(labels))
         picked: list[int] = []
         for lab in labels:
@@ -189,12 +220,15 @@ class DemoPool:
             ValueError: a file changed since it was saved (rebuild the pool).
         """
         manifest = json.loads((folder / "manifest.json").read_text())
-        for f, sha in manifest["files"].items():
-            if _file_sha(folder / f) != sha:
+        for f in ("demos.jsonl", "vectors.npy"):
+            if _file_sha(folder / f) != manifest.get("files", {}).get(f):
                 raise ValueError(f"demonstration pool {folder}: {f} changed since it was saved; rebuild it")
-        demos = [Demo(**json.loads(ln)) for ln in (folder / "demos.jsonl").read_text(encoding="utf-8").splitlines()
-                 if ln.strip()]
-        return cls(demos, np.load(folder / "vectors.npy"), manifest["embedder"])
+        rows = [json.loads(ln) for ln in (folder / "demos.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()]
+        pool = cls([Demo(str(r["text"]), str(r["label"]), str(r.get("domain", ""))) for r in rows],
+                   np.load(folder / "vectors.npy"), manifest["embedder"])
+        if pool.sha256 != manifest.get("pool_sha256"):
+            raise ValueError(f"demonstration pool {folder}: its content does not match its manifest; rebuild it")
+        return pool
 
 
 def _file_sha(path: Path) -> str:
@@ -221,6 +255,10 @@ def fit_offset(x: Sequence[float], y: Sequence[int]) -> float:
     from scipy.optimize import minimize_scalar
 
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(xs) != len(ys):
+        raise ValueError(f"fit_offset: {len(xs)} log-odds for {len(ys)} labels")
+    if not np.all(np.isfinite(xs)) or not set(ys.tolist()) <= {0.0, 1.0}:
+        raise ValueError("fit_offset: log-odds must be finite and labels 0 or 1")
     if len(xs) == 0:
         return 0.0
 
@@ -234,12 +272,18 @@ def fit_offset(x: Sequence[float], y: Sequence[int]) -> float:
 
 def shifted(probs: dict[str, float], offset: float) -> dict[str, float]:
     """`probs` with log p(positive) - log p(negative) moved by `offset` (p(neutral) kept, the
-    positive and negative mass redistributed), renormalised to sum to 1."""
+    positive and negative mass redistributed), renormalised to sum to 1.
+
+    Raises:
+        ValueError: a non-finite `offset`.
+    """
+    if not math.isfinite(offset):
+        raise ValueError(f"label offset must be a finite number, got {offset}")
     if offset == 0.0:
         return dict(probs)
     pos, neg = max(probs.get("positive", 0.0), 1e-12), max(probs.get("negative", 0.0), 1e-12)
     mass = pos + neg
-    z = math.log(pos) - math.log(neg) + offset
+    z = min(max(math.log(pos) - math.log(neg) + offset, -700.0), 700.0)  # exp() stays finite
     p_pos = mass / (1.0 + math.exp(-z))
     out = dict(probs)
     out["positive"], out["negative"] = p_pos, mass - p_pos
