@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -318,24 +318,31 @@ def train_cmd(
         return
     bar = tqdm(desc="model weight: validation windows", unit="window")
 
-    async def fit() -> Any:
-        try:
-            return await svc.train_llm_weight(dataset, windows=llm_windows, seed=seed, progress=ticker(bar))
-        finally:
-            await svc.runtime.aclose()  # the embedded model server started for the fit
-
-    try:
-        fitted, path = asyncio.run(fit())
-    except (ValueError, ModelUnavailableError) as e:
-        raise _fail(str(e)) from e
-    finally:
-        bar.close()
+    fitted, path = _fit_with_model(
+        svc, lambda: svc.train_llm_weight(dataset, windows=llm_windows, seed=seed, progress=ticker(bar)), bar)
     by_w = fitted.metrics["mean_by_weight"]
     assert isinstance(by_w, dict)
     err.print("mean NDCG@10 by model weight: " + ", ".join(f"{w}: {v:.2f}" for w, v in by_w.items()))
     err.print(f"{fitted.verdict()}\nserved weight: {fitted.weight:g}"
               + ("" if fitted.weight else " (the model explains; it does not rank)"))
     err.print(f"saved {path}")
+
+
+def _fit_with_model(svc: ShopLensService, make: Callable[[], Awaitable[Any]], bar: Any) -> Any:
+    """Run a fit that calls the model (`make()`), then stop the embedded model server it started
+    and close the progress bar; a ValueError or an unavailable model exits with its message."""
+    async def fit() -> Any:
+        try:
+            return await make()
+        finally:
+            await svc.runtime.aclose()  # the embedded model server started for the fit
+
+    try:
+        return asyncio.run(fit())
+    except (ValueError, ModelUnavailableError) as e:
+        raise _fail(str(e)) from e
+    finally:
+        bar.close()
 
 
 def _train_churn(dataset: str, workspace: Path | None, *, cases: int, as_of: str | None, horizon_days: int,
@@ -354,19 +361,9 @@ def _train_churn(dataset: str, workspace: Path | None, *, cases: int, as_of: str
         bar.total = total
         bar.update(done - bar.n)
 
-    async def fit() -> Any:
-        try:
-            return await svc.train_churn_blend(dataset, horizon_days=horizon_days, n=cases, seed=seed, as_of=when,
-                                               progress=tick)
-        finally:
-            await svc.runtime.aclose()
-
-    try:
-        fitted, path = asyncio.run(fit())
-    except (ValueError, ModelUnavailableError) as e:
-        raise _fail(str(e)) from e
-    finally:
-        bar.close()
+    fitted, path = _fit_with_model(
+        svc, lambda: svc.train_churn_blend(dataset, horizon_days=horizon_days, n=cases, seed=seed, as_of=when,
+                                           progress=tick), bar)
     for k, v in fitted.metrics["validation"].items():  # 95% bootstrap intervals, paired on the same users
         diff = (f"; vs baseline {v['roc_auc_diff']:+.4f} [{v['roc_auc_diff_ci'][0]:+.4f}, {v['roc_auc_diff_ci'][1]:+.4f}]"
                 if "roc_auc_diff" in v else "")
