@@ -483,17 +483,17 @@ def _plot(path: Path, m: dict[str, Any], order: list[str], doms: list[str], lang
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(doms)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(doms) + 2), 3.6))
     width = 0.8 / max(len(order), 1)
     for i, k in enumerate(order):
         ys = [100 * (m["accuracy"][k][dm]["accuracy"] or 0) for dm in doms]
         ax.bar(np.arange(len(doms)) + i * width, ys, width, label=k)
     ax.axhline(100 * TARGET, color="grey", ls="--", lw=1)
     ax.set_xticks(np.arange(len(doms)) + 0.4 - width / 2, [_tick(dm) for dm in doms], rotation=20)
-    ax.set_ylim(40, 100)
+    ax.set_ylim(0, 100)
     ax.set_ylabel("accuracy x100")
     ax.set_title(f"held-out domain accuracy ({lang}); dashed: the {100 * TARGET:.0f} target")
-    ax.legend(fontsize=7, ncol=4, loc="lower left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -306,19 +306,20 @@ class SentimentAnalyzer:
         lang = detect_language(text)
         trace = CallTrace()
         joint = aspects and aspect is None and self.config.joint
-        demos = self.demos_for(text) if aspect is None and not joint else []
+        model_up = self.model is not None and self.down_reason is None
+        demos = self.demos_for(text) if aspect is None and not joint and model_up else []
         tpl = self.joint_tpl if joint else self.fewshot_tpl if demos else self.tpl
         meta = Meta(task="sentiment", prompt_versions=[tpl.ref])
-        if demos:
+        if demos and self.demos is not None:
             meta.notes.append(f"few-shot: {len(demos)} labelled reviews from the demonstration pool "
-                              f"{self.demos.sha256 if self.demos else ''} (nearest by {self.demos.embedder_name if self.demos else ''})")
+                              f"{self.demos.sha256} (nearest by {self.demos.embedder_name})")
         if n_removed:
             meta.notes.append(f"{n_removed} instruction-like sentence(s) removed from the review (prompt injection)")
         if len(raw_text) > MAX_CHARS:
             meta.notes.append(f"text cut to {MAX_CHARS} characters")
         probs: dict[str, float] | None = None
         joint_answer: Verbalized | None = None
-        if self.model is not None and self.down_reason is None:
+        if self.model is not None and model_up:
             meta.model_id, meta.model_sha256 = self.model.model_id, self.model_sha256
             try:
                 v = await (self.verbalize_joint(text) if joint else self.verbalize(text, aspect, demos))
