@@ -49,6 +49,7 @@ EVAL_EXAMPLES: dict[str, str] = {
     "export": "shoplens eval export runs/<run> --to docs/results",
     "sentiment": "shoplens eval sentiment --set zh --n 150 --ranker llm",
     "aspects": "shoplens eval aspects --n 60",
+    "sentiment-transfer": "shoplens eval sentiment-transfer --lang zh --per-domain 20",
     "intent": "shoplens eval intent --session --cut k3",
     "churn": "shoplens eval churn --cases 150",
     "audience": "shoplens eval audience --items 30 -n 50",
